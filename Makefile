@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The CPU build of torch lies on local disk; installing it first keeps a plain `torch` requirement
+# from pulling a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: install test lint demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/cdm-ood --version
+	$(BIN)/cdm-ood --help
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,16 @@
+"""The `cdm-ood` command line (installed as the package `cdm_ood.cli`)."""
+
+from __future__ import annotations
+
+import click
+
+from cdm_ood import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cdm-ood")
+def main() -> None:
+    """Out-of-distribution detection for medical images with Classification Diffusion Models."""
+
+
+__all__ = ["main"]
