@@ -75,3 +75,14 @@ class UniformCube:
         clean = clean.masked_fill(~inside, -math.inf)[:, None]
         noise = (-0.5 * math.log(2 * math.pi) - 0.5 * flat.square()).sum(2)
         return torch.cat([clean, inner, noise], dim=1).to(x.dtype)
+
+
+def random_mixture(
+    shape: tuple[int, ...], schedule: NoiseSchedule, K: int = 3, seed: int = 0, spread: float = 0.6
+) -> GaussianMixture:
+    """A K-component mixture with random weights, means of scale `spread` and stds in [0.05, 0.35]."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.softmax(torch.randn(K, generator=g), 0)
+    means = spread * torch.randn((K, *shape), generator=g)
+    stds = 0.05 + 0.3 * torch.rand(K, generator=g)
+    return GaussianMixture(weights, means, stds, schedule)

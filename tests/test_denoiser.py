@@ -1,6 +1,6 @@
 import pytest
 import torch
-from closed_form import GaussianMixture
+from closed_form import GaussianMixture, random_mixture
 
 from cdm_ood import NoiseSchedule, predict_noise, predict_x0
 from cdm_ood.schedules import diffuse
@@ -8,21 +8,11 @@ from cdm_ood.schedules import diffuse
 SHAPES = {"image2d": (1, 6, 6), "volume3d": (1, 3, 3, 3)}
 
 
-def mixture(shape, schedule, K):
-    g = torch.Generator().manual_seed(10)
-    return GaussianMixture(
-        torch.softmax(torch.randn(K, generator=g), 0),
-        0.7 * torch.randn((K, *shape), generator=g),
-        0.1 + 0.4 * torch.rand(K, generator=g),
-        schedule,
-    )
-
-
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("schedule", [NoiseSchedule.linear(1000), NoiseSchedule.uniform(100)], ids=["linear", "unif"])
 @pytest.mark.parametrize("K", [1, 3], ids=["gaussian", "mixture"])
 def test_predict_noise_is_the_exact_posterior_mean(shape, schedule, K):
-    gm = mixture(shape, schedule, K)
+    gm = random_mixture(shape, schedule, K, seed=10, spread=0.7)
     g = torch.Generator().manual_seed(11)
     B = 24
     t = torch.randint(0, schedule.T + 2, (B,), generator=g)
@@ -35,7 +25,7 @@ def test_predict_noise_is_the_exact_posterior_mean(shape, schedule, K):
 
 def test_endpoints_are_exact():
     schedule = NoiseSchedule.linear(1000)
-    gm = mixture((1, 4, 4), schedule, 2)
+    gm = random_mixture((1, 4, 4), schedule, 2, seed=10, spread=0.7)
     x = torch.randn(5, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     assert torch.equal(predict_noise(gm, x, 0, schedule), torch.zeros_like(x))
     assert torch.equal(predict_noise(gm, x, schedule.T + 1, schedule), x)
@@ -59,7 +49,7 @@ def test_gaussian_case_matches_the_textbook_formula_and_x0_estimate():
 
 def test_no_graph_is_kept_without_create_graph():
     schedule = NoiseSchedule.linear(100)
-    gm = mixture((1, 4, 4), schedule, 2)
+    gm = random_mixture((1, 4, 4), schedule, 2, seed=10, spread=0.7)
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     with torch.no_grad():
         eps_hat = predict_noise(gm, x, 30, schedule)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from closed_form import GaussianMixture, UniformCube
+from closed_form import UniformCube, random_mixture
 
 from cdm_ood import NoiseSchedule, bits_per_dim, log_likelihood, log_likelihood_profile
 
@@ -10,19 +10,11 @@ SHAPES = {"image2d": (1, 6, 6), "volume3d": (1, 3, 3, 3)}
 SCHEDULES = {"linear": NoiseSchedule.linear(1000), "uniform": NoiseSchedule.uniform(200)}
 
 
-def mixture(shape, schedule, K=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    weights = torch.softmax(torch.randn(K, generator=g), 0)
-    means = 0.6 * torch.randn((K, *shape), generator=g)
-    stds = 0.05 + 0.3 * torch.rand(K, generator=g)
-    return GaussianMixture(weights, means, stds, schedule)
-
-
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
 @pytest.mark.parametrize("K", [1, 3], ids=["gaussian", "mixture"])
 def test_profile_equals_exact_log_density(shape, schedule, K):
-    gm = mixture(shape, schedule, K)
+    gm = random_mixture(shape, schedule, K)
     g = torch.Generator().manual_seed(1)
     x = torch.cat([gm.sample(8, g), torch.randn((8, *shape), generator=g, dtype=torch.float64)])
     profile = log_likelihood_profile(gm, x, schedule)
@@ -33,7 +25,7 @@ def test_profile_equals_exact_log_density(shape, schedule, K):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_log_likelihood_at_fixed_and_per_sample_t(shape):
     schedule = SCHEDULES["linear"]
-    gm = mixture(shape, schedule)
+    gm = random_mixture(shape, schedule)
     x = gm.sample(6, torch.Generator().manual_seed(2))
     exact = gm.log_density(x)
     torch.testing.assert_close(log_likelihood(gm, x, schedule), exact[:, 0], rtol=1e-8, atol=0)
@@ -45,7 +37,7 @@ def test_log_likelihood_at_fixed_and_per_sample_t(shape):
 def test_log_likelihood_is_unchanged_by_a_per_input_constant_in_the_logits():
     """F_t = log p_t(x) + c(x) gives the same density: c(x) cancels in F_t - F_{T+1}."""
     schedule = SCHEDULES["uniform"]
-    gm = mixture(SHAPES["image2d"], schedule)
+    gm = random_mixture(SHAPES["image2d"], schedule)
     x = gm.sample(5, torch.Generator().manual_seed(3))
 
     def shifted(z):
@@ -57,7 +49,7 @@ def test_log_likelihood_is_unchanged_by_a_per_input_constant_in_the_logits():
 
 def test_one_forward_pass_and_no_gradient():
     schedule = SCHEDULES["uniform"]
-    gm = mixture(SHAPES["image2d"], schedule)
+    gm = random_mixture(SHAPES["image2d"], schedule)
     calls = []
 
     def counting(z):

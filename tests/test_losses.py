@@ -1,6 +1,6 @@
 import pytest
 import torch
-from closed_form import GaussianMixture
+from closed_form import GaussianMixture, random_mixture
 
 from cdm_ood import NoiseSchedule, cdm_loss
 from cdm_ood.schedules import diffuse
@@ -8,21 +8,11 @@ from cdm_ood.schedules import diffuse
 SHAPES = {"image2d": (1, 6, 6), "volume3d": (1, 3, 3, 3)}
 
 
-def mixture(shape, schedule, K, seed=20):
-    g = torch.Generator().manual_seed(seed)
-    return GaussianMixture(
-        torch.softmax(torch.randn(K, generator=g), 0),
-        0.5 * torch.randn((K, *shape), generator=g),
-        0.1 + 0.3 * torch.rand(K, generator=g),
-        schedule,
-    )
-
-
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("K", [1, 3], ids=["gaussian", "mixture"])
 def test_loss_terms_equal_the_bayes_optimal_values(shape, K):
     schedule = NoiseSchedule.linear(1000)
-    gm = mixture(shape, schedule, K)
+    gm = random_mixture(shape, schedule, K, seed=20, spread=0.5)
     g = torch.Generator().manual_seed(21)
     B = 32
     x0 = gm.sample(B, g)
@@ -56,7 +46,7 @@ def test_expected_mse_is_the_gaussian_mmse():
 
 def test_random_draws_follow_the_generator_and_cover_all_levels():
     schedule = NoiseSchedule.linear(4)
-    gm = mixture((1, 2, 2), schedule, 2)
+    gm = random_mixture((1, 2, 2), schedule, 2, seed=20, spread=0.5)
     x0 = gm.sample(64, torch.Generator().manual_seed(23))
     a = cdm_loss(gm, x0, schedule, generator=torch.Generator().manual_seed(5))
     b = cdm_loss(gm, x0, schedule, generator=torch.Generator().manual_seed(5))
