@@ -1,4 +1,8 @@
-"""The `cdm-ood` command line (installed as the package `cdm_ood.cli`)."""
+"""The `cdm-ood` command line (installed as the package `cdm_ood.cli`).
+
+Each command lives in its own module and imports heavy libraries inside the command, so that `--help`
+stays fast.
+"""
 
 from __future__ import annotations
 
@@ -12,5 +16,9 @@ from cdm_ood import __version__
 def main() -> None:
     """Out-of-distribution detection for medical images with Classification Diffusion Models."""
 
+
+from .phantoms import make_phantoms  # noqa: E402
+
+main.add_command(make_phantoms)
 
 __all__ = ["main"]

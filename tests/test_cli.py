@@ -44,3 +44,9 @@ def test_module_entry_point_for_torchrun(tmp_path):
         [sys.executable, "-m", "cdm_ood.cli", "--help"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert "Usage:" in out.stdout
+
+
+def test_cli_start_up_does_not_import_torch(tmp_path):
+    probe = "import sys, cdm_ood.cli; print('torch' in sys.modules, 'monai' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -1,0 +1,34 @@
+"""Typed errors for input files: every file is either read or given one of these, naming file and reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataError(Exception):
+    """Base class: a file that cannot be turned into image slices. `path` and `reason` are kept separately."""
+
+    kind = "unreadable"
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UnreadableFileError(DataError):
+    """The file is of a known format but broken: truncated, missing pixel data, malformed header."""
+
+    kind = "unreadable"
+
+
+class UnsupportedFormatError(DataError):
+    """The file is an image in a format (or compression) that cdm-ood cannot decode here."""
+
+    kind = "unsupported"
+
+
+class NotAnImageError(DataError):
+    """The file holds no image: a text file, a DICOM structured report, an RT plan, a tractogram."""
+
+    kind = "not-an-image"

@@ -1,0 +1,450 @@
+"""Reading DICOM, NIfTI and PNG/JPEG into 2D slices: MONAI's readers do the reading, this module does the
+choosing (by file content, not by suffix) and turns every failure into a typed error naming the file.
+
+Slices are row-major as displayed: a DICOM frame is (Rows, Columns); a NIfTI volume, loaded in its closest
+canonical (RAS) orientation, gives the axial slices `data[:, :, k].T`; a 4D NIfTI gives those slices for every
+time point. Files are opened read-only and nothing is ever written next to them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import DataError, NotAnImageError, UnreadableFileError, UnsupportedFormatError
+from .records import Slice, SliceSource, quality_flags
+
+PathLike = str | os.PathLike
+ErrorHandler = Callable[[DataError], None]
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+HEADER_TAGS = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
+    "ImageOrientationPatient", "NumberOfFrames", "Rows", "Columns",
+)  # fmt: skip
+
+# (magic bytes, offset, error class, reason) for formats that are recognised but not images cdm-ood reads.
+_KNOWN_OTHER = (
+    (b"CDF\x01", 0, UnsupportedFormatError, "MINC-1 (NetCDF) volume is not supported; convert it to NIfTI"),
+    (b"CDF\x02", 0, UnsupportedFormatError, "MINC-1 (NetCDF) volume is not supported; convert it to NIfTI"),
+    (b"\x89HDF\r\n\x1a\n", 0, UnsupportedFormatError, "HDF5 / MINC-2 volume is not supported; convert it to NIfTI"),
+    (b"MATRIX", 0, UnsupportedFormatError, "ECAT7 PET volume is not supported; convert it to NIfTI"),
+    (b"# === DATA DESCRIPTION FILE", 0, UnsupportedFormatError, "Philips PAR header is not supported; convert the "
+     "PAR/REC pair to NIfTI"),
+    (b"TRACK", 0, NotAnImageError, "TrackVis tractogram (streamlines, not an image)"),
+    (b"mrtrix tracks", 0, NotAnImageError, "MRtrix tractogram (streamlines, not an image)"),
+    (b"II*\x00", 0, UnsupportedFormatError, "TIFF images are not supported; convert to PNG"),
+    (b"MM\x00*", 0, UnsupportedFormatError, "TIFF images are not supported; convert to PNG"),
+)  # fmt: skip
+_SUFFIX_OTHER = {
+    ".rec": (UnsupportedFormatError, "Philips REC pixel file is not supported; convert the PAR/REC pair to NIfTI"),
+    ".brik": (UnsupportedFormatError, "AFNI BRIK volume is not supported; convert it to NIfTI"),
+    ".head": (UnsupportedFormatError, "AFNI HEAD header is not supported; convert the HEAD/BRIK pair to NIfTI"),
+    ".mgh": (UnsupportedFormatError, "FreeSurfer MGH volume is not supported; convert it to NIfTI"),
+    ".mgz": (UnsupportedFormatError, "FreeSurfer MGZ volume is not supported; convert it to NIfTI"),
+    ".v": (UnsupportedFormatError, "ECAT7 PET volume is not supported; convert it to NIfTI"),
+}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One readable input file, found by `discover`: its format and the volume it belongs to.
+
+    `index` is the slice's rank in its DICOM series (None for files holding whole volumes); `companions` are
+    files read together with this one (the .img of a NIfTI .hdr/.img pair).
+    """
+
+    path: str
+    format: str
+    volume_id: str
+    index: Optional[int] = None
+    sop_instance_uid: Optional[str] = None
+    companions: tuple[str, ...] = ()
+
+
+def _head(path: Path, n: int = 1024) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _nifti_kind(head: bytes) -> Optional[str]:
+    """'nifti' for a NIfTI-1/2 header, 'analyze' for a bare Analyze 7.5 header, else None."""
+    for order in ("<", ">"):
+        sizeof_hdr = int(np.frombuffer(head[:4], dtype=f"{order}i4")[0]) if len(head) >= 4 else 0
+        if sizeof_hdr == 348 and len(head) >= 348:
+            return "nifti" if head[344:348] in (b"n+1\x00", b"ni1\x00") else "analyze"
+        if sizeof_hdr == 540 and head[4:8] in (b"n+2\x00", b"ni2\x00"):
+            return "nifti"
+    return None
+
+
+def _looks_like_bare_dicom(head: bytes) -> bool:
+    """A DICOM stream without the 128-byte preamble starts with a group 0x0002 or 0x0008 element, followed by
+    an explicit VR (two capital letters) or a small implicit-VR length."""
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
+        return False
+    explicit_vr = head[4:6].isalpha() and head[4:6].isupper()
+    return explicit_vr or int.from_bytes(head[4:8], "little") < 1024
+
+
+def _is_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def detect_format(path: PathLike) -> str:
+    """'dicom', 'nifti' or 'image' (PNG/JPEG), decided by the file's content.
+
+    Raises:
+        UnreadableFileError: the file is empty or cannot be opened.
+        UnsupportedFormatError: a recognised image format that cdm-ood does not read (MINC, PAR/REC, ...).
+        NotAnImageError: anything else (text, tractograms, unknown binaries).
+    """
+    path = Path(path)
+    try:
+        head = _head(path)
+    except OSError as err:
+        raise UnreadableFileError(path, f"cannot open file: {err.strerror or err}") from None
+    if not head:
+        raise UnreadableFileError(path, "empty file")
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff":
+        return "image"
+    if head[:2] == b"\x1f\x8b":
+        return _detect_gzip(path)
+    kind = _nifti_kind(head)
+    if kind == "nifti":
+        return "nifti"
+    if kind == "analyze":
+        raise UnsupportedFormatError(path, "Analyze 7.5 header without NIfTI magic (orientation is ambiguous); "
+                                     "convert it to NIfTI")  # fmt: skip
+    for magic, offset, error, reason in _KNOWN_OTHER:
+        if head[offset : offset + len(magic)] == magic:
+            raise error(path, reason)
+    _raise_for_known_suffix(path)
+    if _looks_like_bare_dicom(head) and _dicom_header(path, strict=False) is not None:
+        return "dicom"
+    if path.suffix.lower() == ".img" and path.with_suffix(".hdr").exists():
+        raise NotAnImageError(path, f"raw voxel data of the header {path.with_suffix('.hdr').name}; read the header")
+    if _is_text(head):
+        raise NotAnImageError(path, "text file, not an image")
+    raise NotAnImageError(path, "unrecognised content: not DICOM, NIfTI, PNG or JPEG")
+
+
+def _raise_for_known_suffix(path: Path) -> None:
+    """Name the format of files recognised only by suffix (PAR/REC pixel files, AFNI, MGH), also when gzipped."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    if suffixes and suffixes[-1] in _SUFFIX_OTHER:
+        error, reason = _SUFFIX_OTHER[suffixes[-1]]
+        raise error(path, reason)
+
+
+def _detect_gzip(path: Path) -> str:
+    try:
+        with gzip.open(path, "rb") as f:
+            inner = f.read(1024)
+    except (OSError, EOFError) as err:
+        raise UnreadableFileError(path, f"corrupt gzip stream: {err}") from None
+    if _nifti_kind(inner) == "nifti":
+        return "nifti"
+    if inner[128:132] == b"DICM" or _looks_like_bare_dicom(inner):
+        raise UnsupportedFormatError(path, "gzip-compressed DICOM; decompress it first")
+    _raise_for_known_suffix(path)
+    raise NotAnImageError(path, "gzip-compressed file that holds no NIfTI volume")
+
+
+def _dicom_header(path: Path, strict: bool = True):
+    """The DICOM header without pixel data, read through MONAI's PydicomReader; None if not DICOM (strict=False)."""
+    from monai.data import PydicomReader
+
+    # Large values (the pixel data) are deferred, not loaded: their presence is all the header pass needs.
+    reader = PydicomReader(force=True, defer_size=256, specific_tags=[*HEADER_TAGS, *PIXEL_KEYWORDS])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = reader.read(str(path))
+    except Exception as err:  # pydicom raises many types on malformed streams
+        if not strict:
+            return None
+        raise UnreadableFileError(path, f"malformed DICOM header: {err}") from None
+    return ds
+
+
+def _position_key(ds) -> tuple[float, float, str]:
+    """Sort key of a slice in its series: position along the slice normal, then InstanceNumber."""
+    try:
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        position = np.asarray(ds.ImagePositionPatient, dtype=float)
+        along = float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
+    except (AttributeError, ValueError, TypeError):
+        along = 0.0
+    try:
+        number = float(ds.InstanceNumber)
+    except (AttributeError, ValueError, TypeError):
+        number = 0.0
+    return along, number, str(getattr(ds, "SOPInstanceUID", ""))
+
+
+def _walk(paths: Sequence[PathLike]) -> Iterator[Path]:
+    for root in paths:
+        root = Path(root)
+        if root.is_dir():
+            for folder, dirs, files in os.walk(root):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(folder) / name
+        else:
+            yield root
+
+
+def discover(paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandler] = None) -> list[SourceFile]:
+    """Every readable file below `paths` (files or folders, recursively), DICOM slices grouped into series.
+
+    Single-frame DICOM files that share a SeriesInstanceUID form one volume, ranked by position along the
+    slice normal (then InstanceNumber). A file that cannot be read is passed to `on_error`, or raised when
+    `on_error` is None.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    files = list(_walk(paths))
+    walked = set(files)
+    sources: list[SourceFile] = []
+    series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+    for path in files:
+        voxels = path.with_suffix(".img") if path.suffix.lower() == ".hdr" else None
+        if path.suffix.lower() == ".img" and path.with_suffix(".hdr") in walked:
+            continue  # the voxel file of a header pair shares its header's outcome
+        if not path.exists():
+            _report(UnreadableFileError(path, "no such file or folder"), on_error)
+            continue
+        try:
+            fmt = detect_format(path)
+            if fmt != "dicom":
+                sources.append(_volume_source(path, fmt))
+                continue
+            ds = _dicom_header(path)
+            _require_pixels(path, ds)
+            series_uid, frames = _series_and_frames(path, ds)
+        except DataError as err:
+            _report(err, on_error)
+            if voxels in walked:
+                _report(type(err)(voxels, f"voxel file of {path.name}: {err.reason}"), on_error)
+            continue
+        if frames > 1:
+            sources.append(SourceFile(str(path), "dicom", series_uid, None, _uid(ds)))
+        else:
+            series[series_uid].append((path, ds))
+    for series_uid, members in series.items():
+        members.sort(key=lambda m: _position_key(m[1]))
+        sources.extend(
+            SourceFile(str(path), "dicom", series_uid, rank, _uid(ds)) for rank, (path, ds) in enumerate(members)
+        )
+    return sources
+
+
+def _series_and_frames(path: Path, ds) -> tuple[str, int]:
+    """The series a DICOM file belongs to (its own path if it names none) and its number of frames."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return str(ds.get("SeriesInstanceUID", "")) or str(path), int(ds.get("NumberOfFrames", 1) or 1)
+    except (ValueError, TypeError) as err:
+        raise UnreadableFileError(path, f"malformed DICOM header value: {err}") from None
+
+
+def _uid(ds) -> Optional[str]:
+    uid = getattr(ds, "SOPInstanceUID", None)
+    return str(uid) if uid else None
+
+
+def _volume_source(path: Path, fmt: str) -> SourceFile:
+    companions: tuple[str, ...] = ()
+    if fmt == "nifti" and not path.name.lower().endswith((".nii", ".nii.gz", ".hdr")):
+        raise UnsupportedFormatError(path, "NIfTI content under another suffix: nibabel reads NIfTI only as .nii, "
+                                     ".nii.gz or .hdr/.img; copy it to such a name")  # fmt: skip
+    if fmt == "nifti" and path.suffix.lower() == ".hdr":
+        img = path.with_suffix(".img")
+        if not img.exists():
+            raise UnreadableFileError(path, f"NIfTI header without its voxel file {img.name}")
+        companions = (str(img),)
+    return SourceFile(str(path), fmt, str(path), companions=companions)
+
+
+def _require_pixels(path: Path, ds) -> None:
+    sop_class = getattr(ds, "SOPClassUID", None)
+    media_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    if DICOMDIR_SOP_CLASS in (sop_class, media_class):
+        raise NotAnImageError(path, "DICOMDIR (an index of other files, no pixels)")
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        name = getattr(sop_class, "name", None) or "unknown SOP class"
+        if "Rows" in ds and "Columns" in ds:
+            raise UnreadableFileError(path, f"no pixel data in a {name} object that declares an image size")
+        raise NotAnImageError(path, f"DICOM object without pixel data ({name})")
+
+
+def _report(err: DataError, on_error: Optional[ErrorHandler]) -> None:
+    if on_error is None:
+        raise err
+    on_error(err)
+
+
+def read_source(source: SourceFile) -> list[Slice]:
+    """The slices of one discovered file, with quality flags. Raises a DataError naming the file."""
+    reader = {"dicom": _read_dicom, "nifti": _read_nifti, "image": _read_image}[source.format]
+    return reader(source)
+
+
+def read_file(path: PathLike) -> list[Slice]:
+    """The slices of a single file (a DICOM file is read on its own, as a series of one)."""
+    (source,) = discover(path)
+    return read_source(source)
+
+
+def iter_slices(paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandler] = None) -> Iterator[Slice]:
+    """All slices below `paths` (files or folders), in a deterministic order.
+
+    With `on_error`, each file that fails is reported to it and the iteration goes on; without, the first
+    failure is raised.
+    """
+    for source in discover(paths, on_error):
+        try:
+            yield from read_source(source)
+        except DataError as err:
+            _report(err, on_error)
+
+
+def _slice(image: np.ndarray, source: SourceFile, index: int, **extra) -> Slice:
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    where = SliceSource(source.path, index, source.volume_id, source.sop_instance_uid, **extra)
+    return Slice(image, where, quality_flags(image))
+
+
+def _decode_dicom(path: Path):
+    """The full dataset and its decoded pixels (frames, rows, cols, samples) after the modality LUT."""
+    from monai.data import PydicomReader
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = PydicomReader(force=True).read(str(path))
+    except Exception as err:  # pydicom raises many types for broken files
+        raise UnreadableFileError(path, f"malformed DICOM: {err}") from None
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array
+            samples = int(ds.get("SamplesPerPixel", 1))
+            if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+                pixels, samples = apply_color_lut(pixels, ds), 3
+            elif samples == 1:
+                pixels = apply_modality_lut(pixels, ds)
+            shape = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns), samples)
+    except Exception as err:  # decoders raise RuntimeError, ValueError, NotImplementedError, AttributeError
+        raise _decode_error(path, syntax, err) from None
+    if pixels.size != np.prod(shape):
+        raise UnreadableFileError(path, f"pixel data of shape {pixels.shape} does not match the header {shape}")
+    return pixels.reshape(shape)
+
+
+def _decode_error(path: Path, syntax, err: Exception) -> DataError:
+    message = " ".join(str(err).split())
+    if syntax is None:
+        return UnreadableFileError(path, f"cannot decode pixel data: no transfer syntax in the file meta ({message})")
+    name = getattr(syntax, "name", str(syntax))
+    if getattr(syntax, "is_compressed", False):
+        if "missing dependencies" in message or "does not support" in message:
+            return UnsupportedFormatError(
+                path,
+                f"cannot decode transfer syntax '{name}' ({syntax}): no installed pixel-data handler supports it "
+                f"(install pylibjpeg with pylibjpeg-libjpeg / pylibjpeg-openjpeg, or python-gdcm) [{message}]",
+            )
+        return UnreadableFileError(
+            path, f"the installed handlers failed to decode '{name}' ({syntax}) pixel data: {message}"
+        )
+    if "less than expected" in message or "doesn't match the expected" in message:
+        return UnreadableFileError(path, f"truncated pixel data: {message}")
+    return UnreadableFileError(path, f"cannot decode '{name}' pixel data: {message}")
+
+
+def _read_dicom(source: SourceFile) -> list[Slice]:
+    pixels = _decode_dicom(Path(source.path))
+    if pixels.shape[0] == 1:
+        index = source.index if source.index is not None else 0
+        return [_slice(np.moveaxis(pixels[0], -1, 0), source, index)]
+    return [_slice(np.moveaxis(frame, -1, 0), source, k, frame=k) for k, frame in enumerate(pixels)]
+
+
+def _read_nifti(source: SourceFile) -> list[Slice]:
+    import nibabel as nib
+    from monai.data import NibabelReader
+
+    path = Path(source.path)
+    try:
+        image = nib.load(str(path))
+        intent = int(getattr(image, "nifti_header", image.header)["intent_code"])
+    except Exception as err:  # nibabel raises HeaderDataError, ImageFileError, ValueError, OSError
+        raise UnreadableFileError(path, f"malformed NIfTI header: {err}") from None
+    if 3000 <= intent < 3100:
+        raise UnsupportedFormatError(path, f"CIFTI-2 file (intent code {intent}): grayordinate data, not an image")
+    try:
+        reader = NibabelReader(as_closest_canonical=True, mmap=False)
+        data, _ = reader.get_data(reader.read(str(path)))
+    except Exception as err:  # truncated voxel data surfaces as ValueError / OSError / EOFError
+        raise UnreadableFileError(path, f"cannot read NIfTI voxel data (truncated or corrupt): {err}") from None
+    if data.dtype.kind not in "fiub":
+        raise UnsupportedFormatError(path, f"voxel type {data.dtype} (complex or RGB NIfTI) is not supported")
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim not in (3, 4):
+        raise UnsupportedFormatError(path, f"{data.ndim}-D NIfTI data of shape {data.shape}: only 2D, 3D and 4D")
+    if data.ndim == 3:
+        return [_slice(data[None, :, :, k].transpose(0, 2, 1), source, k) for k in range(data.shape[2])]
+    return [
+        _slice(data[None, :, :, k, t].transpose(0, 2, 1), source, k, time_point=t)
+        for t in range(data.shape[3])
+        for k in range(data.shape[2])
+    ]
+
+
+def _read_image(source: SourceFile) -> list[Slice]:
+    from monai.data import PILReader
+
+    path = Path(source.path)
+    reader = PILReader(converter=_single_or_rgb, reverse_indexing=False)
+    try:
+        data, _ = reader.get_data(reader.read(str(path)))
+    except Exception as err:  # PIL raises OSError / SyntaxError / ValueError on broken files
+        raise UnreadableFileError(path, f"cannot decode image (truncated or corrupt): {err}") from None
+    image = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
+    return [_slice(image, source, 0)]
+
+
+def _single_or_rgb(image):
+    """Keep grayscale modes (8/16/32-bit, float) as one channel; turn palette, alpha and CMYK images into RGB."""
+    return image if image.mode in ("L", "I", "I;16", "I;16B", "F", "RGB") else image.convert("RGB")
+
+
+def count_by_kind(errors: Iterable[DataError]) -> dict[str, int]:
+    """How many errors of each kind (`unreadable`, `unsupported`, `not-an-image`)."""
+    counts: dict[str, int] = defaultdict(int)
+    for err in errors:
+        counts[err.kind] += 1
+    return dict(counts)

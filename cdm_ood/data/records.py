@@ -1,0 +1,54 @@
+"""What the readers yield: 2D slices with their provenance (never patient identifiers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+FLAG_NONFINITE = "nan-or-inf"
+FLAG_CONSTANT = "constant"
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """Where a slice came from.
+
+    Attributes:
+        path: the file the pixels were read from.
+        index: position of the slice in its volume or series (0-based, sorted by patient position for DICOM
+            series, by the third voxel axis for NIfTI volumes, the frame number for multi-frame DICOM).
+        volume_id: SeriesInstanceUID for DICOM, the file path for NIfTI and 2D images. Splits and per-volume
+            verdicts group by it.
+        sop_instance_uid: the DICOM SOPInstanceUID where present.
+        frame: the frame of a multi-frame DICOM file, else None.
+        time_point: the volume of a 4D NIfTI file, else None.
+    """
+
+    path: str
+    index: int
+    volume_id: str
+    sop_instance_uid: Optional[str] = None
+    frame: Optional[int] = None
+    time_point: Optional[int] = None
+
+
+@dataclass
+class Slice:
+    """A 2D image as float32 (C, H, W) in the file's own intensity units (DICOM after its modality LUT, e.g. HU),
+    rows first as displayed, plus its source and quality flags (`nan-or-inf`, `constant`)."""
+
+    image: np.ndarray
+    source: SliceSource
+    flags: tuple[str, ...] = field(default=())
+
+
+def quality_flags(image: np.ndarray) -> tuple[str, ...]:
+    """Flags for pixels that can be read but must not be scored as if they were normal images."""
+    finite = np.isfinite(image)
+    if not finite.all():
+        return (FLAG_NONFINITE,)
+    if image.size == 0 or image.min() == image.max():
+        return (FLAG_CONSTANT,)
+    return ()
