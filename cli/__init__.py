@@ -18,7 +18,9 @@ def main() -> None:
 
 
 from .phantoms import make_phantoms  # noqa: E402
+from .train import train  # noqa: E402
 
-main.add_command(make_phantoms)
+for command in (make_phantoms, train):
+    main.add_command(command)
 
 __all__ = ["main"]

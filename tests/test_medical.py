@@ -43,3 +43,18 @@ def test_medical_folder_has_no_slice_leakage_and_writes_a_manifest(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["n_slices"] for r in rows} == {"4"} and {r["n_flagged"] for r in rows} == {"1"}
     assert {r["split"] for r in rows if r["volume_id"] in volumes["val"]} == {"val"}
+
+
+def test_volume_samples_stack_slices_in_order(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "scans").mkdir()
+    vols = [rng.normal(size=(6, 8, 5)).astype(np.float32) for _ in range(3)]
+    for v, data in enumerate(vols):
+        nib.Nifti1Image(data, np.eye(4)).to_filename(tmp_path / "scans" / f"v{v}.nii")
+    splits = medical_dataset(tmp_path / "scans", volumes=True)
+    samples = [s for split in splits.values() for s in split]
+    assert len(samples) == 3
+    for s in samples:
+        data = vols[int(s["meta"]["volume_id"][-5])]
+        assert s["image"].shape == (1, 5, 8, 6)
+        np.testing.assert_allclose(s["image"][0], data.transpose(2, 1, 0), rtol=1e-6)

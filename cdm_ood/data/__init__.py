@@ -7,7 +7,7 @@ from .phantoms import ARTIFACTS, make_phantoms
 from .presets import PRESETS, IntensityPreset, fit_mr_preset, make_preset
 from .readers import SourceFile, detect_format, discover, iter_slices, read_file, read_source
 from .records import FLAG_CONSTANT, FLAG_NONFINITE, Slice, SliceSource
-from .transforms import SliceTransformd, ToChannels, ToChannelsd, slice_transform
+from .transforms import ImageTransformd, ToChannels, ToChannelsd, image_transform
 
 __all__ = [
     "ARTIFACTS",
@@ -16,11 +16,11 @@ __all__ = [
     "NATURAL_DATASETS",
     "PRESETS",
     "DataError",
+    "ImageTransformd",
     "IntensityPreset",
     "NotAnImageError",
     "Slice",
     "SliceSource",
-    "SliceTransformd",
     "SourceFile",
     "ToChannels",
     "ToChannelsd",
@@ -29,6 +29,7 @@ __all__ = [
     "detect_format",
     "discover",
     "fit_mr_preset",
+    "image_transform",
     "iter_slices",
     "load_natural",
     "make_phantoms",
@@ -36,6 +37,5 @@ __all__ = [
     "medical_dataset",
     "read_file",
     "read_source",
-    "slice_transform",
     "split_volumes",
 ]

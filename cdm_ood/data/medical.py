@@ -10,7 +10,7 @@ import numpy as np
 
 from ..io import write_csv_atomic
 from .readers import ErrorHandler, PathLike, iter_slices
-from .records import Slice
+from .records import FLAG_NONFINITE, Slice
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "volume_id", "split", "n_slices", "n_flagged")
@@ -53,11 +53,14 @@ def medical_dataset(
     seed: int = 0,
     manifest: Optional[PathLike] = None,
     on_error: Optional[ErrorHandler] = None,
+    volumes: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """All slices below `root`, as MONAI-ready dict samples per split, split by volume (`split_volumes`).
+    """All scans below `root` as MONAI-ready dict samples per split, split by volume (`split_volumes`).
 
-    Slices flagged as constant or non-finite are left out (and counted). With `manifest`, a CSV of every file
-    with its volume, split and slice counts is written atomically.
+    With `volumes=False` each sample is a 2D slice; slices flagged as constant or non-finite are left out (and
+    counted). With `volumes=True` each sample is a whole (C, D, H, W) volume (one per time point of a 4D file);
+    volumes with a non-finite slice are left out. With `manifest`, a CSV of every file with its volume, split and
+    slice counts is written atomically.
     """
     by_volume: dict[str, list[Slice]] = defaultdict(list)
     for s in iter_slices(root, on_error=on_error):
@@ -76,8 +79,23 @@ def medical_dataset(
             )
             row["n_slices"] += 1
             row["n_flagged"] += bool(s.flags)
-            if not s.flags:
-                splits[split].append(sample(s))
+        splits[split] += _volume_samples(slices) if volumes else [sample(s) for s in slices if not s.flags]
     if manifest is not None:
         write_csv_atomic(manifest, MANIFEST_COLUMNS, sorted(rows.values(), key=lambda r: (r["split"], r["path"])))
     return splits
+
+
+def _volume_samples(slices: list[Slice]) -> list[dict[str, Any]]:
+    """One (C, D, H, W) sample per time point of a volume, slices in index order; non-finite volumes dropped."""
+    by_time: dict[Optional[int], list[Slice]] = defaultdict(list)
+    for s in slices:
+        by_time[s.source.time_point].append(s)
+    samples = []
+    for stack in by_time.values():
+        stack.sort(key=lambda s: s.source.index)
+        if any(FLAG_NONFINITE in s.flags for s in stack) or len({s.image.shape for s in stack}) != 1:
+            continue
+        first = sample(stack[0])
+        first["image"] = np.stack([s.image for s in stack], axis=1)
+        samples.append(first)
+    return samples

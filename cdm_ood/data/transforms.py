@@ -1,5 +1,5 @@
-"""Slice preprocessing with MONAI transforms: channels, intensity preset, size, dtype (array transforms with
-dictionary wrappers, as in MONAI)."""
+"""Model-input preprocessing with MONAI transforms: channels, intensity preset, size, dtype (array transforms with
+dictionary wrappers, as in MONAI). Works on 2D slices (C, H, W) and 3D volumes (C, D, H, W)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Compose, EnsureType, MapTransform, RandFlipd, Resize, Transform
+from monai.transforms import Compose, EnsureType, MapTransform, Resize, Transform
 
 from .presets import IntensityPreset
 
@@ -48,35 +48,37 @@ class ToChannelsd(MapTransform):
         return d
 
 
-def check_spatial_size(spatial_size: Sequence[int], multiple: int = 4) -> tuple[int, int]:
-    """(H, W), each a positive multiple of `multiple` (the UNet halves the size at every level)."""
+def check_spatial_size(spatial_size: Sequence[int], multiple: int = 4) -> tuple[int, ...]:
+    """(H, W) or (D, H, W), each a positive multiple of `multiple` (the UNet halves the size at every level)."""
     size = tuple(int(s) for s in spatial_size)
-    if len(size) != 2 or any(s <= 0 or s % multiple for s in size):
-        raise ValueError(f"spatial size must be two positive multiples of {multiple}, got {tuple(spatial_size)}")
-    return size  # type: ignore[return-value]
+    if len(size) not in (2, 3) or any(s <= 0 or s % multiple for s in size):
+        raise ValueError(f"spatial size must be 2 or 3 positive multiples of {multiple}, got {tuple(spatial_size)}")
+    return size
 
 
-def slice_transform(
+def image_transform(
     preset: IntensityPreset, spatial_size: Sequence[int], channels: int = 1, multiple: int = 4
 ) -> Compose:
-    """Array pipeline for one (C, H, W) slice: channels, intensity preset, resize to the model's size, float32.
+    """Array pipeline for one (C, H, W) slice or (C, D, H, W) volume: channels, intensity preset, resize to the
+    model's size, float32 tensor.
 
     The same pipeline is used for training and scoring, so a model sees exactly the mapping it was trained on.
+    There are no flips here: a flipped scan is one of the OOD cases to detect; training flips (off by default)
+    are drawn in the training step.
     """
     size = check_spatial_size(spatial_size, multiple)
     return Compose(
         [
             ToChannels(channels),
             preset.transform(),
-            Resize(size, mode="bilinear", anti_aliasing=True),
+            Resize(size, mode="bilinear" if len(size) == 2 else "trilinear", anti_aliasing=True),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )
 
 
-class SliceTransformd(MapTransform):
-    """Dictionary wrapper of `slice_transform`, with optional training-only flips (off by default: a flipped
-    scan is one of the OOD cases to detect)."""
+class ImageTransformd(MapTransform):
+    """Dictionary wrapper of `image_transform`."""
 
     def __init__(
         self,
@@ -84,15 +86,14 @@ class SliceTransformd(MapTransform):
         preset: IntensityPreset,
         spatial_size: Sequence[int],
         channels: int = 1,
-        flip_prob: float = 0.0,
+        multiple: int = 4,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.pipeline = slice_transform(preset, spatial_size, channels)
-        self.flip = RandFlipd(keys, prob=flip_prob, spatial_axis=1) if flip_prob > 0 else None
+        self.pipeline = image_transform(preset, spatial_size, channels, multiple)
 
     def __call__(self, data: Mapping[Hashable, np.ndarray]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.pipeline(d[key])
-        return self.flip(d) if self.flip is not None else d
+        return d

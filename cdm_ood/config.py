@@ -1,0 +1,324 @@
+"""Run configuration: one typed schema (dataclasses), parsed and validated once from YAML plus `--set` overrides.
+
+Every YAML key must name a field; a misspelt key, a wrong type or an impossible value is a `ConfigError` that
+names the key before any work starts. The resolved config is plain data (`to_dict`), stored in checkpoints and
+logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with the offending key in the message."""
+
+
+@dataclass
+class PhantomData:
+    """Phantoms generated into `data.root` when that folder does not exist yet (`cdm-ood make-phantoms`)."""
+
+    n: int = 24
+    size: int = 64
+    slices: int = 16
+    modality: str = "ct"
+    format: str = "nifti"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how it is mapped to the model's input.
+
+    `dataset` is a natural-image name (`mnist`, `digits`, `mnist-idx`, `fashion-mnist`, `cifar10`,
+    `image-folder`) or `folder` (DICOM/NIfTI under `root`, split by volume). `volumes` trains on whole 3D
+    volumes instead of slices. `preset` is `uint8`, `ct` (with `window`), `mr` (fitted on the training split) or
+    `minmax`. `bit_depth` sets the bits/dim offset reported at validation.
+    """
+
+    dataset: str = "mnist"
+    root: Optional[str] = None
+    volumes: bool = False
+    preset: str = "uint8"
+    window: tuple[float, float] = (-1000.0, 1000.0)
+    size: tuple[int, ...] = (28, 28)
+    channels: int = 1
+    bit_depth: int = 8
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    num_workers: int = 0
+    phantoms: Optional[PhantomData] = None
+
+
+@dataclass
+class ModelConfig:
+    """`CDMClassifier` arguments (MONAI DiffusionModelUNet backbone); `num_classes` makes it class-conditional."""
+
+    channels: tuple[int, ...] = (16, 32, 32)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 8
+    num_head_channels: int = 16
+    num_classes: Optional[int] = None
+
+
+@dataclass
+class ScheduleConfig:
+    """`NoiseSchedule`: `linear` (beta_start, beta_end), `uniform` or `cosine`, with T noise levels."""
+
+    kind: str = "linear"
+    T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class LossConfig:
+    """Algorithm 1 weights, and the label drop rate to the null class for classifier-free guidance."""
+
+    ce_weight: float = 1e-3
+    mse_weight: float = 1.0
+    label_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    """Adam, linear warm-up, then the learning rate times `decay_factor` every `decay_every` steps; EMA."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 5000
+    decay_every: int = 200_000
+    decay_factor: float = 0.1
+    grad_clip: Optional[float] = None
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. `batch_size` is per process: the global batch is batch_size x world size."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    flip_prob: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    threads: Optional[int] = None
+    log_every: int = 50
+    val_every: int = 500
+    val_samples: int = 500
+    checkpoint_every: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: `uri` None means $MLFLOW_TRACKING_URI, else a local SQLite store `sqlite:///mlflow.db`."""
+
+    enabled: bool = True
+    uri: Optional[str] = None
+    experiment: str = "cdm-ood"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    name: str = "mnist-cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False, default_flow_style=None)
+
+
+CHOICES = {
+    "data.dataset": ("mnist", "digits", "mnist-idx", "fashion-mnist", "cifar10", "image-folder", "folder"),
+    "data.preset": ("uint8", "ct", "mr", "minmax"),
+    "data.phantoms.modality": ("ct", "mr"),
+    "data.phantoms.format": ("nifti", "dicom"),
+    "schedule.kind": ("linear", "uniform", "cosine"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively, for YAML and MLflow."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked and converted to the annotated type `hint` (int, float, bool, str, tuples, Optional,
+    nested dataclasses)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], key)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, key)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} at {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{dotted}'{hint}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`key.sub=value` strings as (key, YAML-parsed value) pairs."""
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return pairs
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), base: Optional[dict] = None) -> Config:
+    """The validated config from a YAML file (or `base`, a stored config dict, or the defaults) plus overrides."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read the config ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config is a YAML mapping, got {type(loaded).__name__}")
+        tree = loaded
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    config = _build(Config, tree)
+    validate(config)
+    return config
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """Dotted key -> value (lists kept), e.g. for MLflow params."""
+    return _flatten(_plain(config.to_dict()))
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    flat = flatten(config)
+    for key, allowed in CHOICES.items():
+        if key in flat and flat[key] is not None and flat[key] not in allowed:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    d, m, t = config.data, config.model, config.train
+    dims = len(d.size)
+    if dims not in (2, 3) or (d.volumes and dims != 3) or (not d.volumes and dims != 2):
+        raise ConfigError(f"data.size: {list(d.size)} must have 3 values with data.volumes, else 2")
+    multiple = 2 ** (len(m.channels) - 1)
+    if any(s <= 0 or s % multiple for s in d.size):
+        levels = len(m.channels)
+        raise ConfigError(f"data.size: {list(d.size)} must be multiples of {multiple} for {levels} UNet levels")
+    if len(m.attention_levels) != len(m.channels):
+        raise ConfigError("model.attention_levels: needs one entry per model.channels level")
+    if any(c % m.norm_num_groups for c in m.channels):
+        raise ConfigError(f"model.channels: each must be a multiple of model.norm_num_groups={m.norm_num_groups}")
+    attended = [c for c, a in zip(m.channels, m.attention_levels, strict=False) if a] + [m.channels[-1]]
+    if any(c % m.num_head_channels for c in attended):
+        raise ConfigError(
+            f"model.num_head_channels: {m.num_head_channels} must divide the channels of every attention level and "
+            f"of the last level (the UNet's middle block attends there): {attended}"
+        )
+    if d.channels not in (1, 3):
+        raise ConfigError("data.channels: 1 or 3")
+    if d.dataset in ("mnist-idx", "fashion-mnist", "cifar10", "image-folder") and d.root is None:
+        raise ConfigError(f"data.root: dataset {d.dataset!r} reads files; give their folder")
+    if d.dataset == "folder" and d.root is None:
+        raise ConfigError("data.root: dataset 'folder' needs the folder of DICOM/NIfTI scans")
+    if d.volumes and d.dataset != "folder":
+        raise ConfigError("data.volumes: 3D volumes come from dataset 'folder'")
+    if config.schedule.T < 1 or t.steps < 1 or t.batch_size < 1:
+        raise ConfigError("schedule.T, train.steps and train.batch_size must be positive")
+    for key in ("log_every", "val_every", "checkpoint_every", "keep_last"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: must be at least 1")
+    if not 0.0 <= config.loss.label_dropout < 1.0 or not 0.0 <= t.flip_prob <= 1.0:
+        raise ConfigError("loss.label_dropout must be in [0, 1) and train.flip_prob in [0, 1]")
+    if not 0.0 < config.optim.ema_decay < 1.0:
+        raise ConfigError("optim.ema_decay: must be in (0, 1)")
+    if config.loss.ce_weight < 0 or config.loss.mse_weight < 0 or config.loss.ce_weight + config.loss.mse_weight == 0:
+        raise ConfigError("loss.ce_weight and loss.mse_weight: non-negative, not both 0")

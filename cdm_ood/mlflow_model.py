@@ -1,0 +1,7 @@
+"""MLflow "models from code" entry point: defines the pyfunc model that `mlflow.pyfunc.log_model` records."""
+
+import mlflow
+
+from cdm_ood.serving import CDMPyfuncModel
+
+mlflow.models.set_model(CDMPyfuncModel())

@@ -1,0 +1,334 @@
+"""The training loop (Algorithm 1 with EMA, warm-up and step decay), single process or DDP under torchrun.
+
+All randomness of a step (noise levels t, noise, label drops, flips) is drawn for the *global* batch from one
+generator shared by every rank, and each rank takes its rows; together with `DistributedSampler` this makes N
+processes with batch B compute exactly what one process computes with batch N x B, and makes a resumed run
+continue exactly. Logging, MLflow and file output leave through `callbacks` (see `cdm_ood.tracking`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+from monai.data import CacheDataset, DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DistributedSampler
+
+from .checkpoint import build_classifier, load_checkpoint, save_checkpoint
+from .config import Config, DataConfig
+from .data.errors import DataError
+from .data.medical import SPLITS, medical_dataset
+from .data.natural import load_natural
+from .data.phantoms import make_phantoms
+from .data.presets import IntensityPreset, ct_preset, make_preset
+from .data.transforms import ImageTransformd
+from .likelihood import bits_per_dim, log_likelihood
+from .losses import cdm_loss
+from .schedules import NoiseSchedule
+
+log = logging.getLogger("cdm_ood.training")
+
+
+class Callback(Protocol):
+    """Receives what the loop produces; only rank 0 calls it."""
+
+    def on_start(self, config: Config, info: dict[str, Any]) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_end(self, model_path: Path) -> None: ...
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (world size 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainingData:
+    """Train and validation datasets (already mapped to the model's input), the fitted preset and statistics."""
+
+    train: CacheDataset
+    val: CacheDataset
+    preset: IntensityPreset
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def build_schedule(config: Config) -> NoiseSchedule:
+    s = config.schedule
+    if s.kind == "linear":
+        return NoiseSchedule.linear(s.T, s.beta_start, s.beta_end)
+    return NoiseSchedule.uniform(s.T) if s.kind == "uniform" else NoiseSchedule.cosine(s.T)
+
+
+def ensure_phantoms(cfg: DataConfig) -> None:
+    """Generate the configured phantoms into `data.root` if that folder does not exist yet."""
+    p = cfg.phantoms
+    if cfg.dataset == "folder" and p is not None and not Path(cfg.root).exists():
+        log.info("generating %d %s phantoms into %s", p.n, p.modality, cfg.root)
+        make_phantoms(cfg.root, p.n, p.format, size=p.size, slices=p.slices, modality=p.modality, seed=p.seed)
+
+
+def load_splits(
+    cfg: DataConfig, manifest: Optional[Path], on_error: Callable[[DataError], None]
+) -> dict[str, list[dict]]:
+    """Raw dict samples per split for the configured dataset (a split manifest is written for folders)."""
+    if cfg.dataset != "folder":
+        return {split: load_natural(cfg.dataset, split, root=cfg.root, seed=cfg.seed) for split in SPLITS}
+    return medical_dataset(cfg.root, cfg.fractions, cfg.seed, manifest, on_error=on_error, volumes=cfg.volumes)
+
+
+def fit_preset(cfg: DataConfig, train_samples: Sequence[dict]) -> IntensityPreset:
+    """The fixed intensity preset; `mr` is fitted on the training split only."""
+    if cfg.preset == "ct":
+        return ct_preset(cfg.window)
+    return make_preset(cfg.preset, images=[s["image"] for s in train_samples] if cfg.preset == "mr" else None)
+
+
+def build_data(
+    cfg: DataConfig, manifest: Optional[Path], on_error: Callable[[DataError], None], num_classes: Optional[int]
+) -> TrainingData:
+    splits = load_splits(cfg, manifest, on_error)
+    if num_classes is not None:
+        bad = {s["label"] for split in splits.values() for s in split} - set(range(num_classes))
+        if bad:
+            raise ValueError(f"model.num_classes={num_classes} but the data has labels {sorted(bad)[:5]}")
+    if not splits["train"] or not splits["val"]:
+        sizes = {k: len(v) for k, v in splits.items()}
+        raise ValueError(f"training needs non-empty train and val splits, got {sizes}")
+    preset = fit_preset(cfg, splits["train"])
+    transform = ImageTransformd("image", preset, cfg.size, cfg.channels, multiple=1)
+    train, val = (CacheDataset(splits[k], transform, progress=False) for k in ("train", "val"))
+    stats = {
+        "dataset": cfg.dataset,
+        "size": list(cfg.size),
+        "channels": cfg.channels,
+        "bit_depth": cfg.bit_depth,
+        **{f"n_{k}": len(v) for k, v in splits.items()},
+    }
+    return TrainingData(train, val, preset, stats)
+
+
+def lr_factor(warmup_steps: int, decay_every: int, decay_factor: float) -> Callable[[int], float]:
+    """Linear warm-up over `warmup_steps`, then x`decay_factor` every `decay_every` steps (LambdaLR factor)."""
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return warm * decay_factor ** (step // decay_every)
+
+    return factor
+
+
+def draw_step_randomness(
+    generator: torch.Generator, config: Config, schedule: NoiseSchedule, image_shape: Sequence[int], world: int
+) -> dict[str, torch.Tensor]:
+    """t, noise, label-drop and flip draws for the global batch (batch_size x world), in global order."""
+    n = config.train.batch_size * world
+    return {
+        "t": torch.randint(0, schedule.num_classes, (n,), generator=generator),
+        "noise": torch.randn((n, *image_shape), generator=generator),
+        "drop": torch.rand(n, generator=generator) < config.loss.label_dropout,
+        "flip": torch.rand(n, generator=generator) < config.train.flip_prob,
+    }
+
+
+def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int) -> list[list[int]]:
+    """This rank's batches of an epoch (the incomplete last batch is dropped)."""
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    return [indices[i : i + batch_size] for i in range(0, len(indices) - batch_size + 1, batch_size)]
+
+
+def pick_device(config: Config, ddp: Distributed) -> torch.device:
+    wanted = config.train.device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", ddp.local_rank)
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, val: CacheDataset, config: Config, schedule: NoiseSchedule, device) -> dict:
+    """Bits/dim (offset for `data.bit_depth`) and nats/dim of the first `val_samples` validation images."""
+    n = min(config.train.val_samples, len(val))
+    loader = DataLoader(torch.utils.data.Subset(val, range(n)), batch_size=config.train.batch_size, shuffle=False)
+    lls, dims = [], 0
+    for batch in loader:
+        x = batch["image"].to(device)
+        dims = x[0].numel()
+        labels = batch["label"].to(device) if config.model.num_classes is not None else None
+        lls.append(log_likelihood(model, x, schedule, labels=labels))
+    ll = torch.cat(lls).double()
+    return {
+        "val_bpd": bits_per_dim(ll, dims, config.data.bit_depth).mean().item(),
+        "val_nats_per_dim": (-ll / dims).mean().item(),
+    }
+
+
+def train(
+    config: Config,
+    out_dir: str | Path,
+    resume: Optional[str | Path] = None,
+    callbacks: Sequence[Callback] = (),
+    on_data_error: Callable[[DataError], None] = lambda err: log.warning("skipped %s", err),
+) -> Path:
+    """Train a CDM as configured; returns the path of the final model checkpoint (`out_dir/model.pt`)."""
+    ddp = Distributed.from_env()
+    if ddp.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and config.train.device != "cpu" else "gloo")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device = pick_device(config, ddp)
+    out_dir = Path(out_dir)
+    callbacks = callbacks if ddp.main else ()
+    torch.manual_seed(config.train.seed)
+    if ddp.main:
+        ensure_phantoms(config.data)
+    if ddp.world > 1:
+        dist.barrier()
+    manifest = out_dir / "split_manifest.csv" if ddp.main else None
+    data = build_data(config.data, manifest, on_data_error, config.model.num_classes)
+    schedule = build_schedule(config)
+    model = build_classifier(config.to_dict(), schedule).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
+    net = DistributedDataParallel(model) if ddp.world > 1 else model  # default mode: right for double backward
+    o = config.optim
+    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.warmup_steps, o.decay_every, o.decay_factor))
+    generator = torch.Generator().manual_seed(config.train.seed)
+    step = 0
+    if resume is not None:
+        state = load_checkpoint(resume)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["rng"]["generator"])
+        step = state["step"]
+    sampler = DistributedSampler(data.train, ddp.world, ddp.rank, shuffle=True, seed=config.train.seed, drop_last=True)
+    batches_per_epoch = len(sampler) // config.train.batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(f"train split ({len(data.train)} samples) smaller than one global batch")
+    info = {
+        "global_batch": config.train.batch_size * ddp.world,
+        "world_size": ddp.world,
+        "device": str(device),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "start_step": step,
+        **data.stats,
+    }
+    for cb in callbacks:
+        cb.on_start(config, info)
+
+    def save(path: Path, full: bool) -> Path:
+        payload = {
+            "step": step,
+            "config": config.to_dict(),
+            "schedule": schedule.to_dict(),
+            "preset": data.preset.to_dict(),
+            "data": data.stats,
+            "ema": ema.state_dict(),
+        }
+        if full:
+            payload |= {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"generator": generator.get_state()},
+            }
+        return save_checkpoint(path, payload)
+
+    image_shape = data.train[0]["image"].shape
+    timer = time.perf_counter()
+    while step < config.train.steps:
+        epoch, position = divmod(step, batches_per_epoch)
+        batches = epoch_batches(sampler, epoch, config.train.batch_size)[position:]
+        loader = DataLoader(data.train, batch_sampler=batches, num_workers=config.data.num_workers)
+        for batch in loader:
+            draws = {k: v[ddp.rank :: ddp.world] for k, v in draw_step_randomness(
+                generator, config, schedule, image_shape, ddp.world).items()}  # fmt: skip
+            x0 = torch.where(draws["flip"].view(-1, *[1] * len(image_shape)), batch["image"].flip(-1), batch["image"])
+            labels = None
+            if config.model.num_classes is not None:
+                labels = torch.where(draws["drop"], model.null_label, batch["label"]).to(device)
+            out = cdm_loss(
+                net, x0.to(device), schedule, ce_weight=config.loss.ce_weight, mse_weight=config.loss.mse_weight,
+                t=draws["t"].to(device), noise=draws["noise"].to(device), labels=labels,
+            )  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if o.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            ema.update_parameters(model)
+            step += 1
+            t = config.train
+            if step % t.log_every == 0 or step == t.steps:
+                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+                metrics = {
+                    "loss": out.loss.item(), "mse": out.mse.item(), "ce": out.ce.item(),
+                    "accuracy": out.accuracy.item(), "lr": scheduler.get_last_lr()[0],
+                    "steps_per_s": min(t.log_every, step) / elapsed if elapsed > 0 else math.nan,
+                }  # fmt: skip
+                for cb in callbacks:
+                    cb.on_step(step, metrics)
+            if ddp.main and (step % t.val_every == 0 or step == t.steps):
+                metrics = validate(ema.module, data.val, config, schedule, device)
+                for cb in callbacks:
+                    cb.on_validation(step, metrics)
+            if ddp.main and (step % t.checkpoint_every == 0 or step == t.steps):
+                path = save(out_dir / "checkpoints" / f"step_{step:07d}.pt", full=True)
+                prune_checkpoints(path.parent, t.keep_last)
+                for cb in callbacks:
+                    cb.on_checkpoint(step, path)
+            if step >= t.steps:
+                break
+    final = out_dir / "model.pt"
+    if ddp.main:
+        save(final, full=False)
+        for cb in callbacks:
+            cb.on_end(final)
+    if ddp.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    """Delete all but the `keep_last` newest `step_*.pt` files."""
+    for old in sorted(folder.glob("step_*.pt"))[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def latest_checkpoint(path: str | Path) -> Path:
+    """`path` itself if it is a file, else the newest `checkpoints/step_*.pt` of the run folder `path`."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    found = sorted(path.glob("checkpoints/step_*.pt")) or sorted(path.glob("step_*.pt"))
+    if not found:
+        raise FileNotFoundError(f"{path}: no checkpoints/step_*.pt to resume from")
+    return found[-1]

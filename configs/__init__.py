@@ -1,0 +1,1 @@
+"""The bundled run configurations (installed as `cdm_ood.configs`, so `--config NAME` finds them)."""

@@ -1,0 +1,64 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cdm_ood.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>`: the attack a weights_only load must refuse."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def malicious_checkpoint(path, marker):
+    torch.save({"format": "cdm-ood/1", "step": 1, "model": Payload(marker)}, path)
+    return path
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    path, marker = malicious_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned"), tmp_path / "pwned"
+    with pytest.raises(CheckpointError, match="refused: the file needs pickle code"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_cli_refuses_a_pickle_checkpoint_with_exit_code_2(tmp_path):
+    path, marker = malicious_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned"), tmp_path / "pwned"
+    out = subprocess.run(
+        [sys.executable, "-m", "cdm_ood.cli", "train", "--resume", str(path), "--no-tracking"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "refused" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"not a zip", "not a readable checkpoint"), (None, "no such checkpoint"), ({"step": 1}, "not a cdm-ood/1")],
+)
+def test_unusable_files_get_clear_errors(tmp_path, content, message):
+    path = tmp_path / "x.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_save_is_atomic_and_round_trips(tmp_path):
+    payload = {"step": 3, "config": {}, "schedule": {}, "preset": {}, "data": {}, "ema": {"w": torch.ones(2)}}
+    path = save_checkpoint(tmp_path / "c.pt", payload)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    back = load_checkpoint(path)
+    assert back["format"] == "cdm-ood/1" and torch.equal(back["ema"]["w"], torch.ones(2))
