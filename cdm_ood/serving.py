@@ -6,6 +6,7 @@ artifact and is read with `weights_only=True`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,18 @@ def score_array(model: LoadedModel, images: np.ndarray, batch_size: int = 64) ->
     return pd.DataFrame(rows, columns=["log_likelihood", "bits_per_dim"])
 
 
-class CDMPyfuncModel(PythonModel):
-    """pyfunc wrapper: `predict` takes a float array (B, C, *spatial) of raw images."""
+with warnings.catch_warnings():  # MLflow asks for predict() type hints here, which it would then enforce
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context: Any) -> None:
-        self.model = load_model(context.artifacts["checkpoint"])
+    class CDMPyfuncModel(PythonModel):
+        """pyfunc wrapper: `predict` takes a float array (B, C, *spatial) of raw images."""
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate inputs by them
-        """Log-likelihood (nats) and bits/dim per image of a float array (B, C, *spatial)."""
-        return score_array(self.model, np.asarray(model_input, dtype=np.float32))
+        def load_context(self, context: Any) -> None:
+            self.model = load_model(context.artifacts["checkpoint"])
+
+        def predict(self, context, model_input, params=None):
+            """Log-likelihood (nats) and bits/dim per image of a float array (B, C, *spatial)."""
+            return score_array(self.model, np.asarray(model_input, dtype=np.float32))
 
 
 def pip_requirements() -> list[str]:
@@ -66,11 +70,14 @@ def log_pyfunc_model(checkpoint: str | Path, name: str = "model") -> Any:
 
     model = load_model(checkpoint)
     example = np.zeros((2, model.data["channels"], *model.data["size"]), dtype=np.float32)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(MODEL_CODE),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(Path(__file__).parent)],
-        signature=infer_signature(example, score_array(model, example)),
-        pip_requirements=pip_requirements(),
-    )
+    with warnings.catch_warnings():  # as above, when MLflow loads the model code to check it
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(Path(__file__).parent)],
+            signature=infer_signature(example, score_array(model, example)),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+        )

@@ -1,10 +1,16 @@
-"""Helpers shared by the commands: logging set-up and bundled-config lookup."""
+"""Helpers shared by the commands: logging set-up, bundled-config lookup, checkpoint opening."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_USAGE = 2  # usage errors and unusable checkpoints
 
 
 def setup_logging(rank: int = 0) -> None:
@@ -23,3 +29,14 @@ def bundled_config(name_or_path: str) -> Path:
         return path
     bundled = Path(str(files("cdm_ood.configs") / f"{name_or_path}.yaml"))
     return bundled if bundled.exists() else path
+
+
+def open_checkpoint(path: Path, device: str = "cpu") -> Any:
+    """The scoring model of a checkpoint, or exit 2 with the reason (an unsafe checkpoint runs nothing)."""
+    from cdm_ood.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(path, device)
+    except CheckpointError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USAGE)

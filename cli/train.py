@@ -9,9 +9,7 @@ from typing import Optional
 
 import click
 
-from .common import bundled_config, setup_logging
-
-EXIT_USAGE = 2
+from .common import EXIT_USAGE, bundled_config, setup_logging
 
 
 @click.command("train")
