@@ -24,9 +24,9 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -q
 
+# The main job on generated CT phantoms: train, calibrate, evaluate per artifact, gate (outputs in demo/).
 demo: install
-	$(BIN)/cdm-ood --version
-	$(BIN)/cdm-ood --help
+	$(BIN)/python pipelines/demo.py --out demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo

@@ -18,14 +18,18 @@ _EXPORTS = {
     "CDMClassifier": "classifier",
     "CDMLoss": "losses",
     "NoiseSchedule": "schedules",
+    "OODDetector": "ood",
+    "ScoreOODd": "ood",
     "bits_per_dim": "likelihood",
     "cdm_loss": "losses",
+    "denoise": "sampling",
     "diffuse": "schedules",
     "log_likelihood": "likelihood",
     "log_likelihood_profile": "likelihood",
     "log_standard_normal": "likelihood",
     "predict_noise": "denoiser",
     "predict_x0": "denoiser",
+    "sample": "sampling",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -39,6 +43,10 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .likelihood import log_standard_normal as log_standard_normal
     from .losses import CDMLoss as CDMLoss
     from .losses import cdm_loss as cdm_loss
+    from .ood import OODDetector as OODDetector
+    from .ood import ScoreOODd as ScoreOODd
+    from .sampling import denoise as denoise
+    from .sampling import sample as sample
     from .schedules import NoiseSchedule as NoiseSchedule
     from .schedules import diffuse as diffuse
 

@@ -7,7 +7,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -75,6 +75,7 @@ class LoadedModel:
     data: dict[str, Any]
     config: dict[str, Any]
     step: int
+    ood: Optional[dict[str, Any]] = None
 
 
 def build_classifier(config: dict[str, Any], schedule: NoiseSchedule) -> CDMClassifier:
@@ -109,4 +110,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         data=payload["data"],
         config=payload["config"],
         step=payload["step"],
+        ood=payload.get("ood"),
     )

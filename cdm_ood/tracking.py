@@ -136,3 +136,32 @@ class MlflowCallback:
         log_pyfunc_model(model_path)
         mlflow.end_run()
         log.info("MLflow model: runs:/%s/model", self.run_id)
+
+
+def log_artifact_to_run(run_id: str, path: Path, uri: Optional[str] = None, folder: Optional[str] = None) -> None:
+    """Add a file to an existing MLflow run (e.g. a sample grid made after training)."""
+    for key, value in MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri or default_tracking_uri()).log_artifact(run_id, str(path), folder)
+
+
+def log_job_run(
+    kind: str, params: dict[str, Any], metrics: dict[str, Any], files: list[Path], uri: Optional[str] = None
+) -> str:
+    """One MLflow run (experiment `cdm-ood-<kind>`) for a scoring or evaluation job: its parameters, numeric
+    results and files (report, figures). Returns the run id."""
+    for key, value in MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri or default_tracking_uri())
+    mlflow.set_experiment(f"cdm-ood-{kind}")
+    with mlflow.start_run() as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        for path in files:
+            mlflow.log_artifact(str(path))
+    log.info("MLflow %s run %s in %s", kind, run.info.run_id, mlflow.get_tracking_uri())
+    return run.info.run_id

@@ -32,8 +32,9 @@ from .data.natural import load_natural
 from .data.phantoms import make_phantoms
 from .data.presets import IntensityPreset, ct_preset, make_preset
 from .data.transforms import ImageTransformd
-from .likelihood import bits_per_dim, log_likelihood
+from .likelihood import bits_per_dim, log_likelihood_profile
 from .losses import cdm_loss
+from .ood.calibration import calibrate
 from .schedules import NoiseSchedule
 
 log = logging.getLogger("cdm_ood.training")
@@ -170,17 +171,29 @@ def pick_device(config: Config, ddp: Distributed) -> torch.device:
 
 
 @torch.no_grad()
+def dataset_profiles(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    device: torch.device,
+    conditional: bool = False,
+) -> torch.Tensor:
+    """log p_t(x), t = 0..T+1 (Theorem 3.2), of every image of `dataset`, (N, T+2) nats on the CPU; with
+    `conditional`, given each image's label."""
+    profiles = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        labels = batch["label"].to(device) if conditional else None
+        profiles.append(log_likelihood_profile(model, batch["image"].to(device), schedule, labels).cpu())
+    return torch.cat(profiles)
+
+
 def validate(model: torch.nn.Module, val: CacheDataset, config: Config, schedule: NoiseSchedule, device) -> dict:
     """Bits/dim (offset for `data.bit_depth`) and nats/dim of the first `val_samples` validation images."""
-    n = min(config.train.val_samples, len(val))
-    loader = DataLoader(torch.utils.data.Subset(val, range(n)), batch_size=config.train.batch_size, shuffle=False)
-    lls, dims = [], 0
-    for batch in loader:
-        x = batch["image"].to(device)
-        dims = x[0].numel()
-        labels = batch["label"].to(device) if config.model.num_classes is not None else None
-        lls.append(log_likelihood(model, x, schedule, labels=labels))
-    ll = torch.cat(lls).double()
+    subset = torch.utils.data.Subset(val, range(min(config.train.val_samples, len(val))))
+    conditional = config.model.num_classes is not None
+    ll = dataset_profiles(model, schedule, subset, config.train.batch_size, device, conditional)[:, 0].double()
+    dims = val[0]["image"].numel()
     return {
         "val_bpd": bits_per_dim(ll, dims, config.data.bit_depth).mean().item(),
         "val_nats_per_dim": (-ll / dims).mean().item(),
@@ -242,8 +255,8 @@ def train(
     for cb in callbacks:
         cb.on_start(config, info)
 
-    def save(path: Path, full: bool) -> Path:
-        payload = {
+    def save(path: Path, full: bool, **extra: Any) -> Path:
+        payload = extra | {
             "step": step,
             "config": config.to_dict(),
             "schedule": schedule.to_dict(),
@@ -308,13 +321,29 @@ def train(
                 break
     final = out_dir / "model.pt"
     if ddp.main:
-        save(final, full=False)
+        save(final, full=False, **calibrate_on_validation(ema.module, data, config, schedule, device))
         for cb in callbacks:
             cb.on_end(final)
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def calibrate_on_validation(
+    model: torch.nn.Module, data: TrainingData, config: Config, schedule: NoiseSchedule, device: torch.device
+) -> dict[str, Any]:
+    """Fit the OOD detectors and their thresholds (`ood.calibrate`) on the whole validation split, unconditionally,
+    so that a fresh `model.pt` scores with `--threshold auto`. Empty when it cannot be done (3D models are not
+    scored; fewer than 4 validation images)."""
+    if len(config.data.size) != 2 or len(data.val) < 4:
+        log.warning("OOD thresholds not calibrated (needs a 2D model and >= 4 validation images): "
+                    "run `cdm-ood calibrate` on in-distribution data")  # fmt: skip
+        return {}
+    profiles = dataset_profiles(model, schedule, data.val, config.train.batch_size, device)
+    ood = calibrate(profiles, data.val[0]["image"].numel(), config.data.bit_depth)
+    log.info("calibrated OOD thresholds on %d validation images (fpr %.2f)", len(profiles), ood["fpr"])
+    return {"ood": ood}
 
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:

@@ -18,9 +18,11 @@ def main() -> None:
 
 
 from .phantoms import make_phantoms  # noqa: E402
+from .sample import denoise, sample  # noqa: E402
+from .score import calibrate, evaluate, score  # noqa: E402
 from .train import train  # noqa: E402
 
-for command in (make_phantoms, train):
+for command in (make_phantoms, train, calibrate, score, evaluate, sample, denoise):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -86,3 +86,19 @@ def random_mixture(
     means = spread * torch.randn((K, *shape), generator=g)
     stds = 0.05 + 0.3 * torch.rand(K, generator=g)
     return GaussianMixture(weights, means, stds, schedule)
+
+
+class ConditionalMixture(GaussianMixture):
+    """A class-conditional exact classifier: label k is mixture component k; the null label is the whole mixture."""
+
+    def __init__(self, *args, null_label: int) -> None:
+        super().__init__(*args)
+        self.null_label = null_label
+
+    def __call__(self, x: Tensor, labels: Tensor) -> Tensor:
+        components = self._log_components(x) - self.log_weights[None, :, None]  # log N(x; component k) per t
+        conditional = components.gather(
+            1, labels.clamp(max=components.shape[1] - 1)[:, None, None].expand(-1, 1, components.shape[2])
+        )
+        joint = torch.logsumexp(self._log_components(x), dim=1, keepdim=True)
+        return torch.where((labels == self.null_label)[:, None, None], joint, conditional).squeeze(1).to(x.dtype)

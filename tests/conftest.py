@@ -1,4 +1,55 @@
+"""Shared fixtures: a tiny trained and calibrated checkpoint, and a folder of real scans with bad files."""
+
 import sys
 from pathlib import Path
 
+import numpy as np
+import pydicom
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+from cdm_ood.config import load_config
+from cdm_ood.data.phantoms import corrupt_volume, phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.training import train
+
+CONFIG = Path(__file__).parent.parent / "configs" / "phantoms-ct.yaml"
+PATIENT = {"PatientName": "DOE^JANE", "PatientID": "MRN-998877", "PatientBirthDate": "19610203"}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny CT-phantom model, trained and calibrated by `train` (as `cdm-ood train` does)."""
+    root = tmp_path_factory.mktemp("ck")
+    config = load_config(CONFIG, [
+        f"data.root={root / 'phantoms'}", "data.phantoms={n: 10, size: 16, slices: 8}", "data.size=[16, 16]",
+        "model.channels=[8, 16]", "model.attention_levels=[false, false]", "model.num_head_channels=8",
+        "schedule.T=20", "train.steps=40", "train.batch_size=8", "train.threads=1", "optim.warmup_steps=5",
+        "train.val_every=40", "train.checkpoint_every=40",
+    ])  # fmt: skip
+    return train(config, root / "run")
+
+
+@pytest.fixture(scope="session")
+def scans(tmp_path_factory) -> Path:
+    """A folder like an incoming archive: a DICOM series with patient identifiers, clean and corrupted NIfTI
+    volumes, a constant PNG slice, a truncated DICOM, a text file and a NIfTI with a wrong dimension."""
+    folder = tmp_path_factory.mktemp("scans")
+    rng = np.random.default_rng(7)
+    clean = phantom_volume(rng, size=16, slices=4)
+    write_dicom_series(clean, folder / "study" / "series1", modality="ct", volume_index=0)
+    for path in sorted((folder / "study" / "series1").iterdir()):
+        ds = pydicom.dcmread(path)
+        for key, value in PATIENT.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+    write_nifti(phantom_volume(rng, size=16, slices=4), folder / "clean.nii.gz")
+    strong, _ = corrupt_volume(clean, "spike", "strong", 3, "ct")
+    write_nifti(strong, folder / "spiked.nii.gz")
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16), 80, np.uint8)).save(folder / "blank.png")
+    good = (folder / "study" / "series1" / "slice_000.dcm").read_bytes()
+    (folder / "broken.dcm").write_bytes(good[: len(good) // 2])
+    (folder / "notes.txt").write_text("reading room notes\n")
+    return folder

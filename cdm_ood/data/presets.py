@@ -46,6 +46,12 @@ class IntensityPreset:
             return ScaleIntensity(minv=-1.0, maxv=1.0)
         return ScaleIntensityRange(self.a_min, self.a_max, b_min=-1.0, b_max=1.0, clip=True)
 
+    def inverse(self, image: np.ndarray) -> np.ndarray:
+        """Model-space values back in input units (exact inside the range; `minmax` has no inverse)."""
+        if self.name == "minmax":
+            return image
+        return (image + 1.0) / 2.0 * (self.a_max - self.a_min) + self.a_min
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

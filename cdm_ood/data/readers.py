@@ -295,6 +295,8 @@ def _require_pixels(path: Path, ds) -> None:
         name = getattr(sop_class, "name", None) or "unknown SOP class"
         if "Rows" in ds and "Columns" in ds:
             raise UnreadableFileError(path, f"no pixel data in a {name} object that declares an image size")
+        if name.endswith("Image Storage"):
+            raise UnreadableFileError(path, f"no pixel data in a {name} object: the file is truncated or incomplete")
         raise NotAnImageError(path, f"DICOM object without pixel data ({name})")
 
 

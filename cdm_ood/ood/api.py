@@ -1,0 +1,130 @@
+"""`OODDetector`: a trained CDM, one detector and its threshold, for QA code."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..checkpoint import LoadedModel, load_model
+from ..data.readers import iter_slices
+from ..data.transforms import image_transform
+from ..likelihood import log_likelihood_profile
+from .calibration import DEFAULT_FPR, calibrate, load_detector, resolve_threshold, store_calibration
+from .detectors import NotFittedError
+
+Inputs = Any  # a tensor or array (H, W), (C, H, W) or (B, C, H, W); a path; a MONAI dict; or a sequence of them
+
+
+class OODDetector:
+    """Scores images with one detector of a trained model; higher = more out-of-distribution.
+
+    Images are given in their own units (HU for CT, raw values otherwise, as read from the file) and are
+    mapped with the model's stored intensity preset and size, exactly as in training.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        detector: Optional[str] = None,
+        threshold: str | float = "auto",
+        batch_size: int = 64,
+        image_key: str = "image",
+    ) -> None:
+        if len(model.data["size"]) != 2:
+            raise ValueError("OOD scoring works on 2D models; this model takes 3D volumes")
+        self.model, self.batch_size, self.image_key = model, batch_size, image_key
+        self.num_dims = model.data["channels"] * int(np.prod(model.data["size"]))
+        self.detector, self.id_scores, self.fpr = load_detector(
+            model.ood, detector, self.num_dims, model.data["bit_depth"]
+        )
+        self.transform = image_transform(model.preset, model.data["size"], model.data["channels"], multiple=1)
+        self._threshold: Optional[float] = None
+        if self.id_scores is not None or threshold != "auto":
+            self.set_threshold(threshold)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, detector: Optional[str] = None, device: str | torch.device = "cpu", **kwargs
+    ) -> OODDetector:
+        """Load `model.pt` (weights-only) with its calibration; `detector` defaults to the calibrated default."""
+        return cls(load_model(path, device), detector, **kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.detector.name
+
+    @property
+    def threshold(self) -> float:
+        if self._threshold is None:
+            raise NotFittedError("no threshold: calibrate the model (`cdm-ood calibrate`) or give a number")
+        return self._threshold
+
+    def set_threshold(self, spec: str | float) -> float:
+        """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units."""
+        self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
+        return self._threshold
+
+    def prepare(self, inputs: Inputs) -> Tensor:
+        """Model-space batch (B, C, H, W) from any supported input."""
+        return torch.stack([self.transform(image) for image in self._images(inputs)])
+
+    def _images(self, inputs: Inputs) -> list[np.ndarray | Tensor]:
+        if isinstance(inputs, (str, os.PathLike)):
+            return [s.image for s in iter_slices(Path(inputs))]
+        if isinstance(inputs, Mapping):
+            return self._images(inputs[self.image_key])
+        if isinstance(inputs, (Tensor, np.ndarray)):
+            if inputs.ndim == 2:
+                return [inputs[None]]
+            if inputs.ndim == 3:
+                return [inputs]
+            if inputs.ndim == 4:
+                return list(inputs)
+            raise ValueError(f"expected (H, W), (C, H, W) or a batch (B, C, H, W), got shape {tuple(inputs.shape)}")
+        if isinstance(inputs, Sequence):
+            return [image for item in inputs for image in self._images(item)]
+        raise TypeError(f"cannot score a {type(inputs).__name__}: give tensors, arrays, paths or MONAI dicts")
+
+    @torch.inference_mode()
+    def profile(self, x: Tensor) -> Tensor:
+        """log p_t(x) for t = 0..T+1 (nats) of a model-space batch, in chunks of `batch_size` (Theorem 3.2)."""
+        device = next(self.model.classifier.parameters()).device
+        return torch.cat([
+            log_likelihood_profile(self.model.classifier, chunk.to(device), self.model.schedule).cpu()
+            for chunk in x.split(self.batch_size)
+        ])  # fmt: skip
+
+    def score_prepared(self, x: Tensor) -> np.ndarray:
+        """Scores of a model-space batch."""
+        return self.detector.score(self.profile(x)).numpy()
+
+    def score(self, inputs: Inputs) -> np.ndarray:
+        """One score per image (B,), higher = more out-of-distribution."""
+        return self.score_prepared(self.prepare(inputs))
+
+    def predict(self, inputs: Inputs) -> np.ndarray:
+        """True where an image is out-of-distribution (score above the threshold)."""
+        return self.score(inputs) > self.threshold
+
+    def fit(self, id_inputs: Iterable[Inputs], fpr: float = DEFAULT_FPR) -> OODDetector:
+        """Fit every detector on in-distribution images (an iterable of batches or inputs) and set this one's
+        threshold for the false-positive rate `fpr`. `save` stores the result in a checkpoint."""
+        profiles = torch.cat([self.profile(self.prepare(batch)) for batch in id_inputs])
+        self.model.ood = calibrate(profiles, self.num_dims, self.model.data["bit_depth"], fpr, default=self.name)
+        self.detector, self.id_scores, self.fpr = load_detector(
+            self.model.ood, self.name, self.num_dims, self.model.data["bit_depth"]
+        )
+        self.set_threshold("auto")
+        return self
+
+    def save(self, checkpoint: str | os.PathLike) -> Path:
+        """Write the calibration from `fit` into `checkpoint` (atomically)."""
+        if self.model.ood is None:
+            raise NotFittedError("nothing to save: call fit() first")
+        return store_calibration(checkpoint, self.model.ood)

@@ -1,0 +1,100 @@
+"""Thresholds for a target false-positive rate, fitted on in-distribution validation profiles.
+
+The calibration of a model lives in its checkpoint under the key "ood" (plain data, so the checkpoint still
+loads with `weights_only=True`): for each detector its fitted state and its scores on held-out
+in-distribution images, from which any threshold `fpr:<x>` is computed; `auto` uses the stored `fpr`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from .detectors import DETECTORS, Detector, NotFittedError
+
+DEFAULT_FPR = 0.05
+DEFAULT_DETECTOR = "nll"  # measured best on the CT phantom artifacts (docs/ood.md)
+
+
+def threshold_at_fpr(id_scores: np.ndarray, fpr: float) -> float:
+    """The lowest in-distribution score that at most a fraction `fpr` of the in-distribution scores exceed
+    (the k-th largest of n, k = floor(fpr n)): a score above it is OOD."""
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"the false-positive rate must be in (0, 1), got {fpr}")
+    if len(id_scores) == 0:
+        raise NotFittedError("no in-distribution scores to set a threshold from")
+    ordered = np.sort(np.asarray(id_scores, dtype=np.float64))
+    k = int(np.floor(fpr * len(ordered) + 1e-9))
+    return float(ordered[len(ordered) - k - 1])
+
+
+def calibrate(
+    profiles: Tensor,
+    num_dims: int,
+    bit_depth: int,
+    fpr: float = DEFAULT_FPR,
+    detectors: Sequence[str] = tuple(DETECTORS),
+    default: str = DEFAULT_DETECTOR,
+) -> dict[str, Any]:
+    """Fit each detector on the even-indexed in-distribution profiles and score the odd-indexed ones, so the
+    stored scores (and thresholds) are out-of-sample. Returns the checkpoint's "ood" entry."""
+    threshold_at_fpr(np.zeros(1), fpr)
+    if default not in detectors:
+        raise ValueError(f"default detector {default!r} is not among {list(detectors)}")
+    if len(profiles) < 4:
+        raise ValueError(f"calibration needs at least 4 in-distribution images, got {len(profiles)}")
+    fit_part, held_out = profiles[0::2], profiles[1::2]
+    entries = {}
+    for name in detectors:
+        detector = DETECTORS[name](num_dims, bit_depth).fit(fit_part)
+        entries[name] = {"state": detector.state(), "id_scores": detector.score(held_out).tolist()}
+    return {"fpr": fpr, "default": default, "n_fit": len(fit_part), "detectors": entries}
+
+
+def resolve_threshold(spec: str | float, id_scores: np.ndarray | None, fpr: float | None) -> float:
+    """A threshold from `auto` (the calibrated fpr), `fpr:<x>` or a number in the detector's score units."""
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    text = str(spec).strip()
+    if text == "auto" or text.startswith("fpr:"):
+        if id_scores is None or fpr is None:
+            raise NotFittedError(f"threshold {text!r} needs a calibrated model: run `cdm-ood calibrate` first")
+        return threshold_at_fpr(id_scores, fpr if text == "auto" else _fraction(text[4:]))
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"threshold must be 'auto', 'fpr:<x>' or a number, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"'fpr:{text}': expected a false-positive rate such as fpr:0.05") from None
+
+
+def load_detector(
+    ood: dict[str, Any] | None, name: str | None, num_dims: int, bit_depth: int
+) -> tuple[Detector, np.ndarray | None, float | None]:
+    """The detector `name` (default: the calibrated default) with its in-distribution scores and fpr; an
+    uncalibrated one has neither (it scores only if it needs no fitting, and takes numeric thresholds only)."""
+    ood = ood or {}
+    name = name or ood.get("default", DEFAULT_DETECTOR)
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
+    entry = ood.get("detectors", {}).get(name)
+    if entry is None:
+        return DETECTORS[name](num_dims, bit_depth), None, None
+    return Detector.from_state(entry["state"]), np.asarray(entry["id_scores"]), ood["fpr"]
+
+
+def store_calibration(checkpoint: str | Path, ood: dict[str, Any]) -> Path:
+    """Write the calibration into the checkpoint (atomically: a temporary file renamed over it)."""
+    payload = load_checkpoint(checkpoint)
+    payload["ood"] = ood
+    return save_checkpoint(checkpoint, payload)

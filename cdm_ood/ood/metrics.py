@@ -1,0 +1,79 @@
+"""Detection metrics (scikit-learn) and the figures people look at: ROC curves and score histograms."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_path
+
+
+def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, float]:
+    """AUROC, FPR at 95% TPR, AUPR-in and AUPR-out with OOD as the positive class (higher score = more OOD).
+
+    FPR95: the fraction of in-distribution images flagged when the threshold catches 95% of the OOD ones.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    y = np.r_[np.zeros(len(id_scores)), np.ones(len(ood_scores))]
+    s = np.r_[id_scores, ood_scores].astype(np.float64)
+    fpr, tpr, _ = roc_curve(y, s)
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+        "aupr_in": float(average_precision_score(1 - y, -s)),
+        "aupr_out": float(average_precision_score(y, s)),
+    }
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_roc(id_scores: np.ndarray, ood_sets: Mapping[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """ROC curve of each OOD set against the in-distribution scores, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, scores in ood_sets.items():
+        y = np.r_[np.zeros(len(id_scores)), np.ones(len(scores))]
+        fpr, tpr, _ = roc_curve(y, np.r_[id_scores, scores])
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {ood_metrics(id_scores, scores)['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false-positive rate (in-distribution flagged)", ylabel="true-positive rate (OOD caught)",
+           title=title or "ROC")  # fmt: skip
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, Path(path))
+
+
+def plot_histogram(
+    sets: Mapping[str, np.ndarray], path: str | Path, threshold: float | None = None, xlabel: str = "score"
+) -> Path:
+    """Overlaid score histograms (one per set) with the threshold as a vertical line, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [np.asarray(v, dtype=np.float64) for v in sets.values() if len(v)]
+    finite = np.concatenate(values)[np.isfinite(np.concatenate(values))] if values else np.zeros(1)
+    bins = np.linspace(finite.min(), finite.max() + 1e-9, 40)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, scores in sets.items():
+        ax.hist(np.clip(scores, bins[0], bins[-1]), bins=bins, alpha=0.5, label=f"{name} ({len(scores)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set(xlabel=xlabel, ylabel="images")
+    ax.legend(fontsize=7)
+    return _save(fig, Path(path))

@@ -1,0 +1,104 @@
+"""The scoring report: one row per slice, per unreadable file and per volume, verdicts, and its files.
+
+Rows identify images by path, slice index, volume (SeriesInstanceUID or file) and SOPInstanceUID only:
+no patient identifier is ever read into a row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..data.errors import DataError
+from ..data.records import SliceSource
+from ..io import atomic_write, write_csv_atomic
+
+COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid", "score", "threshold", "verdict",
+           "reason")  # fmt: skip
+IN, OOD, UNREADABLE, FLAGGED = "in", "ood", "unreadable", "flagged"
+FAILING = (OOD, UNREADABLE, FLAGGED)
+AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
+    "max": lambda s: float(np.max(s)),
+    "mean": lambda s: float(np.mean(s)),
+    "q95": lambda s: float(np.quantile(s, 0.95)),
+}
+
+
+def slice_row(source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> dict:
+    """A scored slice (`in`/`ood`), or a `flagged` one (NaN/Inf or constant pixels: not scored)."""
+    if flags:
+        verdict, reason, score = FLAGGED, f"not scored: {', '.join(flags)} pixels", None
+    else:
+        verdict, reason = (OOD, "score above threshold") if score > threshold else (IN, "")
+    return {
+        "level": "slice", "path": source.path, "slice": source.index, "time_point": source.time_point,
+        "volume": source.volume_id, "sop_instance_uid": source.sop_instance_uid, "score": score,
+        "threshold": threshold, "verdict": verdict, "reason": reason,
+    }  # fmt: skip
+
+
+def error_row(err: DataError) -> dict:
+    """A file that could not be read, with its specific reason."""
+    return dict.fromkeys(COLUMNS) | {
+        "level": "file", "path": str(err.path), "verdict": UNREADABLE, "reason": f"{type(err).__name__}: {err.reason}",
+    }  # fmt: skip
+
+
+def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> list[dict]:
+    """One summary row per volume/series: the `how` aggregate (max, mean, q95) of its slice scores against the
+    threshold; `flagged` when none of its slices could be scored."""
+    aggregate = AGGREGATES[how]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["level"] == "slice":
+            groups[row["volume"]].append(row)
+    out = []
+    for volume, members in groups.items():
+        scores = np.array([r["score"] for r in members if r["score"] is not None], dtype=np.float64)
+        paths = sorted({r["path"] for r in members})
+        row = dict.fromkeys(COLUMNS) | {"level": "volume", "volume": volume, "threshold": threshold}
+        row["path"] = paths[0] if len(paths) == 1 else str(Path(paths[0]).parent)
+        flagged = len(members) - len(scores)
+        note = f"; {flagged} of {len(members)} slices flagged" if flagged else ""
+        if len(scores) == 0:
+            out.append(row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged)"})
+            continue
+        score = aggregate(scores)
+        n_ood = sum(r["verdict"] == OOD for r in members)
+        verdict = OOD if score > threshold else IN
+        reason = f"{how} of {len(scores)} slice scores; {n_ood} slices above threshold{note}"
+        out.append(row | {"score": score, "verdict": verdict, "reason": reason})
+    return out
+
+
+def summary(rows: Sequence[dict]) -> dict[str, Any]:
+    """Counts per level and verdict, and whether the gate passes (no failing volume or unreadable file)."""
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[f"{row['level']}_{row['verdict']}"] += 1
+    passed = not any(r["verdict"] in FAILING for r in rows if r["level"] in ("volume", "file"))
+    return {"passed": passed, **dict(sorted(counts.items()))}
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_report(path: str | Path, rows: Sequence[dict], info: dict[str, Any]) -> Path:
+    """CSV (rows only) or JSON (`info`, summary and rows), chosen by the suffix, written atomically."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        body = {**info, "summary": summary(rows), "rows": [{k: _clean(r[k]) for k in COLUMNS} for r in rows]}
+        with atomic_write(path) as f:
+            json.dump(body, f, indent=1)
+    elif path.suffix.lower() == ".csv":
+        write_csv_atomic(path, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows])
+    else:
+        raise ValueError(f"{path}: the report must be .csv or .json")
+    return path

@@ -1,0 +1,182 @@
+"""`cdm-ood calibrate`, `cdm-ood score` and `cdm-ood evaluate`: the OOD gate and its evidence."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .common import EXIT_USAGE, open_checkpoint, setup_logging
+
+DETECTOR_NAMES = ("nll", "multiscale")
+checkpoint_option = click.option(
+    "--checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a training run."
+)
+detector_option = click.option(
+    "--detector", type=click.Choice(DETECTOR_NAMES), help="Score to use [default: the checkpoint's calibrated one]."
+)
+batch_option = click.option("--batch-size", default=64, show_default=True, help="Slices per forward pass.")
+workers_option = click.option(
+    "--workers", default=0, show_default=True, help="DataLoader processes reading files (0: in the main process)."
+)
+tracking_option = click.option(
+    "--mlflow/--no-mlflow", default=False, show_default=True, help="Log this run (report, figures) to MLflow."
+)
+uri_option = click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or ./mlflow.db].")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _detector(checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str = "auto"):
+    from cdm_ood.ood import NotFittedError, OODDetector
+
+    model = open_checkpoint(checkpoint)
+    try:
+        return OODDetector(model, detector, threshold=threshold, batch_size=batch_size)
+    except (ValueError, NotFittedError) as err:
+        _fail(f"{checkpoint}: {err}")
+
+
+def _progress(total: int, label: str):
+    return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
+
+
+def _id_slices(paths: tuple[Path, ...]):
+    """Every readable, unflagged slice below `paths` (a skipped file is reported, never fatal)."""
+    from cdm_ood.data import iter_slices
+
+    def skip(err) -> None:
+        click.echo(f"skipped {err.path}: {err.reason}", err=True)
+
+    return [s for s in iter_slices(list(paths), on_error=skip) if not s.flags]
+
+
+@click.command("calibrate")
+@checkpoint_option
+@click.option("--data", "data", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="In-distribution validation scans (files or folders; repeatable).")  # fmt: skip
+@click.option("--fpr", default=0.05, show_default=True, help="Target false-positive rate of the threshold.")
+@detector_option
+@batch_option
+def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int) -> None:
+    """Fit the detectors on in-distribution scans and store their thresholds in the checkpoint.
+
+    The checkpoint is rewritten atomically with the calibration added; its weights are unchanged.
+    """
+    setup_logging()
+    from cdm_ood.ood import DEFAULT_DETECTOR
+
+    scorer = _detector(checkpoint, detector or DEFAULT_DETECTOR, batch_size, threshold=0.0)
+    slices = _id_slices(data)
+    if len(slices) < 4:
+        _fail(f"calibration needs at least 4 readable in-distribution slices, found {len(slices)}")
+    try:
+        scorer.fit([[s.image for s in slices[i : i + batch_size]] for i in range(0, len(slices), batch_size)], fpr)
+    except ValueError as err:
+        _fail(str(err))
+    scorer.save(checkpoint)
+    click.echo(f"calibrated on {len(slices)} slices: {scorer.name} threshold {scorer.threshold:.4g} "
+               f"(fpr {fpr}) stored in {checkpoint}")  # fmt: skip
+
+
+@click.command("score")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@checkpoint_option
+@click.option("--threshold", default="auto", show_default=True,
+              help="auto (the calibrated fpr), fpr:<x> (e.g. fpr:0.01), or a number in score units.")  # fmt: skip
+@detector_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ood-report.csv"),
+              show_default=True, help="Report, .csv or .json (written atomically).")  # fmt: skip
+@click.option("--per-volume", type=click.Choice(["max", "mean", "q95"]), default="mean", show_default=True,
+              help="How slice scores make a volume's score (compared with the slice threshold).")  # fmt: skip
+@click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
+@batch_option
+@workers_option
+@tracking_option
+@uri_option
+def score(
+    paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
+    no_fail: bool, batch_size: int, workers: int, mlflow: bool, tracking_uri: Optional[str],
+) -> None:  # fmt: skip
+    """Score DICOM / NIfTI / PNG scans (files or folders, recursively) and write a report.
+
+    Every file gets a row (unreadable ones with their reason), every slice a score and verdict, every
+    volume/series a summary row. Exit 0: all volumes in distribution; 1: a volume is OOD or flagged, or a file
+    is unreadable; 2: usage error or unusable checkpoint.
+    """
+    from cdm_ood.data.readers import discover
+    from cdm_ood.ood.batch import score_sources
+    from cdm_ood.ood.metrics import plot_histogram
+    from cdm_ood.ood.report import summary, write_report
+
+    setup_logging()
+    if out.suffix.lower() not in (".csv", ".json"):
+        _fail(f"--out {out}: the report must be .csv or .json")
+    if out.resolve() in {p.resolve() for p in paths}:
+        _fail("--out must not be one of the inputs")
+    scorer = _detector(checkpoint, detector, batch_size, threshold)
+    errors: list = []
+    sources = discover(list(paths), on_error=errors.append)
+    with _progress(len(sources), f"scoring ({scorer.name})") as bar:
+        rows = score_sources(scorer, sources, errors, per_volume, workers, progress=bar.update)
+    info = {"checkpoint": str(checkpoint), "detector": scorer.name, "threshold": scorer.threshold,
+            "per_volume": per_volume}  # fmt: skip
+    write_report(out, rows, info)
+    slices = [r for r in rows if r["level"] == "slice" and r["score"] is not None]
+    figure = plot_histogram(
+        {v: [r["score"] for r in slices if r["verdict"] == v] for v in ("in", "ood")},
+        out.with_name(f"{out.stem}_hist.png"), scorer.threshold, f"{scorer.name} score (slices)",
+    )  # fmt: skip
+    result = summary(rows)
+    click.echo(json.dumps({"report": str(out), "histogram": str(figure), **result}))
+    if mlflow:
+        from cdm_ood.tracking import log_job_run
+
+        log_job_run("score", info, result, [out, figure], tracking_uri)
+    sys.exit(0 if result["passed"] or no_fail else 1)
+
+
+@click.command("evaluate")
+@checkpoint_option
+@click.option("--id", "id_paths", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="In-distribution test scans (repeatable).")  # fmt: skip
+@click.option("--ood", "ood_sets", required=True, multiple=True, help="NAME=PATH or PATH of an OOD set (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ood-eval"), show_default=True,
+              help="Folder for metrics.csv, metrics.json, roc_<detector>.png, hist_<detector>.png.")  # fmt: skip
+@batch_option
+@tracking_option
+@uri_option
+def evaluate(
+    checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
+    tracking_uri: Optional[str],
+) -> None:  # fmt: skip
+    """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms."""
+    from cdm_ood.ood.evaluation import evaluate_sets, format_table
+
+    setup_logging()
+    named = {}
+    for spec in ood_sets:
+        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if not Path(path).exists():
+            _fail(f"--ood {spec}: no such file or folder")
+        named[name] = Path(path)
+    model = open_checkpoint(checkpoint)
+    id_images = [s.image for s in _id_slices(id_paths)]
+    ood_images = {name: [s.image for s in _id_slices((path,))] for name, path in named.items()}
+    empty = [name for name, images in {"--id": id_images, **ood_images}.items() if not images]
+    if empty:
+        _fail(f"no readable slices in {', '.join(empty)}")
+    rows = evaluate_sets(model, id_images, ood_images, out, batch_size)
+    click.echo(format_table(rows))
+    click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
+    if mlflow:
+        from cdm_ood.tracking import log_job_run
+
+        metrics = {f"{r['detector']}.{r['ood_set']}.{k}": r[k] for r in rows for k in ("auroc", "fpr95")}
+        log_job_run("evaluate", {"checkpoint": str(checkpoint)}, metrics, sorted(out.glob("*")), tracking_uri)

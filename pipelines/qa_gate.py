@@ -1,0 +1,69 @@
+"""QA gate over a folder of incoming studies: score every new scan, write a dated report, exit non-zero on OOD.
+
+Run it from cron or a PACS hook (e.g. a storescp `--exec-on-eostudy` script):
+
+    python pipelines/qa_gate.py --checkpoint runs/ct/model.pt --incoming /data/incoming --reports /data/qa
+
+Exit 0: every study in distribution; 1: a study is OOD, flagged or unreadable (see the report); 2: unusable
+checkpoint or arguments. Each run writes `<reports>/qa-<UTC time>.csv` atomically; inputs are only read.
+Studies already named in an earlier report of the same folder are skipped, so the job can run every minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cdm_ood.checkpoint import CheckpointError
+from cdm_ood.data.readers import discover
+from cdm_ood.ood import OODDetector
+from cdm_ood.ood.batch import score_sources
+from cdm_ood.ood.report import summary, write_report
+
+
+def already_reported(reports: Path) -> set[str]:
+    """Paths of files named in earlier reports."""
+    seen: set[str] = set()
+    for report in reports.glob("qa-*.csv"):
+        with open(report, newline="") as f:
+            seen.update(row["path"] for row in csv.DictReader(f) if row["level"] in ("slice", "file"))
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--incoming", required=True, type=Path, help="Folder of new studies (read-only).")
+    parser.add_argument("--reports", required=True, type=Path, help="Folder for the dated reports.")
+    parser.add_argument("--threshold", default="auto", help="auto, fpr:<x> or a number.")
+    parser.add_argument("--per-volume", default="mean", choices=("max", "mean", "q95"))
+    args = parser.parse_args(argv)
+    try:
+        detector = OODDetector.from_checkpoint(args.checkpoint, threshold=args.threshold)
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.reports.mkdir(parents=True, exist_ok=True)
+    seen = already_reported(args.reports)
+    errors: list = []
+    sources = [s for s in discover(args.incoming, on_error=errors.append) if s.path not in seen]
+    errors = [e for e in errors if str(e.path) not in seen]
+    if not sources and not errors:
+        print("nothing new")
+        return 0
+    rows = score_sources(detector, sources, errors, args.per_volume)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    report = write_report(args.reports / f"qa-{stamp}.csv", rows, {})
+    result = summary(rows)
+    for row in rows:
+        if row["level"] in ("volume", "file") and row["verdict"] != "in":
+            print(f"{row['verdict'].upper():<10} {row['path']}  {row['reason']}")
+    print(f"report: {report}  passed: {result['passed']}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Thresholds at a target false-positive rate, threshold specs, calibration storage and the metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from cdm_ood.checkpoint import load_checkpoint, save_checkpoint
+from cdm_ood.ood import NotFittedError, calibrate, resolve_threshold, threshold_at_fpr
+from cdm_ood.ood.calibration import store_calibration
+from cdm_ood.ood.metrics import ood_metrics
+
+
+@pytest.mark.parametrize("fpr", [0.01, 0.05, 0.2])
+def test_threshold_flags_at_most_fpr_and_is_the_tightest_such(fpr):
+    scores = np.random.default_rng(0).normal(size=1000)
+    threshold = threshold_at_fpr(scores, fpr)
+    assert (scores > threshold).mean() <= fpr
+    assert (scores >= threshold).mean() > fpr, "one step lower would flag more than fpr"
+
+
+def test_threshold_specs():
+    ids = np.arange(1.0, 101.0)
+    assert resolve_threshold("auto", ids, 0.05) == threshold_at_fpr(ids, 0.05) == 95.0
+    assert resolve_threshold("fpr:0.5", ids, 0.05) == 50.0
+    assert resolve_threshold("2.5", ids, 0.05) == resolve_threshold(2.5, None, None) == 2.5
+    with pytest.raises(NotFittedError, match="calibrate"):
+        resolve_threshold("auto", None, None)
+    with pytest.raises(ValueError, match="'auto', 'fpr:<x>' or a number"):
+        resolve_threshold("high", ids, 0.05)
+    with pytest.raises(ValueError, match=r"fpr:0\.05"):
+        resolve_threshold("fpr:five", ids, 0.05)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        resolve_threshold("fpr:1.5", ids, 0.05)
+
+
+def test_calibration_scores_held_out_images_and_is_plain_data():
+    profiles = torch.randn(41, 12, dtype=torch.float64) - 50
+    ood = calibrate(profiles, num_dims=16, bit_depth=8, fpr=0.1)
+    assert ood["fpr"] == 0.1 and ood["default"] == "nll" and ood["n_fit"] == 21
+    assert set(ood["detectors"]) == {"nll", "multiscale"}
+    assert all(len(e["id_scores"]) == 20 for e in ood["detectors"].values())
+    with pytest.raises(ValueError, match="at least 4"):
+        calibrate(profiles[:3], 16, 8)
+
+
+def test_store_calibration_rewrites_the_checkpoint_loadable_weights_only(tmp_path):
+    path = tmp_path / "model.pt"
+    payload = {k: {} for k in ("config", "schedule", "preset", "data")} | {"step": 1, "ema": {"w": torch.ones(2)}}
+    save_checkpoint(path, payload)
+    ood = calibrate(torch.randn(8, 5, dtype=torch.float64), 4, 8)
+    store_calibration(path, ood)
+    loaded = load_checkpoint(path)
+    assert loaded["ood"] == ood and torch.equal(loaded["ema"]["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "no temporary file left behind"
+
+
+def test_metrics_on_separable_and_identical_sets():
+    rng = np.random.default_rng(0)
+    ids = rng.normal(size=2000)
+    assert ood_metrics(ids, ids + 100) == {"auroc": 1.0, "fpr95": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
+    same = ood_metrics(ids, rng.normal(size=2000))
+    assert abs(same["auroc"] - 0.5) < 0.03 and abs(same["fpr95"] - 0.95) < 0.03

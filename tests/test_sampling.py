@@ -1,0 +1,142 @@
+"""Samplers against an exact Gaussian-mixture classifier (F_t = log p_t): they must reproduce the mixture."""
+
+import numpy as np
+import pytest
+import torch
+from closed_form import ConditionalMixture, GaussianMixture
+from PIL import Image
+
+from cdm_ood import NoiseSchedule, predict_noise
+from cdm_ood.sampling import ddim_step, denoise, dpm2_step, guided_denoiser, matching_level, sample, timesteps
+
+SCHEDULE = NoiseSchedule.linear(1000)
+WEIGHTS, MEANS, STDS = torch.tensor([0.3, 0.7]), torch.tensor([-0.5, 0.4]), torch.tensor([0.1, 0.15])
+MIXTURE = GaussianMixture(WEIGHTS, MEANS.reshape(2, 1, 1, 1), STDS, SCHEDULE)
+
+
+def mixture_errors(x: torch.Tensor) -> tuple[float, float, float]:
+    """Largest errors over the two components: |weight - w_k|, |mean - mu_k| and |std / s_k - 1|."""
+    flat = x.flatten(1).double()
+    k = (flat - MEANS.double()[None]).abs().argmin(1)
+    dw = max(abs((k == j).double().mean().item() - WEIGHTS[j].item()) for j in range(2))
+    dm = max(abs(flat[k == j].mean().item() - MEANS[j].item()) for j in range(2))
+    ds = max(abs(flat[k == j].std().item() / STDS[j].item() - 1) for j in range(2))
+    return dw, dm, ds
+
+
+@pytest.mark.parametrize(
+    "method, steps, tolerance",
+    [
+        ("ddpm", 1000, (0.05, 0.02, 0.12)),  # every level: tight
+        ("ddim", 500, (0.05, 0.02, 0.12)),
+        ("ddpm", 100, (0.05, 0.03, 0.25)),  # strided: discretisation error in the variance
+        ("ddim", 50, (0.05, 0.04, 0.25)),
+        ("dpm2", 25, (0.05, 0.05, 0.3)),
+    ],
+)
+def test_samplers_reproduce_the_mixture(method, steps, tolerance):
+    x = sample(MIXTURE, SCHEDULE, (600, 1, 1, 1), method, steps, generator=torch.Generator().manual_seed(0))
+    errors = mixture_errors(x)
+    assert all(e <= tol for e, tol in zip(errors, tolerance, strict=True)), (method, steps, errors)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_dtype_is_kept_and_no_graph_survives_a_step():
+    seen = []
+    x = sample(MIXTURE, SCHEDULE, (4, 1, 1, 1), "ddim", 5, dtype=torch.float64,
+               callback=lambda i, t, x: seen.append((x.dtype, x.requires_grad, x.grad_fn)))  # fmt: skip
+    assert x.dtype == torch.float64 and seen == [(torch.float64, False, None)] * 5
+
+
+def test_reproducible_with_a_generator():
+    def draw(seed):
+        return sample(MIXTURE, SCHEDULE, (8, 1, 1, 1), "ddpm", 20, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+
+
+def test_timesteps_are_distinct_and_strided():
+    assert timesteps(1000, 1000) == list(range(1000, 0, -1))
+    levels = timesteps(1000, 100)
+    assert len(levels) == len(set(levels)) == 100 and levels[0] == 1000 and levels[-1] == 1
+    with pytest.raises(ValueError, match="steps"):
+        timesteps(10, 11)
+
+
+def test_dpm_solver_first_step_is_ddim():
+    x, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    torch.testing.assert_close(
+        dpm2_step(x, eps, 800, 700, SCHEDULE, None, None), ddim_step(x, eps, 800, 700, SCHEDULE, None)
+    )
+
+
+def test_denoise_is_the_closed_form_posterior_mean():
+    """y = x0 + sigma n with x0 ~ N(mu, s^2 I): E[x0 | y] = mu + s^2 / (s^2 + sigma^2) (y - mu)."""
+    mu, s = 0.2, 0.3
+    f64 = {"dtype": torch.float64}
+    gaussian = GaussianMixture(torch.ones(1), torch.full((1, 1, 4, 4), mu, **f64), torch.tensor([s], **f64), SCHEDULE)
+    t = 300
+    sigma = float(SCHEDULE.sigma[t] / SCHEDULE.sqrt_alpha_bar[t])
+    assert matching_level(SCHEDULE, sigma) == t
+    g = torch.Generator().manual_seed(3)
+    y = mu + s * torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = y + sigma * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    expected = mu + s**2 / (s**2 + sigma**2) * (y - mu)
+    torch.testing.assert_close(denoise(gaussian, y, SCHEDULE, sigma), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_posterior_sampling_from_a_noisy_image_stays_near_it():
+    y = torch.full((200, 1, 1, 1), 0.45) + 0.05 * torch.randn(200, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    out = denoise(MIXTURE, y, SCHEDULE, 0.05, method="ddpm", steps=20, generator=torch.Generator().manual_seed(5))
+    assert out.shape == y.shape and abs(out.mean().item() - 0.4) < 0.05, "posterior samples come from the near mode"
+
+
+CONDITIONAL = ConditionalMixture(WEIGHTS, MEANS.reshape(2, 1, 1, 1), STDS, SCHEDULE, null_label=2)
+
+
+def test_guidance_zero_samples_the_conditional_and_guidance_follows_its_formula():
+    labels = torch.ones(400, dtype=torch.long)
+    x = sample(CONDITIONAL, SCHEDULE, (400, 1, 1, 1), "ddim", 100, labels=labels, guidance=0.0,
+               null_label=2, generator=torch.Generator().manual_seed(6))  # fmt: skip
+    assert abs(x.mean().item() - MEANS[1].item()) < 0.03 and abs(x.std().item() / STDS[1].item() - 1) < 0.2
+    z = torch.randn(6, 1, 1, 1, dtype=torch.float64)
+    lab = torch.tensor([0, 1, 0, 1, 0, 1])
+    cond = predict_noise(CONDITIONAL, z, 400, SCHEDULE, labels=lab)
+    null = predict_noise(CONDITIONAL, z, 400, SCHEDULE, labels=torch.full_like(lab, 2))
+    guided = guided_denoiser(CONDITIONAL, SCHEDULE, lab, guidance=2.0, null_label=2)(z, 400)
+    torch.testing.assert_close(guided, 3.0 * cond - 2.0 * null)
+    assert not torch.allclose(cond, null)
+
+
+def test_unknown_method_and_bad_sigma():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(MIXTURE, SCHEDULE, (1, 1, 1, 1), "euler")
+    with pytest.raises(ValueError, match="positive"):
+        matching_level(SCHEDULE, 0.0)
+
+
+def test_sample_command_writes_a_grid_and_the_arrays(checkpoint, tmp_path):
+    from test_score import invoke
+
+    out = invoke("sample", "--checkpoint", checkpoint, "--n", 6, "--method", "dpm2", "--steps", 5, "--out",
+                 tmp_path / "grid.png", "--npz", tmp_path / "s.npz")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    samples = np.load(tmp_path / "s.npz")["samples"]
+    assert samples.shape == (6, 1, 16, 16) and samples.min() >= -1 and samples.max() <= 1 and samples.std() > 0
+    assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)
+    bad = invoke("sample", "--checkpoint", checkpoint, "--label", 1, "--out", tmp_path / "x.png")
+    assert bad.exit_code == 2 and "not conditional" in bad.stderr
+
+
+def test_denoise_command_writes_outputs_and_leaves_inputs_alone(checkpoint, scans, tmp_path):
+    from test_score import digest, invoke
+
+    before = digest(scans)
+    out = invoke("denoise", "--checkpoint", checkpoint, "--sigma", 0.1, scans / "clean.nii.gz", scans / "notes.txt",
+                 "--out", tmp_path / "den")  # fmt: skip
+    assert out.exit_code == 1 and "notes.txt" in out.stderr, "a bad input is reported, the rest is done"
+    assert digest(scans) == before
+    names = sorted(p.name for p in (tmp_path / "den").iterdir())
+    assert names == [f"clean_{i:03d}.{ext}" for i in range(4) for ext in ("npy", "png")]
+    hu = np.load(tmp_path / "den" / "clean_000.npy")
+    assert hu.shape == (1, 16, 16) and hu.min() >= -1000 and hu.max() <= 1000, "back in Hounsfield units"
