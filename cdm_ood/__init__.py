@@ -29,6 +29,7 @@ _EXPORTS = {
     "log_standard_normal": "likelihood",
     "predict_noise": "denoiser",
     "predict_x0": "denoiser",
+    "rank_restorations": "ranking",
     "sample": "sampling",
 }
 __all__ = ["__version__", *_EXPORTS]
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from .losses import cdm_loss as cdm_loss
     from .ood import OODDetector as OODDetector
     from .ood import ScoreOODd as ScoreOODd
+    from .ranking import rank_restorations as rank_restorations
     from .sampling import denoise as denoise
     from .sampling import sample as sample
     from .schedules import NoiseSchedule as NoiseSchedule

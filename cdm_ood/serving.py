@@ -1,7 +1,8 @@
-"""The trained model as an MLflow pyfunc model: raw images in, log-likelihood and bits/dim out.
+"""The trained detector as an MLflow pyfunc model: raw images in; OOD score, verdict, threshold and
+log-likelihood out. Served over REST by `mlflow models serve`, on Spark by `mlflow.pyfunc.spark_udf`.
 
-It is logged "from code" (`cdm_ood/mlflow_model.py`), so MLflow pickles nothing: the checkpoint travels as an
-artifact and is read with `weights_only=True`.
+It is logged "from code" (`cdm_ood/mlflow_model.py`), so MLflow pickles nothing: the checkpoint (weights,
+preset, calibrated detector and threshold) travels as an artifact and is read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -12,41 +13,45 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.pyfunc import PythonModel
 
-from .checkpoint import LoadedModel, load_model
-from .data.transforms import image_transform
-from .likelihood import bits_per_dim, log_likelihood
+from .ood import OODDetector
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+OUTPUT_COLUMNS = ["score", "ood", "threshold", "log_likelihood", "bits_per_dim"]
 
 
-def score_array(model: LoadedModel, images: np.ndarray, batch_size: int = 64) -> pd.DataFrame:
-    """Per image: log p_0(x) in nats and bits/dim, for raw images (B, C, *spatial) in the file's units."""
-    transform = image_transform(model.preset, model.data["size"], model.data["channels"], multiple=1)
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            x = torch.stack([transform(img) for img in images[start : start + batch_size]])
-            ll = log_likelihood(model.classifier, x, model.schedule).double()
-            bpd = bits_per_dim(ll, x[0].numel(), model.data["bit_depth"])
-            rows += [{"log_likelihood": a, "bits_per_dim": b} for a, b in zip(ll.tolist(), bpd.tolist(), strict=True)]
-    return pd.DataFrame(rows, columns=["log_likelihood", "bits_per_dim"])
+def score_array(detector: OODDetector, images: np.ndarray) -> pd.DataFrame:
+    """Per image of a float array (B, C, H, W) or (B, H, W) in the files' units: the detector's score, the
+    verdict against its threshold, log p_0(x) in nats and bits/dim, from one forward pass (Theorem 3.2)."""
+    from .likelihood import bits_per_dim
+
+    images = np.asarray(images, dtype=np.float32)
+    batch = images[:, None] if images.ndim == 3 else images
+    profile = detector.profile(detector.prepare(batch))
+    score = detector.detector.score(profile).numpy()
+    ll = profile[:, 0].double()
+    return pd.DataFrame({
+        "score": score,
+        "ood": score > detector.threshold,
+        "threshold": np.full(len(score), detector.threshold),
+        "log_likelihood": ll.numpy(),
+        "bits_per_dim": bits_per_dim(ll, detector.num_dims, detector.model.data["bit_depth"]).numpy(),
+    })  # fmt: skip
 
 
 with warnings.catch_warnings():  # MLflow asks for predict() type hints here, which it would then enforce
     warnings.simplefilter("ignore", UserWarning)
 
     class CDMPyfuncModel(PythonModel):
-        """pyfunc wrapper: `predict` takes a float array (B, C, *spatial) of raw images."""
+        """pyfunc wrapper: `predict` takes a float array (B, C, H, W) or (B, H, W) of raw images."""
 
         def load_context(self, context: Any) -> None:
-            self.model = load_model(context.artifacts["checkpoint"])
+            self.detector = OODDetector.from_checkpoint(context.artifacts["checkpoint"])
 
         def predict(self, context, model_input, params=None):
-            """Log-likelihood (nats) and bits/dim per image of a float array (B, C, *spatial)."""
-            return score_array(self.model, np.asarray(model_input, dtype=np.float32))
+            """Score, verdict, threshold, log-likelihood and bits/dim per image."""
+            return score_array(self.detector, model_input)
 
 
 def pip_requirements() -> list[str]:
@@ -68,7 +73,8 @@ def log_pyfunc_model(checkpoint: str | Path, name: str = "model") -> Any:
     import mlflow
     from mlflow.models import infer_signature
 
-    model = load_model(checkpoint)
+    detector = OODDetector.from_checkpoint(checkpoint)
+    model = detector.model
     example = np.zeros((2, model.data["channels"], *model.data["size"]), dtype=np.float32)
     with warnings.catch_warnings():  # as above, when MLflow loads the model code to check it
         warnings.simplefilter("ignore", UserWarning)
@@ -77,7 +83,7 @@ def log_pyfunc_model(checkpoint: str | Path, name: str = "model") -> Any:
             python_model=str(MODEL_CODE),
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(__file__).parent)],
-            signature=infer_signature(example, score_array(model, example)),
+            signature=infer_signature(example, score_array(detector, example)),
             input_example=example,
             pip_requirements=pip_requirements(),
         )

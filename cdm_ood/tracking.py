@@ -130,12 +130,17 @@ class MlflowCallback:
     def _end(self, model_path: Path) -> None:
         import mlflow
 
+        from .checkpoint import load_checkpoint
         from .serving import log_pyfunc_model
 
         mlflow.log_artifact(str(model_path), "checkpoints")
-        log_pyfunc_model(model_path)
+        if "ood" in load_checkpoint(model_path):
+            log_pyfunc_model(model_path)
+            log.info("MLflow model: runs:/%s/model", self.run_id)
+        else:
+            log.warning("no MLflow model logged: the checkpoint has no OOD calibration (`cdm-ood calibrate`, then "
+                        "`cdm-ood log-model`)")  # fmt: skip
         mlflow.end_run()
-        log.info("MLflow model: runs:/%s/model", self.run_id)
 
 
 def log_artifact_to_run(run_id: str, path: Path, uri: Optional[str] = None, folder: Optional[str] = None) -> None:
@@ -165,3 +170,19 @@ def log_job_run(
             mlflow.log_artifact(str(path))
     log.info("MLflow %s run %s in %s", kind, run.info.run_id, mlflow.get_tracking_uri())
     return run.info.run_id
+
+
+def log_model_run(checkpoint: Path, uri: Optional[str] = None, experiment: str = "cdm-ood-models") -> str:
+    """A new MLflow run holding the checkpoint's pyfunc model; returns the model URI `runs:/<id>/model`."""
+    for key, value in MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+
+    from .serving import log_pyfunc_model
+
+    mlflow.set_tracking_uri(uri or default_tracking_uri())
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        mlflow.log_param("checkpoint", str(checkpoint))
+        log_pyfunc_model(checkpoint)
+    return f"runs:/{run.info.run_id}/model"

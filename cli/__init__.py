@@ -18,11 +18,13 @@ def main() -> None:
 
 
 from .phantoms import make_phantoms  # noqa: E402
+from .rank import rank_restorations  # noqa: E402
 from .sample import denoise, sample  # noqa: E402
 from .score import calibrate, evaluate, score  # noqa: E402
+from .serve import log_model  # noqa: E402
 from .train import train  # noqa: E402
 
-for command in (make_phantoms, train, calibrate, score, evaluate, sample, denoise):
+for command in (make_phantoms, train, calibrate, score, evaluate, rank_restorations, sample, denoise, log_model):
     main.add_command(command)
 
 __all__ = ["main"]

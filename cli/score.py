@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -33,10 +34,12 @@ def _fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def _detector(checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str = "auto"):
+def _detector(
+    checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str | float = "auto", device: str = "cpu"
+):
     from cdm_ood.ood import NotFittedError, OODDetector
 
-    model = open_checkpoint(checkpoint)
+    model = open_checkpoint(checkpoint, device)
     try:
         return OODDetector(model, detector, threshold=threshold, batch_size=batch_size)
     except (ValueError, NotFittedError) as err:
@@ -96,38 +99,62 @@ def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Op
 @click.option("--per-volume", type=click.Choice(["max", "mean", "q95"]), default="mean", show_default=True,
               help="How slice scores make a volume's score (compared with the slice threshold).")  # fmt: skip
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
+@click.option("--resume", is_flag=True, help="Keep the partial reports of an interrupted run; skip their files.")
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda:LOCAL_RANK when available, else cpu].")
 @batch_option
 @workers_option
 @tracking_option
 @uri_option
 def score(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, batch_size: int, workers: int, mlflow: bool, tracking_uri: Optional[str],
+    no_fail: bool, resume: bool, device: Optional[str], batch_size: int, workers: int, mlflow: bool,
+    tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / PNG scans (files or folders, recursively) and write a report.
 
     Every file gets a row (unreadable ones with their reason), every slice a score and verdict, every
     volume/series a summary row. Exit 0: all volumes in distribution; 1: a volume is OOD or flagged, or a file
     is unreadable; 2: usage error or unusable checkpoint.
+
+    Under torchrun each process scores every N-th file into partial reports beside the report, and rank 0
+    merges them; `--resume` continues an interrupted run without scoring its finished files again.
     """
-    from cdm_ood.data.readers import discover
-    from cdm_ood.ood.batch import score_sources
+    import torch
+    import torch.distributed as dist
+
     from cdm_ood.ood.metrics import plot_histogram
     from cdm_ood.ood.report import summary, write_report
+    from cdm_ood.ood.shards import clear, merge, parts_folder, plan_shard, score_into_parts
+    from cdm_ood.training import Distributed
 
-    setup_logging()
+    ddp = Distributed.from_env()
+    setup_logging(ddp.rank)
     if out.suffix.lower() not in (".csv", ".json"):
         _fail(f"--out {out}: the report must be .csv or .json")
     if out.resolve() in {p.resolve() for p in paths}:
         _fail("--out must not be one of the inputs")
-    scorer = _detector(checkpoint, detector, batch_size, threshold)
-    errors: list = []
-    sources = discover(list(paths), on_error=errors.append)
-    with _progress(len(sources), f"scoring ({scorer.name})") as bar:
-        rows = score_sources(scorer, sources, errors, per_volume, workers, progress=bar.update)
+    device = device or (f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
+    scorer = _detector(checkpoint, detector, batch_size, threshold, device)
+    if ddp.world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
+    parts = parts_folder(out)
+    if ddp.main and not resume:
+        clear(parts)
+    _barrier(ddp.world)
+    todo, failed, skipped = plan_shard(paths, parts, ddp.rank, ddp.world, resume)
+    if skipped:
+        click.echo(f"rank {ddp.rank}: {skipped} files already scored, skipped", err=True)
+    bar = _progress(len(todo), f"scoring ({scorer.name})") if ddp.main else nullcontext()
+    with bar:
+        score_into_parts(scorer, todo, failed, parts, ddp.rank, workers, progress=bar.update if ddp.main else None)
+    _barrier(ddp.world)
+    if not ddp.main:
+        return
+    rows = merge(parts, scorer.threshold, per_volume)
     info = {"checkpoint": str(checkpoint), "detector": scorer.name, "threshold": scorer.threshold,
-            "per_volume": per_volume}  # fmt: skip
+            "per_volume": per_volume, "processes": ddp.world}  # fmt: skip
     write_report(out, rows, info)
+    clear(parts)
     slices = [r for r in rows if r["level"] == "slice" and r["score"] is not None]
     figure = plot_histogram(
         {v: [r["score"] for r in slices if r["verdict"] == v] for v in ("in", "ood")},
@@ -140,6 +167,13 @@ def score(
 
         log_job_run("score", info, result, [out, figure], tracking_uri)
     sys.exit(0 if result["passed"] or no_fail else 1)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 @click.command("evaluate")

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from cdm_ood.checkpoint import load_checkpoint, load_model
 from cdm_ood.config import load_config
 from cdm_ood.data.natural import sklearn_digits
+from cdm_ood.ood import OODDetector
 from cdm_ood.serving import score_array
 from cdm_ood.tracking import RunFolderCallback
 from cdm_ood.training import lr_factor, train
@@ -188,8 +189,9 @@ def test_mlflow_run_in_the_default_sqlite_store_and_model_by_run_id(tmp_path):
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = np.stack([s["image"] for s in sklearn_digits("test")[:5]])
     predicted = pyfunc.predict(images)
-    expected = score_array(load_model(tmp_path / "run" / "model.pt"), images)
+    expected = score_array(OODDetector.from_checkpoint(tmp_path / "run" / "model.pt"), images)
     np.testing.assert_allclose(predicted["bits_per_dim"], expected["bits_per_dim"], rtol=1e-6)
+    np.testing.assert_allclose(predicted["score"], expected["score"], rtol=1e-6)
 
 
 def test_unreachable_tracking_server_is_tolerated(tmp_path):

@@ -6,7 +6,7 @@ batch goes on; inputs are only ever opened for reading.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,7 +59,7 @@ def score_paths(
 def score_sources(
     detector: OODDetector,
     sources: Sequence[SourceFile],
-    errors: list[DataError],
+    errors: Sequence[DataError],
     per_volume: str = "mean",
     workers: int = 0,
     progress: Optional[Callable[[int], None]] = None,
@@ -68,8 +68,28 @@ def score_sources(
 
     `progress(n)` is called with the number of files just handled.
     """
+    rows = [row for group in iter_scored(detector, sources, errors, workers, progress) for row in group]
+    return report_rows(rows, detector.threshold, per_volume)
+
+
+def report_rows(rows: list[dict], threshold: float, per_volume: str) -> list[dict]:
+    """File and slice rows in a fixed order (path, time point, slice), then one row per volume."""
+    rows = sorted(rows, key=lambda r: (r["path"], r["time_point"] or 0, r["slice"] or 0))
+    return rows + volume_rows(rows, threshold, per_volume)
+
+
+def iter_scored(
+    detector: OODDetector,
+    sources: Sequence[SourceFile],
+    errors: Sequence[DataError],
+    workers: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Iterator[list[dict]]:
+    """Rows of whole files, one group per scored batch (the files in `errors` first), so that a caller can
+    save each group as soon as it is complete."""
     threshold = detector.threshold
-    errors = list(errors)
+    if errors:
+        yield [error_row(err) for err in errors]
     loader = DataLoader(
         PreparedFiles(sources, detector.transform), batch_size=None, num_workers=workers, collate_fn=_as_is
     )
@@ -77,24 +97,25 @@ def score_sources(
     pending: list[tuple[int, torch.Tensor]] = []
 
     def flush() -> None:
-        scores = detector.score_prepared(torch.stack([x for _, x in pending]))
-        for (index, _), score in zip(pending, scores.tolist(), strict=True):
-            rows[index] = slice_row(rows[index]["source"], score, threshold)
-        pending.clear()
+        if pending:
+            scores = detector.score_prepared(torch.stack([x for _, x in pending]))
+            for (index, _), score in zip(pending, scores.tolist(), strict=True):
+                rows[index] = slice_row(rows[index]["source"], score, threshold)
+            pending.clear()
 
     for items, err in loader:
         if err is not None:
-            errors.append(err)
+            rows.append(error_row(err))
         for source, flags, x in items:
             rows.append(slice_row(source, None, threshold, flags) if flags else {"source": source})
             if x is not None:
                 pending.append((len(rows) - 1, x))
-        if len(pending) >= detector.batch_size:
-            flush()
         if progress is not None:
             progress(1)
-    if pending:
-        flush()
-    rows += [error_row(err) for err in errors]
-    rows.sort(key=lambda r: (r["path"], r["time_point"] or 0, r["slice"] or 0))
-    return rows + volume_rows(rows, threshold, per_volume)
+        if len(pending) >= detector.batch_size:
+            flush()
+            yield rows
+            rows = []
+    flush()
+    if rows:
+        yield rows

@@ -1,0 +1,26 @@
+"""`cdm-ood log-model`: a checkpoint as an MLflow pyfunc model, ready for `mlflow models serve` or Spark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .common import open_checkpoint, setup_logging
+
+
+@click.command("log-model")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A calibrated model.pt.")
+@click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or ./mlflow.db].")
+@click.option("--experiment", default="cdm-ood-models", show_default=True)
+def log_model(checkpoint: Path, tracking_uri: Optional[str], experiment: str) -> None:
+    """Log the checkpoint (weights, preset, calibrated detector and threshold) as a pyfunc model in a new run
+    and print its URI, e.g. for `mlflow models serve -m runs:/<id>/model --env-manager local`."""
+    from cdm_ood.tracking import log_model_run
+
+    setup_logging()
+    model = open_checkpoint(checkpoint)  # refuses unsafe or broken checkpoints with exit 2
+    if model.ood is None:
+        raise click.ClickException(f"{checkpoint} is not calibrated: run `cdm-ood calibrate` first")
+    click.echo(log_model_run(checkpoint, tracking_uri, experiment))

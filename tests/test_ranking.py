@@ -1,0 +1,151 @@
+"""Restoration ranking on an exact Gaussian prior: MAP = the exact posterior ordering; noisy-level density."""
+
+import math
+
+import pytest
+import torch
+from closed_form import GaussianMixture
+
+from cdm_ood import NoiseSchedule
+from cdm_ood.ranking import log_observation_likelihood, rank_restorations
+
+SCHEDULE = NoiseSchedule.linear(500)
+F64 = {"dtype": torch.float64}
+MU, S = 0.1, 0.3
+SHAPE = (1, 4, 4)
+D = 16
+GAUSSIAN = GaussianMixture(torch.ones(1), torch.full((1, *SHAPE), MU, **F64), torch.tensor([S], **F64), SCHEDULE)
+
+
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor | float, var: float) -> torch.Tensor:
+    return -0.5 * D * math.log(2 * math.pi * var) - 0.5 * (x - mean).flatten(1).square().sum(1) / var
+
+
+def candidates_and_observation(sigma: float, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    clean = MU + S * torch.randn(1, *SHAPE, generator=g, **F64)
+    y = clean + sigma * torch.randn(1, *SHAPE, generator=g, **F64)
+    levels = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.4, 0.8], **F64).reshape(-1, 1, 1, 1)
+    noisy = clean + levels * torch.randn(6, *SHAPE, generator=g, **F64)
+    smooth = MU + torch.tensor([0.2, 0.5, 0.9], **F64).reshape(-1, 1, 1, 1) * (y - MU)  # shrunk towards the mean
+    return torch.cat([noisy, smooth, y]), y
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.2, 0.5])
+def test_map_ranking_is_the_exact_posterior_ordering(sigma):
+    """x0 ~ N(mu, s^2 I), y = x0 + sigma n: p(x | y) = N(m, v I), v = s^2 sigma^2 / (s^2 + sigma^2),
+    m = (sigma^2 mu + s^2 y) / (s^2 + sigma^2)."""
+    candidates, y = candidates_and_observation(sigma)
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", sigma)
+    v = S**2 * sigma**2 / (S**2 + sigma**2)
+    m = (sigma**2 * MU + S**2 * y) / (S**2 + sigma**2)
+    posterior = gaussian_log_density(candidates, m, v)
+    assert ranking.order == torch.argsort(posterior, descending=True, stable=True).tolist()
+    difference = ranking.scores - posterior  # log p(y), the same for every candidate
+    torch.testing.assert_close(difference, difference[:1].expand_as(difference), rtol=0, atol=1e-8)
+    torch.testing.assert_close(ranking.log_prior, gaussian_log_density(candidates, MU, S**2))
+
+
+def test_prior_ranking_prefers_over_smoothed_candidates():
+    candidates, y = candidates_and_observation(0.2)
+    prior = rank_restorations(GAUSSIAN, SCHEDULE, candidates, criterion="prior")
+    assert prior.order[0] == 6, "the candidate shrunk hardest towards the mean wins under the prior alone"
+    assert rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", 0.2).order[0] != 6
+
+
+def test_noisy_level_is_the_exact_density_of_noisy_candidates():
+    t = 200
+    sigma = float(SCHEDULE.sigma[t] / SCHEDULE.sqrt_alpha_bar[t])
+    candidates, _ = candidates_and_observation(sigma)
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, criterion="noisy-level", sigma=sigma)
+    torch.testing.assert_close(ranking.scores, gaussian_log_density(candidates, MU, S**2 + sigma**2))
+
+
+def test_observation_likelihood_with_a_linear_operator():
+    x = torch.randn(3, 1, 4, 4, **F64)
+    y = torch.randn(1, 1, 2, 2, **F64)
+    pool = torch.nn.AvgPool2d(2)
+    expected = -((y - pool(x)) ** 2).flatten(1).sum(1) / (2 * 0.1**2) - 2 * math.log(2 * math.pi * 0.1**2)
+    torch.testing.assert_close(log_observation_likelihood(x, y, 0.1, pool), expected)
+
+
+def test_bad_arguments_are_named():
+    x = torch.zeros(2, *SHAPE, **F64)
+    with pytest.raises(ValueError, match="unknown criterion 'psnr'"):
+        rank_restorations(GAUSSIAN, SCHEDULE, x, criterion="psnr")
+    with pytest.raises(ValueError, match="needs the observed"):
+        rank_restorations(GAUSSIAN, SCHEDULE, x, criterion="map", sigma=0.1)
+    with pytest.raises(ValueError, match="positive noise std"):
+        rank_restorations(GAUSSIAN, SCHEDULE, x, x[0], criterion="map")
+
+
+def write_slice(image, folder):
+    from cdm_ood.data.phantoms import write_dicom_series
+
+    write_dicom_series(image[None].round(), folder, modality="ct", volume_index=0)
+    return folder / "slice_000.dcm"
+
+
+def test_cli_ranks_dicom_and_png_files_and_names_mismatches(checkpoint, tmp_path):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from test_score import invoke
+
+    from cdm_ood.data.phantoms import phantom_volume
+
+    rng = np.random.default_rng(0)
+    clean = phantom_volume(rng, size=16, slices=1)[0]
+    observed = write_slice(clean + rng.normal(0, 100, clean.shape), tmp_path / "obs")
+    good = write_slice(clean, tmp_path / "clean")
+    noisy = write_slice(clean + rng.normal(0, 300, clean.shape), tmp_path / "noisy")
+    out = invoke("rank-restorations", good, noisy, "--observed", observed, "--checkpoint", checkpoint,
+                 "--sigma", 0.1, "--generate", 2, "--steps", 3, "--out", tmp_path / "ranking.csv")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    with open(tmp_path / "ranking.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4] and {r["criterion"] for r in rows} == {"map"}
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert {r["candidate"] for r in rows} >= {str(good), str(noisy)}
+    assert (tmp_path / "ranking_generated" / "case_generated_1.png").exists()
+    by_name = {r["candidate"]: float(r["score"]) for r in rows}
+    assert by_name[str(good)] > by_name[str(noisy)], "the clean slice beats one with 3x the observation's noise"
+
+    for name, value in (("a.png", 10), ("b.png", 200)):
+        Image.fromarray(np.full((16, 16), value, np.uint8) + rng.integers(0, 20, (16, 16)).astype(np.uint8)).save(
+            tmp_path / name
+        )
+    png = invoke("rank-restorations", tmp_path / "a.png", tmp_path / "b.png", "--checkpoint", checkpoint,
+                 "--criterion", "prior", "--out", tmp_path / "png.csv")  # fmt: skip
+    assert png.exit_code == 0, png.output
+    mixed = invoke("rank-restorations", good, tmp_path / "a.png", "--checkpoint", checkpoint, "--criterion", "prior")
+    assert mixed.exit_code == 2 and "format" in mixed.stderr and "a.png" in mixed.stderr
+    Image.fromarray(rng.integers(0, 50, (8, 16)).astype(np.uint8)).save(tmp_path / "small.png")
+    shape = invoke("rank-restorations", tmp_path / "a.png", tmp_path / "small.png", "--checkpoint", checkpoint,
+                   "--criterion", "prior")  # fmt: skip
+    assert shape.exit_code == 2 and "shape mismatch" in shape.stderr and "small.png" in shape.stderr
+
+
+def test_cli_manifest_mode_ranks_many_cases_and_reports_a_bad_one(checkpoint, tmp_path):
+    import numpy as np
+    from test_score import invoke
+
+    from cdm_ood.data.phantoms import phantom_volume
+
+    rng = np.random.default_rng(1)
+    lines = ["case,observed,candidates,sigma"]
+    for case in range(3):
+        clean = phantom_volume(rng, size=16, slices=1)[0]
+        obs = write_slice(clean + rng.normal(0, 100, clean.shape), tmp_path / f"c{case}" / "obs")
+        a = write_slice(clean, tmp_path / f"c{case}" / "a")
+        b = write_slice(clean + rng.normal(0, 200, clean.shape), tmp_path / f"c{case}" / "b")
+        lines.append(f"case{case},{obs.relative_to(tmp_path)},{a.relative_to(tmp_path)};{b.relative_to(tmp_path)},0.1")
+    lines.append("broken,c0/obs/slice_000.dcm,missing.dcm,0.1")
+    (tmp_path / "cases.csv").write_text("\n".join(lines) + "\n")
+    out = invoke("rank-restorations", "--manifest", tmp_path / "cases.csv", "--checkpoint", checkpoint, "--out",
+                 tmp_path / "all.csv")  # fmt: skip
+    assert out.exit_code == 1, out.output
+    text = (tmp_path / "all.csv").read_text()
+    assert text.count("case0,") == 2 and text.count("case2,") == 2 and "missing.dcm" in text
