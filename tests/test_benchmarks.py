@@ -1,0 +1,36 @@
+"""The benchmark scripts run in their smallest setting (the numbers are in the docs, not checked here)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run(script: str, *args) -> str:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_normalisation_runs():
+    out = run("normalisation.py", "--steps", 2, "--size", 8, "--eval", 50)
+    assert "iid uniform" in out and "Gaussian mixture" in out
+
+
+def test_likelihood_cost_runs():
+    assert "ratio:" in run("likelihood_cost.py", "--images", 1, "--timesteps", 20, "--bpd-images", 4)
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("ranking.py", ["--images", 1]),
+        ("score_throughput.py", ["--volumes", 1, "--repeats", 1]),
+    ],
+)
+def test_scripts_on_the_tiny_checkpoint_run(checkpoint, script, args):
+    assert run(script, "--checkpoint", checkpoint, *args)
