@@ -9,9 +9,9 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def run(script: str, *args) -> str:
+def run(script: str, *args, cwd: Path | None = None) -> str:
     out = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args)], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+                         text=True, timeout=300, cwd=cwd)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -19,6 +19,17 @@ def run(script: str, *args) -> str:
 def test_normalisation_runs():
     out = run("normalisation.py", "--steps", 2, "--size", 8, "--eval", 50)
     assert "iid uniform" in out and "Gaussian mixture" in out
+
+
+def test_ablations_then_denoising_run(tmp_path):
+    tiny = ["--set", "model.channels=[8, 8]", "--set", "model.attention_levels=[false, false]", "--set",
+            "model.num_head_channels=8", "--set", "schedule.T=20", "--set", "train.batch_size=8"]  # fmt: skip
+    out = run("ablations.py", "--steps", 1, "--test-images", 10, "--sample-steps", 2, "--out", tmp_path / "runs",
+              "--figures", tmp_path / "img", "--no-tracking", "--variants", "both,ce-only", *tiny,
+              cwd=tmp_path)  # fmt: skip
+    assert "| ce-only |" in out and len(list((tmp_path / "img").glob("ablation-*.png"))) == 2
+    out = run("denoising.py", "--cdm", tmp_path / "runs" / "both" / "model.pt", "--images", 10, "--steps", 2)
+    assert "CDM MSE" in out
 
 
 def test_likelihood_cost_runs():
