@@ -140,3 +140,16 @@ def test_denoise_command_writes_outputs_and_leaves_inputs_alone(checkpoint, scan
     assert names == [f"clean_{i:03d}.{ext}" for i in range(4) for ext in ("npy", "png")]
     hu = np.load(tmp_path / "den" / "clean_000.npy")
     assert hu.shape == (1, 16, 16) and hu.min() >= -1000 and hu.max() <= 1000, "back in Hounsfield units"
+
+
+def test_sample_grid_is_logged_to_a_given_mlflow_run(checkpoint, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from test_score import invoke
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("samples"))
+    out = invoke("sample", "--checkpoint", checkpoint, "--n", 4, "--steps", 2, "--out", tmp_path / "g.png",
+                 "--mlflow-run", run.info.run_id, "--tracking-uri", uri)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/g.png"]
