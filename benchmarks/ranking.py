@@ -25,7 +25,6 @@ from scipy.stats import kendalltau
 from cdm_ood.checkpoint import load_model
 from cdm_ood.data import iter_slices
 from cdm_ood.data.phantoms import make_phantoms
-from cdm_ood.data.transforms import image_transform
 from cdm_ood.ranking import rank_restorations
 from cdm_ood.sampling import denoise
 
@@ -34,7 +33,7 @@ DEGRADATIONS = {"noise 0.05": (None, 0.05), "noise 0.1": (None, 0.1), "noise 0.2
 
 
 def held_out(model, data: Path | None, n: int) -> torch.Tensor:
-    transform = image_transform(model.preset, model.data["size"], model.data["channels"], multiple=1)
+    transform = model.input_transform()
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
             data = Path(tmp) / "phantoms"

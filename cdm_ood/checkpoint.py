@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from monai.transforms import Compose
 
 from .classifier import CDMClassifier
 from .data.presets import IntensityPreset
+from .data.transforms import image_transform
 from .io import atomic_path
 from .schedules import NoiseSchedule
 
@@ -76,6 +78,10 @@ class LoadedModel:
     config: dict[str, Any]
     step: int
     ood: Optional[dict[str, Any]] = None
+
+    def input_transform(self) -> Compose:
+        """Images in their own units -> model input: the stored preset and size, exactly as in training."""
+        return image_transform(self.preset, self.data["size"], self.data["channels"], multiple=1)
 
 
 def build_classifier(config: dict[str, Any], schedule: NoiseSchedule) -> CDMClassifier:

@@ -31,6 +31,17 @@ def log_likelihood_profile(
         return logits - logits[:, -1:] + log_standard_normal(x)[:, None]
 
 
+def log_likelihood_profile_batched(
+    classifier: Classifier, x: Tensor, schedule: NoiseSchedule, batch_size: int = 64, device: Optional[str] = None
+) -> Tensor:
+    """`log_likelihood_profile` of any number of images, `batch_size` per forward pass (each moved to `device`
+    when given); (B, T+2) nats on the device of `x`."""
+    return torch.cat([
+        log_likelihood_profile(classifier, chunk if device is None else chunk.to(device), schedule).to(x.device)
+        for chunk in x.split(batch_size)
+    ])  # fmt: skip
+
+
 def log_likelihood(
     classifier: Classifier,
     x: Tensor,

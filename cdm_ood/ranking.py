@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Classifier
-from .likelihood import log_likelihood_profile
+from .likelihood import log_likelihood_profile_batched
 from .sampling import matching_level
 from .schedules import NoiseSchedule
 
@@ -40,18 +40,14 @@ def log_observation_likelihood(
     return -residual.square().sum(1) / (2 * sigma**2) - 0.5 * m * math.log(2 * math.pi * sigma**2)
 
 
-def profiles(classifier: Classifier, schedule: NoiseSchedule, x: Tensor, batch_size: int = 64) -> Tensor:
-    """log p_t(x) for all t, one forward pass per candidate, in batches: (B, T+2) nats, float64."""
-    return torch.cat([log_likelihood_profile(classifier, chunk, schedule).double() for chunk in x.split(batch_size)])
-
-
 def noisy_level_log_density(
     classifier: Classifier, schedule: NoiseSchedule, x: Tensor, sigma: float, batch_size: int = 64
 ) -> Tensor:
     """log density of x = x0 + sigma n: log p_t(alpha_t x) + d log alpha_t, t matching sigma (eq. 10 at t)."""
     t = matching_level(schedule, sigma)
     alpha = float(schedule.sqrt_alpha_bar[t])
-    return profiles(classifier, schedule, alpha * x, batch_size)[:, t] + x[0].numel() * math.log(alpha)
+    profile = log_likelihood_profile_batched(classifier, alpha * x, schedule, batch_size).double()
+    return profile[:, t] + x[0].numel() * math.log(alpha)
 
 
 @dataclass
@@ -89,7 +85,7 @@ def rank_restorations(
     if criterion == "noisy-level":
         scores = noisy_level_log_density(classifier, schedule, candidates, sigma, batch_size)
     else:
-        scores = log_prior = profiles(classifier, schedule, candidates, batch_size)[:, 0]
+        scores = log_prior = log_likelihood_profile_batched(classifier, candidates, schedule, batch_size)[:, 0].double()
     if criterion == "map":
         y = observed if observed.ndim == candidates.ndim else observed[None]
         log_obs = log_observation_likelihood(candidates, y, sigma, operator)

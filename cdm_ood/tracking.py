@@ -23,6 +23,22 @@ MLFLOW_ENV = {
 }
 
 
+def apply_mlflow_env() -> None:
+    """Set the `MLFLOW_ENV` defaults in this process, leaving values the user has set alone."""
+    for key, value in MLFLOW_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _mlflow(uri: Optional[str], experiment: str) -> Any:
+    """The mlflow module, pointed at `uri` (default store when None) and `experiment`."""
+    apply_mlflow_env()
+    import mlflow
+
+    mlflow.set_tracking_uri(uri or default_tracking_uri())
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
@@ -77,8 +93,7 @@ class MlflowCallback:
     go on (checkpoints stay in the run folder)."""
 
     def __init__(self, uri: Optional[str], experiment: str, run_name: Optional[str]) -> None:
-        for key, value in MLFLOW_ENV.items():
-            os.environ.setdefault(key, value)
+        apply_mlflow_env()
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.uri = uri or default_tracking_uri()
         self.experiment = experiment
@@ -145,8 +160,7 @@ class MlflowCallback:
 
 def log_artifact_to_run(run_id: str, path: Path, uri: Optional[str] = None, folder: Optional[str] = None) -> None:
     """Add a file to an existing MLflow run (e.g. a sample grid made after training)."""
-    for key, value in MLFLOW_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_mlflow_env()
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri or default_tracking_uri()).log_artifact(run_id, str(path), folder)
@@ -157,12 +171,7 @@ def log_job_run(
 ) -> str:
     """One MLflow run (experiment `cdm-ood-<kind>`) for a scoring or evaluation job: its parameters, numeric
     results and files (report, figures). Returns the run id."""
-    for key, value in MLFLOW_ENV.items():
-        os.environ.setdefault(key, value)
-    import mlflow
-
-    mlflow.set_tracking_uri(uri or default_tracking_uri())
-    mlflow.set_experiment(f"cdm-ood-{kind}")
+    mlflow = _mlflow(uri, f"cdm-ood-{kind}")
     with mlflow.start_run() as run:
         mlflow.log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -174,14 +183,9 @@ def log_job_run(
 
 def log_model_run(checkpoint: Path, uri: Optional[str] = None, experiment: str = "cdm-ood-models") -> str:
     """A new MLflow run holding the checkpoint's pyfunc model; returns the model URI `runs:/<id>/model`."""
-    for key, value in MLFLOW_ENV.items():
-        os.environ.setdefault(key, value)
-    import mlflow
-
     from .serving import log_pyfunc_model
 
-    mlflow.set_tracking_uri(uri or default_tracking_uri())
-    mlflow.set_experiment(experiment)
+    mlflow = _mlflow(uri, experiment)
     with mlflow.start_run() as run:
         mlflow.log_param("checkpoint", str(checkpoint))
         log_pyfunc_model(checkpoint)

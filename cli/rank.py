@@ -41,9 +41,8 @@ def load_images(model: Any, paths: list[Path]):
     from cdm_ood.data import read_file
     from cdm_ood.data.errors import DataError
     from cdm_ood.data.readers import detect_format
-    from cdm_ood.data.transforms import image_transform
 
-    transform = image_transform(model.preset, model.data["size"], model.data["channels"], multiple=1)
+    transform = model.input_transform()
     images, shapes, formats = [], {}, {}
     for path in paths:
         try:

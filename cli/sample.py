@@ -83,7 +83,6 @@ def denoise(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, 
     import torch
 
     from cdm_ood.data import iter_slices
-    from cdm_ood.data.transforms import image_transform
     from cdm_ood.figures import save_png, to_uint8
     from cdm_ood.io import atomic_path
     from cdm_ood.sampling import denoise as mmse
@@ -96,7 +95,7 @@ def denoise(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, 
     if len(model.data["size"]) != 2:
         click.echo("error: denoise works on 2D models; this one takes 3D volumes", err=True)
         sys.exit(EXIT_USAGE)
-    transform = image_transform(model.preset, model.data["size"], model.data["channels"], multiple=1)
+    transform = model.input_transform()
     errors = []
     slices = list(iter_slices(list(inputs), on_error=errors.append))
     per_file = Counter(s.source.path for s in slices)

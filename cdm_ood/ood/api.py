@@ -13,8 +13,7 @@ from torch import Tensor
 
 from ..checkpoint import LoadedModel, load_model
 from ..data.readers import iter_slices
-from ..data.transforms import image_transform
-from ..likelihood import log_likelihood_profile
+from ..likelihood import log_likelihood_profile_batched
 from .calibration import DEFAULT_FPR, calibrate, load_detector, resolve_threshold, store_calibration
 from .detectors import NotFittedError
 
@@ -43,7 +42,7 @@ class OODDetector:
         self.detector, self.id_scores, self.fpr = load_detector(
             model.ood, detector, self.num_dims, model.data["bit_depth"]
         )
-        self.transform = image_transform(model.preset, model.data["size"], model.data["channels"], multiple=1)
+        self.transform = model.input_transform()
         self._threshold: Optional[float] = None
         if self.id_scores is not None or threshold != "auto":
             self.set_threshold(threshold)
@@ -95,10 +94,8 @@ class OODDetector:
     def profile(self, x: Tensor) -> Tensor:
         """log p_t(x) for t = 0..T+1 (nats) of a model-space batch, in chunks of `batch_size` (Theorem 3.2)."""
         device = next(self.model.classifier.parameters()).device
-        return torch.cat([
-            log_likelihood_profile(self.model.classifier, chunk.to(device), self.model.schedule).cpu()
-            for chunk in x.split(self.batch_size)
-        ])  # fmt: skip
+        return log_likelihood_profile_batched(self.model.classifier, x.cpu(), self.model.schedule, self.batch_size,
+                                              device)  # fmt: skip
 
     def score_prepared(self, x: Tensor) -> np.ndarray:
         """Scores of a model-space batch."""

@@ -23,14 +23,13 @@ def evaluate_sets(
     """Metrics rows (detector x OOD set), plus metrics.csv/json, roc_<detector>.png and hist_<detector>.png in
     `out`. Profiles come from one forward pass per image and are shared by all detectors."""
     names = sorted((model.ood or {}).get("detectors", {})) or ["nll"]
-    scorers = [OODDetector(model, name, threshold=0.0, batch_size=batch_size) for name in names]
+    scorers = [OODDetector(model, name, batch_size=batch_size) for name in names]
     profile = scorers[0]
     id_profiles = profile.profile(profile.prepare(id_images))
     ood_profiles = {k: profile.profile(profile.prepare(v)) for k, v in ood_sets.items()}
     out = Path(out)
     rows = []
     for scorer in scorers:
-        scorer.set_threshold("auto" if scorer.id_scores is not None else 0.0)
         id_scores = _scores(scorer, id_profiles)
         sets = {k: _scores(scorer, v) for k, v in ood_profiles.items()}
         for name, scores in sets.items():

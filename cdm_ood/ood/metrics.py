@@ -28,9 +28,18 @@ def ood_metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict[str, floa
     }
 
 
-def _save(fig, path: Path) -> Path:
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -39,17 +48,13 @@ def _save(fig, path: Path) -> Path:
 
 def plot_roc(id_scores: np.ndarray, ood_sets: Mapping[str, np.ndarray], path: str | Path, title: str = "") -> Path:
     """ROC curve of each OOD set against the in-distribution scores, as a PNG."""
-    import matplotlib
+    from sklearn.metrics import auc, roc_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _pyplot().subplots(figsize=(5, 5))
     for name, scores in ood_sets.items():
         y = np.r_[np.zeros(len(id_scores)), np.ones(len(scores))]
         fpr, tpr, _ = roc_curve(y, np.r_[id_scores, scores])
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {ood_metrics(id_scores, scores)['auroc']:.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false-positive rate (in-distribution flagged)", ylabel="true-positive rate (OOD caught)",
            title=title or "ROC")  # fmt: skip
@@ -61,15 +66,10 @@ def plot_histogram(
     sets: Mapping[str, np.ndarray], path: str | Path, threshold: float | None = None, xlabel: str = "score"
 ) -> Path:
     """Overlaid score histograms (one per set) with the threshold as a vertical line, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = [np.asarray(v, dtype=np.float64) for v in sets.values() if len(v)]
     finite = np.concatenate(values)[np.isfinite(np.concatenate(values))] if values else np.zeros(1)
     bins = np.linspace(finite.min(), finite.max() + 1e-9, 40)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     for name, scores in sets.items():
         ax.hist(np.clip(scores, bins[0], bins[-1]), bins=bins, alpha=0.5, label=f"{name} ({len(scores)})")
     if threshold is not None:

@@ -53,6 +53,8 @@ def plan_shard(
     sources = discover([Path(p) for p in paths], on_error=errors.append)
     mine, failed = sources[rank::world], errors[rank::world]
     done = done_files(parts) if resume and parts.exists() else set()
+    if not done:
+        return mine, failed, 0
     todo = [s for s in mine if (s.path, file_key(s.path)) not in done]
     todo_failed = [e for e in failed if (str(e.path), file_key(e.path)) not in done]
     return todo, todo_failed, len(mine) + len(failed) - len(todo) - len(todo_failed)
