@@ -5,24 +5,24 @@
 The DDPM network is MONAI's `DiffusionModelUNet` with the CDM's backbone settings, trained here with the same
 data (bundled MNIST), batch, optimiser, EMA, noise schedule and number of steps as the CDM checkpoint. Both
 denoise 500 test images at several noise levels; the table gives the per-pixel MSE of x0_hat (data in
-[-1, 1]). The paper's claim: the CDM is better at high noise.
+[-1, 1]). The paper's claim: the CDM is better at high noise. Tracked in MLflow (`cdm-ood-evidence`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
+from quick_train import train_ema
 
 from cdm_ood import diffuse, predict_noise, predict_x0
 from cdm_ood.checkpoint import load_model
 from cdm_ood.data.natural import bundled_mnist
 from cdm_ood.sampling import matching_level
+from cdm_ood.tracking import log_job_run
 
 RATIOS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # sigma_t / alpha_t
 
@@ -39,24 +39,14 @@ def train_ddpm(cfg: dict, schedule, steps: int, data: torch.Tensor) -> tuple[tor
         attention_levels=tuple(m["attention_levels"]), num_res_blocks=m["num_res_blocks"],
         norm_num_groups=m["norm_num_groups"], num_head_channels=m["num_head_channels"],
     )  # fmt: skip
-    ema = copy.deepcopy(unet).eval()
-    opt = torch.optim.Adam(unet.parameters(), lr=o["lr"])
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = o["lr"] * min(1.0, (step + 1) / max(1, o["warmup_steps"]))
+
+    def loss(net: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
         x0 = data[torch.randint(len(data), (t["batch_size"],), generator=g)]
         ts = torch.randint(1, schedule.T + 1, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(unet(diffuse(x0, ts, noise, schedule), ts), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                e.lerp_(p, 1 - o["ema_decay"])
-    return ema, time.perf_counter() - start
+        return F.mse_loss(net(diffuse(x0, ts, noise, schedule), ts), noise)
+
+    return train_ema(unet, loss, steps, lr=o["lr"], warmup_steps=o["warmup_steps"], ema_decay=o["ema_decay"])
 
 
 def main() -> None:
@@ -64,6 +54,7 @@ def main() -> None:
     parser.add_argument("--cdm", required=True, help="A CDM checkpoint trained on the bundled MNIST (mnist-cpu).")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--steps", type=int, help="DDPM training steps [default: the CDM's].")
+    parser.add_argument("--no-tracking", action="store_true", help="Do not log the run to MLflow.")
     args = parser.parse_args()
     cdm = load_model(args.cdm)
     schedule = cdm.schedule
@@ -74,6 +65,7 @@ def main() -> None:
     print(f"MNIST 28x28, {steps} training steps each (DDPM {seconds:.0f} s), {len(x0)} test images, "
           f"{schedule.kind} schedule T={schedule.T}")  # fmt: skip
     print(f"{'sigma/alpha':>12}{'t':>6}{'CDM MSE':>10}{'DDPM MSE':>10}{'better':>8}")
+    metrics = {"ddpm_train_seconds": seconds}
     for ratio in RATIOS:
         t = matching_level(schedule, ratio)
         noise = torch.randn(x0.shape, generator=g)
@@ -87,6 +79,9 @@ def main() -> None:
         print(
             f"{ratio:>12.2f}{t:>6}{errors[0]:>10.4f}{errors[1]:>10.4f}{'CDM' if errors[0] < errors[1] else 'DDPM':>8}"
         )
+        metrics |= {f"cdm_mse.{ratio}": errors[0], f"ddpm_mse.{ratio}": errors[1]}
+    if not args.no_tracking:
+        log_job_run("evidence", {"benchmark": "denoising", **vars(args), "steps": steps}, metrics, [])
 
 
 if __name__ == "__main__":

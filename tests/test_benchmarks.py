@@ -16,9 +16,10 @@ def run(script: str, *args, cwd: Path | None = None) -> str:
     return out.stdout
 
 
-def test_normalisation_runs():
-    out = run("normalisation.py", "--steps", 2, "--size", 8, "--eval", 50)
+def test_normalisation_runs_and_is_tracked(tmp_path):
+    out = run("normalisation.py", "--steps", 2, "--size", 8, "--eval", 50, cwd=tmp_path)
     assert "iid uniform" in out and "Gaussian mixture" in out
+    assert (tmp_path / "mlflow.db").stat().st_size > 0
 
 
 def test_ablations_then_denoising_run(tmp_path):
@@ -28,12 +29,24 @@ def test_ablations_then_denoising_run(tmp_path):
               "--figures", tmp_path / "img", "--no-tracking", "--variants", "both,ce-only", *tiny,
               cwd=tmp_path)  # fmt: skip
     assert "| ce-only |" in out and len(list((tmp_path / "img").glob("ablation-*.png"))) == 2
-    out = run("denoising.py", "--cdm", tmp_path / "runs" / "both" / "model.pt", "--images", 10, "--steps", 2)
+    out = run("denoising.py", "--cdm", tmp_path / "runs" / "both" / "model.pt", "--images", 10, "--steps", 2,
+              "--no-tracking")  # fmt: skip
     assert "CDM MSE" in out
 
 
 def test_likelihood_cost_runs():
-    assert "ratio:" in run("likelihood_cost.py", "--images", 1, "--timesteps", 20, "--bpd-images", 4)
+    assert "ratio:" in run("likelihood_cost.py", "--images", 1, "--timesteps", 20, "--bpd-images", 4, "--no-tracking")
+
+
+def test_ood_baselines_run_and_are_tracked(tmp_path):
+    tiny = ["--steps", 2, "--images", 6, "--val-images", 6, "--volumes", "2,1,1", "--elbo-steps", 3, "--recon-steps", 4]
+    out = run("ood_baselines.py", *tiny, "--figures", tmp_path / "img", "--out", tmp_path / "out", cwd=tmp_path)
+    assert "| max-softmax classifier |" in out and "| DDPM bound (MONAI) |" in out and "| CDM linear nll |" in out
+    assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == [
+        "ood-baselines-mnist.png", "ood-baselines-phantoms.png", "ood-sets-mnist.png", "ood-sets-phantoms.png"
+    ]  # fmt: skip
+    assert (tmp_path / "out" / "phantoms.md").read_text().count("| CDM uniform multiscale |") == 2
+    assert (tmp_path / "mlflow.db").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

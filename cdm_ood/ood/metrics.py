@@ -77,3 +77,18 @@ def plot_histogram(
     ax.set(xlabel=xlabel, ylabel="images")
     ax.legend(fontsize=7)
     return _save(fig, Path(path))
+
+
+def plot_auroc_matrix(aurocs: Mapping[str, Mapping[str, float]], path: str | Path, title: str = "") -> Path:
+    """AUROC of each detector (rows) on each OOD set (columns) as an annotated heat map, as a PNG."""
+    detectors = list(aurocs)
+    sets = list(aurocs[detectors[0]])
+    values = np.array([[aurocs[d][s] for s in sets] for d in detectors])
+    fig, ax = _pyplot().subplots(figsize=(1.1 * len(sets) + 3, 0.45 * len(detectors) + 1.5))
+    ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn")
+    ax.set_xticks(range(len(sets)), sets, rotation=35, ha="right")
+    ax.set_yticks(range(len(detectors)), detectors)
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_title(title or "AUROC")
+    return _save(fig, Path(path))

@@ -1,0 +1,381 @@
+"""OOD detection: the CDM's one-pass likelihood detectors against the usual baselines, at the same budget.
+
+    python benchmarks/ood_baselines.py [--dataset mnist,phantoms] [--steps 1000] [--images 200]
+    python benchmarks/ood_baselines.py --steps 100000 --images 1000 --elbo-steps 1000 --recon-steps 100  # GPU
+
+In-distribution: the bundled MNIST digits, and 32x32 slices of generated CT phantoms (HU window [-1000, 1000]).
+OOD sets are built from held-out in-distribution images: flips, inversion, lower contrast, Gaussian noise and
+blur (MONAI transforms), scikit-learn's 8x8 digits upscaled, Fashion-MNIST-like textured silhouettes; for the
+phantoms, the six MONAI-based scanner artifacts of `cdm_ood.data.phantoms` at their mild strength. Every OOD
+image is re-quantised to the in-distribution grid (8 bits, or integer HU).
+
+Models, all MONAI UNets with the same channels, Adam, warm-up, EMA, batch and number of steps:
+- CDM, uniform schedule (the default) and CDM, linear schedule: detectors `nll` and `multiscale` of one
+  forward pass (Theorem 3.2); `multiscale` is fitted on in-distribution validation images.
+- DDPM epsilon-network (`DiffusionModelUNet`, MONAI `DDPMScheduler`, linear betas, T = 1000):
+  the variational bound of MONAI `DiffusionInferer.get_likelihood` over `--elbo-steps` evenly strided
+  timesteps (all 1000 is the full bound); and reconstruction in the style of ddpm-ood (Graham et al. 2023):
+  noise to several t, DDIM back to 0, per-t MSE and SSIM (MONAI) z-scored on validation images, averaged.
+- Max-softmax of a MONAI `Classifier` trained on the digit labels (MNIST only).
+
+Prints AUROC and FPR95 tables (markdown) with each detector's scoring cost; saves an AUROC heat map and the
+OOD-set examples as PNGs, and logs everything to MLflow (experiment `cdm-ood-baselines`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import DiffusionInferer
+from monai.metrics import SSIMMetric
+from monai.networks.nets import Classifier, DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from monai.transforms import GaussianSmooth, RandGaussianNoise, Resize, SpatialPad
+from quick_train import train_cdm, train_ema
+
+from cdm_ood import CDMClassifier, NoiseSchedule
+from cdm_ood.data.natural import bundled_mnist, sklearn_digits
+from cdm_ood.data.phantoms import ARTIFACTS, corrupt_volume, phantom_volume
+from cdm_ood.figures import image_grid, save_png
+from cdm_ood.io import atomic_write
+from cdm_ood.likelihood import log_likelihood_profile_batched
+from cdm_ood.ood.detectors import MultiscaleDetector, NLLDetector
+from cdm_ood.ood.metrics import ood_metrics, plot_auroc_matrix
+from cdm_ood.sampling import ddim_step, timesteps
+from cdm_ood.tracking import log_job_run
+
+Scorer = Callable[[torch.Tensor], np.ndarray]
+RECON_STARTS = (100, 200, 300, 400, 500)  # ddpm-ood's noise levels t (of T = 1000) to reconstruct from
+HU_WINDOW = (-1000.0, 1000.0)
+
+
+@dataclass
+class Benchmark:
+    """In-distribution train / validation / test images in [-1, 1], OOD sets, and what the data allow."""
+
+    name: str
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    ood: dict[str, torch.Tensor]
+    bit_depth: int
+    seed: int  # of the data draws and of every model's training
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None  # of train and test
+
+
+def quantise(x: torch.Tensor, bit_depth: int) -> torch.Tensor:
+    """Values in [-1, 1] snapped to the 2^bit_depth - 1 steps of the in-distribution grid."""
+    levels = 2**bit_depth - 1
+    return torch.round((x.clamp(-1, 1) + 1) / 2 * levels) / levels * 2 - 1
+
+
+def textures(n: int, size: int, seed: int) -> torch.Tensor:
+    """Fashion-MNIST-like images: a filled silhouette (ellipse or box) on black, with a grating or checker texture."""
+    rng = np.random.default_rng(seed)
+    v, u = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
+    out = np.empty((n, 1, size, size), np.float32)
+    for i in range(n):
+        a, b = rng.uniform(0.4, 0.9, 2)
+        mask = (u / a) ** 2 + (v / b) ** 2 <= 1 if rng.random() < 0.5 else (abs(u) <= a) & (abs(v) <= b)
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(3, 12)
+        wave = np.sin(freq * (u * np.cos(angle) + v * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+        texture = np.sign(wave * np.sin(freq * (v * np.cos(angle) - u * np.sin(angle)))) if rng.random() < 0.3 else wave
+        out[i, 0] = np.where(mask, rng.uniform(0.1, 0.5) + rng.uniform(0.2, 0.5) * texture, -1.0)
+    return torch.from_numpy(out)
+
+
+def mnist_benchmark(n: int, n_val: int, seed: int) -> Benchmark:
+    def images(split: str, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = bundled_mnist(split)
+        samples = [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))[:k]]  # all classes
+        x = np.stack([s["image"] for s in samples]).astype(np.float32) / 127.5 - 1.0
+        return torch.from_numpy(x), torch.tensor([int(s["label"]) for s in samples])
+
+    (train, train_labels), (val, _), (test, test_labels) = images("train"), images("val", n_val), images("test", n)
+    digits = np.stack([s["image"] for s in sklearn_digits("test")[:n]]).astype(np.float32) / 127.5 - 1.0
+    upscale, pad = Resize((20, 20), mode="bilinear"), SpatialPad((28, 28), value=-1.0)
+    noise = RandGaussianNoise(prob=1.0, std=0.2).set_random_state(seed)
+    ood = {
+        "hflip": test.flip(-1),
+        "vflip": test.flip(-2),
+        "invert": -test,
+        "contrast x0.5": test * 0.5,
+        "noise sd 0.2": torch.stack([torch.as_tensor(noise(x)) for x in test]),
+        "blur sd 1": torch.stack([torch.as_tensor(GaussianSmooth(1.0)(x)) for x in test]),
+        "sklearn digits": torch.stack([torch.as_tensor(pad(upscale(torch.from_numpy(d)))) for d in digits]),
+        "textures": textures(n, 28, seed),
+    }
+    ood = {k: quantise(v.float(), 8) for k, v in ood.items()}
+    return Benchmark("mnist", train, val, test, ood, bit_depth=8, seed=seed, labels=(train_labels, test_labels))
+
+
+def phantom_benchmark(volumes: tuple[int, int, int], seed: int, size: int = 32, slices: int = 16) -> Benchmark:
+    """Clean volumes split into train / validation / test; OOD sets are the test volumes with one mild artifact."""
+    rng = np.random.default_rng(seed)
+    stacks = [[phantom_volume(rng, size, slices, "ct") for _ in range(k)] for k in volumes]
+
+    def unit(vols: list[np.ndarray]) -> torch.Tensor:
+        hu = np.concatenate(vols)[:, None].astype(np.float32)
+        return torch.from_numpy(np.clip((hu - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]) * 2 - 1, -1, 1))
+
+    train, val, test = (unit(s) for s in stacks)
+
+    def corrupted(artifact: str) -> torch.Tensor:
+        return unit([corrupt_volume(v, artifact, "mild", 1000 * seed + i, "ct")[0] for i, v in enumerate(stacks[2])])
+
+    ood = {f"{artifact} (mild)": corrupted(artifact) for artifact in ARTIFACTS}
+    return Benchmark("phantoms", train, val, test, ood, bit_depth=11, seed=seed)
+
+
+def unet_kwargs() -> dict:
+    return dict(spatial_dims=2, in_channels=1, channels=(16, 32, 32), attention_levels=(False, False, True),
+                num_res_blocks=1, norm_num_groups=8, num_head_channels=16)  # fmt: skip
+
+
+def cdm_scorers(data: Benchmark, kind: str, steps: int, batch: int) -> tuple[dict[str, Scorer], float]:
+    """`nll` and `multiscale` of a CDM with the `kind` schedule trained for `steps`."""
+    schedule = NoiseSchedule.uniform(1000) if kind == "uniform" else NoiseSchedule.linear(1000)
+    torch.manual_seed(data.seed)
+    model, seconds = train_cdm(CDMClassifier(T=1000, **unet_kwargs()), draw(data.train), schedule, steps,
+                               batch=batch, seed=data.seed)  # fmt: skip
+    num_dims = data.train[0].numel()
+
+    def profile(x: torch.Tensor) -> torch.Tensor:
+        return log_likelihood_profile_batched(model, x, schedule, batch_size=100)
+
+    nll = NLLDetector(num_dims, data.bit_depth)
+    multiscale = MultiscaleDetector(num_dims, data.bit_depth).fit(profile(data.val))
+    return {
+        f"CDM {kind} nll": lambda x: nll.score(profile(x)).numpy(),
+        f"CDM {kind} multiscale": lambda x: multiscale.score(profile(x)).numpy(),
+    }, seconds
+
+
+def draw(data: torch.Tensor) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """Batches of `n` random rows of `data`."""
+    return lambda n, g: data[torch.randint(len(data), (n,), generator=g)]
+
+
+def ddpm_scorers(
+    data: Benchmark, steps: int, batch: int, elbo_steps: int, recon_steps: int
+) -> tuple[dict[str, Scorer], float]:
+    """MONAI DDPM trained like the CDMs; its strided variational bound and ddpm-ood reconstruction errors."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    inferer = DiffusionInferer(scheduler)
+    sample = draw(data.train)
+
+    def loss(net: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        x0 = sample(batch, g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        return F.mse_loss(inferer(inputs=x0, diffusion_model=net, noise=noise, timesteps=t), noise)
+
+    torch.manual_seed(data.seed)
+    unet, seconds = train_ema(DiffusionModelUNet(out_channels=1, **unet_kwargs()), loss, steps, seed=data.seed)
+    levels = 2**data.bit_depth - 1
+    scheduler.set_timesteps(elbo_steps)
+
+    def elbo(x: torch.Tensor) -> np.ndarray:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return torch.cat([
+                inferer.get_likelihood(c, unet, scheduler, original_input_range=(0, levels),
+                                       scaled_input_range=(-1, 1), verbose=False)
+                for c in x.split(100)
+            ]).numpy()  # fmt: skip
+
+    recon = Reconstruction(unet, recon_steps)
+    errors_val = recon.errors(data.val)
+    return {
+        "DDPM bound (MONAI)": elbo,
+        "DDPM reconstruction MSE": lambda x: recon.zscore(recon.errors(x), errors_val, 0),
+        "DDPM reconstruction SSIM": lambda x: recon.zscore(recon.errors(x), errors_val, 1),
+    }, seconds
+
+
+class Reconstruction:
+    """ddpm-ood: x_t from each start t, deterministic DDIM back to 0 over `steps` strided levels of 1000 (MONAI's
+    t = cdm_ood's t - 1 on the same linear schedule); per-t errors (B, 2, len(RECON_STARTS)): MSE and 1 - SSIM."""
+
+    def __init__(self, unet: torch.nn.Module, steps: int) -> None:
+        self.unet, self.schedule = unet, NoiseSchedule.linear(1000)
+        self.grid = timesteps(1000, steps)
+        self.ssim = SSIMMetric(spatial_dims=2, data_range=2.0, win_size=7, reduction="none")
+
+    def _reconstruct(self, x0: torch.Tensor, start: int, g: torch.Generator) -> torch.Tensor:
+        levels = [start, *(t for t in self.grid if t < start), 0]
+        alpha, sigma = self.schedule.sqrt_alpha_bar[start].item(), self.schedule.sigma[start].item()
+        x = alpha * x0 + sigma * torch.randn(x0.shape, generator=g)
+        for t, s in itertools.pairwise(levels):
+            x = ddim_step(x, self.unet(x, torch.full((len(x),), t - 1)), t, s, self.schedule, None)
+        return x.clamp(-1, 1)
+
+    def errors(self, x: torch.Tensor) -> np.ndarray:
+        g = torch.Generator().manual_seed(0)
+        out = []
+        with torch.no_grad():
+            for chunk in x.split(100):
+                per_t = []
+                for start in RECON_STARTS:
+                    r = self._reconstruct(chunk, start, g)
+                    mse = (r - chunk).square().flatten(1).mean(1)
+                    per_t.append(torch.stack([mse, 1 - self.ssim(r, chunk).flatten(1).mean(1)], 1))
+                out.append(torch.stack(per_t, 2))
+        return torch.cat(out).numpy()
+
+    @staticmethod
+    def zscore(errors: np.ndarray, reference: np.ndarray, which: int) -> np.ndarray:
+        """Mean over t of the errors standardised by the in-distribution validation errors at that t."""
+        ref = reference[:, which]
+        return ((errors[:, which] - ref.mean(0)) / ref.std(0).clip(1e-12)).mean(1)
+
+
+def softmax_scorer(data: Benchmark, steps: int, batch: int) -> tuple[dict[str, Scorer], float, float]:
+    """Negative max-softmax of a MONAI classifier trained on the labels (Hendrycks & Gimpel); also returns the
+    training time and the classifier's accuracy on the in-distribution test images."""
+    labels, test_labels = data.labels
+    torch.manual_seed(data.seed)
+    net = Classifier(in_shape=data.train.shape[1:], classes=10, channels=(16, 32, 32), strides=(2, 2, 2))
+
+    def loss(m: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        i = torch.randint(len(data.train), (batch,), generator=g)
+        return F.cross_entropy(m(data.train[i]), labels[i])
+
+    model, seconds = train_ema(net, loss, steps, seed=data.seed)
+
+    def score(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return -torch.cat([model(c).softmax(1).amax(1) for c in x.split(100)]).numpy()
+
+    with torch.no_grad():
+        accuracy = (model(data.test).argmax(1) == test_labels).double().mean().item()
+    return {"max-softmax classifier": score}, seconds, accuracy
+
+
+def evaluate(data: Benchmark, scorers: dict[str, Scorer]) -> list[dict]:
+    rows = []
+    for name, score in scorers.items():
+        start = time.perf_counter()
+        id_scores = score(data.test)
+        ood_scores = {k: score(v) for k, v in data.ood.items()}
+        n = len(data.test) + sum(len(v) for v in data.ood.values())
+        ms = (time.perf_counter() - start) / n * 1e3
+        metrics = {k: ood_metrics(id_scores, v) for k, v in ood_scores.items()}
+        rows.append({"detector": name, "ms_per_image": ms, "metrics": metrics})
+        mean = np.mean([m["auroc"] for m in metrics.values()])
+        print(f"  {name:<28} mean AUROC {mean:.3f}  ({ms:.1f} ms / image)", flush=True)
+    return rows
+
+
+def table(rows: list[dict], metric: str) -> str:
+    sets = list(rows[0]["metrics"])
+    lines = [f"| detector | {' | '.join(sets)} | mean | ms / image |", "|---" * (len(sets) + 3) + "|"]
+    for r in rows:
+        values = [r["metrics"][s][metric] for s in sets]
+        cells = " | ".join(f"{v:.3f}" for v in values)
+        lines.append(f"| {r['detector']} | {cells} | {np.mean(values):.3f} | {r['ms_per_image']:.1f} |")
+    return "\n".join(lines)
+
+
+def run(data: Benchmark, args: argparse.Namespace) -> tuple[list[dict], dict[str, float], list[Path]]:
+    """Train every model, score every set; returns the metrics rows, facts (training seconds per model, the
+    classifier's test accuracy) and the figures."""
+    scorers: dict[str, Scorer] = {}
+    facts = {}
+    for kind in ("uniform", "linear"):
+        print(f"{data.name}: training CDM ({kind} schedule), {args.steps} steps", flush=True)
+        found, facts[f"train_seconds.cdm_{kind}"] = cdm_scorers(data, kind, args.steps, args.batch)
+        scorers |= found
+    print(f"{data.name}: training DDPM, {args.steps} steps", flush=True)
+    found, facts["train_seconds.ddpm"] = ddpm_scorers(data, args.steps, args.batch, args.elbo_steps, args.recon_steps)
+    scorers |= found
+    if data.labels is not None:
+        print(f"{data.name}: training the classifier, {args.steps} steps", flush=True)
+        found, facts["train_seconds.classifier"], facts["classifier_accuracy"] = softmax_scorer(data, args.steps,
+                                                                                                args.batch)  # fmt: skip
+        scorers |= found
+    print(f"{data.name}: scoring {len(data.test)} in-distribution images and {len(data.ood)} OOD sets", flush=True)
+    rows = evaluate(data, scorers)
+    examples = torch.cat([data.test[:8], *(v[:8] for v in data.ood.values())])
+    aurocs = {r["detector"]: {k: m["auroc"] for k, m in r["metrics"].items()} for r in rows}
+    figures = [
+        plot_auroc_matrix(aurocs, args.figures / f"ood-baselines-{data.name}.png", f"AUROC, {data.name}"),
+        save_png(image_grid(examples, columns=8), args.figures / f"ood-sets-{data.name}.png"),
+    ]
+    return rows, facts, figures
+
+
+def record(data: Benchmark, args: argparse.Namespace, rows: list[dict], facts: dict, figures: list[Path]) -> None:
+    """The tables as markdown and JSON in --out, and (unless --no-tracking) one MLflow run with everything."""
+    seconds = ", ".join(f"{k.split('.')[1]} {v:.0f} s" for k, v in facts.items() if k.startswith("train_seconds"))
+    accuracy = "classifier_accuracy" in facts and f"; classifier test accuracy {facts['classifier_accuracy']:.3f}"
+    header = (
+        f"{data.name}: {len(data.train)} training images, {args.steps} steps of batch {args.batch} per model "
+        f"(training: {seconds}){accuracy or ''}; {len(data.test)} ID test images, OOD sets of "
+        f"{', '.join(f'{k} {len(v)}' for k, v in data.ood.items())}; DDPM bound over {args.elbo_steps} timesteps, "
+        f"reconstructions over {args.recon_steps} DDIM levels; seed {data.seed}; 2 CPU threads"
+    )
+    text = f"{header}\n\nAUROC\n{table(rows, 'auroc')}\n\nFPR95\n{table(rows, 'fpr95')}\n"
+    print(f"\n{text}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    files = [atomic_text(args.out / f"{data.name}.md", text),
+             atomic_text(args.out / f"{data.name}.json", json.dumps(rows, indent=1)), *figures]  # fmt: skip
+    if args.no_tracking:
+        return
+    metrics = dict(facts)
+    for r in rows:
+        for ood_set, m in r["metrics"].items():
+            key = slug(f"{r['detector']}.{ood_set}")
+            metrics |= {f"auroc.{key}": m["auroc"], f"fpr95.{key}": m["fpr95"]}
+    params = {"dataset": data.name, "seed": data.seed, "steps": args.steps, "batch": args.batch,
+              "test_images": len(data.test), "elbo_steps": args.elbo_steps,
+              "recon_steps": args.recon_steps}  # fmt: skip
+    log_job_run("baselines", params, metrics, files)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c == "." else "_" for c in text)
+
+
+def atomic_text(path: Path, text: str) -> Path:
+    with atomic_write(path) as f:
+        f.write(text)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist,phantoms", help="Comma-separated: mnist, phantoms.")
+    parser.add_argument("--steps", type=int, default=1000, help="Training steps of every model.")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=int, default=200, help="MNIST images per test set (ID and each OOD set).")
+    parser.add_argument("--val-images", type=int, default=100, help="MNIST validation images (detector fitting).")
+    parser.add_argument("--volumes", default="24,4,4", help="Phantom volumes (16 slices) for train,val,test.")
+    parser.add_argument("--elbo-steps", type=int, default=50, help="Strided timesteps of the DDPM bound (full: 1000).")
+    parser.add_argument("--recon-steps", type=int, default=50, help="DDIM levels of 1000 for reconstructions.")
+    parser.add_argument("--figures", type=Path, default=Path("docs/img"))
+    parser.add_argument("--out", type=Path, default=Path("runs/ood-baselines"), help="Tables (markdown, JSON).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data draws and of every model's training.")
+    parser.add_argument("--no-tracking", action="store_true", help="Do not log the runs to MLflow.")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    builders = {
+        "mnist": lambda: mnist_benchmark(args.images, args.val_images, args.seed),
+        "phantoms": lambda: phantom_benchmark(tuple(int(v) for v in args.volumes.split(",")), args.seed),
+    }
+    for name in args.dataset.split(","):
+        data = builders[name]()
+        record(data, args, *run(data, args))
+
+
+if __name__ == "__main__":
+    main()
