@@ -40,11 +40,13 @@ from monai.metrics import SSIMMetric
 from monai.networks.nets import Classifier, DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 from monai.transforms import GaussianSmooth, RandGaussianNoise, Resize, SpatialPad
+from monai.utils import convert_to_tensor
 from quick_train import train_cdm, train_ema
 
 from cdm_ood import CDMClassifier, NoiseSchedule
 from cdm_ood.data.natural import bundled_mnist, sklearn_digits
 from cdm_ood.data.phantoms import ARTIFACTS, corrupt_volume, phantom_volume
+from cdm_ood.data.presets import IntensityPreset, ct_preset, uint8_preset
 from cdm_ood.figures import image_grid, save_png
 from cdm_ood.io import atomic_write
 from cdm_ood.likelihood import log_likelihood_profile_batched
@@ -55,7 +57,6 @@ from cdm_ood.tracking import log_job_run
 
 Scorer = Callable[[torch.Tensor], np.ndarray]
 RECON_STARTS = (100, 200, 300, 400, 500)  # ddpm-ood's noise levels t (of T = 1000) to reconstruct from
-HU_WINDOW = (-1000.0, 1000.0)
 
 
 @dataclass
@@ -70,6 +71,11 @@ class Benchmark:
     bit_depth: int
     seed: int  # of the data draws and of every model's training
     labels: tuple[torch.Tensor, torch.Tensor] | None = None  # of train and test
+
+
+def model_space(images: np.ndarray, preset: IntensityPreset) -> torch.Tensor:
+    """Images in their own units mapped onto [-1, 1] by the intensity preset, as `cdm-ood train` maps them."""
+    return convert_to_tensor(preset.transform()(images.astype(np.float32)), track_meta=False)
 
 
 def quantise(x: torch.Tensor, bit_depth: int) -> torch.Tensor:
@@ -97,11 +103,11 @@ def mnist_benchmark(n: int, n_val: int, seed: int) -> Benchmark:
     def images(split: str, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         samples = bundled_mnist(split)
         samples = [samples[i] for i in np.random.default_rng(seed).permutation(len(samples))[:k]]  # all classes
-        x = np.stack([s["image"] for s in samples]).astype(np.float32) / 127.5 - 1.0
-        return torch.from_numpy(x), torch.tensor([int(s["label"]) for s in samples])
+        x = model_space(np.stack([s["image"] for s in samples]), uint8_preset())
+        return x, torch.tensor([int(s["label"]) for s in samples])
 
     (train, train_labels), (val, _), (test, test_labels) = images("train"), images("val", n_val), images("test", n)
-    digits = np.stack([s["image"] for s in sklearn_digits("test")[:n]]).astype(np.float32) / 127.5 - 1.0
+    digits = model_space(np.stack([s["image"] for s in sklearn_digits("test")[:n]]), uint8_preset())
     upscale, pad = Resize((20, 20), mode="bilinear"), SpatialPad((28, 28), value=-1.0)
     noise = RandGaussianNoise(prob=1.0, std=0.2).set_random_state(seed)
     ood = {
@@ -111,7 +117,7 @@ def mnist_benchmark(n: int, n_val: int, seed: int) -> Benchmark:
         "contrast x0.5": test * 0.5,
         "noise sd 0.2": torch.stack([torch.as_tensor(noise(x)) for x in test]),
         "blur sd 1": torch.stack([torch.as_tensor(GaussianSmooth(1.0)(x)) for x in test]),
-        "sklearn digits": torch.stack([torch.as_tensor(pad(upscale(torch.from_numpy(d)))) for d in digits]),
+        "sklearn digits": torch.stack([torch.as_tensor(pad(upscale(d))) for d in digits]),
         "textures": textures(n, 28, seed),
     }
     ood = {k: quantise(v.float(), 8) for k, v in ood.items()}
@@ -124,8 +130,7 @@ def phantom_benchmark(volumes: tuple[int, int, int], seed: int, size: int = 32, 
     stacks = [[phantom_volume(rng, size, slices, "ct") for _ in range(k)] for k in volumes]
 
     def unit(vols: list[np.ndarray]) -> torch.Tensor:
-        hu = np.concatenate(vols)[:, None].astype(np.float32)
-        return torch.from_numpy(np.clip((hu - HU_WINDOW[0]) / (HU_WINDOW[1] - HU_WINDOW[0]) * 2 - 1, -1, 1))
+        return model_space(np.concatenate(vols)[:, None], ct_preset())
 
     train, val, test = (unit(s) for s in stacks)
 
@@ -143,7 +148,7 @@ def unet_kwargs() -> dict:
 
 def cdm_scorers(data: Benchmark, kind: str, steps: int, batch: int) -> tuple[dict[str, Scorer], float]:
     """`nll` and `multiscale` of a CDM with the `kind` schedule trained for `steps`."""
-    schedule = NoiseSchedule.uniform(1000) if kind == "uniform" else NoiseSchedule.linear(1000)
+    schedule = getattr(NoiseSchedule, kind)(1000)
     torch.manual_seed(data.seed)
     model, seconds = train_cdm(CDMClassifier(T=1000, **unet_kwargs()), draw(data.train), schedule, steps,
                                batch=batch, seed=data.seed)  # fmt: skip
