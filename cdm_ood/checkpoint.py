@@ -15,6 +15,7 @@ from monai.transforms import Compose
 from .classifier import CDMClassifier
 from .data.presets import IntensityPreset
 from .data.transforms import image_transform
+from .errors import CdmOodError
 from .io import atomic_path
 from .schedules import NoiseSchedule
 
@@ -22,7 +23,7 @@ FORMAT = "cdm-ood/1"
 REQUIRED = ("format", "step", "config", "schedule", "preset", "data", "ema")
 
 
-class CheckpointError(Exception):
+class CheckpointError(CdmOodError):
     """A checkpoint that cannot be used: unreadable, not a cdm-ood checkpoint, or refused as unsafe."""
 
 
@@ -100,13 +101,39 @@ def build_classifier(config: dict[str, Any], schedule: NoiseSchedule) -> CDMClas
     )
 
 
+def check_spec(path: str | Path, payload: dict[str, Any]) -> NoiseSchedule:
+    """Validate the stored model spec (config and schedule) against the config schema and its sane bounds before
+    anything is built, and return the schedule; a crafted spec cannot make loading allocate gigabytes."""
+    from .config import ConfigError, load_config
+
+    try:
+        config = load_config(base=payload["config"])
+        stored = payload["schedule"]
+        if int(stored["T"]) != config.schedule.T or stored["kind"] != config.schedule.kind:
+            raise ConfigError(f"schedule: the stored schedule {stored} is not the config's")
+        return NoiseSchedule.from_dict(stored)
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: implausible model spec, refused before building it ({err})") from None
+
+
+def check_weights(path: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights with NaN or inf entries: every score they gave would be meaningless."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); the model "
+                              "cannot score")  # fmt: skip
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """The scoring model of a checkpoint (EMA weights), on `device`, in eval mode."""
+    """The scoring model of a checkpoint (EMA weights), on `device`, in eval mode; the spec is validated before
+    the network is built and the weights are checked to be finite."""
     payload = load_checkpoint(path)
-    schedule = NoiseSchedule.from_dict(payload["schedule"])
+    schedule = check_spec(path, payload)
+    state = ema_state(payload)
+    check_weights(path, state)
     classifier = build_classifier(payload["config"], schedule)
     try:
-        classifier.load_state_dict(ema_state(payload))
+        classifier.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit the stored model config ({err})") from None
     return LoadedModel(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .errors import CdmOodError
 
-class ConfigError(ValueError):
+
+class ConfigError(CdmOodError, ValueError):
     """A configuration that cannot run, with the offending key in the message."""
 
 
@@ -255,7 +258,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"--set {key.strip()}: the value is not plain YAML ({problem})") from None
+        pairs.append((key.strip(), value))
     return pairs
 
 
@@ -293,8 +301,15 @@ def flatten(config: Config) -> dict[str, Any]:
     return _flatten(_plain(config.to_dict()))
 
 
+# Sane bounds of a model spec: far above any real model, far below what would exhaust a machine. A config (or a
+# crafted checkpoint) beyond them is refused before anything is allocated.
+LIMITS = {"channels": 4096, "levels": 8, "num_res_blocks": 16, "T": 100_000, "num_classes": 100_000,
+          "input_voxels": 2**26}  # fmt: skip
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks that types alone cannot express, and the sane bounds of `LIMITS`."""
+    _within_limits(config)
     flat = flatten(config)
     for key, allowed in CHOICES.items():
         if key in flat and flat[key] is not None and flat[key] not in allowed:
@@ -336,3 +351,20 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.ema_decay: must be in (0, 1)")
     if config.loss.ce_weight < 0 or config.loss.mse_weight < 0 or config.loss.ce_weight + config.loss.mse_weight == 0:
         raise ConfigError("loss.ce_weight and loss.mse_weight: non-negative, not both 0")
+
+
+def _within_limits(config: Config) -> None:
+    d, m = config.data, config.model
+    channels_ok = len(m.channels) <= LIMITS["levels"] and all(1 <= c <= LIMITS["channels"] for c in m.channels)
+    checks = {
+        "model.channels": (channels_ok, f"at most {LIMITS['levels']} levels of 1..{LIMITS['channels']} channels"),
+        "model.num_res_blocks": (1 <= m.num_res_blocks <= LIMITS["num_res_blocks"], f"1..{LIMITS['num_res_blocks']}"),
+        "model.num_classes": (m.num_classes is None or 1 <= m.num_classes <= LIMITS["num_classes"],
+                              f"1..{LIMITS['num_classes']}"),
+        "schedule.T": (1 <= config.schedule.T <= LIMITS["T"], f"1..{LIMITS['T']:,}"),
+        "data.size": (all(s >= 1 for s in d.size) and math.prod(d.size) * d.channels <= LIMITS["input_voxels"],
+                      f"at most {LIMITS['input_voxels']:,} input values per image"),
+    }  # fmt: skip
+    for key, (ok, bound) in checks.items():
+        if not ok:
+            raise ConfigError(f"{key}: outside the sane bounds ({bound})")

@@ -33,8 +33,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
 
 
 def write_csv_atomic(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
-    """Write dict rows with a header line to `path`, atomically."""
-    with atomic_write(path, "w", newline="") as f:
+    """Write dict rows with a header line to `path`, atomically, in UTF-8; a file name that is not UTF-8 keeps its
+    exact bytes (surrogate escapes), so every name the filesystem allows reaches the file."""
+    with atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)

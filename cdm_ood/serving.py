@@ -18,22 +18,27 @@ from mlflow.pyfunc import PythonModel
 from .ood import OODDetector
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-OUTPUT_COLUMNS = ["score", "ood", "threshold", "log_likelihood", "bits_per_dim"]
+OUTPUT_COLUMNS = ["score", "ood", "verdict", "reason", "threshold", "log_likelihood", "bits_per_dim"]
 
 
 def score_array(detector: OODDetector, images: np.ndarray) -> pd.DataFrame:
     """Per image of a float array (B, C, H, W) or (B, H, W) in the files' units: the detector's score, the
-    verdict against its threshold, log p_0(x) in nats and bits/dim, from one forward pass (Theorem 3.2)."""
+    verdict and reason (as in the `cdm-ood score` report: NaN/inf or constant images are `flagged`, score NaN,
+    `ood` True), log p_0(x) in nats and bits/dim, from one forward pass (Theorem 3.2)."""
     from .likelihood import bits_per_dim
+    from .ood.report import IN, judge
 
     images = np.asarray(images, dtype=np.float32)
     batch = images[:, None] if images.ndim == 3 else images
-    profile = detector.profile(detector.prepare(batch))
+    profile, flags = detector.checked_profile(batch)
     score = detector.detector.score(profile).numpy()
+    verdicts = [judge(float(s), detector.threshold, f) for s, f in zip(score, flags, strict=True)]
     ll = profile[:, 0].double()
     return pd.DataFrame({
         "score": score,
-        "ood": score > detector.threshold,
+        "ood": [v != IN for v, _ in verdicts],
+        "verdict": [v for v, _ in verdicts],
+        "reason": [r for _, r in verdicts],
         "threshold": np.full(len(score), detector.threshold),
         "log_likelihood": ll.numpy(),
         "bits_per_dim": bits_per_dim(ll, detector.num_dims, detector.model.data["bit_depth"]).numpy(),

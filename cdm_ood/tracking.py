@@ -168,15 +168,23 @@ def log_artifact_to_run(run_id: str, path: Path, uri: Optional[str] = None, fold
 
 def log_job_run(
     kind: str, params: dict[str, Any], metrics: dict[str, Any], files: list[Path], uri: Optional[str] = None
-) -> str:
+) -> Optional[str]:
     """One MLflow run (experiment `cdm-ood-<kind>`) for a scoring or evaluation job: its parameters, numeric
-    results and files (report, figures). Returns the run id."""
-    mlflow = _mlflow(uri, f"cdm-ood-{kind}")
-    with mlflow.start_run() as run:
-        mlflow.log_params(params)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        for path in files:
-            mlflow.log_artifact(str(path))
+    results and files (report, figures). Returns the run id, or None when the tracking store failed: that is a
+    warning, never the job's result (the gate's exit code and its files on disk stand)."""
+    try:
+        mlflow = _mlflow(uri, f"cdm-ood-{kind}")
+        with mlflow.start_run() as run:
+            mlflow.log_params(params)
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            for path in files:
+                mlflow.log_artifact(str(path))
+    except Exception as err:  # any store or network failure: warn, keep the job's own outcome
+        log.warning(
+            "MLflow tracking at %s failed (%s: %s); the %s run was not logged, its results are on disk",
+            uri or default_tracking_uri(), type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "", kind,
+        )  # fmt: skip
+        return None
     log.info("MLflow %s run %s in %s", kind, run.info.run_id, mlflow.get_tracking_uri())
     return run.info.run_id
 

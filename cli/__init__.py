@@ -9,9 +9,24 @@ from __future__ import annotations
 import click
 
 from cdm_ood import __version__
+from cdm_ood.errors import CdmOodError
+
+from .common import EXIT_USAGE
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group; maps every `CdmOodError` (config, checkpoint, calibration, options) to one line on
+    stderr and exit 2, so that exit 1 always means the gate's decision."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CdmOodError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(EXIT_USAGE)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cdm-ood")
 def main() -> None:
     """Out-of-distribution detection for medical images with Classification Diffusion Models."""

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import click
-
-EXIT_USAGE = 2  # usage errors and unusable checkpoints
+EXIT_USAGE = 2  # usage errors and unusable checkpoints (every `cdm_ood.errors.CdmOodError`)
 
 
 def setup_logging(rank: int = 0) -> None:
@@ -32,11 +29,7 @@ def bundled_config(name_or_path: str) -> Path:
 
 
 def open_checkpoint(path: Path, device: str = "cpu") -> Any:
-    """The scoring model of a checkpoint, or exit 2 with the reason (an unsafe checkpoint runs nothing)."""
-    from cdm_ood.checkpoint import CheckpointError, load_model
+    """The scoring model of a checkpoint; a `CheckpointError` (unsafe, broken, implausible) becomes exit 2."""
+    from cdm_ood.checkpoint import load_model
 
-    try:
-        return load_model(path, device)
-    except CheckpointError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
+    return load_model(path, device)

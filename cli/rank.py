@@ -10,7 +10,9 @@ from typing import Any, Optional
 
 import click
 
-from .common import EXIT_USAGE, open_checkpoint, setup_logging
+from cdm_ood.errors import UsageError
+
+from .common import open_checkpoint, setup_logging
 
 COLUMNS = ("case", "rank", "candidate", "criterion", "score", "log_prior", "log_observation", "error")
 
@@ -157,8 +159,7 @@ def rank_restorations(
                 rows += rank_case(model, case, obs, cands, criterion, sig, deg, generate, steps, seed, out_dir)
             except CaseError as err:
                 if manifest is None:
-                    click.echo(f"error: {err}", err=True)
-                    sys.exit(EXIT_USAGE)
+                    raise UsageError(str(err)) from None
                 failed += 1
                 rows.append(dict.fromkeys(COLUMNS, "") | {"case": case, "criterion": criterion, "error": str(err)})
     write_csv_atomic(out, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows])

@@ -9,7 +9,9 @@ from typing import Optional
 
 import click
 
-from .common import EXIT_USAGE, open_checkpoint, setup_logging
+from cdm_ood.errors import UsageError
+
+from .common import open_checkpoint, setup_logging
 
 
 @click.command("sample")
@@ -41,8 +43,7 @@ def sample(
     labels = None
     if label is not None:
         if model.classifier.num_classes is None or not 0 <= label < model.classifier.num_classes:
-            click.echo(f"error: --label {label}: the model is not conditional on it", err=True)
-            sys.exit(EXIT_USAGE)
+            raise UsageError(f"--label {label}: the model is not conditional on it")
         labels = torch.full((n,), label, dtype=torch.long)
     shape = (n, model.data["channels"], *model.data["size"])
     with click.progressbar(length=steps, label=f"{method}, {steps} steps", file=sys.stderr) as bar:
@@ -90,11 +91,9 @@ def denoise(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, 
     setup_logging()
     model = open_checkpoint(checkpoint)
     if out.resolve() in {p.resolve() for p in inputs}:
-        click.echo("error: --out must not be one of the inputs", err=True)
-        sys.exit(EXIT_USAGE)
+        raise UsageError("--out must not be one of the inputs")
     if len(model.data["size"]) != 2:
-        click.echo("error: denoise works on 2D models; this one takes 3D volumes", err=True)
-        sys.exit(EXIT_USAGE)
+        raise UsageError("denoise works on 2D models; this one takes 3D volumes")
     transform = model.input_transform()
     errors = []
     slices = list(iter_slices(list(inputs), on_error=errors.append))

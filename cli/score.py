@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from .common import EXIT_USAGE, open_checkpoint, setup_logging
+from cdm_ood.errors import UsageError
+
+from .common import open_checkpoint, setup_logging
 
 DETECTOR_NAMES = ("nll", "multiscale")
 checkpoint_option = click.option(
@@ -29,21 +31,21 @@ tracking_option = click.option(
 uri_option = click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or ./mlflow.db].")
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
 def _detector(
     checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str | float = "auto", device: str = "cpu"
 ):
-    from cdm_ood.ood import NotFittedError, OODDetector
+    """The checkpoint's detector with its threshold resolved now: an uncalibrated checkpoint (e.g. a
+    `checkpoints/step_N.pt`) or an impossible threshold stops the command (exit 2) before any file is read."""
+    from cdm_ood.errors import CdmOodError
+    from cdm_ood.ood import OODDetector
 
     model = open_checkpoint(checkpoint, device)
     try:
-        return OODDetector(model, detector, threshold=threshold, batch_size=batch_size)
-    except (ValueError, NotFittedError) as err:
-        _fail(f"{checkpoint}: {err}")
+        scorer = OODDetector(model, detector, threshold=threshold, batch_size=batch_size)
+        scorer.set_threshold(threshold)
+    except CdmOodError as err:
+        raise type(err)(f"{checkpoint}: {err}") from None
+    return scorer
 
 
 def _progress(total: int, label: str):
@@ -75,14 +77,14 @@ def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Op
     setup_logging()
     from cdm_ood.ood import DEFAULT_DETECTOR
 
-    scorer = _detector(checkpoint, detector or DEFAULT_DETECTOR, batch_size, threshold=0.0)
+    scorer = _detector(checkpoint, detector or DEFAULT_DETECTOR, batch_size, threshold=0.0)  # refitted below
     slices = _id_slices(data)
     if len(slices) < 4:
-        _fail(f"calibration needs at least 4 readable in-distribution slices, found {len(slices)}")
+        raise UsageError(f"calibration needs at least 4 readable in-distribution slices, found {len(slices)}")
     try:
         scorer.fit([[s.image for s in slices[i : i + batch_size]] for i in range(0, len(slices), batch_size)], fpr)
     except ValueError as err:
-        _fail(str(err))
+        raise UsageError(str(err)) from None
     scorer.save(checkpoint)
     click.echo(f"calibrated on {len(slices)} slices: {scorer.name} threshold {scorer.threshold:.4g} "
                f"(fpr {fpr}) stored in {checkpoint}")  # fmt: skip
@@ -99,6 +101,9 @@ def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Op
 @click.option("--per-volume", type=click.Choice(["max", "mean", "q95"]), default="mean", show_default=True,
               help="How slice scores make a volume's score (compared with the slice threshold).")  # fmt: skip
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
+@click.option("--max-voxels", type=click.IntRange(min=1),
+              help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
+                   "[default: 512^3].")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Keep the partial reports of an interrupted run; skip their files.")
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda:LOCAL_RANK when available, else cpu].")
 @batch_option
@@ -107,59 +112,65 @@ def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Op
 @uri_option
 def score(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, resume: bool, device: Optional[str], batch_size: int, workers: int, mlflow: bool,
-    tracking_uri: Optional[str],
+    no_fail: bool, max_voxels: int, resume: bool, device: Optional[str], batch_size: int, workers: int,
+    mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / PNG scans (files or folders, recursively) and write a report.
 
     Every file gets a row (unreadable ones with their reason), every slice a score and verdict, every
-    volume/series a summary row. Exit 0: all volumes in distribution; 1: a volume is OOD or flagged, or a file
-    is unreadable; 2: usage error or unusable checkpoint.
+    volume/series a summary row. Exit 0: all volumes in distribution; 1: a volume is OOD or flagged (a slice
+    with NaN/inf or constant pixels, or a score that is not finite), a file or folder is unreadable, or nothing
+    was scored; 2: usage error, unusable checkpoint, unwritable --out, or another run writing the same --out.
 
-    Under torchrun each process scores every N-th file into partial reports beside the report, and rank 0
-    merges them; `--resume` continues an interrupted run without scoring its finished files again.
+    The run's own outputs (report, histogram, partial reports) are never scored, also inside the scanned
+    folder. Under torchrun each process scores every N-th file into partial reports beside the report, and
+    rank 0 merges them; `--resume` continues an interrupted run without scoring its finished files again.
     """
     import torch
     import torch.distributed as dist
 
+    from cdm_ood.data.guards import MAX_VOXELS
     from cdm_ood.ood.metrics import plot_histogram
+    from cdm_ood.ood.outputs import ReportFiles
     from cdm_ood.ood.report import summary, write_report
-    from cdm_ood.ood.shards import clear, merge, parts_folder, plan_shard, score_into_parts
+    from cdm_ood.ood.shards import clear, merge
     from cdm_ood.training import Distributed
 
+    max_voxels = max_voxels or MAX_VOXELS
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
     if out.suffix.lower() not in (".csv", ".json"):
-        _fail(f"--out {out}: the report must be .csv or .json")
+        raise UsageError(f"--out {out}: the report must be .csv or .json")
     if out.resolve() in {p.resolve() for p in paths}:
-        _fail("--out must not be one of the inputs")
+        raise UsageError("--out must not be one of the inputs")
     device = device or (f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
     scorer = _detector(checkpoint, detector, batch_size, threshold, device)
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
-    parts = parts_folder(out)
-    if ddp.main and not resume:
-        clear(parts)
-    _barrier(ddp.world)
-    todo, failed, skipped = plan_shard(paths, parts, ddp.rank, ddp.world, resume)
-    if skipped:
-        click.echo(f"rank {ddp.rank}: {skipped} files already scored, skipped", err=True)
-    bar = _progress(len(todo), f"scoring ({scorer.name})") if ddp.main else nullcontext()
-    with bar:
-        score_into_parts(scorer, todo, failed, parts, ddp.rank, workers, progress=bar.update if ddp.main else None)
-    _barrier(ddp.world)
-    if not ddp.main:
-        return
-    rows = merge(parts, scorer.threshold, per_volume)
-    info = {"checkpoint": str(checkpoint), "detector": scorer.name, "threshold": scorer.threshold,
-            "per_volume": per_volume, "processes": ddp.world}  # fmt: skip
-    write_report(out, rows, info)
-    clear(parts)
-    slices = [r for r in rows if r["level"] == "slice" and r["score"] is not None]
-    figure = plot_histogram(
-        {v: [r["score"] for r in slices if r["verdict"] == v] for v in ("in", "ood")},
-        out.with_name(f"{out.stem}_hist.png"), scorer.threshold, f"{scorer.name} score (slices)",
-    )  # fmt: skip
+    files = ReportFiles(out)
+    with ExitStack() as claim:
+        problem = None
+        if ddp.main:
+            try:
+                claim.enter_context(files.claimed())
+            except UsageError as err:
+                problem = err
+        problem = _from_rank0(problem, ddp.world)
+        if problem is not None:
+            raise problem
+        _score_shard(scorer, paths, files.parts, ddp, resume, workers, max_voxels, files.owns)
+        if not ddp.main:
+            return
+        rows = merge(files.parts, scorer.threshold, per_volume)
+        info = {"checkpoint": str(checkpoint), "detector": scorer.name, "threshold": scorer.threshold,
+                "per_volume": per_volume, "processes": ddp.world, "max_voxels": max_voxels}  # fmt: skip
+        write_report(out, rows, info)
+        clear(files.parts)
+        slices = [r for r in rows if r["level"] == "slice" and r["score"] is not None]
+        figure = plot_histogram(
+            {v: [r["score"] for r in slices if r["verdict"] == v] for v in ("in", "ood")},
+            files.histogram, scorer.threshold, f"{scorer.name} score (slices)",
+        )  # fmt: skip
     result = summary(rows)
     click.echo(json.dumps({"report": str(out), "histogram": str(figure), **result}))
     if mlflow:
@@ -169,11 +180,38 @@ def score(
     sys.exit(0 if result["passed"] or no_fail else 1)
 
 
+def _score_shard(scorer, paths, parts: Path, ddp, resume: bool, workers: int, max_voxels: int, exclude) -> None:
+    """This rank's share of the files, scored into partial reports (all ranks done when it returns)."""
+    from cdm_ood.ood.shards import clear, plan_shard, score_into_parts
+
+    if ddp.main and not resume:
+        clear(parts)
+    _barrier(ddp.world)
+    todo, failed, skipped = plan_shard(paths, parts, ddp.rank, ddp.world, resume, max_voxels, exclude)
+    if skipped:
+        click.echo(f"rank {ddp.rank}: {skipped} files already scored, skipped", err=True)
+    bar = _progress(len(todo), f"scoring ({scorer.name})") if ddp.main else nullcontext()
+    with bar:
+        score_into_parts(scorer, todo, failed, parts, ddp.rank, workers, progress=bar.update if ddp.main else None)
+    _barrier(ddp.world)
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _from_rank0(value, world: int):
+    """`value` as rank 0 has it, on every rank (a torchrun job stops together when rank 0 cannot claim --out)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 @click.command("evaluate")
@@ -198,14 +236,14 @@ def evaluate(
     for spec in ood_sets:
         name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
         if not Path(path).exists():
-            _fail(f"--ood {spec}: no such file or folder")
+            raise UsageError(f"--ood {spec}: no such file or folder")
         named[name] = Path(path)
     model = open_checkpoint(checkpoint)
     id_images = [s.image for s in _id_slices(id_paths)]
     ood_images = {name: [s.image for s in _id_slices((path,))] for name, path in named.items()}
     empty = [name for name, images in {"--id": id_images, **ood_images}.items() if not images]
     if empty:
-        _fail(f"no readable slices in {', '.join(empty)}")
+        raise UsageError(f"no readable slices in {', '.join(empty)}")
     rows = evaluate_sets(model, id_images, ood_images, out, batch_size)
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")

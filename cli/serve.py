@@ -17,10 +17,11 @@ from .common import open_checkpoint, setup_logging
 def log_model(checkpoint: Path, tracking_uri: Optional[str], experiment: str) -> None:
     """Log the checkpoint (weights, preset, calibrated detector and threshold) as a pyfunc model in a new run
     and print its URI, e.g. for `mlflow models serve -m runs:/<id>/model --env-manager local`."""
+    from cdm_ood.ood import NotFittedError
     from cdm_ood.tracking import log_model_run
 
     setup_logging()
     model = open_checkpoint(checkpoint)  # refuses unsafe or broken checkpoints with exit 2
     if model.ood is None:
-        raise click.ClickException(f"{checkpoint} is not calibrated: run `cdm-ood calibrate` first")
+        raise NotFittedError(f"{checkpoint} is not calibrated: run `cdm-ood calibrate` first")
     click.echo(log_model_run(checkpoint, tracking_uri, experiment))

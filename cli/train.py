@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from .common import EXIT_USAGE, bundled_config, setup_logging
+from .common import bundled_config, setup_logging
 
 
 @click.command("train")
@@ -36,7 +35,7 @@ def train(
     With no arguments, trains the embedded default (bundled MNIST digits, a small MONAI UNet) on the CPU in
     a few minutes. Multi-GPU or multi-node: `torchrun --nproc_per_node=N -m cdm_ood.cli train ...`.
     """
-    from cdm_ood.checkpoint import CheckpointError, load_checkpoint
+    from cdm_ood.checkpoint import load_checkpoint
     from cdm_ood.config import ConfigError, load_config
     from cdm_ood.tracking import MlflowCallback, RunFolderCallback
     from cdm_ood.training import Distributed, latest_checkpoint
@@ -52,9 +51,8 @@ def train(
             if config_path is not None:
                 raise ConfigError("--resume continues the stored config; change it with --set, not --config")
         config = load_config(bundled_config(config_path) if config_path else None, list(overrides), base=base)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(EXIT_USAGE)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
     if dry_run:
         click.echo(config.to_yaml(), nl=False)
         return

@@ -6,7 +6,8 @@ Run it from cron or a PACS hook (e.g. a storescp `--exec-on-eostudy` script):
 
 Exit 0: every study in distribution; 1: a study is OOD, flagged or unreadable (see the report); 2: unusable
 checkpoint or arguments. Each run writes `<reports>/qa-<UTC time>.csv` atomically; inputs are only read.
-Studies already named in an earlier report of the same folder are skipped, so the job can run every minute.
+Studies already named in an earlier report of the same folder are skipped, so the job can run every minute; an
+empty incoming folder is "nothing new" (exit 0), where `cdm-ood score` on an empty folder fails.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cdm_ood.checkpoint import CheckpointError
+from cdm_ood.data.errors import EmptyFolderError
 from cdm_ood.data.readers import discover
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.batch import score_sources
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     seen = already_reported(args.reports)
     errors: list = []
     sources = [s for s in discover(args.incoming, on_error=errors.append) if s.path not in seen]
-    errors = [e for e in errors if str(e.path) not in seen]
+    errors = [e for e in errors if str(e.path) not in seen and not isinstance(e, EmptyFolderError)]
     if not sources and not errors:
         print("nothing new")
         return 0

@@ -54,6 +54,7 @@ def test_ood_baselines_run_and_are_tracked(tmp_path):
     [
         ("ranking.py", ["--images", 1]),
         ("score_throughput.py", ["--volumes", 1, "--repeats", 1]),
+        ("bombs.py", []),  # exits 1 unless every bomb is refused and the peak stays under 2 GiB
     ],
 )
 def test_scripts_on_the_tiny_checkpoint_run(checkpoint, script, args):

@@ -62,3 +62,29 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     back = load_checkpoint(path)
     assert back["format"] == "cdm-ood/1" and torch.equal(back["ema"]["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (lambda p: p["config"]["model"].update(channels=[16384, 16384]), "model.channels"),
+        (lambda p: (p["config"]["schedule"].update(T=2_000_000_000), p["schedule"].update(T=2_000_000_000)),
+         "schedule.T"),
+        (lambda p: p["config"]["data"].update(size=[65536, 65536]), "data.size"),
+        (lambda p: p["schedule"].update(T=2_000_000_000), "schedule"),
+    ],
+)  # fmt: skip
+def test_a_crafted_model_spec_is_refused_before_anything_is_built(checkpoint, tmp_path, change, key):
+    import resource
+
+    payload = load_checkpoint(checkpoint)
+    change(payload)
+    payload.pop("format")
+    path = save_checkpoint(tmp_path / "crafted.pt", payload)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=f"implausible model spec.*{key}"):
+        load_model(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000, "no large allocation (KiB)"
+    out = subprocess.run([sys.executable, "-m", "cdm_ood.cli", "score", str(tmp_path), "--checkpoint", str(path)],
+                         cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and "implausible model spec" in out.stderr and "Traceback" not in out.stderr

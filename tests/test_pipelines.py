@@ -26,6 +26,9 @@ def test_qa_gate_reports_new_studies_once_and_gates_on_them(checkpoint, scans, t
     assert "UNREADABLE" in out and "passed: False" in out
     assert gate.main(args) == 0 and "nothing new" in capsys.readouterr().out
     assert gate.main([*args[:1], str(tmp_path / "missing.pt"), *args[2:]]) == 2
+    (tmp_path / "quiet").mkdir()
+    empty = ["--checkpoint", str(checkpoint), "--incoming", str(tmp_path / "quiet"), "--reports", str(tmp_path)]
+    assert gate.main(empty) == 0 and "nothing new" in capsys.readouterr().out
 
 
 def test_monai_chain_sets_aside_ood_slices(checkpoint, scans):

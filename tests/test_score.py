@@ -3,8 +3,6 @@
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from click.testing import CliRunner, Result
 from conftest import PATIENT
 from monai.transforms import Compose, Lambdad
+from processes import cdm
 
 from cdm_ood import OODDetector, ScoreOODd
 from cdm_ood.checkpoint import load_checkpoint
@@ -22,13 +21,6 @@ from cdm_ood.data import iter_slices
 
 def digest(folder: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def cdm(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """`cdm-ood ...` as a real process (fresh interpreter, its own working directory)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run([sys.executable, "-m", "cdm_ood.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env=env)  # fmt: skip
 
 
 def invoke(*args) -> Result:
@@ -161,3 +153,146 @@ def test_evaluate_writes_metrics_and_figures(checkpoint, scans, tmp_path):
     assert all((tmp_path / "eval" / f"{k}_{d}.png").stat().st_size > 1000 for k in ("roc", "hist")
                for d in ("nll", "multiscale"))  # fmt: skip
     assert "auroc" in out.stdout and "spike" in out.stdout
+
+
+def doctored(checkpoint: Path, path: Path, change) -> Path:
+    """A copy of the checkpoint with `change(payload)` applied, saved by the project's own writer."""
+    from cdm_ood.checkpoint import save_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    change(payload)
+    payload.pop("format")
+    return save_checkpoint(path, payload)
+
+
+def head_weight(payload: dict) -> str:
+    return next(k for k in payload["ema"] if k.endswith("head.3.weight"))
+
+
+@pytest.mark.parametrize("threshold", ["nan", "inf", "-inf", "fpr:nan"])
+def test_thresholds_that_decide_nothing_are_usage_errors(checkpoint, scans, threshold):
+    out = invoke("score", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--threshold", threshold)
+    assert out.exit_code == 2 and out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
+    assert "finite" in out.stderr or "false-positive rate" in out.stderr
+
+
+def test_nan_weights_are_refused_and_overflowing_scores_are_flagged(checkpoint, scans, tmp_path):
+    def nan_weights(payload: dict) -> None:
+        payload["ema"][head_weight(payload)][0, 0] = float("nan")
+
+    def overflow(payload: dict) -> None:  # finite weights whose logits overflow: no score is finite
+        payload["ema"][head_weight(payload)].fill_(3e38)
+
+    nan_ck = doctored(checkpoint, tmp_path / "nan.pt", nan_weights)
+    out = invoke("score", scans / "clean.nii.gz", "--checkpoint", nan_ck, "--out", tmp_path / "a.csv")
+    assert out.exit_code == 2 and "hold NaN or inf" in out.stderr and not (tmp_path / "a.csv").exists()
+    big = doctored(checkpoint, tmp_path / "big.pt", overflow)
+    out = invoke("score", scans / "clean.nii.gz", "--checkpoint", big, "--threshold", "1e12", "--out",
+                 tmp_path / "b.json")  # fmt: skip
+    assert out.exit_code == 1, out.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert {r["verdict"] for r in rows} == {"flagged"} and (tmp_path / "b_hist.png").exists()
+    reasons = {r["reason"] for r in rows if r["level"] == "slice"}
+    assert reasons <= {f"not scored: the model's score is not finite ({v})" for v in ("nan", "inf")} and reasons
+
+
+def test_a_volume_with_nan_slices_never_passes(checkpoint, scans, tmp_path):
+    from cdm_ood.data.phantoms import phantom_volume, write_nifti
+
+    volume = phantom_volume(np.random.default_rng(5), size=16, slices=16)
+    volume[:8] = np.nan  # slices 0-7: all NaN
+    write_nifti(volume, tmp_path / "half.nii.gz")
+    out = invoke("score", tmp_path / "half.nii.gz", "--checkpoint", checkpoint, "--threshold", "1e12", "--out",
+                 tmp_path / "r.json")  # fmt: skip
+    assert out.exit_code == 1
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    (volume_row,) = [r for r in rows if r["level"] == "volume"]
+    assert volume_row["verdict"] == "flagged" and volume_row["reason"].startswith("8 of 16 slices flagged")
+    assert sum(r["verdict"] == "flagged" for r in rows if r["level"] == "slice") == 8
+
+
+def test_an_uncalibrated_checkpoint_stops_score_in_one_line(checkpoint, scans, tmp_path):
+    (step,) = (checkpoint.parent / "checkpoints").glob("step_*.pt")
+    out = cdm("score", scans / "clean.nii.gz", "--checkpoint", step, "--out", tmp_path / "r.csv", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "calibrate" in out.stderr and "Traceback" not in out.stderr and not (tmp_path / "r.csv").exists()
+    numeric = invoke("score", scans / "clean.nii.gz", "--checkpoint", step, "--threshold", "1e12", "--out",
+                     tmp_path / "n.csv", "--detector", "multiscale")  # fmt: skip
+    assert numeric.exit_code == 2 and "error: " in numeric.stderr
+
+
+def test_empty_and_unlistable_folders_fail_the_gate(checkpoint, scans, tmp_path):
+    from processes import WITHOUT_ROOT_OVERRIDE
+
+    (tmp_path / "empty").mkdir()
+    out = invoke("score", tmp_path / "empty", "--checkpoint", checkpoint, "--out", tmp_path / "e.json")
+    assert out.exit_code == 1
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["summary"]["passed"] is False and "no files" in report["rows"][0]["reason"]
+    archive = tmp_path / "archive"
+    (archive / "locked").mkdir(parents=True)
+    (archive / "ok.nii.gz").write_bytes((scans / "clean.nii.gz").read_bytes())
+    for i in range(16):
+        (archive / "locked" / f"{i}.nii.gz").write_bytes((scans / "clean.nii.gz").read_bytes())
+    (archive / "locked").chmod(0)
+    try:
+        out = cdm("score", archive, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "l.json",
+                  cwd=tmp_path, prefix=WITHOUT_ROOT_OVERRIDE)  # fmt: skip
+    finally:
+        (archive / "locked").chmod(0o755)
+    assert out.returncode == 1, out.stderr[-2000:]
+    rows = {r["path"]: r for r in json.loads((tmp_path / "l.json").read_text())["rows"] if r["level"] == "file"}
+    assert rows[str(archive / "locked")]["reason"].startswith("UnreadableFileError: cannot list folder")
+
+
+def test_python_api_transform_and_report_flag_unscorable_images_alike(checkpoint, scans, tmp_path):
+    from cdm_ood.data.phantoms import write_nifti
+
+    detector = OODDetector.from_checkpoint(checkpoint, threshold=1e12)  # every scorable image is `in`
+    image = next(iter_slices(scans / "clean.nii.gz")).image
+    nan, inf = np.full_like(image, np.nan), image.copy()
+    inf[0, 2, 2] = np.inf
+    assert detector.predict(nan).tolist() == [True] and detector.predict(inf).tolist() == [True]
+    assert np.isnan(detector.score(np.stack([nan, inf]))).all() and not detector.predict(image)[0]
+    chain = Compose([ScoreOODd("image", detector)])
+    outputs = [chain({"image": im}) for im in (nan, inf, torch.from_numpy(inf))]
+    assert all(o["image_ood"] and o["image_ood_verdict"] == "flagged" and np.isnan(o["image_ood_score"])
+               for o in outputs)  # fmt: skip
+    write_nifti(np.stack([nan[0], inf[0]]), tmp_path / "bad.nii.gz")
+    invoke("score", tmp_path / "bad.nii.gz", "--checkpoint", checkpoint, "--out", tmp_path / "r.json")
+    reasons = {r["reason"] for r in json.loads((tmp_path / "r.json").read_text())["rows"] if r["level"] == "slice"}
+    assert reasons == {o["image_ood_reason"] for o in outputs} == {"not scored: nan-or-inf pixels"}
+
+
+def silent_server():
+    """A local socket that accepts connections and never answers (a hung tracking server)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    return server
+
+
+def test_a_failing_tracking_server_is_a_warning_not_the_gate_decision(checkpoint, scans, tmp_path):
+    import socket
+
+    quick = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "2", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    with silent_server() as server:
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        out = cdm("score", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--threshold", "1e12", "--out",
+                  tmp_path / "r.json", "--mlflow", "--tracking-uri", uri, cwd=tmp_path, env=quick)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MLflow tracking at" in out.stderr and "Traceback" not in out.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["passed"] is True
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    gate = cdm("score", scans, "--checkpoint", checkpoint, "--out", tmp_path / "s.json", "--mlflow",
+               "--tracking-uri", f"http://127.0.0.1:{port}", cwd=tmp_path, env=quick)  # fmt: skip
+    assert gate.returncode == 1 and "MLflow tracking at" in gate.stderr and "Traceback" not in gate.stderr
+    evaluated = cdm("evaluate", "--checkpoint", checkpoint, "--id", scans / "clean.nii.gz", "--ood",
+                    f"spike={scans / 'spiked.nii.gz'}", "--out", tmp_path / "eval", "--mlflow", "--tracking-uri",
+                    f"http://127.0.0.1:{port}", cwd=tmp_path, env=quick)  # fmt: skip
+    assert evaluated.returncode == 0 and "MLflow tracking at" in evaluated.stderr
+    assert (tmp_path / "eval" / "metrics.json").exists()

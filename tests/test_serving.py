@@ -37,11 +37,18 @@ def test_pyfunc_model_gives_the_scores_of_cdm_ood_score(model_uri, checkpoint, s
     assert uri.startswith("runs:/") and uri.endswith("/model")
     mlflow.set_tracking_uri(store)
     images = np.stack([s.image for s in iter_slices(scans / "spiked.nii.gz")])
-    predicted = mlflow.pyfunc.load_model(uri).predict(images)
-    assert list(predicted.columns) == ["score", "ood", "threshold", "log_likelihood", "bits_per_dim"]
+    model = mlflow.pyfunc.load_model(uri)
+    predicted = model.predict(images)
+    assert list(predicted.columns) == ["score", "ood", "verdict", "reason", "threshold", "log_likelihood",
+                                       "bits_per_dim"]  # fmt: skip
     expected = cli_scores(checkpoint, scans / "spiked.nii.gz", tmp_path)
     np.testing.assert_allclose(predicted["score"], expected, rtol=1e-5)
     assert (predicted["ood"] == (predicted["score"] > predicted["threshold"])).all()
+    bad = np.stack([np.full_like(images[0], np.nan), images[0], images[0]])
+    bad[1, 0, 3, 3], bad[2] = np.inf, 5.0  # one inf pixel; a constant image
+    flagged = model.predict(bad)
+    assert list(flagged["verdict"]) == ["flagged"] * 3 and flagged["ood"].all() and flagged["score"].isna().all()
+    assert list(flagged["reason"]) == ["not scored: nan-or-inf pixels"] * 2 + ["not scored: constant pixels"]
 
 
 def free_port() -> int:

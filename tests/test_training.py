@@ -204,8 +204,11 @@ def test_unreachable_tracking_server_is_tolerated(tmp_path):
     assert (tmp_path / "run" / "model.pt").exists() and "checkpoint:" in out.stdout
 
 
-@pytest.mark.parametrize("bad", ["--set=train.stepz=1", "--config=does-not-exist.yaml"])
+@pytest.mark.parametrize("bad", ["--set=train.stepz=1", "--config=does-not-exist.yaml",
+                                 "--set=train.steps=!!python/object/apply:os.system ['touch pwned']",
+                                 "--set=train.steps=[1,", "--set=train"])  # fmt: skip
 def test_bad_configs_fail_before_any_work(tmp_path, bad):
     out = subprocess.run([sys.executable, "-m", "cdm_ood.cli", "train", bad], cwd=tmp_path, capture_output=True,
                          text=True)  # fmt: skip
-    assert out.returncode == 2 and "error:" in out.stderr and list(tmp_path.iterdir()) == []
+    assert out.returncode == 2 and out.stderr.startswith("error:") and len(out.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [], "nothing written, no code from the value run"

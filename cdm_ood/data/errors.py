@@ -22,6 +22,10 @@ class UnreadableFileError(DataError):
     kind = "unreadable"
 
 
+class EmptyFolderError(UnreadableFileError):
+    """A folder given as input holds no file: nothing to score, which a gate must not take for a pass."""
+
+
 class UnsupportedFormatError(DataError):
     """The file is an image in a format (or compression) that cdm-ood cannot decode here."""
 
@@ -32,3 +36,9 @@ class NotAnImageError(DataError):
     """The file holds no image: a text file, a DICOM structured report, an RT plan, a tractogram."""
 
     kind = "not-an-image"
+
+
+class TooLargeError(DataError):
+    """The file declares more voxels than the budget (`--max-voxels`): refused from its header, never decoded."""
+
+    kind = "too-large"

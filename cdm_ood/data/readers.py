@@ -1,16 +1,16 @@
 """Reading DICOM, NIfTI and PNG/JPEG into 2D slices: MONAI's readers do the reading, this module does the
 choosing (by file content, not by suffix) and turns every failure into a typed error naming the file.
 
-Slices are row-major as displayed: a DICOM frame is (Rows, Columns); a NIfTI volume, loaded in its closest
-canonical (RAS) orientation, gives the axial slices `data[:, :, k].T`; a 4D NIfTI gives those slices for every
-time point. Files are opened read-only and nothing is ever written next to them.
+Before anything is decoded, `guards` refuses what is not a regular file or declares more voxels than the
+budget. Slices are row-major as displayed: a DICOM frame is (Rows, Columns); a NIfTI volume, loaded in its
+closest canonical (RAS) orientation, gives the axial slices `data[:, :, k].T`; a 4D NIfTI gives those slices for
+every time point. Files are opened read-only and nothing is ever written next to them.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,17 +19,34 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DataError, NotAnImageError, UnreadableFileError, UnsupportedFormatError
+from .errors import (
+    DataError,
+    EmptyFolderError,
+    NotAnImageError,
+    TooLargeError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
+from .guards import (
+    MAX_VOXELS,
+    quiet_libraries,
+    reading,
+    redact,
+    require_budget,
+    require_deflated_budget,
+    require_regular_file,
+)
 from .records import Slice, SliceSource, quality_flags
 
 PathLike = str | os.PathLike
 ErrorHandler = Callable[[DataError], None]
+Exclude = Callable[[Path], bool]
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
-    "ImageOrientationPatient", "NumberOfFrames", "Rows", "Columns",
+    "ImageOrientationPatient", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel",
 )  # fmt: skip
 
 # (magic bytes, offset, error class, reason) for formats that are recognised but not images cdm-ood reads.
@@ -161,7 +178,7 @@ def _detect_gzip(path: Path) -> str:
         with gzip.open(path, "rb") as f:
             inner = f.read(1024)
     except (OSError, EOFError) as err:
-        raise UnreadableFileError(path, f"corrupt gzip stream: {err}") from None
+        raise UnreadableFileError(path, f"corrupt gzip stream: {redact(err)}") from None
     if _nifti_kind(inner) == "nifti":
         return "nifti"
     if inner[128:132] == b"DICM" or _looks_like_bare_dicom(inner):
@@ -177,13 +194,12 @@ def _dicom_header(path: Path, strict: bool = True):
     # Large values (the pixel data) are deferred, not loaded: their presence is all the header pass needs.
     reader = PydicomReader(force=True, defer_size=256, specific_tags=[*HEADER_TAGS, *PIXEL_KEYWORDS])
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_libraries():
             ds = reader.read(str(path))
     except Exception as err:  # pydicom raises many types on malformed streams
         if not strict:
             return None
-        raise UnreadableFileError(path, f"malformed DICOM header: {err}") from None
+        raise UnreadableFileError(path, f"malformed DICOM header: {redact(err)}") from None
     return ds
 
 
@@ -202,27 +218,61 @@ def _position_key(ds) -> tuple[float, float, str]:
     return along, number, str(getattr(ds, "SOPInstanceUID", ""))
 
 
-def _walk(paths: Sequence[PathLike]) -> Iterator[Path]:
+def _walk(paths: Sequence[PathLike], on_error: Optional[ErrorHandler], exclude: Optional[Exclude]) -> Iterator[Path]:
+    """Files below `paths` in a deterministic order. Symlinked folders are followed, each real folder once (no
+    loops); a folder that cannot be listed, and a given folder that holds no file, are reported, not skipped."""
+    seen: set[tuple[int, int]] = set()
+
+    def first_visit(folder: Path) -> bool:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return True  # os.walk reports it through `unlisted`
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def unlisted(err: OSError) -> None:
+        reason = f"cannot list folder: {err.strerror or type(err).__name__}; its files were not scored"
+        _report(UnreadableFileError(err.filename, reason), on_error)
+
     for root in paths:
         root = Path(root)
-        if root.is_dir():
-            for folder, dirs, files in os.walk(root):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(folder) / name
-        else:
+        if not root.is_dir():
             yield root
+            continue
+        found = False
+        for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=True):
+            if not first_visit(Path(folder)):
+                dirs.clear()
+                continue
+            dirs[:] = sorted(d for d in dirs if exclude is None or not exclude(Path(folder) / d))
+            for name in sorted(files):
+                path = Path(folder) / name
+                if exclude is None or not exclude(path):
+                    found = True
+                    yield path
+        if not found and os.access(root, os.R_OK | os.X_OK):
+            _report(EmptyFolderError(root, "the folder holds no files: nothing to score"), on_error)
 
 
-def discover(paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandler] = None) -> list[SourceFile]:
+def discover(
+    paths: PathLike | Sequence[PathLike],
+    on_error: Optional[ErrorHandler] = None,
+    max_voxels: int = MAX_VOXELS,
+    exclude: Optional[Exclude] = None,
+) -> list[SourceFile]:
     """Every readable file below `paths` (files or folders, recursively), DICOM slices grouped into series.
 
     Single-frame DICOM files that share a SeriesInstanceUID form one volume, ranked by position along the
-    slice normal (then InstanceNumber). A file that cannot be read is passed to `on_error`, or raised when
-    `on_error` is None.
+    slice normal (then InstanceNumber). A file that cannot be read, is not a regular file or declares more
+    than `max_voxels` voxels is passed to `on_error`, or raised when `on_error` is None. Files (and folders)
+    for which `exclude(path)` is true are left out, e.g. a report being written into the scanned folder.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    files = list(_walk(paths))
+    files = list(_walk(paths, on_error, exclude))
     walked = set(files)
     sources: list[SourceFile] = []
     series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
@@ -234,13 +284,17 @@ def discover(paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandl
             _report(UnreadableFileError(path, "no such file or folder"), on_error)
             continue
         try:
+            require_regular_file(path)
             fmt = detect_format(path)
             if fmt != "dicom":
-                sources.append(_volume_source(path, fmt))
+                sources.append(_volume_source(path, fmt, max_voxels))
                 continue
+            require_deflated_budget(path, max_voxels)
             ds = _dicom_header(path)
             _require_pixels(path, ds)
             series_uid, frames = _series_and_frames(path, ds)
+            rows, columns, samples = _header_ints(path, ds, ("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1))
+            require_budget(path, (frames, rows, columns, samples), max_voxels)
         except DataError as err:
             _report(err, on_error)
             if voxels in walked:
@@ -260,12 +314,26 @@ def discover(paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandl
 
 def _series_and_frames(path: Path, ds) -> tuple[str, int]:
     """The series a DICOM file belongs to (its own path if it names none) and its number of frames."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return str(ds.get("SeriesInstanceUID", "")) or str(path), int(ds.get("NumberOfFrames", 1) or 1)
-    except (ValueError, TypeError) as err:
-        raise UnreadableFileError(path, f"malformed DICOM header value: {err}") from None
+    with quiet_libraries():
+        series = str(ds.get("SeriesInstanceUID", "")) or str(path)
+    (frames,) = _header_ints(path, ds, ("NumberOfFrames", 1))
+    return series, frames
+
+
+def _header_ints(path: Path, ds, *fields: tuple[str, int]) -> tuple[int, ...]:
+    """Whole-number header fields (keyword, default when absent or empty); a malformed one is named, its
+    content never copied."""
+    values = []
+    for keyword, default in fields:
+        try:
+            with quiet_libraries():
+                value = ds.get(keyword, default)
+                values.append(default if value in (None, "") else int(value))
+        except (ValueError, TypeError, OverflowError):
+            raise UnreadableFileError(path, f"malformed DICOM header: {keyword} is not a whole number") from None
+        if values[-1] < 0:
+            raise UnreadableFileError(path, f"malformed DICOM header: {keyword} is negative")
+    return tuple(values)
 
 
 def _uid(ds) -> Optional[str]:
@@ -273,7 +341,7 @@ def _uid(ds) -> Optional[str]:
     return str(uid) if uid else None
 
 
-def _volume_source(path: Path, fmt: str) -> SourceFile:
+def _volume_source(path: Path, fmt: str, max_voxels: int) -> SourceFile:
     companions: tuple[str, ...] = ()
     if fmt == "nifti" and not path.name.lower().endswith((".nii", ".nii.gz", ".hdr")):
         raise UnsupportedFormatError(path, "NIfTI content under another suffix: nibabel reads NIfTI only as .nii, "
@@ -283,7 +351,32 @@ def _volume_source(path: Path, fmt: str) -> SourceFile:
         if not img.exists():
             raise UnreadableFileError(path, f"NIfTI header without its voxel file {img.name}")
         companions = (str(img),)
+    require_budget(path, _nifti_shape(path) if fmt == "nifti" else _image_shape(path), max_voxels)
     return SourceFile(str(path), fmt, str(path), companions=companions)
+
+
+def _nifti_shape(path: Path) -> tuple[int, ...]:
+    """The shape a NIfTI header declares (only the header is read, also from a .nii.gz)."""
+    import nibabel as nib
+
+    with reading(path, "malformed NIfTI header"):
+        return tuple(int(s) for s in nib.load(str(path)).shape)
+
+
+def _image_shape(path: Path) -> tuple[int, ...]:
+    """(bands, height, width) from a PNG/JPEG header, without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with quiet_libraries(), Image.open(path) as image:
+            return len(image.getbands()), image.height, image.width
+    except Image.DecompressionBombError:
+        raise TooLargeError(path, "declares more pixels than Pillow's decompression-bomb limit: refused without "
+                            "decoding") from None  # fmt: skip
+    except MemoryError:
+        raise
+    except Exception as err:  # PIL raises OSError / SyntaxError / ValueError on broken headers
+        raise UnreadableFileError(path, f"cannot decode image (truncated or corrupt): {redact(err)}") from None
 
 
 def _require_pixels(path: Path, ds) -> None:
@@ -307,24 +400,31 @@ def _report(err: DataError, on_error: Optional[ErrorHandler]) -> None:
 
 
 def read_source(source: SourceFile) -> list[Slice]:
-    """The slices of one discovered file, with quality flags. Raises a DataError naming the file."""
+    """The slices of one discovered file, with quality flags. Raises a DataError naming the file (also when
+    decoding it runs out of memory: that file fails, not the batch)."""
     reader = {"dicom": _read_dicom, "nifti": _read_nifti, "image": _read_image}[source.format]
-    return reader(source)
+    try:
+        with quiet_libraries():
+            return reader(source)
+    except MemoryError:
+        raise UnreadableFileError(source.path, "out of memory while decoding; the file was not scored") from None
 
 
-def read_file(path: PathLike) -> list[Slice]:
+def read_file(path: PathLike, max_voxels: int = MAX_VOXELS) -> list[Slice]:
     """The slices of a single file (a DICOM file is read on its own, as a series of one)."""
-    (source,) = discover(path)
+    (source,) = discover(path, max_voxels=max_voxels)
     return read_source(source)
 
 
-def iter_slices(paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandler] = None) -> Iterator[Slice]:
+def iter_slices(
+    paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandler] = None, max_voxels: int = MAX_VOXELS
+) -> Iterator[Slice]:
     """All slices below `paths` (files or folders), in a deterministic order.
 
     With `on_error`, each file that fails is reported to it and the iteration goes on; without, the first
     failure is raised.
     """
-    for source in discover(paths, on_error):
+    for source in discover(paths, on_error, max_voxels):
         try:
             yield from read_source(source)
         except DataError as err:
@@ -342,23 +442,21 @@ def _decode_dicom(path: Path):
     from monai.data import PydicomReader
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = PydicomReader(force=True).read(str(path))
-    except Exception as err:  # pydicom raises many types for broken files
-        raise UnreadableFileError(path, f"malformed DICOM: {err}") from None
+    with reading(path, "malformed DICOM"):
+        ds = PydicomReader(force=True).read(str(path))
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    frames, rows, columns, samples = _header_ints(
+        path, ds, ("NumberOfFrames", 1), ("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1)
+    )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pixels = ds.pixel_array
-            samples = int(ds.get("SamplesPerPixel", 1))
-            if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
-                pixels, samples = apply_color_lut(pixels, ds), 3
-            elif samples == 1:
-                pixels = apply_modality_lut(pixels, ds)
-            shape = (int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns), samples)
+        pixels = ds.pixel_array
+        if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+            pixels, samples = apply_color_lut(pixels, ds), 3
+        elif samples == 1:
+            pixels = apply_modality_lut(pixels, ds)
+        shape = (frames, rows, columns, samples)
+    except MemoryError:
+        raise
     except Exception as err:  # decoders raise RuntimeError, ValueError, NotImplementedError, AttributeError
         raise _decode_error(path, syntax, err) from None
     if pixels.size != np.prod(shape):
@@ -367,7 +465,7 @@ def _decode_dicom(path: Path):
 
 
 def _decode_error(path: Path, syntax, err: Exception) -> DataError:
-    message = " ".join(str(err).split())
+    message = redact(err)
     if syntax is None:
         return UnreadableFileError(path, f"cannot decode pixel data: no transfer syntax in the file meta ({message})")
     name = getattr(syntax, "name", str(syntax))
@@ -399,18 +497,14 @@ def _read_nifti(source: SourceFile) -> list[Slice]:
     from monai.data import NibabelReader
 
     path = Path(source.path)
-    try:
+    with reading(path, "malformed NIfTI header"):
         image = nib.load(str(path))
         intent = int(getattr(image, "nifti_header", image.header)["intent_code"])
-    except Exception as err:  # nibabel raises HeaderDataError, ImageFileError, ValueError, OSError
-        raise UnreadableFileError(path, f"malformed NIfTI header: {err}") from None
     if 3000 <= intent < 3100:
         raise UnsupportedFormatError(path, f"CIFTI-2 file (intent code {intent}): grayordinate data, not an image")
-    try:
+    with reading(path, "cannot read NIfTI voxel data (truncated or corrupt)"):
         reader = NibabelReader(as_closest_canonical=True, mmap=False)
         data, _ = reader.get_data(reader.read(str(path)))
-    except Exception as err:  # truncated voxel data surfaces as ValueError / OSError / EOFError
-        raise UnreadableFileError(path, f"cannot read NIfTI voxel data (truncated or corrupt): {err}") from None
     if data.dtype.kind not in "fiub":
         raise UnsupportedFormatError(path, f"voxel type {data.dtype} (complex or RGB NIfTI) is not supported")
     if data.ndim == 2:
@@ -431,10 +525,8 @@ def _read_image(source: SourceFile) -> list[Slice]:
 
     path = Path(source.path)
     reader = PILReader(converter=_single_or_rgb, reverse_indexing=False)
-    try:
+    with reading(path, "cannot decode image (truncated or corrupt)"):
         data, _ = reader.get_data(reader.read(str(path)))
-    except Exception as err:  # PIL raises OSError / SyntaxError / ValueError on broken files
-        raise UnreadableFileError(path, f"cannot decode image (truncated or corrupt): {err}") from None
     image = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
     return [_slice(image, source, 0)]
 

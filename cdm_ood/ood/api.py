@@ -13,9 +13,12 @@ from torch import Tensor
 
 from ..checkpoint import LoadedModel, load_model
 from ..data.readers import iter_slices
+from ..data.records import quality_flags
+from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
 from .calibration import DEFAULT_FPR, calibrate, load_detector, resolve_threshold, store_calibration
 from .detectors import NotFittedError
+from .report import IN, judge
 
 Inputs = Any  # a tensor or array (H, W), (C, H, W) or (B, C, H, W); a path; a MONAI dict; or a sequence of them
 
@@ -24,7 +27,9 @@ class OODDetector:
     """Scores images with one detector of a trained model; higher = more out-of-distribution.
 
     Images are given in their own units (HU for CT, raw values otherwise, as read from the file) and are
-    mapped with the model's stored intensity preset and size, exactly as in training.
+    mapped with the model's stored intensity preset and size, exactly as in training. It fails closed, with the
+    rules and reasons of the `cdm-ood score` report (`report.judge`): an image with NaN/inf or constant pixels
+    is not scored (score NaN) and, like one whose score is not finite, is `flagged`, never in distribution.
     """
 
     def __init__(
@@ -36,7 +41,7 @@ class OODDetector:
         image_key: str = "image",
     ) -> None:
         if len(model.data["size"]) != 2:
-            raise ValueError("OOD scoring works on 2D models; this model takes 3D volumes")
+            raise UsageError("OOD scoring works on 2D models; this model takes 3D volumes")
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
         self.num_dims = model.data["channels"] * int(np.prod(model.data["size"]))
         self.detector, self.id_scores, self.fpr = load_detector(
@@ -73,6 +78,27 @@ class OODDetector:
         """Model-space batch (B, C, H, W) from any supported input."""
         return torch.stack([self.transform(image) for image in self._images(inputs)])
 
+    def checked_profile(self, inputs: Inputs) -> tuple[Tensor, list[tuple[str, ...]]]:
+        """log p_t(x) (B, T+2) of every image, NaN rows for images not scored, and each image's quality flags
+        (NaN/inf or constant pixels, checked in the image's own units, before any mapping could hide them)."""
+        images = self._images(inputs)
+        flags = [quality_flags(_as_array(image)) for image in images]
+        scorable = [i for i, f in enumerate(flags) if not f]
+        scored = self.profile(torch.stack([self.transform(images[i]) for i in scorable])) if scorable else None
+        dtype = torch.float32 if scored is None else scored.dtype
+        profile = torch.full((len(images), self.model.schedule.T + 2), float("nan"), dtype=dtype)
+        if scored is not None:
+            profile[scorable] = scored
+        return profile, flags
+
+    def assess(self, inputs: Inputs) -> list[dict[str, Any]]:
+        """Per image: `score` (NaN when not scored), `verdict` (`in`, `ood` or `flagged`) and `reason`, exactly as
+        in the `cdm-ood score` report."""
+        profile, flags = self.checked_profile(inputs)
+        scores = self.detector.score(profile).numpy()
+        verdicts = [judge(float(s), self.threshold, f) for s, f in zip(scores, flags, strict=True)]
+        return [{"score": float(s), "verdict": v, "reason": r} for s, (v, r) in zip(scores, verdicts, strict=True)]
+
     def _images(self, inputs: Inputs) -> list[np.ndarray | Tensor]:
         if isinstance(inputs, (str, os.PathLike)):
             return [s.image for s in iter_slices(Path(inputs))]
@@ -102,17 +128,20 @@ class OODDetector:
         return self.detector.score(self.profile(x)).numpy()
 
     def score(self, inputs: Inputs) -> np.ndarray:
-        """One score per image (B,), higher = more out-of-distribution."""
-        return self.score_prepared(self.prepare(inputs))
+        """One score per image (B,), higher = more out-of-distribution; NaN for an image that could not be scored
+        (NaN/inf or constant pixels)."""
+        profile, _ = self.checked_profile(inputs)
+        return self.detector.score(profile).numpy()
 
     def predict(self, inputs: Inputs) -> np.ndarray:
-        """True where an image is out-of-distribution (score above the threshold)."""
-        return self.score(inputs) > self.threshold
+        """True where an image is not in distribution: above the threshold, or not scorable (`flagged`)."""
+        return np.array([a["verdict"] != IN for a in self.assess(inputs)], dtype=bool)
 
     def fit(self, id_inputs: Iterable[Inputs], fpr: float = DEFAULT_FPR) -> OODDetector:
         """Fit every detector on in-distribution images (an iterable of batches or inputs) and set this one's
-        threshold for the false-positive rate `fpr`. `save` stores the result in a checkpoint."""
-        profiles = torch.cat([self.profile(self.prepare(batch)) for batch in id_inputs])
+        threshold for the false-positive rate `fpr`; images that cannot be scored are left out. `save` stores the
+        result in a checkpoint."""
+        profiles = torch.cat([p[torch.isfinite(p).all(dim=1)] for p, _ in map(self.checked_profile, id_inputs)])
         self.model.ood = calibrate(profiles, self.num_dims, self.model.data["bit_depth"], fpr, default=self.name)
         self.detector, self.id_scores, self.fpr = load_detector(
             self.model.ood, self.name, self.num_dims, self.model.data["bit_depth"]
@@ -125,3 +154,7 @@ class OODDetector:
         if self.model.ood is None:
             raise NotFittedError("nothing to save: call fit() first")
         return store_calibration(checkpoint, self.model.ood)
+
+
+def _as_array(image: np.ndarray | Tensor) -> np.ndarray:
+    return image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)

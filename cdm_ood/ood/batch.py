@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.errors import DataError, UnreadableFileError
+from ..data.guards import MAX_VOXELS, redact
 from ..data.readers import SourceFile, discover, read_source
 from ..data.records import SliceSource
 from .api import OODDetector
@@ -39,8 +40,9 @@ class PreparedFiles(Dataset):
             return [], err
         try:
             return [(s.source, s.flags, None if s.flags else self.transform(s.image)) for s in slices], None
-        except (ValueError, RuntimeError) as err:
-            return [], UnreadableFileError(source.path, f"cannot be mapped to the model's input: {err}")
+        except (ValueError, RuntimeError, MemoryError) as err:
+            reason = "out of memory" if isinstance(err, MemoryError) else redact(err)
+            return [], UnreadableFileError(source.path, f"cannot be mapped to the model's input: {reason}")
 
 
 def _as_is(item: Prepared) -> Prepared:
@@ -48,11 +50,16 @@ def _as_is(item: Prepared) -> Prepared:
 
 
 def score_paths(
-    detector: OODDetector, paths: Sequence[str | Path], per_volume: str = "mean", workers: int = 0
+    detector: OODDetector,
+    paths: Sequence[str | Path],
+    per_volume: str = "mean",
+    workers: int = 0,
+    max_voxels: int = MAX_VOXELS,
 ) -> list[dict]:
-    """Report rows for every file below `paths` (files or folders): see `score_sources`."""
+    """Report rows for every file below `paths` (files or folders): see `score_sources`; files declaring more
+    than `max_voxels` voxels are refused unread."""
     errors: list[DataError] = []
-    sources = discover([Path(p) for p in paths], on_error=errors.append)
+    sources = discover([Path(p) for p in paths], errors.append, max_voxels)
     return score_sources(detector, sources, errors, per_volume, workers)
 
 

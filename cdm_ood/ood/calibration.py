@@ -15,6 +15,7 @@ import numpy as np
 from torch import Tensor
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..errors import UsageError
 from .detectors import DETECTORS, Detector, NotFittedError
 
 DEFAULT_FPR = 0.05
@@ -25,7 +26,7 @@ def threshold_at_fpr(id_scores: np.ndarray, fpr: float) -> float:
     """The lowest in-distribution score that at most a fraction `fpr` of the in-distribution scores exceed
     (the k-th largest of n, k = floor(fpr n)): a score above it is OOD."""
     if not 0.0 < fpr < 1.0:
-        raise ValueError(f"the false-positive rate must be in (0, 1), got {fpr}")
+        raise UsageError(f"the false-positive rate must be in (0, 1), got {fpr}")
     if len(id_scores) == 0:
         raise NotFittedError("no in-distribution scores to set a threshold from")
     ordered = np.sort(np.asarray(id_scores, dtype=np.float64))
@@ -58,24 +59,27 @@ def calibrate(
 
 def resolve_threshold(spec: str | float, id_scores: np.ndarray | None, fpr: float | None) -> float:
     """A threshold from `auto` (the calibrated fpr), `fpr:<x>` or a number in the detector's score units."""
-    if isinstance(spec, (int, float)):
-        return float(spec)
     text = str(spec).strip()
     if text == "auto" or text.startswith("fpr:"):
         if id_scores is None or fpr is None:
             raise NotFittedError(f"threshold {text!r} needs a calibrated model: run `cdm-ood calibrate` first")
-        return threshold_at_fpr(id_scores, fpr if text == "auto" else _fraction(text[4:]))
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"threshold must be 'auto', 'fpr:<x>' or a number, got {text!r}") from None
+        threshold = threshold_at_fpr(id_scores, fpr if text == "auto" else _fraction(text[4:]))
+    else:
+        try:
+            threshold = float(spec)
+        except ValueError:
+            raise UsageError(f"threshold must be 'auto', 'fpr:<x>' or a number, got {text!r}") from None
+    if not np.isfinite(threshold):
+        raise UsageError(f"threshold must be a finite number, got {threshold}: a NaN or infinite threshold would "
+                         "pass or fail every image without looking at it")  # fmt: skip
+    return threshold
 
 
 def _fraction(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"'fpr:{text}': expected a false-positive rate such as fpr:0.05") from None
+        raise UsageError(f"'fpr:{text}': expected a false-positive rate such as fpr:0.05") from None
 
 
 def load_detector(
@@ -86,7 +90,7 @@ def load_detector(
     ood = ood or {}
     name = name or ood.get("default", DEFAULT_DETECTOR)
     if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
+        raise UsageError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
     entry = ood.get("detectors", {}).get(name)
     if entry is None:
         return DETECTORS[name](num_dims, bit_depth), None, None

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import CdmOodError
 from ..likelihood import bits_per_dim
 
 
-class NotFittedError(RuntimeError):
+class NotFittedError(CdmOodError, RuntimeError):
     """A detector or threshold was used before it was fitted on in-distribution data."""
 
 

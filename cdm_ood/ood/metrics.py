@@ -66,8 +66,10 @@ def plot_histogram(
     sets: Mapping[str, np.ndarray], path: str | Path, threshold: float | None = None, xlabel: str = "score"
 ) -> Path:
     """Overlaid score histograms (one per set) with the threshold as a vertical line, as a PNG."""
-    values = [np.asarray(v, dtype=np.float64) for v in sets.values() if len(v)]
-    finite = np.concatenate(values)[np.isfinite(np.concatenate(values))] if values else np.zeros(1)
+    sets = {name: np.asarray(v, dtype=np.float64) for name, v in sets.items()}
+    sets = {name: v[np.isfinite(v)] for name, v in sets.items()}  # unscorable images are flagged, not plotted
+    finite = np.concatenate([np.zeros(0), *sets.values()])
+    finite = finite if len(finite) else np.zeros(1)
     bins = np.linspace(finite.min(), finite.max() + 1e-9, 40)
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     for name, scores in sets.items():

@@ -30,12 +30,21 @@ AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
 }
 
 
-def slice_row(source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> dict:
-    """A scored slice (`in`/`ood`), or a `flagged` one (NaN/Inf or constant pixels: not scored)."""
+def judge(score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> tuple[str, str]:
+    """(verdict, reason) of one image, the same on every path (report, Python API, MONAI transform, served model):
+    `flagged` when its pixels (NaN/inf, constant) or its score (NaN/inf) cannot be trusted, else `ood` above the
+    threshold and `in` otherwise. Nothing that could not be scored is ever `in`."""
     if flags:
-        verdict, reason, score = FLAGGED, f"not scored: {', '.join(flags)} pixels", None
-    else:
-        verdict, reason = (OOD, "score above threshold") if score > threshold else (IN, "")
+        return FLAGGED, f"not scored: {', '.join(flags)} pixels"
+    if score is None or not math.isfinite(score):
+        return FLAGGED, f"not scored: the model's score is not finite ({score})"
+    return (OOD, "score above threshold") if score > threshold else (IN, "")
+
+
+def slice_row(source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> dict:
+    """A scored slice (`in`/`ood`), or a `flagged` one (see `judge`; its score is left empty)."""
+    verdict, reason = judge(score, threshold, flags)
+    score = None if verdict == FLAGGED else score
     return {
         "level": "slice", "path": source.path, "slice": source.index, "time_point": source.time_point,
         "volume": source.volume_id, "sop_instance_uid": source.sop_instance_uid, "score": score,
@@ -52,7 +61,8 @@ def error_row(err: DataError) -> dict:
 
 def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> list[dict]:
     """One summary row per volume/series: the `how` aggregate (max, mean, q95) of its slice scores against the
-    threshold; `flagged` when none of its slices could be scored."""
+    threshold; `flagged` when any of its slices could not be scored (a volume with unscored slices never
+    passes), with the aggregate of the others as its score."""
     aggregate = AGGREGATES[how]
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -65,25 +75,32 @@ def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> li
         row = dict.fromkeys(COLUMNS) | {"level": "volume", "volume": volume, "threshold": threshold}
         row["path"] = paths[0] if len(paths) == 1 else str(Path(paths[0]).parent)
         flagged = len(members) - len(scores)
-        note = f"; {flagged} of {len(members)} slices flagged" if flagged else ""
         if len(scores) == 0:
             out.append(row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged)"})
             continue
         score = aggregate(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
-        verdict = OOD if score > threshold else IN
-        reason = f"{how} of {len(scores)} slice scores; {n_ood} slices above threshold{note}"
+        reason = f"{how} of {len(scores)} slice scores; {n_ood} slices above threshold"
+        if flagged:
+            verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged (not scored); {reason}"
+        else:
+            verdict = OOD if score > threshold else IN
         out.append(row | {"score": score, "verdict": verdict, "reason": reason})
     return out
 
 
 def summary(rows: Sequence[dict]) -> dict[str, Any]:
-    """Counts per level and verdict, and whether the gate passes (no failing volume or unreadable file)."""
+    """Counts per level and verdict, and whether the gate passes: at least one volume scored, and no failing
+    volume or unreadable file (a run that scored nothing never passes)."""
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[f"{row['level']}_{row['verdict']}"] += 1
-    passed = not any(r["verdict"] in FAILING for r in rows if r["level"] in ("volume", "file"))
-    return {"passed": passed, **dict(sorted(counts.items()))}
+    scored = any(r["level"] == "volume" and r["verdict"] in (IN, OOD) for r in rows)
+    failing = any(r["verdict"] in FAILING for r in rows if r["level"] in ("volume", "file"))
+    result: dict[str, Any] = {"passed": scored and not failing}
+    if not scored:
+        result["reason"] = "nothing was scored"
+    return {**result, **dict(sorted(counts.items()))}
 
 
 def _clean(value: Any) -> Any:

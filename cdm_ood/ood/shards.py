@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..data.errors import DataError
+from ..data.guards import MAX_VOXELS
 from ..data.readers import SourceFile, discover
 from ..io import write_csv_atomic
 from .api import OODDetector
@@ -29,11 +30,6 @@ _FLOATS = ("score", "threshold")
 _OPTIONAL = (*_INTS, *_FLOATS, "sop_instance_uid")
 
 
-def parts_folder(report: str | Path) -> Path:
-    report = Path(report)
-    return report.with_name(f".{report.name}.parts")
-
-
 def file_key(path: str | Path) -> str:
     """Size and modification time of a file: a changed file is scored again on resume."""
     try:
@@ -44,13 +40,19 @@ def file_key(path: str | Path) -> str:
 
 
 def plan_shard(
-    paths: Sequence[str | Path], parts: Path, rank: int, world: int, resume: bool
+    paths: Sequence[str | Path],
+    parts: Path,
+    rank: int,
+    world: int,
+    resume: bool,
+    max_voxels: int = MAX_VOXELS,
+    exclude: Optional[Callable[[Path], bool]] = None,
 ) -> tuple[list[SourceFile], list[DataError], int]:
     """This rank's share of the files below `paths` (every `world`-th file of the deterministic discovery
     order, and of the files that failed discovery), less those already in `parts` when resuming; returns
-    (files to read, failed files to report, number skipped)."""
+    (files to read, failed files to report, number skipped). `max_voxels` and `exclude` go to `discover`."""
     errors: list[DataError] = []
-    sources = discover([Path(p) for p in paths], on_error=errors.append)
+    sources = discover([Path(p) for p in paths], errors.append, max_voxels, exclude)
     mine, failed = sources[rank::world], errors[rank::world]
     done = done_files(parts) if resume and parts.exists() else set()
     if not done:
@@ -101,7 +103,7 @@ def read_parts(parts: Path) -> list[dict]:
     """All rows of all partial reports (typed as the scorer made them), oldest part first."""
     rows = []
     for path in sorted(parts.glob("rank*.csv"), key=lambda p: int(p.stem.split("-")[1])):
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows += [_typed(r) for r in csv.DictReader(f)]
     return rows
 

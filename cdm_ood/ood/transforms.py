@@ -9,11 +9,14 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from .api import OODDetector
+from .report import IN
 
 
 class ScoreOODd(MapTransform):
-    """Adds `<key>_ood_score` (float) and `<key>_ood` (bool) for each key holding one 2D image (H, W) or
-    (C, H, W) in its own units, e.g. right after `LoadImaged` + `EnsureChannelFirstd`."""
+    """Adds `<key>_ood_score` (float, NaN when not scored), `<key>_ood` (bool: True unless the image is in
+    distribution), `<key>_ood_verdict` (`in`, `ood` or `flagged`) and `<key>_ood_reason` for each key holding one
+    2D image (H, W) or (C, H, W) in its own units, e.g. right after `LoadImaged` + `EnsureChannelFirstd`. The
+    rules and reasons are those of the `cdm-ood score` report: NaN/inf or constant pixels are flagged."""
 
     def __init__(self, keys: KeysCollection, detector: OODDetector, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -22,7 +25,9 @@ class ScoreOODd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            score = float(self.detector.score(d[key])[0])
-            d[f"{key}_ood_score"] = score
-            d[f"{key}_ood"] = score > self.detector.threshold
+            (result,) = self.detector.assess(d[key])
+            d[f"{key}_ood_score"] = result["score"]
+            d[f"{key}_ood"] = result["verdict"] != IN
+            d[f"{key}_ood_verdict"] = result["verdict"]
+            d[f"{key}_ood_reason"] = result["reason"]
         return d

@@ -1,0 +1,90 @@
+"""The files one scoring run writes, claimed before any scoring starts.
+
+A run owns its report, the histogram beside it, the folder of partial reports, a lock file and its temporary
+files. Claiming them checks that the folder can be written (exit 2 before any work, never a lost report at the
+end) and takes an exclusive lock, so a second run with the same `--out` stops at once instead of mixing its
+rows into the first run's report. Discovery leaves the owned files out, so a report inside the scanned folder
+is never scored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+class ReportBusyError(UsageError):
+    """Another run holds the lock of the same report."""
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The outputs of a run that writes `report`."""
+
+    report: Path
+
+    @property
+    def histogram(self) -> Path:
+        return self.report.with_name(f"{self.report.stem}_hist.png")
+
+    @property
+    def parts(self) -> Path:
+        """The folder of partial reports (see `shards`)."""
+        return self.report.with_name(f".{self.report.name}.parts")
+
+    @property
+    def lock(self) -> Path:
+        return self.report.with_name(f".{self.report.name}.lock")
+
+    def owns(self, path: Path) -> bool:
+        """Whether `path` is one of this run's outputs (report, histogram, parts folder, lock, temporary files)."""
+        if os.path.realpath(path.parent) != os.path.realpath(self.report.parent):
+            return False
+        names = (self.report.name, self.histogram.name)
+        return path.name in names or any(path.name.startswith(f".{name}.") for name in names)
+
+    @contextmanager
+    def claimed(self) -> Iterator[None]:
+        """Hold the report for this run: raises `UsageError` if its folder cannot be written, `ReportBusyError`
+        if another run holds it. The lock is released (and its file removed) when the block ends."""
+        folder = self.report.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{self.report.name}.", suffix=".probe"):
+                pass
+            fd = self._lock()
+        except OSError as err:
+            reason = f"cannot write into {folder} ({err.strerror or type(err).__name__})"
+            raise UsageError(f"--out {self.report}: {reason}; nothing was scored") from None
+        try:
+            yield
+        finally:
+            self.lock.unlink(missing_ok=True)
+            os.close(fd)
+
+    def _lock(self) -> int:
+        """An exclusive lock on the lock file; retried when the file was replaced between open and lock."""
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ReportBusyError(
+                    f"--out {self.report}: another cdm-ood run is writing this report (lock {self.lock}); wait for it "
+                    "to finish or choose another --out"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)

@@ -1,0 +1,95 @@
+"""The files a scoring run writes: claimed before scoring (lock, writability), never scored themselves."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from processes import WITHOUT_ROOT_OVERRIDE, cdm
+from test_score import invoke
+
+from cdm_ood.data.phantoms import write_nifti
+from cdm_ood.ood.outputs import ReportBusyError, ReportFiles
+
+
+def slice_paths(report: Path) -> set[str]:
+    with open(report, newline="") as f:
+        return {r["path"] for r in csv.DictReader(f) if r["level"] in ("slice", "file")}
+
+
+def test_a_second_run_on_the_same_report_stops_and_the_first_completes(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    write_nifti(rng.normal(0, 100, (5000, 16, 16)).astype(np.float32), tmp_path / "long.nii.gz")
+    report = tmp_path / "r.csv"
+    args = ["score", tmp_path / "long.nii.gz", "--checkpoint", checkpoint, "--out", report]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    command = [sys.executable, "-m", "cdm_ood.cli", *map(str, args), "--batch-size", "1"]
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = ReportFiles(report).lock
+    deadline = time.time() + 120
+    while not lock.exists():
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.05)
+    second = cdm(*args, cwd=tmp_path)
+    assert first.poll() is None, "the first run must still be scoring when the second one starts"
+    assert second.returncode == 2 and "another cdm-ood run is writing this report" in second.stderr
+    assert "Traceback" not in second.stderr
+    first.communicate(timeout=300)
+    assert first.returncode in (0, 1)
+    with open(report, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sum(r["level"] == "slice" for r in rows) == 5000, "the first run's report is whole"
+    assert not lock.exists() and not ReportFiles(report).parts.exists()
+
+
+def test_the_lock_is_released_and_taken_again(tmp_path):
+    files = ReportFiles(tmp_path / "r.csv")
+    with files.claimed():
+        try:
+            with ReportFiles(tmp_path / "r.csv").claimed():
+                raise AssertionError("a second claim must fail while the first holds the lock")
+        except ReportBusyError:
+            pass
+    with files.claimed():
+        assert files.lock.exists()
+    assert not files.lock.exists()
+
+
+def test_a_report_inside_the_scanned_folder_never_scores_its_own_outputs(checkpoint, scans, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("clean.nii.gz", "spiked.nii.gz"):
+        (folder / name).write_bytes((scans / name).read_bytes())
+    for _ in range(2):
+        out = invoke("score", folder, "--checkpoint", checkpoint, "--out", folder / "r.csv", "--no-fail")
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.stdout.splitlines()[-1]).get("file_unreadable", 0) == 0
+    assert slice_paths(folder / "r.csv") == {str(folder / "clean.nii.gz"), str(folder / "spiked.nii.gz")}
+    assert sorted(p.name for p in folder.iterdir()) == ["clean.nii.gz", "r.csv", "r_hist.png", "spiked.nii.gz"]
+
+
+def test_an_unwritable_report_folder_stops_before_any_scoring(checkpoint, scans, tmp_path):
+    locked = tmp_path / "reports"
+    locked.mkdir(mode=0o555)
+    out = cdm("score", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--out", locked / "r.csv", cwd=tmp_path,
+              prefix=WITHOUT_ROOT_OVERRIDE)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "cannot write into" in out.stderr and "Permission denied" in out.stderr and "Traceback" not in out.stderr
+    assert "scoring" not in out.stderr and list(locked.iterdir()) == []
+
+
+def test_a_read_only_filesystem_stops_before_any_scoring(checkpoint, scans, tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    command = [sys.executable, "-m", "cdm_ood.cli", "score", str(scans / "clean.nii.gz"), "--checkpoint",
+               str(checkpoint), "--out", str(mount / "r.csv")]  # fmt: skip
+    namespace = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]  # a mount of this process alone
+    script = f'mount -t tmpfs -o ro tmpfs "{mount}" && exec "$@"'
+    out = subprocess.run([*namespace, "sh", "-c", script, "sh", *command], cwd=tmp_path, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Read-only file system" in out.stderr and "Traceback" not in out.stderr
