@@ -20,8 +20,7 @@ import torch
 
 from cdm_ood import bits_per_dim, log_likelihood, sample
 from cdm_ood.checkpoint import load_model
-from cdm_ood.cli.common import bundled_config
-from cdm_ood.config import load_config
+from cdm_ood.config import bundled_config, load_config
 from cdm_ood.data.natural import bundled_mnist
 from cdm_ood.figures import image_grid, save_png
 from cdm_ood.tracking import MlflowCallback, RunFolderCallback

@@ -44,6 +44,7 @@ from monai.utils import convert_to_tensor
 from quick_train import train_cdm, train_ema
 
 from cdm_ood import CDMClassifier, NoiseSchedule
+from cdm_ood.config import ScheduleConfig
 from cdm_ood.data.natural import bundled_mnist, sklearn_digits
 from cdm_ood.data.phantoms import ARTIFACTS, corrupt_volume, phantom_volume
 from cdm_ood.data.presets import IntensityPreset, ct_preset, uint8_preset
@@ -52,7 +53,7 @@ from cdm_ood.io import atomic_write
 from cdm_ood.likelihood import log_likelihood_profile_batched
 from cdm_ood.ood.detectors import MultiscaleDetector, NLLDetector
 from cdm_ood.ood.metrics import ood_metrics, plot_auroc_matrix
-from cdm_ood.sampling import ddim_step, timesteps
+from cdm_ood.sampling import ddim_step, strided_levels
 from cdm_ood.tracking import log_job_run
 
 Scorer = Callable[[torch.Tensor], np.ndarray]
@@ -148,7 +149,7 @@ def unet_kwargs() -> dict:
 
 def cdm_scorers(data: Benchmark, kind: str, steps: int, batch: int) -> tuple[dict[str, Scorer], float]:
     """`nll` and `multiscale` of a CDM with the `kind` schedule trained for `steps`."""
-    schedule = getattr(NoiseSchedule, kind)(1000)
+    schedule = NoiseSchedule.from_config(ScheduleConfig(kind=kind, T=1000))
     torch.manual_seed(data.seed)
     model, seconds = train_cdm(CDMClassifier(T=1000, **unet_kwargs()), draw(data.train), schedule, steps,
                                batch=batch, seed=data.seed)  # fmt: skip
@@ -213,7 +214,7 @@ class Reconstruction:
 
     def __init__(self, unet: torch.nn.Module, steps: int) -> None:
         self.unet, self.schedule = unet, NoiseSchedule.linear(1000)
-        self.grid = timesteps(1000, steps)
+        self.grid = strided_levels(1000, steps)
         self.ssim = SSIMMetric(spatial_dims=2, data_range=2.0, win_size=7, reduction="none")
 
     def _reconstruct(self, x0: torch.Tensor, start: int, g: torch.Generator) -> torch.Tensor:

@@ -108,10 +108,10 @@ def check_spec(path: str | Path, payload: dict[str, Any]) -> NoiseSchedule:
 
     try:
         config = load_config(base=payload["config"])
-        stored = payload["schedule"]
-        if int(stored["T"]) != config.schedule.T or stored["kind"] != config.schedule.kind:
-            raise ConfigError(f"schedule: the stored schedule {stored} is not the config's")
-        return NoiseSchedule.from_dict(stored)
+        schedule = NoiseSchedule.from_config(config.schedule)
+        if payload["schedule"] != schedule.to_dict():
+            raise ConfigError(f"schedule: the stored schedule {payload['schedule']} is not the config's")
+        return schedule
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path}: implausible model spec, refused before building it ({err})") from None
 

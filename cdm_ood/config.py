@@ -14,12 +14,17 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
+from .data.natural import NATURAL_DATASETS
+from .data.phantoms import FORMATS, MODALITIES
+from .data.presets import PRESETS
 from .errors import CdmOodError
+from .schedules import KINDS
 
 
 class ConfigError(CdmOodError, ValueError):
@@ -166,12 +171,12 @@ class _Dumper(yaml.SafeDumper):
 
 _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
-CHOICES = {
-    "data.dataset": ("mnist", "digits", "mnist-idx", "fashion-mnist", "cifar10", "image-folder", "folder"),
-    "data.preset": ("uint8", "ct", "mr", "minmax"),
-    "data.phantoms.modality": ("ct", "mr"),
-    "data.phantoms.format": ("nifti", "dicom"),
-    "schedule.kind": ("linear", "uniform", "cosine"),
+CHOICES = {  # allowed values, from the registries that implement them
+    "data.dataset": (*NATURAL_DATASETS, "folder"),
+    "data.preset": PRESETS,
+    "data.phantoms.modality": MODALITIES,
+    "data.phantoms.format": FORMATS,
+    "schedule.kind": KINDS,
     "train.device": ("auto", "cpu", "cuda"),
 }
 
@@ -265,6 +270,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set {key.strip()}: the value is not plain YAML ({problem})") from None
         pairs.append((key.strip(), value))
     return pairs
+
+
+def bundled_config(name_or_path: str) -> Path:
+    """A config path as given, or the bundled `configs/<name>.yaml` when no such file exists."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    bundled = Path(str(files("cdm_ood.configs") / f"{name_or_path}.yaml"))
+    return bundled if bundled.exists() else path
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), base: Optional[dict] = None) -> Config:

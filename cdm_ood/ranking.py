@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Classifier
+from .errors import UsageError
 from .likelihood import log_likelihood_profile_batched
 from .sampling import matching_level
 from .schedules import NoiseSchedule
@@ -76,7 +77,7 @@ def rank_restorations(
     needs neither. sigma is in model units (data scaled to [-1, 1]).
     """
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
+        raise UsageError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
     if criterion in ("map", "noisy-level") and (sigma is None or sigma <= 0):
         raise ValueError(f"criterion {criterion!r} needs a positive noise std sigma")
     if criterion == "map" and observed is None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import Classifier, predict_noise, predict_x0
+from .errors import UsageError
 from .schedules import NoiseSchedule
 
 METHODS = ("ddpm", "ddim", "dpm2")
@@ -50,7 +51,7 @@ def guided_denoiser(
     return eps
 
 
-def timesteps(top: int, steps: int) -> list[int]:
+def strided_levels(top: int, steps: int) -> list[int]:
     """`steps` distinct noise levels from `top` down to 1, evenly strided (every level when steps == top)."""
     if not 1 <= steps <= top:
         raise ValueError(f"steps must be in 1..{top}, got {steps}")
@@ -136,8 +137,8 @@ def sample(
     Each step costs one forward and one backward pass; no graph is kept between steps.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown sampler {method!r}; expected one of {METHODS}")
-    levels = timesteps(schedule.T if t_start is None else t_start, steps)
+        raise UsageError(f"unknown sampler {method!r}; expected one of {METHODS}")
+    levels = strided_levels(schedule.T if t_start is None else t_start, steps)
     eps_fn = guided_denoiser(classifier, schedule, labels, guidance, null_label)
     x = (
         torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)

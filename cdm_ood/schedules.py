@@ -16,8 +16,8 @@ KINDS = ("linear", "uniform", "cosine")
 class NoiseSchedule:
     """alpha_bar_t for t = 0..T+1 with alpha_bar_0 = 1 (clean data) and alpha_bar_{T+1} = 0 (N(0, I) noise).
 
-    Build one with `linear`, `uniform` or `cosine`; `to_dict` / `from_dict` round-trip it through plain
-    Python types so it can live in a `weights_only` checkpoint.
+    Build one with `linear`, `uniform` or `cosine`, or from a run config with `from_config` (the one way configs
+    and checkpoints build it); `to_dict` records it in plain Python types next to the weights.
     """
 
     kind: str
@@ -68,13 +68,14 @@ class NoiseSchedule:
         return {"kind": self.kind, "T": self.T, **self.params}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NoiseSchedule:
-        d = dict(d)
-        try:
-            kind, T = d.pop("kind"), d.pop("T")
-        except KeyError as err:
-            raise ValueError(f"noise schedule dict lacks {err.args[0]!r}: {d}") from None
-        return cls(kind, int(T), {k: float(v) for k, v in d.items()})
+    def from_config(cls, config: Any) -> NoiseSchedule:
+        """The schedule a `cdm_ood.config.ScheduleConfig` describes (kind, T, and beta_start / beta_end for
+        `linear`)."""
+        if config.kind not in KINDS:
+            raise ValueError(f"unknown noise schedule {config.kind!r}; expected one of {KINDS}")
+        if config.kind == "linear":
+            return cls.linear(config.T, config.beta_start, config.beta_end)
+        return cls.uniform(config.T) if config.kind == "uniform" else cls.cosine(config.T)
 
 
 def _linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from .data.natural import load_natural
 from .data.phantoms import make_phantoms
 from .data.presets import IntensityPreset, ct_preset, make_preset
 from .data.transforms import ImageTransformd
+from .distributed import Distributed
 from .likelihood import bits_per_dim, log_likelihood_profile
 from .losses import cdm_loss
 from .ood.calibration import calibrate
@@ -51,24 +51,6 @@ class Callback(Protocol):
 
 
 @dataclass
-class Distributed:
-    """This process's place in a torchrun job (world size 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
 class TrainingData:
     """Train and validation datasets (already mapped to the model's input), the fitted preset and statistics."""
 
@@ -76,13 +58,6 @@ class TrainingData:
     val: CacheDataset
     preset: IntensityPreset
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def build_schedule(config: Config) -> NoiseSchedule:
-    s = config.schedule
-    if s.kind == "linear":
-        return NoiseSchedule.linear(s.T, s.beta_start, s.beta_end)
-    return NoiseSchedule.uniform(s.T) if s.kind == "uniform" else NoiseSchedule.cosine(s.T)
 
 
 def ensure_phantoms(cfg: DataConfig) -> None:
@@ -219,11 +194,10 @@ def train(
     torch.manual_seed(config.train.seed)
     if ddp.main:
         ensure_phantoms(config.data)
-    if ddp.world > 1:
-        dist.barrier()
+    ddp.barrier()
     manifest = out_dir / "split_manifest.csv" if ddp.main else None
     data = build_data(config.data, manifest, on_data_error, config.model.num_classes)
-    schedule = build_schedule(config)
+    schedule = NoiseSchedule.from_config(config.schedule)
     model = build_classifier(config.to_dict(), schedule).to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
     net = DistributedDataParallel(model) if ddp.world > 1 else model  # default mode: right for double backward

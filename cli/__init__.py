@@ -32,14 +32,15 @@ def main() -> None:
     """Out-of-distribution detection for medical images with Classification Diffusion Models."""
 
 
-from .phantoms import make_phantoms  # noqa: E402
-from .rank import rank_restorations  # noqa: E402
-from .sample import denoise, sample  # noqa: E402
-from .score import calibrate, evaluate, score  # noqa: E402
-from .serve import log_model  # noqa: E402
-from .train import train  # noqa: E402
+from .phantoms import make_phantoms_command  # noqa: E402
+from .rank import rank_restorations_command  # noqa: E402
+from .sample import denoise_command, sample_command  # noqa: E402
+from .score import calibrate_command, evaluate_command, score_command  # noqa: E402
+from .serve import log_model_command  # noqa: E402
+from .train import train_command  # noqa: E402
 
-for command in (make_phantoms, train, calibrate, score, evaluate, rank_restorations, sample, denoise, log_model):
+for command in (make_phantoms_command, train_command, calibrate_command, score_command, evaluate_command,
+                rank_restorations_command, sample_command, denoise_command, log_model_command):  # fmt: skip
     main.add_command(command)
 
 __all__ = ["main"]

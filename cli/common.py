@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,6 @@ def setup_logging(rank: int = 0) -> None:
         format="%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s rank {rank} %(message)s",
         datefmt="%H:%M:%S",
     )
-
-
-def bundled_config(name_or_path: str) -> Path:
-    """A config path as given, or the bundled `configs/<name>.yaml` when no such file exists."""
-    path = Path(name_or_path)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
-        return path
-    bundled = Path(str(files("cdm_ood.configs") / f"{name_or_path}.yaml"))
-    return bundled if bundled.exists() else path
 
 
 def open_checkpoint(path: Path, device: str = "cpu") -> Any:

@@ -11,28 +11,30 @@ import click
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of clean phantom volumes.")
 @click.option(
-    "--format", "fmt", type=click.Choice(["dicom", "nifti"]), required=True, help="DICOM series or NIfTI volumes."
+    "--format", "fmt", required=True, help="dicom (series) or nifti (volumes): `cdm_ood.data.phantoms.FORMATS`."
 )
 @click.option("--size", type=click.IntRange(min=16), default=64, show_default=True, help="Rows and columns.")
 @click.option("--slices", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per volume.")
-@click.option("--modality", type=click.Choice(["ct", "mr"]), default="ct", show_default=True)
+@click.option("--modality", default="ct", show_default=True, help="One of `cdm_ood.data.phantoms.MODALITIES`.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of all randomness.")
 @click.option(
     "--corrupt", is_flag=True, help="Also write 12 corrupted copies of each volume (6 artifacts x mild/strong)."
 )
-def make_phantoms(out: Path, n: int, fmt: str, size: int, slices: int, modality: str, seed: int, corrupt: bool) -> None:
+def make_phantoms_command(
+    out: Path, n: int, fmt: str, size: int, slices: int, modality: str, seed: int, corrupt: bool
+) -> None:
     """Write N synthetic phantom volumes into the new or empty folder OUT, plus OUT/manifest.csv.
 
     DICOM volumes are series folders OUT/phantom_0000/slice_000.dcm, ...; NIfTI volumes are
     OUT/phantom_0000.nii.gz, .... CT values are Hounsfield units. Everything is reproducible from --seed.
     """
-    from cdm_ood.data.phantoms import make_phantoms as write_phantoms
+    from cdm_ood.data.phantoms import make_phantoms
 
     def report(done: int, total: int, path: str) -> None:
         click.echo(f"[{done}/{total}] {path}", err=True)
 
     try:
-        manifest = write_phantoms(out, n, fmt, size, slices, modality, seed, corrupt, progress=report)
+        manifest = make_phantoms(out, n, fmt, size, slices, modality, seed, corrupt, progress=report)
     except FileExistsError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"Manifest: {manifest}")

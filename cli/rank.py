@@ -121,7 +121,7 @@ def rank_case(
 @click.argument("candidates", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a training run.")
 @click.option("--observed", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The degraded scan.")
-@click.option("--criterion", type=click.Choice(["prior", "map", "noisy-level"]), default="map", show_default=True)
+@click.option("--criterion", default="map", show_default=True, help="One of `cdm_ood.ranking.CRITERIA`.")
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation (map) "
               "or of the candidates (noisy-level).")  # fmt: skip
 @click.option("--degradation", default="noise", show_default=True, help="noise, or blur:<std in pixels>.")
@@ -132,7 +132,7 @@ def rank_case(
 @click.option("--steps", default=50, show_default=True, help="Sampler steps for --generate.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.csv"), show_default=True)
-def rank_restorations(
+def rank_restorations_command(
     candidates: tuple[Path, ...], checkpoint: Path, observed: Optional[Path], criterion: str, sigma: Optional[float],
     degradation: str, manifest: Optional[Path], generate: int, steps: int, seed: int, out: Path,
 ) -> None:  # fmt: skip
@@ -143,8 +143,11 @@ def rank_restorations(
     Prints and writes the ranking (best first). Exit 1 when a manifest case could not be ranked, 2 on errors.
     """
     from cdm_ood.io import write_csv_atomic
+    from cdm_ood.ranking import CRITERIA
 
     setup_logging()
+    if criterion not in CRITERIA:
+        raise UsageError(f"--criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
     model = open_checkpoint(checkpoint)
     if manifest is None:
         cases = [("case", observed, list(candidates), degradation, sigma)]

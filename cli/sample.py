@@ -17,7 +17,7 @@ from .common import open_checkpoint, setup_logging
 @click.command("sample")
 @click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a run.")
 @click.option("--n", default=64, show_default=True, help="Number of samples.")
-@click.option("--method", type=click.Choice(["ddpm", "ddim", "dpm2"]), default="ddim", show_default=True)
+@click.option("--method", default="ddim", show_default=True, help="A sampler of `cdm_ood.sampling.METHODS`.")
 @click.option("--steps", default=50, show_default=True, help="Network evaluations (noise levels visited).")
 @click.option("--label", type=int, help="Class to sample (class-conditional models).")
 @click.option("--guidance", default=0.0, show_default=True, help="Classifier-free guidance weight w.")
@@ -26,7 +26,7 @@ from .common import open_checkpoint, setup_logging
 @click.option("--npz", type=click.Path(path_type=Path), help="Also write the samples (model space, [-1, 1]).")
 @click.option("--mlflow-run", help="Log the grid to this MLflow run id.")
 @click.option("--tracking-uri", help="MLflow tracking URI for --mlflow-run [default: as for training].")
-def sample(
+def sample_command(
     checkpoint: Path, n: int, method: str, steps: int, label: Optional[int], guidance: float, seed: int, out: Path,
     npz: Optional[Path], mlflow_run: Optional[str], tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
@@ -36,7 +36,7 @@ def sample(
 
     from cdm_ood.figures import image_grid, save_png
     from cdm_ood.io import atomic_path
-    from cdm_ood.sampling import sample as draw
+    from cdm_ood.sampling import sample
 
     setup_logging()
     model = open_checkpoint(checkpoint)
@@ -47,7 +47,7 @@ def sample(
         labels = torch.full((n,), label, dtype=torch.long)
     shape = (n, model.data["channels"], *model.data["size"])
     with click.progressbar(length=steps, label=f"{method}, {steps} steps", file=sys.stderr) as bar:
-        x = draw(model.classifier, model.schedule, shape, method, steps, labels, guidance,
+        x = sample(model.classifier, model.schedule, shape, method, steps, labels, guidance,
                  torch.Generator().manual_seed(seed), null_label=model.classifier.num_classes,
                  callback=lambda i, t, x: bar.update(1))  # fmt: skip
     save_png(image_grid(x), out)
@@ -66,16 +66,16 @@ def sample(
 @click.option("--sigma", required=True, type=float, help="Noise std of the inputs, in model units ([-1, 1] scale).")
 @click.option(
     "--method",
-    type=click.Choice(["mmse", "ddpm", "ddim", "dpm2"]),
     default="mmse",
     show_default=True,
-    help="mmse: the one-step posterior mean; a sampler: the reverse process from the matching noise level.",
+    help="mmse: the one-step posterior mean; a sampler of `cdm_ood.sampling.METHODS`: the reverse process from the "
+    "matching noise level.",
 )
 @click.option("--steps", default=50, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the denoised images.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def denoise(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, out: Path, inputs) -> None:
+def denoise_command(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, out: Path, inputs) -> None:
     """Denoise images (DICOM, NIfTI, PNG): writes <name>[_<slice>].png and .npy (input units) into OUT.
 
     Inputs are read-only; the outputs are at the model's size.
@@ -86,7 +86,7 @@ def denoise(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, 
     from cdm_ood.data import iter_slices
     from cdm_ood.figures import save_png, to_uint8
     from cdm_ood.io import atomic_path
-    from cdm_ood.sampling import denoise as mmse
+    from cdm_ood.sampling import denoise
 
     setup_logging()
     model = open_checkpoint(checkpoint)
@@ -102,7 +102,7 @@ def denoise(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, 
     with click.progressbar(slices, label="denoising", file=sys.stderr) as bar:
         for s in bar:
             x = transform(s.image)[None]
-            clean = mmse(model.classifier, x, model.schedule, sigma, method=None if method == "mmse" else method,
+            clean = denoise(model.classifier, x, model.schedule, sigma, method=None if method == "mmse" else method,
                          steps=steps, generator=generator)[0]  # fmt: skip
             name = Path(s.source.path).name.split(".")[0]
             if per_file[s.source.path] > 1:

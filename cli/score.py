@@ -14,12 +14,11 @@ from cdm_ood.errors import UsageError
 
 from .common import open_checkpoint, setup_logging
 
-DETECTOR_NAMES = ("nll", "multiscale")
 checkpoint_option = click.option(
     "--checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a training run."
 )
 detector_option = click.option(
-    "--detector", type=click.Choice(DETECTOR_NAMES), help="Score to use [default: the checkpoint's calibrated one]."
+    "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
 )
 batch_option = click.option("--batch-size", default=64, show_default=True, help="Slices per forward pass.")
 workers_option = click.option(
@@ -69,7 +68,9 @@ def _id_slices(paths: tuple[Path, ...]):
 @click.option("--fpr", default=0.05, show_default=True, help="Target false-positive rate of the threshold.")
 @detector_option
 @batch_option
-def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int) -> None:
+def calibrate_command(
+    checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int
+) -> None:
     """Fit the detectors on in-distribution scans and store their thresholds in the checkpoint.
 
     The checkpoint is rewritten atomically with the calibration added; its weights are unchanged.
@@ -98,8 +99,9 @@ def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Op
 @detector_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ood-report.csv"),
               show_default=True, help="Report, .csv or .json (written atomically).")  # fmt: skip
-@click.option("--per-volume", type=click.Choice(["max", "mean", "q95"]), default="mean", show_default=True,
-              help="How slice scores make a volume's score (compared with the slice threshold).")  # fmt: skip
+@click.option("--per-volume", default="mean", show_default=True,
+              help="How slice scores make a volume's score, one of `cdm_ood.ood.report.AGGREGATES` (max, mean, "
+                   "q95).")  # fmt: skip
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
 @click.option("--max-voxels", type=click.IntRange(min=1),
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
@@ -110,7 +112,7 @@ def calibrate(checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Op
 @workers_option
 @tracking_option
 @uri_option
-def score(
+def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
     no_fail: bool, max_voxels: int, resume: bool, device: Optional[str], batch_size: int, workers: int,
     mlflow: bool, tracking_uri: Optional[str],
@@ -130,13 +132,14 @@ def score(
     import torch.distributed as dist
 
     from cdm_ood.data.guards import MAX_VOXELS
+    from cdm_ood.distributed import Distributed
     from cdm_ood.ood.metrics import plot_histogram
     from cdm_ood.ood.outputs import ReportFiles
-    from cdm_ood.ood.report import summary, write_report
+    from cdm_ood.ood.report import aggregate, summary, write_report
     from cdm_ood.ood.shards import clear, merge
-    from cdm_ood.training import Distributed
 
     max_voxels = max_voxels or MAX_VOXELS
+    aggregate(per_volume)
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
     if out.suffix.lower() not in (".csv", ".json"):
@@ -155,7 +158,7 @@ def score(
                 claim.enter_context(files.claimed())
             except UsageError as err:
                 problem = err
-        problem = _from_rank0(problem, ddp.world)
+        problem = ddp.from_main(problem)
         if problem is not None:
             raise problem
         _score_shard(scorer, paths, files.parts, ddp, resume, workers, max_voxels, files.owns)
@@ -186,32 +189,14 @@ def _score_shard(scorer, paths, parts: Path, ddp, resume: bool, workers: int, ma
 
     if ddp.main and not resume:
         clear(parts)
-    _barrier(ddp.world)
+    ddp.barrier()
     todo, failed, skipped = plan_shard(paths, parts, ddp.rank, ddp.world, resume, max_voxels, exclude)
     if skipped:
         click.echo(f"rank {ddp.rank}: {skipped} files already scored, skipped", err=True)
     bar = _progress(len(todo), f"scoring ({scorer.name})") if ddp.main else nullcontext()
     with bar:
         score_into_parts(scorer, todo, failed, parts, ddp.rank, workers, progress=bar.update if ddp.main else None)
-    _barrier(ddp.world)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _from_rank0(value, world: int):
-    """`value` as rank 0 has it, on every rank (a torchrun job stops together when rank 0 cannot claim --out)."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    shared = [value]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
+    ddp.barrier()
 
 
 @click.command("evaluate")
@@ -224,7 +209,7 @@ def _from_rank0(value, world: int):
 @batch_option
 @tracking_option
 @uri_option
-def evaluate(
+def evaluate_command(
     checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
     tracking_uri: Optional[str],
 ) -> None:  # fmt: skip

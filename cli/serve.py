@@ -14,7 +14,7 @@ from .common import open_checkpoint, setup_logging
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A calibrated model.pt.")
 @click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or ./mlflow.db].")
 @click.option("--experiment", default="cdm-ood-models", show_default=True)
-def log_model(checkpoint: Path, tracking_uri: Optional[str], experiment: str) -> None:
+def log_model_command(checkpoint: Path, tracking_uri: Optional[str], experiment: str) -> None:
     """Log the checkpoint (weights, preset, calibrated detector and threshold) as a pyfunc model in a new run
     and print its URI, e.g. for `mlflow models serve -m runs:/<id>/model --env-manager local`."""
     from cdm_ood.ood import NotFittedError

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from .common import bundled_config, setup_logging
+from .common import setup_logging
 
 
 @click.command("train")
@@ -21,7 +21,7 @@ from .common import bundled_config, setup_logging
 @click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
 @click.option("--no-tracking", is_flag=True, help="Do not track the run in MLflow.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
-def train(
+def train_command(
     config_path: Optional[str],
     overrides: tuple[str, ...],
     out: Optional[Path],
@@ -36,10 +36,10 @@ def train(
     a few minutes. Multi-GPU or multi-node: `torchrun --nproc_per_node=N -m cdm_ood.cli train ...`.
     """
     from cdm_ood.checkpoint import load_checkpoint
-    from cdm_ood.config import ConfigError, load_config
+    from cdm_ood.config import ConfigError, bundled_config, load_config
+    from cdm_ood.distributed import Distributed
     from cdm_ood.tracking import MlflowCallback, RunFolderCallback
-    from cdm_ood.training import Distributed, latest_checkpoint
-    from cdm_ood.training import train as run_training
+    from cdm_ood.training import latest_checkpoint, train
 
     rank = Distributed.from_env().rank
     setup_logging(rank)
@@ -66,6 +66,6 @@ def train(
     if config.tracking.enabled and not no_tracking:
         callbacks.append(MlflowCallback(tracking_uri or config.tracking.uri, config.tracking.experiment,
                                         config.tracking.run_name))  # fmt: skip
-    model_path = run_training(config, out, resume=checkpoint, callbacks=callbacks)
+    model_path = train(config, out, resume=checkpoint, callbacks=callbacks)
     if rank == 0:
         click.echo(f"checkpoint: {model_path}")

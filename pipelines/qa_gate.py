@@ -23,7 +23,7 @@ from cdm_ood.data.errors import EmptyFolderError
 from cdm_ood.data.readers import discover
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.batch import score_sources
-from cdm_ood.ood.report import summary, write_report
+from cdm_ood.ood.report import AGGREGATES, summary, write_report
 
 
 def already_reported(reports: Path) -> set[str]:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--incoming", required=True, type=Path, help="Folder of new studies (read-only).")
     parser.add_argument("--reports", required=True, type=Path, help="Folder for the dated reports.")
     parser.add_argument("--threshold", default="auto", help="auto, fpr:<x> or a number.")
-    parser.add_argument("--per-volume", default="mean", choices=("max", "mean", "q95"))
+    parser.add_argument("--per-volume", default="mean", choices=tuple(AGGREGATES))
     args = parser.parse_args(argv)
     try:
         detector = OODDetector.from_checkpoint(args.checkpoint, threshold=args.threshold)

@@ -7,7 +7,7 @@ from closed_form import ConditionalMixture, GaussianMixture
 from PIL import Image
 
 from cdm_ood import NoiseSchedule, predict_noise
-from cdm_ood.sampling import ddim_step, denoise, dpm2_step, guided_denoiser, matching_level, sample, timesteps
+from cdm_ood.sampling import ddim_step, denoise, dpm2_step, guided_denoiser, matching_level, sample, strided_levels
 
 SCHEDULE = NoiseSchedule.linear(1000)
 WEIGHTS, MEANS, STDS = torch.tensor([0.3, 0.7]), torch.tensor([-0.5, 0.4]), torch.tensor([0.1, 0.15])
@@ -56,11 +56,11 @@ def test_reproducible_with_a_generator():
 
 
 def test_timesteps_are_distinct_and_strided():
-    assert timesteps(1000, 1000) == list(range(1000, 0, -1))
-    levels = timesteps(1000, 100)
+    assert strided_levels(1000, 1000) == list(range(1000, 0, -1))
+    levels = strided_levels(1000, 100)
     assert len(levels) == len(set(levels)) == 100 and levels[0] == 1000 and levels[-1] == 1
     with pytest.raises(ValueError, match="steps"):
-        timesteps(10, 11)
+        strided_levels(10, 11)
 
 
 def test_dpm_solver_first_step_is_ddim():

@@ -4,6 +4,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from cdm_ood import NoiseSchedule, diffuse
+from cdm_ood.config import ScheduleConfig
 
 
 @pytest.mark.parametrize("make", [NoiseSchedule.linear, NoiseSchedule.uniform, NoiseSchedule.cosine])
@@ -42,9 +43,10 @@ def test_cosine_matches_its_formula_where_unclipped():
 
 
 @pytest.mark.parametrize("s", [NoiseSchedule.linear(50, 2e-4, 0.03), NoiseSchedule.uniform(9), NoiseSchedule.cosine(7)])
-def test_dict_round_trip(s):
-    back = NoiseSchedule.from_dict(s.to_dict())
-    assert back == s
+def test_config_round_trip(s):
+    config = ScheduleConfig(kind=s.kind, T=s.T, **{k: v for k, v in s.params.items() if k.startswith("beta")})
+    back = NoiseSchedule.from_config(config)
+    assert back == s and back.to_dict() == s.to_dict()
     assert torch.equal(back.alpha_bar, s.alpha_bar)
     assert all(isinstance(v, (str, int, float)) for v in s.to_dict().values())
 
@@ -55,7 +57,7 @@ def test_dict_round_trip(s):
 )
 def test_invalid_schedules_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        NoiseSchedule.from_dict(kwargs)
+        NoiseSchedule.from_config(ScheduleConfig(**kwargs))
 
 
 def test_diffuse_endpoints_and_scale():

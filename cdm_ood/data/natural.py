@@ -20,11 +20,11 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from .medical import SPLITS
 from .transforms import LUMA
 
 Sample = dict[str, Any]
 
-SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 VAL_FROM_TRAIN = (0.9, 0.1, 0.0)  # for datasets with an official train/test split: val is carved from train
 _IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801

@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import UsageError
 from ..io import atomic_path, write_csv_atomic
 
 MODALITIES = ("ct", "mr")
@@ -205,7 +206,7 @@ def _paint_slice(anatomy: _Anatomy, values: dict[str, float], size: int, z: floa
 
 def _check_modality(modality: str) -> None:
     if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        raise UsageError(f"modality must be one of {MODALITIES}, got {modality!r}")
 
 
 def phantom_volume(rng: np.random.Generator, size: int = 64, slices: int = 16, modality: str = "ct") -> np.ndarray:
@@ -448,7 +449,7 @@ def make_phantoms(
     path)` is called after each volume is written.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}")
     _check_modality(modality)
     if n < 1 or seed < 0:
         raise ValueError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..data.errors import DataError
 from ..data.records import SliceSource
+from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
 
 COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid", "score", "threshold", "verdict",
@@ -59,11 +60,18 @@ def error_row(err: DataError) -> dict:
     }  # fmt: skip
 
 
+def aggregate(how: str) -> Callable[[np.ndarray], float]:
+    """The per-volume aggregate named `how` (`AGGREGATES`); an unknown name is a usage error."""
+    if how not in AGGREGATES:
+        raise UsageError(f"unknown per-volume aggregate {how!r}; expected one of {', '.join(AGGREGATES)}")
+    return AGGREGATES[how]
+
+
 def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> list[dict]:
     """One summary row per volume/series: the `how` aggregate (max, mean, q95) of its slice scores against the
     threshold; `flagged` when any of its slices could not be scored (a volume with unscored slices never
     passes), with the aggregate of the others as its score."""
-    aggregate = AGGREGATES[how]
+    combine = aggregate(how)
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         if row["level"] == "slice":
@@ -78,7 +86,7 @@ def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> li
         if len(scores) == 0:
             out.append(row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged)"})
             continue
-        score = aggregate(scores)
+        score = combine(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
         reason = f"{how} of {len(scores)} slice scores; {n_ood} slices above threshold"
         if flagged:
