@@ -33,11 +33,11 @@ DEGRADATIONS = {"noise 0.05": (None, 0.05), "noise 0.1": (None, 0.1), "noise 0.2
 
 
 def held_out(model, data: Path | None, n: int) -> torch.Tensor:
-    transform = model.input_transform()
+    transform = model.spec.input_transform()
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
             data = Path(tmp) / "phantoms"
-            make_phantoms(data, max(1, n // 8), "nifti", size=model.data["size"][-1], slices=16, seed=11)
+            make_phantoms(data, max(1, n // 8), "nifti", size=model.spec.size[-1], slices=16, seed=11)
         slices = [s for s in iter_slices(data, on_error=lambda e: None) if not s.flags]
     step = max(1, len(slices) // n)
     return torch.stack([transform(s.image) for s in slices[::step][:n]])

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=32, help="DICOM series of 16 slices each.")
     parser.add_argument("--procs", type=int, default=2)
     args = parser.parse_args()
-    size = load_model(args.checkpoint).data["size"][-1]
+    size = load_model(args.checkpoint).spec.size[-1]
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "archive"

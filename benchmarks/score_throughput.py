@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     detector = OODDetector.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
-    size = detector.model.data["size"][-1]
+    size = detector.model.spec.size[-1]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "scans"
         make_phantoms(folder, args.volumes, "dicom", size=size, slices=16, modality="ct", seed=1)

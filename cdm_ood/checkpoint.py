@@ -10,17 +10,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from monai.transforms import Compose
 
 from .classifier import CDMClassifier
-from .data.presets import IntensityPreset
-from .data.transforms import image_transform
 from .errors import CdmOodError
 from .io import atomic_path
 from .schedules import NoiseSchedule
+from .spec import Calibration, ModelSpec
 
-FORMAT = "cdm-ood/1"
-REQUIRED = ("format", "step", "config", "schedule", "preset", "data", "ema")
+FORMAT = "cdm-ood/2"
+FORMER = "cdm-ood/1"  # the same content under other keys: read, then upgraded in memory
+REQUIRED = ("format", "step", "config", "spec", "ema")
 
 
 class CheckpointError(CdmOodError):
@@ -57,10 +56,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+    if isinstance(payload, dict) and payload.get("format") == FORMER:
+        payload = _upgrade(payload)
     missing = [k for k in REQUIRED if not isinstance(payload, dict) or k not in payload]
     if missing or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (missing {', '.join(missing) or 'format'})")
     return payload
+
+
+def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """A `cdm-ood/1` payload (spec spread over config, preset and data; calibration under "ood") as `cdm-ood/2`."""
+    try:
+        data, config = payload["data"], payload["config"]
+        spec = {"model": config["model"], "schedule": config["schedule"], "preset": payload["preset"],
+                "size": data["size"], "channels": data["channels"], "bit_depth": data["bit_depth"]}  # fmt: skip
+    except (KeyError, TypeError):
+        return payload
+    rest = {k: v for k, v in payload.items() if k not in ("format", "data", "preset", "schedule", "ood")}
+    calibration = {"calibration": payload["ood"]} if payload.get("ood") else {}
+    return {**rest, "format": FORMAT, "spec": spec, **calibration}
+
+
+def store_calibration(path: str | Path, calibration: Calibration) -> Path:
+    """Write `calibration` into the checkpoint at `path` (atomically; the weights are unchanged)."""
+    payload = load_checkpoint(path)
+    payload["calibration"] = calibration.to_dict()
+    return save_checkpoint(path, payload)
 
 
 def ema_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -70,48 +91,24 @@ def ema_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LoadedModel:
-    """Everything scoring needs from a checkpoint: the EMA classifier (eval mode), its schedule and preset."""
+    """Everything scoring needs from a checkpoint: the EMA classifier (eval mode), its spec and schedule, and its
+    OOD calibration (None until calibrated)."""
 
     classifier: CDMClassifier
     schedule: NoiseSchedule
-    preset: IntensityPreset
-    data: dict[str, Any]
+    spec: ModelSpec
     config: dict[str, Any]
     step: int
-    ood: Optional[dict[str, Any]] = None
-
-    def input_transform(self) -> Compose:
-        """Images in their own units -> model input: the stored preset and size, exactly as in training."""
-        return image_transform(self.preset, self.data["size"], self.data["channels"], multiple=1)
+    calibration: Optional[Calibration] = None
 
 
-def build_classifier(config: dict[str, Any], schedule: NoiseSchedule) -> CDMClassifier:
-    """The `CDMClassifier` described by a (resolved) config dict."""
-    model, data = config["model"], config["data"]
-    return CDMClassifier(
-        spatial_dims=len(data["size"]),
-        in_channels=data["channels"],
-        T=schedule.T,
-        channels=tuple(model["channels"]),
-        attention_levels=tuple(model["attention_levels"]),
-        num_res_blocks=model["num_res_blocks"],
-        num_classes=model["num_classes"],
-        norm_num_groups=model["norm_num_groups"],
-        num_head_channels=model["num_head_channels"],
-    )
-
-
-def check_spec(path: str | Path, payload: dict[str, Any]) -> NoiseSchedule:
-    """Validate the stored model spec (config and schedule) against the config schema and its sane bounds before
-    anything is built, and return the schedule; a crafted spec cannot make loading allocate gigabytes."""
-    from .config import ConfigError, load_config
+def check_spec(path: str | Path, payload: dict[str, Any]) -> ModelSpec:
+    """The stored model spec, validated (types, structure, sane bounds) before anything is built: a crafted spec
+    cannot make loading allocate gigabytes."""
+    from .config import ConfigError
 
     try:
-        config = load_config(base=payload["config"])
-        schedule = NoiseSchedule.from_config(config.schedule)
-        if payload["schedule"] != schedule.to_dict():
-            raise ConfigError(f"schedule: the stored schedule {payload['schedule']} is not the config's")
-        return schedule
+        return ModelSpec.from_dict(payload["spec"])
     except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path}: implausible model spec, refused before building it ({err})") from None
 
@@ -128,20 +125,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """The scoring model of a checkpoint (EMA weights), on `device`, in eval mode; the spec is validated before
     the network is built and the weights are checked to be finite."""
     payload = load_checkpoint(path)
-    schedule = check_spec(path, payload)
+    spec = check_spec(path, payload)
     state = ema_state(payload)
     check_weights(path, state)
-    classifier = build_classifier(payload["config"], schedule)
+    classifier = spec.build_classifier()
     try:
         classifier.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit the stored model config ({err})") from None
+        raise CheckpointError(f"{path}: weights do not fit the stored model spec ({err})") from None
+    calibration = payload.get("calibration")
     return LoadedModel(
         classifier=classifier.to(device).eval(),
-        schedule=schedule,
-        preset=IntensityPreset.from_dict(payload["preset"]),
-        data=payload["data"],
+        schedule=spec.noise_schedule(),
+        spec=spec,
         config=payload["config"],
         step=payload["step"],
-        ood=payload.get("ood"),
+        calibration=Calibration.from_dict(calibration) if calibration else None,
     )

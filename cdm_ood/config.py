@@ -13,6 +13,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -200,7 +201,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
-        return _build(hint, value, key)
+        return parse_section(hint, value, key)
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -232,7 +233,8 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {hint} at {key}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+def parse_section(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """The config dataclass `cls` from plain data, every key and type checked (`ConfigError` names the key)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -294,7 +296,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), ba
         tree = loaded
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
-    config = _build(Config, tree)
+    config = parse_section(Config, tree)
     validate(config)
     return config
 
@@ -323,39 +325,23 @@ LIMITS = {"channels": 4096, "levels": 8, "num_res_blocks": 16, "T": 100_000, "nu
 
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express, and the sane bounds of `LIMITS`."""
-    _within_limits(config)
     flat = flatten(config)
     for key, allowed in CHOICES.items():
         if key in flat and flat[key] is not None and flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
-    d, m, t = config.data, config.model, config.train
+    d, t = config.data, config.train
     dims = len(d.size)
-    if dims not in (2, 3) or (d.volumes and dims != 3) or (not d.volumes and dims != 2):
+    if (d.volumes and dims != 3) or (not d.volumes and dims != 2):
         raise ConfigError(f"data.size: {list(d.size)} must have 3 values with data.volumes, else 2")
-    multiple = 2 ** (len(m.channels) - 1)
-    if any(s <= 0 or s % multiple for s in d.size):
-        levels = len(m.channels)
-        raise ConfigError(f"data.size: {list(d.size)} must be multiples of {multiple} for {levels} UNet levels")
-    if len(m.attention_levels) != len(m.channels):
-        raise ConfigError("model.attention_levels: needs one entry per model.channels level")
-    if any(c % m.norm_num_groups for c in m.channels):
-        raise ConfigError(f"model.channels: each must be a multiple of model.norm_num_groups={m.norm_num_groups}")
-    attended = [c for c, a in zip(m.channels, m.attention_levels, strict=False) if a] + [m.channels[-1]]
-    if any(c % m.num_head_channels for c in attended):
-        raise ConfigError(
-            f"model.num_head_channels: {m.num_head_channels} must divide the channels of every attention level and "
-            f"of the last level (the UNet's middle block attends there): {attended}"
-        )
-    if d.channels not in (1, 3):
-        raise ConfigError("data.channels: 1 or 3")
+    validate_model(config.model, config.schedule, d.size, d.channels)
     if d.dataset in ("mnist-idx", "fashion-mnist", "cifar10", "image-folder") and d.root is None:
         raise ConfigError(f"data.root: dataset {d.dataset!r} reads files; give their folder")
     if d.dataset == "folder" and d.root is None:
         raise ConfigError("data.root: dataset 'folder' needs the folder of DICOM/NIfTI scans")
     if d.volumes and d.dataset != "folder":
         raise ConfigError("data.volumes: 3D volumes come from dataset 'folder'")
-    if config.schedule.T < 1 or t.steps < 1 or t.batch_size < 1:
-        raise ConfigError("schedule.T, train.steps and train.batch_size must be positive")
+    if t.steps < 1 or t.batch_size < 1:
+        raise ConfigError("train.steps and train.batch_size must be positive")
     for key in ("log_every", "val_every", "checkpoint_every", "keep_last"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}: must be at least 1")
@@ -367,16 +353,41 @@ def validate(config: Config) -> None:
         raise ConfigError("loss.ce_weight and loss.mse_weight: non-negative, not both 0")
 
 
-def _within_limits(config: Config) -> None:
-    d, m = config.data, config.model
+def validate_model(model: ModelConfig, schedule: ScheduleConfig, size: Sequence[int], channels: int) -> None:
+    """The checks of a network and its input that every model spec must pass (a run config's, or one stored in a
+    checkpoint): the sane bounds of `LIMITS`, then the UNet's structural constraints."""
+    _within_limits(model, schedule, size, channels)
+    m = model
+    if schedule.kind not in CHOICES["schedule.kind"]:
+        raise ConfigError(f"schedule.kind: {schedule.kind!r} is not one of {', '.join(CHOICES['schedule.kind'])}")
+    if len(size) not in (2, 3):
+        raise ConfigError(f"data.size: {list(size)} must have 2 values (slices) or 3 (volumes)")
+    multiple = 2 ** (len(m.channels) - 1)
+    if any(s % multiple for s in size):
+        raise ConfigError(f"data.size: {list(size)} must be multiples of {multiple} for {len(m.channels)} UNet levels")
+    if len(m.attention_levels) != len(m.channels):
+        raise ConfigError("model.attention_levels: needs one entry per model.channels level")
+    if any(c % m.norm_num_groups for c in m.channels):
+        raise ConfigError(f"model.channels: each must be a multiple of model.norm_num_groups={m.norm_num_groups}")
+    attended = [c for c, a in zip(m.channels, m.attention_levels, strict=False) if a] + [m.channels[-1]]
+    if any(c % m.num_head_channels for c in attended):
+        raise ConfigError(
+            f"model.num_head_channels: {m.num_head_channels} must divide the channels of every attention level and "
+            f"of the last level (the UNet's middle block attends there): {attended}"
+        )
+    if channels not in (1, 3):
+        raise ConfigError("data.channels: 1 or 3")
+
+
+def _within_limits(m: ModelConfig, schedule: ScheduleConfig, size: Sequence[int], channels: int) -> None:
     channels_ok = len(m.channels) <= LIMITS["levels"] and all(1 <= c <= LIMITS["channels"] for c in m.channels)
     checks = {
         "model.channels": (channels_ok, f"at most {LIMITS['levels']} levels of 1..{LIMITS['channels']} channels"),
         "model.num_res_blocks": (1 <= m.num_res_blocks <= LIMITS["num_res_blocks"], f"1..{LIMITS['num_res_blocks']}"),
         "model.num_classes": (m.num_classes is None or 1 <= m.num_classes <= LIMITS["num_classes"],
                               f"1..{LIMITS['num_classes']}"),
-        "schedule.T": (1 <= config.schedule.T <= LIMITS["T"], f"1..{LIMITS['T']:,}"),
-        "data.size": (all(s >= 1 for s in d.size) and math.prod(d.size) * d.channels <= LIMITS["input_voxels"],
+        "schedule.T": (1 <= schedule.T <= LIMITS["T"], f"1..{LIMITS['T']:,}"),
+        "data.size": (all(s >= 1 for s in size) and math.prod(size) * channels <= LIMITS["input_voxels"],
                       f"at most {LIMITS['input_voxels']:,} input values per image"),
     }  # fmt: skip
     for key, (ok, bound) in checks.items():

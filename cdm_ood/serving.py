@@ -41,7 +41,7 @@ def score_array(detector: OODDetector, images: np.ndarray) -> pd.DataFrame:
         "reason": [r for _, r in verdicts],
         "threshold": np.full(len(score), detector.threshold),
         "log_likelihood": ll.numpy(),
-        "bits_per_dim": bits_per_dim(ll, detector.num_dims, detector.model.data["bit_depth"]).numpy(),
+        "bits_per_dim": bits_per_dim(ll, detector.num_dims, detector.model.spec.bit_depth).numpy(),
     })  # fmt: skip
 
 
@@ -80,7 +80,7 @@ def log_pyfunc_model(checkpoint: str | Path, name: str = "model") -> Any:
 
     detector = OODDetector.from_checkpoint(checkpoint)
     model = detector.model
-    example = np.zeros((2, model.data["channels"], *model.data["size"]), dtype=np.float32)
+    example = np.zeros((2, model.spec.channels, *model.spec.size), dtype=np.float32)
     with warnings.catch_warnings():  # as above, when MLflow loads the model code to check it
         warnings.simplefilter("ignore", UserWarning)
         return mlflow.pyfunc.log_model(

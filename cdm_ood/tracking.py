@@ -149,7 +149,7 @@ class MlflowCallback:
         from .serving import log_pyfunc_model
 
         mlflow.log_artifact(str(model_path), "checkpoints")
-        if "ood" in load_checkpoint(model_path):
+        if "calibration" in load_checkpoint(model_path):
             log_pyfunc_model(model_path)
             log.info("MLflow model: runs:/%s/model", self.run_id)
         else:

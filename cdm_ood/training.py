@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from .checkpoint import build_classifier, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, DataConfig
 from .data.errors import DataError
 from .data.medical import SPLITS, medical_dataset
@@ -36,6 +36,7 @@ from .likelihood import bits_per_dim, log_likelihood_profile
 from .losses import cdm_loss
 from .ood.calibration import calibrate
 from .schedules import NoiseSchedule
+from .spec import ModelSpec
 
 log = logging.getLogger("cdm_ood.training")
 
@@ -197,8 +198,9 @@ def train(
     ddp.barrier()
     manifest = out_dir / "split_manifest.csv" if ddp.main else None
     data = build_data(config.data, manifest, on_data_error, config.model.num_classes)
-    schedule = NoiseSchedule.from_config(config.schedule)
-    model = build_classifier(config.to_dict(), schedule).to(device)
+    spec = ModelSpec.from_config(config, data.preset)
+    schedule = spec.noise_schedule()
+    model = spec.build_classifier().to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
     net = DistributedDataParallel(model) if ddp.world > 1 else model  # default mode: right for double backward
     o = config.optim
@@ -233,9 +235,7 @@ def train(
         payload = extra | {
             "step": step,
             "config": config.to_dict(),
-            "schedule": schedule.to_dict(),
-            "preset": data.preset.to_dict(),
-            "data": data.stats,
+            "spec": spec.to_dict(),
             "ema": ema.state_dict(),
         }
         if full:
@@ -315,9 +315,9 @@ def calibrate_on_validation(
                     "run `cdm-ood calibrate` on in-distribution data")  # fmt: skip
         return {}
     profiles = dataset_profiles(model, schedule, data.val, config.train.batch_size, device)
-    ood = calibrate(profiles, data.val[0]["image"].numel(), config.data.bit_depth)
-    log.info("calibrated OOD thresholds on %d validation images (fpr %.2f)", len(profiles), ood["fpr"])
-    return {"ood": ood}
+    calibration = calibrate(profiles, data.val[0]["image"].numel(), config.data.bit_depth)
+    log.info("calibrated OOD thresholds on %d validation images (fpr %.2f)", len(profiles), calibration.fpr)
+    return {"calibration": calibration.to_dict()}
 
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:

@@ -44,7 +44,7 @@ def load_images(model: Any, paths: list[Path]):
     from cdm_ood.data.errors import DataError
     from cdm_ood.data.readers import detect_format
 
-    transform = model.input_transform()
+    transform = model.spec.input_transform()
     images, shapes, formats = [], {}, {}
     for path in paths:
         try:
@@ -95,7 +95,7 @@ def rank_case(
             name = out_dir / f"{case}_generated_{i}"
             save_png(to_uint8(image[None])[0, 0], name.with_suffix(".png"))
             with atomic_path(name.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
-                np.save(f, model.preset.inverse(image.numpy()))
+                np.save(f, model.spec.preset.inverse(image.numpy()))
         names = [str(out_dir / f"{case}_generated_{i}.npy") for i in range(len(made))] + names
         cands = made if cands is None or len(cands) == 0 else torch.cat([made, cands])
     if cands is None or len(cands) == 0:

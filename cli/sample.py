@@ -45,7 +45,7 @@ def sample_command(
         if model.classifier.num_classes is None or not 0 <= label < model.classifier.num_classes:
             raise UsageError(f"--label {label}: the model is not conditional on it")
         labels = torch.full((n,), label, dtype=torch.long)
-    shape = (n, model.data["channels"], *model.data["size"])
+    shape = (n, model.spec.channels, *model.spec.size)
     with click.progressbar(length=steps, label=f"{method}, {steps} steps", file=sys.stderr) as bar:
         x = sample(model.classifier, model.schedule, shape, method, steps, labels, guidance,
                  torch.Generator().manual_seed(seed), null_label=model.classifier.num_classes,
@@ -92,9 +92,9 @@ def denoise_command(checkpoint: Path, sigma: float, method: str, steps: int, see
     model = open_checkpoint(checkpoint)
     if out.resolve() in {p.resolve() for p in inputs}:
         raise UsageError("--out must not be one of the inputs")
-    if len(model.data["size"]) != 2:
+    if model.spec.spatial_dims != 2:
         raise UsageError("denoise works on 2D models; this one takes 3D volumes")
-    transform = model.input_transform()
+    transform = model.spec.input_transform()
     errors = []
     slices = list(iter_slices(list(inputs), on_error=errors.append))
     per_file = Counter(s.source.path for s in slices)
@@ -110,7 +110,7 @@ def denoise_command(checkpoint: Path, sigma: float, method: str, steps: int, see
                 name += f"_{s.source.index:03d}"
             save_png(to_uint8(clean[None])[0, 0], out / f"{name}.png")
             with atomic_path(out / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, model.preset.inverse(clean.numpy()))
+                np.save(f, model.spec.preset.inverse(clean.numpy()))
     for err in errors:
         click.echo(f"skipped {err.path}: {err.reason}", err=True)
     click.echo(f"denoised {len(slices)} slices into {out}")

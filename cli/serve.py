@@ -22,6 +22,6 @@ def log_model_command(checkpoint: Path, tracking_uri: Optional[str], experiment:
 
     setup_logging()
     model = open_checkpoint(checkpoint)  # refuses unsafe or broken checkpoints with exit 2
-    if model.ood is None:
+    if model.calibration is None:
         raise NotFittedError(f"{checkpoint} is not calibrated: run `cdm-ood calibrate` first")
     click.echo(log_model_run(checkpoint, tracking_uri, experiment))

@@ -44,7 +44,7 @@ def test_cli_refuses_a_pickle_checkpoint_with_exit_code_2(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"not a zip", "not a readable checkpoint"), (None, "no such checkpoint"), ({"step": 1}, "not a cdm-ood/1")],
+    [(b"not a zip", "not a readable checkpoint"), (None, "no such checkpoint"), ({"step": 1}, "not a cdm-ood/2")],
 )
 def test_unusable_files_get_clear_errors(tmp_path, content, message):
     path = tmp_path / "x.pt"
@@ -57,21 +57,34 @@ def test_unusable_files_get_clear_errors(tmp_path, content, message):
 
 
 def test_save_is_atomic_and_round_trips(tmp_path):
-    payload = {"step": 3, "config": {}, "schedule": {}, "preset": {}, "data": {}, "ema": {"w": torch.ones(2)}}
+    payload = {"step": 3, "config": {}, "spec": {}, "ema": {"w": torch.ones(2)}}
     path = save_checkpoint(tmp_path / "c.pt", payload)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     back = load_checkpoint(path)
-    assert back["format"] == "cdm-ood/1" and torch.equal(back["ema"]["w"], torch.ones(2))
+    assert back["format"] == "cdm-ood/2" and torch.equal(back["ema"]["w"], torch.ones(2))
+
+
+def test_a_format_1_checkpoint_loads_as_the_same_model(checkpoint, tmp_path):
+    payload = load_checkpoint(checkpoint)
+    spec = payload.pop("spec")
+    former = {**payload, "format": "cdm-ood/1", "schedule": load_model(checkpoint).schedule.to_dict(),
+              "preset": spec["preset"], "data": {k: spec[k] for k in ("size", "channels", "bit_depth")},
+              "ood": payload.pop("calibration")}  # fmt: skip
+    torch.save(former, tmp_path / "old.pt")
+    old, new = load_model(tmp_path / "old.pt"), load_model(checkpoint)
+    assert old.spec == new.spec and old.calibration == new.calibration and old.step == new.step
+    assert all(torch.equal(a, b) for a, b in zip(old.classifier.state_dict().values(),
+                                                 new.classifier.state_dict().values(), strict=True))  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "change, key",
     [
-        (lambda p: p["config"]["model"].update(channels=[16384, 16384]), "model.channels"),
-        (lambda p: (p["config"]["schedule"].update(T=2_000_000_000), p["schedule"].update(T=2_000_000_000)),
-         "schedule.T"),
-        (lambda p: p["config"]["data"].update(size=[65536, 65536]), "data.size"),
-        (lambda p: p["schedule"].update(T=2_000_000_000), "schedule"),
+        (lambda p: p["spec"]["model"].update(channels=[16384, 16384]), "model.channels"),
+        (lambda p: p["spec"]["schedule"].update(T=2_000_000_000), "schedule.T"),
+        (lambda p: p["spec"].update(size=[65536, 65536]), "data.size"),
+        (lambda p: p["spec"]["model"].update(channels="many"), "model.channels"),
+        (lambda p: p["spec"].pop("preset"), "preset"),
     ],
 )  # fmt: skip
 def test_a_crafted_model_spec_is_refused_before_anything_is_built(checkpoint, tmp_path, change, key):

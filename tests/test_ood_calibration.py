@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from cdm_ood.checkpoint import load_checkpoint, save_checkpoint
+from cdm_ood.checkpoint import load_checkpoint, save_checkpoint, store_calibration
 from cdm_ood.ood import NotFittedError, calibrate, resolve_threshold, threshold_at_fpr
-from cdm_ood.ood.calibration import store_calibration
 from cdm_ood.ood.metrics import ood_metrics
+from cdm_ood.spec import Calibration
 
 
 @pytest.mark.parametrize("fpr", [0.01, 0.05, 0.2])
@@ -36,21 +36,22 @@ def test_threshold_specs():
 def test_calibration_scores_held_out_images_and_is_plain_data():
     profiles = torch.randn(41, 12, dtype=torch.float64) - 50
     ood = calibrate(profiles, num_dims=16, bit_depth=8, fpr=0.1)
-    assert ood["fpr"] == 0.1 and ood["default"] == "nll" and ood["n_fit"] == 21
-    assert set(ood["detectors"]) == {"nll", "multiscale"}
-    assert all(len(e["id_scores"]) == 20 for e in ood["detectors"].values())
+    assert ood.fpr == 0.1 and ood.default == "nll" and ood.n_fit == 21
+    assert set(ood.detectors) == {"nll", "multiscale"}
+    assert all(len(e.id_scores) == 20 for e in ood.detectors.values())
+    assert Calibration.from_dict(ood.to_dict()) == ood
     with pytest.raises(ValueError, match="at least 4"):
         calibrate(profiles[:3], 16, 8)
 
 
 def test_store_calibration_rewrites_the_checkpoint_loadable_weights_only(tmp_path):
     path = tmp_path / "model.pt"
-    payload = {k: {} for k in ("config", "schedule", "preset", "data")} | {"step": 1, "ema": {"w": torch.ones(2)}}
+    payload = {"config": {}, "spec": {}, "step": 1, "ema": {"w": torch.ones(2)}}
     save_checkpoint(path, payload)
     ood = calibrate(torch.randn(8, 5, dtype=torch.float64), 4, 8)
     store_calibration(path, ood)
     loaded = load_checkpoint(path)
-    assert loaded["ood"] == ood and torch.equal(loaded["ema"]["w"], torch.ones(2))
+    assert Calibration.from_dict(loaded["calibration"]) == ood and torch.equal(loaded["ema"]["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "no temporary file left behind"
 
 

@@ -29,7 +29,7 @@ def invoke(*args) -> Result:
 
 
 def test_training_leaves_a_calibrated_checkpoint(checkpoint):
-    ood = load_checkpoint(checkpoint)["ood"]
+    ood = load_checkpoint(checkpoint)["calibration"]
     assert set(ood["detectors"]) == {"nll", "multiscale"} and ood["fpr"] == 0.05
     detector = OODDetector.from_checkpoint(checkpoint)
     assert detector.name == "nll" and np.isfinite(detector.threshold)
@@ -124,7 +124,8 @@ def test_calibrate_command_rewrites_only_the_calibration(checkpoint, scans, tmp_
                  "--fpr", "0.1")  # fmt: skip
     assert out.exit_code == 0, out.output
     old, new = load_checkpoint(checkpoint), load_checkpoint(copy)
-    assert new["ood"]["fpr"] == 0.1 and new["ood"]["n_fit"] == 4 and new["ood"] != old["ood"]
+    assert new["calibration"]["fpr"] == 0.1 and new["calibration"]["n_fit"] == 4
+    assert new["calibration"] != old["calibration"]
     assert all(torch.equal(old["ema"][k], new["ema"][k]) for k in old["ema"])
 
 

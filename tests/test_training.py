@@ -89,7 +89,7 @@ def test_a_run_writes_checkpoints_metrics_and_a_loadable_model(tmp_path):
     assert {"model", "ema", "optimizer", "scheduler", "rng"} <= set(full) and full["step"] == 6
     assert "optimizer" not in load_checkpoint(model_path)
     loaded = load_model(model_path)
-    assert loaded.preset.name == "uint8" and loaded.data["size"] == [8, 8] and loaded.schedule.T == 10
+    assert loaded.spec.preset.name == "uint8" and loaded.spec.size == (8, 8) and loaded.schedule.T == 10
     raw = {k: v for k, v in full["model"].items()}
     ema = loaded.classifier.state_dict()
     assert any(not torch.equal(raw[k], ema[k]) for k in ema), "the scoring model is the EMA, not the raw weights"
@@ -121,7 +121,7 @@ def test_3d_volume_training(tmp_path):
         ],
     )  # fmt: skip
     loaded = load_model(train(config, tmp_path / "run3d"))
-    assert loaded.data["size"] == [8, 16, 16] and loaded.classifier(torch.zeros(1, 1, 8, 16, 16)).shape == (1, 12)
+    assert loaded.spec.size == (8, 16, 16) and loaded.classifier(torch.zeros(1, 1, 8, 16, 16)).shape == (1, 12)
     assert (tmp_path / "run3d" / "split_manifest.csv").exists()
 
 

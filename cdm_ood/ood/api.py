@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import LoadedModel, load_model
+from ..checkpoint import LoadedModel, load_model, store_calibration
 from ..data.readers import iter_slices
 from ..data.records import quality_flags
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
-from .calibration import DEFAULT_FPR, calibrate, load_detector, resolve_threshold, store_calibration
+from .calibration import DEFAULT_FPR, calibrate, load_detector, resolve_threshold
 from .detectors import NotFittedError
 from .report import IN, judge
 
@@ -40,14 +40,14 @@ class OODDetector:
         batch_size: int = 64,
         image_key: str = "image",
     ) -> None:
-        if len(model.data["size"]) != 2:
+        if model.spec.spatial_dims != 2:
             raise UsageError("OOD scoring works on 2D models; this model takes 3D volumes")
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
-        self.num_dims = model.data["channels"] * int(np.prod(model.data["size"]))
+        self.num_dims = model.spec.num_dims
         self.detector, self.id_scores, self.fpr = load_detector(
-            model.ood, detector, self.num_dims, model.data["bit_depth"]
+            model.calibration, detector, self.num_dims, model.spec.bit_depth
         )
-        self.transform = model.input_transform()
+        self.transform = model.spec.input_transform()
         self._threshold: Optional[float] = None
         if self.id_scores is not None or threshold != "auto":
             self.set_threshold(threshold)
@@ -142,18 +142,19 @@ class OODDetector:
         threshold for the false-positive rate `fpr`; images that cannot be scored are left out. `save` stores the
         result in a checkpoint."""
         profiles = torch.cat([p[torch.isfinite(p).all(dim=1)] for p, _ in map(self.checked_profile, id_inputs)])
-        self.model.ood = calibrate(profiles, self.num_dims, self.model.data["bit_depth"], fpr, default=self.name)
+        bit_depth = self.model.spec.bit_depth
+        self.model.calibration = calibrate(profiles, self.num_dims, bit_depth, fpr, default=self.name)
         self.detector, self.id_scores, self.fpr = load_detector(
-            self.model.ood, self.name, self.num_dims, self.model.data["bit_depth"]
+            self.model.calibration, self.name, self.num_dims, bit_depth
         )
         self.set_threshold("auto")
         return self
 
     def save(self, checkpoint: str | os.PathLike) -> Path:
         """Write the calibration from `fit` into `checkpoint` (atomically)."""
-        if self.model.ood is None:
+        if self.model.calibration is None:
             raise NotFittedError("nothing to save: call fit() first")
-        return store_calibration(checkpoint, self.model.ood)
+        return store_calibration(checkpoint, self.model.calibration)
 
 
 def _as_array(image: np.ndarray | Tensor) -> np.ndarray:

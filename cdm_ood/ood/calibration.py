@@ -1,21 +1,20 @@
 """Thresholds for a target false-positive rate, fitted on in-distribution validation profiles.
 
-The calibration of a model lives in its checkpoint under the key "ood" (plain data, so the checkpoint still
-loads with `weights_only=True`): for each detector its fitted state and its scores on held-out
-in-distribution images, from which any threshold `fpr:<x>` is computed; `auto` uses the stored `fpr`.
+The calibration of a model is a `cdm_ood.spec.Calibration` (stored in its checkpoint by
+`checkpoint.store_calibration`): for each detector its fitted state and its scores on held-out in-distribution
+images, from which any threshold `fpr:<x>` is computed; `auto` uses the stored `fpr`. Everything here is pure.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import numpy as np
 from torch import Tensor
 
-from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import UsageError
+from ..spec import Calibration, DetectorFit
 from .detectors import DETECTORS, Detector, NotFittedError
 
 DEFAULT_FPR = 0.05
@@ -41,20 +40,20 @@ def calibrate(
     fpr: float = DEFAULT_FPR,
     detectors: Sequence[str] = tuple(DETECTORS),
     default: str = DEFAULT_DETECTOR,
-) -> dict[str, Any]:
+) -> Calibration:
     """Fit each detector on the even-indexed in-distribution profiles and score the odd-indexed ones, so the
-    stored scores (and thresholds) are out-of-sample. Returns the checkpoint's "ood" entry."""
+    stored scores (and thresholds) are out-of-sample."""
     threshold_at_fpr(np.zeros(1), fpr)
     if default not in detectors:
         raise ValueError(f"default detector {default!r} is not among {list(detectors)}")
     if len(profiles) < 4:
         raise ValueError(f"calibration needs at least 4 in-distribution images, got {len(profiles)}")
     fit_part, held_out = profiles[0::2], profiles[1::2]
-    entries = {}
+    fits = {}
     for name in detectors:
         detector = DETECTORS[name](num_dims, bit_depth).fit(fit_part)
-        entries[name] = {"state": detector.state(), "id_scores": detector.score(held_out).tolist()}
-    return {"fpr": fpr, "default": default, "n_fit": len(fit_part), "detectors": entries}
+        fits[name] = DetectorFit(detector.state(), tuple(detector.score(held_out).tolist()))
+    return Calibration(fpr, default, len(fit_part), fits)
 
 
 def resolve_threshold(spec: str | float, id_scores: np.ndarray | None, fpr: float | None) -> float:
@@ -83,22 +82,14 @@ def _fraction(text: str) -> float:
 
 
 def load_detector(
-    ood: dict[str, Any] | None, name: str | None, num_dims: int, bit_depth: int
+    calibration: Optional[Calibration], name: str | None, num_dims: int, bit_depth: int
 ) -> tuple[Detector, np.ndarray | None, float | None]:
     """The detector `name` (default: the calibrated default) with its in-distribution scores and fpr; an
     uncalibrated one has neither (it scores only if it needs no fitting, and takes numeric thresholds only)."""
-    ood = ood or {}
-    name = name or ood.get("default", DEFAULT_DETECTOR)
+    name = name or (calibration.default if calibration else DEFAULT_DETECTOR)
     if name not in DETECTORS:
         raise UsageError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
-    entry = ood.get("detectors", {}).get(name)
-    if entry is None:
+    fit = calibration.detectors.get(name) if calibration else None
+    if fit is None:
         return DETECTORS[name](num_dims, bit_depth), None, None
-    return Detector.from_state(entry["state"]), np.asarray(entry["id_scores"]), ood["fpr"]
-
-
-def store_calibration(checkpoint: str | Path, ood: dict[str, Any]) -> Path:
-    """Write the calibration into the checkpoint (atomically: a temporary file renamed over it)."""
-    payload = load_checkpoint(checkpoint)
-    payload["ood"] = ood
-    return save_checkpoint(checkpoint, payload)
+    return Detector.from_state(fit.state), np.asarray(fit.id_scores), calibration.fpr

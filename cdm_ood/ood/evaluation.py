@@ -22,7 +22,7 @@ def evaluate_sets(
 ) -> list[dict]:
     """Metrics rows (detector x OOD set), plus metrics.csv/json, roc_<detector>.png and hist_<detector>.png in
     `out`. Profiles come from one forward pass per image and are shared by all detectors."""
-    names = sorted((model.ood or {}).get("detectors", {})) or ["nll"]
+    names = sorted(model.calibration.detectors) if model.calibration else ["nll"]
     scorers = [OODDetector(model, name, batch_size=batch_size) for name in names]
     profile = scorers[0]
     id_profiles = profile.profile(profile.prepare(id_images))

@@ -1,0 +1,124 @@
+"""`ModelSpec`: what a trained network is and what it takes, stored in its checkpoint and read back typed.
+
+The spec is the architecture (`ModelConfig`), the noise schedule (`ScheduleConfig`), and the input: intensity
+preset, size, channels and bit depth. Everything that builds, feeds or scores a model reads it from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from monai.transforms import Compose
+
+from .classifier import CDMClassifier
+from .config import Config, ModelConfig, ScheduleConfig, parse_section, validate_model
+from .data.presets import IntensityPreset
+from .data.transforms import image_transform
+from .schedules import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network (`model`), its noise schedule and its input (preset, `size`, `channels`, `bit_depth`)."""
+
+    model: ModelConfig
+    schedule: ScheduleConfig
+    preset: IntensityPreset
+    size: tuple[int, ...]
+    channels: int
+    bit_depth: int
+
+    @classmethod
+    def from_config(cls, config: Config, preset: IntensityPreset) -> ModelSpec:
+        """The spec of the model a run config trains, with the preset fitted on its training data."""
+        d = config.data
+        return cls(config.model, config.schedule, preset, tuple(d.size), d.channels, d.bit_depth)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.size)
+
+    @property
+    def num_dims(self) -> int:
+        """d, the number of input values per image (channels x pixels or voxels)."""
+        return self.channels * math.prod(self.size)
+
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_config(self.schedule)
+
+    def build_classifier(self) -> CDMClassifier:
+        """The untrained `CDMClassifier` this spec describes."""
+        m = self.model
+        return CDMClassifier(
+            spatial_dims=self.spatial_dims,
+            in_channels=self.channels,
+            T=self.schedule.T,
+            channels=tuple(m.channels),
+            attention_levels=tuple(m.attention_levels),
+            num_res_blocks=m.num_res_blocks,
+            num_classes=m.num_classes,
+            norm_num_groups=m.norm_num_groups,
+            num_head_channels=m.num_head_channels,
+        )
+
+    def input_transform(self) -> Compose:
+        """Images in their own units -> model input: the stored preset and size, exactly as in training."""
+        return image_transform(self.preset, self.size, self.channels, multiple=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for a `weights_only` checkpoint and MLflow)."""
+        return {
+            "model": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.model).items()},
+            "schedule": dict(vars(self.schedule)),
+            "preset": self.preset.to_dict(),
+            "size": list(self.size),
+            "channels": self.channels,
+            "bit_depth": self.bit_depth,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        """The typed spec, checked like a config (types, structure, sane bounds); raises `ConfigError`."""
+        spec = cls(
+            model=parse_section(ModelConfig, d["model"], "model"),
+            schedule=parse_section(ScheduleConfig, d["schedule"], "schedule"),
+            preset=IntensityPreset.from_dict(d["preset"]),
+            size=tuple(int(s) for s in d["size"]),
+            channels=int(d["channels"]),
+            bit_depth=int(d["bit_depth"]),
+        )
+        validate_model(spec.model, spec.schedule, spec.size, spec.channels)
+        return spec
+
+
+@dataclass(frozen=True)
+class DetectorFit:
+    """One fitted OOD detector: its state (`Detector.state`) and its scores on held-out in-distribution images."""
+
+    state: dict[str, Any]
+    id_scores: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The OOD calibration of a model: every detector's fit, the default detector, and the false-positive rate
+    that the threshold `auto` means (any other rate `fpr:<x>` follows from the stored scores)."""
+
+    fpr: float
+    default: str
+    n_fit: int
+    detectors: dict[str, DetectorFit]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for a `weights_only` checkpoint)."""
+        fits = {k: {"state": v.state, "id_scores": list(v.id_scores)} for k, v in self.detectors.items()}
+        return {"fpr": self.fpr, "default": self.default, "n_fit": self.n_fit, "detectors": fits}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        fits = {
+            k: DetectorFit(dict(v["state"]), tuple(float(s) for s in v["id_scores"])) for k, v in d["detectors"].items()
+        }
+        return cls(float(d["fpr"]), str(d["default"]), int(d["n_fit"]), fits)
