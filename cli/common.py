@@ -1,10 +1,12 @@
-"""Helpers shared by the commands: logging set-up, bundled-config lookup, checkpoint opening."""
+"""Helpers shared by the commands: logging set-up, checkpoint opening, and the options several commands take."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
+
+import click
 
 EXIT_USAGE = 2  # usage errors and unusable checkpoints (every `cdm_ood.errors.CdmOodError`)
 
@@ -23,3 +25,12 @@ def open_checkpoint(path: Path, device: str = "cpu") -> Any:
     from cdm_ood.checkpoint import load_model
 
     return load_model(path, device)
+
+
+# Options shared by several commands, declared once.
+checkpoint_option = click.option(
+    "--checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a training run."
+)
+tracking_uri_option = click.option(
+    "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here]."
+)

@@ -12,7 +12,7 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import open_checkpoint, setup_logging
+from .common import checkpoint_option, open_checkpoint, setup_logging
 
 COLUMNS = ("case", "rank", "candidate", "criterion", "score", "log_prior", "log_observation", "error")
 
@@ -119,7 +119,7 @@ def rank_case(
 
 @click.command("rank-restorations")
 @click.argument("candidates", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a training run.")
+@checkpoint_option
 @click.option("--observed", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The degraded scan.")
 @click.option("--criterion", default="map", show_default=True, help="One of `cdm_ood.ranking.CRITERIA`.")
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation (map) "

@@ -11,11 +11,11 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import open_checkpoint, setup_logging
+from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
 
 
 @click.command("sample")
-@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a run.")
+@checkpoint_option
 @click.option("--n", default=64, show_default=True, help="Number of samples.")
 @click.option("--method", default="ddim", show_default=True, help="A sampler of `cdm_ood.sampling.METHODS`.")
 @click.option("--steps", default=50, show_default=True, help="Network evaluations (noise levels visited).")
@@ -25,7 +25,7 @@ from .common import open_checkpoint, setup_logging
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Sample grid PNG.")
 @click.option("--npz", type=click.Path(path_type=Path), help="Also write the samples (model space, [-1, 1]).")
 @click.option("--mlflow-run", help="Log the grid to this MLflow run id.")
-@click.option("--tracking-uri", help="MLflow tracking URI for --mlflow-run [default: as for training].")
+@tracking_uri_option
 def sample_command(
     checkpoint: Path, n: int, method: str, steps: int, label: Optional[int], guidance: float, seed: int, out: Path,
     npz: Optional[Path], mlflow_run: Optional[str], tracking_uri: Optional[str],
@@ -62,7 +62,7 @@ def sample_command(
 
 
 @click.command("denoise")
-@click.option("--checkpoint", "checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a run.")
+@checkpoint_option
 @click.option("--sigma", required=True, type=float, help="Noise std of the inputs, in model units ([-1, 1] scale).")
 @click.option(
     "--method",

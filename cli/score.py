@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -12,11 +12,8 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import open_checkpoint, setup_logging
+from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
 
-checkpoint_option = click.option(
-    "--checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a training run."
-)
 detector_option = click.option(
     "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
 )
@@ -27,7 +24,6 @@ workers_option = click.option(
 tracking_option = click.option(
     "--mlflow/--no-mlflow", default=False, show_default=True, help="Log this run (report, figures) to MLflow."
 )
-uri_option = click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or ./mlflow.db].")
 
 
 def _detector(
@@ -111,7 +107,7 @@ def calibrate_command(
 @batch_option
 @workers_option
 @tracking_option
-@uri_option
+@tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
     no_fail: bool, max_voxels: int, resume: bool, device: Optional[str], batch_size: int, workers: int,
@@ -133,13 +129,8 @@ def score_command(
 
     from cdm_ood.data.guards import MAX_VOXELS
     from cdm_ood.distributed import Distributed
-    from cdm_ood.ood.metrics import plot_histogram
-    from cdm_ood.ood.outputs import ReportFiles
-    from cdm_ood.ood.report import aggregate, summary, write_report
-    from cdm_ood.ood.shards import clear, merge
+    from cdm_ood.ood.gate import run_gate
 
-    max_voxels = max_voxels or MAX_VOXELS
-    aggregate(per_volume)
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
     if out.suffix.lower() not in (".csv", ".json"):
@@ -150,53 +141,23 @@ def score_command(
     scorer = _detector(checkpoint, detector, batch_size, threshold, device)
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
-    files = ReportFiles(out)
-    with ExitStack() as claim:
-        problem = None
-        if ddp.main:
-            try:
-                claim.enter_context(files.claimed())
-            except UsageError as err:
-                problem = err
-        problem = ddp.from_main(problem)
-        if problem is not None:
-            raise problem
-        _score_shard(scorer, paths, files.parts, ddp, resume, workers, max_voxels, files.owns)
-        if not ddp.main:
-            return
-        rows = merge(files.parts, scorer.threshold, per_volume)
-        info = {"checkpoint": str(checkpoint), "detector": scorer.name, "threshold": scorer.threshold,
-                "per_volume": per_volume, "processes": ddp.world, "max_voxels": max_voxels}  # fmt: skip
-        write_report(out, rows, info)
-        clear(files.parts)
-        slices = [r for r in rows if r["level"] == "slice" and r["score"] is not None]
-        figure = plot_histogram(
-            {v: [r["score"] for r in slices if r["verdict"] == v] for v in ("in", "ood")},
-            files.histogram, scorer.threshold, f"{scorer.name} score (slices)",
+    with ExitStack() as bars:
+
+        def progress_bar(total: int):
+            return bars.enter_context(_progress(total, f"scoring ({scorer.name})")).update
+
+        result = run_gate(
+            scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
+            progress=progress_bar if ddp.main else None, info={"checkpoint": str(checkpoint)},
         )  # fmt: skip
-    result = summary(rows)
-    click.echo(json.dumps({"report": str(out), "histogram": str(figure), **result}))
+    if result is None:  # another rank of a torchrun job: rank 0 reports
+        return
+    click.echo(json.dumps({"report": str(result.report), "histogram": str(result.histogram), **result.summary}))
     if mlflow:
         from cdm_ood.tracking import log_job_run
 
-        log_job_run("score", info, result, [out, figure], tracking_uri)
-    sys.exit(0 if result["passed"] or no_fail else 1)
-
-
-def _score_shard(scorer, paths, parts: Path, ddp, resume: bool, workers: int, max_voxels: int, exclude) -> None:
-    """This rank's share of the files, scored into partial reports (all ranks done when it returns)."""
-    from cdm_ood.ood.shards import clear, plan_shard, score_into_parts
-
-    if ddp.main and not resume:
-        clear(parts)
-    ddp.barrier()
-    todo, failed, skipped = plan_shard(paths, parts, ddp.rank, ddp.world, resume, max_voxels, exclude)
-    if skipped:
-        click.echo(f"rank {ddp.rank}: {skipped} files already scored, skipped", err=True)
-    bar = _progress(len(todo), f"scoring ({scorer.name})") if ddp.main else nullcontext()
-    with bar:
-        score_into_parts(scorer, todo, failed, parts, ddp.rank, workers, progress=bar.update if ddp.main else None)
-    ddp.barrier()
+        log_job_run("score", result.info, result.summary, [result.report, result.histogram], tracking_uri)
+    sys.exit(0 if result.passed or no_fail else 1)
 
 
 @click.command("evaluate")
@@ -208,7 +169,7 @@ def _score_shard(scorer, paths, parts: Path, ddp, resume: bool, workers: int, ma
               help="Folder for metrics.csv, metrics.json, roc_<detector>.png, hist_<detector>.png.")  # fmt: skip
 @batch_option
 @tracking_option
-@uri_option
+@tracking_uri_option
 def evaluate_command(
     checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
     tracking_uri: Optional[str],

@@ -7,12 +7,12 @@ from typing import Optional
 
 import click
 
-from .common import open_checkpoint, setup_logging
+from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
 
 
 @click.command("log-model")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A calibrated model.pt.")
-@click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or ./mlflow.db].")
+@checkpoint_option
+@tracking_uri_option
 @click.option("--experiment", default="cdm-ood-models", show_default=True)
 def log_model_command(checkpoint: Path, tracking_uri: Optional[str], experiment: str) -> None:
     """Log the checkpoint (weights, preset, calibrated detector and threshold) as a pyfunc model in a new run

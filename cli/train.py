@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from .common import setup_logging
+from .common import setup_logging, tracking_uri_option
 
 
 @click.command("train")
@@ -18,7 +18,7 @@ from .common import setup_logging
 )
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/<name>-<time>].")
 @click.option("--resume", type=click.Path(exists=True, path_type=Path), help="Checkpoint (or run folder) to continue.")
-@click.option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db].")
+@tracking_uri_option
 @click.option("--no-tracking", is_flag=True, help="Do not track the run in MLflow.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 def train_command(

@@ -18,12 +18,10 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cdm_ood.checkpoint import CheckpointError
-from cdm_ood.data.errors import EmptyFolderError
-from cdm_ood.data.readers import discover
+from cdm_ood.errors import CdmOodError
 from cdm_ood.ood import OODDetector
-from cdm_ood.ood.batch import score_sources
-from cdm_ood.ood.report import AGGREGATES, summary, write_report
+from cdm_ood.ood.gate import run_gate
+from cdm_ood.ood.report import AGGREGATES
 
 
 def already_reported(reports: Path) -> set[str]:
@@ -45,26 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         detector = OODDetector.from_checkpoint(args.checkpoint, threshold=args.threshold)
-    except (CheckpointError, ValueError) as err:
+        detector.set_threshold(args.threshold)
+    except CdmOodError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.reports.mkdir(parents=True, exist_ok=True)
     seen = already_reported(args.reports)
-    errors: list = []
-    sources = [s for s in discover(args.incoming, on_error=errors.append) if s.path not in seen]
-    errors = [e for e in errors if str(e.path) not in seen and not isinstance(e, EmptyFolderError)]
-    if not sources and not errors:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = run_gate(detector, [args.incoming], args.reports / f"qa-{stamp}.csv", args.per_volume,
+                      exclude=lambda path: str(path) in seen, nothing_new_ok=True)  # fmt: skip
+    if result is None:
         print("nothing new")
         return 0
-    rows = score_sources(detector, sources, errors, args.per_volume)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    report = write_report(args.reports / f"qa-{stamp}.csv", rows, {})
-    result = summary(rows)
-    for row in rows:
+    for row in result.rows:
         if row["level"] in ("volume", "file") and row["verdict"] != "in":
             print(f"{row['verdict'].upper():<10} {row['path']}  {row['reason']}")
-    print(f"report: {report}  passed: {result['passed']}")
-    return 0 if result["passed"] else 1
+    print(f"report: {result.report}  passed: {result.passed}")
+    return 0 if result.passed else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""The QA gate as one library job: claim the report, score every file below the inputs (sharded under torchrun,
+resumable), write the report and its histogram, and decide. `cdm-ood score` and `pipelines/qa_gate.py` call it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..data.errors import EmptyFolderError
+from ..data.guards import MAX_VOXELS
+from ..distributed import Distributed
+from ..errors import UsageError
+from .api import OODDetector
+from .metrics import plot_histogram
+from .outputs import ReportFiles
+from .report import IN, OOD, aggregate, summary, write_report
+from .shards import clear, merge, plan_shard, score_into_parts
+
+log = logging.getLogger("cdm_ood.gate")
+
+
+@dataclass
+class GateResult:
+    """The report's rows, their summary (with `passed`) and the files written."""
+
+    rows: list[dict]
+    summary: dict[str, Any]
+    report: Path
+    histogram: Path
+    info: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.summary["passed"])
+
+
+def run_gate(
+    detector: OODDetector,
+    paths: Sequence[str | Path],
+    report: str | Path,
+    per_volume: str = "mean",
+    workers: int = 0,
+    max_voxels: int = MAX_VOXELS,
+    resume: bool = False,
+    exclude: Optional[Callable[[Path], bool]] = None,
+    nothing_new_ok: bool = False,
+    progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
+    info: Optional[dict[str, Any]] = None,
+) -> Optional[GateResult]:
+    """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
+
+        The report's files are claimed first (`ReportFiles.claimed`: a writable folder, no other run on the same
+        report) and never scored; `exclude(path)` leaves more files out (e.g. those already reported). With
+        `nothing_new_ok` (single process), inputs with no file left to score are no failure: nothing is written and
+        None is returned. `progress(total)`, once the files are known, returns the function to call with each number
+    of files handled (a progress bar's update). Under torchrun every
+        rank calls this; rank 0 merges and returns the result, the other ranks return None.
+    """
+    ddp = Distributed.from_env()
+    aggregate(per_volume)
+    if nothing_new_ok and ddp.world > 1:
+        raise UsageError("nothing_new_ok is for a single process")
+    files = ReportFiles(Path(report))
+
+    def skip(path: Path) -> bool:
+        return files.owns(path) or (exclude is not None and exclude(path))
+
+    with ExitStack() as claim:
+        problem = None
+        if ddp.main:
+            try:
+                claim.enter_context(files.claimed())
+            except UsageError as err:
+                problem = err
+        problem = ddp.from_main(problem)  # every rank stops when rank 0 cannot claim the report
+        if problem is not None:
+            raise problem
+        if ddp.main and not resume:
+            clear(files.parts)
+        ddp.barrier()
+        todo, failed, skipped = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip)
+        if skipped:
+            log.info("rank %d: %d files already scored, skipped", ddp.rank, skipped)
+        if nothing_new_ok:
+            failed = [e for e in failed if not isinstance(e, EmptyFolderError)]
+            if not todo and not failed:
+                return None
+        update = progress(len(todo)) if progress is not None and ddp.main else None
+        score_into_parts(detector, todo, failed, files.parts, ddp.rank, workers, update)
+        ddp.barrier()
+        if not ddp.main:
+            return None
+        rows = merge(files.parts, detector.threshold, per_volume)
+        meta = {**(info or {}), "detector": detector.name, "threshold": detector.threshold, "per_volume": per_volume,
+                "processes": ddp.world, "max_voxels": max_voxels}  # fmt: skip
+        write_report(files.report, rows, meta)
+        clear(files.parts)
+        scored = [r for r in rows if r["level"] == "slice" and r["score"] is not None]
+        histogram = plot_histogram(
+            {v: [r["score"] for r in scored if r["verdict"] == v] for v in (IN, OOD)},
+            files.histogram, detector.threshold, f"{detector.name} score (slices)",
+        )  # fmt: skip
+    return GateResult(rows, summary(rows), files.report, histogram, meta)
