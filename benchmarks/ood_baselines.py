@@ -48,11 +48,11 @@ from cdm_ood.config import ScheduleConfig
 from cdm_ood.data.natural import bundled_mnist, sklearn_digits
 from cdm_ood.data.phantoms import ARTIFACTS, corrupt_volume, phantom_volume
 from cdm_ood.data.presets import IntensityPreset, ct_preset, uint8_preset
-from cdm_ood.figures import image_grid, save_png
+from cdm_ood.figures import image_grid, plot_auroc_matrix, save_png
 from cdm_ood.io import atomic_write
 from cdm_ood.likelihood import log_likelihood_profile_batched
 from cdm_ood.ood.detectors import MultiscaleDetector, NLLDetector
-from cdm_ood.ood.metrics import ood_metrics, plot_auroc_matrix
+from cdm_ood.ood.metrics import ood_metrics
 from cdm_ood.sampling import ddim_step, strided_levels
 from cdm_ood.tracking import log_job_run
 

@@ -31,7 +31,7 @@ def score_array(detector: OODDetector, images: np.ndarray) -> pd.DataFrame:
     images = np.asarray(images, dtype=np.float32)
     batch = images[:, None] if images.ndim == 3 else images
     profile, flags = detector.checked_profile(batch)
-    score = detector.detector.score(profile).numpy()
+    score = detector.score_profiles(profile)
     verdicts = [judge(float(s), detector.threshold, f) for s, f in zip(score, flags, strict=True)]
     ll = profile[:, 0].double()
     return pd.DataFrame({

@@ -47,14 +47,16 @@ def _progress(total: int, label: str):
     return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
 
 
+def _skipped(err) -> None:
+    """Report a file left out of calibration or evaluation (the command goes on)."""
+    click.echo(f"skipped {err.path}: {err.reason}", err=True)
+
+
 def _id_slices(paths: tuple[Path, ...]):
     """Every readable, unflagged slice below `paths` (a skipped file is reported, never fatal)."""
     from cdm_ood.data import iter_slices
 
-    def skip(err) -> None:
-        click.echo(f"skipped {err.path}: {err.reason}", err=True)
-
-    return [s for s in iter_slices(list(paths), on_error=skip) if not s.flags]
+    return [s for s in iter_slices(list(paths), on_error=_skipped) if not s.flags]
 
 
 @click.command("calibrate")
@@ -175,7 +177,7 @@ def evaluate_command(
     tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms."""
-    from cdm_ood.ood.evaluation import evaluate_sets, format_table
+    from cdm_ood.ood.evaluation import evaluate_paths, format_table
 
     setup_logging()
     named = {}
@@ -185,12 +187,7 @@ def evaluate_command(
             raise UsageError(f"--ood {spec}: no such file or folder")
         named[name] = Path(path)
     model = open_checkpoint(checkpoint)
-    id_images = [s.image for s in _id_slices(id_paths)]
-    ood_images = {name: [s.image for s in _id_slices((path,))] for name, path in named.items()}
-    empty = [name for name, images in {"--id": id_images, **ood_images}.items() if not images]
-    if empty:
-        raise UsageError(f"no readable slices in {', '.join(empty)}")
-    rows = evaluate_sets(model, id_images, ood_images, out, batch_size)
+    rows = evaluate_paths(model, id_paths, named, out, batch_size, on_error=_skipped)
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
     if mlflow:

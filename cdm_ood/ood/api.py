@@ -95,7 +95,7 @@ class OODDetector:
         """Per image: `score` (NaN when not scored), `verdict` (`in`, `ood` or `flagged`) and `reason`, exactly as
         in the `cdm-ood score` report."""
         profile, flags = self.checked_profile(inputs)
-        scores = self.detector.score(profile).numpy()
+        scores = self.score_profiles(profile)
         verdicts = [judge(float(s), self.threshold, f) for s, f in zip(scores, flags, strict=True)]
         return [{"score": float(s), "verdict": v, "reason": r} for s, (v, r) in zip(scores, verdicts, strict=True)]
 
@@ -123,15 +123,19 @@ class OODDetector:
         return log_likelihood_profile_batched(self.model.classifier, x.cpu(), self.model.schedule, self.batch_size,
                                               device)  # fmt: skip
 
+    def score_profiles(self, profiles: Tensor) -> np.ndarray:
+        """This detector's scores of likelihood profiles log p_t(x) (B, T+2) already computed."""
+        return self.detector.score(profiles).numpy()
+
     def score_prepared(self, x: Tensor) -> np.ndarray:
         """Scores of a model-space batch."""
-        return self.detector.score(self.profile(x)).numpy()
+        return self.score_profiles(self.profile(x))
 
     def score(self, inputs: Inputs) -> np.ndarray:
         """One score per image (B,), higher = more out-of-distribution; NaN for an image that could not be scored
         (NaN/inf or constant pixels)."""
         profile, _ = self.checked_profile(inputs)
-        return self.detector.score(profile).numpy()
+        return self.score_profiles(profile)
 
     def predict(self, inputs: Inputs) -> np.ndarray:
         """True where an image is not in distribution: above the threshold, or not scorable (`flagged`)."""

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Optional
 
 from ..checkpoint import LoadedModel
+from ..data.errors import DataError
+from ..data.readers import iter_slices
+from ..errors import UsageError
+from ..figures import plot_histogram, plot_roc
 from ..io import atomic_write, write_csv_atomic
 from .api import Inputs, OODDetector
-from .metrics import ood_metrics, plot_histogram, plot_roc
+from .metrics import ood_metrics
 
 METRIC_COLUMNS = ("detector", "ood_set", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out")
 
@@ -30,8 +32,8 @@ def evaluate_sets(
     out = Path(out)
     rows = []
     for scorer in scorers:
-        id_scores = _scores(scorer, id_profiles)
-        sets = {k: _scores(scorer, v) for k, v in ood_profiles.items()}
+        id_scores = scorer.score_profiles(id_profiles)
+        sets = {k: scorer.score_profiles(v) for k, v in ood_profiles.items()}
         for name, scores in sets.items():
             rows.append({"detector": scorer.name, "ood_set": name, "n_id": len(id_scores), "n_ood": len(scores),
                          **ood_metrics(id_scores, scores)})  # fmt: skip
@@ -44,8 +46,24 @@ def evaluate_sets(
     return rows
 
 
-def _scores(scorer: OODDetector, profiles: torch.Tensor) -> np.ndarray:
-    return scorer.detector.score(profiles).numpy()
+def evaluate_paths(
+    model: LoadedModel,
+    id_paths: Sequence[str | Path],
+    ood_paths: Mapping[str, str | Path],
+    out: str | Path,
+    batch_size: int = 64,
+    on_error: Optional[Callable[[DataError], None]] = None,
+) -> list[dict]:
+    """`evaluate_sets` on the scorable slices below the in-distribution paths and each named OOD path; files that
+    cannot be read go to `on_error`; a set without a scorable slice is a `UsageError`."""
+    id_images = [s.image for s in iter_slices(list(id_paths), on_error) if not s.flags]
+    ood_images = {
+        name: [s.image for s in iter_slices(path, on_error) if not s.flags] for name, path in ood_paths.items()
+    }
+    empty = [name for name, images in {"--id": id_images, **ood_images}.items() if not images]
+    if empty:
+        raise UsageError(f"no readable slices in {', '.join(empty)}")
+    return evaluate_sets(model, id_images, ood_images, out, batch_size)
 
 
 def format_table(rows: Sequence[dict]) -> str:

@@ -15,8 +15,8 @@ from ..data.errors import EmptyFolderError
 from ..data.guards import MAX_VOXELS
 from ..distributed import Distributed
 from ..errors import UsageError
+from ..figures import plot_histogram
 from .api import OODDetector
-from .metrics import plot_histogram
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, summary, write_report
 from .shards import clear, merge, plan_shard, score_into_parts
