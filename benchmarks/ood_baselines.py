@@ -45,8 +45,9 @@ from quick_train import train_cdm, train_ema
 
 from cdm_ood import CDMClassifier, NoiseSchedule
 from cdm_ood.config import ScheduleConfig
+from cdm_ood.data.artifacts import ARTIFACTS, corrupt_volume
 from cdm_ood.data.natural import bundled_mnist, sklearn_digits
-from cdm_ood.data.phantoms import ARTIFACTS, corrupt_volume, phantom_volume
+from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.presets import IntensityPreset, ct_preset, uint8_preset
 from cdm_ood.figures import image_grid, plot_auroc_matrix, save_png
 from cdm_ood.io import atomic_write

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from cdm_ood.data.discovery import discover
 from cdm_ood.data.phantoms import make_phantoms
-from cdm_ood.data.readers import discover, iter_slices
+from cdm_ood.data.readers import iter_slices
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.batch import score_sources
 from cdm_ood.ood.report import write_report

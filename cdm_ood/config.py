@@ -21,8 +21,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .data.artifacts import MODALITIES
 from .data.natural import NATURAL_DATASETS
-from .data.phantoms import FORMATS, MODALITIES
+from .data.phantoms import FORMATS
 from .data.presets import PRESETS
 from .errors import CdmOodError
 from .schedules import KINDS

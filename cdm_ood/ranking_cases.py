@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .data import read_file
+from .data.discovery import detect_format
 from .data.errors import DataError
-from .data.readers import detect_format
 from .errors import UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path

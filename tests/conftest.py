@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cdm_ood.config import load_config
-from cdm_ood.data.phantoms import corrupt_volume, phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.data.artifacts import corrupt_volume
+from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
 from cdm_ood.training import train
 
 CONFIG = Path(__file__).parent.parent / "configs" / "phantoms-ct.yaml"

@@ -18,10 +18,11 @@ from processes import cdm
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
+from cdm_ood.data.discovery import discover
 from cdm_ood.data.errors import NotAnImageError, TooLargeError, UnreadableFileError
 from cdm_ood.data.guards import MAX_VOXELS
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
-from cdm_ood.data.readers import discover, iter_slices
+from cdm_ood.data.readers import iter_slices
 
 SECRET = "SMITH^JOHN"
 

@@ -11,14 +11,8 @@ from click.testing import CliRunner
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from cdm_ood.cli import main
-from cdm_ood.data.phantoms import (
-    ARTIFACTS,
-    MANIFEST_COLUMNS,
-    corrupt_volume,
-    ghost_slices,
-    phantom_volume,
-    write_dicom_series,
-)
+from cdm_ood.data.artifacts import ARTIFACTS, corrupt_volume, ghost_slices
+from cdm_ood.data.phantoms import MANIFEST_COLUMNS, phantom_volume, write_dicom_series
 
 SIZE, SLICES = 32, 4
 

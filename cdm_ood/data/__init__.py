@@ -1,11 +1,13 @@
 """Data layer: readers for DICOM / NIfTI / PNG, intensity presets and transforms, datasets and phantoms."""
 
+from .artifacts import ARTIFACTS
+from .discovery import SourceFile, detect_format, discover
 from .errors import DataError, NotAnImageError, UnreadableFileError, UnsupportedFormatError
 from .medical import medical_dataset, split_volumes
 from .natural import NATURAL_DATASETS, load_natural
-from .phantoms import ARTIFACTS, make_phantoms
+from .phantoms import make_phantoms
 from .presets import PRESETS, IntensityPreset, fit_mr_preset, make_preset
-from .readers import SourceFile, detect_format, discover, iter_slices, read_file, read_source
+from .readers import iter_slices, read_file, read_source
 from .records import FLAG_CONSTANT, FLAG_NONFINITE, Slice, SliceSource
 from .transforms import ImageTransformd, ToChannels, ToChannelsd, image_transform
 

@@ -9,7 +9,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..io import write_csv_atomic
-from .readers import ErrorHandler, PathLike, iter_slices
+from .discovery import ErrorHandler, PathLike
+from .readers import iter_slices
 from .records import FLAG_NONFINITE, Slice
 
 SPLITS = ("train", "val", "test")

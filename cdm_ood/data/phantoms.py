@@ -6,7 +6,7 @@ lesions) whose shapes vary smoothly along the slices and randomly per volume. In
 arbitrary positive intensities for MR. Both formats store exactly these numbers: DICOM slice k has pixel array
 `vol[k]`, NIfTI data satisfies `data[:, :, k] == vol[k].T`.
 
-Corrupted copies apply one artifact at a `mild` or `strong` strength (see `ARTIFACTS`), mostly with MONAI
+Corrupted copies apply one artifact of `artifacts.ARTIFACTS` at a `mild` or `strong` strength, mostly with MONAI
 transforms, on the volume rescaled to [0, 1], and are mapped back to the units of the clean scan.
 
 pydicom, nibabel and MONAI are imported inside the functions that need them, so importing this module is cheap.
@@ -24,8 +24,8 @@ import numpy as np
 
 from ..errors import UsageError
 from ..io import atomic_path, write_csv_atomic
+from .artifacts import ARTIFACTS, check_modality, corrupt_volume, to_stored
 
-MODALITIES = ("ct", "mr")
 FORMATS = ("dicom", "nifti")
 MIN_SIZE = 16
 MANIFEST_COLUMNS = (
@@ -40,26 +40,6 @@ MANIFEST_COLUMNS = (
     "size",
     "seed",
 )
-
-# Stored value range per modality: 12-bit CT in HU, and 12-bit unsigned MR intensities.
-VALUE_RANGE = {"ct": (-1024.0, 3071.0), "mr": (0.0, 4095.0)}
-
-# artifact -> {strength: parameter}. Parameters act on the volume rescaled to [0, 1]:
-#   gibbs: GibbsNoise alpha (fraction of k-space radius removed),
-#   spike: amplitude of the k-space spike's stripe pattern, as a fraction of the intensity range,
-#   bias: RandBiasField coefficient bound, coefficients drawn from (-p, p),
-#   rician: RandRicianNoise standard deviation, as a fraction of the intensity range,
-#   ghosting: factor on every GHOST_PERIOD-th phase-encoding line of k-space,
-#   gamma: AdjustContrast gamma.
-ARTIFACTS: dict[str, dict[str, float]] = {
-    "gibbs": {"mild": 0.5, "strong": 0.75},
-    "spike": {"mild": 0.04, "strong": 0.15},
-    "bias": {"mild": 0.1, "strong": 0.3},
-    "rician": {"mild": 0.02, "strong": 0.08},
-    "ghosting": {"mild": 1.4, "strong": 2.5},
-    "gamma": {"mild": 1.5, "strong": 2.5},
-}
-GHOST_PERIOD = 4
 
 # Tissue intensities per modality: (mean, per-volume jitter sd). Painted in the order of the shapes.
 TISSUES = {
@@ -204,17 +184,12 @@ def _paint_slice(anatomy: _Anatomy, values: dict[str, float], size: int, z: floa
     return image
 
 
-def _check_modality(modality: str) -> None:
-    if modality not in MODALITIES:
-        raise UsageError(f"modality must be one of {MODALITIES}, got {modality!r}")
-
-
 def phantom_volume(rng: np.random.Generator, size: int = 64, slices: int = 16, modality: str = "ct") -> np.ndarray:
     """A random phantom volume `vol[k, row, col]`, float32, integer-valued (HU for CT), drawn from `rng`.
 
     Successive calls on one `numpy.random.default_rng(seed)` give the volumes of `make_phantoms(seed=seed)`.
     """
-    _check_modality(modality)
+    check_modality(modality)
     if size < MIN_SIZE or slices < 1:
         raise ValueError(f"need size >= {MIN_SIZE} and slices >= 1, got size={size}, slices={slices}")
     anatomy = _draw_anatomy(rng)
@@ -223,79 +198,7 @@ def phantom_volume(rng: np.random.Generator, size: int = 64, slices: int = 16, m
     zs = np.linspace(0.0, 1.0, slices) if slices > 1 else np.zeros(1)
     volume = np.stack([_paint_slice(anatomy, values, size, float(z)) for z in zs])
     volume += rng.normal(0.0, noise_sd, volume.shape)
-    return _to_stored(volume, modality)
-
-
-def _to_stored(volume: np.ndarray, modality: str) -> np.ndarray:
-    """Round to integers and clip to the modality's stored value range, as float32."""
-    return np.clip(np.rint(volume), *VALUE_RANGE[modality]).astype(np.float32)
-
-
-def ghost_slices(image: np.ndarray, factor: float, period: int = GHOST_PERIOD) -> np.ndarray:
-    """Motion-like ghosting of each 2D slice of `image` (..., rows, cols), with rows as phase-encoding direction.
-
-    Every `period`-th phase-encoding line of the slice's k-space (starting at the centre line) is multiplied by
-    `factor`. A comb of period n in k-space equals the mean of n copies of the image shifted by rows/n, so this
-    gives the image times 1 + (factor - 1) / n plus (factor - 1) / n times its copies shifted by multiples of
-    rows/n along the rows: the periodic ghosts of inconsistent, e.g. respiratory-modulated, phase encoding. The
-    result is divided by 1 + (factor - 1) / n, so the image keeps its intensity and each ghost has the relative
-    amplitude (factor - 1) / (n + factor - 1).
-    """
-    k = np.fft.fft2(image, axes=(-2, -1))
-    k[..., ::period, :] *= factor
-    return np.fft.ifft2(k, axes=(-2, -1)).real / (1.0 + (factor - 1.0) / period)
-
-
-def _spike(unit: np.ndarray, amplitude: float) -> np.ndarray:
-    """One k-space spike per slice, off the centre, whose stripe pattern has the given amplitude."""
-    from monai.transforms import KSpaceSpikeNoise
-
-    rows, cols = unit.shape[-2:]
-    loc = (rows // 2 + max(1, rows // 8), cols // 2 + max(1, cols // 5))
-    # An inverse FFT divides by rows * cols: a coefficient of magnitude amplitude * rows * cols gives stripes of
-    # that amplitude.
-    return KSpaceSpikeNoise(loc, k_intensity=float(np.log(amplitude * rows * cols)))(unit)
-
-
-def _apply_artifact(unit: np.ndarray, artifact: str, parameter: float, seed: int) -> np.ndarray:
-    """A known artifact applied to a volume (slices, rows, cols) in [0, 1]; 2D transforms act on each slice."""
-    from monai.transforms import AdjustContrast, GibbsNoise, RandBiasField, RandRicianNoise
-    from monai.utils import convert_to_numpy
-
-    if artifact == "gibbs":
-        out = GibbsNoise(alpha=parameter)(unit)
-    elif artifact == "spike":
-        out = _spike(unit, parameter)
-    elif artifact == "bias":  # one smooth 3D multiplicative field over the whole volume
-        field = RandBiasField(degree=3, coeff_range=(-parameter, parameter), prob=1.0).set_random_state(seed)
-        out = field(unit[None])[0]
-    elif artifact == "rician":
-        noise = RandRicianNoise(prob=1.0, std=parameter, sample_std=False).set_random_state(seed)
-        out = noise(unit)
-    elif artifact == "ghosting":
-        out = ghost_slices(unit, parameter)
-    else:  # gamma
-        out = AdjustContrast(gamma=parameter)(unit)
-    return convert_to_numpy(out, dtype=np.float64)
-
-
-def corrupt_volume(
-    volume: np.ndarray, artifact: str, strength: str, seed: int, modality: str
-) -> tuple[np.ndarray, float]:
-    """A corrupted copy of `volume` and the artifact's numeric parameter (see `ARTIFACTS`).
-
-    The volume is rescaled to [0, 1] with its own min and max, corrupted, mapped back to the clean scan's units,
-    rounded and clipped like a clean one. `seed` fixes the random artifacts (bias, rician).
-    """
-    _check_modality(modality)
-    if artifact not in ARTIFACTS or strength not in ARTIFACTS[artifact]:
-        raise ValueError(f"unknown artifact/strength {artifact!r}/{strength!r}; known: {ARTIFACTS}")
-    parameter = ARTIFACTS[artifact][strength]
-    lo, hi = float(volume.min()), float(volume.max())
-    span = hi - lo if hi > lo else 1.0
-    unit = ((volume - lo) / span).astype(np.float32)
-    corrupted = _apply_artifact(unit, artifact, parameter, seed)
-    return _to_stored(corrupted * span + lo, modality), parameter
+    return to_stored(volume, modality)
 
 
 def _integer_pixels(image: np.ndarray, dtype: type[np.integer]) -> np.ndarray:
@@ -332,7 +235,7 @@ def write_dicom_series(
         generate_uid,
     )
 
-    _check_modality(modality)
+    check_modality(modality)
     pixels = _integer_pixels(volume, np.int16 if modality == "ct" else np.uint16)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -450,7 +353,7 @@ def make_phantoms(
     """
     if fmt not in FORMATS:
         raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}")
-    _check_modality(modality)
+    check_modality(modality)
     if n < 1 or seed < 0:
         raise ValueError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
     out = Path(out)

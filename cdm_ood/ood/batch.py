@@ -13,9 +13,10 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.discovery import SourceFile, discover
 from ..data.errors import DataError, UnreadableFileError
 from ..data.guards import MAX_VOXELS, redact
-from ..data.readers import SourceFile, discover, read_source
+from ..data.readers import read_source
 from ..data.records import SliceSource
 from .api import OODDetector
 from .report import error_row, slice_row, volume_rows

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Optional
 
+from ..data.discovery import SourceFile, discover
 from ..data.errors import DataError
 from ..data.guards import MAX_VOXELS
-from ..data.readers import SourceFile, discover
 from ..io import write_csv_atomic
 from .api import OODDetector
 from .batch import iter_scored, report_rows

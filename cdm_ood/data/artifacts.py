@@ -1,0 +1,107 @@
+"""Known acquisition artifacts applied to a volume (MONAI transforms and a k-space ghosting comb), at the two
+strengths of `ARTIFACTS`, and the stored value range of each modality that corrupted copies keep."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UsageError
+
+MODALITIES = ("ct", "mr")
+
+# Stored value range per modality: 12-bit CT in HU, and 12-bit unsigned MR intensities.
+VALUE_RANGE = {"ct": (-1024.0, 3071.0), "mr": (0.0, 4095.0)}
+
+# artifact -> {strength: parameter}. Parameters act on the volume rescaled to [0, 1]:
+#   gibbs: GibbsNoise alpha (fraction of k-space radius removed),
+#   spike: amplitude of the k-space spike's stripe pattern, as a fraction of the intensity range,
+#   bias: RandBiasField coefficient bound, coefficients drawn from (-p, p),
+#   rician: RandRicianNoise standard deviation, as a fraction of the intensity range,
+#   ghosting: factor on every GHOST_PERIOD-th phase-encoding line of k-space,
+#   gamma: AdjustContrast gamma.
+ARTIFACTS: dict[str, dict[str, float]] = {
+    "gibbs": {"mild": 0.5, "strong": 0.75},
+    "spike": {"mild": 0.04, "strong": 0.15},
+    "bias": {"mild": 0.1, "strong": 0.3},
+    "rician": {"mild": 0.02, "strong": 0.08},
+    "ghosting": {"mild": 1.4, "strong": 2.5},
+    "gamma": {"mild": 1.5, "strong": 2.5},
+}
+GHOST_PERIOD = 4
+
+
+def check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise UsageError(f"modality must be one of {MODALITIES}, got {modality!r}")
+
+
+def to_stored(volume: np.ndarray, modality: str) -> np.ndarray:
+    """Round to integers and clip to the modality's stored value range, as float32."""
+    return np.clip(np.rint(volume), *VALUE_RANGE[modality]).astype(np.float32)
+
+
+def ghost_slices(image: np.ndarray, factor: float, period: int = GHOST_PERIOD) -> np.ndarray:
+    """Motion-like ghosting of each 2D slice of `image` (..., rows, cols), with rows as phase-encoding direction.
+
+    Every `period`-th phase-encoding line of the slice's k-space (starting at the centre line) is multiplied by
+    `factor`. A comb of period n in k-space equals the mean of n copies of the image shifted by rows/n, so this
+    gives the image times 1 + (factor - 1) / n plus (factor - 1) / n times its copies shifted by multiples of
+    rows/n along the rows: the periodic ghosts of inconsistent, e.g. respiratory-modulated, phase encoding. The
+    result is divided by 1 + (factor - 1) / n, so the image keeps its intensity and each ghost has the relative
+    amplitude (factor - 1) / (n + factor - 1).
+    """
+    k = np.fft.fft2(image, axes=(-2, -1))
+    k[..., ::period, :] *= factor
+    return np.fft.ifft2(k, axes=(-2, -1)).real / (1.0 + (factor - 1.0) / period)
+
+
+def _spike(unit: np.ndarray, amplitude: float) -> np.ndarray:
+    """One k-space spike per slice, off the centre, whose stripe pattern has the given amplitude."""
+    from monai.transforms import KSpaceSpikeNoise
+
+    rows, cols = unit.shape[-2:]
+    loc = (rows // 2 + max(1, rows // 8), cols // 2 + max(1, cols // 5))
+    # An inverse FFT divides by rows * cols: a coefficient of magnitude amplitude * rows * cols gives stripes of
+    # that amplitude.
+    return KSpaceSpikeNoise(loc, k_intensity=float(np.log(amplitude * rows * cols)))(unit)
+
+
+def _apply_artifact(unit: np.ndarray, artifact: str, parameter: float, seed: int) -> np.ndarray:
+    """A known artifact applied to a volume (slices, rows, cols) in [0, 1]; 2D transforms act on each slice."""
+    from monai.transforms import AdjustContrast, GibbsNoise, RandBiasField, RandRicianNoise
+    from monai.utils import convert_to_numpy
+
+    if artifact == "gibbs":
+        out = GibbsNoise(alpha=parameter)(unit)
+    elif artifact == "spike":
+        out = _spike(unit, parameter)
+    elif artifact == "bias":  # one smooth 3D multiplicative field over the whole volume
+        field = RandBiasField(degree=3, coeff_range=(-parameter, parameter), prob=1.0).set_random_state(seed)
+        out = field(unit[None])[0]
+    elif artifact == "rician":
+        noise = RandRicianNoise(prob=1.0, std=parameter, sample_std=False).set_random_state(seed)
+        out = noise(unit)
+    elif artifact == "ghosting":
+        out = ghost_slices(unit, parameter)
+    else:  # gamma
+        out = AdjustContrast(gamma=parameter)(unit)
+    return convert_to_numpy(out, dtype=np.float64)
+
+
+def corrupt_volume(
+    volume: np.ndarray, artifact: str, strength: str, seed: int, modality: str
+) -> tuple[np.ndarray, float]:
+    """A corrupted copy of `volume` and the artifact's numeric parameter (see `ARTIFACTS`).
+
+    The volume is rescaled to [0, 1] with its own min and max, corrupted, mapped back to the clean scan's units,
+    rounded and clipped like a clean one. `seed` fixes the random artifacts (bias, rician).
+    """
+    check_modality(modality)
+    if artifact not in ARTIFACTS or strength not in ARTIFACTS[artifact]:
+        raise ValueError(f"unknown artifact/strength {artifact!r}/{strength!r}; known: {ARTIFACTS}")
+    parameter = ARTIFACTS[artifact][strength]
+    lo, hi = float(volume.min()), float(volume.max())
+    span = hi - lo if hi > lo else 1.0
+    unit = ((volume - lo) / span).astype(np.float32)
+    corrupted = _apply_artifact(unit, artifact, parameter, seed)
+    return to_stored(corrupted * span + lo, modality), parameter
