@@ -3,13 +3,15 @@ EMA copy), so each experiment states only its data, loss and budget."""
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss
+from cdm_ood.training import fit, lr_factor
 
 
 def small_classifier(schedule: NoiseSchedule, channels=(16, 32), attention=(False, False)) -> CDMClassifier:
@@ -26,23 +28,17 @@ def train_ema(
     ema_decay: float = 0.995,
     seed: int = 0,
 ) -> tuple[torch.nn.Module, float]:
-    """Minimise `loss_fn(model, generator)` with Adam; returns the EMA model and the wall time in seconds."""
+    """Minimise `loss_fn(model, generator)` with Adam and linear warm-up in the project's training loop
+    (`cdm_ood.training.fit`); returns the EMA model and the wall time in seconds."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    ema = copy.deepcopy(model).eval()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+    ema.n_averaged.fill_(1)  # average from the initial weights on, not from the first step's
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(warmup_steps, decay_every=1, decay_factor=1.0))
     start = time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
-        loss = loss_fn(model, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1 - ema_decay)
-    return ema, time.perf_counter() - start
+    fit(model, range(steps), lambda _: SimpleNamespace(loss=loss_fn(model, g)), opt, warmup, ema)
+    return ema.module.eval(), time.perf_counter() - start
 
 
 def train_cdm(

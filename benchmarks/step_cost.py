@@ -11,31 +11,33 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 
 from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss, diffuse
+from cdm_ood.training import fit
 
 CHANNELS = (32, 64, 64)
 ATTENTION = (False, False, True)
 
 
 def ddpm_step(unet: DiffusionModelUNet, opt: torch.optim.Optimizer, x0: torch.Tensor, schedule: NoiseSchedule):
-    t = torch.randint(1, schedule.T + 1, (x0.shape[0],))
-    noise = torch.randn_like(x0)
-    loss = F.mse_loss(unet(diffuse(x0, t, noise, schedule), t), noise)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    """One step of the project's training loop (`fit`) on the DDPM eps-prediction loss."""
+
+    def loss(batch: torch.Tensor) -> SimpleNamespace:
+        t = torch.randint(1, schedule.T + 1, (batch.shape[0],))
+        noise = torch.randn_like(batch)
+        return SimpleNamespace(loss=F.mse_loss(unet(diffuse(batch, t, noise, schedule), t), noise))
+
+    fit(unet, [x0], loss, opt)
 
 
 def cdm_step(model: CDMClassifier, opt: torch.optim.Optimizer, x0: torch.Tensor, schedule: NoiseSchedule):
-    loss = cdm_loss(model, x0, schedule).loss
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    """One step of the project's training loop (`fit`) on Algorithm 1."""
+    fit(model, [x0], lambda batch: cdm_loss(model, batch, schedule), opt)
 
 
 def timed(fn, *args) -> float:

@@ -8,10 +8,11 @@ continue exactly. Logging, MLflow and file output leave through `callbacks` (see
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -33,7 +34,7 @@ from .data.presets import IntensityPreset, ct_preset, make_preset
 from .data.transforms import ImageTransformd
 from .distributed import Distributed
 from .likelihood import bits_per_dim, log_likelihood_profile
-from .losses import cdm_loss
+from .losses import CDMLoss, cdm_loss
 from .ood.calibration import calibrate
 from .schedules import NoiseSchedule
 from .spec import ModelSpec
@@ -49,6 +50,9 @@ class Callback(Protocol):
     def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_end(self, model_path: Path) -> None: ...
+
+
+Finisher = Callable[..., dict[str, Any]]  # (ema model, TrainingData, Config, NoiseSchedule, device) -> entries
 
 
 @dataclass
@@ -182,8 +186,11 @@ def train(
     resume: Optional[str | Path] = None,
     callbacks: Sequence[Callback] = (),
     on_data_error: Callable[[DataError], None] = lambda err: log.warning("skipped %s", err),
+    finish: Optional[Sequence[Finisher]] = None,
 ) -> Path:
-    """Train a CDM as configured; returns the path of the final model checkpoint (`out_dir/model.pt`)."""
+    """Train a CDM as configured (the loop is `fit`); returns the path of the final model checkpoint
+    (`out_dir/model.pt`). `finish` callbacks run on the EMA model at the end and add their entries to that
+    checkpoint; by default the OOD calibration on the validation split (`calibrate_on_validation`)."""
     ddp = Distributed.from_env()
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and config.train.device != "cpu" else "gloo")
@@ -248,60 +255,99 @@ def train(
         return save_checkpoint(path, payload)
 
     image_shape = data.train[0]["image"].shape
-    timer = time.perf_counter()
-    while step < config.train.steps:
+
+    def batches() -> Iterator[dict[str, Any]]:
+        """This rank's share of each step's global batch with the step's draws, from `step` to the last step."""
         epoch, position = divmod(step, batches_per_epoch)
-        batches = epoch_batches(sampler, epoch, config.train.batch_size)[position:]
-        loader = DataLoader(data.train, batch_sampler=batches, num_workers=config.data.num_workers)
-        for batch in loader:
-            draws = {k: v[ddp.rank :: ddp.world] for k, v in draw_step_randomness(
-                generator, config, schedule, image_shape, ddp.world).items()}  # fmt: skip
-            x0 = torch.where(draws["flip"].view(-1, *[1] * len(image_shape)), batch["image"].flip(-1), batch["image"])
-            labels = None
-            if config.model.num_classes is not None:
-                labels = torch.where(draws["drop"], model.null_label, batch["label"]).to(device)
-            out = cdm_loss(
-                net, x0.to(device), schedule, ce_weight=config.loss.ce_weight, mse_weight=config.loss.mse_weight,
-                t=draws["t"].to(device), noise=draws["noise"].to(device), labels=labels,
-            )  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if o.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            ema.update_parameters(model)
-            step += 1
-            t = config.train
-            if step % t.log_every == 0 or step == t.steps:
-                elapsed, timer = time.perf_counter() - timer, time.perf_counter()
-                metrics = {
-                    "loss": out.loss.item(), "mse": out.mse.item(), "ce": out.ce.item(),
-                    "accuracy": out.accuracy.item(), "lr": scheduler.get_last_lr()[0],
-                    "steps_per_s": min(t.log_every, step) / elapsed if elapsed > 0 else math.nan,
-                }  # fmt: skip
-                for cb in callbacks:
-                    cb.on_step(step, metrics)
-            if ddp.main and (step % t.val_every == 0 or step == t.steps):
-                metrics = validate(ema.module, data.val, config, schedule, device)
-                for cb in callbacks:
-                    cb.on_validation(step, metrics)
-            if ddp.main and (step % t.checkpoint_every == 0 or step == t.steps):
-                path = save(out_dir / "checkpoints" / f"step_{step:07d}.pt", full=True)
-                prune_checkpoints(path.parent, t.keep_last)
-                for cb in callbacks:
-                    cb.on_checkpoint(step, path)
-            if step >= t.steps:
-                break
+        while True:
+            order = epoch_batches(sampler, epoch, config.train.batch_size)[position:]
+            for batch in DataLoader(data.train, batch_sampler=order, num_workers=config.data.num_workers):
+                draws = {k: v[ddp.rank :: ddp.world] for k, v in draw_step_randomness(
+                    generator, config, schedule, image_shape, ddp.world).items()}  # fmt: skip
+                flip = draws["flip"].view(-1, *[1] * len(image_shape))
+                labels = None
+                if config.model.num_classes is not None:
+                    labels = torch.where(draws["drop"], model.null_label, batch["label"]).to(device)
+                yield {"x0": torch.where(flip, batch["image"].flip(-1), batch["image"]).to(device), "labels": labels,
+                       "t": draws["t"].to(device), "noise": draws["noise"].to(device)}  # fmt: skip
+            epoch, position = epoch + 1, 0
+
+    def loss(batch: dict[str, Any]) -> CDMLoss:
+        """Algorithm 1 on one batch, through the DDP wrapper."""
+        c = config.loss
+        return cdm_loss(net, batch["x0"], schedule, ce_weight=c.ce_weight, mse_weight=c.mse_weight, t=batch["t"],
+                        noise=batch["noise"], labels=batch["labels"])  # fmt: skip
+
+    timer = time.perf_counter()
+
+    def after_step(done: int, out: CDMLoss) -> None:
+        """Log, validate and checkpoint on the configured steps."""
+        nonlocal step, timer
+        step, t = done, config.train
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+            metrics = {
+                "loss": out.loss.item(), "mse": out.mse.item(), "ce": out.ce.item(),
+                "accuracy": out.accuracy.item(), "lr": scheduler.get_last_lr()[0],
+                "steps_per_s": min(t.log_every, step) / elapsed if elapsed > 0 else math.nan,
+            }  # fmt: skip
+            for cb in callbacks:
+                cb.on_step(step, metrics)
+        if ddp.main and (step % t.val_every == 0 or step == t.steps):
+            metrics = validate(ema.module, data.val, config, schedule, device)
+            for cb in callbacks:
+                cb.on_validation(step, metrics)
+        if ddp.main and (step % t.checkpoint_every == 0 or step == t.steps):
+            path = save(out_dir / "checkpoints" / f"step_{step:07d}.pt", full=True)
+            prune_checkpoints(path.parent, t.keep_last)
+            for cb in callbacks:
+                cb.on_checkpoint(step, path)
+
+    remaining = itertools.islice(batches(), max(0, config.train.steps - step))
+    fit(model, remaining, loss, optimizer, scheduler, ema, o.grad_clip, step, [after_step])
     final = out_dir / "model.pt"
     if ddp.main:
-        save(final, full=False, **calibrate_on_validation(ema.module, data, config, schedule, device))
+        entries: dict[str, Any] = {}
+        for hook in (calibrate_on_validation,) if finish is None else finish:
+            entries |= hook(ema.module, data, config, schedule, device)
+        save(final, full=False, **entries)
         for cb in callbacks:
             cb.on_end(final)
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def fit(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    loss: Callable[[Any], Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+    ema: Optional[AveragedModel] = None,
+    grad_clip: Optional[float] = None,
+    step: int = 0,
+    after_step: Sequence[Callable[[int, Any], None]] = (),
+) -> int:
+    """The one training loop: for each batch, `loss(batch)` (an object with a `.loss` tensor, e.g. `CDMLoss`),
+    backward, optional gradient-norm clipping, an optimizer and a scheduler step, the EMA update; then each
+    `after_step(step, output)` with the number of steps done. Returns that number."""
+    for batch in batches:
+        out = loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        step += 1
+        for hook in after_step:
+            hook(step, out)
+    return step
 
 
 def calibrate_on_validation(

@@ -52,13 +52,6 @@ def _skipped(err) -> None:
     click.echo(f"skipped {err.path}: {err.reason}", err=True)
 
 
-def _id_slices(paths: tuple[Path, ...]):
-    """Every readable, unflagged slice below `paths` (a skipped file is reported, never fatal)."""
-    from cdm_ood.data import iter_slices
-
-    return [s for s in iter_slices(list(paths), on_error=_skipped) if not s.flags]
-
-
 @click.command("calibrate")
 @checkpoint_option
 @click.option("--data", "data", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
@@ -73,20 +66,12 @@ def calibrate_command(
 
     The checkpoint is rewritten atomically with the calibration added; its weights are unchanged.
     """
-    setup_logging()
-    from cdm_ood.ood import DEFAULT_DETECTOR
+    from cdm_ood.ood.api import calibrate_checkpoint
 
-    scorer = _detector(checkpoint, detector or DEFAULT_DETECTOR, batch_size, threshold=0.0)  # refitted below
-    slices = _id_slices(data)
-    if len(slices) < 4:
-        raise UsageError(f"calibration needs at least 4 readable in-distribution slices, found {len(slices)}")
-    try:
-        scorer.fit([[s.image for s in slices[i : i + batch_size]] for i in range(0, len(slices), batch_size)], fpr)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    scorer.save(checkpoint)
-    click.echo(f"calibrated on {len(slices)} slices: {scorer.name} threshold {scorer.threshold:.4g} "
-               f"(fpr {fpr}) stored in {checkpoint}")  # fmt: skip
+    setup_logging()
+    scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, on_error=_skipped)
+    click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
+               f"{checkpoint}")  # fmt: skip
 
 
 @click.command("score")

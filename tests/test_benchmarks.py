@@ -34,6 +34,11 @@ def test_ablations_then_denoising_run(tmp_path):
     assert "CDM MSE" in out
 
 
+def test_step_cost_runs():
+    out = run("step_cost.py", "--steps", 1, "--batch", 4, "--size", 16, "--threads", 1)
+    assert "ratio CDM/DDPM" in out and "CDM step" in out
+
+
 def test_likelihood_cost_runs():
     assert "ratio:" in run("likelihood_cost.py", "--images", 1, "--timesteps", 20, "--bpd-images", 4, "--no-tracking")
 

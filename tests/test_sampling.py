@@ -153,3 +153,11 @@ def test_sample_grid_is_logged_to_a_given_mlflow_run(checkpoint, tmp_path):
                  "--mlflow-run", run.info.run_id, "--tracking-uri", uri)  # fmt: skip
     assert out.exit_code == 0, out.output
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/g.png"]
+
+
+def test_denoise_command_never_denoises_slices_it_cannot_trust(checkpoint, scans, tmp_path):
+    from test_score import invoke
+
+    out = invoke("denoise", "--checkpoint", checkpoint, "--sigma", 0.1, scans / "blank.png", "--out", tmp_path / "d")
+    assert out.exit_code == 1 and "not denoised: constant pixels" in out.stderr
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())

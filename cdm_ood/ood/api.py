@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import LoadedModel, load_model, store_calibration
+from ..data.errors import DataError
 from ..data.readers import iter_slices
 from ..data.records import quality_flags
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
-from .calibration import DEFAULT_FPR, calibrate, load_detector, resolve_threshold
+from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, calibrate, load_detector, resolve_threshold
 from .detectors import NotFittedError
 from .report import IN, judge
 
@@ -159,6 +160,29 @@ class OODDetector:
         if self.model.calibration is None:
             raise NotFittedError("nothing to save: call fit() first")
         return store_calibration(checkpoint, self.model.calibration)
+
+
+def calibrate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: Sequence[str | os.PathLike],
+    fpr: float = DEFAULT_FPR,
+    detector: Optional[str] = None,
+    batch_size: int = 64,
+    on_error: Optional[Callable[[DataError], None]] = None,
+) -> tuple[OODDetector, int]:
+    """Fit every detector on the scorable in-distribution slices below `data` and store the calibration in the
+    checkpoint (atomically, weights unchanged); returns the calibrated detector and the number of slices used.
+    Files that cannot be read go to `on_error`."""
+    scorer = OODDetector.from_checkpoint(checkpoint, detector or DEFAULT_DETECTOR, threshold=0.0, batch_size=batch_size)
+    images = [s.image for s in iter_slices(list(data), on_error) if not s.flags]
+    if len(images) < 4:
+        raise UsageError(f"calibration needs at least 4 readable in-distribution slices, found {len(images)}")
+    try:
+        scorer.fit([images[i : i + batch_size] for i in range(0, len(images), batch_size)], fpr)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    scorer.save(checkpoint)
+    return scorer, len(images)
 
 
 def _as_array(image: np.ndarray | Tensor) -> np.ndarray:
