@@ -120,10 +120,6 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
-    if out.suffix.lower() not in (".csv", ".json"):
-        raise UsageError(f"--out {out}: the report must be .csv or .json")
-    if out.resolve() in {p.resolve() for p in paths}:
-        raise UsageError("--out must not be one of the inputs")
     device = device or (f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
     scorer = _detector(checkpoint, detector, batch_size, threshold, device)
     if ddp.world > 1 and not dist.is_initialized():

@@ -7,15 +7,14 @@ batch goes on; inputs are only ever opened for reading.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.discovery import SourceFile, discover
+from ..data.discovery import SourceFile
 from ..data.errors import DataError, UnreadableFileError
-from ..data.guards import MAX_VOXELS, redact
+from ..data.guards import redact
 from ..data.readers import read_source
 from ..data.records import SliceSource
 from .api import OODDetector
@@ -48,20 +47,6 @@ class PreparedFiles(Dataset):
 
 def _as_is(item: Prepared) -> Prepared:
     return item
-
-
-def score_paths(
-    detector: OODDetector,
-    paths: Sequence[str | Path],
-    per_volume: str = "mean",
-    workers: int = 0,
-    max_voxels: int = MAX_VOXELS,
-) -> list[dict]:
-    """Report rows for every file below `paths` (files or folders): see `score_sources`; files declaring more
-    than `max_voxels` voxels are refused unread."""
-    errors: list[DataError] = []
-    sources = discover([Path(p) for p in paths], errors.append, max_voxels)
-    return score_sources(detector, sources, errors, per_volume, workers)
 
 
 def score_sources(

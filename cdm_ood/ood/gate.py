@@ -54,18 +54,23 @@ def run_gate(
 ) -> Optional[GateResult]:
     """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
 
-        The report's files are claimed first (`ReportFiles.claimed`: a writable folder, no other run on the same
-        report) and never scored; `exclude(path)` leaves more files out (e.g. those already reported). With
-        `nothing_new_ok` (single process), inputs with no file left to score are no failure: nothing is written and
-        None is returned. `progress(total)`, once the files are known, returns the function to call with each number
-    of files handled (a progress bar's update). Under torchrun every
-        rank calls this; rank 0 merges and returns the result, the other ranks return None.
+    The report's files are claimed first (`ReportFiles.claimed`: a writable folder, no other run on the same
+    report) and never scored; `exclude(path)` leaves more files out (e.g. those already reported). With
+    `nothing_new_ok` (single process), inputs with no file left to score are no failure: nothing is written and
+    None is returned. `progress(total)`, once the files are known, returns the function to call with each number
+    of files handled (a progress bar's update). Under torchrun every rank calls this; rank 0 merges and returns
+    the result, the other ranks return None.
     """
+    report = Path(report)
+    if report.suffix.lower() not in (".csv", ".json"):
+        raise UsageError(f"--out {report}: the report must be .csv or .json")
+    if report.resolve() in {Path(p).resolve() for p in paths}:
+        raise UsageError("--out must not be one of the inputs")
     ddp = Distributed.from_env()
     aggregate(per_volume)
     if nothing_new_ok and ddp.world > 1:
         raise UsageError("nothing_new_ok is for a single process")
-    files = ReportFiles(Path(report))
+    files = ReportFiles(report)
 
     def skip(path: Path) -> bool:
         return files.owns(path) or (exclude is not None and exclude(path))

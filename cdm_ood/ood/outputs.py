@@ -45,10 +45,10 @@ class ReportFiles:
 
     def owns(self, path: Path) -> bool:
         """Whether `path` is one of this run's outputs (report, histogram, parts folder, lock, temporary files)."""
-        if os.path.realpath(path.parent) != os.path.realpath(self.report.parent):
-            return False
         names = (self.report.name, self.histogram.name)
-        return path.name in names or any(path.name.startswith(f".{name}.") for name in names)
+        if path.name not in names and not any(path.name.startswith(f".{name}.") for name in names):
+            return False  # the cheap test first: this runs for every file discovery walks
+        return os.path.realpath(path.parent) == os.path.realpath(self.report.parent)
 
     @contextmanager
     def claimed(self) -> Iterator[None]:
