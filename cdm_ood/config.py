@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .configs import bundled_names
 from .data.artifacts import MODALITIES
 from .data.natural import NATURAL_DATASETS
 from .data.phantoms import FORMATS
@@ -276,12 +277,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def bundled_config(name_or_path: str) -> Path:
-    """A config path as given, or the bundled `configs/<name>.yaml` when no such file exists."""
+    """A config path as given, or the bundled `configs/<name>.yaml` when no such file exists; a name that is
+    neither is a `ConfigError` listing the bundled names."""
     path = Path(name_or_path)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
     bundled = Path(str(files("cdm_ood.configs") / f"{name_or_path}.yaml"))
-    return bundled if bundled.exists() else path
+    if not bundled.exists():
+        raise ConfigError(f"--config {name_or_path}: no such file and no bundled config of that name (bundled: "
+                          f"{', '.join(bundled_names())})")  # fmt: skip
+    return bundled
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), base: Optional[dict] = None) -> Config:

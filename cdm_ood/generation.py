@@ -1,23 +1,27 @@
 """The CDM as a generative model and as a denoiser, as jobs over files (`cdm-ood sample`, `cdm-ood denoise`):
 a grid of samples (`sampling.sample`), and every slice below the inputs through the denoiser (`sampling.denoise`:
-the one-step posterior mean of Theorem 3.1, or a sampler from the matching noise level) written as PNG and as
-.npy in the input's units. Inputs are only read."""
+the one-step posterior mean of Theorem 3.1, or a sampler from the matching noise level) written back in the
+input's format, geometry and units. Inputs are only read."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from monai.transforms import Resize
+from pydicom.uid import generate_uid
 
 from .checkpoint import LoadedModel
 from .data.errors import DataError, UnreadableFileError
 from .data.readers import iter_slices
+from .data.records import Slice
+from .data.writers import IMAGE_SUFFIXES, output_suffix, write_like
 from .errors import UsageError
-from .figures import image_grid, save_png, to_uint8
+from .figures import image_grid, save_png
 from .io import atomic_path
 from .sampling import denoise, sample
 
@@ -61,34 +65,69 @@ def denoise_files(
     steps: int = 50,
     seed: int = 0,
     on_error: Callable[[DataError], None] = lambda err: None,
-    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda items: items,
+    progress: Callable[[int], Callable[[int], Any]] = lambda total: lambda n: None,
 ) -> int:
-    """Denoise every slice below `inputs` into `out` as `<name>[_t<time>][_<slice>].png` and `.npy`; returns how
-    many were written. Unreadable files and slices with NaN/inf or constant pixels go to `on_error` (never
-    denoised); `progress` wraps the iteration over the slices (e.g. a progress bar)."""
-    out = Path(out)
-    if out.resolve() in {Path(p).resolve() for p in inputs}:
-        raise UsageError("--out must not be one of the inputs")
+    """Denoise every slice below `inputs` and write each file again under `out` in its own format and geometry
+    (`data.writers.write_like`: DICOM with a new SeriesInstanceUID per series, NIfTI with the input's affine, PNG
+    at the input's size), at the path it has below its input folder; names that would collide get `-2`, `-3`.
+    Returns how many slices were denoised. Unreadable files and slices with NaN/inf or constant pixels go to
+    `on_error` (never denoised; a volume keeps such slices as they were); `progress(total)` returns the function
+    to call after each slice (e.g. a progress bar's update)."""
     if model.spec.spatial_dims != 2:
         raise UsageError("denoise works on 2D models; this one takes 3D volumes")
+    out = Path(out)
+    files = _denoise_targets(inputs, out, on_error)
     transform = model.spec.input_transform()
-    slices = []
-    for s in iter_slices(list(inputs), on_error=on_error):
-        if s.flags:
-            on_error(UnreadableFileError(s.source.path, f"slice {s.source.index} not denoised: {', '.join(s.flags)} "
-                                         "pixels"))  # fmt: skip
-        else:
-            slices.append(s)
-    per_file = Counter(s.source.path for s in slices)
     generator = torch.Generator().manual_seed(seed)
-    for s in progress(slices):
-        x = transform(s.image)[None]
-        clean = denoise(model.classifier, x, model.schedule, sigma, method=method, steps=steps, generator=generator)[0]
-        name = Path(s.source.path).name.split(".")[0]
-        if per_file[s.source.path] > 1:
-            name += f"_t{s.source.time_point}" if s.source.time_point is not None else ""
-            name += f"_{s.source.index:03d}"
-        save_png(to_uint8(clean[None])[0, 0], out / f"{name}.png")
-        with atomic_path(out / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, model.spec.preset.inverse(clean.numpy()))
-    return len(slices)
+    todo = [(s, path) for path, (_, good) in files.items() for s in good]
+    done: dict[str, dict] = defaultdict(dict)
+    update = progress(len(todo))
+    for s, path in todo:
+        clean = denoise(model.classifier, transform(s.image)[None], model.schedule, sigma, method=method, steps=steps,
+                        generator=generator)[0]  # fmt: skip
+        back = clean if tuple(clean.shape[1:]) == s.image.shape[1:] else Resize(s.image.shape[1:])(clean)
+        done[path][(s.source.time_point, s.source.index if s.source.frame is None else s.source.frame)] = (
+            model.spec.preset.inverse(np.asarray(back))
+        )
+        update(1)
+    series = defaultdict(generate_uid)
+    for path, (target, good) in files.items():
+        if good:
+            write_like(path, done[path], target, series[good[0].source.volume_id])
+    return len(todo)
+
+
+def _denoise_targets(
+    inputs: Sequence[str | Path], out: Path, on_error: Callable[[DataError], None]
+) -> dict[str, tuple[Path, list[Slice]]]:
+    """Each input file -> (its output path, its slices that may be denoised); flagged slices go to `on_error`.
+    No output path is an input file or another output."""
+    if out.resolve() in {Path(p).resolve() for p in inputs}:
+        raise UsageError("--out-dir must not be one of the inputs")
+    found = [(root, s) for root in map(Path, inputs) for s in iter_slices(root, on_error=on_error)]
+    taken = {Path(s.source.path).resolve() for _, s in found}
+    files: dict[str, tuple[Path, list[Slice]]] = {}
+    for root, s in found:
+        if s.source.path not in files:
+            relative = Path(s.source.path).relative_to(root) if root.is_dir() else Path(root.name)
+            target = _free_name(out / relative, output_suffix(s.source.path), taken)
+            taken.add(target.resolve())
+            files[s.source.path] = (target, [])
+        if s.flags:
+            on_error(UnreadableFileError(s.source.path, f"slice {s.source.index} not denoised: "
+                                         f"{', '.join(s.flags)} pixels"))  # fmt: skip
+        else:
+            files[s.source.path][1].append(s)
+    return files
+
+
+def _free_name(path: Path, suffix: str, taken: set[Path]) -> Path:
+    """`path` with its image suffix replaced by `suffix`, and `-2`, `-3`... before it when that path is taken."""
+    stem = path.name
+    known = next((k for k in IMAGE_SUFFIXES if stem.lower().endswith(k)), "")
+    stem = stem[: len(stem) - len(known)]
+    candidate, n = path.with_name(stem + suffix), 1
+    while candidate.resolve() in taken:
+        n += 1
+        candidate = path.with_name(f"{stem}-{n}{suffix}")
+    return candidate

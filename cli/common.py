@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +39,45 @@ checkpoint_option = click.option(
 tracking_uri_option = click.option(
     "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here]."
 )
+mlflow_option = click.option(
+    "--mlflow/--no-mlflow", default=True, show_default=True, envvar="CDM_OOD_MLFLOW", show_envvar=True,
+    help="Track this run in MLflow (parameters, results, report and figures); a failing tracker is a warning.",
+)  # fmt: skip
+
+PROGRESS_EVERY_S = float(os.environ.get("CDM_OOD_PROGRESS_EVERY", "30"))
+log = logging.getLogger("cdm_ood.progress")
+
+
+@contextmanager
+def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """`update(n)` for `n` more of `total` items done: a bar on a terminal; elsewhere (cluster logs, CI) a plain
+    log line `label: done/total (pct) rate/s, eta` every $CDM_OOD_PROGRESS_EVERY seconds (30) and at the end."""
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
+            yield bar.update
+        return
+    start = last = time.monotonic()
+    done = shown = 0
+
+    def line() -> None:
+        nonlocal shown
+        shown = done
+        rate = done / max(time.monotonic() - start, 1e-9)
+        eta = f", eta {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
+        log.info("%s: %d/%d (%.0f%%) %.1f/s%s", label, done, total, 100 * done / max(total, 1), rate, eta)
+
+    def update(n: int) -> None:
+        nonlocal done, last
+        done += n
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            line()
+
+    yield update
+    if shown != done or not done:
+        line()
+
+
+def late_progress(stack: ExitStack, label: str) -> Callable[[int], Callable[[int], None]]:
+    """For jobs that learn their total late: `factory(total)` opens `progress(total, label)` inside `stack`."""
+    return lambda total: stack.enter_context(progress(total, label))

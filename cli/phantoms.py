@@ -8,7 +8,8 @@ import click
 
 
 @click.command("make-phantoms")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out-dir", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The new or empty folder to write into.")  # fmt: skip
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of clean phantom volumes.")
 @click.option(
     "--format", "fmt", required=True, help="dicom (series) or nifti (volumes): `cdm_ood.data.phantoms.FORMATS`."
@@ -23,10 +24,10 @@ import click
 def make_phantoms_command(
     out: Path, n: int, fmt: str, size: int, slices: int, modality: str, seed: int, corrupt: bool
 ) -> None:
-    """Write N synthetic phantom volumes into the new or empty folder OUT, plus OUT/manifest.csv.
+    """Write N synthetic phantom volumes into the new or empty folder OUT_DIR, plus OUT_DIR/manifest.csv.
 
-    DICOM volumes are series folders OUT/phantom_0000/slice_000.dcm, ...; NIfTI volumes are
-    OUT/phantom_0000.nii.gz, .... CT values are Hounsfield units. Everything is reproducible from --seed.
+    DICOM volumes are series folders OUT_DIR/phantom_0000/slice_000.dcm, ...; NIfTI volumes are
+    OUT_DIR/phantom_0000.nii.gz, .... CT values are Hounsfield units. Everything is reproducible from --seed.
     """
     from cdm_ood.data.phantoms import make_phantoms
 

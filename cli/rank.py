@@ -27,8 +27,9 @@ from .common import checkpoint_option, open_checkpoint, setup_logging
 @click.option("--generate", default=0, show_default=True, help="Also make K candidates with the CDM denoiser "
               "(1 MMSE estimate + K-1 posterior samples) and rank them too.")  # fmt: skip
 @click.option("--steps", default=50, show_default=True, help="Sampler steps for --generate.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.csv"), show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the posterior samples of --generate.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.csv"), show_default=True,
+              help="Ranking CSV (generated candidates go to <out>_generated/).")  # fmt: skip
 def rank_restorations_command(
     candidates: tuple[Path, ...], checkpoint: Path, observed: Optional[Path], criterion: str, sigma: Optional[float],
     degradation: str, manifest: Optional[Path], generate: int, steps: int, seed: int, out: Path,

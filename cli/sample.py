@@ -9,7 +9,7 @@ from typing import Optional
 
 import click
 
-from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
+from .common import checkpoint_option, late_progress, open_checkpoint, progress, setup_logging, tracking_uri_option
 
 
 @click.command("sample")
@@ -19,8 +19,8 @@ from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_
 @click.option("--steps", default=50, show_default=True, help="Network evaluations (noise levels visited).")
 @click.option("--label", type=int, help="Class to sample (class-conditional models).")
 @click.option("--guidance", default=0.0, show_default=True, help="Classifier-free guidance weight w.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Sample grid PNG.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler's noise.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Sample grid PNG.")
 @click.option("--npz", type=click.Path(path_type=Path), help="Also write the samples (model space, [-1, 1]).")
 @click.option("--mlflow-run", help="Log the grid to this MLflow run id.")
 @tracking_uri_option
@@ -33,8 +33,8 @@ def sample_command(
 
     setup_logging()
     model = open_checkpoint(checkpoint)
-    with click.progressbar(length=steps, label=f"{method}, {steps} steps", file=sys.stderr) as bar:
-        sample_grid(model, n, out, method, steps, label, guidance, seed, npz, callback=lambda i, t, x: bar.update(1))
+    with progress(steps, f"{method}, {steps} steps") as update:
+        sample_grid(model, n, out, method, steps, label, guidance, seed, npz, callback=lambda i, t, x: update(1))
     if mlflow_run is not None:
         from cdm_ood.tracking import log_artifact_to_run
 
@@ -52,27 +52,26 @@ def sample_command(
     help="mmse: the one-step posterior mean; a sampler of `cdm_ood.sampling.METHODS`: the reverse process from the "
     "matching noise level.",
 )
-@click.option("--steps", default=50, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the denoised images.")
+@click.option("--steps", default=50, show_default=True, help="Sampler steps (methods other than mmse).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sampler's noise.")
+@click.option("--out-dir", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the denoised files (created; inputs are never overwritten).")  # fmt: skip
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def denoise_command(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, out: Path, inputs) -> None:
-    """Denoise images (DICOM, NIfTI, PNG): writes <name>[_<slice>].png and .npy (input units) into OUT.
+    """Denoise images INPUTS (DICOM, NIfTI, PNG files or folders) into OUT_DIR, each in its own format and geometry.
 
-    Inputs are read-only; the outputs are at the model's size.
+    A DICOM file keeps its tags under a new SeriesInstanceUID (one per input series) and SOPInstanceUID, a NIfTI
+    volume keeps its affine, a PNG its size; each output sits at its input's path below the input folder (`-2`,
+    `-3` added where two would share a name). Inputs are only read.
     """
     from cdm_ood.generation import denoise_files
 
     setup_logging()
     model = open_checkpoint(checkpoint)
     errors = []
-
-    def bar(slices):
-        return click.progressbar(slices, label="denoising", file=sys.stderr)
-
-    with ExitStack() as stack:
+    with ExitStack() as bars:
         written = denoise_files(model, inputs, sigma, out, None if method == "mmse" else method, steps, seed,
-                                errors.append, lambda slices: stack.enter_context(bar(slices)))  # fmt: skip
+                                errors.append, late_progress(bars, "denoising"))  # fmt: skip
     for err in errors:
         click.echo(f"skipped {err.path}: {err.reason}", err=True)
     click.echo(f"denoised {written} slices into {out}")

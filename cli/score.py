@@ -12,7 +12,14 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
+from .common import (
+    checkpoint_option,
+    late_progress,
+    mlflow_option,
+    open_checkpoint,
+    setup_logging,
+    tracking_uri_option,
+)
 
 detector_option = click.option(
     "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
@@ -20,9 +27,6 @@ detector_option = click.option(
 batch_option = click.option("--batch-size", default=64, show_default=True, help="Slices per forward pass.")
 workers_option = click.option(
     "--workers", default=0, show_default=True, help="DataLoader processes reading files (0: in the main process)."
-)
-tracking_option = click.option(
-    "--mlflow/--no-mlflow", default=False, show_default=True, help="Log this run (report, figures) to MLflow."
 )
 
 
@@ -43,26 +47,25 @@ def _detector(
     return scorer
 
 
-def _progress(total: int, label: str):
-    return click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True)
-
-
 def _skipped(err) -> None:
     """Report a file left out of calibration or evaluation (the command goes on)."""
     click.echo(f"skipped {err.path}: {err.reason}", err=True)
 
 
 @click.command("calibrate")
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @checkpoint_option
-@click.option("--data", "data", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="In-distribution validation scans (files or folders; repeatable).")  # fmt: skip
 @click.option("--fpr", default=0.05, show_default=True, help="Target false-positive rate of the threshold.")
 @detector_option
 @batch_option
+@mlflow_option
+@tracking_uri_option
 def calibrate_command(
-    checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int
-) -> None:
-    """Fit the detectors on in-distribution scans and store their thresholds in the checkpoint.
+    data: tuple[Path, ...], checkpoint: Path, fpr: float, detector: Optional[str], batch_size: int, mlflow: bool,
+    tracking_uri: Optional[str],
+) -> None:  # fmt: skip
+    """Fit the detectors on in-distribution scans DATA (files or folders) and store their thresholds in the
+    checkpoint.
 
     The checkpoint is rewritten atomically with the calibration added; its weights are unchanged.
     """
@@ -72,6 +75,11 @@ def calibrate_command(
     scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, on_error=_skipped)
     click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
                f"{checkpoint}")  # fmt: skip
+    if mlflow:
+        from cdm_ood.tracking import log_job_run
+
+        info = {"checkpoint": str(checkpoint), "detector": scorer.name, "fpr": fpr}
+        log_job_run("calibrate", info, {"threshold": scorer.threshold, "slices": n}, [], tracking_uri)
 
 
 @click.command("score")
@@ -93,7 +101,7 @@ def calibrate_command(
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda:LOCAL_RANK when available, else cpu].")
 @batch_option
 @workers_option
-@tracking_option
+@mlflow_option
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
@@ -125,13 +133,10 @@ def score_command(
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
     with ExitStack() as bars:
-
-        def progress_bar(total: int):
-            return bars.enter_context(_progress(total, f"scoring ({scorer.name})")).update
-
         result = run_gate(
             scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
-            progress=progress_bar if ddp.main else None, info={"checkpoint": str(checkpoint)},
+            progress=late_progress(bars, f"scoring ({scorer.name})") if ddp.main else None,
+            info={"checkpoint": str(checkpoint)},
         )  # fmt: skip
     if result is None:  # another rank of a torchrun job: rank 0 reports
         return
@@ -144,31 +149,32 @@ def score_command(
 
 
 @click.command("evaluate")
+@click.argument("id_paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @checkpoint_option
-@click.option("--id", "id_paths", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="In-distribution test scans (repeatable).")  # fmt: skip
-@click.option("--ood", "ood_sets", required=True, multiple=True, help="NAME=PATH or PATH of an OOD set (repeatable).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ood-eval"), show_default=True,
-              help="Folder for metrics.csv, metrics.json, roc_<detector>.png, hist_<detector>.png.")  # fmt: skip
+@click.option("--ood", "ood_sets", required=True, multiple=True, metavar="[NAME=]PATH",
+              help="An OOD set (repeatable; a NAME given twice is the union of its paths). A `make-phantoms` "
+                   "manifest.csv: one set per artifact and strength (with NAME=, one set of them all).")  # fmt: skip
+@click.option("--out-dir", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("ood-eval"),
+              show_default=True, help="Folder for metrics.csv, metrics.json, roc_*.png and hist_*.png.")  # fmt: skip
 @batch_option
-@tracking_option
+@mlflow_option
 @tracking_uri_option
 def evaluate_command(
-    checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
+    id_paths: tuple[Path, ...], checkpoint: Path, ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
     tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
-    """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms."""
+    """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms.
+
+    ID_PATHS are the in-distribution test scans (files, folders, or a `make-phantoms` manifest.csv: its clean
+    volumes).
+    """
     from cdm_ood.ood.evaluation import evaluate_paths, format_table
 
     setup_logging()
-    named = {}
-    for spec in ood_sets:
-        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
-        if not Path(path).exists():
-            raise UsageError(f"--ood {spec}: no such file or folder")
-        named[name] = Path(path)
     model = open_checkpoint(checkpoint)
-    rows = evaluate_paths(model, id_paths, named, out, batch_size, on_error=_skipped)
+    with ExitStack() as bars:
+        rows = evaluate_paths(model, _id_paths(id_paths), _ood_sets(ood_sets), out, batch_size, on_error=_skipped,
+                              progress=late_progress(bars, "evaluating"))  # fmt: skip
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
     if mlflow:
@@ -176,3 +182,33 @@ def evaluate_command(
 
         metrics = {f"{r['detector']}.{r['ood_set']}.{k}": r[k] for r in rows for k in ("auroc", "fpr95")}
         log_job_run("evaluate", {"checkpoint": str(checkpoint)}, metrics, sorted(out.glob("*")), tracking_uri)
+
+
+def _id_paths(paths: tuple[Path, ...]) -> list[Path]:
+    """The in-distribution paths, a manifest standing for its clean volumes."""
+    from cdm_ood.data.phantoms import is_manifest, manifest_sets
+
+    return [v for p in paths for v in (manifest_sets(p).get("clean", []) if is_manifest(p) else [p])]
+
+
+def _ood_sets(specs: tuple[str, ...]) -> dict[str, list[Path]]:
+    """`--ood [NAME=]PATH` values as named lists of paths: a repeated name is the union of its paths; a manifest
+    without a name gives its corrupted sets, with a name all of them under that name."""
+    from cdm_ood.data.phantoms import is_manifest, manifest_sets
+
+    named: dict[str, list[Path]] = {}
+    for spec in specs:
+        name, _, text = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(text)
+        if not path.exists():
+            raise UsageError(f"--ood {spec}: no such file or folder")
+        if is_manifest(path):
+            corrupted = {k: v for k, v in manifest_sets(path).items() if k != "clean"}
+            if not corrupted:
+                raise UsageError(f"--ood {spec}: the manifest lists no corrupted volumes (make-phantoms --corrupt)")
+            parts = {name: [p for v in corrupted.values() for p in v]} if name else corrupted
+        else:
+            parts = {name or path.name: [path]}
+        for key, paths in parts.items():
+            named.setdefault(key, []).extend(p for p in paths if p not in named.get(key, []))
+    return named

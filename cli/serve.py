@@ -13,7 +13,7 @@ from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_
 @click.command("log-model")
 @checkpoint_option
 @tracking_uri_option
-@click.option("--experiment", default="cdm-ood-models", show_default=True)
+@click.option("--experiment", default="cdm-ood-models", show_default=True, help="MLflow experiment of the new run.")
 def log_model_command(checkpoint: Path, tracking_uri: Optional[str], experiment: str) -> None:
     """Log the checkpoint (weights, preset, calibrated detector and threshold) as a pyfunc model in a new run
     and print its URI, e.g. for `mlflow models serve -m runs:/<id>/model --env-manager local`."""

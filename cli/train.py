@@ -8,26 +8,30 @@ from typing import Optional
 
 import click
 
-from .common import setup_logging, tracking_uri_option
+from cdm_ood.configs import bundled_names
+
+from .common import mlflow_option, setup_logging, tracking_uri_option
 
 
 @click.command("train")
-@click.option("--config", "config_path", help="YAML config: a path, or the name of a bundled one (e.g. cifar10).")
+@click.option("--config", "config_path",
+              help=f"YAML config: a path, or a bundled name: {', '.join(bundled_names())}.")  # fmt: skip
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. train.steps=200."
 )
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/<name>-<time>].")
+@click.option("--out-dir", "out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder [default: runs/<name>-<time>].")  # fmt: skip
 @click.option("--resume", type=click.Path(exists=True, path_type=Path), help="Checkpoint (or run folder) to continue.")
+@mlflow_option
 @tracking_uri_option
-@click.option("--no-tracking", is_flag=True, help="Do not track the run in MLflow.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 def train_command(
     config_path: Optional[str],
     overrides: tuple[str, ...],
     out: Optional[Path],
     resume: Optional[Path],
+    mlflow: bool,
     tracking_uri: Optional[str],
-    no_tracking: bool,
     dry_run: bool,
 ) -> None:
     """Train a classification diffusion model.
@@ -63,7 +67,7 @@ def train_command(
             else Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
         )
     callbacks = [RunFolderCallback(out)]
-    if config.tracking.enabled and not no_tracking:
+    if config.tracking.enabled and mlflow:
         callbacks.append(MlflowCallback(tracking_uri or config.tracking.uri, config.tracking.experiment,
                                         config.tracking.run_name))  # fmt: skip
     model_path = train(config, out, resume=checkpoint, callbacks=callbacks)

@@ -20,12 +20,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
-
-from cdm_ood.checkpoint import load_model
-from cdm_ood.data import iter_slices
-from cdm_ood.ood.evaluation import evaluate_sets, format_table
 
 
 def run(*args: str, cwd: Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
@@ -35,16 +31,6 @@ def run(*args: str, cwd: Path, ok: tuple[int, ...] = (0,)) -> subprocess.Complet
     if done.returncode not in ok:
         sys.exit(f"demo: `cdm-ood {args[0]}` failed with exit code {done.returncode}")
     return done
-
-
-def test_sets(folder: Path) -> tuple[list, dict[str, list]]:
-    """Clean slices, and corrupted slices per `<artifact>-<strength>`, from the make-phantoms manifest."""
-    groups: dict[str, list] = defaultdict(list)
-    with open(folder / "manifest.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            name = "clean" if row["artifact"] == "none" else f"{row['artifact']}-{row['strength']}"
-            groups[name] += [s.image for s in iter_slices(folder / row["path"]) if not s.flags]
-    return groups.pop("clean"), dict(sorted(groups.items()))
 
 
 def main() -> None:
@@ -57,20 +43,18 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    run("train", "--config", "phantoms-ct", "--out", "run", "--set", "data.root=data/train", "--set",
+    run("train", "--config", "phantoms-ct", "--out-dir", "run", "--set", "data.root=data/train", "--set",
         f"train.steps={args.steps}", cwd=out)  # fmt: skip
-    run("make-phantoms", "data/calib", "--n", "8", "--format", "nifti", "--size", "32", "--seed", "2", cwd=out)
-    checkpoint = out / "run" / "model.pt"
-    run("calibrate", "--checkpoint", str(checkpoint), "--data", "data/calib", cwd=out)
-    run("make-phantoms", "data/test", "--n", "4", "--format", "dicom", "--size", "32", "--corrupt", "--seed", "1",
+    run("make-phantoms", "--out-dir", "data/calib", "--n", "8", "--format", "nifti", "--size", "32", "--seed", "2",
         cwd=out)  # fmt: skip
-    clean, corrupted = test_sets(out / "data" / "test")
-    print(f"\nevaluating on {len(clean)} clean and {sum(map(len, corrupted.values()))} corrupted held-out slices")
-    rows = evaluate_sets(load_model(checkpoint), clean, corrupted, out / "eval")
-    print(format_table(rows))
+    checkpoint = out / "run" / "model.pt"
+    run("calibrate", "data/calib", "--checkpoint", str(checkpoint), cwd=out)
+    run("make-phantoms", "--out-dir", "data/test", "--n", "4", "--format", "dicom", "--size", "32", "--corrupt",
+        "--seed", "1", cwd=out)  # fmt: skip
+    run("evaluate", "data/test/manifest.csv", "--checkpoint", str(checkpoint), "--ood", "data/test/manifest.csv",
+        "--out-dir", "eval", cwd=out)  # fmt: skip
     series = sorted(str(p.relative_to(out)) for p in (out / "data" / "test").iterdir() if p.is_dir())
-    gate = run("score", *series, "--checkpoint", str(checkpoint), "--out", "report.csv", "--mlflow", cwd=out,
-               ok=(0, 1))  # fmt: skip
+    gate = run("score", *series, "--checkpoint", str(checkpoint), "--out", "report.csv", cwd=out, ok=(0, 1))
     with open(out / "report.csv", newline="") as f:
         volumes = [r for r in csv.DictReader(f) if r["level"] == "volume"]
     kinds = ["clean" if re.fullmatch(r"phantom_\d+", Path(r["path"]).name) else "corrupted" for r in volumes]

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny trained and calibrated checkpoint, and a folder of real scans with bad files."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Every command tracks its run in MLflow by default; tests of tracking say `--mlflow` (and one checks the default
+# without this switch), the others keep their working directory free of MLflow stores.
+os.environ.setdefault("CDM_OOD_MLFLOW", "false")
 
 from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume

@@ -35,7 +35,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 def test_cli_refuses_a_pickle_checkpoint_with_exit_code_2(tmp_path):
     path, marker = malicious_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned"), tmp_path / "pwned"
     out = subprocess.run(
-        [sys.executable, "-m", "cdm_ood.cli", "train", "--resume", str(path), "--no-tracking"],
+        [sys.executable, "-m", "cdm_ood.cli", "train", "--resume", str(path), "--no-mlflow"],
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 2 and "refused" in out.stderr and "Traceback" not in out.stderr

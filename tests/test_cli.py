@@ -50,3 +50,51 @@ def test_cli_start_up_does_not_import_torch(tmp_path):
     probe = "import sys, cdm_ood.cli; print('torch' in sys.modules, 'monai' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def leaf_commands():
+    return [(path, main.commands[path[0]]) for path in all_commands(main) if path]
+
+
+def test_every_option_is_documented_and_paths_follow_one_convention():
+    """Help on every option; a list of input paths is positional; `--out` is one file, `--out-dir` a folder."""
+    for path, command in leaf_commands():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, (path, param.opts)
+            if isinstance(param, click.Argument) and param.nargs == -1:
+                assert isinstance(param.type, click.Path), (path, param.name)
+        options = {opt: param for param in command.params for opt in param.opts}
+        assert not {"--data", "--id", "--input", "--inputs"} & set(options), path
+        if "--out" in options:
+            assert options["--out"].type.dir_okay is False, path
+        if "--out-dir" in options:
+            assert options["--out-dir"].type.file_okay is False, path
+
+
+def test_tracking_options_are_the_same_on_every_command():
+    tracked = {}
+    for path, command in leaf_commands():
+        options = {opt: param for param in command.params for opt in param.opts}
+        if "--mlflow" in options:
+            switch = options["--mlflow"]
+            tracked[path] = (
+                tuple(switch.secondary_opts),
+                switch.default,
+                switch.envvar,
+                options["--tracking-uri"].help,
+            )
+    assert set(tracked) >= {("train",), ("calibrate",), ("score",), ("evaluate",)}
+    assert len(set(tracked.values())) == 1 and next(iter(tracked.values()))[:3] == (("--no-mlflow",), True,
+                                                                                   "CDM_OOD_MLFLOW")  # fmt: skip
+
+
+def test_config_option_names_the_bundled_configs(tmp_path):
+    from cdm_ood.configs import bundled_names
+
+    assert {"mnist-cpu", "phantoms-ct"} <= set(bundled_names())
+    assert all(name in CliRunner().invoke(main, ["train", "--help"]).output.replace("\n", " ") for name in
+               ("mnist-cpu", "phantoms-ct"))  # fmt: skip
+    result = CliRunner().invoke(main, ["train", "--config", "phantom-ct", "--dry-run"])
+    assert result.exit_code == 2 and "no bundled config of that name" in result.output
+    assert "phantoms-ct" in result.output

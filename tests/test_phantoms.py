@@ -20,7 +20,9 @@ SIZE, SLICES = 32, 4
 def run(out: Path, *args: str) -> list[dict[str, str]]:
     """Run make-phantoms at the small test size; return the manifest rows."""
     result = CliRunner().invoke(
-        main, ["make-phantoms", str(out), "--size", str(SIZE), "--slices", str(SLICES), *args], catch_exceptions=False
+        main,
+        ["make-phantoms", "--out-dir", str(out), "--size", str(SIZE), "--slices", str(SLICES), *args],
+        catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
     manifest = out / "manifest.csv"
@@ -185,7 +187,9 @@ def test_refuses_non_empty_out_and_leaves_it_untouched(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    result = CliRunner().invoke(main, ["make-phantoms", str(out), "--n", "1", "--format", "nifti", "--size", "32"])
+    result = CliRunner().invoke(
+        main, ["make-phantoms", "--out-dir", str(out), "--n", "1", "--format", "nifti", "--size", "32"]
+    )
     assert result.exit_code != 0
     assert str(out) in result.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -129,17 +129,45 @@ def test_sample_command_writes_a_grid_and_the_arrays(checkpoint, tmp_path):
 
 
 def test_denoise_command_writes_outputs_and_leaves_inputs_alone(checkpoint, scans, tmp_path):
+    import nibabel as nib
     from test_score import digest, invoke
 
     before = digest(scans)
-    out = invoke("denoise", "--checkpoint", checkpoint, "--sigma", 0.1, scans / "clean.nii.gz", scans / "notes.txt",
-                 "--out", tmp_path / "den")  # fmt: skip
-    assert out.exit_code == 1 and "notes.txt" in out.stderr, "a bad input is reported, the rest is done"
+    out = invoke("denoise", "--checkpoint", checkpoint, "--sigma", 0.1, scans / "clean.nii.gz", scans / "broken.dcm",
+                 "--out-dir", tmp_path / "den")  # fmt: skip
+    assert out.exit_code == 1 and "broken.dcm" in out.stderr, "a bad input is reported, the rest is done"
     assert digest(scans) == before
-    names = sorted(p.name for p in (tmp_path / "den").iterdir())
-    assert names == [f"clean_{i:03d}.{ext}" for i in range(4) for ext in ("npy", "png")]
-    hu = np.load(tmp_path / "den" / "clean_000.npy")
-    assert hu.shape == (1, 16, 16) and hu.min() >= -1000 and hu.max() <= 1000, "back in Hounsfield units"
+    assert sorted(p.name for p in (tmp_path / "den").iterdir()) == ["clean.nii.gz"]
+    source, result = nib.load(scans / "clean.nii.gz"), nib.load(tmp_path / "den" / "clean.nii.gz")
+    assert result.shape == source.shape and np.allclose(result.affine, source.affine), "the input's geometry"
+    hu = result.get_fdata()
+    assert hu.min() >= -1000 and hu.max() <= 1000 and not np.allclose(hu, source.get_fdata()), "denoised, in HU"
+    assert np.corrcoef(hu.ravel(), source.get_fdata().ravel())[0, 1] > 0.5, "the same anatomy, voxel for voxel"
+
+
+def test_denoised_dicom_keeps_its_geometry_under_a_new_series_and_names_never_collide(checkpoint, scans, tmp_path):
+    import pydicom
+    from test_score import invoke
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.arange(24 * 20, dtype=np.uint8).reshape(24, 20)).save(tmp_path / folder / "x.png")
+    out = invoke("denoise", "--checkpoint", checkpoint, "--sigma", 0.1, scans / "study", tmp_path / "a" / "x.png",
+                 tmp_path / "b" / "x.png", "--out-dir", tmp_path / "den")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert sorted(p.name for p in (tmp_path / "den").iterdir()) == ["series1", "x-2.png", "x.png"]
+    assert Image.open(tmp_path / "den" / "x-2.png").size == (20, 24), "a PNG at its input's size"
+    inputs = sorted((scans / "study" / "series1").iterdir())
+    outputs = [pydicom.dcmread(tmp_path / "den" / "series1" / p.name) for p in inputs]
+    originals = [pydicom.dcmread(p) for p in inputs]
+    assert len({d.SeriesInstanceUID for d in outputs}) == 1
+    assert outputs[0].SeriesInstanceUID != originals[0].SeriesInstanceUID
+    for new, old in zip(outputs, originals, strict=True):
+        assert new.SOPInstanceUID != old.SOPInstanceUID and new.StudyInstanceUID == old.StudyInstanceUID
+        assert new.ImagePositionPatient == old.ImagePositionPatient and new.PixelSpacing == old.PixelSpacing
+        hu = pydicom.pixels.apply_modality_lut(new.pixel_array, new)
+        assert hu.shape == old.pixel_array.shape and not np.array_equal(new.pixel_array, old.pixel_array)
+        assert np.corrcoef(hu.ravel(), pydicom.pixels.apply_modality_lut(old.pixel_array, old).ravel())[0, 1] > 0.5
 
 
 def test_sample_grid_is_logged_to_a_given_mlflow_run(checkpoint, tmp_path):
@@ -158,6 +186,8 @@ def test_sample_grid_is_logged_to_a_given_mlflow_run(checkpoint, tmp_path):
 def test_denoise_command_never_denoises_slices_it_cannot_trust(checkpoint, scans, tmp_path):
     from test_score import invoke
 
-    out = invoke("denoise", "--checkpoint", checkpoint, "--sigma", 0.1, scans / "blank.png", "--out", tmp_path / "d")
+    out = invoke(
+        "denoise", "--checkpoint", checkpoint, "--sigma", 0.1, scans / "blank.png", "--out-dir", tmp_path / "d"
+    )
     assert out.exit_code == 1 and "not denoised: constant pixels" in out.stderr
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())

@@ -17,6 +17,7 @@ from cdm_ood import OODDetector, ScoreOODd
 from cdm_ood.checkpoint import load_checkpoint
 from cdm_ood.cli import main
 from cdm_ood.data import iter_slices
+from cdm_ood.data.artifacts import ARTIFACTS
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -120,8 +121,7 @@ def test_a_checkpoint_that_needs_pickle_code_is_refused_and_runs_nothing(scans, 
 def test_calibrate_command_rewrites_only_the_calibration(checkpoint, scans, tmp_path):
     copy = tmp_path / "model.pt"
     copy.write_bytes(checkpoint.read_bytes())
-    out = invoke("calibrate", "--checkpoint", copy, "--data", scans / "study", "--data", scans / "clean.nii.gz",
-                 "--fpr", "0.1")  # fmt: skip
+    out = invoke("calibrate", scans / "study", scans / "clean.nii.gz", "--checkpoint", copy, "--fpr", "0.1")
     assert out.exit_code == 0, out.output
     old, new = load_checkpoint(checkpoint), load_checkpoint(copy)
     assert new["calibration"]["fpr"] == 0.1 and new["calibration"]["n_fit"] == 4
@@ -145,8 +145,8 @@ def test_python_api_on_tensors_arrays_paths_and_monai_dicts(checkpoint, scans):
 
 
 def test_evaluate_writes_metrics_and_figures(checkpoint, scans, tmp_path):
-    out = invoke("evaluate", "--checkpoint", checkpoint, "--id", scans / "clean.nii.gz", "--ood",
-                 f"spike={scans / 'spiked.nii.gz'}", "--out", tmp_path / "eval")  # fmt: skip
+    out = invoke("evaluate", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--ood",
+                 f"spike={scans / 'spiked.nii.gz'}", "--out-dir", tmp_path / "eval")  # fmt: skip
     assert out.exit_code == 0, out.output
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {(r["detector"], r["ood_set"]) for r in rows} == {("nll", "spike"), ("multiscale", "spike")}
@@ -292,8 +292,48 @@ def test_a_failing_tracking_server_is_a_warning_not_the_gate_decision(checkpoint
     gate = cdm("score", scans, "--checkpoint", checkpoint, "--out", tmp_path / "s.json", "--mlflow",
                "--tracking-uri", f"http://127.0.0.1:{port}", cwd=tmp_path, env=quick)  # fmt: skip
     assert gate.returncode == 1 and "MLflow tracking at" in gate.stderr and "Traceback" not in gate.stderr
-    evaluated = cdm("evaluate", "--checkpoint", checkpoint, "--id", scans / "clean.nii.gz", "--ood",
-                    f"spike={scans / 'spiked.nii.gz'}", "--out", tmp_path / "eval", "--mlflow", "--tracking-uri",
+    evaluated = cdm("evaluate", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--ood",
+                    f"spike={scans / 'spiked.nii.gz'}", "--out-dir", tmp_path / "eval", "--mlflow", "--tracking-uri",
                     f"http://127.0.0.1:{port}", cwd=tmp_path, env=quick)  # fmt: skip
     assert evaluated.returncode == 0 and "MLflow tracking at" in evaluated.stderr
     assert (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_evaluate_reads_a_phantom_manifest_and_joins_sets_of_one_name(checkpoint, scans, tmp_path):
+    made = invoke("make-phantoms", "--out-dir", tmp_path / "test", "--n", 1, "--format", "nifti", "--size", 16,
+                  "--slices", 2, "--corrupt")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    manifest = tmp_path / "test" / "manifest.csv"
+    out = invoke("evaluate", manifest, "--checkpoint", checkpoint, "--ood", manifest, "--out-dir", tmp_path / "e")
+    assert out.exit_code == 0, out.output
+    rows = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert {r["ood_set"] for r in rows} == {f"{a}-{s}" for a in ARTIFACTS for s in ARTIFACTS[a]}
+    assert {r["n_id"] for r in rows} == {2} and {r["n_ood"] for r in rows} == {2}, "the clean volume's 2 slices"
+    union = invoke("evaluate", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--ood", f"bad={manifest}",
+                   "--ood", f"bad={scans / 'spiked.nii.gz'}", "--ood", f"bad={scans / 'spiked.nii.gz'}", "--out-dir",
+                   tmp_path / "u")  # fmt: skip
+    assert union.exit_code == 0, union.output
+    (row, *_) = json.loads((tmp_path / "u" / "metrics.json").read_text())
+    assert row["ood_set"] == "bad" and row["n_ood"] == 12 * 2 + 4, "every corrupted volume, the spiked one once"
+
+
+def test_progress_is_logged_as_plain_lines_without_a_terminal(checkpoint, scans, tmp_path):
+    out = cdm("score", scans / "clean.nii.gz", scans / "spiked.nii.gz", "--checkpoint", checkpoint, "--threshold",
+              "1e12", "--out", tmp_path / "r.csv", cwd=tmp_path, env={"CDM_OOD_PROGRESS_EVERY": "0"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if "scoring (nll):" in line]
+    assert len(lines) == 2 and " 1/2 (50%) " in lines[0] and "eta" in lines[0]
+    assert lines and lines[-1].endswith("/s") and " 2/2 (100%) " in lines[-1] and "\r" not in out.stderr
+
+
+def test_every_run_is_tracked_in_mlflow_by_default(checkpoint, scans, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("CDM_OOD_MLFLOW")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = invoke("score", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--threshold", "1e12", "--out", "r.csv")
+    assert out.exit_code == 0, out.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("cdm-ood-score").experiment_id])
+    assert run.data.params["detector"] == "nll" and run.data.metrics["volume_in"] == 1

@@ -41,8 +41,9 @@ def tiny(*overrides: str):
 
 
 def cli(*args: str, cwd: Path, runner=(), config=CONFIG, check=True) -> subprocess.CompletedProcess:
-    """`cdm-ood train` as a real process, without any MLflow settings of the calling environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    """`cdm-ood train` as a real process, without any MLflow settings of the calling environment (so tracked by
+    default)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "CDM_OOD_MLFLOW"}
     command = [
         sys.executable,
         *runner,
@@ -127,11 +128,11 @@ def test_3d_volume_training(tmp_path):
 
 def test_resume_after_sigkill_continues_exactly(tmp_path):
     steps = "train.steps=120"
-    cli("--out", str(tmp_path / "ref"), "--no-tracking", *sets(steps, "train.log_every=1"), cwd=tmp_path)
+    cli("--out-dir", str(tmp_path / "ref"), "--no-mlflow", *sets(steps, "train.log_every=1"), cwd=tmp_path)
     reference = metrics(tmp_path / "ref")
 
     run = tmp_path / "killed"
-    args = ["--out", str(run), "--no-tracking", *sets(steps, "train.log_every=1", "train.checkpoint_every=10",
+    args = ["--out-dir", str(run), "--no-mlflow", *sets(steps, "train.log_every=1", "train.checkpoint_every=10",
                                                       "train.keep_last=50")]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     command = [sys.executable, "-m", "cdm_ood.cli", "train", "--config", str(CONFIG), *args]
@@ -143,7 +144,7 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     assert proc.wait() == -signal.SIGKILL
     assert not (run / "model.pt").exists(), "the run was killed before it finished"
     killed_at = max(metrics(run))
-    cli("--resume", str(run), "--no-tracking", cwd=tmp_path, config=None)
+    cli("--resume", str(run), "--no-mlflow", cwd=tmp_path, config=None)
     resumed = metrics(run)
     last_checkpoint = max(s for s in range(10, 121, 10) if s <= killed_at)
     assert last_checkpoint >= 30 and last_checkpoint < 120
@@ -155,10 +156,10 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
 
 
 def test_two_torchrun_processes_equal_one_process_on_the_combined_batch(tmp_path):
-    common = ["--no-tracking", *sets("train.steps=4", "train.checkpoint_every=4")]
-    single = cli("--out", str(tmp_path / "one"), *common, "--set", "train.batch_size=16", cwd=tmp_path)
+    common = ["--no-mlflow", *sets("train.steps=4", "train.checkpoint_every=4")]
+    single = cli("--out-dir", str(tmp_path / "one"), *common, "--set", "train.batch_size=16", cwd=tmp_path)
     double = cli(
-        "--out", str(tmp_path / "two"), *common, "--set", "train.batch_size=8", cwd=tmp_path,
+        "--out-dir", str(tmp_path / "two"), *common, "--set", "train.batch_size=8", cwd=tmp_path,
         runner=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
     )  # fmt: skip
     assert "global batch 16 (16 per process x 1)" in single.stderr
@@ -172,7 +173,7 @@ def test_two_torchrun_processes_equal_one_process_on_the_combined_batch(tmp_path
 
 
 def test_mlflow_run_in_the_default_sqlite_store_and_model_by_run_id(tmp_path):
-    cli("--out", str(tmp_path / "run"), *sets("train.steps=4", "train.log_every=2"), cwd=tmp_path)
+    cli("--out-dir", str(tmp_path / "run"), *sets("train.steps=4", "train.log_every=2"), cwd=tmp_path)
     assert (tmp_path / "mlflow.db").exists(), "the default store is sqlite:///mlflow.db in the working directory"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -198,7 +199,7 @@ def test_unreachable_tracking_server_is_tolerated(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    out = cli("--out", str(tmp_path / "run"), "--tracking-uri", f"http://127.0.0.1:{port}",
+    out = cli("--out-dir", str(tmp_path / "run"), "--tracking-uri", f"http://127.0.0.1:{port}",
               *sets("train.steps=3"), cwd=tmp_path)  # fmt: skip
     assert out.stderr.count("MLflow tracking at") == 1
     assert (tmp_path / "run" / "model.pt").exists() and "checkpoint:" in out.stdout

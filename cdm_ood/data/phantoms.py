@@ -14,6 +14,7 @@ pydicom, nibabel and MONAI are imported inside the functions that need them, so 
 
 from __future__ import annotations
 
+import csv
 import gzip
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -393,3 +394,24 @@ def make_phantoms(
     manifest = out / "manifest.csv"
     write_csv_atomic(manifest, MANIFEST_COLUMNS, rows)
     return manifest
+
+
+def is_manifest(path: str | Path) -> bool:
+    """True for a `make-phantoms` manifest: a .csv file whose header holds the manifest's columns."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return False
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return set(MANIFEST_COLUMNS) <= set(next(csv.reader(f), []))
+
+
+def manifest_sets(path: str | Path) -> dict[str, list[Path]]:
+    """The volumes of a `make-phantoms` manifest by set: `clean`, and `<artifact>-<strength>` for each corruption
+    (paths relative to the manifest's folder)."""
+    path = Path(path)
+    sets: dict[str, list[Path]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            name = "clean" if row["artifact"] == "none" else f"{row['artifact']}-{row['strength']}"
+            sets.setdefault(name, []).append(path.parent / row["path"])
+    return sets

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
 
 from ..checkpoint import LoadedModel
 from ..data.errors import DataError
@@ -20,15 +23,28 @@ METRIC_COLUMNS = ("detector", "ood_set", "n_id", "n_ood", "auroc", "fpr95", "aup
 
 
 def evaluate_sets(
-    model: LoadedModel, id_images: Inputs, ood_sets: Mapping[str, Inputs], out: str | Path, batch_size: int = 64
+    model: LoadedModel,
+    id_images: Sequence[Inputs],
+    ood_sets: Mapping[str, Sequence[Inputs]],
+    out: str | Path,
+    batch_size: int = 64,
+    progress: Callable[[int], Any] = lambda n: None,
 ) -> list[dict]:
     """Metrics rows (detector x OOD set), plus metrics.csv/json, roc_<detector>.png and hist_<detector>.png in
-    `out`. Profiles come from one forward pass per image and are shared by all detectors."""
+    `out`. Profiles come from one forward pass per image and are shared by all detectors; `progress(n)` is called
+    after each batch of `n` images."""
     names = sorted(model.calibration.detectors) if model.calibration else ["nll"]
     scorers = [OODDetector(model, name, batch_size=batch_size) for name in names]
-    profile = scorers[0]
-    id_profiles = profile.profile(profile.prepare(id_images))
-    ood_profiles = {k: profile.profile(profile.prepare(v)) for k, v in ood_sets.items()}
+
+    def profiles(images: Sequence[Inputs]) -> Tensor:
+        chunks = []
+        for i in range(0, len(images), batch_size):
+            chunks.append(scorers[0].profile(scorers[0].prepare(list(images[i : i + batch_size]))))
+            progress(len(chunks[-1]))
+        return torch.cat(chunks)
+
+    id_profiles = profiles(id_images)
+    ood_profiles = {k: profiles(v) for k, v in ood_sets.items()}
     out = Path(out)
     rows = []
     for scorer in scorers:
@@ -49,21 +65,25 @@ def evaluate_sets(
 def evaluate_paths(
     model: LoadedModel,
     id_paths: Sequence[str | Path],
-    ood_paths: Mapping[str, str | Path],
+    ood_paths: Mapping[str, Sequence[str | Path]],
     out: str | Path,
     batch_size: int = 64,
     on_error: Optional[Callable[[DataError], None]] = None,
+    progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
 ) -> list[dict]:
-    """`evaluate_sets` on the scorable slices below the in-distribution paths and each named OOD path; files that
-    cannot be read go to `on_error`; a set without a scorable slice is a `UsageError`."""
+    """`evaluate_sets` on the scorable slices below the in-distribution paths and below each named OOD set's
+    paths; files that cannot be read go to `on_error`; a set without a scorable slice is a `UsageError`.
+    `progress(total)`, once the slices are read, returns the function to call with each number of slices scored."""
     id_images = [s.image for s in iter_slices(list(id_paths), on_error) if not s.flags]
     ood_images = {
-        name: [s.image for s in iter_slices(path, on_error) if not s.flags] for name, path in ood_paths.items()
+        name: [s.image for s in iter_slices(list(paths), on_error) if not s.flags] for name, paths in ood_paths.items()
     }
-    empty = [name for name, images in {"--id": id_images, **ood_images}.items() if not images]
+    empty = [name for name, images in {"in-distribution": id_images, **ood_images}.items() if not images]
     if empty:
         raise UsageError(f"no readable slices in {', '.join(empty)}")
-    return evaluate_sets(model, id_images, ood_images, out, batch_size)
+    total = len(id_images) + sum(map(len, ood_images.values()))
+    update = progress(total) if progress is not None else (lambda n: None)
+    return evaluate_sets(model, id_images, ood_images, out, batch_size, update)
 
 
 def format_table(rows: Sequence[dict]) -> str:
