@@ -56,10 +56,8 @@ def evaluate_paths(
 ) -> list[dict]:
     """`evaluate_sets` on the scorable slices below the in-distribution paths and each named OOD path; files that
     cannot be read go to `on_error`; a set without a scorable slice is a `UsageError`."""
-    id_images = [s.image for s in iter_slices(list(id_paths), on_error) if not s.flags]
-    ood_images = {
-        name: [s.image for s in iter_slices(path, on_error) if not s.flags] for name, path in ood_paths.items()
-    }
+    id_images = [s for s in iter_slices(list(id_paths), on_error) if not s.flags]
+    ood_images = {name: [s for s in iter_slices(path, on_error) if not s.flags] for name, path in ood_paths.items()}
     empty = [name for name, images in {"--id": id_images, **ood_images}.items() if not images]
     if empty:
         raise UsageError(f"no readable slices in {', '.join(empty)}")
