@@ -12,7 +12,7 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
+from .common import checkpoint_option, device_option, open_checkpoint, setup_logging, tracking_uri_option
 
 detector_option = click.option(
     "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
@@ -59,17 +59,20 @@ def _skipped(err) -> None:
 @click.option("--fpr", default=0.05, show_default=True, help="Target false-positive rate of the threshold.")
 @detector_option
 @batch_option
+@device_option
 def calibrate_command(
-    checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int
+    checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int, device: str
 ) -> None:
     """Fit the detectors on in-distribution scans and store their thresholds in the checkpoint.
 
-    The checkpoint is rewritten atomically with the calibration added; its weights are unchanged.
+    Half of the volumes (series or files) are held out, whole, to set the threshold; with fewer than 1/fpr
+    held-out slices the threshold means little, and a warning says so. The checkpoint is rewritten atomically
+    with the calibration added; its weights are unchanged.
     """
     from cdm_ood.ood.api import calibrate_checkpoint
 
     setup_logging()
-    scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, on_error=_skipped)
+    scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device)
     click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
                f"{checkpoint}")  # fmt: skip
 
@@ -90,14 +93,14 @@ def calibrate_command(
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
                    "[default: 512^3].")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Keep the partial reports of an interrupted run; skip their files.")
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda:LOCAL_RANK when available, else cpu].")
+@device_option
 @batch_option
 @workers_option
 @tracking_option
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, max_voxels: int, resume: bool, device: Optional[str], batch_size: int, workers: int,
+    no_fail: bool, max_voxels: int, resume: bool, device: str, batch_size: int, workers: int,
     mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / PNG scans (files or folders, recursively) and write a report.
@@ -111,7 +114,6 @@ def score_command(
     folder. Under torchrun each process scores every N-th file into partial reports beside the report, and
     rank 0 merges them; `--resume` continues an interrupted run without scoring its finished files again.
     """
-    import torch
     import torch.distributed as dist
 
     from cdm_ood.data.guards import MAX_VOXELS
@@ -120,7 +122,6 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
-    device = device or (f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
     scorer = _detector(checkpoint, detector, batch_size, threshold, device)
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
@@ -151,11 +152,12 @@ def score_command(
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ood-eval"), show_default=True,
               help="Folder for metrics.csv, metrics.json, roc_<detector>.png, hist_<detector>.png.")  # fmt: skip
 @batch_option
+@device_option
 @tracking_option
 @tracking_uri_option
 def evaluate_command(
-    checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
-    tracking_uri: Optional[str],
+    checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int, device: str,
+    mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms."""
     from cdm_ood.ood.evaluation import evaluate_paths, format_table
@@ -167,7 +169,7 @@ def evaluate_command(
         if not Path(path).exists():
             raise UsageError(f"--ood {spec}: no such file or folder")
         named[name] = Path(path)
-    model = open_checkpoint(checkpoint)
+    model = open_checkpoint(checkpoint, device)
     rows = evaluate_paths(model, id_paths, named, out, batch_size, on_error=_skipped)
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
