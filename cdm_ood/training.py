@@ -353,7 +353,7 @@ def fit(
 def calibrate_on_validation(
     model: torch.nn.Module, data: TrainingData, config: Config, schedule: NoiseSchedule, device: torch.device
 ) -> dict[str, Any]:
-    """Fit the OOD detectors and their thresholds (`ood.calibrate`) on the whole validation split, unconditionally,
+    """Fit the OOD detectors and their thresholds (`ood.calibrate`, held out by volume) on the whole validation split,
     so that a fresh `model.pt` scores with `--threshold auto`. Empty when it cannot be done (3D models are not
     scored; fewer than 4 validation images)."""
     if len(config.data.size) != 2 or len(data.val) < 4:
@@ -361,7 +361,9 @@ def calibrate_on_validation(
                     "run `cdm-ood calibrate` on in-distribution data")  # fmt: skip
         return {}
     profiles = dataset_profiles(model, schedule, data.val, config.train.batch_size, device)
-    calibration = calibrate(profiles, data.val[0]["image"].numel(), config.data.bit_depth)
+    volumes = [sample["meta"].get("volume_id") for sample in data.val.data]  # None for natural images
+    groups = None if None in volumes else volumes
+    calibration = calibrate(profiles, data.val[0]["image"].numel(), config.data.bit_depth, groups=groups)
     log.info("calibrated OOD thresholds on %d validation images (fpr %.2f)", len(profiles), calibration.fpr)
     return {"calibration": calibration.to_dict()}
 

@@ -25,6 +25,25 @@ def setup_logging(rank: int = 0) -> None:
     )
 
 
+def resolve_device(device: str) -> str:
+    """The torch device a command runs the model on: `auto` is cuda:LOCAL_RANK (this process's GPU under
+    torchrun) when CUDA is available, else cpu; any other name is checked to exist here."""
+    import torch
+
+    from cdm_ood.distributed import Distributed
+    from cdm_ood.errors import UsageError
+
+    if device == "auto":
+        return f"cuda:{Distributed.from_env().local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device}: {err}") from None
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def open_checkpoint(path: Path, device: str = "cpu") -> Any:
     """The scoring model of a checkpoint; a `CheckpointError` (unsafe, broken, implausible) becomes exit 2."""
     from cdm_ood.checkpoint import load_model
@@ -35,6 +54,13 @@ def open_checkpoint(path: Path, device: str = "cpu") -> Any:
 # Options shared by several commands, declared once.
 checkpoint_option = click.option(
     "--checkpoint", required=True, type=click.Path(path_type=Path), help="model.pt of a training run."
+)
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=lambda ctx, param, value: resolve_device(value),
+    help="Where the model runs: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda or cuda:N.",
 )
 tracking_uri_option = click.option(
     "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here]."

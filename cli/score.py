@@ -14,6 +14,7 @@ from cdm_ood.errors import UsageError
 
 from .common import (
     checkpoint_option,
+    device_option,
     late_progress,
     mlflow_option,
     open_checkpoint,
@@ -58,21 +59,26 @@ def _skipped(err) -> None:
 @click.option("--fpr", default=0.05, show_default=True, help="Target false-positive rate of the threshold.")
 @detector_option
 @batch_option
+@device_option
 @mlflow_option
 @tracking_uri_option
 def calibrate_command(
-    data: tuple[Path, ...], checkpoint: Path, fpr: float, detector: Optional[str], batch_size: int, mlflow: bool,
-    tracking_uri: Optional[str],
+    data: tuple[Path, ...], checkpoint: Path, fpr: float, detector: Optional[str], batch_size: int, device: str,
+    mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Fit the detectors on in-distribution scans DATA (files or folders) and store their thresholds in the
     checkpoint.
 
-    The checkpoint is rewritten atomically with the calibration added; its weights are unchanged.
+    Half of the volumes (series or files) are held out, whole, to set the threshold; with fewer than 1/fpr
+    held-out slices the threshold means little, and a warning says so. The checkpoint is rewritten atomically
+    with the calibration added; its weights are unchanged.
     """
     from cdm_ood.ood.api import calibrate_checkpoint
 
     setup_logging()
-    scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, on_error=_skipped)
+    with ExitStack() as bars:
+        scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
+                                         late_progress(bars, "calibrating"))  # fmt: skip
     click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
                f"{checkpoint}")  # fmt: skip
     if mlflow:
@@ -98,14 +104,14 @@ def calibrate_command(
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
                    "[default: 512^3].")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Keep the partial reports of an interrupted run; skip their files.")
-@click.option("--device", help="cpu, cuda or cuda:N [default: cuda:LOCAL_RANK when available, else cpu].")
+@device_option
 @batch_option
 @workers_option
 @mlflow_option
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, max_voxels: int, resume: bool, device: Optional[str], batch_size: int, workers: int,
+    no_fail: bool, max_voxels: int, resume: bool, device: str, batch_size: int, workers: int,
     mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / PNG scans (files or folders, recursively) and write a report.
@@ -119,7 +125,6 @@ def score_command(
     folder. Under torchrun each process scores every N-th file into partial reports beside the report, and
     rank 0 merges them; `--resume` continues an interrupted run without scoring its finished files again.
     """
-    import torch
     import torch.distributed as dist
 
     from cdm_ood.data.guards import MAX_VOXELS
@@ -128,7 +133,6 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
-    device = device or (f"cuda:{ddp.local_rank}" if torch.cuda.is_available() else "cpu")
     scorer = _detector(checkpoint, detector, batch_size, threshold, device)
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
@@ -157,11 +161,12 @@ def score_command(
 @click.option("--out-dir", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("ood-eval"),
               show_default=True, help="Folder for metrics.csv, metrics.json, roc_*.png and hist_*.png.")  # fmt: skip
 @batch_option
+@device_option
 @mlflow_option
 @tracking_uri_option
 def evaluate_command(
-    id_paths: tuple[Path, ...], checkpoint: Path, ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
-    tracking_uri: Optional[str],
+    id_paths: tuple[Path, ...], checkpoint: Path, ood_sets: tuple[str, ...], out: Path, batch_size: int, device: str,
+    mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms.
 
@@ -171,7 +176,7 @@ def evaluate_command(
     from cdm_ood.ood.evaluation import evaluate_paths, format_table
 
     setup_logging()
-    model = open_checkpoint(checkpoint)
+    model = open_checkpoint(checkpoint, device)
     with ExitStack() as bars:
         rows = evaluate_paths(model, _id_paths(id_paths), _ood_sets(ood_sets), out, batch_size, on_error=_skipped,
                               progress=late_progress(bars, "evaluating"))  # fmt: skip

@@ -1,11 +1,17 @@
 """Thresholds at a target false-positive rate, threshold specs, calibration storage and the metrics."""
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from cdm_ood.checkpoint import load_checkpoint, save_checkpoint, store_calibration
+from cdm_ood.data import iter_slices
+from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
 from cdm_ood.ood import NotFittedError, calibrate, resolve_threshold, threshold_at_fpr
+from cdm_ood.ood.calibration import held_out_split
 from cdm_ood.ood.metrics import ood_metrics
 from cdm_ood.spec import Calibration
 
@@ -61,3 +67,44 @@ def test_metrics_on_separable_and_identical_sets():
     assert ood_metrics(ids, ids + 100) == {"auroc": 1.0, "fpr95": 0.0, "aupr_in": 1.0, "aupr_out": 1.0}
     same = ood_metrics(ids, rng.normal(size=2000))
     assert abs(same["auroc"] - 0.5) < 0.03 and abs(same["fpr95"] - 0.95) < 0.03
+
+
+def write_volumes(folder: Path, slices: tuple[int, ...]) -> list[str]:
+    """CT phantom volumes with the given slice counts, alternately NIfTI files and DICOM series; their slices'
+    volume ids as the data layer reads them back."""
+    rng = np.random.default_rng(5)
+    for k, n in enumerate(slices):
+        volume = phantom_volume(rng, size=16, slices=n)
+        if k % 2:
+            write_dicom_series(volume, folder / f"series{k}", modality="ct", volume_index=k)
+        else:
+            write_nifti(volume, folder / f"vol{k}.nii.gz")
+    return [s.source.volume_id for s in iter_slices(folder)]
+
+
+def test_held_out_images_are_whole_volumes_read_from_files(tmp_path):
+    groups = write_volumes(tmp_path, (3, 6, 4, 5, 2, 7))
+    held = held_out_split(groups).tolist()
+    sides = {volume: {h for g, h in zip(groups, held, strict=True) if g == volume} for volume in set(groups)}
+    assert len(sides) == 6 and all(len(s) == 1 for s in sides.values()), "no volume on both sides"
+    assert sum(s == {True} for s in sides.values()) == 3, "half of the volumes held out"
+    profiles = torch.randn(len(groups), 12, dtype=torch.float64) - 50
+    ood = calibrate(profiles, 16, 8, fpr=0.2, groups=groups)
+    assert ood.n_fit == held.count(False) and len(ood.detectors["nll"].id_scores) == held.count(True)
+    with pytest.raises(ValueError, match="one group"):
+        calibrate(profiles, 16, 8, groups=groups[1:])
+
+
+def test_a_single_volume_is_held_out_slice_by_slice_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.calibration"):
+        held = held_out_split(["series-1"] * 8)
+    assert held.tolist() == [False, True] * 4
+    assert "from 1 volume(s)" in caplog.text and "share volumes" in caplog.text
+
+
+@pytest.mark.parametrize(("fpr", "warned"), [(0.01, True), (0.05, False)])
+def test_a_held_out_set_smaller_than_one_over_fpr_is_warned_about(caplog, fpr, warned):
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.calibration"):
+        calibrate(torch.randn(40, 12, dtype=torch.float64) - 50, 16, 8, fpr=fpr)
+    assert ("held-out in-distribution images for a false-positive rate" in caplog.text) == warned
+    assert not warned or "only 20 held-out in-distribution images for a false-positive rate of 0.01" in caplog.text

@@ -337,3 +337,54 @@ def test_every_run_is_tracked_in_mlflow_by_default(checkpoint, scans, tmp_path, 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("cdm-ood-score").experiment_id])
     assert run.data.params["detector"] == "nll" and run.data.metrics["volume_in"] == 1
+
+
+def test_calibrate_holds_out_whole_volumes_and_warns_when_too_few_for_the_fpr(checkpoint, tmp_path):
+    from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+
+    data, rng = tmp_path / "val", np.random.default_rng(11)
+    for k, n in enumerate((4, 5, 3, 6)):
+        if k % 2:
+            write_dicom_series(phantom_volume(rng, size=16, slices=n), data / f"series{k}", modality="ct",
+                               volume_index=k)  # fmt: skip
+        else:
+            write_nifti(phantom_volume(rng, size=16, slices=n), data / f"vol{k}.nii.gz")
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    out = cdm("calibrate", data, "--checkpoint", copy, "--fpr", "0.05", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    warning = [line for line in out.stderr.splitlines() if "WARNING" in line and "false-positive rate" in line]
+    assert len(warning) == 1 and "needs at least 20 held out" in warning[0]
+    held_out = load_checkpoint(copy)["calibration"]["detectors"]["nll"]["id_scores"]
+    slices = list(iter_slices(data))
+    scores = OODDetector.from_checkpoint(copy, detector="nll").score(slices)
+    stored = [np.isclose(s, held_out, rtol=1e-5, atol=0).any() for s in scores]
+    sides = {v: {k for k, s in zip(stored, slices, strict=True) if s.source.volume_id == v}
+             for v in {s.source.volume_id for s in slices}}  # fmt: skip
+    assert all(len(side) == 1 for side in sides.values()), f"a volume on both sides: {sides}"
+    assert sum(stored) == len(held_out) and sum(side == {True} for side in sides.values()) == 2
+
+
+def test_device_is_one_shared_option_resolved_before_any_work(checkpoint, scans, tmp_path):
+    from cdm_ood.cli.score import calibrate_command, evaluate_command, score_command
+
+    options = [next(p for p in c.params if p.name == "device") for c in (calibrate_command, score_command,
+                                                                           evaluate_command)]  # fmt: skip
+    assert {(o.default, o.help) for o in options} == {(options[0].default, options[0].help)}
+    assert options[0].default == "auto" and "cuda:LOCAL_RANK" in options[0].help
+    copy = tmp_path / "model.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    runs = {
+        "calibrate": [scans / "clean.nii.gz"],
+        "score": [scans / "clean.nii.gz", "--out", tmp_path / "o.csv"],
+        "evaluate": [scans / "clean.nii.gz", "--ood", scans / "spiked.nii.gz", "--out-dir", tmp_path / "e"],
+    }
+    for device, reason in (("cuda:99", "CUDA device(s)"), ("tpu-ish", "--device tpu-ish")):
+        for command, args in runs.items():
+            out = invoke(command, *args, "--checkpoint", copy, "--device", device)
+            assert out.exit_code == 2 and out.stderr.startswith("error: ") and reason in out.stderr, out.output
+    assert copy.read_bytes() == checkpoint.read_bytes()
+    assert not (tmp_path / "o.csv").exists() and not (tmp_path / "e").exists()
+    out = invoke("evaluate", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--ood", scans / "spiked.nii.gz",
+                 "--out-dir", tmp_path / "e", "--device", "cpu")  # fmt: skip
+    assert out.exit_code == 0, out.output

@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..checkpoint import LoadedModel, load_model, store_calibration
-from ..data.errors import DataError
+from ..data.discovery import discover
+from ..data.errors import DataError, UnreadableFileError
 from ..data.readers import iter_slices
-from ..data.records import quality_flags
+from ..data.records import SliceSource, quality_flags
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
-from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, calibrate, load_detector, resolve_threshold
+from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, MIN_IMAGES, calibrate, load_detector, resolve_threshold
 from .detectors import NotFittedError
-from .report import IN, judge
+from .inputs import Inputs, Item, chunks, is_path, iter_images
+from .report import COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_rows
 
-Inputs = Any  # a tensor or array (H, W), (C, H, W) or (B, C, H, W); a path; a MONAI dict; or a sequence of them
+if TYPE_CHECKING:
+    import pandas as pd
+
+ON_ERROR = ("row", "skip", "raise")  # what `score_frame` does with a file that cannot be read
+Source = Optional[SliceSource]
+log = logging.getLogger("cdm_ood.api")
 
 
 class OODDetector:
@@ -75,22 +83,41 @@ class OODDetector:
         self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
         return self._threshold
 
+    def __repr__(self) -> str:
+        spec, threshold = self.model.spec, self._threshold
+        shape = "x".join(str(n) for n in (spec.channels, *spec.size))
+        return (f"OODDetector(detector={self.name!r}, threshold={None if threshold is None else f'{threshold:.6g}'}, "
+                f"fpr={self.fpr}, model=CDM {shape} {spec.preset.name} T={spec.schedule.T} "
+                f"unet{tuple(spec.model.channels)})")  # fmt: skip
+
     def prepare(self, inputs: Inputs) -> Tensor:
         """Model-space batch (B, C, H, W) from any supported input."""
-        return torch.stack([self.transform(image) for image in self._images(inputs)])
+        return torch.stack([self.transform(image) for image, _ in self._images(inputs)])
 
     def checked_profile(self, inputs: Inputs) -> tuple[Tensor, list[tuple[str, ...]]]:
         """log p_t(x) (B, T+2) of every image, NaN rows for images not scored, and each image's quality flags
         (NaN/inf or constant pixels, checked in the image's own units, before any mapping could hide them)."""
-        images = self._images(inputs)
-        flags = [quality_flags(_as_array(image)) for image in images]
-        scorable = [i for i, f in enumerate(flags) if not f]
-        scored = self.profile(torch.stack([self.transform(images[i]) for i in scorable])) if scorable else None
-        dtype = torch.float32 if scored is None else scored.dtype
-        profile = torch.full((len(images), self.model.schedule.T + 2), float("nan"), dtype=dtype)
-        if scored is not None:
-            profile[scorable] = scored
-        return profile, flags
+        parts = list(self._checked_chunks(inputs))
+        if not parts:
+            return torch.empty(0, self.model.schedule.T + 2), []
+        return torch.cat([p for p, _, _ in parts]), [f for _, flags, _ in parts for f in flags]
+
+    def _images(self, inputs: Inputs) -> Iterator[Item]:
+        return iter_images(inputs, self.model.spec.channels, self.image_key)
+
+    def _checked_chunks(self, inputs: Inputs) -> Iterator[tuple[Tensor, list[tuple[str, ...]], list[Source]]]:
+        """`checked_profile` of the images of `inputs` in chunks of `batch_size` images, one forward pass each
+        whatever the inputs' own grouping, with each image's source (None for images given in memory)."""
+        for chunk in chunks(self._images(inputs), self.batch_size):
+            images, sources = zip(*chunk, strict=True)
+            flags = [quality_flags(_as_array(image)) for image in images]
+            scorable = [i for i, f in enumerate(flags) if not f]
+            profile = torch.full((len(images), self.model.schedule.T + 2), float("nan"))
+            if scorable:
+                scored = self.profile(torch.stack([self.transform(images[i]) for i in scorable]))
+                profile = profile.to(scored.dtype)
+                profile[scorable] = scored
+            yield profile, flags, list(sources)
 
     def assess(self, inputs: Inputs) -> list[dict[str, Any]]:
         """Per image: `score` (NaN when not scored), `verdict` (`in`, `ood` or `flagged`) and `reason`, exactly as
@@ -99,23 +126,6 @@ class OODDetector:
         scores = self.score_profiles(profile)
         verdicts = [judge(float(s), self.threshold, f) for s, f in zip(scores, flags, strict=True)]
         return [{"score": float(s), "verdict": v, "reason": r} for s, (v, r) in zip(scores, verdicts, strict=True)]
-
-    def _images(self, inputs: Inputs) -> list[np.ndarray | Tensor]:
-        if isinstance(inputs, (str, os.PathLike)):
-            return [s.image for s in iter_slices(Path(inputs))]
-        if isinstance(inputs, Mapping):
-            return self._images(inputs[self.image_key])
-        if isinstance(inputs, (Tensor, np.ndarray)):
-            if inputs.ndim == 2:
-                return [inputs[None]]
-            if inputs.ndim == 3:
-                return [inputs]
-            if inputs.ndim == 4:
-                return list(inputs)
-            raise ValueError(f"expected (H, W), (C, H, W) or a batch (B, C, H, W), got shape {tuple(inputs.shape)}")
-        if isinstance(inputs, Sequence):
-            return [image for item in inputs for image in self._images(item)]
-        raise TypeError(f"cannot score a {type(inputs).__name__}: give tensors, arrays, paths or MONAI dicts")
 
     @torch.inference_mode()
     def profile(self, x: Tensor) -> Tensor:
@@ -133,25 +143,106 @@ class OODDetector:
         return self.score_profiles(self.profile(x))
 
     def score(self, inputs: Inputs) -> np.ndarray:
-        """One score per image (B,), higher = more out-of-distribution; NaN for an image that could not be scored
-        (NaN/inf or constant pixels)."""
+        """One score per image (N,), higher = more out-of-distribution (the pytorch-ood convention); NaN for an
+        image that could not be scored (NaN/inf or constant pixels). Images: see `cdm_ood.ood.inputs`."""
         profile, _ = self.checked_profile(inputs)
         return self.score_profiles(profile)
 
+    def score_samples(self, inputs: Inputs) -> np.ndarray:
+        """sklearn's convention (as `IsolationForest.score_samples`): higher = more normal, i.e. `-score`."""
+        return -self.score(inputs)
+
+    @property
+    def offset_(self) -> float:
+        """sklearn's offset: `decision_function = score_samples - offset_`, so `offset_ = -threshold`."""
+        return -self.threshold
+
+    def decision_function(self, inputs: Inputs) -> np.ndarray:
+        """sklearn's convention: `score_samples - offset_ = threshold - score`; negative = OOD (above the
+        threshold), positive = in distribution, NaN where not scored."""
+        return self.score_samples(inputs) - self.offset_
+
     def predict(self, inputs: Inputs) -> np.ndarray:
-        """True where an image is not in distribution: above the threshold, or not scorable (`flagged`)."""
+        """True where an image is not in distribution: above the threshold, or not scorable (`flagged`). (A bool
+        per image, not sklearn's +1/-1.)"""
         return np.array([a["verdict"] != IN for a in self.assess(inputs)], dtype=bool)
 
-    def fit(self, id_inputs: Iterable[Inputs], fpr: float = DEFAULT_FPR) -> OODDetector:
-        """Fit every detector on in-distribution images (an iterable of batches or inputs) and set this one's
-        threshold for the false-positive rate `fpr`; images that cannot be scored are left out. `save` stores the
-        result in a checkpoint."""
-        profiles = torch.cat([p[torch.isfinite(p).all(dim=1)] for p, _ in map(self.checked_profile, id_inputs)])
+    def score_frame(self, inputs: Inputs, on_error: str = "row", per_volume: str = "mean") -> pd.DataFrame:
+        """The `cdm-ood score` report as a pandas DataFrame (`report.COLUMNS`: level, path, slice, time_point,
+        volume, sop_instance_uid, score, threshold, verdict, reason), built by the gate's own code.
+
+        Paths (files or folders) give the report's rows: one per slice, one per volume (the `per_volume`
+        aggregate) and, with `on_error="row"`, one `unreadable` row per file that cannot be read, with its reason;
+        `on_error="skip"` leaves such files out (logged), `"raise"` raises the file's error. Images given in memory
+        get one slice row each (path and volume empty, slice = their position among them).
+        """
+        import pandas as pd
+
+        from .batch import score_sources
+
+        if on_error not in ON_ERROR:
+            raise UsageError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+        aggregate(per_volume)
+        items = [inputs] if is_path(inputs) or not isinstance(inputs, (list, tuple)) else list(inputs)
+        paths = [Path(item) for item in items if is_path(item)]
+        errors: list[DataError] = []
+        sources = discover(paths, None if on_error == "raise" else errors.append) if paths else []
+        rows = score_sources(self, sources, errors, per_volume) if paths else []
+        unreadable = [r for r in rows if r["verdict"] == UNREADABLE]
+        if unreadable and on_error == "raise":
+            raise UnreadableFileError(unreadable[0]["path"], unreadable[0]["reason"])
+        if on_error == "skip":
+            for row in unreadable:
+                log.warning("skipped %s: %s", row["path"], row["reason"])
+            rows = [r for r in rows if r["verdict"] != UNREADABLE]
+        memory = self._memory_rows([item for item in items if not is_path(item)])
+        rows += memory + volume_rows([r for r in memory if r["volume"] is not None], self.threshold, per_volume)
+        frame = pd.DataFrame(rows, columns=list(COLUMNS))
+        return frame.astype({"slice": "Int64", "time_point": "Int64", "score": "float64", "threshold": "float64"})
+
+    def _memory_rows(self, inputs: Sequence[Inputs]) -> list[dict]:
+        rows: list[dict] = []
+        for profile, flags, sources in self._checked_chunks(inputs):
+            for score, flag, source in zip(self.score_profiles(profile).tolist(), flags, sources, strict=True):
+                where = source or SliceSource("", len(rows), "")
+                row = slice_row(where, score, self.threshold, flag)
+                rows.append(row if source else row | {"path": None, "volume": None})
+        return rows
+
+    def fit(
+        self, id_inputs: Inputs, fpr: float = DEFAULT_FPR, groups: Optional[Sequence[Hashable]] = None
+    ) -> OODDetector:
+        """Fit every detector on in-distribution images and set this one's threshold for the false-positive rate
+        `fpr`; `save` stores the result in a checkpoint. Images that cannot be scored are left out.
+
+        `id_inputs` is anything `score` takes (an array (N, H, W) or (N, C, H, W), a folder, a list of arrays, an
+        iterable of batches such as a DataLoader), scored in batches of `batch_size` however it is grouped. Half
+        of the volumes are held out to set the threshold (`calibration.calibrate`): slices read from files keep
+        their volume (series or file); `groups` gives one volume id per image for images given in memory, which
+        otherwise each count as their own volume.
+        """
+        parts: list[Tensor] = []
+        volumes: list[Hashable] = []
+        for profile, _, sources in self._checked_chunks(id_inputs):
+            volumes += [s.volume_id if s else ("in memory", len(volumes) + i) for i, s in enumerate(sources)]
+            parts.append(profile)
+        if groups is not None:
+            if len(groups) != len(volumes):
+                raise UsageError(f"{len(groups)} groups for {len(volumes)} images: give one volume id per image")
+            volumes = list(groups)
+        profiles = torch.cat(parts) if parts else torch.empty(0, self.model.schedule.T + 2)
+        scorable = torch.isfinite(profiles).all(dim=1)
+        if int(scorable.sum()) < MIN_IMAGES:
+            raise UsageError(f"calibration needs at least {MIN_IMAGES} scorable in-distribution images, found "
+                             f"{int(scorable.sum())}")  # fmt: skip
         bit_depth = self.model.spec.bit_depth
-        self.model.calibration = calibrate(profiles, self.num_dims, bit_depth, fpr, default=self.name)
-        self.detector, self.id_scores, self.fpr = load_detector(
-            self.model.calibration, self.name, self.num_dims, bit_depth
-        )
+        kept = [v for v, keep in zip(volumes, scorable.tolist(), strict=True) if keep]
+        try:
+            calibration = calibrate(profiles[scorable], self.num_dims, bit_depth, fpr, default=self.name, groups=kept)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        self.model.calibration = calibration
+        self.detector, self.id_scores, self.fpr = load_detector(calibration, self.name, self.num_dims, bit_depth)
         self.set_threshold("auto")
         return self
 
@@ -169,20 +260,29 @@ def calibrate_checkpoint(
     detector: Optional[str] = None,
     batch_size: int = 64,
     on_error: Optional[Callable[[DataError], None]] = None,
+    device: str | torch.device = "cpu",
+    progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
 ) -> tuple[OODDetector, int]:
-    """Fit every detector on the scorable in-distribution slices below `data` and store the calibration in the
-    checkpoint (atomically, weights unchanged); returns the calibrated detector and the number of slices used.
-    Files that cannot be read go to `on_error`."""
-    scorer = OODDetector.from_checkpoint(checkpoint, detector or DEFAULT_DETECTOR, threshold=0.0, batch_size=batch_size)
-    images = [s.image for s in iter_slices(list(data), on_error) if not s.flags]
-    if len(images) < 4:
-        raise UsageError(f"calibration needs at least 4 readable in-distribution slices, found {len(images)}")
-    try:
-        scorer.fit([images[i : i + batch_size] for i in range(0, len(images), batch_size)], fpr)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    """Fit every detector on the scorable in-distribution slices below `data` (half of the volumes held out) and
+    store the calibration in the checkpoint (atomically, weights unchanged); returns the calibrated detector and
+    the number of slices used. Files that cannot be read go to `on_error`. `progress(total)`, once the slices are
+    read, returns the function to call with each number of slices handed to the model."""
+    scorer = OODDetector.from_checkpoint(
+        checkpoint, detector or DEFAULT_DETECTOR, device, threshold=0.0, batch_size=batch_size
+    )
+    slices = list(iter_slices(list(data), on_error))
+    update = progress(len(slices)) if progress is not None else None
+    scorer.fit(slices if update is None else _counted(slices, update), fpr)
     scorer.save(checkpoint)
-    return scorer, len(images)
+    calibration = scorer.model.calibration
+    return scorer, calibration.n_fit + len(scorer.id_scores)
+
+
+def _counted(items: Iterable[Any], update: Callable[[int], Any]) -> Iterator[Any]:
+    """`items`, calling `update(1)` as each one is taken."""
+    for item in items:
+        yield item
+        update(1)
 
 
 def _as_array(image: np.ndarray | Tensor) -> np.ndarray:

@@ -2,23 +2,31 @@
 
 The calibration of a model is a `cdm_ood.spec.Calibration` (stored in its checkpoint by
 `checkpoint.store_calibration`): for each detector its fitted state and its scores on held-out in-distribution
-images, from which any threshold `fpr:<x>` is computed; `auto` uses the stored `fpr`. Everything here is pure.
+images, from which any threshold `fpr:<x>` is computed; `auto` uses the stored `fpr`. Everything here is pure
+(problems with the data are logged as warnings).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Hashable, Sequence
 from typing import Optional
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from ..data.medical import split_volumes
 from ..errors import UsageError
 from ..spec import Calibration, DetectorFit
 from .detectors import DETECTORS, Detector, NotFittedError
 
 DEFAULT_FPR = 0.05
 DEFAULT_DETECTOR = "nll"  # measured best on the CT phantom artifacts (docs/ood.md)
+MIN_IMAGES = 4  # two to fit the multiscale detector, two held out
+
+log = logging.getLogger("cdm_ood.calibration")
 
 
 def threshold_at_fpr(id_scores: np.ndarray, fpr: float) -> float:
@@ -40,20 +48,55 @@ def calibrate(
     fpr: float = DEFAULT_FPR,
     detectors: Sequence[str] = tuple(DETECTORS),
     default: str = DEFAULT_DETECTOR,
+    groups: Optional[Sequence[Hashable]] = None,
 ) -> Calibration:
-    """Fit each detector on the even-indexed in-distribution profiles and score the odd-indexed ones, so the
-    stored scores (and thresholds) are out-of-sample."""
+    """Fit each detector on about half of the in-distribution profiles and score the other half, so the stored
+    scores (and thresholds) are out-of-sample; `groups` (e.g. volume ids, one per profile; default: every image
+    its own) keeps each group on one side (`held_out_split`). Warns when the held-out half is too small for `fpr`.
+    """
     threshold_at_fpr(np.zeros(1), fpr)
     if default not in detectors:
         raise ValueError(f"default detector {default!r} is not among {list(detectors)}")
-    if len(profiles) < 4:
-        raise ValueError(f"calibration needs at least 4 in-distribution images, got {len(profiles)}")
-    fit_part, held_out = profiles[0::2], profiles[1::2]
+    if len(profiles) < MIN_IMAGES:
+        raise ValueError(f"calibration needs at least {MIN_IMAGES} in-distribution images, got {len(profiles)}")
+    if groups is not None and len(groups) != len(profiles):
+        raise ValueError(f"{len(groups)} groups for {len(profiles)} images: give one group (volume) per image")
+    held = held_out_split(range(len(profiles)) if groups is None else groups)
+    fit_part, held_out = profiles[~held], profiles[held]
+    warn_if_too_few(len(held_out), fpr)
     fits = {}
     for name in detectors:
         detector = DETECTORS[name](num_dims, bit_depth).fit(fit_part)
         fits[name] = DetectorFit(detector.state(), tuple(detector.score(held_out).tolist()))
     return Calibration(fpr, default, len(fit_part), fits)
+
+
+def held_out_split(groups: Sequence[Hashable]) -> Tensor:
+    """A boolean mask of the images to hold out: whole groups (volumes) on each side, half of the groups by a
+    seeded shuffle (`data.medical.split_volumes`, the split of the training data). Where that cannot leave at
+    least two images on each side (a single volume), every other image is held out, with a warning that the
+    held-out images then share volumes with the fitted ones."""
+    groups = list(groups)
+    codes = {g: str(k) for k, g in enumerate(dict.fromkeys(groups))}
+    sides = split_volumes(list(codes.values()), (0.5, 0.5, 0.0))
+    held = torch.tensor([sides[codes[g]] == "val" for g in groups], dtype=torch.bool)
+    if min(int(held.sum()), len(held) - int(held.sum())) >= 2:
+        return held
+    log.warning("the %d calibration images come from %d volume(s), too few to hold out whole volumes: every other "
+                "image is held out, so held-out images share volumes with the fitted ones and the threshold is not "
+                "tested on unseen scans; calibrate on more volumes", len(groups), len(codes))  # fmt: skip
+    return torch.arange(len(groups)) % 2 == 1
+
+
+def warn_if_too_few(n_held_out: int, fpr: float) -> None:
+    """Log a warning when fewer than 1/fpr images are held out: the threshold at `fpr` is then just the largest
+    held-out score (k = floor(fpr n) = 0), which says nothing about that false-positive rate."""
+    needed = math.ceil(1 / fpr - 1e-9)
+    if n_held_out < needed:
+        log.warning("only %d held-out in-distribution images for a false-positive rate of %g: a threshold at that "
+                    "rate needs at least %d held out (about %d calibration images: half of the volumes are held "
+                    "out); this one is just the largest held-out score",
+                    n_held_out, fpr, needed, 2 * needed)  # fmt: skip
 
 
 def resolve_threshold(spec: str | float, id_scores: np.ndarray | None, fpr: float | None) -> float:

@@ -74,9 +74,9 @@ def evaluate_paths(
     """`evaluate_sets` on the scorable slices below the in-distribution paths and below each named OOD set's
     paths; files that cannot be read go to `on_error`; a set without a scorable slice is a `UsageError`.
     `progress(total)`, once the slices are read, returns the function to call with each number of slices scored."""
-    id_images = [s.image for s in iter_slices(list(id_paths), on_error) if not s.flags]
+    id_images = [s for s in iter_slices(list(id_paths), on_error) if not s.flags]
     ood_images = {
-        name: [s.image for s in iter_slices(list(paths), on_error) if not s.flags] for name, paths in ood_paths.items()
+        name: [s for s in iter_slices(list(paths), on_error) if not s.flags] for name, paths in ood_paths.items()
     }
     empty = [name for name, images in {"in-distribution": id_images, **ood_images}.items() if not images]
     if empty:

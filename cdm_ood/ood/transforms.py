@@ -25,7 +25,8 @@ class ScoreOODd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            (result,) = self.detector.assess(d[key])
+            image = d[key]
+            (result,) = self.detector.assess(image[None] if image.ndim == 3 else image)  # one channel-first image
             d[f"{key}_ood_score"] = result["score"]
             d[f"{key}_ood"] = result["verdict"] != IN
             d[f"{key}_ood_verdict"] = result["verdict"]
