@@ -101,6 +101,11 @@ class LoadedModel:
     step: int
     calibration: Optional[Calibration] = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the classifier's weights are (`load_model(path, device)`)."""
+        return next(self.classifier.parameters()).device
+
 
 def check_spec(path: str | Path, payload: dict[str, Any]) -> ModelSpec:
     """The stored model spec, validated (types, structure, sane bounds) before anything is built: a crafted spec

@@ -46,9 +46,10 @@ def sample_grid(
             raise UsageError(f"--label {label}: the model is not conditional on it")
         labels = torch.full((n,), label, dtype=torch.long)
     shape = (n, model.spec.channels, *model.spec.size)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    labels = None if labels is None else labels.to(model.device)
     x = sample(model.classifier, model.schedule, shape, method, steps, labels, guidance, generator,
-               null_label=model.classifier.num_classes, callback=callback)  # fmt: skip
+               null_label=model.classifier.num_classes, device=model.device, callback=callback).cpu()  # fmt: skip
     save_png(image_grid(x), Path(out))
     if npz is not None:
         with atomic_path(npz) as tmp, open(tmp, "wb") as f:
@@ -78,13 +79,14 @@ def denoise_files(
     out = Path(out)
     files = _denoise_targets(inputs, out, on_error)
     transform = model.spec.input_transform()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(model.device).manual_seed(seed)
     todo = [(s, path) for path, (_, good) in files.items() for s in good]
     done: dict[str, dict] = defaultdict(dict)
     update = progress(len(todo))
     for s, path in todo:
-        clean = denoise(model.classifier, transform(s.image)[None], model.schedule, sigma, method=method, steps=steps,
-                        generator=generator)[0]  # fmt: skip
+        x = transform(s.image)[None].to(model.device)
+        clean = denoise(model.classifier, x, model.schedule, sigma, method=method, steps=steps, generator=generator)[0]
+        clean = clean.cpu()
         back = clean if tuple(clean.shape[1:]) == s.image.shape[1:] else Resize(s.image.shape[1:])(clean)
         done[path][(s.source.time_point, s.source.index if s.source.frame is None else s.source.frame)] = (
             model.spec.preset.inverse(np.asarray(back))

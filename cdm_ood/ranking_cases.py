@@ -30,8 +30,9 @@ class CaseError(Exception):
     """A case that cannot be ranked (unreadable file, shape or preset mismatch), with the files named."""
 
 
-def operator_for(spec: str):
-    """`noise` (the identity) or `blur:<px>` (Gaussian blur with that std in pixels, MONAI's GaussianFilter)."""
+def operator_for(spec: str, device: str | torch.device = "cpu"):
+    """`noise` (the identity) or `blur:<px>` (Gaussian blur with that std in pixels, MONAI's GaussianFilter, on
+    `device`)."""
     if spec == "noise":
         return None
     kind, _, value = spec.partition(":")
@@ -39,7 +40,7 @@ def operator_for(spec: str):
         from monai.networks.layers import GaussianFilter
 
         try:
-            return GaussianFilter(spatial_dims=2, sigma=float(value))
+            return GaussianFilter(spatial_dims=2, sigma=float(value)).to(device)
         except ValueError:
             pass
     raise UsageError(f"--degradation {spec!r}: expected 'noise' or 'blur:<std in pixels>'")
@@ -67,7 +68,7 @@ def load_images(model: Any, paths: list[Path]):
             first = paths[0]
             other = next(p for p in paths if values[p] != values[first])
             raise CaseError(f"{label} mismatch: {first} is {values[first]} but {other} is {values[other]}")
-    return torch.stack(images)
+    return torch.stack(images).to(model.device)
 
 
 def rank_case(
@@ -82,12 +83,12 @@ def rank_case(
     if generate:
         if y is None or sigma is None or degradation != "noise":
             raise CaseError("--generate needs --observed, --sigma and the 'noise' degradation")
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(model.device).manual_seed(seed)
         made = [denoise(model.classifier, y, model.schedule, sigma)]
         made += [denoise(model.classifier, y, model.schedule, sigma, method="ddpm", steps=steps, generator=g)
                  for _ in range(generate - 1)]  # fmt: skip
         made = torch.cat(made).clamp(-1, 1)
-        for i, image in enumerate(made):
+        for i, image in enumerate(made.cpu()):
             name = out_dir / f"{case}_generated_{i}"
             save_png(to_uint8(image[None])[0, 0], name.with_suffix(".png"))
             with atomic_path(name.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
@@ -98,7 +99,7 @@ def rank_case(
         raise CaseError("no candidates to rank")
     try:
         ranking = rank_restorations(model.classifier, model.schedule, cands, y, criterion, sigma,
-                                    operator_for(degradation))  # fmt: skip
+                                    operator_for(degradation, model.device))  # fmt: skip
     except ValueError as err:
         raise CaseError(str(err)) from None
     rows = []

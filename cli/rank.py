@@ -11,7 +11,7 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import checkpoint_option, open_checkpoint, setup_logging
+from .common import checkpoint_option, device_option, open_checkpoint, setup_logging
 
 
 @click.command("rank-restorations")
@@ -30,9 +30,10 @@ from .common import checkpoint_option, open_checkpoint, setup_logging
 @click.option("--seed", default=0, show_default=True, help="Seed of the posterior samples of --generate.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.csv"), show_default=True,
               help="Ranking CSV (generated candidates go to <out>_generated/).")  # fmt: skip
+@device_option
 def rank_restorations_command(
     candidates: tuple[Path, ...], checkpoint: Path, observed: Optional[Path], criterion: str, sigma: Optional[float],
-    degradation: str, manifest: Optional[Path], generate: int, steps: int, seed: int, out: Path,
+    degradation: str, manifest: Optional[Path], generate: int, steps: int, seed: int, out: Path, device: str,
 ) -> None:  # fmt: skip
     """Rank candidate restorations (DICOM, NIfTI or PNG files of one slice each) of a degraded scan.
 
@@ -47,7 +48,7 @@ def rank_restorations_command(
     setup_logging()
     if criterion not in CRITERIA:
         raise UsageError(f"--criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
-    model = open_checkpoint(checkpoint)
+    model = open_checkpoint(checkpoint, device)
     if manifest is None:
         cases = [("case", observed, list(candidates), degradation, sigma)]
     else:

@@ -9,7 +9,15 @@ from typing import Optional
 
 import click
 
-from .common import checkpoint_option, late_progress, open_checkpoint, progress, setup_logging, tracking_uri_option
+from .common import (
+    checkpoint_option,
+    device_option,
+    late_progress,
+    open_checkpoint,
+    progress,
+    setup_logging,
+    tracking_uri_option,
+)
 
 
 @click.command("sample")
@@ -24,15 +32,16 @@ from .common import checkpoint_option, late_progress, open_checkpoint, progress,
 @click.option("--npz", type=click.Path(path_type=Path), help="Also write the samples (model space, [-1, 1]).")
 @click.option("--mlflow-run", help="Log the grid to this MLflow run id.")
 @tracking_uri_option
+@device_option
 def sample_command(
     checkpoint: Path, n: int, method: str, steps: int, label: Optional[int], guidance: float, seed: int, out: Path,
-    npz: Optional[Path], mlflow_run: Optional[str], tracking_uri: Optional[str],
+    npz: Optional[Path], mlflow_run: Optional[str], tracking_uri: Optional[str], device: str,
 ) -> None:  # fmt: skip
     """Draw samples from a trained model and write them as a PNG grid."""
     from cdm_ood.generation import sample_grid
 
     setup_logging()
-    model = open_checkpoint(checkpoint)
+    model = open_checkpoint(checkpoint, device)
     with progress(steps, f"{method}, {steps} steps") as update:
         sample_grid(model, n, out, method, steps, label, guidance, seed, npz, callback=lambda i, t, x: update(1))
     if mlflow_run is not None:
@@ -57,7 +66,10 @@ def sample_command(
 @click.option("--out-dir", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the denoised files (created; inputs are never overwritten).")  # fmt: skip
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def denoise_command(checkpoint: Path, sigma: float, method: str, steps: int, seed: int, out: Path, inputs) -> None:
+@device_option
+def denoise_command(
+    checkpoint: Path, sigma: float, method: str, steps: int, seed: int, out: Path, inputs, device: str
+) -> None:
     """Denoise images INPUTS (DICOM, NIfTI, PNG files or folders) into OUT_DIR, each in its own format and geometry.
 
     A DICOM file keeps its tags under a new SeriesInstanceUID (one per input series) and SOPInstanceUID, a NIfTI
@@ -67,7 +79,7 @@ def denoise_command(checkpoint: Path, sigma: float, method: str, steps: int, see
     from cdm_ood.generation import denoise_files
 
     setup_logging()
-    model = open_checkpoint(checkpoint)
+    model = open_checkpoint(checkpoint, device)
     errors = []
     with ExitStack() as bars:
         written = denoise_files(model, inputs, sigma, out, None if method == "mmse" else method, steps, seed,

@@ -98,3 +98,12 @@ def test_config_option_names_the_bundled_configs(tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", "phantom-ct", "--dry-run"])
     assert result.exit_code == 2 and "no bundled config of that name" in result.output
     assert "phantoms-ct" in result.output
+
+
+def test_every_command_that_runs_a_model_takes_the_same_device_option():
+    devices = {}
+    for path, command in leaf_commands():
+        options = {opt: param for param in command.params for opt in param.opts}
+        if "--checkpoint" in options:
+            devices[path] = (options["--device"].default, options["--device"].help, options["--device"].callback)
+    assert len(devices) >= 7 and len(set(devices.values())) == 1 and next(iter(devices.values()))[0] == "auto"
