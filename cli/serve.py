@@ -7,21 +7,22 @@ from typing import Optional
 
 import click
 
-from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
+from .common import checkpoint_option, device_option, open_checkpoint, setup_logging, tracking_uri_option
 
 
 @click.command("log-model")
 @checkpoint_option
 @tracking_uri_option
 @click.option("--experiment", default="cdm-ood-models", show_default=True, help="MLflow experiment of the new run.")
-def log_model_command(checkpoint: Path, tracking_uri: Optional[str], experiment: str) -> None:
+@device_option
+def log_model_command(checkpoint: Path, tracking_uri: Optional[str], experiment: str, device: str) -> None:
     """Log the checkpoint (weights, preset, calibrated detector and threshold) as a pyfunc model in a new run
     and print its URI, e.g. for `mlflow models serve -m runs:/<id>/model --env-manager local`."""
     from cdm_ood.ood import NotFittedError
     from cdm_ood.tracking import log_model_run
 
     setup_logging()
-    model = open_checkpoint(checkpoint)  # refuses unsafe or broken checkpoints with exit 2
+    model = open_checkpoint(checkpoint, device)  # refuses unsafe or broken checkpoints with exit 2
     if model.calibration is None:
         raise NotFittedError(f"{checkpoint} is not calibrated: run `cdm-ood calibrate` first")
     click.echo(log_model_run(checkpoint, tracking_uri, experiment))
