@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import nibabel as nib
+import numpy as np
 import pytest
 from processes import cdm
 
@@ -51,14 +53,17 @@ def from_uri(value: str) -> str:
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # pyspark 4 on pandas 3
 def test_spark_gives_the_rows_of_cdm_ood_score_for_paths_and_binary_files(spark, checkpoint, scans, tmp_path):
-    out = cdm("score", scans, "--checkpoint", checkpoint, "--out", tmp_path / "report.json", "--no-fail", cwd=tmp_path)
+    folder = Path(shutil.copytree(scans, tmp_path / "scans"))  # and a NIfTI .hdr/.img pair: two files, one volume
+    volume = nib.load(folder / "clean.nii.gz")
+    nib.save(nib.Nifti1Pair(volume.get_fdata(dtype=np.float32), volume.affine), folder / "pair.hdr")
+    out = cdm("score", folder, "--checkpoint", checkpoint, "--out", tmp_path / "report.json", "--no-fail", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     expected = by_slice(json.loads((tmp_path / "report.json").read_text())["rows"])
     assert {r["verdict"] for r in expected.values()} >= {"in", "ood", "flagged", "unreadable"}
 
     # the example of docs/scaling.md
-    paths = spark.createDataFrame([(str(p),) for p in sorted(scans.rglob("*")) if p.is_file()], "path string")
-    binary = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(scans))
+    paths = spark.createDataFrame([(str(p),) for p in sorted(folder.rglob("*")) if p.is_file()], "path string")
+    binary = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(folder))
     for files, local in ((paths, str), (binary, from_uri)):
         report = score_files(files, checkpoint)
         assert report.columns == list(COLUMNS)
