@@ -15,3 +15,10 @@ class CdmOodError(Exception):
 class UsageError(CdmOodError, ValueError):
     """An option or argument that cannot work: a non-finite threshold, an output that cannot be written, a report
     that another run is writing."""
+
+
+class MissingExtraError(CdmOodError, ImportError):
+    """An optional dependency that is not installed; the message names the extra that installs it."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"{package} is not installed: pip install 'cdm-ood[{extra}]'")

@@ -27,7 +27,7 @@ from .report import COLUMNS
 PART_COLUMNS = (*COLUMNS, "file_key")
 _INTS = ("slice", "time_point")
 _FLOATS = ("score", "threshold")
-_OPTIONAL = (*_INTS, *_FLOATS, "sop_instance_uid")
+_OPTIONAL = (*_INTS, *_FLOATS, "volume", "sop_instance_uid")
 
 
 def file_key(path: str | Path) -> str:
