@@ -12,7 +12,14 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import checkpoint_option, open_checkpoint, setup_logging, tracking_uri_option
+from .common import (
+    checkpoint_option,
+    ignore_globs,
+    ignore_options,
+    open_checkpoint,
+    setup_logging,
+    tracking_uri_option,
+)
 
 detector_option = click.option(
     "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
@@ -59,9 +66,11 @@ def _skipped(err) -> None:
 @click.option("--fpr", default=0.05, show_default=True, help="Target false-positive rate of the threshold.")
 @detector_option
 @batch_option
+@ignore_options
 def calibrate_command(
-    checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int
-) -> None:
+    checkpoint: Path, data: tuple[Path, ...], fpr: float, detector: Optional[str], batch_size: int,
+    exclude: tuple[str, ...], no_default_ignore: bool,
+) -> None:  # fmt: skip
     """Fit the detectors on in-distribution scans and store their thresholds in the checkpoint.
 
     The checkpoint is rewritten atomically with the calibration added; its weights are unchanged.
@@ -69,7 +78,8 @@ def calibrate_command(
     from cdm_ood.ood.api import calibrate_checkpoint
 
     setup_logging()
-    scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, on_error=_skipped)
+    scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, on_error=_skipped,
+                                     ignore=ignore_globs(exclude, no_default_ignore))  # fmt: skip
     click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
                f"{checkpoint}")  # fmt: skip
 
@@ -93,22 +103,26 @@ def calibrate_command(
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda:LOCAL_RANK when available, else cpu].")
 @batch_option
 @workers_option
+@ignore_options
 @tracking_option
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
     no_fail: bool, max_voxels: int, resume: bool, device: Optional[str], batch_size: int, workers: int,
-    mlflow: bool, tracking_uri: Optional[str],
+    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
-    """Score DICOM / NIfTI / PNG scans (files or folders, recursively) and write a report.
+    """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
     Every file gets a row (unreadable ones with their reason), every slice a score and verdict, every
     volume/series a summary row. Exit 0: all volumes in distribution; 1: a volume is OOD or flagged (a slice
     with NaN/inf or constant pixels, or a score that is not finite), a file or folder is unreadable, or nothing
     was scored; 2: usage error, unusable checkpoint, unwritable --out, or another run writing the same --out.
 
-    The run's own outputs (report, histogram, partial reports) are never scored, also inside the scanned
-    folder. Under torchrun each process scores every N-th file into partial reports beside the report, and
+    Files that sit beside scans in folders (manifests, sidecars, DICOMDIR, READMEs: the default ignore list) and
+    those matched by --exclude are not read; a file named on the command line always is. The run's own
+    outputs (report, histogram, partial reports) are never scored, also inside the scanned folder.
+
+    Under torchrun each process scores every N-th file into partial reports beside the report, and
     rank 0 merges them; `--resume` continues an interrupted run without scoring its finished files again.
     """
     import torch
@@ -131,7 +145,8 @@ def score_command(
 
         result = run_gate(
             scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
-            progress=progress_bar if ddp.main else None, info={"checkpoint": str(checkpoint)},
+            ignore=ignore_globs(exclude, no_default_ignore), progress=progress_bar if ddp.main else None,
+            info={"checkpoint": str(checkpoint)},
         )  # fmt: skip
     if result is None:  # another rank of a torchrun job: rank 0 reports
         return
@@ -151,11 +166,12 @@ def score_command(
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("ood-eval"), show_default=True,
               help="Folder for metrics.csv, metrics.json, roc_<detector>.png, hist_<detector>.png.")  # fmt: skip
 @batch_option
+@ignore_options
 @tracking_option
 @tracking_uri_option
 def evaluate_command(
-    checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int, mlflow: bool,
-    tracking_uri: Optional[str],
+    checkpoint: Path, id_paths: tuple[Path, ...], ood_sets: tuple[str, ...], out: Path, batch_size: int,
+    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms."""
     from cdm_ood.ood.evaluation import evaluate_paths, format_table
@@ -168,7 +184,8 @@ def evaluate_command(
             raise UsageError(f"--ood {spec}: no such file or folder")
         named[name] = Path(path)
     model = open_checkpoint(checkpoint)
-    rows = evaluate_paths(model, id_paths, named, out, batch_size, on_error=_skipped)
+    rows = evaluate_paths(model, id_paths, named, out, batch_size, on_error=_skipped,
+                          ignore=ignore_globs(exclude, no_default_ignore))  # fmt: skip
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
     if mlflow:

@@ -15,6 +15,7 @@ from ..checkpoint import LoadedModel, load_model, store_calibration
 from ..data.errors import DataError
 from ..data.readers import iter_slices
 from ..data.records import quality_flags
+from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
 from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, calibrate, load_detector, resolve_threshold
@@ -169,12 +170,13 @@ def calibrate_checkpoint(
     detector: Optional[str] = None,
     batch_size: int = 64,
     on_error: Optional[Callable[[DataError], None]] = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> tuple[OODDetector, int]:
     """Fit every detector on the scorable in-distribution slices below `data` and store the calibration in the
     checkpoint (atomically, weights unchanged); returns the calibrated detector and the number of slices used.
-    Files that cannot be read go to `on_error`."""
+    Files that cannot be read go to `on_error`; files in folders matched by an `ignore` glob are left out."""
     scorer = OODDetector.from_checkpoint(checkpoint, detector or DEFAULT_DETECTOR, threshold=0.0, batch_size=batch_size)
-    images = [s.image for s in iter_slices(list(data), on_error) if not s.flags]
+    images = [s.image for s in iter_slices(list(data), on_error, ignore=ignore) if not s.flags]
     if len(images) < 4:
         raise UsageError(f"calibration needs at least 4 readable in-distribution slices, found {len(images)}")
     try:

@@ -10,6 +10,7 @@ from typing import Optional
 from ..checkpoint import LoadedModel
 from ..data.errors import DataError
 from ..data.readers import iter_slices
+from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..figures import plot_histogram, plot_roc
 from ..io import atomic_write, write_csv_atomic
@@ -53,13 +54,17 @@ def evaluate_paths(
     out: str | Path,
     batch_size: int = 64,
     on_error: Optional[Callable[[DataError], None]] = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> list[dict]:
     """`evaluate_sets` on the scorable slices below the in-distribution paths and each named OOD path; files that
-    cannot be read go to `on_error`; a set without a scorable slice is a `UsageError`."""
-    id_images = [s.image for s in iter_slices(list(id_paths), on_error) if not s.flags]
-    ood_images = {
-        name: [s.image for s in iter_slices(path, on_error) if not s.flags] for name, path in ood_paths.items()
-    }
+    cannot be read go to `on_error`, files in folders matched by an `ignore` glob are left out; a set without a
+    scorable slice is a `UsageError`."""
+
+    def images(paths) -> list:
+        return [s.image for s in iter_slices(paths, on_error, ignore=ignore) if not s.flags]
+
+    id_images = images(list(id_paths))
+    ood_images = {name: images(path) for name, path in ood_paths.items()}
     empty = [name for name, images in {"--id": id_images, **ood_images}.items() if not images]
     if empty:
         raise UsageError(f"no readable slices in {', '.join(empty)}")
