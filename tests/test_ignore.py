@@ -106,3 +106,9 @@ def test_calibrate_and_evaluate_take_exclude(checkpoint, phantoms, scans, tmp_pa
     assert "manifest.csv" not in out.output, "not even reported as skipped"
     rows = csv.DictReader((tmp_path / "eval" / "metrics.csv").read_text().splitlines())
     assert {row["n_id"] for row in rows} == {"4"}
+
+
+def test_the_documented_ignore_list_is_the_default_one():
+    docs = (Path(__file__).parent.parent / "docs" / "data.md").read_text()
+    listed = docs.split("(`cdm_ood.data.walk.DEFAULT_IGNORE`):", 1)[1].split("\n\n")[1]
+    assert listed.split() == [f"`{glob}`" for glob in DEFAULT_IGNORE]
