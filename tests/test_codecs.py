@@ -9,6 +9,7 @@ import pydicom
 import pytest
 from dicom_factory import compressed, twelve_bit_ct, write
 from processes import cdm, without_modules
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000Lossless,
     JPEGExtended12Bit,
@@ -18,7 +19,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cdm_ood.data import read_file
+from cdm_ood.data import UnsupportedFormatError, read_file
 from cdm_ood.data.phantoms import phantom_volume
 
 LOSSLESS = (JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEG2000Lossless, RLELossless)
@@ -84,3 +85,15 @@ def test_without_the_codecs_extra_the_reason_names_it(checkpoint, archive, tmp_p
         reason = reasons[str(files[syntax])]
         assert reason.startswith("UnsupportedFormatError") and "install cdm-ood[codecs]" in reason, reason
         assert syntax.name in reason and str(syntax) in reason
+
+
+def test_a_syntax_without_decoder_is_unsupported(tmp_path):
+    for syntax, name in (("1.2.840.10008.1.2.4.100", "MPEG2"), ("1.2.826.0.1.3680043.9.9999.1", "1.2.826")):
+        ds = twelve_bit_ct(np.zeros((4, 4)))
+        ds.file_meta.TransferSyntaxUID = syntax  # a video syntax, and a private one
+        ds.PixelData = encapsulate([bytes(16)])
+        ds["PixelData"].VR = "OB"
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+        with pytest.raises(UnsupportedFormatError, match=f"'{name}.*pydicom has no decoder for it"):
+            read_file(path)

@@ -101,15 +101,15 @@ def _decode_error(path: Path, syntax, err: Exception) -> DataError:
     if syntax is None:
         return UnreadableFileError(path, f"cannot decode pixel data: no transfer syntax in the file meta ({message})")
     name = getattr(syntax, "name", str(syntax))
-    if getattr(syntax, "is_compressed", False):
-        try:
-            plugins = get_decoder(syntax).available_plugins
-        except NotImplementedError:
-            return UnsupportedFormatError(path, f"transfer syntax '{name}' ({syntax}): pydicom has no decoder for it")
-        if "pylibjpeg" not in plugins:  # the decoders of the codecs extra are not installed
-            return UnsupportedFormatError(
-                path, f"cannot decode transfer syntax '{name}' ({syntax}) here: install {CODECS_EXTRA} [{message}]"
-            )
+    try:
+        plugins = get_decoder(syntax).available_plugins if syntax.is_compressed else None
+    except (ValueError, NotImplementedError):  # a private transfer syntax, or one without decoders (video)
+        return UnsupportedFormatError(path, f"transfer syntax '{name}' ({syntax}): pydicom has no decoder for it")
+    if plugins is not None and "pylibjpeg" not in plugins:  # the decoders of the codecs extra are not installed
+        return UnsupportedFormatError(
+            path, f"cannot decode transfer syntax '{name}' ({syntax}) here: install {CODECS_EXTRA} [{message}]"
+        )
+    if plugins is not None:
         return UnreadableFileError(
             path, f"the installed decoders failed to decode '{name}' ({syntax}) pixel data: {message}"
         )
