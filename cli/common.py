@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,3 +107,25 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 def late_progress(stack: ExitStack, label: str) -> Callable[[int], Callable[[int], None]]:
     """For jobs that learn their total late: `factory(total)` opens `progress(total, label)` inside `stack`."""
     return lambda total: stack.enter_context(progress(total, label))
+
+
+def ignore_options(command: Callable) -> Callable:
+    """`--exclude GLOB` (repeatable) and `--no-default-ignore`: what a walk through the input folders leaves out;
+    the command receives them as `exclude` and `no_default_ignore` (see `ignore_globs`)."""
+    command = click.option(
+        "--no-default-ignore", is_flag=True,
+        help="Also read the files that the default ignore list leaves out (*.csv, *.json, *.txt, README*, "
+             "DICOMDIR, ...; see docs/data.md).",
+    )(command)  # fmt: skip
+    return click.option(
+        "--exclude", multiple=True, metavar="GLOB",
+        help="Leave out files and folders found in the input folders whose name or whole path matches GLOB "
+             "(case-insensitive; repeatable; added to the default ignore list).",
+    )(command)  # fmt: skip
+
+
+def ignore_globs(exclude: Sequence[str], no_default_ignore: bool) -> tuple[str, ...]:
+    """The globs a folder walk leaves out: `--exclude`, plus the default ignore list unless it is turned off."""
+    from cdm_ood.data.walk import DEFAULT_IGNORE
+
+    return (*(() if no_default_ignore else DEFAULT_IGNORE), *exclude)

@@ -15,6 +15,8 @@ from cdm_ood.errors import UsageError
 from .common import (
     checkpoint_option,
     device_option,
+    ignore_globs,
+    ignore_options,
     late_progress,
     mlflow_option,
     open_checkpoint,
@@ -60,11 +62,12 @@ def _skipped(err) -> None:
 @detector_option
 @batch_option
 @device_option
+@ignore_options
 @mlflow_option
 @tracking_uri_option
 def calibrate_command(
     data: tuple[Path, ...], checkpoint: Path, fpr: float, detector: Optional[str], batch_size: int, device: str,
-    mlflow: bool, tracking_uri: Optional[str],
+    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Fit the detectors on in-distribution scans DATA (files or folders) and store their thresholds in the
     checkpoint.
@@ -78,7 +81,8 @@ def calibrate_command(
     setup_logging()
     with ExitStack() as bars:
         scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
-                                         late_progress(bars, "calibrating"))  # fmt: skip
+                                         late_progress(bars, "calibrating"),
+                                         ignore_globs(exclude, no_default_ignore))  # fmt: skip
     click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
                f"{checkpoint}")  # fmt: skip
     if mlflow:
@@ -107,22 +111,26 @@ def calibrate_command(
 @device_option
 @batch_option
 @workers_option
+@ignore_options
 @mlflow_option
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
     no_fail: bool, max_voxels: int, resume: bool, device: str, batch_size: int, workers: int,
-    mlflow: bool, tracking_uri: Optional[str],
+    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
-    """Score DICOM / NIfTI / PNG scans (files or folders, recursively) and write a report.
+    """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
     Every file gets a row (unreadable ones with their reason), every slice a score and verdict, every
     volume/series a summary row. Exit 0: all volumes in distribution; 1: a volume is OOD or flagged (a slice
     with NaN/inf or constant pixels, or a score that is not finite), a file or folder is unreadable, or nothing
     was scored; 2: usage error, unusable checkpoint, unwritable --out, or another run writing the same --out.
 
-    The run's own outputs (report, histogram, partial reports) are never scored, also inside the scanned
-    folder. Under torchrun each process scores every N-th file into partial reports beside the report, and
+    Files that sit beside scans in folders (manifests, sidecars, DICOMDIR, READMEs: the default ignore list) and
+    those matched by --exclude are not read; a file named on the command line always is. The run's own
+    outputs (report, histogram, partial reports) are never scored, also inside the scanned folder.
+
+    Under torchrun each process scores every N-th file into partial reports beside the report, and
     rank 0 merges them; `--resume` continues an interrupted run without scoring its finished files again.
     """
     import torch.distributed as dist
@@ -139,6 +147,7 @@ def score_command(
     with ExitStack() as bars:
         result = run_gate(
             scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
+            ignore=ignore_globs(exclude, no_default_ignore),
             progress=late_progress(bars, f"scoring ({scorer.name})") if ddp.main else None,
             info={"checkpoint": str(checkpoint)},
         )  # fmt: skip
@@ -162,11 +171,12 @@ def score_command(
               show_default=True, help="Folder for metrics.csv, metrics.json, roc_*.png and hist_*.png.")  # fmt: skip
 @batch_option
 @device_option
+@ignore_options
 @mlflow_option
 @tracking_uri_option
 def evaluate_command(
     id_paths: tuple[Path, ...], checkpoint: Path, ood_sets: tuple[str, ...], out: Path, batch_size: int, device: str,
-    mlflow: bool, tracking_uri: Optional[str],
+    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms.
 
@@ -179,7 +189,8 @@ def evaluate_command(
     model = open_checkpoint(checkpoint, device)
     with ExitStack() as bars:
         rows = evaluate_paths(model, _id_paths(id_paths), _ood_sets(ood_sets), out, batch_size, on_error=_skipped,
-                              progress=late_progress(bars, "evaluating"))  # fmt: skip
+                              progress=late_progress(bars, "evaluating"),
+                              ignore=ignore_globs(exclude, no_default_ignore))  # fmt: skip
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
     if mlflow:

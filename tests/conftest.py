@@ -38,7 +38,8 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def scans(tmp_path_factory) -> Path:
     """A folder like an incoming archive: a DICOM series with patient identifiers, clean and corrupted NIfTI
-    volumes, a constant PNG slice, a truncated DICOM, a text file and a NIfTI with a wrong dimension."""
+    volumes, a constant PNG slice, a truncated DICOM, an unknown binary (`junk.bin`, not an image) and a text
+    sidecar (`notes.txt`, left out by the default ignore list)."""
     folder = tmp_path_factory.mktemp("scans")
     rng = np.random.default_rng(7)
     clean = phantom_volume(rng, size=16, slices=4)
@@ -56,5 +57,6 @@ def scans(tmp_path_factory) -> Path:
     Image.fromarray(np.full((16, 16), 80, np.uint8)).save(folder / "blank.png")
     good = (folder / "study" / "series1" / "slice_000.dcm").read_bytes()
     (folder / "broken.dcm").write_bytes(good[: len(good) // 2])
+    (folder / "junk.bin").write_bytes(bytes(range(256)) * 4)
     (folder / "notes.txt").write_text("reading room notes\n")
     return folder

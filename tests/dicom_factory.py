@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Optional
 
+import imagecodecs
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 PATIENT_NAME = "DOE^JANE"
 PATIENT_ID = "PID-123-45-6789"
@@ -73,3 +85,39 @@ def write_jpeg_ls_claim(path: Path, rows: int = 8, cols: int = 8) -> Path:
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(60) + b"\xff\xd9"])
     ds["PixelData"].VR = "OB"
     return write(ds, path)
+
+
+def twelve_bit_ct(stored: np.ndarray) -> Dataset:
+    """A CT slice of 12-bit unsigned stored values (BitsStored 12, HU = stored - 1024), as scanners write them."""
+    ds = ct_dataset(stored.astype(np.int16), intercept=-1024.0)
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    return ds
+
+
+# Encoders of the JPEG family (libjpeg-turbo 3, CharLS and OpenJPEG in imagecodecs): 12-bit samples, one frame.
+JPEG_ENCODERS = {
+    JPEGLosslessSV1: lambda a: imagecodecs.jpeg8_encode(a, bitspersample=12, lossless=True, predictor=1),
+    JPEGLossless: lambda a: imagecodecs.jpeg8_encode(a, bitspersample=12, lossless=True, predictor=6),
+    JPEGExtended12Bit: lambda a: imagecodecs.jpeg8_encode(a, level=95, bitspersample=12),
+    JPEGLSLossless: lambda a: imagecodecs.jpegls_encode(a, level=0),
+    JPEG2000Lossless: lambda a: imagecodecs.jpeg2k_encode(a, level=0, codecformat="J2K", bitspersample=12,
+                                                          reversible=True),
+}  # fmt: skip
+
+
+def compressed(ds: Dataset, syntax: str) -> Dataset:
+    """A copy of `ds` as a new instance of a new series, its pixels encoded in `syntax` (RLE Lossless by pydicom,
+    the JPEG family by `JPEG_ENCODERS`), as a PACS exports it."""
+    out = copy.deepcopy(ds)
+    out.SeriesInstanceUID = generate_uid()
+    out.SOPInstanceUID = out.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if syntax == RLELossless:
+        out.compress(RLELossless)
+        return out
+    out.PixelData = encapsulate([JPEG_ENCODERS[syntax](ds.pixel_array)])
+    out["PixelData"].VR = "OB"
+    out.file_meta.TransferSyntaxUID = syntax
+    if syntax == JPEGExtended12Bit:
+        out.LossyImageCompression = "01"
+    return out

@@ -20,3 +20,12 @@ def cdm(*args: Any, cwd: Path, prefix: Sequence[str] = (), env: dict[str, str] |
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return subprocess.run([*prefix, sys.executable, "-m", "cdm_ood.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=base | (env or {}), **kwargs)  # fmt: skip
+
+
+def without_modules(folder: Path, *modules: str) -> dict[str, str]:
+    """An environment for `cdm(..., env=...)` in which importing any of `modules` fails as if it were not
+    installed: PYTHONPATH puts, ahead of site-packages, a package of each name that raises ImportError."""
+    for name in modules:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    return {"PYTHONPATH": str(folder)}

@@ -21,7 +21,7 @@ def test_qa_gate_reports_new_studies_once_and_gates_on_them(checkpoint, scans, t
     assert gate.main(args) == 1, "the folder holds unreadable files"
     (report,) = tmp_path.glob("qa-*.csv")
     text = report.read_text()
-    assert "broken.dcm" in text and "notes.txt" in text and "clean.nii.gz" in text
+    assert "broken.dcm" in text and "junk.bin" in text and "clean.nii.gz" in text and "notes.txt" not in text
     out = capsys.readouterr().out
     assert "UNREADABLE" in out and "passed: False" in out
     assert gate.main(args) == 0 and "nothing new" in capsys.readouterr().out

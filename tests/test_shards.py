@@ -17,7 +17,8 @@ from cdm_ood.data.phantoms import make_phantoms
 def archive(tmp_path_factory) -> Path:
     """12 DICOM series of 6 slices (72 files) and one unreadable file."""
     folder = tmp_path_factory.mktemp("archive") / "dicom"
-    make_phantoms(folder, 12, "dicom", size=16, slices=6, seed=3)
+    make_phantoms(folder, 12, "dicom", size=16, slices=6, seed=3)  # its manifest.csv is ignored by name
+    (folder / "junk.bin").write_bytes(bytes(range(256)))
     return folder
 
 

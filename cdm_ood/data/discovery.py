@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,11 +17,11 @@ import numpy as np
 
 from .errors import (
     DataError,
-    EmptyFolderError,
     NotAnImageError,
     TooLargeError,
     UnreadableFileError,
     UnsupportedFormatError,
+    report_error,
 )
 from .guards import (
     MAX_VOXELS,
@@ -32,6 +32,8 @@ from .guards import (
     require_deflated_budget,
     require_regular_file,
 )
+from .itk_io import data_file, header_shape, itk_kind
+from .walk import DEFAULT_IGNORE, walk_files
 
 PathLike = str | os.PathLike
 ErrorHandler = Callable[[DataError], None]
@@ -57,6 +59,8 @@ _KNOWN_OTHER = (
     (b"II*\x00", 0, UnsupportedFormatError, "TIFF images are not supported; convert to PNG"),
     (b"MM\x00*", 0, UnsupportedFormatError, "TIFF images are not supported; convert to PNG"),
 )  # fmt: skip
+# Voxel files of a header pair: suffix -> the header's suffix (when the header is not among the files walked).
+_VOXEL_FILES = {".img": ".hdr", ".raw": ".mhd", ".zraw": ".mhd"}
 _SUFFIX_OTHER = {
     ".rec": (UnsupportedFormatError, "Philips REC pixel file is not supported; convert the PAR/REC pair to NIfTI"),
     ".brik": (UnsupportedFormatError, "AFNI BRIK volume is not supported; convert it to NIfTI"),
@@ -119,7 +123,7 @@ def _is_text(head: bytes) -> bool:
 
 
 def detect_format(path: PathLike) -> str:
-    """'dicom', 'nifti' or 'image' (PNG/JPEG), decided by the file's content.
+    """'dicom', 'nifti', 'itk' (NRRD, MetaImage) or 'image' (PNG/JPEG), decided by the file's content.
 
     Raises:
         UnreadableFileError: the file is empty or cannot be opened.
@@ -148,14 +152,17 @@ def detect_format(path: PathLike) -> str:
     for magic, offset, error, reason in _KNOWN_OTHER:
         if head[offset : offset + len(magic)] == magic:
             raise error(path, reason)
+    if itk_kind(path, head):
+        return "itk"
     _raise_for_known_suffix(path)
     if _looks_like_bare_dicom(head) and _dicom_header(path, strict=False) is not None:
         return "dicom"
-    if path.suffix.lower() == ".img" and path.with_suffix(".hdr").exists():
-        raise NotAnImageError(path, f"raw voxel data of the header {path.with_suffix('.hdr').name}; read the header")
+    header = path.with_suffix(_VOXEL_FILES.get(path.suffix.lower(), path.suffix))
+    if header != path and header.exists():
+        raise NotAnImageError(path, f"raw voxel data of the header {header.name}; read the header")
     if _is_text(head):
         raise NotAnImageError(path, "text file, not an image")
-    raise NotAnImageError(path, "unrecognised content: not DICOM, NIfTI, PNG or JPEG")
+    raise NotAnImageError(path, "unrecognised content: not DICOM, NIfTI, NRRD, MetaImage, PNG or JPEG")
 
 
 def _raise_for_known_suffix(path: Path) -> None:
@@ -213,68 +220,32 @@ def _position_key(ds) -> tuple[float, float, str]:
     return along, number, str(getattr(ds, "SOPInstanceUID", ""))
 
 
-def _walk(paths: Sequence[PathLike], on_error: Optional[ErrorHandler], exclude: Optional[Exclude]) -> Iterator[Path]:
-    """Files below `paths` in a deterministic order. Symlinked folders are followed, each real folder once (no
-    loops); a folder that cannot be listed, and a given folder that holds no file, are reported, not skipped."""
-    seen: set[tuple[int, int]] = set()
-
-    def first_visit(folder: Path) -> bool:
-        try:
-            st = os.stat(folder)
-        except OSError:
-            return True  # os.walk reports it through `unlisted`
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            return False
-        seen.add(key)
-        return True
-
-    def unlisted(err: OSError) -> None:
-        reason = f"cannot list folder: {err.strerror or type(err).__name__}; its files were not scored"
-        report_error(UnreadableFileError(err.filename, reason), on_error)
-
-    for root in paths:
-        root = Path(root)
-        if not root.is_dir():
-            yield root
-            continue
-        found = False
-        for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=True):
-            if not first_visit(Path(folder)):
-                dirs.clear()
-                continue
-            dirs[:] = sorted(d for d in dirs if exclude is None or not exclude(Path(folder) / d))
-            for name in sorted(files):
-                path = Path(folder) / name
-                if exclude is None or not exclude(path):
-                    found = True
-                    yield path
-        if not found and os.access(root, os.R_OK | os.X_OK):
-            report_error(EmptyFolderError(root, "the folder holds no files: nothing to score"), on_error)
-
-
 def discover(
     paths: PathLike | Sequence[PathLike],
     on_error: Optional[ErrorHandler] = None,
     max_voxels: int = MAX_VOXELS,
     exclude: Optional[Exclude] = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> list[SourceFile]:
     """Every readable file below `paths` (files or folders, recursively), DICOM slices grouped into series.
 
     Single-frame DICOM files that share a SeriesInstanceUID form one volume, ranked by position along the
     slice normal (then InstanceNumber). A file that cannot be read, is not a regular file or declares more
     than `max_voxels` voxels is passed to `on_error`, or raised when `on_error` is None. Files (and folders)
-    for which `exclude(path)` is true are left out, e.g. a report being written into the scanned folder.
+    that a folder walk finds are left out when `exclude(path)` is true (e.g. a report being written into the
+    scanned folder) or an `ignore` glob matches them (`walk.ignored`; by default `DEFAULT_IGNORE`: manifests,
+    sidecars, DICOMDIR, ...). A header's voxel file (.img, .raw) shares its header's outcome.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    files = list(_walk(paths, on_error, exclude))
+    files = list(walk_files(paths, on_error, exclude, ignore))
     walked = set(files)
+    pairs = {path: voxels for path in files if (voxels := _voxel_file(path)) in walked}
+    voxel_files = set(pairs.values())
     sources: list[SourceFile] = []
     series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
     for path in files:
-        voxels = path.with_suffix(".img") if path.suffix.lower() == ".hdr" else None
-        if path.suffix.lower() == ".img" and path.with_suffix(".hdr") in walked:
-            continue  # the voxel file of a header pair shares its header's outcome
+        if path in voxel_files:
+            continue
         if not path.exists():
             report_error(UnreadableFileError(path, "no such file or folder"), on_error)
             continue
@@ -292,8 +263,8 @@ def discover(
             require_budget(path, (frames, rows, columns, samples), max_voxels)
         except DataError as err:
             report_error(err, on_error)
-            if voxels in walked:
-                report_error(type(err)(voxels, f"voxel file of {path.name}: {err.reason}"), on_error)
+            if path in pairs:
+                report_error(type(err)(pairs[path], f"voxel file of {path.name}: {err.reason}"), on_error)
             continue
         if frames > 1:
             sources.append(SourceFile(str(path), "dicom", series_uid, None, _uid(ds)))
@@ -336,8 +307,17 @@ def _uid(ds) -> Optional[str]:
     return str(uid) if uid else None
 
 
+def _voxel_file(path: Path) -> Optional[Path]:
+    """The voxel file of a header: the .img of an .hdr, the detached data file of a .mhd or .nhdr."""
+    return path.with_suffix(".img") if path.suffix.lower() == ".hdr" else data_file(path)
+
+
 def _volume_source(path: Path, fmt: str, max_voxels: int) -> SourceFile:
     companions: tuple[str, ...] = ()
+    if fmt == "itk":
+        require_budget(path, header_shape(path, itk_kind(path, _head(path))), max_voxels)
+        voxels = data_file(path)
+        return SourceFile(str(path), fmt, str(path), companions=(str(voxels),) if voxels else ())
     if fmt == "nifti" and not path.name.lower().endswith((".nii", ".nii.gz", ".hdr")):
         raise UnsupportedFormatError(path, "NIfTI content under another suffix: nibabel reads NIfTI only as .nii, "
                                      ".nii.gz or .hdr/.img; copy it to such a name")  # fmt: skip
@@ -386,10 +366,3 @@ def _require_pixels(path: Path, ds) -> None:
         if name.endswith("Image Storage"):
             raise UnreadableFileError(path, f"no pixel data in a {name} object: the file is truncated or incomplete")
         raise NotAnImageError(path, f"DICOM object without pixel data ({name})")
-
-
-def report_error(err: DataError, on_error: Optional[ErrorHandler]) -> None:
-    """Pass `err` to `on_error`, or raise it when there is none."""
-    if on_error is None:
-        raise err
-    on_error(err)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 
 class DataError(Exception):
@@ -42,3 +44,10 @@ class TooLargeError(DataError):
     """The file declares more voxels than the budget (`--max-voxels`): refused from its header, never decoded."""
 
     kind = "too-large"
+
+
+def report_error(err: DataError, on_error: Optional[Callable[[DataError], None]]) -> None:
+    """Pass `err` to `on_error`, or raise it when there is none."""
+    if on_error is None:
+        raise err
+    on_error(err)

@@ -1,7 +1,7 @@
-"""Decoding DICOM, NIfTI and PNG/JPEG into 2D slices: MONAI's readers (and pydicom's pixel API) do the reading
-of what `discovery` found and checked; every failure becomes a typed error naming the file.
+"""Decoding DICOM, NIfTI, NRRD/MetaImage and PNG/JPEG into 2D slices: MONAI's readers (and pydicom's pixel API)
+do the reading of what `discovery` found and checked; every failure becomes a typed error naming the file.
 
-Slices are row-major as displayed: a DICOM frame is (Rows, Columns); a NIfTI volume, loaded in its
+Slices are row-major as displayed: a DICOM frame is (Rows, Columns); a NIfTI or ITK volume, turned to its
 closest canonical (RAS) orientation, gives the axial slices `data[:, :, k].T`; a 4D NIfTI gives those slices for
 every time point. Files are opened read-only and nothing is ever written next to them.
 """
@@ -18,13 +18,17 @@ import numpy as np
 from .discovery import ErrorHandler, PathLike, SourceFile, discover, header_ints, report_error
 from .errors import DataError, UnreadableFileError, UnsupportedFormatError
 from .guards import MAX_VOXELS, quiet_libraries, reading, redact
+from .itk_io import itk_kind, read_itk
 from .records import Slice, SliceSource, quality_flags
+from .walk import DEFAULT_IGNORE
+
+CODECS_EXTRA = "cdm-ood[codecs]"
 
 
 def read_source(source: SourceFile) -> list[Slice]:
     """The slices of one discovered file, with quality flags. Raises a DataError naming the file (also when
     decoding it runs out of memory: that file fails, not the batch)."""
-    reader = {"dicom": _read_dicom, "nifti": _read_nifti, "image": _read_image}[source.format]
+    reader = {"dicom": _read_dicom, "nifti": _read_nifti, "itk": _read_itk, "image": _read_image}[source.format]
     try:
         with quiet_libraries():
             return reader(source)
@@ -39,14 +43,18 @@ def read_file(path: PathLike, max_voxels: int = MAX_VOXELS) -> list[Slice]:
 
 
 def iter_slices(
-    paths: PathLike | Sequence[PathLike], on_error: Optional[ErrorHandler] = None, max_voxels: int = MAX_VOXELS
+    paths: PathLike | Sequence[PathLike],
+    on_error: Optional[ErrorHandler] = None,
+    max_voxels: int = MAX_VOXELS,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> Iterator[Slice]:
-    """All slices below `paths` (files or folders), in a deterministic order.
+    """All slices below `paths` (files or folders), in a deterministic order; files in folders that an `ignore`
+    glob matches (by default `DEFAULT_IGNORE`: manifests, sidecars, DICOMDIR, ...) are left out.
 
     With `on_error`, each file that fails is reported to it and the iteration goes on; without, the first
     failure is raised.
     """
-    for source in discover(paths, on_error, max_voxels):
+    for source in discover(paths, on_error, max_voxels, ignore=ignore):
         try:
             yield from read_source(source)
         except DataError as err:
@@ -87,19 +95,23 @@ def _decode_dicom(path: Path):
 
 
 def _decode_error(path: Path, syntax, err: Exception) -> DataError:
+    from pydicom.pixels import get_decoder
+
     message = redact(err)
     if syntax is None:
         return UnreadableFileError(path, f"cannot decode pixel data: no transfer syntax in the file meta ({message})")
     name = getattr(syntax, "name", str(syntax))
-    if getattr(syntax, "is_compressed", False):
-        if "missing dependencies" in message or "does not support" in message:
-            return UnsupportedFormatError(
-                path,
-                f"cannot decode transfer syntax '{name}' ({syntax}): no installed pixel-data handler supports it "
-                f"(install pylibjpeg with pylibjpeg-libjpeg / pylibjpeg-openjpeg, or python-gdcm) [{message}]",
-            )
+    try:
+        plugins = get_decoder(syntax).available_plugins if syntax.is_compressed else None
+    except (ValueError, NotImplementedError):  # a private transfer syntax, or one without decoders (video)
+        return UnsupportedFormatError(path, f"transfer syntax '{name}' ({syntax}): pydicom has no decoder for it")
+    if plugins is not None and "pylibjpeg" not in plugins:  # the decoders of the codecs extra are not installed
+        return UnsupportedFormatError(
+            path, f"cannot decode transfer syntax '{name}' ({syntax}) here: install {CODECS_EXTRA} [{message}]"
+        )
+    if plugins is not None:
         return UnreadableFileError(
-            path, f"the installed handlers failed to decode '{name}' ({syntax}) pixel data: {message}"
+            path, f"the installed decoders failed to decode '{name}' ({syntax}) pixel data: {message}"
         )
     if "less than expected" in message or "doesn't match the expected" in message:
         return UnreadableFileError(path, f"truncated pixel data: {message}")
@@ -127,12 +139,30 @@ def _read_nifti(source: SourceFile) -> list[Slice]:
     with reading(path, "cannot read NIfTI voxel data (truncated or corrupt)"):
         reader = NibabelReader(as_closest_canonical=True, mmap=False)
         data, _ = reader.get_data(reader.read(str(path)))
+    return _volume_slices(data, source, "NIfTI")
+
+
+def _read_itk(source: SourceFile) -> list[Slice]:
+    """An NRRD or MetaImage volume, reoriented (as nibabel's `as_closest_canonical` does) to the NIfTI reader's
+    orientation, so that the same volume gives the same slices in either format."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    path = Path(source.path)
+    with open(path, "rb") as f:
+        kind = itk_kind(path, f.read(1024))
+    data, affine = read_itk(path, kind)
+    return _volume_slices(apply_orientation(data, io_orientation(affine)), source, kind)
+
+
+def _volume_slices(data: np.ndarray, source: SourceFile, kind: str) -> list[Slice]:
+    """The axial slices `data[:, :, k].T` of a canonical (x, y, z[, t]) volume, for every time point."""
+    path = source.path
     if data.dtype.kind not in "fiub":
-        raise UnsupportedFormatError(path, f"voxel type {data.dtype} (complex or RGB NIfTI) is not supported")
+        raise UnsupportedFormatError(path, f"voxel type {data.dtype} (complex or RGB {kind}) is not supported")
     if data.ndim == 2:
         data = data[:, :, None]
     if data.ndim not in (3, 4):
-        raise UnsupportedFormatError(path, f"{data.ndim}-D NIfTI data of shape {data.shape}: only 2D, 3D and 4D")
+        raise UnsupportedFormatError(path, f"{data.ndim}-D {kind} data of shape {data.shape}: only 2D, 3D and 4D")
     if data.ndim == 3:
         return [_slice(data[None, :, :, k].transpose(0, 2, 1), source, k) for k in range(data.shape[2])]
     return [

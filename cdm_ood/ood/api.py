@@ -17,6 +17,7 @@ from ..data.discovery import discover
 from ..data.errors import DataError, UnreadableFileError
 from ..data.readers import iter_slices
 from ..data.records import SliceSource, quality_flags
+from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
 from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, MIN_IMAGES, calibrate, load_detector, resolve_threshold
@@ -262,15 +263,17 @@ def calibrate_checkpoint(
     on_error: Optional[Callable[[DataError], None]] = None,
     device: str | torch.device = "cpu",
     progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> tuple[OODDetector, int]:
     """Fit every detector on the scorable in-distribution slices below `data` (half of the volumes held out) and
     store the calibration in the checkpoint (atomically, weights unchanged); returns the calibrated detector and
-    the number of slices used. Files that cannot be read go to `on_error`. `progress(total)`, once the slices are
-    read, returns the function to call with each number of slices handed to the model."""
+    the number of slices used. Files that cannot be read go to `on_error`; files in folders matched by an
+    `ignore` glob are left out. `progress(total)`, once the slices are read, returns the function to call with
+    each number of slices handed to the model."""
     scorer = OODDetector.from_checkpoint(
         checkpoint, detector or DEFAULT_DETECTOR, device, threshold=0.0, batch_size=batch_size
     )
-    slices = list(iter_slices(list(data), on_error))
+    slices = list(iter_slices(list(data), on_error, ignore=ignore))
     update = progress(len(slices)) if progress is not None else None
     scorer.fit(slices if update is None else _counted(slices, update), fpr)
     scorer.save(checkpoint)

@@ -13,6 +13,7 @@ from torch import Tensor
 from ..checkpoint import LoadedModel
 from ..data.errors import DataError
 from ..data.readers import iter_slices
+from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..figures import plot_histogram, plot_roc
 from ..io import atomic_write, write_csv_atomic
@@ -70,14 +71,18 @@ def evaluate_paths(
     batch_size: int = 64,
     on_error: Optional[Callable[[DataError], None]] = None,
     progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> list[dict]:
     """`evaluate_sets` on the scorable slices below the in-distribution paths and below each named OOD set's
-    paths; files that cannot be read go to `on_error`; a set without a scorable slice is a `UsageError`.
-    `progress(total)`, once the slices are read, returns the function to call with each number of slices scored."""
-    id_images = [s for s in iter_slices(list(id_paths), on_error) if not s.flags]
-    ood_images = {
-        name: [s for s in iter_slices(list(paths), on_error) if not s.flags] for name, paths in ood_paths.items()
-    }
+    paths; files that cannot be read go to `on_error`, files in folders matched by an `ignore` glob are left out;
+    a set without a scorable slice is a `UsageError`. `progress(total)`, once the slices are read, returns the
+    function to call with each number of slices scored."""
+
+    def scorable(paths: Sequence[str | Path]) -> list:
+        return [s for s in iter_slices(list(paths), on_error, ignore=ignore) if not s.flags]
+
+    id_images = scorable(id_paths)
+    ood_images = {name: scorable(paths) for name, paths in ood_paths.items()}
     empty = [name for name, images in {"in-distribution": id_images, **ood_images}.items() if not images]
     if empty:
         raise UsageError(f"no readable slices in {', '.join(empty)}")

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from ..data.errors import EmptyFolderError
 from ..data.guards import MAX_VOXELS
+from ..data.walk import DEFAULT_IGNORE
 from ..distributed import Distributed
 from ..errors import UsageError
 from ..figures import plot_histogram
@@ -48,6 +49,7 @@ def run_gate(
     max_voxels: int = MAX_VOXELS,
     resume: bool = False,
     exclude: Optional[Callable[[Path], bool]] = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
     nothing_new_ok: bool = False,
     progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
     info: Optional[dict[str, Any]] = None,
@@ -55,7 +57,8 @@ def run_gate(
     """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
 
     The report's files are claimed first (`ReportFiles.claimed`: a writable folder, no other run on the same
-    report) and never scored; `exclude(path)` leaves more files out (e.g. those already reported). With
+    report) and never scored; `exclude(path)` leaves more files out (e.g. those already reported), and so do
+    the name globs `ignore` in folders (`cdm_ood.data.walk.DEFAULT_IGNORE`: manifests, sidecars, ...). With
     `nothing_new_ok` (single process), inputs with no file left to score are no failure: nothing is written and
     None is returned. `progress(total)`, once the files are known, returns the function to call with each number
     of files handled (a progress bar's update). Under torchrun every rank calls this; rank 0 merges and returns
@@ -88,7 +91,7 @@ def run_gate(
         if ddp.main and not resume:
             clear(files.parts)
         ddp.barrier()
-        todo, failed, skipped = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip)
+        todo, failed, skipped = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip, ignore)
         if skipped:
             log.info("rank %d: %d files already scored, skipped", ddp.rank, skipped)
         if nothing_new_ok:
