@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from .data.writers import IMAGE_SUFFIXES, output_suffix, write_like
 from .errors import UsageError
 from .figures import image_grid, save_png
 from .io import atomic_path
+from .progress import ProgressFactory, counted
 from .sampling import denoise, sample
 
 
@@ -66,14 +67,14 @@ def denoise_files(
     steps: int = 50,
     seed: int = 0,
     on_error: Callable[[DataError], None] = lambda err: None,
-    progress: Callable[[int], Callable[[int], Any]] = lambda total: lambda n: None,
+    progress: Optional[ProgressFactory] = None,
 ) -> int:
     """Denoise every slice below `inputs` and write each file again under `out` in its own format and geometry
     (`data.writers.write_like`: DICOM with a new SeriesInstanceUID per series, NIfTI with the input's affine, PNG
     at the input's size), at the path it has below its input folder; names that would collide get `-2`, `-3`.
     Returns how many slices were denoised. Unreadable files and slices with NaN/inf or constant pixels go to
-    `on_error` (never denoised; a volume keeps such slices as they were); `progress(total)` returns the function
-    to call after each slice (e.g. a progress bar's update)."""
+    `on_error` (never denoised; a volume keeps such slices as they were); `progress(total, "denoising")` returns
+    the function to call after each slice (e.g. a progress bar's update)."""
     if model.spec.spatial_dims != 2:
         raise UsageError("denoise works on 2D models; this one takes 3D volumes")
     out = Path(out)
@@ -82,8 +83,7 @@ def denoise_files(
     generator = torch.Generator(model.device).manual_seed(seed)
     todo = [(s, path) for path, (_, good) in files.items() for s in good]
     done: dict[str, dict] = defaultdict(dict)
-    update = progress(len(todo))
-    for s, path in todo:
+    for s, path in counted(todo, progress(len(todo), "denoising") if progress else None):
         x = transform(s.image)[None].to(model.device)
         clean = denoise(model.classifier, x, model.schedule, sigma, method=method, steps=steps, generator=generator)[0]
         clean = clean.cpu()
@@ -91,7 +91,6 @@ def denoise_files(
         done[path][(s.source.time_point, s.source.index if s.source.frame is None else s.source.frame)] = (
             model.spec.preset.inverse(np.asarray(back))
         )
-        update(1)
     series = defaultdict(generate_uid)
     for path, (target, good) in files.items():
         if good:

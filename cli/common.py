@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from cdm_ood.progress import ProgressFactory
+
 EXIT_USAGE = 2  # usage errors and unusable checkpoints (every `cdm_ood.errors.CdmOodError`)
 
 
@@ -104,9 +106,10 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
         line()
 
 
-def late_progress(stack: ExitStack, label: str) -> Callable[[int], Callable[[int], None]]:
-    """For jobs that learn their total late: `factory(total)` opens `progress(total, label)` inside `stack`."""
-    return lambda total: stack.enter_context(progress(total, label))
+def late_progress(stack: ExitStack, detail: str = "") -> ProgressFactory:
+    """For jobs that learn their total late (`cdm_ood.progress`): `factory(total, phase)` opens `progress(total,
+    "<phase> (<detail>)")` inside `stack`."""
+    return lambda total, phase: stack.enter_context(progress(total, f"{phase} ({detail})" if detail else phase))
 
 
 def ignore_options(command: Callable) -> Callable:

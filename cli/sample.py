@@ -83,7 +83,7 @@ def denoise_command(
     errors = []
     with ExitStack() as bars:
         written = denoise_files(model, inputs, sigma, out, None if method == "mmse" else method, steps, seed,
-                                errors.append, late_progress(bars, "denoising"))  # fmt: skip
+                                errors.append, late_progress(bars))  # fmt: skip
     for err in errors:
         click.echo(f"skipped {err.path}: {err.reason}", err=True)
     click.echo(f"denoised {written} slices into {out}")

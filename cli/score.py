@@ -81,7 +81,7 @@ def calibrate_command(
     setup_logging()
     with ExitStack() as bars:
         scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
-                                         late_progress(bars, "calibrating"),
+                                         late_progress(bars),
                                          ignore_globs(exclude, no_default_ignore))  # fmt: skip
     click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
                f"{checkpoint}")  # fmt: skip
@@ -148,7 +148,7 @@ def score_command(
         result = run_gate(
             scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
             ignore=ignore_globs(exclude, no_default_ignore),
-            progress=late_progress(bars, f"scoring ({scorer.name})") if ddp.main else None,
+            progress=late_progress(bars, scorer.name) if ddp.main else None,
             info={"checkpoint": str(checkpoint)},
         )  # fmt: skip
     if result is None:  # another rank of a torchrun job: rank 0 reports
@@ -189,7 +189,7 @@ def evaluate_command(
     model = open_checkpoint(checkpoint, device)
     with ExitStack() as bars:
         rows = evaluate_paths(model, _id_paths(id_paths), _ood_sets(ood_sets), out, batch_size, on_error=_skipped,
-                              progress=late_progress(bars, "evaluating"),
+                              progress=late_progress(bars),
                               ignore=ignore_globs(exclude, no_default_ignore))  # fmt: skip
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")

@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..progress import ProgressFactory, counted
 from .errors import (
     DataError,
     NotAnImageError,
@@ -226,6 +227,7 @@ def discover(
     max_voxels: int = MAX_VOXELS,
     exclude: Optional[Exclude] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
+    progress: Optional[ProgressFactory] = None,
 ) -> list[SourceFile]:
     """Every readable file below `paths` (files or folders, recursively), DICOM slices grouped into series.
 
@@ -234,7 +236,8 @@ def discover(
     than `max_voxels` voxels is passed to `on_error`, or raised when `on_error` is None. Files (and folders)
     that a folder walk finds are left out when `exclude(path)` is true (e.g. a report being written into the
     scanned folder) or an `ignore` glob matches them (`walk.ignored`; by default `DEFAULT_IGNORE`: manifests,
-    sidecars, DICOMDIR, ...). A header's voxel file (.img, .raw) shares its header's outcome.
+    sidecars, DICOMDIR, ...). A header's voxel file (.img, .raw) shares its header's outcome. `progress(total,
+    "reading headers")` is called once the files are listed, its result after each header.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files = list(walk_files(paths, on_error, exclude, ignore))
@@ -243,7 +246,7 @@ def discover(
     voxel_files = set(pairs.values())
     sources: list[SourceFile] = []
     series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
-    for path in files:
+    for path in counted(files, progress(len(files), "reading headers") if progress else None):
         if path in voxel_files:
             continue
         if not path.exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -20,6 +20,7 @@ from ..data.records import SliceSource, quality_flags
 from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
+from ..progress import ProgressFactory, counted
 from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, MIN_IMAGES, calibrate, load_detector, resolve_threshold
 from .detectors import NotFittedError
 from .inputs import Inputs, Item, chunks, is_path, iter_images
@@ -262,30 +263,22 @@ def calibrate_checkpoint(
     batch_size: int = 64,
     on_error: Optional[Callable[[DataError], None]] = None,
     device: str | torch.device = "cpu",
-    progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
+    progress: Optional[ProgressFactory] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> tuple[OODDetector, int]:
     """Fit every detector on the scorable in-distribution slices below `data` (half of the volumes held out) and
     store the calibration in the checkpoint (atomically, weights unchanged); returns the calibrated detector and
     the number of slices used. Files that cannot be read go to `on_error`; files in folders matched by an
-    `ignore` glob are left out. `progress(total)`, once the slices are read, returns the function to call with
-    each number of slices handed to the model."""
+    `ignore` glob are left out. `progress(total, phase)`, once the slices are read, returns the function to call
+    with each number of slices handed to the model."""
     scorer = OODDetector.from_checkpoint(
         checkpoint, detector or DEFAULT_DETECTOR, device, threshold=0.0, batch_size=batch_size
     )
     slices = list(iter_slices(list(data), on_error, ignore=ignore))
-    update = progress(len(slices)) if progress is not None else None
-    scorer.fit(slices if update is None else _counted(slices, update), fpr)
+    scorer.fit(counted(slices, progress(len(slices), "calibrating") if progress else None), fpr)
     scorer.save(checkpoint)
     calibration = scorer.model.calibration
     return scorer, calibration.n_fit + len(scorer.id_scores)
-
-
-def _counted(items: Iterable[Any], update: Callable[[int], Any]) -> Iterator[Any]:
-    """`items`, calling `update(1)` as each one is taken."""
-    for item in items:
-        yield item
-        update(1)
 
 
 def _as_array(image: np.ndarray | Tensor) -> np.ndarray:

@@ -17,6 +17,7 @@ from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..figures import plot_histogram, plot_roc
 from ..io import atomic_write, write_csv_atomic
+from ..progress import ProgressFactory
 from .api import Inputs, OODDetector
 from .metrics import ood_metrics
 
@@ -70,13 +71,13 @@ def evaluate_paths(
     out: str | Path,
     batch_size: int = 64,
     on_error: Optional[Callable[[DataError], None]] = None,
-    progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
+    progress: Optional[ProgressFactory] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> list[dict]:
     """`evaluate_sets` on the scorable slices below the in-distribution paths and below each named OOD set's
     paths; files that cannot be read go to `on_error`, files in folders matched by an `ignore` glob are left out;
-    a set without a scorable slice is a `UsageError`. `progress(total)`, once the slices are read, returns the
-    function to call with each number of slices scored."""
+    a set without a scorable slice is a `UsageError`. `progress(total, "evaluating")`, once the slices are read,
+    returns the function to call with each number of slices scored."""
 
     def scorable(paths: Sequence[str | Path]) -> list:
         return [s for s in iter_slices(list(paths), on_error, ignore=ignore) if not s.flags]
@@ -87,7 +88,7 @@ def evaluate_paths(
     if empty:
         raise UsageError(f"no readable slices in {', '.join(empty)}")
     total = len(id_images) + sum(map(len, ood_images.values()))
-    update = progress(total) if progress is not None else (lambda n: None)
+    update = progress(total, "evaluating") if progress is not None else (lambda n: None)
     return evaluate_sets(model, id_images, ood_images, out, batch_size, update)
 
 

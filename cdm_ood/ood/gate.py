@@ -17,6 +17,7 @@ from ..data.walk import DEFAULT_IGNORE
 from ..distributed import Distributed
 from ..errors import UsageError
 from ..figures import plot_histogram
+from ..progress import ProgressFactory
 from .api import OODDetector
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, summary, write_report
@@ -51,7 +52,7 @@ def run_gate(
     exclude: Optional[Callable[[Path], bool]] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
     nothing_new_ok: bool = False,
-    progress: Optional[Callable[[int], Callable[[int], Any]]] = None,
+    progress: Optional[ProgressFactory] = None,
     info: Optional[dict[str, Any]] = None,
 ) -> Optional[GateResult]:
     """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
@@ -60,9 +61,9 @@ def run_gate(
     report) and never scored; `exclude(path)` leaves more files out (e.g. those already reported), and so do
     the name globs `ignore` in folders (`cdm_ood.data.walk.DEFAULT_IGNORE`: manifests, sidecars, ...). With
     `nothing_new_ok` (single process), inputs with no file left to score are no failure: nothing is written and
-    None is returned. `progress(total)`, once the files are known, returns the function to call with each number
-    of files handled (a progress bar's update). Under torchrun every rank calls this; rank 0 merges and returns
-    the result, the other ranks return None.
+    None is returned. `progress(total, phase)` is called for the phases "reading headers" and "scoring" once
+    their number of files is known; its result with each number of files handled (a progress bar's update).
+    Under torchrun every rank calls this; rank 0 merges and returns the result, the other ranks return None.
     """
     report = Path(report)
     if report.suffix.lower() not in (".csv", ".json"):
@@ -91,14 +92,15 @@ def run_gate(
         if ddp.main and not resume:
             clear(files.parts)
         ddp.barrier()
-        todo, failed, skipped = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip, ignore)
+        todo, failed, skipped = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip, ignore,
+                                           progress if ddp.main else None)  # fmt: skip
         if skipped:
             log.info("rank %d: %d files already scored, skipped", ddp.rank, skipped)
         if nothing_new_ok:
             failed = [e for e in failed if not isinstance(e, EmptyFolderError)]
             if not todo and not failed:
                 return None
-        update = progress(len(todo)) if progress is not None and ddp.main else None
+        update = progress(len(todo), "scoring") if progress is not None and ddp.main else None
         score_into_parts(detector, todo, failed, files.parts, ddp.rank, workers, update)
         ddp.barrier()
         if not ddp.main:

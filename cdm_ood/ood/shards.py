@@ -21,6 +21,7 @@ from ..data.errors import DataError
 from ..data.guards import MAX_VOXELS
 from ..data.walk import DEFAULT_IGNORE
 from ..io import write_csv_atomic
+from ..progress import ProgressFactory
 from .api import OODDetector
 from .batch import iter_scored, report_rows
 from .report import COLUMNS
@@ -49,12 +50,14 @@ def plan_shard(
     max_voxels: int = MAX_VOXELS,
     exclude: Optional[Callable[[Path], bool]] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
+    progress: Optional[ProgressFactory] = None,
 ) -> tuple[list[SourceFile], list[DataError], int]:
     """This rank's share of the files below `paths` (every `world`-th file of the deterministic discovery
     order, and of the files that failed discovery), less those already in `parts` when resuming; returns
-    (files to read, failed files to report, number skipped). `max_voxels`, `exclude`, `ignore` go to `discover`."""
+    (files to read, failed files to report, number skipped). `max_voxels`, `exclude`, `ignore`, `progress` go to
+    `discover`."""
     errors: list[DataError] = []
-    sources = discover([Path(p) for p in paths], errors.append, max_voxels, exclude, ignore)
+    sources = discover([Path(p) for p in paths], errors.append, max_voxels, exclude, ignore, progress)
     mine, failed = sources[rank::world], errors[rank::world]
     done = done_files(parts) if resume and parts.exists() else set()
     if not done:
