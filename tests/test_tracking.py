@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from processes import cdm
 from test_score import invoke
 
-from cdm_ood.checkpoint import RUN_ID, load_checkpoint
+from cdm_ood.checkpoint import RUN_ID, CheckpointError, load_checkpoint, load_model, save_checkpoint
 from cdm_ood.config import load_config
 from cdm_ood.tracking import TRAINING_RUN_TAG, MlflowCallback, RunFolderCallback
 from cdm_ood.training import latest_checkpoint, train
@@ -127,3 +127,12 @@ def test_score_and_evaluate_runs_link_to_the_training_run_and_log_thresholds(tra
     assert metrics["calibration.nll.threshold"] == pytest.approx(threshold)
     artifacts = {a.path for a in client.list_artifacts(evaluated.info.run_id)}
     assert {"metrics.csv", "metrics.json", "roc_nll.png", "hist_nll.png", "hist_multiscale.png"} <= artifacts
+
+
+def test_the_run_id_is_an_optional_checkpoint_entry(checkpoint, tracked, tmp_path):
+    path, _, training_run = tracked
+    assert RUN_ID not in load_checkpoint(checkpoint) and load_model(checkpoint).training_run_id is None
+    assert load_model(path).training_run_id == training_run
+    save_checkpoint(tmp_path / "odd.pt", load_checkpoint(path) | {RUN_ID: 7})
+    with pytest.raises(CheckpointError, match="mlflow_run_id must be a string"):
+        load_model(tmp_path / "odd.pt")
