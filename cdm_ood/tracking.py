@@ -149,17 +149,21 @@ class MlflowCallback:
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.experiment)
-        logged = self._continued_run_params()
-        run = mlflow.start_run(run_id=self.run_id) if logged is not None else mlflow.start_run(
-            run_name=self.run_name or config.name)  # fmt: skip
+        previous = self._run_to_continue()
+        if previous is None:
+            mlflow.set_experiment(self.experiment)
+            run = mlflow.start_run(run_name=self.run_name or config.name)
+        else:  # in its own experiment, whatever the resumed config names
+            mlflow.set_experiment(experiment_id=previous.info.experiment_id)
+            run = mlflow.start_run(run_id=previous.info.run_id)
         self.run_id, self.started = run.info.run_id, True
         config_params = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(config).items()}
         params = {**config_params, **{f"run.{k}": v for k, v in info.items() if not isinstance(v, list)}}
-        if logged is None:
+        if previous is None:
             mlflow.log_params(params)
             log.info("MLflow run %s in %s", self.run_id, self.uri)
         else:  # params cannot change in MLflow: new keys are added, changed values are in config.yaml
+            logged = previous.data.params
             mlflow.log_params({k: v for k, v in params.items() if k not in logged})
             changed = sorted(k for k, v in config_params.items() if k in logged and logged[k] != str(v))
             mlflow.set_tag("cdm_ood.resumed_at_step", info["start_step"])
@@ -167,21 +171,24 @@ class MlflowCallback:
                      f" (changed: {', '.join(changed)}; see its config.yaml)" if changed else "")  # fmt: skip
         mlflow.log_text(config.to_yaml(), "config.yaml")
 
-    def _continued_run_params(self) -> Optional[dict[str, str]]:
-        """The params of the run to continue, or None when a new run is to start (none given, or the run is not
-        in this store: then a warning)."""
+    def _run_to_continue(self) -> Any:
+        """The MLflow run of `run_id`, or None when a new run is to start: none given, or the run is not in this
+        store or was deleted (then a warning)."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         if self.run_id is None:
             return None
         try:
-            return MlflowClient(self.uri).get_run(self.run_id).data.params
+            run = MlflowClient(self.uri).get_run(self.run_id)
         except MlflowException as err:
             if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-        log.warning("MLflow run %s of the resumed checkpoint is not in %s; the training continues in a new run",
-                    self.run_id, self.uri)  # fmt: skip
+            run = None
+        if run is not None and run.info.lifecycle_stage == "active":
+            return run
+        log.warning("MLflow run %s of the resumed checkpoint is not in %s (or was deleted); the training continues "
+                    "in a new run", self.run_id, self.uri)  # fmt: skip
         self.run_id = None
         return None
 

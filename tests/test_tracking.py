@@ -93,6 +93,15 @@ def test_ctrl_c_ends_the_run_killed(store, tmp_path):
     assert only_run(store, "ctrl-c").info.status == "KILLED"
 
 
+def test_a_run_id_the_store_does_not_know_starts_a_new_run(store, tmp_path, caplog):
+    config = load_config(CONFIG, [f"data.root={tmp_path / 'phantoms'}", *TINY_CT, "train.steps=2"])
+    tracker = MlflowCallback(store, "unknown", None, run_id="f" * 32)  # e.g. a checkpoint tracked elsewhere
+    train(config, tmp_path / "run", callbacks=[tracker])
+    run = only_run(store, "unknown")
+    assert run.info.run_id == tracker.run_id != "f" * 32 and run.info.status == "FINISHED"
+    assert f"MLflow run {'f' * 32} of the resumed checkpoint is not in {store}" in caplog.text
+
+
 @pytest.fixture(scope="module")
 def tracked(store, tmp_path_factory) -> tuple[Path, str, str]:
     """A tiny model trained and tracked by `train` with `MlflowCallback`: (model.pt, store, training run id)."""
