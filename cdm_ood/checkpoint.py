@@ -20,6 +20,7 @@ from .spec import Calibration, ModelSpec
 FORMAT = "cdm-ood/2"
 FORMER = "cdm-ood/1"  # the same content under other keys: read, then upgraded in memory
 REQUIRED = ("format", "step", "config", "spec", "ema")
+RUN_ID = "mlflow_run_id"  # optional: the MLflow run of the training (continued by `train --resume`)
 
 
 class CheckpointError(CdmOodError):
@@ -84,6 +85,14 @@ def store_calibration(path: str | Path, calibration: Calibration) -> Path:
     return save_checkpoint(path, payload)
 
 
+def training_run_id(path: str | Path, payload: dict[str, Any]) -> Optional[str]:
+    """The id of the MLflow run that trained the checkpoint, None when it was not tracked (or is older)."""
+    run_id = payload.get(RUN_ID)
+    if run_id is not None and not isinstance(run_id, str):
+        raise CheckpointError(f"{path}: {RUN_ID} must be a string, got {type(run_id).__name__}")
+    return run_id
+
+
 def ema_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The EMA weights (the model used for scoring) as a plain `CDMClassifier` state dict."""
     return {k.removeprefix("module."): v for k, v in payload["ema"].items() if k.startswith("module.")}
@@ -91,8 +100,8 @@ def ema_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LoadedModel:
-    """Everything scoring needs from a checkpoint: the EMA classifier (eval mode), its spec and schedule, and its
-    OOD calibration (None until calibrated)."""
+    """Everything scoring needs from a checkpoint: the EMA classifier (eval mode), its spec and schedule, its
+    OOD calibration (None until calibrated) and the MLflow run that trained it (None when not tracked)."""
 
     classifier: CDMClassifier
     schedule: NoiseSchedule
@@ -100,6 +109,7 @@ class LoadedModel:
     config: dict[str, Any]
     step: int
     calibration: Optional[Calibration] = None
+    training_run_id: Optional[str] = None
 
     @property
     def device(self) -> torch.device:
@@ -146,4 +156,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         config=payload["config"],
         step=payload["step"],
         calibration=Calibration.from_dict(calibration) if calibration else None,
+        training_run_id=training_run_id(path, payload),
     )

@@ -40,3 +40,21 @@ class Distributed:
         shared = [value]
         dist.broadcast_object_list(shared, src=0)
         return shared[0]
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The torch device this process runs a model on: `auto` is cuda:LOCAL_RANK (this process's GPU under
+    torchrun) when CUDA is available, else cpu; any other name is checked to exist here (`UsageError`)."""
+    import torch
+
+    from .errors import UsageError
+
+    if device == "auto":
+        return f"cuda:{Distributed.from_env().local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device}: {err}") from None
+    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -7,30 +7,59 @@ preset, calibrated detector and threshold) travels as an artifact and is read wi
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from .distributed import resolve_device
+from .errors import UsageError
 from .ood import OODDetector
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 OUTPUT_COLUMNS = ["score", "ood", "verdict", "reason", "threshold", "log_likelihood", "bits_per_dim"]
+IMAGE_COLUMN = "image"
 
 
-def score_array(detector: OODDetector, images: np.ndarray) -> pd.DataFrame:
-    """Per image of a float array (B, C, H, W) or (B, H, W) in the files' units: the detector's score, the
-    verdict and reason (as in the `cdm-ood score` report: NaN/inf or constant images are `flagged`, score NaN,
-    `ood` True), log p_0(x) in nats and bits/dim, from one forward pass (Theorem 3.2)."""
+def model_images(model_input: np.ndarray | pd.DataFrame | Sequence) -> np.ndarray | list[np.ndarray]:
+    """The images of a pyfunc input, in the files' units and of any size: a float array (B, C, H, W) or (B, H, W);
+    a DataFrame with one image per row in its `image` column (or its only column), each a nested list or array
+    (H, W) or (C, H, W), as `mlflow models serve` passes `dataframe_split`/`dataframe_records` JSON and Spark an
+    array column; or a sequence of such images."""
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN in model_input.columns:
+            column = model_input[IMAGE_COLUMN]
+        elif len(model_input.columns) == 1:
+            column = model_input.iloc[:, 0]
+        else:
+            raise UsageError(f"a DataFrame input needs an {IMAGE_COLUMN!r} column (one image per row), got columns "
+                             f"{list(model_input.columns)[:10]}")  # fmt: skip
+        return [_image(cell) for cell in column]
+    if isinstance(model_input, np.ndarray) or not isinstance(model_input, Sequence):
+        images = np.asarray(model_input, dtype=np.float32)
+        return images[:, None] if images.ndim == 3 else images
+    return [_image(image) for image in model_input]
+
+
+def _image(cell: Any) -> np.ndarray:
+    """One image (H, W) or (C, H, W) as float32, also from nested object arrays (Spark arrays of arrays)."""
+    if isinstance(cell, np.ndarray) and cell.dtype == object:
+        return np.stack([_image(row) for row in cell])
+    return np.asarray(cell, dtype=np.float32)
+
+
+def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Sequence) -> pd.DataFrame:
+    """Per image (see `model_images`; each mapped to the model's input with its stored preset and size, as in
+    `cdm-ood score`): the detector's score, the verdict and reason (as in the `cdm-ood score` report: NaN/inf or
+    constant images are `flagged`, score NaN, `ood` True), log p_0(x) in nats and bits/dim, from one forward pass
+    (Theorem 3.2)."""
     from .likelihood import bits_per_dim
     from .ood.report import IN, judge
 
-    images = np.asarray(images, dtype=np.float32)
-    batch = images[:, None] if images.ndim == 3 else images
-    profile, flags = detector.checked_profile(batch)
+    profile, flags = detector.checked_profile(model_images(images))
     score = detector.score_profiles(profile)
     verdicts = [judge(float(s), detector.threshold, f) for s, f in zip(score, flags, strict=True)]
     ll = profile[:, 0].double()
@@ -45,50 +74,50 @@ def score_array(detector: OODDetector, images: np.ndarray) -> pd.DataFrame:
     })  # fmt: skip
 
 
-with warnings.catch_warnings():  # MLflow asks for predict() type hints here, which it would then enforce
-    warnings.simplefilter("ignore", UserWarning)
+class CDMPyfuncModel(PythonModel):
+    """pyfunc wrapper: `predict` takes raw images of any size (`model_images`)."""
 
-    class CDMPyfuncModel(PythonModel):
-        """pyfunc wrapper: `predict` takes a float array (B, C, H, W) or (B, H, W) of raw images."""
+    def load_context(self, context: Any) -> None:
+        """The checkpoint's detector on the serving machine's GPU when it has one, else its CPU."""
+        self.detector = OODDetector.from_checkpoint(context.artifacts["checkpoint"], device=resolve_device())
 
-        def load_context(self, context: Any) -> None:
-            self.detector = OODDetector.from_checkpoint(context.artifacts["checkpoint"])
-
-        def predict(self, context, model_input, params=None):
-            """Score, verdict, threshold, log-likelihood and bits/dim per image."""
-            return score_array(self.detector, model_input)
+    # An ndarray type hint: MLflow infers no schema from it, so it enforces none (images come in any size, also as
+    # a DataFrame) and asks for no other hint.
+    def predict(self, context: Any, model_input: np.ndarray, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
+        """Score, verdict, threshold, log-likelihood and bits/dim per image."""
+        return score_array(self.detector, model_input)
 
 
 def pip_requirements() -> list[str]:
-    """The installed versions of the packages the model needs at load time."""
-    from importlib.metadata import PackageNotFoundError, version
+    """cdm-ood's dependencies at their installed versions, installable on other machines: a local version label
+    (the `+cpu` of a CPU build of torch) is dropped, so that pip picks the build that suits the serving machine."""
+    from importlib.metadata import requires, version
 
-    names = ("torch", "monai", "numpy", "pandas", "mlflow", "pydicom", "nibabel", "pillow", "scikit-learn", "pyyaml")
-    pins = []
-    for name in names:
-        try:
-            pins.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            pins.append(name)
-    return pins
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    runtime = [Requirement(r) for r in requires("cdm-ood") or ()]
+    return [f"{r.name}=={Version(version(r.name)).public}" for r in runtime
+            if r.marker is None or r.marker.evaluate({"extra": ""})]  # fmt: skip
 
 
-def log_pyfunc_model(checkpoint: str | Path, name: str = "model") -> Any:
-    """Log the checkpoint as a pyfunc model in the active MLflow run (with a signature and the cdm_ood code)."""
+def log_pyfunc_model(checkpoint: str | Path, name: str = "model", registered_model_name: Optional[str] = None) -> Any:
+    """Log the checkpoint as a pyfunc model in the active MLflow run (the cdm_ood code, an output signature, an
+    input example, pinned requirements); with `registered_model_name`, also register it. Returns MLflow's
+    `ModelInfo`. The signature has no input schema: MLflow would enforce one shape and dtype."""
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
 
     detector = OODDetector.from_checkpoint(checkpoint)
     model = detector.model
     example = np.zeros((2, model.spec.channels, *model.spec.size), dtype=np.float32)
-    with warnings.catch_warnings():  # as above, when MLflow loads the model code to check it
-        warnings.simplefilter("ignore", UserWarning)
-        return mlflow.pyfunc.log_model(
-            name=name,
-            python_model=str(MODEL_CODE),
-            artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(Path(__file__).parent)],
-            signature=infer_signature(example, score_array(detector, example)),
-            input_example=example,
-            pip_requirements=pip_requirements(),
-        )
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(__file__).parent)],
+        signature=ModelSignature(outputs=mlflow.models.infer_signature(score_array(detector, example)).inputs),
+        input_example=example,
+        pip_requirements=pip_requirements(),
+        registered_model_name=registered_model_name,
+    )

@@ -43,13 +43,17 @@ log = logging.getLogger("cdm_ood.training")
 
 
 class Callback(Protocol):
-    """Receives what the loop produces; only rank 0 calls it."""
+    """Receives what the loop produces; only rank 0 calls it. After `on_start`, a run ends in `on_end` or, when
+    an exception (`Exception`: failed) or an interruption (KeyboardInterrupt, SystemExit: killed) stops it, in
+    `on_abort`. `checkpoint_entries` are stored in every checkpoint (e.g. the MLflow run id, for `--resume`)."""
 
     def on_start(self, config: Config, info: dict[str, Any]) -> None: ...
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_end(self, model_path: Path) -> None: ...
+    def on_abort(self, error: BaseException) -> None: ...
+    def checkpoint_entries(self) -> dict[str, Any]: ...
 
 
 Finisher = Callable[..., dict[str, Any]]  # (ema model, TrainingData, Config, NoiseSchedule, device) -> entries
@@ -235,11 +239,14 @@ def train(
         "start_step": step,
         **data.stats,
     }
+    image_shape = data.train[0]["image"].shape
     for cb in callbacks:
         cb.on_start(config, info)
 
     def save(path: Path, full: bool, **extra: Any) -> Path:
-        payload = extra | {
+        payload = {
+            **{k: v for cb in callbacks for k, v in cb.checkpoint_entries().items()},
+            **extra,
             "step": step,
             "config": config.to_dict(),
             "spec": spec.to_dict(),
@@ -253,8 +260,6 @@ def train(
                 "rng": {"generator": generator.get_state()},
             }
         return save_checkpoint(path, payload)
-
-    image_shape = data.train[0]["image"].shape
 
     def batches() -> Iterator[dict[str, Any]]:
         """This rank's share of each step's global batch with the step's draws, from `step` to the last step."""
@@ -304,15 +309,20 @@ def train(
                 cb.on_checkpoint(step, path)
 
     remaining = itertools.islice(batches(), max(0, config.train.steps - step))
-    fit(model, remaining, loss, optimizer, scheduler, ema, o.grad_clip, step, [after_step])
     final = out_dir / "model.pt"
-    if ddp.main:
-        entries: dict[str, Any] = {}
-        for hook in (calibrate_on_validation,) if finish is None else finish:
-            entries |= hook(ema.module, data, config, schedule, device)
-        save(final, full=False, **entries)
+    try:
+        fit(model, remaining, loss, optimizer, scheduler, ema, o.grad_clip, step, [after_step])
+        if ddp.main:
+            entries: dict[str, Any] = {}
+            for hook in (calibrate_on_validation,) if finish is None else finish:
+                entries |= hook(ema.module, data, config, schedule, device)
+            save(final, full=False, **entries)
+            for cb in callbacks:
+                cb.on_end(final)
+    except BaseException as err:  # failed or interrupted: the callbacks close their run, the error propagates
         for cb in callbacks:
-            cb.on_end(final)
+            cb.on_abort(err)
+        raise
     if ddp.world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -28,22 +28,10 @@ def setup_logging(rank: int = 0) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """The torch device a command runs the model on: `auto` is cuda:LOCAL_RANK (this process's GPU under
-    torchrun) when CUDA is available, else cpu; any other name is checked to exist here."""
-    import torch
+    """`cdm_ood.distributed.resolve_device`, imported when an option is parsed (torch stays unloaded for --help)."""
+    from cdm_ood.distributed import resolve_device
 
-    from cdm_ood.distributed import Distributed
-    from cdm_ood.errors import UsageError
-
-    if device == "auto":
-        return f"cuda:{Distributed.from_env().local_rank}" if torch.cuda.is_available() else "cpu"
-    try:
-        chosen = torch.device(device)
-    except RuntimeError as err:
-        raise UsageError(f"--device {device}: {err}") from None
-    if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return resolve_device(device)
 
 
 def open_checkpoint(path: Path, device: str = "cpu") -> Any:

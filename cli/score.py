@@ -157,7 +157,8 @@ def score_command(
     if mlflow:
         from cdm_ood.tracking import log_job_run
 
-        log_job_run("score", result.info, result.summary, [result.report, result.histogram], tracking_uri)
+        log_job_run("score", result.info, {**result.summary, "threshold": result.info["threshold"]},
+                    [result.report, result.histogram], tracking_uri, scorer.model)  # fmt: skip
     sys.exit(0 if result.passed or no_fail else 1)
 
 
@@ -197,7 +198,7 @@ def evaluate_command(
         from cdm_ood.tracking import log_job_run
 
         metrics = {f"{r['detector']}.{r['ood_set']}.{k}": r[k] for r in rows for k in ("auroc", "fpr95")}
-        log_job_run("evaluate", {"checkpoint": str(checkpoint)}, metrics, sorted(out.glob("*")), tracking_uri)
+        log_job_run("evaluate", {"checkpoint": str(checkpoint)}, metrics, sorted(out.glob("*")), tracking_uri, model)
 
 
 def _id_paths(paths: tuple[Path, ...]) -> list[Path]:

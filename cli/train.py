@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -21,7 +23,8 @@ from .common import mlflow_option, setup_logging, tracking_uri_option
 )
 @click.option("--out-dir", "out", type=click.Path(file_okay=False, path_type=Path),
               help="Run folder [default: runs/<name>-<time>].")  # fmt: skip
-@click.option("--resume", type=click.Path(exists=True, path_type=Path), help="Checkpoint (or run folder) to continue.")
+@click.option("--resume", type=click.Path(exists=True, path_type=Path),
+              help="Checkpoint (or run folder) to continue, in its MLflow run.")  # fmt: skip
 @mlflow_option
 @tracking_uri_option
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
@@ -39,7 +42,7 @@ def train_command(
     With no arguments, trains the embedded default (bundled MNIST digits, a small MONAI UNet) on the CPU in
     a few minutes. Multi-GPU or multi-node: `torchrun --nproc_per_node=N -m cdm_ood.cli train ...`.
     """
-    from cdm_ood.checkpoint import load_checkpoint
+    from cdm_ood.checkpoint import load_checkpoint, training_run_id
     from cdm_ood.config import ConfigError, bundled_config, load_config
     from cdm_ood.distributed import Distributed
     from cdm_ood.tracking import MlflowCallback, RunFolderCallback
@@ -48,10 +51,11 @@ def train_command(
     rank = Distributed.from_env().rank
     setup_logging(rank)
     try:
-        base, checkpoint = None, None
+        base, checkpoint, run_id = None, None, None
         if resume is not None:
             checkpoint = latest_checkpoint(resume)
-            base = load_checkpoint(checkpoint)["config"]
+            stored = load_checkpoint(checkpoint)
+            base, run_id = stored["config"], training_run_id(checkpoint, stored)
             if config_path is not None:
                 raise ConfigError("--resume continues the stored config; change it with --set, not --config")
         config = load_config(bundled_config(config_path) if config_path else None, list(overrides), base=base)
@@ -69,7 +73,14 @@ def train_command(
     callbacks = [RunFolderCallback(out)]
     if config.tracking.enabled and mlflow:
         callbacks.append(MlflowCallback(tracking_uri or config.tracking.uri, config.tracking.experiment,
-                                        config.tracking.run_name))  # fmt: skip
+                                        config.tracking.run_name, run_id))  # fmt: skip
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     model_path = train(config, out, resume=checkpoint, callbacks=callbacks)
     if rank == 0:
         click.echo(f"checkpoint: {model_path}")
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    """SIGTERM (a scheduler's or torchrun's stop) as `SystemExit(128 + signum)`: training stops like on Ctrl-C,
+    its MLflow run ends KILLED, and the exit status is the shell's for that signal."""
+    sys.exit(128 + signum)

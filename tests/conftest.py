@@ -20,18 +20,20 @@ from cdm_ood.training import train
 
 CONFIG = Path(__file__).parent.parent / "configs" / "phantoms-ct.yaml"
 PATIENT = {"PatientName": "DOE^JANE", "PatientID": "MRN-998877", "PatientBirthDate": "19610203"}
+# A tiny CT-phantom model of CONFIG (16x16, T=20), trained in seconds; add data.root and the train.* steps.
+TINY_CT = [
+    "data.phantoms={n: 10, size: 16, slices: 8}", "data.size=[16, 16]", "model.channels=[8, 16]",
+    "model.attention_levels=[false, false]", "model.num_head_channels=8", "schedule.T=20", "train.batch_size=8",
+    "train.threads=1", "optim.warmup_steps=5",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny CT-phantom model, trained and calibrated by `train` (as `cdm-ood train` does)."""
     root = tmp_path_factory.mktemp("ck")
-    config = load_config(CONFIG, [
-        f"data.root={root / 'phantoms'}", "data.phantoms={n: 10, size: 16, slices: 8}", "data.size=[16, 16]",
-        "model.channels=[8, 16]", "model.attention_levels=[false, false]", "model.num_head_channels=8",
-        "schedule.T=20", "train.steps=40", "train.batch_size=8", "train.threads=1", "optim.warmup_steps=5",
-        "train.val_every=40", "train.checkpoint_every=40",
-    ])  # fmt: skip
+    config = load_config(CONFIG, [f"data.root={root / 'phantoms'}", *TINY_CT, "train.steps=40", "train.val_every=40",
+                                  "train.checkpoint_every=40"])  # fmt: skip
     return train(config, root / "run")
 
 
