@@ -1,5 +1,5 @@
 """The trained detector as an MLflow pyfunc model: raw images in; OOD score, verdict, threshold and
-log-likelihood out. Served over REST by `mlflow models serve`, on Spark by `mlflow.pyfunc.spark_udf`.
+log-likelihood out. Served over REST by `mlflow models serve` (files on Spark: `cdm_ood.spark`).
 
 It is logged "from code" (`cdm_ood/mlflow_model.py`), so MLflow pickles nothing: the checkpoint (weights,
 preset, calibrated detector and threshold) travels as an artifact and is read with `weights_only=True`.

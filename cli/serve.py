@@ -1,4 +1,4 @@
-"""`cdm-ood log-model`: a checkpoint as an MLflow pyfunc model, ready for `mlflow models serve` or Spark."""
+"""`cdm-ood log-model`: a checkpoint as an MLflow pyfunc model, ready for `mlflow models serve`."""
 
 from __future__ import annotations
 
