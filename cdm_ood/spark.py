@@ -13,7 +13,7 @@ import functools
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from .data.discovery import discover
 from .data.errors import DataError
 from .data.guards import MAX_VOXELS
+from .data.walk import DEFAULT_IGNORE, ignored
 from .errors import MissingExtraError
 from .ood.report import COLUMNS, aggregate
 
@@ -63,6 +64,7 @@ def score_files(
     device: Optional[str] = None,
     max_voxels: int = MAX_VOXELS,
     partitions: Optional[int] = None,
+    ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> DataFrame:
     """The report rows (`SCHEMA`) of the files in `files`, as `cdm-ood score` writes them for the same files: one
     per slice, one per file that cannot be read (with its reason) and one per volume.
@@ -73,7 +75,8 @@ def score_files(
     The model is loaded from `checkpoint` (a path every executor can read) once per Python worker; the driver loads
     it once first, so that an unusable checkpoint or threshold fails here, before any file is read. `device`
     defaults to cuda where the executor has a GPU, else cpu. The files are scored in `partitions` partitions
-    [default: `spark.sql.shuffle.partitions`], a number adaptive query execution keeps.
+    [default: `spark.sql.shuffle.partitions`], a number adaptive query execution keeps. Files whose name or path
+    matches an `ignore` glob are left out, as in a folder given to `cdm-ood score` (`data.walk.DEFAULT_IGNORE`).
     """
     _require_pyspark()
     from pyspark.sql import functions as F
@@ -84,7 +87,7 @@ def score_files(
     _scorer(job)
     content = F.col(content_col) if content_col in files.columns else F.lit(None).cast("binary")
     keyed = files.select(F.col(path_col).alias("path"), content.alias("content")).mapInPandas(
-        functools.partial(_with_volume_keys, max_voxels=max_voxels), _KEYED
+        functools.partial(_with_volume_keys, max_voxels=max_voxels, ignore=tuple(ignore)), _KEYED
     )
     partitions = partitions or int(files.sparkSession.conf.get("spark.sql.shuffle.partitions"))
     return keyed.repartition(partitions, "volume_key").mapInPandas(functools.partial(_score_partition, job=job), SCHEMA)
@@ -149,10 +152,13 @@ def _volume_key(path: str, local: Path, max_voxels: int) -> str:
     return found[0].volume_id if len(found) == 1 and found[0].format == "dicom" else path
 
 
-def _with_volume_keys(batches: Iterator[pd.DataFrame], max_voxels: int) -> Iterator[pd.DataFrame]:
+def _with_volume_keys(
+    batches: Iterator[pd.DataFrame], max_voxels: int, ignore: Sequence[str]
+) -> Iterator[pd.DataFrame]:
     with tempfile.TemporaryDirectory(prefix="cdm-ood-spark-") as tmp:
         staged = _Staged(Path(tmp))
         for batch in batches:
+            batch = batch[[not ignored(Path(urlsplit(p).path), ignore) for p in batch["path"]]]
             keys = []
             for path, content in zip(batch["path"], batch["content"], strict=True):
                 local = staged.add(path, content)
