@@ -95,9 +95,15 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 
 
 def late_progress(stack: ExitStack, detail: str = "") -> ProgressFactory:
-    """For jobs that learn their total late (`cdm_ood.progress`): `factory(total, phase)` opens `progress(total,
-    "<phase> (<detail>)")` inside `stack`."""
-    return lambda total, phase: stack.enter_context(progress(total, f"{phase} ({detail})" if detail else phase))
+    """For jobs that learn their total late (`cdm_ood.progress`): `factory(total, phase)` ends the previous
+    phase's progress and opens `progress(total, "<phase> (<detail>)")`, which `stack` ends at the latest."""
+    phases = stack.enter_context(ExitStack())
+
+    def factory(total: int, phase: str) -> Callable[[int], None]:
+        phases.close()
+        return phases.enter_context(progress(total, f"{phase} ({detail})" if detail else phase))
+
+    return factory
 
 
 def ignore_options(command: Callable) -> Callable:

@@ -324,7 +324,8 @@ def test_progress_is_logged_as_plain_lines_without_a_terminal(checkpoint, scans,
     lines = [line for line in out.stderr.splitlines() if "scoring (nll):" in line]
     assert len(lines) == 2 and " 1/2 (50%) " in lines[0] and "eta" in lines[0]
     assert lines and lines[-1].endswith("/s") and " 2/2 (100%) " in lines[-1] and "\r" not in out.stderr
-    assert any("reading headers (nll): 2/2 (100%)" in line for line in out.stderr.splitlines()), "discovery counts"
+    headers = [i for i, line in enumerate(out.stderr.splitlines()) if "reading headers (nll): 2/2 (100%)" in line]
+    assert headers and headers[-1] < out.stderr.splitlines().index(lines[0]), "discovery counts, and comes first"
 
 
 def test_every_run_is_tracked_in_mlflow_by_default(checkpoint, scans, tmp_path, monkeypatch):
