@@ -15,6 +15,7 @@ from cdm_ood import OODDetector, ScoreOODd
 from cdm_ood.data import iter_slices
 from cdm_ood.data.orientation import reader_slices
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series
+from cdm_ood.errors import UsageError
 
 # voxel axes (i, j, k) -> world: i runs to the left, j up, k backwards (an LPS-like, permuted, non-RAS affine)
 PERMUTED_AFFINE = np.array([[0, 0, -2.0, 10], [-1.0, 0, 0, 5], [0, 1.5, 0, 3], [0, 0, 0, 1]])
@@ -63,6 +64,7 @@ def test_score_oodd_scores_a_loaded_volume_as_the_cli_scores_its_file(checkpoint
     nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0).astype(np.float32), affine), tmp_path / "lps.nii.gz")
     detector = OODDetector.from_checkpoint(checkpoint)
     chain = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScoreOODd("image", detector)])
+    loaded = {}
     for name in ("series", "lps.nii.gz"):
         out = cdm("score", tmp_path / name, "--checkpoint", checkpoint, "--out", tmp_path / "r.json", "--no-fail",
                   cwd=tmp_path)  # fmt: skip
@@ -70,9 +72,20 @@ def test_score_oodd_scores_a_loaded_volume_as_the_cli_scores_its_file(checkpoint
         rows = json.loads((tmp_path / "r.json").read_text())["rows"]
         slices = [r for r in rows if r["level"] == "slice"]
         (expected,) = [r for r in rows if r["level"] == "volume"]
-        d = chain({"image": str(tmp_path / name)})
+        d = loaded[name] = chain({"image": str(tmp_path / name)})
         np.testing.assert_allclose(d["image_ood_slice_scores"], [r["score"] for r in slices], rtol=1e-5)
         assert d["image_ood_slice_verdicts"] == [r["verdict"] for r in slices]
         assert d["image_ood_score"] == pytest.approx(expected["score"], rel=1e-5)
         assert d["image_ood_verdict"] == expected["verdict"] and d["image_ood_reason"] == expected["reason"]
         assert d["image_ood"] == (expected["verdict"] != "in")
+    image = load(tmp_path / "series" / "slice_001.dcm", PydicomReader())["image"]
+    assert image.shape == (1, 16, 12)  # one 2D slice, transposed as MONAI loads it
+    one = ScoreOODd("image", detector)({"image": image})
+    assert one["image_ood_score"] == pytest.approx(loaded["series"]["image_ood_slice_scores"][1], rel=1e-5)
+    nib.save(nib.Nifti1Image(np.full((16, 12, 3), 5.0, np.float32), np.eye(4)), tmp_path / "blank.nii.gz")
+    blank = chain({"image": str(tmp_path / "blank.nii.gz")})  # every slice constant: flagged, never `in`
+    assert blank["image_ood_slice_verdicts"] == ["flagged"] * 3 and np.isnan(blank["image_ood_score"])
+    assert blank["image_ood_verdict"] == "flagged"
+    assert blank["image_ood_reason"] == "no slice could be scored (3 flagged)"
+    with pytest.raises(UsageError, match="without the metadata of MONAI LoadImage"):
+        chain.transforms[-1]({"image": np.zeros((1, 16, 12, 3), np.float32)})

@@ -10,6 +10,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from ..data.orientation import is_loaded_image, reader_slices
+from ..errors import UsageError
 from .api import OODDetector
 from .report import FLAGGED, IN, aggregate, volume_rows
 
@@ -38,6 +39,9 @@ class ScoreOODd(MapTransform):
             image = d[key]
             if is_loaded_image(image) and image.ndim == 4:
                 result = self._score_volume(reader_slices(image), d, key)
+            elif image.ndim == 4:
+                raise UsageError(f"{key!r} holds a volume {tuple(image.shape)} without the metadata of MONAI "
+                                 "LoadImage: the orientation of its slices is unknown")  # fmt: skip
             else:
                 image = reader_slices(image)[0] if is_loaded_image(image) else image
                 (result,) = self.detector.assess(image[None] if image.ndim == 3 else image)  # one image
@@ -55,4 +59,4 @@ class ScoreOODd(MapTransform):
         rows = [{"level": "slice", "volume": str(key), "path": str(key), "verdict": r["verdict"],
                  "score": None if r["verdict"] == FLAGGED else r["score"]} for r in results]  # fmt: skip
         (volume,) = volume_rows(rows, self.detector.threshold, self.per_volume)
-        return {"score": float("nan") if volume["score"] is None else volume["score"], **volume}
+        return {**volume, "score": float("nan") if volume["score"] is None else volume["score"]}
