@@ -41,6 +41,10 @@ ErrorHandler = Callable[[DataError], None]
 Exclude = Callable[[Path], bool]
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# Every image storage SOP class of the DICOM standard, and no other, has this in its name (pydicom's UID
+# dictionary): a known storage class without it holds no image to score (segmentation, RT dose/structures/plan,
+# presentation state, structured report, encapsulated document, waveform, parametric map, registration, ...).
+IMAGE_STORAGE = "Image Storage"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
@@ -358,10 +362,18 @@ def _image_shape(path: Path) -> tuple[int, ...]:
 
 
 def _require_pixels(path: Path, ds) -> None:
+    """Refuse DICOMDIRs, objects of a known SOP class that is not an image storage class (`IMAGE_STORAGE`; also
+    those with pixel data, e.g. a 1-bit segmentation), and objects without pixel data. A missing, private or
+    unknown SOP class is judged by its pixel data alone."""
+    from pydicom.uid import UID
+
     sop_class = getattr(ds, "SOPClassUID", None)
     media_class = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     if DICOMDIR_SOP_CLASS in (sop_class, media_class):
         raise NotAnImageError(path, "DICOMDIR (an index of other files, no pixels)")
+    uid = UID(str(sop_class or media_class or ""))
+    if uid.type == "SOP Class" and IMAGE_STORAGE not in uid.name:
+        raise NotAnImageError(path, f"a {uid.name} object (SOP class {uid}) is not an image: never scored")
     if not any(k in ds for k in PIXEL_KEYWORDS):
         name = getattr(sop_class, "name", None) or "unknown SOP class"
         if "Rows" in ds and "Columns" in ds:
