@@ -31,13 +31,16 @@ ARTIFACTS: dict[str, dict[str, float]] = {
 GHOST_PERIOD = 4
 
 # artifact -> parameter at the "reject" strength: a third level beyond "strong", at which a radiographer sends the
-# scan back. Every artifact of `ARTIFACTS` has one, and three more exist at this strength only (they are not part
+# scan back. Every artifact of `ARTIFACTS` has one, and four more exist at this strength only (they are not part
 # of the `make-phantoms --corrupt` demo set):
 #   motion: rotation in degrees and translation in percent of the field of view of the moved copy, whose k-space
 #           lines replace the clean volume's from MOTION_TIME on (TorchIO `RandomMotion`'s line mixing),
 #   blur: down-sampling factor of each slice before it is resampled back to its size (low resolution),
 #   rescale: factor on the intensities above the volume's minimum (a wrong rescale slope: a CT or MR stored with
-#            the wrong scaling; clipped to the stored range like every copy).
+#            the wrong scaling; clipped to the stored range like every copy),
+#   window: width, as a fraction of the intensity range, of a display window centred on the volume's mean that is
+#           baked into the stored values (clipped to the window, then stretched over the whole range: a scan
+#           exported with its viewing window applied).
 REJECT: dict[str, float] = {
     "gibbs": 0.9,
     "spike": 0.4,
@@ -48,6 +51,7 @@ REJECT: dict[str, float] = {
     "motion": 10.0,
     "blur": 4.0,
     "rescale": 2.0,
+    "window": 0.25,
 }
 MOTION_TIME = 0.6  # fraction of the phase-encoding lines (in k-space order, low to high frequency) before the move
 
@@ -156,6 +160,8 @@ def _apply_artifact(unit: np.ndarray, artifact: str, parameter: float, seed: int
         out = low_resolution(unit, parameter)
     elif artifact == "rescale":
         out = unit * parameter
+    elif artifact == "window":
+        out = np.clip((unit - unit.mean()) / parameter + 0.5, 0.0, 1.0)
     else:  # gamma
         out = AdjustContrast(gamma=parameter)(unit)
     return convert_to_numpy(out, dtype=np.float64)
