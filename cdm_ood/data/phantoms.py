@@ -415,7 +415,7 @@ def make_phantoms(
     if ood_sets:
         from .wrong_modality import wrong_modality_files
 
-        rows += wrong_modality_files(out / WRONG_MODALITY, modality, size, seed)
+        rows += wrong_modality_files(out / WRONG_MODALITY, modality, size, seed, slices)
     manifest = out / "manifest.csv"
     write_csv_atomic(manifest, MANIFEST_COLUMNS, rows)
     return manifest

@@ -61,9 +61,12 @@ def natural_image(size: int = 256) -> np.ndarray:
     return np.ascontiguousarray(photo[top : top + size, left : left + size])
 
 
-def wrong_modality_files(out: str | Path, modality: str = "ct", size: int = 64, seed: int = 0) -> list[dict]:
-    """Write the wrong-modality files for a `modality` model into the new folder `out`; returns their manifest
-    rows (`phantoms.MANIFEST_COLUMNS`, artifact `wrong-modality`, paths relative to `out`'s parent)."""
+def wrong_modality_files(
+    out: str | Path, modality: str = "ct", size: int = 64, seed: int = 0, slices: int = 16
+) -> list[dict]:
+    """Write the wrong-modality files for a `modality` model into the new folder `out` (synthetic ones of `size`
+    pixels, the other-modality phantom with `slices` slices); returns their manifest rows
+    (`phantoms.MANIFEST_COLUMNS`, artifact `wrong-modality`, paths relative to `out`'s parent)."""
     from ..figures import save_png
 
     check_modality(modality)
@@ -84,8 +87,8 @@ def wrong_modality_files(out: str | Path, modality: str = "ct", size: int = 64, 
             row(name, "dicom", kind)
     rng = np.random.default_rng(seed)
     (other,) = (m for m in MODALITIES if m != modality)
-    write_nifti(phantom_volume(rng, size, 16, other), out / f"phantom_{other}.nii.gz")
-    row(f"phantom_{other}.nii.gz", "nifti", f"{other} phantom", 16, size)
+    write_nifti(phantom_volume(rng, size, slices, other), out / f"phantom_{other}.nii.gz")
+    row(f"phantom_{other}.nii.gz", "nifti", f"{other} phantom", slices, size)
     save_png(radiograph(phantom_volume(rng, size, size, "ct")), out / "radiograph.png")
     row("radiograph.png", "png", "radiograph-like projection", 1, size)
     save_png(natural_image(), out / "natural.png")
