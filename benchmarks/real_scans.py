@@ -49,12 +49,12 @@ def volume_of(image: Slice) -> str:
 
 
 def held_out(images: list[Slice], every: int = 5) -> tuple[list[Slice], list[Slice]]:
-    """(train, validation): every `every`-th volume is held out for validation (the first, if there is one only
-    volume, is used for both)."""
+    """(train, validation): every `every`-th volume is held out for validation; a single volume is both."""
     volumes = sorted({volume_of(s) for s in images})
-    val = set(volumes[::every]) if len(volumes) > 1 else set(volumes)
-    train = [s for s in images if volume_of(s) not in val or len(volumes) == 1]
-    return train, [s for s in images if volume_of(s) in val]
+    if len(volumes) == 1:
+        return images, images
+    val = set(volumes[::every])
+    return [s for s in images if volume_of(s) not in val], [s for s in images if volume_of(s) in val]
 
 
 def cdm_scorers(detectors: list[OODDetector]) -> dict[str, Scorer]:

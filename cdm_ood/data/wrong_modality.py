@@ -8,7 +8,8 @@ computed radiograph). A file this pydicom version does not ship is left out.
 
 Synthetic: a phantom volume of the other modality (a CT phantom for an MR model, an MR phantom for a CT model),
 a chest-radiograph-like PNG (the attenuation of a CT phantom projected along the anterior-posterior axis) and a
-natural photograph (scikit-learn's bundled sample image) as PNG.
+natural photograph as PNG (scikit-learn's bundled sample image china.jpg, CC BY 2.0, danielbuechele on Flickr, as
+its README in sklearn/datasets/images states).
 """
 
 from __future__ import annotations
