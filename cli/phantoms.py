@@ -21,13 +21,20 @@ import click
 @click.option(
     "--corrupt", is_flag=True, help="Also write 12 corrupted copies of each volume (6 artifacts x mild/strong)."
 )
+@click.option(
+    "--ood-sets",
+    is_flag=True,
+    help="Also write, per volume, every artifact at the reject strength and every orientation error, and the "
+    "wrong-modality files in OUT_DIR/wrong_modality (docs/data.md).",
+)
 def make_phantoms_command(
-    out: Path, n: int, fmt: str, size: int, slices: int, modality: str, seed: int, corrupt: bool
+    out: Path, n: int, fmt: str, size: int, slices: int, modality: str, seed: int, corrupt: bool, ood_sets: bool
 ) -> None:
     """Write N synthetic phantom volumes into the new or empty folder OUT_DIR, plus OUT_DIR/manifest.csv.
 
     DICOM volumes are series folders OUT_DIR/phantom_0000/slice_000.dcm, ...; NIfTI volumes are
     OUT_DIR/phantom_0000.nii.gz, .... CT values are Hounsfield units. Everything is reproducible from --seed.
+    `cdm-ood evaluate OUT_DIR/manifest.csv --ood OUT_DIR/manifest.csv` evaluates each OOD set.
     """
     from cdm_ood.data.phantoms import make_phantoms
 
@@ -35,7 +42,7 @@ def make_phantoms_command(
         click.echo(f"[{done}/{total}] {path}", err=True)
 
     try:
-        manifest = make_phantoms(out, n, fmt, size, slices, modality, seed, corrupt, progress=report)
+        manifest = make_phantoms(out, n, fmt, size, slices, modality, seed, corrupt, progress=report, ood_sets=ood_sets)
     except FileExistsError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"Manifest: {manifest}")

@@ -222,7 +222,9 @@ def _ood_sets(specs: tuple[str, ...]) -> dict[str, list[Path]]:
         if is_manifest(path):
             corrupted = {k: v for k, v in manifest_sets(path).items() if k != "clean"}
             if not corrupted:
-                raise UsageError(f"--ood {spec}: the manifest lists no corrupted volumes (make-phantoms --corrupt)")
+                raise UsageError(
+                    f"--ood {spec}: the manifest lists no corrupted volumes (make-phantoms --corrupt or --ood-sets)"
+                )
             parts = {name: [p for v in corrupted.values() for p in v]} if name else corrupted
         else:
             parts = {name or path.name: [path]}

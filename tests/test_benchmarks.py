@@ -1,5 +1,6 @@
 """The benchmark scripts run in their smallest setting (the numbers are in the docs, not checked here)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,16 @@ def test_ood_baselines_run_and_are_tracked(tmp_path):
 )
 def test_scripts_on_the_tiny_checkpoint_run(checkpoint, script, args):
     assert run(script, "--checkpoint", checkpoint, *args)
+
+
+def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):
+    from cdm_ood.data.phantoms import make_phantoms
+
+    make_phantoms(tmp_path / "ood", 1, "nifti", size=16, slices=2, seed=1, ood_sets=True)
+    train = make_phantoms(tmp_path / "train", 2, "nifti", size=16, slices=2, seed=2)
+    out = run("real_scans.py", "--checkpoint", checkpoint, "--data", tmp_path / "ood", "--train", train, "--steps", 1,
+              "--elbo-steps", 2, "--recon-steps", 2, "--out", tmp_path / "out")  # fmt: skip
+    assert "AUROC, volume level" in out and "| DDPM reconstruction SSIM |" in out and "| CDM nll |" in out
+    rows = json.loads((tmp_path / "out" / "real-scans.json").read_text())
+    assert {r["detector"] for r in rows["volume"]} >= {"CDM nll", "DDPM bound (MONAI)"}
+    assert {"motion-reject", "ap-flip", "wrong-modality"} <= set(rows["slice"][0]["metrics"])

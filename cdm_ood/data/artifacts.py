@@ -1,5 +1,6 @@
-"""Known acquisition artifacts applied to a volume (MONAI transforms and a k-space ghosting comb), at the two
-strengths of `ARTIFACTS`, and the stored value range of each modality that corrupted copies keep."""
+"""Known acquisition artifacts applied to a volume (MONAI transforms, k-space line mixing and a k-space ghosting
+comb, resampling, intensity mapping errors) at the two strengths of `ARTIFACTS` and at the `REJECT` strength a
+radiographer would reject, and the stored value range of each modality that corrupted copies keep."""
 
 from __future__ import annotations
 
@@ -28,6 +29,31 @@ ARTIFACTS: dict[str, dict[str, float]] = {
     "gamma": {"mild": 1.5, "strong": 2.5},
 }
 GHOST_PERIOD = 4
+
+# artifact -> parameter at the "reject" strength: a third level beyond "strong", at which a radiographer sends the
+# scan back. Every artifact of `ARTIFACTS` has one, and four more exist at this strength only (they are not part
+# of the `make-phantoms --corrupt` demo set):
+#   motion: rotation in degrees and translation in percent of the field of view of the moved copy, whose k-space
+#           lines replace the clean volume's from MOTION_TIME on (TorchIO `RandomMotion`'s line mixing),
+#   blur: down-sampling factor of each slice before it is resampled back to its size (low resolution),
+#   rescale: factor on the intensities above the volume's minimum (a wrong rescale slope: a CT or MR stored with
+#            the wrong scaling; clipped to the stored range like every copy),
+#   window: width, as a fraction of the intensity range, of a display window centred on the volume's mean that is
+#           baked into the stored values (clipped to the window, then stretched over the whole range: a scan
+#           exported with its viewing window applied).
+REJECT: dict[str, float] = {
+    "gibbs": 0.9,
+    "spike": 0.4,
+    "bias": 0.6,
+    "rician": 0.2,
+    "ghosting": 5.0,
+    "gamma": 4.0,
+    "motion": 10.0,
+    "blur": 4.0,
+    "rescale": 2.0,
+    "window": 0.25,
+}
+MOTION_TIME = 0.6  # fraction of the phase-encoding lines (in k-space order, low to high frequency) before the move
 
 
 def check_modality(modality: str) -> None:
@@ -66,6 +92,51 @@ def _spike(unit: np.ndarray, amplitude: float) -> np.ndarray:
     return KSpaceSpikeNoise(loc, k_intensity=float(np.log(amplitude * rows * cols)))(unit)
 
 
+def moved_copy(unit: np.ndarray, degrees: float, shift: float) -> np.ndarray:
+    """Each slice of `unit` (slices, rows, cols) rotated in-plane by `degrees` and shifted by the fraction `shift` of
+    the field of view along rows and columns (bilinear, zero outside)."""
+    import torch
+    import torch.nn.functional as F
+
+    angle = np.deg2rad(degrees)
+    theta = torch.tensor(
+        [[np.cos(angle), -np.sin(angle), 2 * shift], [np.sin(angle), np.cos(angle), 2 * shift]], dtype=torch.float32
+    )
+    x = torch.as_tensor(unit, dtype=torch.float32)[:, None]
+    grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)[:, 0].numpy()
+
+
+def motion_slices(unit: np.ndarray, degrees: float, seed: int, time: float = MOTION_TIME) -> np.ndarray:
+    """Rigid motion during the acquisition of each slice of `unit` (slices, rows, cols), rows being the
+    phase-encoding direction: the k-space lines acquired after `time` (a fraction of the lines in k-space order,
+    from the lowest frequency up, as TorchIO `RandomMotion` mixes them) come from a copy moved by `degrees` and
+    `degrees` percent of the field of view; `seed` draws the direction of the move."""
+    import torch
+
+    sign = np.random.default_rng(seed).choice([-1.0, 1.0], size=2)
+    moved = moved_copy(unit, sign[0] * degrees, sign[1] * degrees / 100.0)
+    k = torch.fft.fftshift(torch.fft.fft2(torch.as_tensor(unit, dtype=torch.float64)), dim=(-2, -1))
+    k_moved = torch.fft.fftshift(torch.fft.fft2(torch.as_tensor(moved, dtype=torch.float64)), dim=(-2, -1))
+    rows = unit.shape[-2]
+    distance = (torch.arange(rows) - rows // 2).abs()  # acquisition order: centre line first
+    late = distance.argsort(stable=True)[round(time * rows) :]
+    k[..., late, :] = k_moved[..., late, :]
+    return torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1))).real.numpy()
+
+
+def low_resolution(unit: np.ndarray, factor: float) -> np.ndarray:
+    """Each slice of `unit` (slices, rows, cols) down-sampled by `factor` (area averaging) and resampled back to its
+    size (bilinear): a low-resolution or blurred acquisition."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(unit, dtype=torch.float32)[:, None]
+    size = x.shape[-2:]
+    small = F.interpolate(x, size=[max(1, round(n / factor)) for n in size], mode="area")
+    return F.interpolate(small, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
 def _apply_artifact(unit: np.ndarray, artifact: str, parameter: float, seed: int) -> np.ndarray:
     """A known artifact applied to a volume (slices, rows, cols) in [0, 1]; 2D transforms act on each slice."""
     from monai.transforms import AdjustContrast, GibbsNoise, RandBiasField, RandRicianNoise
@@ -83,6 +154,14 @@ def _apply_artifact(unit: np.ndarray, artifact: str, parameter: float, seed: int
         out = noise(unit)
     elif artifact == "ghosting":
         out = ghost_slices(unit, parameter)
+    elif artifact == "motion":
+        out = motion_slices(unit, parameter, seed)
+    elif artifact == "blur":
+        out = low_resolution(unit, parameter)
+    elif artifact == "rescale":
+        out = unit * parameter
+    elif artifact == "window":
+        out = np.clip((unit - unit.mean()) / parameter + 0.5, 0.0, 1.0)
     else:  # gamma
         out = AdjustContrast(gamma=parameter)(unit)
     return convert_to_numpy(out, dtype=np.float64)
@@ -91,15 +170,16 @@ def _apply_artifact(unit: np.ndarray, artifact: str, parameter: float, seed: int
 def corrupt_volume(
     volume: np.ndarray, artifact: str, strength: str, seed: int, modality: str
 ) -> tuple[np.ndarray, float]:
-    """A corrupted copy of `volume` and the artifact's numeric parameter (see `ARTIFACTS`).
+    """A corrupted copy of `volume` (slices, rows, cols) and the artifact's numeric parameter (see `ARTIFACTS`;
+    strength "reject": `REJECT`).
 
     The volume is rescaled to [0, 1] with its own min and max, corrupted, mapped back to the clean scan's units,
-    rounded and clipped like a clean one. `seed` fixes the random artifacts (bias, rician).
+    rounded and clipped like a clean one. `seed` fixes the random artifacts (bias, rician, motion).
     """
     check_modality(modality)
-    if artifact not in ARTIFACTS or strength not in ARTIFACTS[artifact]:
-        raise ValueError(f"unknown artifact/strength {artifact!r}/{strength!r}; known: {ARTIFACTS}")
-    parameter = ARTIFACTS[artifact][strength]
+    parameter = REJECT.get(artifact) if strength == "reject" else ARTIFACTS.get(artifact, {}).get(strength)
+    if parameter is None:
+        raise ValueError(f"unknown artifact/strength {artifact!r}/{strength!r}; known: {ARTIFACTS}, reject: {REJECT}")
     lo, hi = float(volume.min()), float(volume.max())
     span = hi - lo if hi > lo else 1.0
     unit = ((volume - lo) / span).astype(np.float32)

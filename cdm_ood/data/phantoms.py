@@ -7,7 +7,9 @@ arbitrary positive intensities for MR. Both formats store exactly these numbers:
 `vol[k]`, NIfTI data satisfies `data[:, :, k] == vol[k].T`.
 
 Corrupted copies apply one artifact of `artifacts.ARTIFACTS` at a `mild` or `strong` strength, mostly with MONAI
-transforms, on the volume rescaled to [0, 1], and are mapped back to the units of the clean scan.
+transforms, on the volume rescaled to [0, 1], and are mapped back to the units of the clean scan. The OOD sets add
+every artifact at the `reject` strength (`artifacts.REJECT`), every orientation error (`geometry.ORIENTATIONS`) and
+the files of `wrong_modality`.
 
 pydicom, nibabel and MONAI are imported inside the functions that need them, so importing this module is cheap.
 """
@@ -25,9 +27,11 @@ import numpy as np
 
 from ..errors import UsageError
 from ..io import atomic_path, write_csv_atomic
-from .artifacts import ARTIFACTS, check_modality, corrupt_volume, to_stored
+from .artifacts import ARTIFACTS, REJECT, check_modality, corrupt_volume, to_stored
+from .geometry import ORIENTATIONS, misorient
 
 FORMATS = ("dicom", "nifti")
+WRONG_MODALITY = "wrong_modality"  # the folder of the wrong-modality files of `make_phantoms(ood_sets=True)`
 MIN_SIZE = 16
 MANIFEST_COLUMNS = (
     "path",
@@ -316,12 +320,26 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _variants(corrupt: bool) -> list[tuple[str, str]]:
-    """(artifact, strength) pairs written per volume, the clean one first."""
+def _variants(corrupt: bool, ood_sets: bool = False) -> list[tuple[str, str]]:
+    """(artifact, strength) pairs written per volume, the clean one first: with `corrupt` every artifact of
+    `ARTIFACTS` at its strengths, with `ood_sets` every artifact at the reject strength and every orientation error
+    (strength "")."""
     pairs = [("none", "none")]
     if corrupt:
         pairs += [(artifact, strength) for artifact, strengths in ARTIFACTS.items() for strength in strengths]
+    if ood_sets:
+        pairs += [(artifact, "reject") for artifact in REJECT] + [(error, "") for error in ORIENTATIONS]
     return pairs
+
+
+def variant(clean: np.ndarray, artifact: str, strength: str, seed: int, modality: str) -> tuple[np.ndarray, object]:
+    """The copy of a clean volume that a `_variants` pair names and its parameter ("" for none): the clean
+    volume, a corrupted copy (`artifacts.corrupt_volume`) or a misoriented one (`geometry.misorient`)."""
+    if artifact == "none":
+        return clean, ""
+    if artifact in ORIENTATIONS:
+        return misorient(clean, artifact), ""
+    return corrupt_volume(clean, artifact, strength, seed, modality)
 
 
 def _corruption_seed(seed: int, volume_index: int) -> int:
@@ -345,12 +363,15 @@ def make_phantoms(
     seed: int = 0,
     corrupt: bool = False,
     progress: Optional[Callable[[int, int, str], None]] = None,
+    ood_sets: bool = False,
 ) -> Path:
     """Write `n` phantoms (and with `corrupt` their 12 corrupted copies each) into the new or empty folder `out`,
     plus `out/manifest.csv`, and return the manifest's path.
 
-    `fmt` is "dicom" (a series folder per volume) or "nifti" (one .nii.gz per volume). `progress(done, total,
-    path)` is called after each volume is written.
+    `fmt` is "dicom" (a series folder per volume) or "nifti" (one .nii.gz per volume). With `ood_sets`, each
+    volume also gets a copy per artifact at the reject strength and per orientation error (`geometry`), and
+    `out/wrong_modality/` the files of `wrong_modality.wrong_modality_files`, all listed in the manifest.
+    `progress(done, total, path)` is called after each volume is written.
     """
     if fmt not in FORMATS:
         raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -360,24 +381,24 @@ def make_phantoms(
     out = Path(out)
     _prepare_out(out)
     rng = np.random.default_rng(seed)
-    variants = _variants(corrupt)
+    variants = _variants(corrupt, ood_sets)
     total = n * len(variants)
     rows: list[dict[str, object]] = []
     for index in range(n):
         clean = phantom_volume(rng, size, slices, modality)
         study_uid = _new_uid() if fmt == "dicom" else None
         for series_number, (artifact, strength) in enumerate(variants, start=1):
-            name, volume, parameter = f"phantom_{index:04d}", clean, ""
-            if artifact != "none":
-                name += f"_{artifact}_{strength}"
-                volume, parameter = corrupt_volume(clean, artifact, strength, _corruption_seed(seed, index), modality)
+            name = f"phantom_{index:04d}" + "".join(
+                f"_{part}" for part in (artifact, strength) if part not in ("", "none")
+            )
+            volume, parameter = variant(clean, artifact, strength, _corruption_seed(seed, index), modality)
             if study_uid is None:
                 rel = f"{name}.nii.gz"
                 write_nifti(volume, out / rel)
                 volume_id = rel
             else:
                 rel = name
-                label = "" if artifact == "none" else f", {artifact} {strength}"
+                label = "" if artifact == "none" else f", {artifact} {strength}".rstrip()
                 volume_id = write_dicom_series(
                     volume,
                     out / rel,
@@ -391,6 +412,10 @@ def make_phantoms(
             rows.append(dict(zip(MANIFEST_COLUMNS, values, strict=True)))
             if progress is not None:
                 progress(len(rows), total, rel)
+    if ood_sets:
+        from .wrong_modality import wrong_modality_files
+
+        rows += wrong_modality_files(out / WRONG_MODALITY, modality, size, seed, slices)
     manifest = out / "manifest.csv"
     write_csv_atomic(manifest, MANIFEST_COLUMNS, rows)
     return manifest
@@ -406,12 +431,14 @@ def is_manifest(path: str | Path) -> bool:
 
 
 def manifest_sets(path: str | Path) -> dict[str, list[Path]]:
-    """The volumes of a `make-phantoms` manifest by set: `clean`, and `<artifact>-<strength>` for each corruption
-    (paths relative to the manifest's folder)."""
+    """The volumes of a `make-phantoms` manifest by set: `clean`, `<artifact>-<strength>` for each corruption and
+    `<artifact>` for each row without a strength (orientation errors, wrong-modality files); paths relative to the
+    manifest's folder."""
     path = Path(path)
     sets: dict[str, list[Path]] = {}
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            name = "clean" if row["artifact"] == "none" else f"{row['artifact']}-{row['strength']}"
+            artifact, strength = row["artifact"], row["strength"]
+            name = "clean" if artifact == "none" else f"{artifact}-{strength}" if strength else artifact
             sets.setdefault(name, []).append(path.parent / row["path"])
     return sets
