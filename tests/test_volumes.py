@@ -40,7 +40,8 @@ def model3d(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
-    """A clean NIfTI volume, a DICOM series, a spiked volume, a volume with a NaN voxel and a truncated NIfTI."""
+    """A clean NIfTI volume, a DICOM series, a spiked volume, a volume with a NaN voxel, a truncated NIfTI and a
+    DICOM series with a truncated file."""
     folder, rng = tmp_path_factory.mktemp("volumes"), np.random.default_rng(5)
     clean = phantom_volume(rng, size=16, slices=8)
     write_nifti(clean, folder / "clean.nii.gz")
@@ -51,6 +52,9 @@ def volumes(tmp_path_factory) -> Path:
     write_nifti(nan, folder / "nan.nii.gz")
     data = (folder / "clean.nii.gz").read_bytes()
     (folder / "broken.nii.gz").write_bytes(data[: len(data) // 2])
+    write_dicom_series(phantom_volume(rng, size=16, slices=8), folder / "gap", modality="ct", volume_index=2)
+    data = (folder / "gap" / "slice_003.dcm").read_bytes()
+    (folder / "gap" / "slice_003.dcm").write_bytes(data[: len(data) - 200])
     return folder
 
 
@@ -66,8 +70,10 @@ def test_score_gives_one_row_per_volume_and_file_rows(model3d, volumes, tmp_path
     assert code == 1  # a flagged volume and an unreadable file fail the gate
     assert {r["level"] for r in rows} == {"volume", "file"}, "no slice rows for a 3D model"
     by_path = {Path(r["path"]).name: r for r in rows}
-    assert sorted(by_path) == ["broken.nii.gz", "clean.nii.gz", "nan.nii.gz", "series", "spiked.nii.gz"]
-    assert by_path["broken.nii.gz"]["verdict"] == "unreadable" and by_path["broken.nii.gz"]["level"] == "file"
+    names = ["broken.nii.gz", "clean.nii.gz", "nan.nii.gz", "series", "slice_003.dcm", "spiked.nii.gz"]
+    assert sorted(by_path) == names, "the series with an unreadable file is not scored"
+    for name in ("broken.nii.gz", "slice_003.dcm"):
+        assert (by_path[name]["level"], by_path[name]["verdict"]) == ("file", "unreadable")
     assert by_path["nan.nii.gz"] | {"score": None} == by_path["nan.nii.gz"]
     assert (by_path["nan.nii.gz"]["verdict"], by_path["nan.nii.gz"]["reason"]) == (
         "flagged", "not scored: nan-or-inf pixels")  # fmt: skip
