@@ -108,12 +108,13 @@ def test_api_scores_arrays_paths_and_monai_volumes_as_the_cli(model3d, volumes, 
     assert list(frame["level"]) == ["volume", "volume"] and frame["score"].notna().all()
 
 
-def test_calibrate_and_evaluate_on_volumes(model3d, volumes, tmp_path):
+def test_calibrate_and_evaluate_on_volumes(model3d, volumes, tmp_path, caplog):
     checkpoint, phantoms = model3d
     copy = shutil.copy(checkpoint, tmp_path / "model.pt")
     out = invoke("calibrate", phantoms, volumes / "clean.nii.gz", "--checkpoint", copy, "--fpr", "0.1")
     assert out.exit_code == 0, out.output
     assert "calibrated on 7 volumes" in out.output
+    assert "held-out in-distribution images for a false-positive rate of 0.1" in caplog.text  # few volumes
     out = invoke("evaluate", phantoms, "--checkpoint", copy, "--ood", f"spike={volumes / 'spiked.nii.gz'}",
                  "--ood", f"series={volumes / 'series'}", "--out-dir", tmp_path / "eval")  # fmt: skip
     assert out.exit_code == 0, out.output
@@ -121,8 +122,9 @@ def test_calibrate_and_evaluate_on_volumes(model3d, volumes, tmp_path):
     assert {(m["ood_set"], m["n_id"], m["n_ood"]) for m in metrics} == {("spike", 6, 1), ("series", 6, 1)}
 
 
-def test_pyfunc_model_scores_volumes_as_the_api(model3d, volumes, tmp_path):
+def test_pyfunc_model_scores_volumes_as_the_api(model3d, tmp_path, monkeypatch):
     checkpoint, _ = model3d
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts beside the store, not in the working tree
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = invoke("log-model", "--checkpoint", checkpoint, "--tracking-uri", store)
     assert out.exit_code == 0, out.output
