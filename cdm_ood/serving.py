@@ -24,11 +24,14 @@ OUTPUT_COLUMNS = ["score", "ood", "verdict", "reason", "threshold", "log_likelih
 IMAGE_COLUMN = "image"
 
 
-def model_images(model_input: np.ndarray | pd.DataFrame | Sequence) -> np.ndarray | list[np.ndarray]:
+def model_images(
+    model_input: np.ndarray | pd.DataFrame | Sequence, spatial_dims: int = 2
+) -> np.ndarray | list[np.ndarray]:
     """The images of a pyfunc input, in the files' units and of any size: a float array (B, C, H, W) or (B, H, W);
     a DataFrame with one image per row in its `image` column (or its only column), each a nested list or array
     (H, W) or (C, H, W), as `mlflow models serve` passes `dataframe_split`/`dataframe_records` JSON and Spark an
-    array column; or a sequence of such images."""
+    array column; or a sequence of such images. For a 3D model (`spatial_dims` 3) the images are whole volumes:
+    (B, C, D, H, W) or (B, D, H, W) arrays, cells (D, H, W) or (C, D, H, W)."""
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN in model_input.columns:
             column = model_input[IMAGE_COLUMN]
@@ -40,7 +43,7 @@ def model_images(model_input: np.ndarray | pd.DataFrame | Sequence) -> np.ndarra
         return [_image(cell) for cell in column]
     if isinstance(model_input, np.ndarray) or not isinstance(model_input, Sequence):
         images = np.asarray(model_input, dtype=np.float32)
-        return images[:, None] if images.ndim == 3 else images
+        return images[:, None] if images.ndim == spatial_dims + 1 else images
     return [_image(image) for image in model_input]
 
 
@@ -59,7 +62,7 @@ def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Seque
     from .likelihood import bits_per_dim
     from .ood.report import IN, judge
 
-    profile, flags = detector.checked_profile(model_images(images))
+    profile, flags = detector.checked_profile(model_images(images, detector.model.spec.spatial_dims))
     score = detector.score_profiles(profile)
     verdicts = [judge(float(s), detector.threshold, f) for s, f in zip(score, flags, strict=True)]
     ll = profile[:, 0].double()

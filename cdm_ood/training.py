@@ -364,10 +364,10 @@ def calibrate_on_validation(
     model: torch.nn.Module, data: TrainingData, config: Config, schedule: NoiseSchedule, device: torch.device
 ) -> dict[str, Any]:
     """Fit the OOD detectors and their thresholds (`ood.calibrate`, held out by volume) on the whole validation split,
-    so that a fresh `model.pt` scores with `--threshold auto`. Empty when it cannot be done (3D models are not
-    scored; fewer than 4 validation images)."""
-    if len(config.data.size) != 2 or len(data.val) < 4:
-        log.warning("OOD thresholds not calibrated (needs a 2D model and >= 4 validation images): "
+    so that a fresh `model.pt` scores with `--threshold auto`. Empty when it cannot be done (fewer than 4
+    validation images; a 3D model's images are whole volumes)."""
+    if len(data.val) < 4:
+        log.warning("OOD thresholds not calibrated (needs >= 4 validation images): "
                     "run `cdm-ood calibrate` on in-distribution data")  # fmt: skip
         return {}
     profiles = dataset_profiles(model, schedule, data.val, config.train.batch_size, device)

@@ -27,7 +27,9 @@ from .common import (
 detector_option = click.option(
     "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
 )
-batch_option = click.option("--batch-size", default=64, show_default=True, help="Slices per forward pass.")
+batch_option = click.option(
+    "--batch-size", default=64, show_default=True, help="Slices (volumes for a 3D model) per forward pass."
+)
 workers_option = click.option(
     "--workers", default=0, show_default=True, help="DataLoader processes reading files (0: in the main process)."
 )
@@ -73,7 +75,8 @@ def calibrate_command(
     checkpoint.
 
     Half of the volumes (series or files) are held out, whole, to set the threshold; with fewer than 1/fpr
-    held-out slices the threshold means little, and a warning says so. The checkpoint is rewritten atomically
+    held-out slices the threshold means little, and a warning says so. A 3D model is calibrated on whole
+    volumes. The checkpoint is rewritten atomically
     with the calibration added; its weights are unchanged.
     """
     from cdm_ood.ood.api import calibrate_checkpoint
@@ -83,13 +86,13 @@ def calibrate_command(
         scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
                                          late_progress(bars),
                                          ignore_globs(exclude, no_default_ignore))  # fmt: skip
-    click.echo(f"calibrated on {n} slices: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) stored in "
-               f"{checkpoint}")  # fmt: skip
+    click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) "
+               f"stored in {checkpoint}")  # fmt: skip
     if mlflow:
         from cdm_ood.tracking import log_job_run
 
         info = {"checkpoint": str(checkpoint), "detector": scorer.name, "fpr": fpr}
-        log_job_run("calibrate", info, {"threshold": scorer.threshold, "slices": n}, [], tracking_uri)
+        log_job_run("calibrate", info, {"threshold": scorer.threshold, f"{scorer.unit}s": n}, [], tracking_uri)
 
 
 @click.command("score")
@@ -102,7 +105,7 @@ def calibrate_command(
               show_default=True, help="Report, .csv or .json (written atomically).")  # fmt: skip
 @click.option("--per-volume", default="mean", show_default=True,
               help="How slice scores make a volume's score, one of `cdm_ood.ood.report.AGGREGATES` (max, mean, "
-                   "q95).")  # fmt: skip
+                   "q95). Not used by a 3D model: it scores each whole volume.")  # fmt: skip
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
 @click.option("--max-voxels", type=click.IntRange(min=1),
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
@@ -122,7 +125,8 @@ def score_command(
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
     Every file gets a row (unreadable ones with their reason), every slice a score and verdict, every
-    volume/series a summary row. Exit 0: all volumes in distribution; 1: a volume is OOD or flagged (a slice
+    volume/series a summary row; a 3D model scores each whole volume (one row per volume, no slice rows). Exit
+    0: all volumes in distribution; 1: a volume is OOD or flagged (a slice or volume
     with NaN/inf or constant pixels, or a score that is not finite), a file or folder is unreadable, or nothing
     was scored; 2: usage error, unusable checkpoint, unwritable --out, or another run writing the same --out.
 
@@ -179,7 +183,8 @@ def evaluate_command(
     id_paths: tuple[Path, ...], checkpoint: Path, ood_sets: tuple[str, ...], out: Path, batch_size: int, device: str,
     exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
-    """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level), with ROC and histograms.
+    """AUROC, FPR@95%TPR, AUPR-in/out of every detector on each OOD set (slice level; volume level for a 3D
+    model), with ROC and histograms.
 
     ID_PATHS are the in-distribution test scans (files, folders, or a `make-phantoms` manifest.csv: its clean
     volumes).

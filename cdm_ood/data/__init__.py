@@ -8,8 +8,9 @@ from .natural import NATURAL_DATASETS, load_natural
 from .phantoms import make_phantoms
 from .presets import PRESETS, IntensityPreset, fit_mr_preset, make_preset
 from .readers import iter_slices, read_file, read_source
-from .records import FLAG_CONSTANT, FLAG_NONFINITE, Slice, SliceSource
+from .records import FLAG_CONSTANT, FLAG_NONFINITE, Slice, SliceSource, Volume
 from .transforms import ImageTransformd, ToChannels, ToChannelsd, image_transform
+from .volumes import iter_volumes
 
 __all__ = [
     "ARTIFACTS",
@@ -28,11 +29,13 @@ __all__ = [
     "ToChannelsd",
     "UnreadableFileError",
     "UnsupportedFormatError",
+    "Volume",
     "detect_format",
     "discover",
     "fit_mr_preset",
     "image_transform",
     "iter_slices",
+    "iter_volumes",
     "load_natural",
     "make_phantoms",
     "make_preset",

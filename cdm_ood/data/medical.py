@@ -10,8 +10,10 @@ import numpy as np
 
 from ..io import write_csv_atomic
 from .discovery import ErrorHandler, PathLike
+from .errors import DataError
 from .readers import iter_slices
-from .records import FLAG_NONFINITE, Slice
+from .records import FLAG_NONFINITE, Slice, Volume
+from .volumes import stack_volumes
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "volume_id", "split", "n_slices", "n_flagged")
@@ -35,8 +37,8 @@ def split_volumes(volume_ids: Sequence[str], fractions: Sequence[float] = (0.8, 
     return {vid: ("val" if k < n_val else "test" if k < n_val + n_test else "train") for k, vid in enumerate(order)}
 
 
-def sample(slice_: Slice, label: int = -1) -> dict[str, Any]:
-    """The project's dict sample for a slice: image, label, and collatable provenance (no patient data)."""
+def sample(slice_: Slice | Volume, label: int = -1) -> dict[str, Any]:
+    """The project's dict sample for a slice or a volume: image, label, and collatable provenance (no patient data)."""
     src = slice_.source
     meta = {
         "path": src.path,
@@ -87,16 +89,10 @@ def medical_dataset(
 
 
 def _volume_samples(slices: list[Slice]) -> list[dict[str, Any]]:
-    """One (C, D, H, W) sample per time point of a volume, slices in index order; non-finite volumes dropped."""
-    by_time: dict[Optional[int], list[Slice]] = defaultdict(list)
-    for s in slices:
-        by_time[s.source.time_point].append(s)
-    samples = []
-    for stack in by_time.values():
-        stack.sort(key=lambda s: s.source.index)
-        if any(FLAG_NONFINITE in s.flags for s in stack) or len({s.image.shape for s in stack}) != 1:
-            continue
-        first = sample(stack[0])
-        first["image"] = np.stack([s.image for s in stack], axis=1)
-        samples.append(first)
-    return samples
+    """One (C, D, H, W) sample per time point of a volume (`volumes.stack_volumes`: slices in index order); volumes
+    with a non-finite voxel or with slices of different sizes are left out."""
+    try:
+        stacked = stack_volumes(slices)
+    except DataError:
+        return []
+    return [sample(volume) for volume in stacked if FLAG_NONFINITE not in volume.flags]

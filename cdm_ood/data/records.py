@@ -1,4 +1,5 @@
-"""What the readers yield: 2D slices with their provenance (never patient identifiers)."""
+"""What the readers yield: 2D slices, and whole volumes stacked from them, with their provenance (never patient
+identifiers)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ class SliceSource:
 class Slice:
     """A 2D image as float32 (C, H, W) in the file's own intensity units (DICOM after its modality LUT, e.g. HU),
     rows first as displayed, plus its source and quality flags (`nan-or-inf`, `constant`)."""
+
+    image: np.ndarray
+    source: SliceSource
+    flags: tuple[str, ...] = field(default=())
+
+
+@dataclass
+class Volume:
+    """A whole volume as float32 (C, D, H, W): the slices of one volume id (and time point) in index order, in the
+    file's own units; its source has the volume's path (a DICOM series: its folder), index 0 and no SOPInstanceUID.
+    Its flags are those of all its voxels (`quality_flags`): any NaN/inf, or constant overall."""
 
     image: np.ndarray
     source: SliceSource

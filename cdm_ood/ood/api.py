@@ -15,8 +15,8 @@ from torch import Tensor
 from ..checkpoint import LoadedModel, load_model, store_calibration
 from ..data.discovery import discover
 from ..data.errors import DataError, UnreadableFileError
-from ..data.readers import iter_slices
 from ..data.records import SliceSource, quality_flags
+from ..data.volumes import iter_inputs
 from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
@@ -24,7 +24,7 @@ from ..progress import ProgressFactory, counted
 from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, MIN_IMAGES, calibrate, load_detector, resolve_threshold
 from .detectors import NotFittedError
 from .inputs import Inputs, Item, chunks, is_path, iter_images
-from .report import COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_rows
+from .report import COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_row, volume_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,6 +41,9 @@ class OODDetector:
     mapped with the model's stored intensity preset and size, exactly as in training. It fails closed, with the
     rules and reasons of the `cdm-ood score` report (`report.judge`): an image with NaN/inf or constant pixels
     is not scored (score NaN) and, like one whose score is not finite, is `flagged`, never in distribution.
+
+    A 3D model scores whole volumes (one forward pass each): arrays (D, H, W), (C, D, H, W), (B, C, D, H, W) and the
+    volumes read from paths (`cdm_ood.ood.inputs`); a volume with any NaN/inf voxel or constant overall is flagged.
     """
 
     def __init__(
@@ -51,10 +54,10 @@ class OODDetector:
         batch_size: int = 64,
         image_key: str = "image",
     ) -> None:
-        if model.spec.spatial_dims != 2:
-            raise UsageError("OOD scoring works on 2D models; this model takes 3D volumes")
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
         self.num_dims = model.spec.num_dims
+        self.unit = "volume" if model.spec.spatial_dims == 3 else "slice"  # what one image is, in reports
+        self.report_row = volume_row if self.unit == "volume" else slice_row
         self.detector, self.id_scores, self.fpr = load_detector(
             model.calibration, detector, self.num_dims, model.spec.bit_depth
         )
@@ -93,7 +96,7 @@ class OODDetector:
                 f"unet{tuple(spec.model.channels)})")  # fmt: skip
 
     def prepare(self, inputs: Inputs) -> Tensor:
-        """Model-space batch (B, C, H, W) from any supported input."""
+        """Model-space batch (B, C, H, W), or (B, C, D, H, W) for a 3D model, from any supported input."""
         return torch.stack([self.transform(image) for image, _ in self._images(inputs)])
 
     def checked_profile(self, inputs: Inputs) -> tuple[Tensor, list[tuple[str, ...]]]:
@@ -105,7 +108,7 @@ class OODDetector:
         return torch.cat([p for p, _, _ in parts]), [f for _, flags, _ in parts for f in flags]
 
     def _images(self, inputs: Inputs) -> Iterator[Item]:
-        return iter_images(inputs, self.model.spec.channels, self.image_key)
+        return iter_images(inputs, self.model.spec.channels, self.image_key, self.model.spec.spatial_dims)
 
     def _checked_chunks(self, inputs: Inputs) -> Iterator[tuple[Tensor, list[tuple[str, ...]], list[Source]]]:
         """`checked_profile` of the images of `inputs` in chunks of `batch_size` images, one forward pass each
@@ -176,7 +179,8 @@ class OODDetector:
         Paths (files or folders) give the report's rows: one per slice, one per volume (the `per_volume`
         aggregate) and, with `on_error="row"`, one `unreadable` row per file that cannot be read, with its reason;
         `on_error="skip"` leaves such files out (logged), `"raise"` raises the file's error. Images given in memory
-        get one slice row each (path and volume empty, slice = their position among them).
+        get one slice row each (path and volume empty, slice = their position among them). A 3D model gives
+        volume rows instead of slice rows (one per volume; `per_volume` does not apply).
         """
         import pandas as pd
 
@@ -207,7 +211,7 @@ class OODDetector:
         for profile, flags, sources in self._checked_chunks(inputs):
             for score, flag, source in zip(self.score_profiles(profile).tolist(), flags, sources, strict=True):
                 where = source or SliceSource("", len(rows), "")
-                row = slice_row(where, score, self.threshold, flag)
+                row = self.report_row(where, score, self.threshold, flag)
                 rows.append(row if source else row | {"path": None, "volume": None})
         return rows
 
@@ -217,11 +221,11 @@ class OODDetector:
         """Fit every detector on in-distribution images and set this one's threshold for the false-positive rate
         `fpr`; `save` stores the result in a checkpoint. Images that cannot be scored are left out.
 
-        `id_inputs` is anything `score` takes (an array (N, H, W) or (N, C, H, W), a folder, a list of arrays, an
-        iterable of batches such as a DataLoader), scored in batches of `batch_size` however it is grouped. Half
-        of the volumes are held out to set the threshold (`calibration.calibrate`): slices read from files keep
-        their volume (series or file); `groups` gives one volume id per image for images given in memory, which
-        otherwise each count as their own volume.
+        `id_inputs` is anything `score` takes (an array (N, H, W) or (N, C, H, W), volumes for a 3D model, a
+        folder, a list of arrays, an iterable of batches such as a DataLoader), scored in batches of `batch_size`
+        however it is grouped. Half of the volumes are held out to set the threshold (`calibration.calibrate`):
+        slices read from files keep their volume (series or file); `groups` gives one volume id per image for
+        images given in memory, which otherwise each count as their own volume.
         """
         parts: list[Tensor] = []
         volumes: list[Hashable] = []
@@ -266,16 +270,16 @@ def calibrate_checkpoint(
     progress: Optional[ProgressFactory] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> tuple[OODDetector, int]:
-    """Fit every detector on the scorable in-distribution slices below `data` (half of the volumes held out) and
-    store the calibration in the checkpoint (atomically, weights unchanged); returns the calibrated detector and
-    the number of slices used. Files that cannot be read go to `on_error`; files in folders matched by an
-    `ignore` glob are left out. `progress(total, phase)`, once the slices are read, returns the function to call
-    with each number of slices handed to the model."""
+    """Fit every detector on the scorable in-distribution slices below `data` (whole volumes for a 3D model; half
+    of the volumes held out) and store the calibration in the checkpoint (atomically, weights unchanged); returns
+    the calibrated detector and the number of slices (volumes) used. Files that cannot be read go to `on_error`;
+    files in folders matched by an `ignore` glob are left out. `progress(total, phase)`, once the slices are read,
+    returns the function to call with each number of slices handed to the model."""
     scorer = OODDetector.from_checkpoint(
         checkpoint, detector or DEFAULT_DETECTOR, device, threshold=0.0, batch_size=batch_size
     )
-    slices = list(iter_slices(list(data), on_error, ignore=ignore))
-    scorer.fit(counted(slices, progress(len(slices), "calibrating") if progress else None), fpr)
+    images = list(iter_inputs(list(data), scorer.model.spec.spatial_dims, on_error, ignore=ignore))
+    scorer.fit(counted(images, progress(len(images), "calibrating") if progress else None), fpr)
     scorer.save(checkpoint)
     calibration = scorer.model.calibration
     return scorer, calibration.n_fit + len(scorer.id_scores)

@@ -1,7 +1,8 @@
 """Scoring a folder of scans: DataLoader workers read and prepare files, the main process scores batches.
 
 A file that cannot be read (or mapped to the model) becomes an `unreadable` row with its reason and the
-batch goes on; inputs are only ever opened for reading.
+batch goes on; inputs are only ever opened for reading. A 3D model scores whole volumes (`cdm_ood.data.volumes`):
+one row per volume; a volume with a file that cannot be read is not scored (its files get `unreadable` rows).
 """
 
 from __future__ import annotations
@@ -16,33 +17,44 @@ from ..data.discovery import SourceFile
 from ..data.errors import DataError, UnreadableFileError
 from ..data.guards import redact
 from ..data.readers import read_source
-from ..data.records import SliceSource
+from ..data.records import Slice, SliceSource, Volume
+from ..data.volumes import read_volume, volume_groups
 from .api import OODDetector
-from .report import error_row, slice_row, volume_rows
+from .report import error_row, volume_rows
 
-Prepared = tuple[list[tuple[SliceSource, tuple[str, ...], Optional[torch.Tensor]]], Optional[DataError]]
+# The model-space images of one item (None for flagged ones), the errors of its files, its number of files.
+Prepared = tuple[list[tuple[SliceSource, tuple[str, ...], Optional[torch.Tensor]]], list[DataError], int]
 
 
 class PreparedFiles(Dataset):
-    """Item i: the model-space slices of discovered file i (None for flagged ones), or its DataError."""
+    """Item i: the model-space slices of discovered file i, or with `volumes` the model-space volumes of the i-th
+    volume's files (`volume_groups`), with the errors of its files."""
 
-    def __init__(self, sources: Sequence[SourceFile], transform: Callable[[Any], torch.Tensor]) -> None:
-        self.sources, self.transform = list(sources), transform
+    def __init__(
+        self, sources: Sequence[SourceFile], transform: Callable[[Any], torch.Tensor], volumes: bool = False
+    ) -> None:
+        self.items = volume_groups(sources) if volumes else [[s] for s in sources]
+        self.transform, self.volumes = transform, volumes
 
     def __len__(self) -> int:
-        return len(self.sources)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> Prepared:
-        source = self.sources[i]
+        files, errors = self.items[i], []
         try:
-            slices = read_source(source)
+            images: Sequence[Slice | Volume] = (
+                read_volume(files, errors.append) if self.volumes else read_source(files[0])
+            )
         except DataError as err:
-            return [], err
+            errors.append(err)
+        if errors:
+            return [], errors, len(files)
         try:
-            return [(s.source, s.flags, None if s.flags else self.transform(s.image)) for s in slices], None
+            return [(s.source, s.flags, None if s.flags else self.transform(s.image)) for s in images], [], len(files)
         except (ValueError, RuntimeError, MemoryError) as err:
             reason = "out of memory" if isinstance(err, MemoryError) else redact(err)
-            return [], UnreadableFileError(source.path, f"cannot be mapped to the model's input: {reason}")
+            path = images[0].source.path
+            return [], [UnreadableFileError(path, f"cannot be mapped to the model's input: {reason}")], len(files)
 
 
 def _as_is(item: Prepared) -> Prepared:
@@ -59,7 +71,8 @@ def score_sources(
 ) -> list[dict]:
     """Report rows: every slice of `sources`, every file in `errors` or failing to read, then one row per volume.
 
-    `progress(n)` is called with the number of files just handled.
+    `progress(n)` is called with the number of files just handled. A 3D model gives one row per volume instead of
+    slice rows (`per_volume` does not apply).
     """
     rows = [row for group in iter_scored(detector, sources, errors, workers, progress) for row in group]
     return report_rows(rows, detector.threshold, per_volume)
@@ -83,8 +96,9 @@ def iter_scored(
     threshold = detector.threshold
     if errors:
         yield [error_row(err) for err in errors]
+    volumes = detector.unit == "volume"
     loader = DataLoader(
-        PreparedFiles(sources, detector.transform), batch_size=None, num_workers=workers, collate_fn=_as_is
+        PreparedFiles(sources, detector.transform, volumes), batch_size=None, num_workers=workers, collate_fn=_as_is
     )
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor]] = []
@@ -93,18 +107,17 @@ def iter_scored(
         if pending:
             scores = detector.score_prepared(torch.stack([x for _, x in pending]))
             for (index, _), score in zip(pending, scores.tolist(), strict=True):
-                rows[index] = slice_row(rows[index]["source"], score, threshold)
+                rows[index] = detector.report_row(rows[index]["source"], score, threshold)
             pending.clear()
 
-    for items, err in loader:
-        if err is not None:
-            rows.append(error_row(err))
+    for items, errs, n_files in loader:
+        rows += [error_row(err) for err in errs]
         for source, flags, x in items:
-            rows.append(slice_row(source, None, threshold, flags) if flags else {"source": source})
+            rows.append(detector.report_row(source, None, threshold, flags) if flags else {"source": source})
             if x is not None:
                 pending.append((len(rows) - 1, x))
         if progress is not None:
-            progress(1)
+            progress(n_files)
         if len(pending) >= detector.batch_size:
             flush()
             yield rows

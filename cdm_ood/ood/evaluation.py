@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..checkpoint import LoadedModel
 from ..data.errors import DataError
-from ..data.readers import iter_slices
+from ..data.volumes import iter_inputs
 from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..figures import plot_histogram, plot_roc
@@ -74,19 +74,20 @@ def evaluate_paths(
     progress: Optional[ProgressFactory] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
 ) -> list[dict]:
-    """`evaluate_sets` on the scorable slices below the in-distribution paths and below each named OOD set's
-    paths; files that cannot be read go to `on_error`, files in folders matched by an `ignore` glob are left out;
-    a set without a scorable slice is a `UsageError`. `progress(total, "evaluating")`, once the slices are read,
-    returns the function to call with each number of slices scored."""
+    """`evaluate_sets` on the scorable slices (whole volumes for a 3D model) below the in-distribution paths and
+    below each named OOD set's paths; files that cannot be read go to `on_error`, files in folders matched by an
+    `ignore` glob are left out; a set without a scorable slice is a `UsageError`. `progress(total, "evaluating")`,
+    once the slices are read, returns the function to call with each number of slices scored."""
 
     def scorable(paths: Sequence[str | Path]) -> list:
-        return [s for s in iter_slices(list(paths), on_error, ignore=ignore) if not s.flags]
+        return [s for s in iter_inputs(list(paths), model.spec.spatial_dims, on_error, ignore) if not s.flags]
 
     id_images = scorable(id_paths)
     ood_images = {name: scorable(paths) for name, paths in ood_paths.items()}
     empty = [name for name, images in {"in-distribution": id_images, **ood_images}.items() if not images]
     if empty:
-        raise UsageError(f"no readable slices in {', '.join(empty)}")
+        unit = "volumes" if model.spec.spatial_dims == 3 else "slices"
+        raise UsageError(f"no readable {unit} in {', '.join(empty)}")
     total = len(id_images) + sum(map(len, ood_images.values()))
     update = progress(total, "evaluating") if progress is not None else (lambda n: None)
     return evaluate_sets(model, id_images, ood_images, out, batch_size, update)

@@ -110,9 +110,9 @@ def run_gate(
                 "processes": ddp.world, "max_voxels": max_voxels}  # fmt: skip
         write_report(files.report, rows, meta)
         clear(files.parts)
-        scored = [r for r in rows if r["level"] == "slice" and r["score"] is not None]
+        scored = [r for r in rows if r["level"] == detector.unit and r["score"] is not None]
         histogram = plot_histogram(
             {v: [r["score"] for r in scored if r["verdict"] == v] for v in (IN, OOD)},
-            files.histogram, detector.threshold, f"{detector.name} score (slices)",
+            files.histogram, detector.threshold, f"{detector.name} score ({detector.unit}s)",
         )  # fmt: skip
     return GateResult(rows, summary(rows), files.report, histogram, meta)

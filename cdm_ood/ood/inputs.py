@@ -14,6 +14,10 @@ A (3, H, W) array for a 1-channel model could be one RGB image or three grey one
 or (3, 1, H, W). A MONAI dict holds one channel-first image (C, H, W) or a batch (B, C, H, W) under its image key,
 as MONAI transforms and DataLoaders make them. Paths (str or `os.PathLike`, files or folders) are read through
 the data layer, which gives each slice its path, index and volume.
+
+A 3D model takes whole volumes instead: (D, H, W) and (C, D, H, W) arrays are one volume, (B, C, D, H, W) is B;
+a MONAI dict holds one (C, D, H, W) volume or a batch (B, C, D, H, W); paths give the volumes that
+`cdm_ood.data.volumes` stacks from the slices of each series or file.
 """
 
 from __future__ import annotations
@@ -27,30 +31,33 @@ from typing import Any, Optional
 import numpy as np
 from torch import Tensor
 
-from ..data.readers import iter_slices
-from ..data.records import Slice, SliceSource
+from ..data.records import Slice, SliceSource, Volume
+from ..data.volumes import iter_inputs
 from ..errors import UsageError
 
 Inputs = Any  # an array or tensor, a path, a MONAI dict, a `Slice`, or an iterable of them (see the module doc)
 Image = np.ndarray | Tensor
-Item = tuple[Image, Optional[SliceSource]]  # one (C, H, W) image and where it was read from (None: from memory)
+Item = tuple[Image, Optional[SliceSource]]  # one (C, H, W) image or (C, D, H, W) volume and where it was read from
 
 
-def iter_images(inputs: Inputs, channels: int, image_key: str = "image") -> Iterator[Item]:
-    """Every image of `inputs` in order, one (C, H, W) image at a time, with its source when it was read from a
-    file; a file that cannot be read raises its `DataError`."""
+def iter_images(inputs: Inputs, channels: int, image_key: str = "image", spatial_dims: int = 2) -> Iterator[Item]:
+    """Every image of `inputs` in order, one (C, H, W) image (a (C, D, H, W) volume for `spatial_dims` 3) at a
+    time, with its source when it was read from a file (None: from memory); a file that cannot be read raises its
+    `DataError`."""
     if isinstance(inputs, (str, os.PathLike)):
-        yield from ((s.image, s.source) for s in iter_slices(Path(inputs)))
-    elif isinstance(inputs, Slice):
+        yield from ((s.image, s.source) for s in iter_inputs(Path(inputs), spatial_dims))
+    elif isinstance(inputs, (Slice, Volume)):
         yield inputs.image, inputs.source
     elif isinstance(inputs, Mapping):
         image = inputs[image_key]
-        yield from iter_images(image[None] if _is_array(image) and image.ndim == 3 else image, channels, image_key)
+        one = _is_array(image) and image.ndim == spatial_dims + 1
+        yield from iter_images(image[None] if one else image, channels, image_key, spatial_dims)
     elif _is_array(inputs):
-        yield from ((image, None) for image in _split(inputs, channels))
+        split = _split(inputs, channels) if spatial_dims == 2 else _split_volumes(inputs)
+        yield from ((image, None) for image in split)
     elif isinstance(inputs, Iterable) and not isinstance(inputs, (bytes, bytearray)):
         for item in inputs:
-            yield from iter_images(item, channels, image_key)
+            yield from iter_images(item, channels, image_key, spatial_dims)
     else:
         raise TypeError(f"cannot score a {type(inputs).__name__}: give arrays, tensors, paths or MONAI dicts")
 
@@ -84,3 +91,11 @@ def _split(x: Image, channels: int) -> list[Image]:
     if x.ndim == 4:
         return list(x)
     raise UsageError(f"expected (H, W), (N, H, W), (C, H, W) or (N, C, H, W) images, got shape {tuple(x.shape)}")
+
+
+def _split_volumes(x: Image) -> list[Image]:
+    if x.ndim in (3, 4):
+        return [x if x.ndim == 4 else x[None]]
+    if x.ndim == 5:
+        return list(x)
+    raise UsageError(f"a 3D model takes volumes (D, H, W), (C, D, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}")

@@ -1,4 +1,5 @@
-"""The scoring report: one row per slice, per unreadable file and per volume, verdicts, and its files.
+"""The scoring report: one row per slice, per unreadable file and per volume, verdicts, and its files. A 3D
+model scores whole volumes: its report has volume and file rows, no slice rows.
 
 Rows identify images by path, slice index, volume (SeriesInstanceUID or file) and SOPInstanceUID only:
 no patient identifier is ever read into a row.
@@ -17,6 +18,7 @@ import numpy as np
 
 from ..data.errors import DataError
 from ..data.records import SliceSource
+from ..data.volumes import volume_path
 from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
 
@@ -53,6 +55,11 @@ def slice_row(source: SliceSource, score: Optional[float], threshold: float, fla
     }  # fmt: skip
 
 
+def volume_row(source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> dict:
+    """A whole volume scored by a 3D model (`in`/`ood`), or `flagged` (see `judge`; its score is left empty)."""
+    return slice_row(source, score, threshold, flags) | {"level": "volume", "slice": None, "sop_instance_uid": None}
+
+
 def error_row(err: DataError) -> dict:
     """A file that could not be read, with its specific reason."""
     return dict.fromkeys(COLUMNS) | {
@@ -79,9 +86,8 @@ def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> li
     out = []
     for volume, members in groups.items():
         scores = np.array([r["score"] for r in members if r["score"] is not None], dtype=np.float64)
-        paths = sorted({r["path"] for r in members})
         row = dict.fromkeys(COLUMNS) | {"level": "volume", "volume": volume, "threshold": threshold}
-        row["path"] = paths[0] if len(paths) == 1 else str(Path(paths[0]).parent)
+        row["path"] = volume_path([r["path"] for r in members])
         flagged = len(members) - len(scores)
         if len(scores) == 0:
             out.append(row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged)"})

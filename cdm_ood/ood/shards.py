@@ -19,6 +19,7 @@ from typing import Optional
 from ..data.discovery import SourceFile, discover
 from ..data.errors import DataError
 from ..data.guards import MAX_VOXELS
+from ..data.volumes import volume_groups
 from ..data.walk import DEFAULT_IGNORE
 from ..io import write_csv_atomic
 from ..progress import ProgressFactory
@@ -52,13 +53,15 @@ def plan_shard(
     ignore: Sequence[str] = DEFAULT_IGNORE,
     progress: Optional[ProgressFactory] = None,
 ) -> tuple[list[SourceFile], list[DataError], int]:
-    """This rank's share of the files below `paths` (every `world`-th file of the deterministic discovery
-    order, and of the files that failed discovery), less those already in `parts` when resuming; returns
+    """This rank's share of the files below `paths` (the files of every `world`-th volume of the deterministic
+    discovery order, so that a volume is read whole by one rank, and every `world`-th file that failed
+    discovery), less those already in `parts` when resuming; returns
     (files to read, failed files to report, number skipped). `max_voxels`, `exclude`, `ignore`, `progress` go to
     `discover`."""
     errors: list[DataError] = []
     sources = discover([Path(p) for p in paths], errors.append, max_voxels, exclude, ignore, progress)
-    mine, failed = sources[rank::world], errors[rank::world]
+    mine = [s for files in volume_groups(sources)[rank::world] for s in files]
+    failed = errors[rank::world]
     done = done_files(parts) if resume and parts.exists() else set()
     if not done:
         return mine, failed, 0
@@ -123,7 +126,7 @@ def merge(parts: Path, threshold: float, per_volume: str) -> list[dict]:
             newest[r["path"]] = []
         newest[r["path"]].append(r)
     rows = [{k: r[k] for k in COLUMNS} for group in newest.values() for r in group]
-    unique = {(r["level"], r["path"], r["slice"], r["time_point"]): r for r in rows}
+    unique = {(r["level"], r["path"], r["slice"], r["time_point"], r["volume"]): r for r in rows}
     return report_rows(list(unique.values()), threshold, per_volume)
 
 

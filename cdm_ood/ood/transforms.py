@@ -22,9 +22,11 @@ class ScoreOODd(MapTransform):
     score` report: NaN/inf or constant pixels are flagged.
 
     A key holds one 2D image ((H, W) or (C, H, W), rows first) or what `LoadImaged` loaded: a 2D image or a whole
-    volume, cut into the slices `cdm-ood score` reads from the same file (`cdm_ood.data.orientation`). A volume
-    also gets `<key>_ood_slice_scores` (D,) and `<key>_ood_slice_verdicts`, and its score and verdict are those of
-    the report's volume row (`per_volume` aggregate of the slice scores, as `cdm-ood score --per-volume`)."""
+    volume, cut into the slices `cdm-ood score` reads from the same file (`cdm_ood.data.orientation`). With a 2D
+    model a volume also gets `<key>_ood_slice_scores` (D,) and `<key>_ood_slice_verdicts`, and its score and
+    verdict are those of the report's volume row (`per_volume` aggregate of the slice scores, as `cdm-ood score
+    --per-volume`). With a 3D model each key holds one whole volume, scored in one forward pass: a loaded one
+    stacked from those slices into (C, D, H, W), any other array or tensor taken as (C, D, H, W)."""
 
     def __init__(
         self, keys: KeysCollection, detector: OODDetector, per_volume: str = "mean", allow_missing_keys: bool = False
@@ -37,7 +39,10 @@ class ScoreOODd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            if is_loaded_image(image) and image.ndim == 4:
+            if self.detector.unit == "volume":
+                volume = np.moveaxis(reader_slices(image), 0, 1) if is_loaded_image(image) else image
+                (result,) = self.detector.assess(volume[None] if volume.ndim == 4 else volume)  # one (C, D, H, W)
+            elif is_loaded_image(image) and image.ndim == 4:
                 result = self._score_volume(reader_slices(image), d, key)
             elif image.ndim == 4:
                 raise UsageError(f"{key!r} holds a volume {tuple(image.shape)} without the metadata of MONAI "
