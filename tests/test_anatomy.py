@@ -90,12 +90,16 @@ def test_brain_needs_nifti_and_mr():
         load_config(None, ["data.dataset=folder", "data.root=x", "data.phantoms={anatomy: knee}"])
 
 
-def test_cli_writes_brain_subjects(tmp_path):
+def test_cli_writes_brain_subjects_and_their_corrupted_copies(tmp_path):
     out = cdm("make-phantoms", "--out-dir", tmp_path / "b", "--n", 1, "--format", "nifti", "--anatomy", "brain",
-              "--size", 16, "--slices", 4, "--seed", 5, cwd=tmp_path)  # fmt: skip
+              "--size", 16, "--slices", 4, "--seed", 5, "--corrupt", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    image = nib.load(tmp_path / "b" / "phantom_0000.nii.gz")
-    assert image.shape == (16, 16, 4) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    files = sorted((tmp_path / "b").glob("*.nii.gz"))
+    assert len(files) == 13, "the clean subject and 6 artifacts x 2 strengths"
+    for path in files:
+        image = nib.load(path)
+        assert image.shape == (16, 16, 4)
+        np.testing.assert_allclose(image.affine, brain_affine(16, 4), atol=1e-5)
     np.testing.assert_array_equal(volume_of(tmp_path / "b" / "phantom_0000.nii.gz"),
                                   brain_volume(np.random.default_rng(5), 16, 4))  # fmt: skip
 
