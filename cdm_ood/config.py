@@ -24,7 +24,7 @@ import yaml
 from .configs import bundled_names
 from .data.artifacts import MODALITIES
 from .data.natural import NATURAL_DATASETS
-from .data.phantoms import FORMATS
+from .data.phantoms import ANATOMIES, FORMATS
 from .data.presets import PRESETS
 from .errors import CdmOodError
 from .schedules import KINDS
@@ -36,8 +36,10 @@ class ConfigError(CdmOodError, ValueError):
 
 @dataclass
 class PhantomData:
-    """Phantoms generated into `data.root` when that folder does not exist yet (`cdm-ood make-phantoms`)."""
+    """Phantoms generated into `data.root` when that folder does not exist yet (`cdm-ood make-phantoms`):
+    `anatomy` "body" (CT or MR ellipse phantoms) or "brain" (MR subjects of the MNI152 template, NIfTI)."""
 
+    anatomy: str = "body"
     n: int = 24
     size: int = 64
     slices: int = 16
@@ -179,6 +181,7 @@ CHOICES = {  # allowed values, from the registries that implement them
     "data.preset": PRESETS,
     "data.phantoms.modality": MODALITIES,
     "data.phantoms.format": FORMATS,
+    "data.phantoms.anatomy": ANATOMIES,
     "schedule.kind": KINDS,
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -344,6 +347,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.root: dataset {d.dataset!r} reads files; give their folder")
     if d.dataset == "folder" and d.root is None:
         raise ConfigError("data.root: dataset 'folder' needs the folder of DICOM/NIfTI scans")
+    brain = d.phantoms is not None and d.phantoms.anatomy == "brain"
+    if brain and (d.phantoms.modality, d.phantoms.format) != ("mr", "nifti"):
+        raise ConfigError("data.phantoms: brain subjects need modality 'mr' and format 'nifti'")
     if d.volumes and d.dataset != "folder":
         raise ConfigError("data.volumes: 3D volumes come from dataset 'folder'")
     if t.steps < 1 or t.batch_size < 1:

@@ -73,8 +73,10 @@ def ensure_phantoms(cfg: DataConfig) -> None:
     """Generate the configured phantoms into `data.root` if that folder does not exist yet."""
     p = cfg.phantoms
     if cfg.dataset == "folder" and p is not None and not Path(cfg.root).exists():
-        log.info("generating %d %s phantoms into %s", p.n, p.modality, cfg.root)
-        make_phantoms(cfg.root, p.n, p.format, size=p.size, slices=p.slices, modality=p.modality, seed=p.seed)
+        log.info("generating %d %s %s phantoms into %s", p.n, p.anatomy, p.modality, cfg.root)
+        make_phantoms(
+            cfg.root, p.n, p.format, size=p.size, slices=p.slices, modality=p.modality, seed=p.seed, anatomy=p.anatomy
+        )
 
 
 def load_splits(

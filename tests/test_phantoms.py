@@ -19,10 +19,13 @@ SIZE, SLICES = 32, 4
 
 def run(out: Path, *args: str) -> list[dict[str, str]]:
     """Run make-phantoms at the small test size; return the manifest rows."""
+    return run_at(out, SIZE, "--slices", str(SLICES), *args)
+
+
+def run_at(out: Path, size: int, *args: str) -> list[dict[str, str]]:
+    """Run make-phantoms with slices of `size` x `size` pixels; return the manifest rows."""
     result = CliRunner().invoke(
-        main,
-        ["make-phantoms", "--out-dir", str(out), "--size", str(SIZE), "--slices", str(SLICES), *args],
-        catch_exceptions=False,
+        main, ["make-phantoms", "--out-dir", str(out), "--size", str(size), *args], catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
     manifest = out / "manifest.csv"
@@ -242,3 +245,21 @@ def test_phantoms_re_read_through_the_project_reader(tmp_path, fmt):
         mine = [s for s in slices if s.source.volume_id.endswith(row["volume_id"])]
         assert [s.source.index for s in mine] == list(range(SLICES))
         np.testing.assert_array_equal(np.stack([s.image[0] for s in mine]), volume)
+
+
+def test_a_clinical_512_ct_series_is_scored_by_a_16x16_model(checkpoint, tmp_path):
+    """CT at clinical resolution: 512x512 phantom slices, stored as DICOM, are mapped by the model's stored preset
+    and resize, and scored through the normal `score` command like any other input."""
+    import json
+
+    from processes import cdm
+
+    rows = run_at(tmp_path / "ct512", 512, "--n", "1", "--format", "dicom", "--slices", "2")
+    series = tmp_path / "ct512" / rows[0]["path"]
+    assert {(ds.Rows, ds.Columns) for ds in read_series(series)[1]} == {(512, 512)}
+    out = cdm("score", series, "--checkpoint", checkpoint, "--out", tmp_path / "r.json", "--no-fail", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())["rows"]
+    slices = [r for r in report if r["level"] == "slice"]
+    assert len(slices) == 2 and all(np.isfinite(r["score"]) for r in slices)
+    assert not [r for r in report if r["level"] == "file"], "nothing is refused"

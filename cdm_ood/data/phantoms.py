@@ -32,6 +32,7 @@ from .geometry import ORIENTATIONS, misorient
 
 FORMATS = ("dicom", "nifti")
 WRONG_MODALITY = "wrong_modality"  # the folder of the wrong-modality files of `make_phantoms(ood_sets=True)`
+ANATOMIES = ("body", "brain")  # CT/MR body phantoms of ellipses; brain MR from the MNI152 template (`anatomy`)
 MIN_SIZE = 16
 MANIFEST_COLUMNS = (
     "path",
@@ -298,12 +299,15 @@ def write_dicom_series(
     return series_uid
 
 
-def write_nifti(volume: np.ndarray, path: str | Path, *, spacing: float = 1.0) -> None:
-    """Write `volume` to a gzipped NIfTI-1 file as float32 `data = vol.transpose(2, 1, 0)` with affine
-    diag(spacing, spacing, spacing, 1). The gzip header carries no timestamp, so equal volumes give equal files."""
+def write_nifti(
+    volume: np.ndarray, path: str | Path, *, spacing: float = 1.0, affine: Optional[np.ndarray] = None
+) -> None:
+    """Write `volume` to a gzipped NIfTI-1 file as float32 `data = vol.transpose(2, 1, 0)` with `affine` (voxel ->
+    RAS mm; by default diag(spacing, spacing, spacing, 1)). The gzip header carries no timestamp, so equal volumes
+    give equal files."""
     import nibabel as nib
 
-    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine = np.diag([spacing, spacing, spacing, 1.0]) if affine is None else np.asarray(affine, dtype=np.float64)
     image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32).transpose(2, 1, 0), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
@@ -353,31 +357,52 @@ def _new_uid() -> str:
     return str(generate_uid())
 
 
+def _generator(
+    anatomy: str, size: int, slices: int, modality: str
+) -> tuple[Callable[[np.random.Generator], np.ndarray], Optional[np.ndarray]]:
+    """The clean volume drawn from an rng for `anatomy`, and the NIfTI affine of its grid (None: the default)."""
+    if anatomy == "body":
+        return lambda rng: phantom_volume(rng, size, slices, modality), None
+    from .anatomy import brain_affine, brain_volume, template_folder
+
+    template_folder()  # a missing `anatomy` extra is reported before anything is written
+    return lambda rng: brain_volume(rng, size, slices), brain_affine(size, slices)
+
+
 def make_phantoms(
     out: str | Path,
     n: int,
     fmt: str,
     size: int = 64,
     slices: int = 16,
-    modality: str = "ct",
+    modality: Optional[str] = None,
     seed: int = 0,
     corrupt: bool = False,
     progress: Optional[Callable[[int, int, str], None]] = None,
     ood_sets: bool = False,
+    anatomy: str = "body",
 ) -> Path:
     """Write `n` phantoms (and with `corrupt` their 12 corrupted copies each) into the new or empty folder `out`,
     plus `out/manifest.csv`, and return the manifest's path.
 
-    `fmt` is "dicom" (a series folder per volume) or "nifti" (one .nii.gz per volume). With `ood_sets`, each
-    volume also gets a copy per artifact at the reject strength and per orientation error (`geometry`), and
-    `out/wrong_modality/` the files of `wrong_modality.wrong_modality_files`, all listed in the manifest.
-    `progress(done, total, path)` is called after each volume is written.
+    `fmt` is "dicom" (a series folder per volume) or "nifti" (one .nii.gz per volume). `anatomy` "body" gives
+    the ellipse phantoms (`modality` "ct" by default, or "mr"); "brain" gives MR subjects of the MNI152 template
+    (`anatomy.brain_volume`, NIfTI only, needs `cdm-ood[anatomy]`). With `ood_sets`, each volume also gets a copy
+    per artifact at the reject strength and per orientation error (`geometry`), and `out/wrong_modality/` the
+    files of `wrong_modality.wrong_modality_files`, all listed in the manifest. `progress(done, total, path)` is
+    called after each volume is written.
     """
     if fmt not in FORMATS:
         raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if anatomy not in ANATOMIES:
+        raise UsageError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
+    modality = modality or ("mr" if anatomy == "brain" else "ct")
     check_modality(modality)
+    if anatomy == "brain" and (fmt, modality) != ("nifti", "mr"):
+        raise UsageError(f"brain subjects are MR volumes written as NIfTI, got format {fmt!r}, modality {modality!r}")
     if n < 1 or seed < 0:
         raise ValueError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
+    draw, affine = _generator(anatomy, size, slices, modality)
     out = Path(out)
     _prepare_out(out)
     rng = np.random.default_rng(seed)
@@ -385,7 +410,7 @@ def make_phantoms(
     total = n * len(variants)
     rows: list[dict[str, object]] = []
     for index in range(n):
-        clean = phantom_volume(rng, size, slices, modality)
+        clean = draw(rng)
         study_uid = _new_uid() if fmt == "dicom" else None
         for series_number, (artifact, strength) in enumerate(variants, start=1):
             name = f"phantom_{index:04d}" + "".join(
@@ -394,7 +419,7 @@ def make_phantoms(
             volume, parameter = variant(clean, artifact, strength, _corruption_seed(seed, index), modality)
             if study_uid is None:
                 rel = f"{name}.nii.gz"
-                write_nifti(volume, out / rel)
+                write_nifti(volume, out / rel, affine=affine)
                 volume_id = rel
             else:
                 rel = name
