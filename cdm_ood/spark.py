@@ -103,11 +103,10 @@ def _require_pyspark() -> None:
 @functools.lru_cache(maxsize=1)
 def _scorer(job: _Job) -> OODDetector:
     """The detector of `job`, loaded once per process, its threshold resolved (an uncalibrated checkpoint stops)."""
-    import torch
-
+    from .distributed import resolve_device
     from .ood.api import OODDetector
 
-    device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = job.device or resolve_device()
     scorer = OODDetector.from_checkpoint(job.checkpoint, job.detector, device, batch_size=job.batch_size)
     scorer.set_threshold(job.threshold)
     return scorer
