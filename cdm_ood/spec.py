@@ -41,6 +41,11 @@ class ModelSpec:
         return len(self.size)
 
     @property
+    def unit(self) -> str:
+        """What the model scores as one image: a `volume` (3D model) or a `slice` (2D model)."""
+        return "volume" if self.spatial_dims == 3 else "slice"
+
+    @property
     def num_dims(self) -> int:
         """d, the number of input values per image (channels x pixels or voxels)."""
         return self.channels * math.prod(self.size)

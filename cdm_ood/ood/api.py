@@ -56,7 +56,7 @@ class OODDetector:
     ) -> None:
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
         self.num_dims = model.spec.num_dims
-        self.unit = "volume" if model.spec.spatial_dims == 3 else "slice"  # what one image is, in reports
+        self.unit = model.spec.unit  # what one image is, in reports
         self.report_row = volume_row if self.unit == "volume" else slice_row
         self.detector, self.id_scores, self.fpr = load_detector(
             model.calibration, detector, self.num_dims, model.spec.bit_depth

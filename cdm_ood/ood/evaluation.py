@@ -86,8 +86,7 @@ def evaluate_paths(
     ood_images = {name: scorable(paths) for name, paths in ood_paths.items()}
     empty = [name for name, images in {"in-distribution": id_images, **ood_images}.items() if not images]
     if empty:
-        unit = "volumes" if model.spec.spatial_dims == 3 else "slices"
-        raise UsageError(f"no readable {unit} in {', '.join(empty)}")
+        raise UsageError(f"no readable {model.spec.unit}s in {', '.join(empty)}")
     total = len(id_images) + sum(map(len, ood_images.values()))
     update = progress(total, "evaluating") if progress is not None else (lambda n: None)
     return evaluate_sets(model, id_images, ood_images, out, batch_size, update)
