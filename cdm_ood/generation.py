@@ -72,9 +72,10 @@ def denoise_files(
     """Denoise every slice below `inputs` and write each file again under `out` in its own format and geometry
     (`data.writers.write_like`: DICOM with a new SeriesInstanceUID per series, NIfTI with the input's affine, PNG
     at the input's size), at the path it has below its input folder; names that would collide get `-2`, `-3`.
-    Returns how many slices were denoised. Unreadable files and slices with NaN/inf or constant pixels go to
-    `on_error` (never denoised; a volume keeps such slices as they were); `progress(total, "denoising")` returns
-    the function to call after each slice (e.g. a progress bar's update)."""
+    Returns how many slices were denoised. Unreadable files, files that cannot be written back (colour DICOM) and
+    slices with NaN/inf or constant pixels go to `on_error` (never denoised; a volume keeps such slices as they
+    were); `progress(total, "denoising")` returns the function to call after each slice (e.g. a progress bar's
+    update)."""
     if model.spec.spatial_dims != 2:
         raise UsageError("denoise works on 2D models; this one takes 3D volumes")
     out = Path(out)
@@ -94,7 +95,10 @@ def denoise_files(
     series = defaultdict(generate_uid)
     for path, (target, good) in files.items():
         if good:
-            write_like(path, done[path], target, series[good[0].source.volume_id])
+            try:
+                write_like(path, done[path], target, series[good[0].source.volume_id])
+            except DataError as err:
+                on_error(err)
     return len(todo)
 
 

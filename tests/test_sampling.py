@@ -191,3 +191,14 @@ def test_denoise_command_never_denoises_slices_it_cannot_trust(checkpoint, scans
     )
     assert out.exit_code == 1 and "not denoised: constant pixels" in out.stderr
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_a_colour_dicom_that_cannot_be_written_back_is_reported_and_the_rest_is_done(checkpoint, scans, tmp_path):
+    import pydicom.data
+    from test_score import invoke
+
+    colour = pydicom.data.get_testdata_file("SC_rgb_small_odd.dcm")
+    out = invoke("denoise", "--checkpoint", checkpoint, "--sigma", 0.1, colour, scans / "clean.nii.gz",
+                 "--out-dir", tmp_path / "den")  # fmt: skip
+    assert out.exit_code == 1 and "SC_rgb_small_odd.dcm" in out.stderr and "grayscale" in out.stderr, out.output
+    assert sorted(p.name for p in (tmp_path / "den").iterdir()) == ["clean.nii.gz"]

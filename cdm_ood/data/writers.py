@@ -15,6 +15,7 @@ import numpy as np
 
 from ..io import atomic_path
 from .discovery import detect_format
+from .errors import UnsupportedFormatError
 
 SliceKey = tuple[Optional[int], int]  # (time point of a 4D NIfTI or None, slice or frame index)
 SUFFIXES = {"dicom": ".dcm", "nifti": ".nii.gz", "image": ".png"}
@@ -42,7 +43,7 @@ def _write_dicom(source: Path, slices: dict[SliceKey, np.ndarray], out: Path, se
     stored = ds.pixel_array
     frames = stored.reshape((-1, *stored.shape[-2:])) if ds.get("SamplesPerPixel", 1) == 1 else None
     if frames is None:
-        raise ValueError(f"{source}: only single-sample (grayscale) DICOM images can be written back")
+        raise UnsupportedFormatError(source, "not written back: only single-sample (grayscale) DICOM images are")
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     info = np.iinfo(stored.dtype) if stored.dtype.kind in "iu" else None
     new = frames.copy()
