@@ -10,21 +10,24 @@ phantoms, the six MONAI-based scanner artifacts of `cdm_ood.data.phantoms` at th
 image is re-quantised to the in-distribution grid (8 bits, or integer HU).
 
 Models, all MONAI UNets with the same channels, Adam, warm-up, EMA, batch and number of steps:
-- CDM, uniform schedule (the default) and CDM, linear schedule: detectors `nll` and `multiscale` of one
-  forward pass (Theorem 3.2); `multiscale` is fitted on in-distribution validation images.
+- CDM, uniform schedule: every detector of `cdm_ood.ood.detectors` (likelihood profile, denoising errors, anomaly
+  map, flip ratios, their combination), fitted on in-distribution validation images. On MNIST the CDM is
+  class-conditional (label dropout 0.1 to its null label), which adds the generative classifier p(y | x).
 - DDPM epsilon-network (`DiffusionModelUNet`, MONAI `DDPMScheduler`, linear betas, T = 1000):
   the variational bound of MONAI `DiffusionInferer.get_likelihood` over `--elbo-steps` evenly strided
   timesteps (all 1000 is the full bound); and reconstruction in the style of ddpm-ood (Graham et al. 2023):
   noise to several t, DDIM back to 0, per-t MSE and SSIM (MONAI) z-scored on validation images, averaged.
 - Max-softmax of a MONAI `Classifier` trained on the digit labels (MNIST only).
 
-Prints AUROC and FPR95 tables (markdown) with each detector's scoring cost; saves an AUROC heat map and the
+Prints AUROC and FPR95 tables (markdown) with each detector's cost (network passes per image, a backward pass counted
+as two, and wall time); saves an AUROC heat map and the
 OOD-set examples as PNGs, and logs everything to MLflow (experiment `cdm-ood-baselines`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import time
@@ -41,9 +44,9 @@ from monai.networks.nets import Classifier, DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 from monai.transforms import GaussianSmooth, RandGaussianNoise, Resize, SpatialPad
 from monai.utils import convert_to_tensor
-from quick_train import train_cdm, train_ema
+from quick_train import train_ema
 
-from cdm_ood import CDMClassifier, NoiseSchedule
+from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss
 from cdm_ood.config import ScheduleConfig
 from cdm_ood.data.artifacts import ARTIFACTS, corrupt_volume
 from cdm_ood.data.natural import bundled_mnist, sklearn_digits
@@ -51,13 +54,14 @@ from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.presets import IntensityPreset, ct_preset, uint8_preset
 from cdm_ood.figures import image_grid, plot_auroc_matrix, save_png
 from cdm_ood.io import atomic_write
-from cdm_ood.likelihood import log_likelihood_profile_batched
-from cdm_ood.ood.detectors import MultiscaleDetector, NLLDetector
+from cdm_ood.ood.detectors import DETECTORS, Detector, applicable, required_features
+from cdm_ood.ood.features import batched_features
 from cdm_ood.ood.metrics import ood_metrics
 from cdm_ood.sampling import ddim_step, strided_levels
 from cdm_ood.tracking import log_job_run
 
 Scorer = Callable[[torch.Tensor], np.ndarray]
+LABEL_DROPOUT = 0.1  # of the class-conditional CDM's labels to its null label, as `cdm-ood train` does
 RECON_STARTS = (100, 200, 300, 400, 500)  # ddpm-ood's noise levels t (of T = 1000) to reconstruct from
 
 
@@ -73,6 +77,7 @@ class Benchmark:
     bit_depth: int
     seed: int  # of the data draws and of every model's training
     labels: tuple[torch.Tensor, torch.Tensor] | None = None  # of train and test
+    test_volumes: tuple[np.ndarray, ...] = ()  # the test images as volumes in their own units, where there are any
 
 
 def model_space(images: np.ndarray, preset: IntensityPreset) -> torch.Tensor:
@@ -140,7 +145,7 @@ def phantom_benchmark(volumes: tuple[int, int, int], seed: int, size: int = 32, 
         return unit([corrupt_volume(v, artifact, "mild", 1000 * seed + i, "ct")[0] for i, v in enumerate(stacks[2])])
 
     ood = {f"{artifact} (mild)": corrupted(artifact) for artifact in ARTIFACTS}
-    return Benchmark("phantoms", train, val, test, ood, bit_depth=11, seed=seed)
+    return Benchmark("phantoms", train, val, test, ood, bit_depth=11, seed=seed, test_volumes=tuple(stacks[2]))
 
 
 def unet_kwargs() -> dict:
@@ -148,23 +153,50 @@ def unet_kwargs() -> dict:
                 num_res_blocks=1, norm_num_groups=8, num_head_channels=16)  # fmt: skip
 
 
-def cdm_scorers(data: Benchmark, kind: str, steps: int, batch: int) -> tuple[dict[str, Scorer], float]:
-    """`nll` and `multiscale` of a CDM with the `kind` schedule trained for `steps`."""
-    schedule = NoiseSchedule.from_config(ScheduleConfig(kind=kind, T=1000))
+def train_benchmark_cdm(
+    data: Benchmark, steps: int, batch: int
+) -> tuple[torch.nn.Module, NoiseSchedule, int | None, float]:
+    """The benchmark's CDM (uniform schedule, T = 1000), class-conditional when the data have labels; returns the EMA
+    model, its schedule, its number of classes (None: unconditional) and the training time in seconds."""
+    schedule = NoiseSchedule.from_config(ScheduleConfig(kind="uniform", T=1000))
+    num_classes = None if data.labels is None else 10
     torch.manual_seed(data.seed)
-    model, seconds = train_cdm(CDMClassifier(T=1000, **unet_kwargs()), draw(data.train), schedule, steps,
-                               batch=batch, seed=data.seed)  # fmt: skip
+    net = CDMClassifier(T=1000, num_classes=num_classes, **unet_kwargs())
+
+    def loss(m: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
+        i = torch.randint(len(data.train), (batch,), generator=g)
+        labels = None
+        if num_classes is not None:
+            labels = torch.where(torch.rand(batch, generator=g) < LABEL_DROPOUT, num_classes, data.labels[0][i])
+        return cdm_loss(m, data.train[i], schedule, labels=labels, generator=g).loss
+
+    model, seconds = train_ema(net, loss, steps, seed=data.seed)
+    return model, schedule, num_classes, seconds
+
+
+def cdm_scorers(data: Benchmark, steps: int, batch: int) -> tuple[dict[str, Scorer], float, dict[str, float]]:
+    """Every detector of one CDM (uniform schedule) trained for `steps`, fitted on the validation images; with labels
+    the CDM is class-conditional (label dropout 0.1 to its null label), so the same model also gives the label-free
+    detectors (null label) and the generative classifier. Returns the scorers, the training time and each detector's
+    cost in forward-pass equivalents per image."""
+    model, schedule, num_classes, seconds = train_benchmark_cdm(data, steps, batch)
     num_dims = data.train[0].numel()
 
-    def profile(x: torch.Tensor) -> torch.Tensor:
-        return log_likelihood_profile_batched(model, x, schedule, batch_size=100)
+    def features(x: torch.Tensor, needs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return batched_features(model, x.split(100), schedule, needs, num_classes)
 
-    nll = NLLDetector(num_dims, data.bit_depth)
-    multiscale = MultiscaleDetector(num_dims, data.bit_depth).fit(profile(data.val))
-    return {
-        f"CDM {kind} nll": lambda x: nll.score(profile(x)).numpy(),
-        f"CDM {kind} multiscale": lambda x: multiscale.score(profile(x)).numpy(),
-    }, seconds
+    names = applicable(num_classes)
+    fit = features(data.val, required_features(names, num_classes))
+    scorers, costs = {}, {}
+    for name in names:
+        detector = DETECTORS[name](num_dims, data.bit_depth, num_classes).fit(fit)
+        scorers[f"CDM {name}"] = functools.partial(_score, detector, features)
+        costs[f"CDM {name}"] = detector.cost(2)
+    return scorers, seconds, costs
+
+
+def _score(detector: Detector, features: Callable, x: torch.Tensor) -> np.ndarray:
+    return detector.score(features(x, detector.required())).numpy()
 
 
 def draw(data: torch.Tensor) -> Callable[[int, torch.Generator], torch.Tensor]:
@@ -174,8 +206,9 @@ def draw(data: torch.Tensor) -> Callable[[int, torch.Generator], torch.Tensor]:
 
 def ddpm_scorers(
     data: Benchmark, steps: int, batch: int, elbo_steps: int, recon_steps: int
-) -> tuple[dict[str, Scorer], float]:
-    """MONAI DDPM trained like the CDMs; its strided variational bound and ddpm-ood reconstruction errors."""
+) -> tuple[dict[str, Scorer], float, dict[str, float]]:
+    """MONAI DDPM trained like the CDM; its strided variational bound and ddpm-ood reconstruction errors, with their
+    costs in UNet calls per image."""
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     inferer = DiffusionInferer(scheduler)
     sample = draw(data.train)
@@ -202,11 +235,13 @@ def ddpm_scorers(
 
     recon = Reconstruction(unet, recon_steps)
     errors_val = recon.errors(data.val)
-    return {
+    scorers = {
         "DDPM bound (MONAI)": elbo,
         "DDPM reconstruction MSE": lambda x: recon.zscore(recon.errors(x), errors_val, 0),
         "DDPM reconstruction SSIM": lambda x: recon.zscore(recon.errors(x), errors_val, 1),
-    }, seconds
+    }
+    costs = dict.fromkeys(scorers, float(recon.calls()))
+    return scorers, seconds, costs | {"DDPM bound (MONAI)": float(elbo_steps)}
 
 
 class Reconstruction:
@@ -218,8 +253,15 @@ class Reconstruction:
         self.grid = strided_levels(1000, steps)
         self.ssim = SSIMMetric(spatial_dims=2, data_range=2.0, win_size=7, reduction="none")
 
+    def levels(self, start: int) -> list[int]:
+        return [start, *(t for t in self.grid if t < start), 0]
+
+    def calls(self) -> int:
+        """UNet calls per image: one per DDIM step, summed over the start levels (both errors share them)."""
+        return sum(len(self.levels(start)) - 1 for start in RECON_STARTS)
+
     def _reconstruct(self, x0: torch.Tensor, start: int, g: torch.Generator) -> torch.Tensor:
-        levels = [start, *(t for t in self.grid if t < start), 0]
+        levels = self.levels(start)
         alpha, sigma = self.schedule.sqrt_alpha_bar[start].item(), self.schedule.sigma[start].item()
         x = alpha * x0 + sigma * torch.randn(x0.shape, generator=g)
         for t, s in itertools.pairwise(levels):
@@ -268,7 +310,7 @@ def softmax_scorer(data: Benchmark, steps: int, batch: int) -> tuple[dict[str, S
     return {"max-softmax classifier": score}, seconds, accuracy
 
 
-def evaluate(data: Benchmark, scorers: dict[str, Scorer]) -> list[dict]:
+def evaluate(data: Benchmark, scorers: dict[str, Scorer], costs: dict[str, float]) -> list[dict]:
     rows = []
     for name, score in scorers.items():
         start = time.perf_counter()
@@ -277,7 +319,7 @@ def evaluate(data: Benchmark, scorers: dict[str, Scorer]) -> list[dict]:
         n = len(data.test) + sum(len(v) for v in data.ood.values())
         ms = (time.perf_counter() - start) / n * 1e3
         metrics = {k: ood_metrics(id_scores, v) for k, v in ood_scores.items()}
-        rows.append({"detector": name, "ms_per_image": ms, "metrics": metrics})
+        rows.append({"detector": name, "ms_per_image": ms, "passes": costs[name], "metrics": metrics})
         mean = np.mean([m["auroc"] for m in metrics.values()])
         print(f"  {name:<28} mean AUROC {mean:.3f}  ({ms:.1f} ms / image)", flush=True)
     return rows
@@ -285,33 +327,32 @@ def evaluate(data: Benchmark, scorers: dict[str, Scorer]) -> list[dict]:
 
 def table(rows: list[dict], metric: str) -> str:
     sets = list(rows[0]["metrics"])
-    lines = [f"| detector | {' | '.join(sets)} | mean | ms / image |", "|---" * (len(sets) + 3) + "|"]
+    lines = [f"| detector | {' | '.join(sets)} | mean | passes / image | ms / image |", "|---" * (len(sets) + 4) + "|"]
     for r in rows:
         values = [r["metrics"][s][metric] for s in sets]
         cells = " | ".join(f"{v:.3f}" for v in values)
-        lines.append(f"| {r['detector']} | {cells} | {np.mean(values):.3f} | {r['ms_per_image']:.1f} |")
+        lines.append(f"| {r['detector']} | {cells} | {np.mean(values):.3f} | {r['passes']:g} | "
+                     f"{r['ms_per_image']:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def run(data: Benchmark, args: argparse.Namespace) -> tuple[list[dict], dict[str, float], list[Path]]:
     """Train every model, score every set; returns the metrics rows, facts (training seconds per model, the
     classifier's test accuracy) and the figures."""
-    scorers: dict[str, Scorer] = {}
     facts = {}
-    for kind in ("uniform", "linear"):
-        print(f"{data.name}: training CDM ({kind} schedule), {args.steps} steps", flush=True)
-        found, facts[f"train_seconds.cdm_{kind}"] = cdm_scorers(data, kind, args.steps, args.batch)
-        scorers |= found
+    print(f"{data.name}: training the CDM, {args.steps} steps", flush=True)
+    scorers, facts["train_seconds.cdm"], costs = cdm_scorers(data, args.steps, args.batch)
     print(f"{data.name}: training DDPM, {args.steps} steps", flush=True)
-    found, facts["train_seconds.ddpm"] = ddpm_scorers(data, args.steps, args.batch, args.elbo_steps, args.recon_steps)
-    scorers |= found
+    found, facts["train_seconds.ddpm"], found_costs = ddpm_scorers(data, args.steps, args.batch, args.elbo_steps,
+                                                                   args.recon_steps)  # fmt: skip
+    scorers, costs = scorers | found, costs | found_costs
     if data.labels is not None:
         print(f"{data.name}: training the classifier, {args.steps} steps", flush=True)
         found, facts["train_seconds.classifier"], facts["classifier_accuracy"] = softmax_scorer(data, args.steps,
                                                                                                 args.batch)  # fmt: skip
-        scorers |= found
+        scorers, costs = scorers | found, costs | dict.fromkeys(found, 1.0)
     print(f"{data.name}: scoring {len(data.test)} in-distribution images and {len(data.ood)} OOD sets", flush=True)
-    rows = evaluate(data, scorers)
+    rows = evaluate(data, scorers, costs)
     examples = torch.cat([data.test[:8], *(v[:8] for v in data.ood.values())])
     aurocs = {r["detector"]: {k: m["auroc"] for k, m in r["metrics"].items()} for r in rows}
     figures = [

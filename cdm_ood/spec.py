@@ -108,12 +108,18 @@ class DetectorFit:
     id_scores: tuple[float, ...]
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, DetectorFit) or self.id_scores != other.id_scores:
-            return False
-        mine, theirs = self.state, other.state
-        return mine.keys() == theirs.keys() and all(
-            torch.equal(v, theirs[k]) if isinstance(v, torch.Tensor) else v == theirs[k] for k, v in mine.items()
-        )
+        return isinstance(other, DetectorFit) and self.id_scores == other.id_scores and _same(self.state, other.state)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of nested plain data holding tensors (compared with `torch.equal`)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
    volumes is only 2 volumes, too few for a 5% threshold);
 3. `cdm-ood make-phantoms` held-out test scans: 4 new clean CT volumes and their 12 corrupted copies each
    (6 MONAI-made artifacts x mild/strong) as DICOM series;
-4. per-artifact AUROC / FPR95 of both detectors (slice level), ROC and histogram PNGs;
+4. per-artifact AUROC / FPR95 of every calibrated detector (slice level), ROC and histogram PNGs;
 5. `cdm-ood score` over the test series: the gate's report and verdicts, logged to MLflow.
 
 Everything lands in OUT (default `demo/`): the run, the data, `eval/`, `report.csv`, `mlflow.db`.

@@ -47,11 +47,13 @@ def test_likelihood_cost_runs():
 def test_ood_baselines_run_and_are_tracked(tmp_path):
     tiny = ["--steps", 2, "--images", 6, "--val-images", 6, "--volumes", "2,1,1", "--elbo-steps", 3, "--recon-steps", 4]
     out = run("ood_baselines.py", *tiny, "--figures", tmp_path / "img", "--out", tmp_path / "out", cwd=tmp_path)
-    assert "| max-softmax classifier |" in out and "| DDPM bound (MONAI) |" in out and "| CDM linear nll |" in out
+    assert "| max-softmax classifier |" in out and "| DDPM bound (MONAI) |" in out and "| CDM combined |" in out
+    assert "| CDM classifier |" in out, "the MNIST CDM is class-conditional: it is also a generative classifier"
     assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == [
         "ood-baselines-mnist.png", "ood-baselines-phantoms.png", "ood-sets-mnist.png", "ood-sets-phantoms.png"
     ]  # fmt: skip
-    assert (tmp_path / "out" / "phantoms.md").read_text().count("| CDM uniform multiscale |") == 2
+    phantoms = (tmp_path / "out" / "phantoms.md").read_text()
+    assert phantoms.count("| CDM multiscale |") == 2 and "| CDM classifier |" not in phantoms
     assert (tmp_path / "mlflow.db").stat().st_size > 0
 
 

@@ -107,7 +107,7 @@ def test_multiscale_catches_too_likely_images_that_the_likelihood_prefers():
     assert ood_metrics(multiscale.score(test_id).numpy(), multiscale.score(flat).numpy())["auroc"] > 0.99
 
 
-def test_denoise_and_combined_are_two_sided_and_the_map_sees_noise():
+def test_denoise_multiscale_and_combined_are_two_sided_and_the_map_sees_noise():
     """Images at their component's mean are *more* likely than typical ones (the raw likelihood passes them), and
     their denoising errors are too small; noisy images have errors too large."""
     fit, test_id = all_features(mixture_draw(300, 6)), all_features(mixture_draw(200, 7))
@@ -118,7 +118,8 @@ def test_denoise_and_combined_are_two_sided_and_the_map_sees_noise():
         return ood_metrics(detector.score(test_id).numpy(), detector.score(ood).numpy())["auroc"]
 
     assert auroc(NLLDetector(D), means) < 0.1
-    for name in ("denoise", "combined"):
+    assert auroc(DETECTORS["denoise"](D).fit(fit), means) > 0.75
+    for name in ("multiscale", "combined"):
         assert auroc(DETECTORS[name](D).fit(fit), means) > 0.95, name
     for name in ("denoise", "combined", "map"):
         assert auroc(DETECTORS[name](D).fit(fit), noisy) > 0.85, name
@@ -161,9 +162,18 @@ def test_state_round_trip_gives_the_same_scores(num_classes):
 
 def test_costs_in_forward_pass_equivalents():
     assert NLLDetector(D).cost(2) == 1.0
-    assert DETECTORS["denoise"](D).cost(2) == 9.0  # three levels, one forward + one backward each
+    assert DETECTORS["denoise"](D).cost(2) == 6.0  # two levels, one forward + one backward each
     assert DETECTORS["flip"](D).cost(3) == 3.0
-    assert DETECTORS["combined"](D, 8, 10).cost(2) == 1 + 9 + 2 + 10
+    assert DETECTORS["combined"](D).cost(2) == 1 + 6 + 2, "the default stays within 10 forward passes"
+    assert DETECTORS["classifier-nll"](D, 8, 10).cost(2) == 1 + 10
+
+
+def test_combined_is_as_far_out_as_its_most_alarmed_component():
+    fit, x = all_features(mixture_draw(200, 16)), all_features(mixture_draw(20, 17).flip(-1))
+    combined = DETECTORS["combined"](D).fit(fit)
+    parts = [DETECTORS[name](D).fit(fit) for name in ("multiscale", "map", "flip")]
+    z = torch.stack([(p.score(x) - p.score(fit).mean()) / p.score(fit).std() for p in parts], dim=1)
+    torch.testing.assert_close(combined.score(x), z.amax(1))
 
 
 def test_unfitted_and_unknown_detectors_fail_clearly():

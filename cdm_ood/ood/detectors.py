@@ -163,17 +163,43 @@ class DenoiseDetector(GaussianDetector):
         return _log_level_errors(features)
 
 
-class FlipDetector(GaussianDetector):
-    """Orientation statistic: log p_0(x) - log p_0(flip x) / d for each spatial axis (eq. 10 four times). A scan
-    stored upside down or mirrored is more likely flipped back, so its ratio has the wrong sign; the per-image
-    complexity that dominates log p_0(x) cancels in the ratio. Meaningless for axes the model was trained to be
-    invariant to (training flips, `train.flip_prob`)."""
+class FlipDetector(Detector):
+    """Orientation statistic: r_a = (log p_0(x) - log p_0(flip_a x)) / d for each spatial axis a (eq. 10 twice per
+    axis), standardised by its in-distribution mean and deviation; the score is -min_a z_a. A scan stored upside down
+    or mirrored is more likely flipped back, so its ratio falls on the wrong side; the per-image complexity that
+    dominates log p_0(x) cancels in the ratio. One-sided on purpose: a scan *more* clearly oriented than usual is
+    not suspect. Blind to axes the model was trained to be invariant to (`train.flip_prob`) or that the anatomy is
+    symmetric about (left-right in the brain)."""
 
     name = "flip"
     needs = ("flips",)
 
-    def vector(self, features: Features) -> Tensor:
+    def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
+        super().__init__(num_dims, bit_depth, num_classes)
+        self.mean = self.scale = torch.empty(0)
+
+    def _ratios(self, features: Features) -> Tensor:
         return features["flips"].double().cpu() / self.num_dims
+
+    def fit(self, features: Features) -> FlipDetector:
+        r = self._ratios(features)
+        if r.shape[0] < 2:
+            raise ValueError(f"the flip detector needs at least 2 in-distribution images, got {r.shape[0]}")
+        self.mean, self.scale = r.mean(0), r.std(0).clamp_min(1e-12)
+        return self
+
+    def score(self, features: Features) -> Tensor:
+        if self.mean.numel() == 0:
+            raise NotFittedError("the flip detector is not fitted: calibrate it on in-distribution data")
+        return -((self._ratios(features) - self.mean) / self.scale).amin(1)
+
+    def state(self) -> dict[str, Any]:
+        if self.mean.numel() == 0:
+            raise NotFittedError("the flip detector is not fitted: nothing to save")
+        return super().state() | {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.mean, self.scale = (torch.tensor(state[k], dtype=torch.float64) for k in ("mean", "scale"))
 
 
 class ClassifierDetector(Detector):
@@ -185,24 +211,6 @@ class ClassifierDetector(Detector):
 
     def score(self, features: Features) -> Tensor:
         return -class_posterior(features["class_ll"].double().cpu()).exp().amax(1)
-
-
-class CombinedDetector(GaussianDetector):
-    """One Gaussian over the multiscale profile, the log denoising errors and the flip ratios (and, for a
-    class-conditional model, max_y log p(y | x)): every statistic above, fitted on in-distribution features only."""
-
-    name = "combined"
-    needs = ("profile", "errors", "flips")
-
-    def required(self) -> tuple[str, ...]:
-        return self.needs + (("class_ll",) if self.num_classes else ())
-
-    def vector(self, features: Features) -> Tensor:
-        parts = [MultiscaleDetector(self.num_dims).vector(features), _log_level_errors(features),
-                 FlipDetector(self.num_dims).vector(features)]  # fmt: skip
-        if self.num_classes:
-            parts.append(class_posterior(features["class_ll"].double().cpu()).amax(1, keepdim=True))
-        return torch.cat(parts, dim=1)
 
 
 class MapDetector(Detector):
@@ -248,6 +256,65 @@ class MapDetector(Detector):
         self.mean, self.std = torch.as_tensor(state["mean"]), torch.as_tensor(state["std"])
 
 
+class MaxZDetector(Detector):
+    """The largest of its component detectors' scores, each standardised by the mean and deviation of its scores on
+    the in-distribution images it was fitted on: a scan is out of distribution when any one statistic says so.
+    Fitted on in-distribution features only; no OOD example chooses or weighs the components."""
+
+    components: ClassVar[tuple[type[Detector], ...]]
+
+    def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
+        super().__init__(num_dims, bit_depth, num_classes)
+        self.parts = [c(num_dims, bit_depth, num_classes) for c in self.components]
+        self.mean = self.scale = torch.empty(0)
+
+    @classmethod
+    def applies_to(cls, num_classes: Optional[int]) -> bool:
+        return all(c.applies_to(num_classes) for c in cls.components)
+
+    def required(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(k for part in self.parts for k in part.required()))
+
+    def _scores(self, features: Features) -> Tensor:
+        return torch.stack([part.score(features).double() for part in self.parts], dim=1)
+
+    def fit(self, features: Features) -> MaxZDetector:
+        self.parts = [part.fit(features) for part in self.parts]
+        scores = self._scores(features)
+        self.mean, self.scale = scores.mean(0), scores.std(0).clamp_min(1e-12)
+        return self
+
+    def score(self, features: Features) -> Tensor:
+        if self.mean.numel() == 0:
+            raise NotFittedError(f"the {self.name} detector is not fitted: calibrate it on in-distribution data")
+        return ((self._scores(features) - self.mean) / self.scale).amax(1)
+
+    def state(self) -> dict[str, Any]:
+        if self.mean.numel() == 0:
+            raise NotFittedError(f"the {self.name} detector is not fitted: nothing to save")
+        return super().state() | {"parts": [part.state() for part in self.parts], "mean": self.mean.tolist(),
+                                  "scale": self.scale.tolist()}  # fmt: skip
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.parts = [Detector.from_state(part) for part in state["parts"]]
+        self.mean, self.scale = (torch.tensor(state[k], dtype=torch.float64) for k in ("mean", "scale"))
+
+
+class CombinedDetector(MaxZDetector):
+    """`multiscale` (the likelihood profile), `map` (local denoising errors) and `flip` (orientation), as one
+    two-sided gate: 9 forward-pass equivalents per 2D image."""
+
+    name = "combined"
+    components = (MultiscaleDetector, MapDetector, FlipDetector)
+
+
+class ClassifierNLLDetector(MaxZDetector):
+    """The generative classifier combined with the density: `classifier` and `nll` of one class-conditional CDM."""
+
+    name = "classifier-nll"
+    components = (NLLDetector, ClassifierDetector)
+
+
 _ALL = (
     NLLDetector,
     MultiscaleDetector,
@@ -256,6 +323,7 @@ _ALL = (
     ClassifierDetector,
     CombinedDetector,
     MapDetector,
+    ClassifierNLLDetector,
 )
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in _ALL}
 
