@@ -1,12 +1,26 @@
 """Local defects with known masks (`cdm_ood.data.defects`): deterministic, local, visible, and nothing outside the
-mask changes."""
+mask changes; `make-phantoms --defects` writes them with their masks, which `score` leaves alone."""
 
+import csv
+from pathlib import Path
+
+import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
+from processes import cdm
 
 from cdm_ood.data.artifacts import VALUE_RANGE
 from cdm_ood.data.defects import DEFECTS, draw_defect
-from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.discovery import discover
+from cdm_ood.data.phantoms import (
+    MANIFEST_COLUMNS,
+    MASK_COLUMN,
+    is_manifest,
+    manifest_masks,
+    manifest_sets,
+    phantom_volume,
+)
 from cdm_ood.errors import UsageError
 
 
@@ -53,3 +67,57 @@ def test_a_tiny_or_flat_volume_still_gets_a_defect_and_bad_arguments_are_named()
         draw_defect(flat, "lesion", 0, "pet")
     with pytest.raises(ValueError, match=r"\(D, H, W\)"):
         draw_defect(flat[0], "lesion", 0, "ct")
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_make_phantoms_defects_writes_each_defect_with_its_mask_in_the_volume_geometry(tmp_path, fmt):
+    out = tmp_path / "made"
+    made = cdm("make-phantoms", "--out-dir", out, "--n", 1, "--format", fmt, "--size", 32, "--slices", 4,
+               "--defects", "--seed", 3, cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    manifest = out / "manifest.csv"
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert is_manifest(manifest) and tuple(rows[0]) == (*MANIFEST_COLUMNS, MASK_COLUMN)
+    assert [r["artifact"] for r in rows] == ["none", *DEFECTS] and rows[0][MASK_COLUMN] == ""
+    sets = manifest_sets(manifest)
+    assert set(sets) == {"clean", *DEFECTS} and not any("mask" in str(p) for ps in sets.values() for p in ps)
+    masks = manifest_masks(manifest)
+    assert sorted(masks.values()) == sorted(out / "masks" / f"phantom_0000_{k}_mask.nii.gz" for k in DEFECTS)
+    clean = read_volume(out / rows[0]["path"], fmt)
+    for row in rows[1:]:
+        image = nib.load(out / row[MASK_COLUMN])
+        assert image.get_data_dtype() == np.uint8 and image.shape == (32, 32, 4)
+        mask = np.asarray(image.dataobj).transpose(2, 1, 0).astype(bool)  # data[col, row, k] = mask[k].T
+        corrupted = read_volume(out / row["path"], fmt)
+        assert mask.any() and np.array_equal(mask, corrupted != clean), row["artifact"]
+        if fmt == "nifti":
+            assert np.array_equal(image.affine, nib.load(out / row["path"]).affine)
+        else:  # voxel (col 5, row 7, slice 2) lies where the DICOM geometry puts that pixel
+            ds = pydicom.dcmread(sorted((out / row["path"]).glob("*.dcm"))[2])
+            (sy, sx), x, y = ds.PixelSpacing, ds.ImageOrientationPatient[:3], ds.ImageOrientationPatient[3:]
+            lps = np.asarray(ds.ImagePositionPatient) + 5 * sx * np.asarray(x) + 7 * sy * np.asarray(y)
+            assert np.allclose(image.affine @ [5, 7, 2, 1], [-lps[0], -lps[1], lps[2], 1])
+
+
+def read_volume(path: Path, fmt: str) -> np.ndarray:
+    """A phantom as `vol[k, row, col]`: DICOM slices by InstanceNumber, or NIfTI `data[:, :, k].T`."""
+    if fmt == "nifti":
+        return np.asarray(nib.load(path).dataobj).transpose(2, 1, 0)
+    datasets = sorted((pydicom.dcmread(p) for p in path.glob("*.dcm")), key=lambda ds: ds.InstanceNumber)
+    return np.stack([ds.pixel_array for ds in datasets]).astype(np.float32)
+
+
+def test_score_on_a_defects_folder_reads_the_volumes_not_the_masks(checkpoint, tmp_path):
+    out = tmp_path / "made"
+    made = cdm("make-phantoms", "--out-dir", out, "--n", 1, "--format", "nifti", "--size", 16, "--slices", 3,
+               "--defects", cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    names = {f"phantom_0000{suffix}.nii.gz" for suffix in ["", *(f"_{k}" for k in DEFECTS)]}
+    assert {Path(s.path).name for s in discover(out)} == names
+    scored = cdm("score", out, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "r.csv",
+                 cwd=tmp_path)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr  # the masks' all-zero slices would be flagged constant
+    with open(tmp_path / "r.csv", newline="") as f:
+        paths = {row["path"] for row in csv.DictReader(f) if row["path"]}
+    assert len(paths) == 1 + len(DEFECTS) and not any("mask" in p for p in paths)
