@@ -1,0 +1,93 @@
+"""Anomaly-map files (`cdm_ood.ood.map_outputs`) for real NIfTI, DICOM-series and PNG inputs read by the readers:
+names, grids, and the input's geometry."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from dicom_factory import ct_dataset, write
+from PIL import Image
+
+from cdm_ood.data.readers import iter_slices, read_file
+from cdm_ood.ood.map_outputs import MIN_PNG_SIDE, write_maps
+
+
+def random_maps(slices, seed: int = 0) -> list[np.ndarray]:
+    """A map per slice on the slice's own grid, so what lands where can be checked pixel by pixel."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s.image.shape[-2:]).astype(np.float32) for s in slices]
+
+
+def assert_png(path: Path, shape: tuple[int, int]) -> None:
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.mode == "RGB"
+        factor = picture.size[1] // shape[0]
+        assert picture.size == (shape[1] * factor, shape[0] * factor) and max(picture.size) >= MIN_PNG_SIDE
+
+
+def test_a_nifti_volume_gets_slice_maps_and_a_map_volume_in_its_own_voxel_order_and_affine(tmp_path):
+    affine = np.array([[-2.0, 0, 0, 30], [0, 0, 1.5, -20], [0, 3.0, 0, 5], [0, 0, 0, 1]])  # not RAS: reoriented
+    source = tmp_path / "in" / "head.nii.gz"
+    source.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.random.default_rng(1).normal(size=(12, 4, 10)).astype(np.float32), affine), source)
+    slices = read_file(source)
+    assert len(slices) == 4 and slices[0].image.shape == (1, 10, 12)
+    maps = random_maps(slices)
+    written = write_maps(tmp_path / "maps", zip(maps[:3], slices[:3], strict=True))  # the last slice unscored
+    names = [f"head_s{k:04d}_map" for k in range(3)]
+    assert [p.name for p in written] == [f"{n}{ext}" for n in names for ext in (".npy", ".png")] + ["head_map.nii.gz"]
+    for name, amap in zip(names, maps, strict=False):
+        saved = np.load(tmp_path / "maps" / f"{name}.npy")
+        assert saved.dtype == np.float32 and np.array_equal(saved, amap)
+        assert_png(tmp_path / "maps" / f"{name}.png", amap.shape)
+    volume = nib.load(tmp_path / "maps" / "head_map.nii.gz")
+    assert volume.shape == (12, 4, 10) and np.array_equal(volume.affine, affine)
+    back = read_file(tmp_path / "maps" / "head_map.nii.gz")  # the readers give each map back as its slice's
+    assert all(np.array_equal(b.image[0], m) for b, m in zip(back, maps[:3], strict=False))
+    assert np.isnan(back[3].image).all()
+    assert sorted(p.name for p in source.parent.iterdir()) == ["head.nii.gz"]  # nothing written beside the input
+
+
+def test_a_dicom_series_gets_a_map_volume_with_the_series_geometry(tmp_path):
+    series = tmp_path / "series_a"
+    x, y = np.array([0.8, 0.6, 0.0]), np.array([0.0, 0.0, -1.0])  # oblique rows, columns going down in z
+    normal = np.cross(x, y)
+    for k, name in enumerate(["c.dcm", "a.dcm", "b.dcm"]):  # file names out of position order
+        ds = ct_dataset(np.full((6, 9), 10 * k, dtype=np.int16), series_uid="1.2.3.4", instance=k + 1)
+        ds.ImageOrientationPatient = [*x, *y]
+        ds.ImagePositionPatient = list(np.array([10.0, -5.0, 40.0]) + 2.5 * k * normal)
+        ds.PixelSpacing = [0.7, 0.9]  # between rows, between columns
+        write(ds, series / name)
+    slices = list(iter_slices(series))
+    assert [s.source.index for s in slices] == [0, 1, 2]
+    maps = random_maps(slices, seed=2)
+    written = write_maps(tmp_path / "maps", zip(maps, slices, strict=True))
+    assert written[-1].name == "series_a_map.nii.gz" and written[0].name == "series_a_s0000_map.npy"
+    volume = nib.load(written[-1])
+    data = np.asarray(volume.dataobj)
+    assert data.shape == (9, 6, 3) and all(np.array_equal(data[:, :, k].T, maps[k]) for k in range(3))
+    lps = ct_position(slices[2].source.path) + 4 * 0.9 * x + 5 * 0.7 * y  # column 4, row 5 of the third slice
+    assert np.allclose(volume.affine @ [4, 5, 2, 1], [-lps[0], -lps[1], lps[2], 1])
+    assert_png(written[1], (6, 9))
+
+
+def ct_position(path: str) -> np.ndarray:
+    import pydicom
+
+    return np.asarray(pydicom.dcmread(path).ImagePositionPatient, dtype=np.float64)
+
+
+def test_a_png_map_is_resized_to_the_image_and_equal_stems_do_not_collide(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.arange(20 * 30, dtype=np.uint8).reshape(20, 30)).save(tmp_path / folder / "xray.png")
+    slices = [s for folder in ("a", "b") for s in iter_slices(tmp_path / folder)]
+    model_space = [np.full((8, 8), 3.0, dtype=np.float32), np.outer(np.arange(8), np.ones(8)).astype(np.float32)]
+    written = write_maps(tmp_path / "maps", zip(model_space, slices, strict=True))
+    assert [p.name for p in written] == ["xray_s0000_map.npy", "xray_s0000_map.png",
+                                         "xray-2_s0000_map.npy", "xray-2_s0000_map.png"]  # fmt: skip
+    flat, ramp = (np.load(p) for p in written[::2])
+    assert flat.shape == ramp.shape == (20, 30) and np.allclose(flat, 3.0)
+    assert (np.diff(ramp, axis=0) >= 0).all() and ramp[-1, 0] > ramp[0, 0]  # rows stay rows when resized
+    assert_png(written[1], (20, 30))
+    assert all(sorted(p.name for p in (tmp_path / f).iterdir()) == ["xray.png"] for f in ("a", "b"))
