@@ -20,7 +20,9 @@ from cdm_ood.data.phantoms import (
     manifest_masks,
     manifest_sets,
     phantom_volume,
+    read_mask,
 )
+from cdm_ood.data.readers import iter_slices
 from cdm_ood.errors import UsageError
 
 
@@ -84,12 +86,12 @@ def test_make_phantoms_defects_writes_each_defect_with_its_mask_in_the_volume_ge
     assert set(sets) == {"clean", *DEFECTS} and not any("mask" in str(p) for ps in sets.values() for p in ps)
     masks = manifest_masks(manifest)
     assert sorted(masks.values()) == sorted(out / "masks" / f"phantom_0000_{k}_mask.nii.gz" for k in DEFECTS)
-    clean = read_volume(out / rows[0]["path"], fmt)
+    clean = read_volume(out / rows[0]["path"])
     for row in rows[1:]:
         image = nib.load(out / row[MASK_COLUMN])
         assert image.get_data_dtype() == np.uint8 and image.shape == (32, 32, 4)
-        mask = np.asarray(image.dataobj).transpose(2, 1, 0).astype(bool)  # data[col, row, k] = mask[k].T
-        corrupted = read_volume(out / row["path"], fmt)
+        mask = read_mask(out / row[MASK_COLUMN])
+        corrupted = read_volume(out / row["path"])
         assert mask.any() and np.array_equal(mask, corrupted != clean), row["artifact"]
         if fmt == "nifti":
             assert np.array_equal(image.affine, nib.load(out / row["path"]).affine)
@@ -100,12 +102,9 @@ def test_make_phantoms_defects_writes_each_defect_with_its_mask_in_the_volume_ge
             assert np.allclose(image.affine @ [5, 7, 2, 1], [-lps[0], -lps[1], lps[2], 1])
 
 
-def read_volume(path: Path, fmt: str) -> np.ndarray:
-    """A phantom as `vol[k, row, col]`: DICOM slices by InstanceNumber, or NIfTI `data[:, :, k].T`."""
-    if fmt == "nifti":
-        return np.asarray(nib.load(path).dataobj).transpose(2, 1, 0)
-    datasets = sorted((pydicom.dcmread(p) for p in path.glob("*.dcm")), key=lambda ds: ds.InstanceNumber)
-    return np.stack([ds.pixel_array for ds in datasets]).astype(np.float32)
+def read_volume(path: Path) -> np.ndarray:
+    """A phantom as `vol[k, row, col]`, slice k as the readers give it."""
+    return np.stack([s.image[0] for s in iter_slices(path)])
 
 
 def test_score_on_a_defects_folder_reads_the_volumes_not_the_masks(checkpoint, tmp_path):

@@ -499,6 +499,15 @@ def manifest_masks(path: str | Path) -> dict[Path, Path]:
     return {path.parent / row["path"]: path.parent / row[MASK_COLUMN] for row in rows if row.get(MASK_COLUMN)}
 
 
+def read_mask(path: str | Path) -> np.ndarray:
+    """A defect mask of `make_phantoms(defects=True)` as a boolean `mask[k, row, col]`: slice k lines up, pixel for
+    pixel, with slice k that the readers give of its volume (a DICOM series or a NIfTI volume of `make_phantoms`),
+    whatever the mask's affine says about world space."""
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0).astype(bool)
+
+
 def manifest_sets(path: str | Path) -> dict[str, list[Path]]:
     """The volumes of a `make-phantoms` manifest by set: `clean`, `<artifact>-<strength>` for each corruption and
     `<artifact>` for each row without a strength (orientation errors, wrong-modality files); paths relative to the
