@@ -62,10 +62,11 @@ def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Seque
     from .likelihood import bits_per_dim
     from .ood.report import IN, judge
 
-    profile, flags = detector.checked_profile(model_images(images, detector.model.spec.spatial_dims))
-    score = detector.score_profiles(profile)
+    needs = ("profile", *detector.detector.required())
+    features, flags = detector.checked_features(model_images(images, detector.model.spec.spatial_dims), needs)
+    score = detector.score_features(features)
     verdicts = [judge(float(s), detector.threshold, f) for s, f in zip(score, flags, strict=True)]
-    ll = profile[:, 0].double()
+    ll = features["profile"][:, 0].double()
     return pd.DataFrame({
         "score": score,
         "ood": [v != IN for v, _ in verdicts],

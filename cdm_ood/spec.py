@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from monai.transforms import Compose
 
 from .classifier import CDMClassifier
@@ -98,12 +99,21 @@ class ModelSpec:
         return spec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DetectorFit:
-    """One fitted OOD detector: its state (`Detector.state`) and its scores on held-out in-distribution images."""
+    """One fitted OOD detector: its state (`Detector.state`: plain data and tensors) and its scores on held-out
+    in-distribution images."""
 
     state: dict[str, Any]
     id_scores: tuple[float, ...]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DetectorFit) or self.id_scores != other.id_scores:
+            return False
+        mine, theirs = self.state, other.state
+        return mine.keys() == theirs.keys() and all(
+            torch.equal(v, theirs[k]) if isinstance(v, torch.Tensor) else v == theirs[k] for k, v in mine.items()
+        )
 
 
 @dataclass(frozen=True)

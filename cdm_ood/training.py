@@ -36,6 +36,8 @@ from .distributed import Distributed
 from .likelihood import bits_per_dim, log_likelihood_profile
 from .losses import CDMLoss, cdm_loss
 from .ood.calibration import calibrate
+from .ood.detectors import applicable, required_features
+from .ood.features import batched_features
 from .schedules import NoiseSchedule
 from .spec import ModelSpec
 
@@ -372,11 +374,16 @@ def calibrate_on_validation(
         log.warning("OOD thresholds not calibrated (needs >= 4 validation images): "
                     "run `cdm-ood calibrate` on in-distribution data")  # fmt: skip
         return {}
-    profiles = dataset_profiles(model, schedule, data.val, config.train.batch_size, device)
+    num_classes = config.model.num_classes
+    names = applicable(num_classes)
+    needs = required_features(names, num_classes)
+    images = (batch["image"] for batch in DataLoader(data.val, batch_size=config.train.batch_size, shuffle=False))
+    features = batched_features(model, images, schedule, needs, num_classes, device)
     volumes = [sample["meta"].get("volume_id") for sample in data.val.data]  # None for natural images
     groups = None if None in volumes else volumes
-    calibration = calibrate(profiles, data.val[0]["image"].numel(), config.data.bit_depth, groups=groups)
-    log.info("calibrated OOD thresholds on %d validation images (fpr %.2f)", len(profiles), calibration.fpr)
+    num_dims, bit_depth = data.val[0]["image"].numel(), config.data.bit_depth
+    calibration = calibrate(features, num_dims, bit_depth, detectors=names, groups=groups, num_classes=num_classes)
+    log.info("calibrated OOD thresholds on %d validation images (fpr %.2f)", len(data.val), calibration.fpr)
     return {"calibration": calibration.to_dict()}
 
 

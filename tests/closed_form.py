@@ -95,7 +95,10 @@ class ConditionalMixture(GaussianMixture):
         super().__init__(*args)
         self.null_label = null_label
 
-    def __call__(self, x: Tensor, labels: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """F(x | labels); no labels means the null label, as for `CDMClassifier`."""
+        if labels is None:
+            labels = torch.full((x.shape[0],), self.null_label)
         components = self._log_components(x) - self.log_weights[None, :, None]  # log N(x; component k) per t
         conditional = components.gather(
             1, labels.clamp(max=components.shape[1] - 1)[:, None, None].expand(-1, 1, components.shape[2])

@@ -16,6 +16,7 @@ from cdm_ood.data import iter_slices
 from cdm_ood.data.errors import DataError
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
 from cdm_ood.errors import UsageError
+from cdm_ood.ood.features import DENOISE_FRACTIONS
 from cdm_ood.ood.report import COLUMNS
 
 
@@ -62,7 +63,9 @@ def test_fit_on_an_array_runs_batched_forward_passes_like_a_list(checkpoint, vol
     for name, inputs in shapes.items():
         detector, classifier = counting(checkpoint, batch_size=6)
         detector.fit(inputs, fpr=0.25)
-        assert classifier.batches == [6, 6, 4], f"{name}: one forward pass per batch_size images"
+        # per chunk of batch_size images: the profile, the denoising errors at every level, the image and its flips
+        passes = [b * m for b in (6, 6, 4) for m in (1, len(DENOISE_FRACTIONS), 3)]
+        assert classifier.batches == passes, f"{name}: one batched pass per feature and batch_size images"
         fitted[name] = detector.id_scores
     assert all(np.array_equal(scores, fitted["array"]) for scores in fitted.values())
 
@@ -165,3 +168,23 @@ def test_repr_names_detector_threshold_fpr_and_model_but_no_path(checkpoint):
     text = repr(detector)
     assert text.startswith("OODDetector(detector='multiscale', threshold=") and "fpr=0.05" in text
     assert "1x16x16 ct T=20" in text and str(checkpoint.parent) not in text and "/" not in text
+
+
+def test_anomaly_maps_locate_a_local_defect_and_nan_for_unscorable_images(checkpoint, volumes):
+    """A small block of metal (3000 HU) or air (-1000 HU) in the body: the map peaks inside it, either way."""
+    detector = OODDetector.from_checkpoint(checkpoint, "map")
+    images = stack(volumes)
+    detector.fit(images, fpr=0.25)
+    clean = detector.anomaly_maps(images)
+    assert clean.shape == (16, 16, 16) and np.isfinite(clean).all()
+    inside = np.zeros((16, 16), bool)
+    inside[3:6, 9:12] = True
+    for value in (3000.0, -1000.0):
+        defect = images.copy()
+        defect[:, inside] = value
+        maps = detector.anomaly_maps(np.concatenate([defect, np.zeros((1, 16, 16))]))
+        assert np.isnan(maps[-1]).all(), "a constant image is not scored, so it has no map"
+        peaks = [np.unravel_index(np.argmax(m), m.shape) for m in maps[:-1]]
+        assert np.mean([inside[p] for p in peaks]) > 0.8, value
+        assert maps[:-1][:, inside].mean() > 2 * maps[:-1][:, ~inside].mean(), value
+    np.testing.assert_allclose(detector.anomaly_maps_prepared(detector.prepare(defect)), maps[:-1], atol=1e-3)

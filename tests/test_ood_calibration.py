@@ -41,20 +41,20 @@ def test_threshold_specs():
 
 def test_calibration_scores_held_out_images_and_is_plain_data():
     profiles = torch.randn(41, 12, dtype=torch.float64) - 50
-    ood = calibrate(profiles, num_dims=16, bit_depth=8, fpr=0.1)
+    ood = calibrate({"profile": profiles}, num_dims=16, bit_depth=8, fpr=0.1)
     assert ood.fpr == 0.1 and ood.default == "nll" and ood.n_fit == 21
     assert set(ood.detectors) == {"nll", "multiscale"}
     assert all(len(e.id_scores) == 20 for e in ood.detectors.values())
     assert Calibration.from_dict(ood.to_dict()) == ood
     with pytest.raises(ValueError, match="at least 4"):
-        calibrate(profiles[:3], 16, 8)
+        calibrate({"profile": profiles[:3]}, 16, 8)
 
 
 def test_store_calibration_rewrites_the_checkpoint_loadable_weights_only(tmp_path):
     path = tmp_path / "model.pt"
     payload = {"config": {}, "spec": {}, "step": 1, "ema": {"w": torch.ones(2)}}
     save_checkpoint(path, payload)
-    ood = calibrate(torch.randn(8, 5, dtype=torch.float64), 4, 8)
+    ood = calibrate({"profile": torch.randn(8, 5, dtype=torch.float64)}, 4, 8)
     store_calibration(path, ood)
     loaded = load_checkpoint(path)
     assert Calibration.from_dict(loaded["calibration"]) == ood and torch.equal(loaded["ema"]["w"], torch.ones(2))
@@ -89,10 +89,10 @@ def test_held_out_images_are_whole_volumes_read_from_files(tmp_path):
     assert len(sides) == 6 and all(len(s) == 1 for s in sides.values()), "no volume on both sides"
     assert sum(s == {True} for s in sides.values()) == 3, "half of the volumes held out"
     profiles = torch.randn(len(groups), 12, dtype=torch.float64) - 50
-    ood = calibrate(profiles, 16, 8, fpr=0.2, groups=groups)
+    ood = calibrate({"profile": profiles}, 16, 8, fpr=0.2, groups=groups)
     assert ood.n_fit == held.count(False) and len(ood.detectors["nll"].id_scores) == held.count(True)
     with pytest.raises(ValueError, match="one group"):
-        calibrate(profiles, 16, 8, groups=groups[1:])
+        calibrate({"profile": profiles}, 16, 8, groups=groups[1:])
 
 
 def test_a_single_volume_is_held_out_slice_by_slice_with_a_warning(caplog):
@@ -105,6 +105,6 @@ def test_a_single_volume_is_held_out_slice_by_slice_with_a_warning(caplog):
 @pytest.mark.parametrize(("fpr", "warned"), [(0.01, True), (0.05, False)])
 def test_a_held_out_set_smaller_than_one_over_fpr_is_warned_about(caplog, fpr, warned):
     with caplog.at_level(logging.WARNING, logger="cdm_ood.calibration"):
-        calibrate(torch.randn(40, 12, dtype=torch.float64) - 50, 16, 8, fpr=fpr)
+        calibrate({"profile": torch.randn(40, 12, dtype=torch.float64) - 50}, 16, 8, fpr=fpr)
     assert ("held-out in-distribution images for a false-positive rate" in caplog.text) == warned
     assert not warned or "only 20 held-out in-distribution images for a false-positive rate of 0.01" in caplog.text

@@ -1,13 +1,22 @@
-"""OOD detectors on exact likelihood profiles of a Gaussian (closed form, math sheet)."""
+"""OOD features and detectors against closed forms: exact Gaussian / Gaussian-mixture classifiers (math sheet)."""
 
 import math
 
 import pytest
 import torch
-from closed_form import GaussianMixture
+from closed_form import ConditionalMixture, GaussianMixture
 
 from cdm_ood import NoiseSchedule, log_likelihood_profile
 from cdm_ood.ood import Detector, MultiscaleDetector, NLLDetector, NotFittedError
+from cdm_ood.ood.detectors import DETECTORS, applicable, required_features
+from cdm_ood.ood.features import (
+    class_log_likelihoods,
+    class_posterior,
+    compute_features,
+    denoising_errors,
+    fixed_noise,
+    flip_log_ratios,
+)
 from cdm_ood.ood.metrics import ood_metrics
 
 SCHEDULE = NoiseSchedule.linear(200)
@@ -15,14 +24,32 @@ SHAPE = (1, 4, 4)
 D = 16
 S = 0.4
 GAUSSIAN = GaussianMixture(torch.ones(1), torch.zeros(1, *SHAPE), torch.tensor([S]), SCHEDULE)
+# An orientation-sensitive mixture: component means are ramps along the two axes (a mirrored image is unlikely).
+RAMP = torch.linspace(-0.6, 0.6, 4, dtype=torch.float64)
+MEANS = torch.stack([RAMP[None, :, None].expand(*SHAPE), RAMP[None, None, :].expand(*SHAPE)])
+MIXTURE = ConditionalMixture(torch.tensor([0.3, 0.7]), MEANS, torch.tensor([0.15, 0.25]), SCHEDULE, null_label=2)
 
 
-def profiles(x: torch.Tensor) -> torch.Tensor:
-    return log_likelihood_profile(GAUSSIAN, x, SCHEDULE)
+def unconditional(x: torch.Tensor) -> torch.Tensor:
+    return MIXTURE(x)
+
+
+def profiles(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"profile": log_likelihood_profile(GAUSSIAN, x, SCHEDULE)}
 
 
 def draw(n: int, std: float, seed: int) -> torch.Tensor:
     return std * torch.randn(n, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def mixture_draw(n: int, seed: int) -> torch.Tensor:
+    return MIXTURE.sample(n, torch.Generator().manual_seed(seed))
+
+
+def all_features(x: torch.Tensor, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    classifier = MIXTURE if num_classes else unconditional
+    return compute_features(classifier, x, SCHEDULE, required_features(applicable(num_classes), num_classes),
+                            num_classes)  # fmt: skip
 
 
 def test_nll_is_the_closed_form_bits_per_dim():
@@ -30,6 +57,45 @@ def test_nll_is_the_closed_form_bits_per_dim():
     log_p0 = -0.5 * D * math.log(2 * math.pi * S**2) - 0.5 * x.flatten(1).square().sum(1) / S**2
     expected = -log_p0 / (D * math.log(2)) + 7
     torch.testing.assert_close(NLLDetector(D, 8).score(profiles(x)), expected)
+
+
+def test_denoising_errors_are_the_closed_form_posterior_noise_errors():
+    """Theorem 3.1 on the exact mixture: (eps_hat(x_t, t) - eps)^2 with the analytic E[eps | x_t] per level."""
+    x, levels = mixture_draw(6, 0), [5, 40, 120]
+    eps = fixed_noise(SHAPE).double()
+    errors = denoising_errors(unconditional, x, SCHEDULE, levels)
+    assert errors.shape == (6, 3, *SHAPE)
+    for k, t in enumerate(levels):
+        tt = torch.full((6,), t)
+        x_t = SCHEDULE.sqrt_alpha_bar[t] * x + SCHEDULE.sigma[t] * eps
+        torch.testing.assert_close(errors[:, k], (MIXTURE.posterior_noise(x_t, tt) - eps).square())
+
+
+def test_generative_posterior_is_bayes_rule_on_the_exact_components():
+    x = mixture_draw(8, 1)
+    class_ll = class_log_likelihoods(MIXTURE, x, SCHEDULE, 2)
+    components = MIXTURE._log_components(x)[:, :, 0] - MIXTURE.log_weights  # log N(x; component y)
+    torch.testing.assert_close(class_ll, components)
+    exact = torch.softmax(components + MIXTURE.log_weights, dim=1).log()
+    torch.testing.assert_close(class_posterior(class_ll, MIXTURE.log_weights), exact)
+    uniform = torch.softmax(components, dim=1).log()
+    torch.testing.assert_close(class_posterior(class_ll), uniform)
+
+
+def test_flip_ratios_are_closed_form_log_density_differences():
+    x = mixture_draw(5, 2)
+    ratios = flip_log_ratios(unconditional, x, SCHEDULE)
+    log_p0 = MIXTURE.log_density
+    expected = torch.stack([log_p0(x)[:, 0] - log_p0(x.flip(a))[:, 0] for a in (2, 3)], dim=1)
+    assert ratios.shape == (5, 2)
+    torch.testing.assert_close(ratios, expected)
+
+
+def test_flip_detector_catches_mirrored_images_that_the_likelihood_misses():
+    fit, test_id = all_features(mixture_draw(300, 3)), all_features(mixture_draw(200, 4))
+    flipped = all_features(mixture_draw(200, 5).flip(-1).flip(-2))
+    flip = DETECTORS["flip"](D).fit(fit)
+    assert ood_metrics(flip.score(test_id).numpy(), flip.score(flipped).numpy())["auroc"] > 0.99
 
 
 def test_multiscale_catches_too_likely_images_that_the_likelihood_prefers():
@@ -41,23 +107,63 @@ def test_multiscale_catches_too_likely_images_that_the_likelihood_prefers():
     assert ood_metrics(multiscale.score(test_id).numpy(), multiscale.score(flat).numpy())["auroc"] > 0.99
 
 
+def test_denoise_and_combined_are_two_sided_and_the_map_sees_noise():
+    """Images at their component's mean are *more* likely than typical ones (the raw likelihood passes them), and
+    their denoising errors are too small; noisy images have errors too large."""
+    fit, test_id = all_features(mixture_draw(300, 6)), all_features(mixture_draw(200, 7))
+    component = torch.randint(2, (200,), generator=torch.Generator().manual_seed(1))
+    means, noisy = all_features(MEANS[component].clone()), all_features(mixture_draw(200, 9) + 0.3 * draw(200, 1, 10))
+
+    def auroc(detector: Detector, ood: dict) -> float:
+        return ood_metrics(detector.score(test_id).numpy(), detector.score(ood).numpy())["auroc"]
+
+    assert auroc(NLLDetector(D), means) < 0.1
+    for name in ("denoise", "combined"):
+        assert auroc(DETECTORS[name](D).fit(fit), means) > 0.95, name
+    for name in ("denoise", "combined", "map"):
+        assert auroc(DETECTORS[name](D).fit(fit), noisy) > 0.85, name
+
+
+def test_map_is_high_where_the_image_departs_from_the_data():
+    detector = DETECTORS["map"](D).fit(all_features(mixture_draw(300, 11)))
+    x = mixture_draw(50, 12)
+    x[:, 0, 1, 2] += 2.0  # one corrupted pixel
+    maps = detector.maps(all_features(x))
+    assert maps.shape == (50, 4, 4)
+    assert (maps.flatten(1).argmax(1) == 1 * 4 + 2).double().mean() > 0.9
+
+
+def test_classifier_detector_flags_images_between_the_classes():
+    fit = all_features(mixture_draw(100, 13), num_classes=2)
+    detector = DETECTORS["classifier"](D, 8, 2).fit(fit)
+    between = all_features(0.5 * (MEANS[0] + MEANS[1]).expand(50, *SHAPE) + 0.1 * draw(50, 1.0, 14), 2)
+    test_id = all_features(mixture_draw(100, 15), 2)
+    assert ood_metrics(detector.score(test_id).numpy(), detector.score(between).numpy())["auroc"] > 0.95
+
+
 def test_both_detect_a_wider_distribution():
     fit, test_id, wide = profiles(draw(400, S, 1)), profiles(draw(200, S, 2)), profiles(draw(200, 0.8, 4))
     for detector in (NLLDetector(D), MultiscaleDetector(D).fit(fit)):
         assert ood_metrics(detector.score(test_id).numpy(), detector.score(wide).numpy())["auroc"] > 0.99
 
 
-def test_state_round_trip_gives_the_same_scores():
-    fit, x = profiles(draw(100, S, 1)), profiles(draw(7, 0.6, 5))
-    for detector in (NLLDetector(D, 11), MultiscaleDetector(D, 11).fit(fit)):
+@pytest.mark.parametrize("num_classes", [None, 2])
+def test_state_round_trip_gives_the_same_scores(num_classes):
+    fit, x = all_features(mixture_draw(100, 1), num_classes), all_features(mixture_draw(7, 5) * 1.5, num_classes)
+    names = applicable(num_classes)
+    assert ("classifier" in names) == (num_classes is not None)
+    for name in names:
+        detector = DETECTORS[name](D, 11, num_classes).fit(fit)
         state = detector.state()
-        assert all(isinstance(v, (str, int, list)) for v in state.values()), "plain data only (weights-only load)"
+        assert all(isinstance(v, (str, int, list, torch.Tensor, type(None))) for v in state.values()), "weights-only"
         torch.testing.assert_close(Detector.from_state(state).score(x), detector.score(x))
 
 
-def test_multiscale_uses_clean_noised_and_prior_levels():
-    detector = MultiscaleDetector(D).fit(profiles(draw(50, S, 1)))
-    assert detector.columns[0] == 0 and detector.columns[-1] == SCHEDULE.T + 1 and len(detector.columns) == 16
+def test_costs_in_forward_pass_equivalents():
+    assert NLLDetector(D).cost(2) == 1.0
+    assert DETECTORS["denoise"](D).cost(2) == 9.0  # three levels, one forward + one backward each
+    assert DETECTORS["flip"](D).cost(3) == 3.0
+    assert DETECTORS["combined"](D, 8, 10).cost(2) == 1 + 9 + 2 + 10
 
 
 def test_unfitted_and_unknown_detectors_fail_clearly():

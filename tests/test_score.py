@@ -18,6 +18,8 @@ from cdm_ood.checkpoint import load_checkpoint
 from cdm_ood.cli import main
 from cdm_ood.data import iter_slices
 from cdm_ood.data.artifacts import ARTIFACTS
+from cdm_ood.ood.calibration import DEFAULT_DETECTOR
+from cdm_ood.ood.detectors import applicable
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -31,9 +33,9 @@ def invoke(*args) -> Result:
 
 def test_training_leaves_a_calibrated_checkpoint(checkpoint):
     ood = load_checkpoint(checkpoint)["calibration"]
-    assert set(ood["detectors"]) == {"nll", "multiscale"} and ood["fpr"] == 0.05
+    assert set(ood["detectors"]) == set(applicable(None)) and ood["fpr"] == 0.05
     detector = OODDetector.from_checkpoint(checkpoint)
-    assert detector.name == "nll" and np.isfinite(detector.threshold)
+    assert detector.name == DEFAULT_DETECTOR and np.isfinite(detector.threshold)
 
 
 def test_score_reports_every_file_and_exits_1_and_leaves_inputs_alone(checkpoint, scans, tmp_path):
@@ -149,10 +151,10 @@ def test_evaluate_writes_metrics_and_figures(checkpoint, scans, tmp_path):
                  f"spike={scans / 'spiked.nii.gz'}", "--out-dir", tmp_path / "eval")  # fmt: skip
     assert out.exit_code == 0, out.output
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert {(r["detector"], r["ood_set"]) for r in rows} == {("nll", "spike"), ("multiscale", "spike")}
+    assert {(r["detector"], r["ood_set"]) for r in rows} == {(d, "spike") for d in applicable(None)}
     assert all(0 <= r["auroc"] <= 1 and r["n_id"] == r["n_ood"] == 4 for r in rows)
     assert all((tmp_path / "eval" / f"{k}_{d}.png").stat().st_size > 1000 for k in ("roc", "hist")
-               for d in ("nll", "multiscale"))  # fmt: skip
+               for d in applicable(None))  # fmt: skip
     assert "auroc" in out.stdout and "spike" in out.stdout
 
 

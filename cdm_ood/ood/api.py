@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
 from ..progress import ProgressFactory, counted
 from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, MIN_IMAGES, calibrate, load_detector, resolve_threshold
-from .detectors import NotFittedError
+from .detectors import Features, MapDetector, NotFittedError, applicable, required_features
+from .features import batched_features, concat_features, empty_features, finite_rows, select_rows
 from .inputs import Inputs, Item, chunks, is_path, iter_images
 from .report import COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_row, volume_rows
 
@@ -56,12 +57,14 @@ class OODDetector:
     ) -> None:
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
         self.num_dims = model.spec.num_dims
+        self.num_classes = model.spec.model.num_classes
         self.unit = model.spec.unit  # what one image is, in reports
         self.report_row = volume_row if self.unit == "volume" else slice_row
         self.detector, self.id_scores, self.fpr = load_detector(
-            model.calibration, detector, self.num_dims, model.spec.bit_depth
+            model.calibration, detector, self.num_dims, model.spec.bit_depth, self.num_classes
         )
         self.transform = model.spec.input_transform()
+        self._maps: Optional[MapDetector] = None
         self._threshold: Optional[float] = None
         if self.id_scores is not None or threshold != "auto":
             self.set_threshold(threshold)
@@ -99,36 +102,46 @@ class OODDetector:
         """Model-space batch (B, C, H, W), or (B, C, D, H, W) for a 3D model, from any supported input."""
         return torch.stack([self.transform(image) for image, _ in self._images(inputs)])
 
-    def checked_profile(self, inputs: Inputs) -> tuple[Tensor, list[tuple[str, ...]]]:
-        """log p_t(x) (B, T+2) of every image, NaN rows for images not scored, and each image's quality flags
-        (NaN/inf or constant pixels, checked in the image's own units, before any mapping could hide them)."""
-        parts = list(self._checked_chunks(inputs))
+    def checked_features(
+        self, inputs: Inputs, needs: Optional[Sequence[str]] = None
+    ) -> tuple[Features, list[tuple[str, ...]]]:
+        """The features `needs` (default: this detector's) of every image, NaN rows for images not scored, and each
+        image's quality flags (NaN/inf or constant pixels, checked in the image's own units, before any mapping
+        could hide them)."""
+        needs = self._needs(needs)
+        parts = list(self._checked_chunks(inputs, needs))
         if not parts:
-            return torch.empty(0, self.model.schedule.T + 2), []
-        return torch.cat([p for p, _, _ in parts]), [f for _, flags, _ in parts for f in flags]
+            return empty_features(needs, 0, self.model.spec, self.model.schedule), []
+        return concat_features([p for p, _, _ in parts]), [f for _, flags, _ in parts for f in flags]
+
+    def _needs(self, needs: Optional[Sequence[str]]) -> tuple[str, ...]:
+        return tuple(needs) if needs is not None else self.detector.required()
 
     def _images(self, inputs: Inputs) -> Iterator[Item]:
         return iter_images(inputs, self.model.spec.channels, self.image_key, self.model.spec.spatial_dims)
 
-    def _checked_chunks(self, inputs: Inputs) -> Iterator[tuple[Tensor, list[tuple[str, ...]], list[Source]]]:
-        """`checked_profile` of the images of `inputs` in chunks of `batch_size` images, one forward pass each
+    def _checked_chunks(
+        self, inputs: Inputs, needs: Sequence[str]
+    ) -> Iterator[tuple[Features, list[tuple[str, ...]], list[Source]]]:
+        """`checked_features` of the images of `inputs` in chunks of `batch_size` images, one batched pass each
         whatever the inputs' own grouping, with each image's source (None for images given in memory)."""
         for chunk in chunks(self._images(inputs), self.batch_size):
             images, sources = zip(*chunk, strict=True)
             flags = [quality_flags(_as_array(image)) for image in images]
             scorable = [i for i, f in enumerate(flags) if not f]
-            profile = torch.full((len(images), self.model.schedule.T + 2), float("nan"))
+            features = empty_features(needs, len(images), self.model.spec, self.model.schedule)
             if scorable:
-                scored = self.profile(torch.stack([self.transform(images[i]) for i in scorable]))
-                profile = profile.to(scored.dtype)
-                profile[scorable] = scored
-            yield profile, flags, list(sources)
+                scored = self.features(torch.stack([self.transform(images[i]) for i in scorable]), needs)
+                for name, value in scored.items():
+                    features[name] = features[name].to(value.dtype)
+                    features[name][scorable] = value
+            yield features, flags, list(sources)
 
     def assess(self, inputs: Inputs) -> list[dict[str, Any]]:
         """Per image: `score` (NaN when not scored), `verdict` (`in`, `ood` or `flagged`) and `reason`, exactly as
         in the `cdm-ood score` report."""
-        profile, flags = self.checked_profile(inputs)
-        scores = self.score_profiles(profile)
+        features, flags = self.checked_features(inputs)
+        scores = self.score_features(features)
         verdicts = [judge(float(s), self.threshold, f) for s, f in zip(scores, flags, strict=True)]
         return [{"score": float(s), "verdict": v, "reason": r} for s, (v, r) in zip(scores, verdicts, strict=True)]
 
@@ -139,19 +152,44 @@ class OODDetector:
         return log_likelihood_profile_batched(self.model.classifier, x.cpu(), self.model.schedule, self.batch_size,
                                               device)  # fmt: skip
 
-    def score_profiles(self, profiles: Tensor) -> np.ndarray:
-        """This detector's scores of likelihood profiles log p_t(x) (B, T+2) already computed."""
-        return self.detector.score(profiles).numpy()
+    def features(self, x: Tensor, needs: Optional[Sequence[str]] = None) -> Features:
+        """The features `needs` (default: this detector's; `cdm_ood.ood.features`) of a model-space batch, on the
+        CPU, computed on the model's device in chunks of `batch_size`."""
+        device = next(self.model.classifier.parameters()).device
+        return batched_features(self.model.classifier, x.cpu().split(self.batch_size), self.model.schedule,
+                                self._needs(needs), self.num_classes, device)  # fmt: skip
+
+    def score_features(self, features: Features) -> np.ndarray:
+        """This detector's scores of features already computed (NaN rows stay NaN)."""
+        return self.detector.score(features).numpy()
 
     def score_prepared(self, x: Tensor) -> np.ndarray:
         """Scores of a model-space batch."""
-        return self.score_profiles(self.profile(x))
+        return self.score_features(self.features(x))
 
     def score(self, inputs: Inputs) -> np.ndarray:
         """One score per image (N,), higher = more out-of-distribution (the pytorch-ood convention); NaN for an
         image that could not be scored (NaN/inf or constant pixels). Images: see `cdm_ood.ood.inputs`."""
-        profile, _ = self.checked_profile(inputs)
-        return self.score_profiles(profile)
+        features, _ = self.checked_features(inputs)
+        return self.score_features(features)
+
+    def anomaly_maps(self, inputs: Inputs) -> np.ndarray:
+        """Where each image is out of distribution: the calibrated `map` detector's per-pixel map (N, *spatial) on the
+        model's grid (higher = more OOD; in-distribution pixels are about 0, in units of their in-distribution standard
+        deviation), NaN for an image that could not be scored. Images: as `score`."""
+        features, _ = self.checked_features(inputs, MapDetector.needs)
+        return self._map_detector().maps(features).numpy()
+
+    def anomaly_maps_prepared(self, x: Tensor) -> np.ndarray:
+        """`anomaly_maps` of a model-space batch."""
+        return self._map_detector().maps(self.features(x, MapDetector.needs)).numpy()
+
+    def _map_detector(self) -> MapDetector:
+        if self._maps is None:
+            detector, _, _ = load_detector(self.model.calibration, MapDetector.name, self.num_dims,
+                                           self.model.spec.bit_depth, self.num_classes)  # fmt: skip
+            self._maps = cast(MapDetector, detector)
+        return self._maps
 
     def score_samples(self, inputs: Inputs) -> np.ndarray:
         """sklearn's convention (as `IsolationForest.score_samples`): higher = more normal, i.e. `-score`."""
@@ -208,8 +246,8 @@ class OODDetector:
 
     def _memory_rows(self, inputs: Sequence[Inputs]) -> list[dict]:
         rows: list[dict] = []
-        for profile, flags, sources in self._checked_chunks(inputs):
-            for score, flag, source in zip(self.score_profiles(profile).tolist(), flags, sources, strict=True):
+        for features, flags, sources in self._checked_chunks(inputs, self.detector.required()):
+            for score, flag, source in zip(self.score_features(features).tolist(), flags, sources, strict=True):
                 where = source or SliceSource("", len(rows), "")
                 row = self.report_row(where, score, self.threshold, flag)
                 rows.append(row if source else row | {"path": None, "volume": None})
@@ -227,28 +265,33 @@ class OODDetector:
         slices read from files keep their volume (series or file); `groups` gives one volume id per image for
         images given in memory, which otherwise each count as their own volume.
         """
-        parts: list[Tensor] = []
+        names = applicable(self.num_classes)
+        needs = required_features(names, self.num_classes)
+        parts: list[Features] = []
         volumes: list[Hashable] = []
-        for profile, _, sources in self._checked_chunks(id_inputs):
+        for features, _, sources in self._checked_chunks(id_inputs, needs):
             volumes += [s.volume_id if s else ("in memory", len(volumes) + i) for i, s in enumerate(sources)]
-            parts.append(profile)
+            parts.append(features)
         if groups is not None:
             if len(groups) != len(volumes):
                 raise UsageError(f"{len(groups)} groups for {len(volumes)} images: give one volume id per image")
             volumes = list(groups)
-        profiles = torch.cat(parts) if parts else torch.empty(0, self.model.schedule.T + 2)
-        scorable = torch.isfinite(profiles).all(dim=1)
+        features = concat_features(parts) if parts else empty_features(needs, 0, self.model.spec, self.model.schedule)
+        scorable = finite_rows(features)
         if int(scorable.sum()) < MIN_IMAGES:
             raise UsageError(f"calibration needs at least {MIN_IMAGES} scorable in-distribution images, found "
                              f"{int(scorable.sum())}")  # fmt: skip
         bit_depth = self.model.spec.bit_depth
         kept = [v for v, keep in zip(volumes, scorable.tolist(), strict=True) if keep]
         try:
-            calibration = calibrate(profiles[scorable], self.num_dims, bit_depth, fpr, default=self.name, groups=kept)
+            calibration = calibrate(select_rows(features, scorable), self.num_dims, bit_depth, fpr, names,
+                                    default=self.name, groups=kept, num_classes=self.num_classes)  # fmt: skip
         except ValueError as err:
             raise UsageError(str(err)) from None
-        self.model.calibration = calibration
-        self.detector, self.id_scores, self.fpr = load_detector(calibration, self.name, self.num_dims, bit_depth)
+        self.model.calibration, self._maps = calibration, None
+        self.detector, self.id_scores, self.fpr = load_detector(
+            calibration, self.name, self.num_dims, bit_depth, self.num_classes
+        )
         self.set_threshold("auto")
         return self
 

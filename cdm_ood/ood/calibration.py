@@ -1,4 +1,4 @@
-"""Thresholds for a target false-positive rate, fitted on in-distribution validation profiles.
+"""Thresholds for a target false-positive rate, fitted on in-distribution validation features.
 
 The calibration of a model is a `cdm_ood.spec.Calibration` (stored in its checkpoint by
 `checkpoint.store_calibration`): for each detector its fitted state and its scores on held-out in-distribution
@@ -20,7 +20,8 @@ from torch import Tensor
 from ..data.medical import split_volumes
 from ..errors import UsageError
 from ..spec import Calibration, DetectorFit
-from .detectors import DETECTORS, Detector, NotFittedError
+from .detectors import DETECTORS, Detector, Features, NotFittedError
+from .features import select_rows
 
 DEFAULT_FPR = 0.05
 DEFAULT_DETECTOR = "nll"  # measured best on the CT phantom artifacts (docs/ood.md)
@@ -42,33 +43,35 @@ def threshold_at_fpr(id_scores: np.ndarray, fpr: float) -> float:
 
 
 def calibrate(
-    profiles: Tensor,
+    features: Features,
     num_dims: int,
     bit_depth: int,
     fpr: float = DEFAULT_FPR,
-    detectors: Sequence[str] = tuple(DETECTORS),
+    detectors: Sequence[str] = ("nll", "multiscale"),
     default: str = DEFAULT_DETECTOR,
     groups: Optional[Sequence[Hashable]] = None,
+    num_classes: Optional[int] = None,
 ) -> Calibration:
-    """Fit each detector on about half of the in-distribution profiles and score the other half, so the stored
-    scores (and thresholds) are out-of-sample; `groups` (e.g. volume ids, one per profile; default: every image
+    """Fit each detector on about half of the in-distribution images' features and score the other half, so the
+    stored scores (and thresholds) are out-of-sample; `groups` (e.g. volume ids, one per image; default: every image
     its own) keeps each group on one side (`held_out_split`). Warns when the held-out half is too small for `fpr`.
     """
     threshold_at_fpr(np.zeros(1), fpr)
     if default not in detectors:
         raise ValueError(f"default detector {default!r} is not among {list(detectors)}")
-    if len(profiles) < MIN_IMAGES:
-        raise ValueError(f"calibration needs at least {MIN_IMAGES} in-distribution images, got {len(profiles)}")
-    if groups is not None and len(groups) != len(profiles):
-        raise ValueError(f"{len(groups)} groups for {len(profiles)} images: give one group (volume) per image")
-    held = held_out_split(range(len(profiles)) if groups is None else groups)
-    fit_part, held_out = profiles[~held], profiles[held]
-    warn_if_too_few(len(held_out), fpr)
+    n = len(next(iter(features.values())))
+    if n < MIN_IMAGES:
+        raise ValueError(f"calibration needs at least {MIN_IMAGES} in-distribution images, got {n}")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} images: give one group (volume) per image")
+    held = held_out_split(range(n) if groups is None else groups)
+    fit_part, held_out = select_rows(features, ~held), select_rows(features, held)
+    warn_if_too_few(int(held.sum()), fpr)
     fits = {}
     for name in detectors:
-        detector = DETECTORS[name](num_dims, bit_depth).fit(fit_part)
+        detector = DETECTORS[name](num_dims, bit_depth, num_classes).fit(fit_part)
         fits[name] = DetectorFit(detector.state(), tuple(detector.score(held_out).tolist()))
-    return Calibration(fpr, default, len(fit_part), fits)
+    return Calibration(fpr, default, n - int(held.sum()), fits)
 
 
 def held_out_split(groups: Sequence[Hashable]) -> Tensor:
@@ -125,14 +128,17 @@ def _fraction(text: str) -> float:
 
 
 def load_detector(
-    calibration: Optional[Calibration], name: str | None, num_dims: int, bit_depth: int
+    calibration: Optional[Calibration], name: str | None, num_dims: int, bit_depth: int, num_classes: Optional[int]
 ) -> tuple[Detector, np.ndarray | None, float | None]:
     """The detector `name` (default: the calibrated default) with its in-distribution scores and fpr; an
     uncalibrated one has neither (it scores only if it needs no fitting, and takes numeric thresholds only)."""
     name = name or (calibration.default if calibration else DEFAULT_DETECTOR)
     if name not in DETECTORS:
         raise UsageError(f"unknown detector {name!r}; expected one of {sorted(DETECTORS)}")
+    if not DETECTORS[name].applies_to(num_classes):
+        raise UsageError(f"the {name!r} detector needs a class-conditional model (model.num_classes); this one is "
+                         "unconditional")  # fmt: skip
     fit = calibration.detectors.get(name) if calibration else None
     if fit is None:
-        return DETECTORS[name](num_dims, bit_depth), None, None
+        return DETECTORS[name](num_dims, bit_depth, num_classes), None, None
     return Detector.from_state(fit.state), np.asarray(fit.id_scores), calibration.fpr

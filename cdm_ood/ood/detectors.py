@@ -1,12 +1,15 @@
-"""OOD statistics of the likelihood profile log p_t(x), t = 0..T+1 (Theorem 3.2, one forward pass).
+"""OOD detectors: statistics of what one trained CDM says about an image (`cdm_ood.ood.features`).
 
-Each detector maps profiles (B, T+2) in nats to scores (B,), higher = more out-of-distribution (the
-pytorch-ood convention), and round-trips through a plain dict so it can live inside a checkpoint.
+Each detector names the features it needs (`needs`), is fitted on in-distribution features only, maps features to
+scores (B,), higher = more out-of-distribution (the pytorch-ood convention), and round-trips through plain data
+(and tensors) so it can live inside a weights-only checkpoint. `cost` is its price per image in forward-pass
+equivalents (a backward pass counts as two forward passes).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -14,6 +17,12 @@ from torch import Tensor
 
 from ..errors import CdmOodError
 from ..likelihood import bits_per_dim
+from .features import class_posterior, feature_cost
+
+Features = dict[str, Tensor]
+"""Row-aligned feature tensors of a batch: `profile` (B, T+2) nats, `errors` (B, K, C, *spatial) squared denoising
+errors at the K `DENOISE_FRACTIONS` levels, `flips` (B, A) log-likelihood ratios to the mirrored scan, `class_ll`
+(B, num_classes) log p_0(x | y) (`cdm_ood.ood.features.compute_features`)."""
 
 
 class NotFittedError(CdmOodError, RuntimeError):
@@ -21,29 +30,44 @@ class NotFittedError(CdmOodError, RuntimeError):
 
 
 class Detector:
-    """Base of the profile statistics: `fit` on in-distribution profiles, then `score`."""
+    """Base of the detectors: `fit` on in-distribution features, then `score`."""
 
     name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ("profile",)
 
-    def __init__(self, num_dims: int, bit_depth: int = 8) -> None:
-        self.num_dims, self.bit_depth = num_dims, bit_depth
+    def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
+        self.num_dims, self.bit_depth, self.num_classes = num_dims, bit_depth, num_classes
 
-    def fit(self, profiles: Tensor) -> Detector:
+    @classmethod
+    def applies_to(cls, num_classes: Optional[int]) -> bool:
+        """Whether a model with `num_classes` labels (None: unconditional) gives this detector's features."""
+        return "class_ll" not in cls.needs or num_classes is not None
+
+    def required(self) -> tuple[str, ...]:
+        """The features this detector reads."""
+        return self.needs
+
+    def cost(self, spatial_dims: int) -> float:
+        """Forward-pass equivalents per image of its features (`features.feature_cost`)."""
+        return sum(feature_cost(k, spatial_dims, self.num_classes) for k in self.required())
+
+    def fit(self, features: Features) -> Detector:
         return self
 
-    def score(self, profiles: Tensor) -> Tensor:
+    def score(self, features: Features) -> Tensor:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to rebuild the fitted detector, as plain Python data."""
-        return {"name": self.name, "num_dims": self.num_dims, "bit_depth": self.bit_depth}
+        """Everything needed to rebuild the fitted detector, as plain Python data and tensors."""
+        return {"name": self.name, "num_dims": self.num_dims, "bit_depth": self.bit_depth,
+                "num_classes": self.num_classes}  # fmt: skip
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> Detector:
         """The fitted detector that `state()` describes."""
         if state.get("name") not in DETECTORS:
             raise ValueError(f"unknown detector {state.get('name')!r}; expected one of {sorted(DETECTORS)}")
-        detector = DETECTORS[state["name"]](state["num_dims"], state["bit_depth"])
+        detector = DETECTORS[state["name"]](state["num_dims"], state["bit_depth"], state.get("num_classes"))
         detector.load(state)
         return detector
 
@@ -52,65 +76,195 @@ class Detector:
 
 
 class NLLDetector(Detector):
-    """-log p_0(x) in bits/dim (eq. 10 at t = 0): the exact negative log-likelihood of the clean-data model."""
+    """-log p_0(x) in bits/dim (eq. 10 at t = 0): the exact negative log-likelihood of the clean-data model.
+    One-sided: an image that is *too* likely (over-smoothed, flat) passes."""
 
     name = "nll"
 
-    def score(self, profiles: Tensor) -> Tensor:
-        return bits_per_dim(profiles[:, 0].double(), self.num_dims, self.bit_depth)
+    def score(self, features: Features) -> Tensor:
+        return bits_per_dim(features["profile"][:, 0].double(), self.num_dims, self.bit_depth)
 
 
-class MultiscaleDetector(Detector):
-    """Squared Mahalanobis distance of the per-dimension profile log p_t(x) / d at `levels` noise levels
-    (t = 0 and T+1 included), under a Gaussian fitted to in-distribution profiles with Ledoit-Wolf shrinkage.
+class GaussianDetector(Detector):
+    """Squared Mahalanobis distance of a feature vector under a Gaussian fitted to in-distribution features, each
+    standardised, with Ledoit-Wolf shrinkage. Two-sided: a feature too small is as far as one too large."""
 
-    The distance is invariant to invertible linear maps of the features, so it equally models the
-    likelihood ratios log p_0(x) - log p_t(x) between the clean and the noised densities. Unlike the raw
-    likelihood it is two-sided (a scan that is *too* likely, e.g. a flat or over-smoothed one, is far from
-    the fitted profile too) and it sees at which noise scales a scan departs from the training data.
-    """
+    fitted_keys: ClassVar[tuple[str, ...]] = ("mean", "scale", "precision")
 
-    name = "multiscale"
-    levels = 16
-
-    def __init__(self, num_dims: int, bit_depth: int = 8) -> None:
-        super().__init__(num_dims, bit_depth)
-        self.columns: list[int] = []
+    def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
+        super().__init__(num_dims, bit_depth, num_classes)
         self.mean = self.scale = self.precision = torch.empty(0)
 
-    def _features(self, profiles: Tensor) -> Tensor:
-        return profiles[:, self.columns].double().cpu() / self.num_dims
+    def vector(self, features: Features) -> Tensor:
+        """The (B, k) float64 feature vector this detector models."""
+        raise NotImplementedError
 
-    def fit(self, profiles: Tensor) -> MultiscaleDetector:
+    def fit(self, features: Features) -> GaussianDetector:
         from sklearn.covariance import LedoitWolf
 
-        if profiles.shape[0] < 2:
-            raise ValueError(f"the multiscale detector needs at least 2 in-distribution images, got {len(profiles)}")
-        self.columns = sorted({round(v) for v in np.linspace(0, profiles.shape[1] - 1, self.levels).tolist()})
-        f = self._features(profiles)
+        f = self.vector(features)
+        if f.shape[0] < 2:
+            raise ValueError(f"the {self.name} detector needs at least 2 in-distribution images, got {f.shape[0]}")
         self.mean, self.scale = f.mean(0), f.std(0).clamp_min(1e-12)
         self.precision = torch.from_numpy(LedoitWolf().fit(((f - self.mean) / self.scale).numpy()).precision_)
         return self
 
-    def score(self, profiles: Tensor) -> Tensor:
-        if not self.columns:
-            raise NotFittedError("the multiscale detector is not fitted: calibrate it on in-distribution data")
-        z = (self._features(profiles) - self.mean) / self.scale
+    def _check_fitted(self) -> None:
+        if self.mean.numel() == 0:
+            raise NotFittedError(f"the {self.name} detector is not fitted: calibrate it on in-distribution data")
+
+    def score(self, features: Features) -> Tensor:
+        self._check_fitted()
+        z = (self.vector(features) - self.mean) / self.scale
         return ((z @ self.precision) * z).sum(1)
 
     def state(self) -> dict[str, Any]:
-        if not self.columns:
-            raise NotFittedError("the multiscale detector is not fitted: nothing to save")
-        return super().state() | {
-            "columns": self.columns,
-            **{k: getattr(self, k).tolist() for k in ("mean", "scale", "precision")},
-        }
+        self._check_fitted()
+        return super().state() | {k: getattr(self, k).tolist() for k in self.fitted_keys}
 
     def load(self, state: dict[str, Any]) -> None:
-        self.columns = [int(c) for c in state["columns"]]
-        self.mean, self.scale, self.precision = (
-            torch.tensor(state[k], dtype=torch.float64) for k in ("mean", "scale", "precision")
-        )
+        for k in self.fitted_keys:
+            setattr(self, k, torch.as_tensor(state[k], dtype=torch.float64))
 
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (NLLDetector, MultiscaleDetector)}
+class MultiscaleDetector(GaussianDetector):
+    """Mahalanobis distance of the per-dimension profile log p_t(x) / d at `levels` noise levels (t = 0 and T+1
+    included). The distance is invariant to invertible linear maps of the features, so it equally models the
+    likelihood ratios log p_0(x) - log p_t(x) between the clean and the noised densities; it sees at which noise
+    scales a scan departs from the training data."""
+
+    name = "multiscale"
+    levels = 16
+
+    def columns(self, num_levels: int) -> list[int]:
+        """`levels` evenly spaced columns of a profile with `num_levels` = T+2 columns."""
+        return sorted({round(v) for v in np.linspace(0, num_levels - 1, self.levels).tolist()})
+
+    def vector(self, features: Features) -> Tensor:
+        profile = features["profile"]
+        return profile[:, self.columns(profile.shape[1])].double().cpu() / self.num_dims
+
+
+def _log_level_errors(features: Features) -> Tensor:
+    """log of the mean squared denoising error at each level (B, K): one Monte Carlo term of the variational bound
+    per level, on a log scale where in-distribution values are close to Gaussian."""
+    return features["errors"].flatten(2).double().mean(2).clamp_min(1e-30).log().cpu()
+
+
+class DenoiseDetector(GaussianDetector):
+    """Score-function statistic (Theorem 3.1): how well the gradient denoiser removes a fixed noise draw from the
+    scan at the `features.DENOISE_FRACTIONS` levels, as a Gaussian over the log errors. The bound-like terms that make a
+    DDPM's variational bound catch noise and spikes, from three denoiser calls instead of hundreds."""
+
+    name = "denoise"
+    needs = ("errors",)
+
+    def vector(self, features: Features) -> Tensor:
+        return _log_level_errors(features)
+
+
+class FlipDetector(GaussianDetector):
+    """Orientation statistic: log p_0(x) - log p_0(flip x) / d for each spatial axis (eq. 10 four times). A scan
+    stored upside down or mirrored is more likely flipped back, so its ratio has the wrong sign; the per-image
+    complexity that dominates log p_0(x) cancels in the ratio. Meaningless for axes the model was trained to be
+    invariant to (training flips, `train.flip_prob`)."""
+
+    name = "flip"
+    needs = ("flips",)
+
+    def vector(self, features: Features) -> Tensor:
+        return features["flips"].double().cpu() / self.num_dims
+
+
+class ClassifierDetector(Detector):
+    """The class-conditional CDM as a generative classifier: -max_y p(y | x) by Bayes' rule from log p_0(x | y)
+    of every label (uniform prior), the max-softmax statistic of a classifier that is also the density."""
+
+    name = "classifier"
+    needs = ("class_ll",)
+
+    def score(self, features: Features) -> Tensor:
+        return -class_posterior(features["class_ll"].double().cpu()).exp().amax(1)
+
+
+class CombinedDetector(GaussianDetector):
+    """One Gaussian over the multiscale profile, the log denoising errors and the flip ratios (and, for a
+    class-conditional model, max_y log p(y | x)): every statistic above, fitted on in-distribution features only."""
+
+    name = "combined"
+    needs = ("profile", "errors", "flips")
+
+    def required(self) -> tuple[str, ...]:
+        return self.needs + (("class_ll",) if self.num_classes else ())
+
+    def vector(self, features: Features) -> Tensor:
+        parts = [MultiscaleDetector(self.num_dims).vector(features), _log_level_errors(features),
+                 FlipDetector(self.num_dims).vector(features)]  # fmt: skip
+        if self.num_classes:
+            parts.append(class_posterior(features["class_ll"].double().cpu()).amax(1, keepdim=True))
+        return torch.cat(parts, dim=1)
+
+
+class MapDetector(Detector):
+    """Where a scan is out of distribution: log(1 + squared denoising error) of each pixel at each level, standardised
+    by its in-distribution mean and standard deviation at that pixel; the map (`maps`, (B, *spatial)) is the root
+    mean square of these z-scores over levels and channels (about 1 in distribution). Two-sided: a region the
+    denoiser recovers too well (a flat patch where texture belongs) stands out as much as one it cannot recover. The
+    score is the `quantile` of the map: high when any region is unlike the training data."""
+
+    name = "map"
+    needs = ("errors",)
+    quantile = 0.99
+
+    def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
+        super().__init__(num_dims, bit_depth, num_classes)
+        self.mean = self.std = torch.empty(0)
+
+    def fit(self, features: Features) -> MapDetector:
+        errors = features["errors"].float().cpu().log1p()
+        if errors.shape[0] < 2:
+            raise ValueError(f"the map detector needs at least 2 in-distribution images, got {errors.shape[0]}")
+        self.mean, self.std = errors.mean(0), errors.std(0).clamp_min(1e-6)
+        return self
+
+    def maps(self, features: Features) -> Tensor:
+        """The anomaly map (B, *spatial): root mean square over levels and channels of the standardised
+        log(1 + error)."""
+        if self.mean.numel() == 0:
+            raise NotFittedError("the map detector is not fitted: calibrate it on in-distribution data")
+        errors = features["errors"].float().cpu().log1p()
+        return ((errors - self.mean) / self.std).square().mean(dim=(1, 2)).sqrt()
+
+    def score(self, features: Features) -> Tensor:
+        z = self.maps(features).flatten(1).double()
+        return torch.quantile(z, self.quantile, dim=1) if z.shape[0] else z.sum(1)
+
+    def state(self) -> dict[str, Any]:
+        if self.mean.numel() == 0:
+            raise NotFittedError("the map detector is not fitted: nothing to save")
+        return super().state() | {"mean": self.mean, "std": self.std}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.mean, self.std = torch.as_tensor(state["mean"]), torch.as_tensor(state["std"])
+
+
+_ALL = (
+    NLLDetector,
+    MultiscaleDetector,
+    DenoiseDetector,
+    FlipDetector,
+    ClassifierDetector,
+    CombinedDetector,
+    MapDetector,
+)
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in _ALL}
+
+
+def applicable(num_classes: Optional[int]) -> list[str]:
+    """The detectors a model with `num_classes` labels (None: unconditional) can be calibrated for."""
+    return [name for name, d in DETECTORS.items() if d.applies_to(num_classes)]
+
+
+def required_features(names: Sequence[str], num_classes: Optional[int]) -> tuple[str, ...]:
+    """The union of the features the detectors `names` read, in a fixed order."""
+    return tuple(dict.fromkeys(k for name in names for k in DETECTORS[name](1, 8, num_classes).required()))

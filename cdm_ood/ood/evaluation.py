@@ -7,9 +7,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-from torch import Tensor
-
 from ..checkpoint import LoadedModel
 from ..data.errors import DataError
 from ..data.volumes import iter_inputs
@@ -19,6 +16,8 @@ from ..figures import plot_histogram, plot_roc
 from ..io import atomic_write, write_csv_atomic
 from ..progress import ProgressFactory
 from .api import Inputs, OODDetector
+from .detectors import Features, required_features
+from .features import concat_features
 from .metrics import ood_metrics
 
 METRIC_COLUMNS = ("detector", "ood_set", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out")
@@ -33,25 +32,26 @@ def evaluate_sets(
     progress: Callable[[int], Any] = lambda n: None,
 ) -> list[dict]:
     """Metrics rows (detector x OOD set), plus metrics.csv/json, roc_<detector>.png and hist_<detector>.png in
-    `out`. Profiles come from one forward pass per image and are shared by all detectors; `progress(n)` is called
-    after each batch of `n` images."""
+    `out`. The features of each image are computed once and shared by all detectors; `progress(n)` is called after
+    each batch of `n` images."""
     names = sorted(model.calibration.detectors) if model.calibration else ["nll"]
     scorers = [OODDetector(model, name, batch_size=batch_size) for name in names]
+    needs = required_features(names, model.spec.model.num_classes)
 
-    def profiles(images: Sequence[Inputs]) -> Tensor:
+    def features(images: Sequence[Inputs]) -> Features:
         chunks = []
         for i in range(0, len(images), batch_size):
-            chunks.append(scorers[0].profile(scorers[0].prepare(list(images[i : i + batch_size]))))
-            progress(len(chunks[-1]))
-        return torch.cat(chunks)
+            chunks.append(scorers[0].features(scorers[0].prepare(list(images[i : i + batch_size])), needs))
+            progress(min(batch_size, len(images) - i))
+        return concat_features(chunks)
 
-    id_profiles = profiles(id_images)
-    ood_profiles = {k: profiles(v) for k, v in ood_sets.items()}
+    id_features = features(id_images)
+    ood_features = {k: features(v) for k, v in ood_sets.items()}
     out = Path(out)
     rows = []
     for scorer in scorers:
-        id_scores = scorer.score_profiles(id_profiles)
-        sets = {k: scorer.score_profiles(v) for k, v in ood_profiles.items()}
+        id_scores = scorer.score_features(id_features)
+        sets = {k: scorer.score_features(v) for k, v in ood_features.items()}
         for name, scores in sets.items():
             rows.append({"detector": scorer.name, "ood_set": name, "n_id": len(id_scores), "n_ood": len(scores),
                          **ood_metrics(id_scores, scores)})  # fmt: skip

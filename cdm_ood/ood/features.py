@@ -1,0 +1,160 @@
+"""What one trained CDM says about an image besides log p_0(x): the statistics the detectors are fitted on.
+
+Pure functions of a classifier callable and a model-space batch x (B, C, *spatial), each citing the equation it
+uses, with its cost per image in forward-pass equivalents (a backward pass costs about two forward passes):
+- `log_likelihood_profile` (Theorem 3.2): log p_t(x) for t = 0..T+1, 1 forward pass.
+- `denoising_errors` (Theorem 3.1): how well the gradient denoiser recovers a fixed noise draw added to x at a few
+  levels, per pixel; 3 per level (one batched forward + backward over the levels).
+- `class_log_likelihoods` (Theorem 3.2 with labels): log p_0(x | y) for every label y, 1 per label (one batched
+  pass); Bayes' rule turns it into the generative classifier p(y | x) (`class_posterior`).
+- `flip_log_ratios`: log p_0(x) - log p_0(flip x) for each spatial axis, 1 per axis: how much more likely the scan
+  is as given than mirrored (a scan stored upside down is more likely the right way up).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Classifier, logits_and_noise
+from ..likelihood import log_likelihood_profile
+from ..schedules import NoiseSchedule, diffuse
+
+if TYPE_CHECKING:
+    from ..spec import ModelSpec
+
+NOISE_SEED = 0  # of the noise draw shared by every image, so a pixel's error is comparable across images
+DENOISE_FRACTIONS = (0.05, 0.1, 0.2)  # noise levels t / T of the denoising errors (chosen on development sets)
+FEATURES = ("profile", "errors", "flips", "class_ll")
+
+
+def level_indices(schedule: NoiseSchedule, fractions: Sequence[float]) -> list[int]:
+    """Noise levels t = round(f T) (at least 1) for fractions f of the schedule's T."""
+    return [max(1, min(schedule.T, round(f * schedule.T))) for f in fractions]
+
+
+def fixed_noise(shape: Sequence[int], seed: int = NOISE_SEED) -> Tensor:
+    """The float32 N(0, I) draw of one image's shape that every image is noised with (reproducible anywhere)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def denoising_errors(
+    classifier: Classifier,
+    x: Tensor,
+    schedule: NoiseSchedule,
+    levels: Sequence[int],
+    labels: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+) -> Tensor:
+    """Per-pixel squared errors (B, K, C, *spatial) of the gradient denoiser at the K noise `levels`:
+    (eps_hat(x_t, t) - eps)^2 with x_t = sqrt(abar_t) x + sigma_t eps (eq. 8 for eps_hat, Theorem 3.1).
+
+    eps is `noise` (default `fixed_noise` of one image, shared by all) so an in-distribution image's error is a draw of
+    the training MSE at that level, and a pixel's error map is comparable across images. The mean over pixels at
+    level t is one Monte Carlo term of the variational bound, the statistic behind the DDPM bound's OOD scores.
+    One forward and one backward pass over the B K noised images.
+    """
+    eps = (fixed_noise(x.shape[1:]) if noise is None else noise).to(device=x.device, dtype=x.dtype)
+    k = len(levels)
+    t = torch.tensor(levels, device=x.device).repeat_interleave(x.shape[0])
+    x_t = diffuse(x.repeat(k, *([1] * (x.ndim - 1))), t, eps.expand(k * x.shape[0], *eps.shape), schedule)
+    repeated = None if labels is None else labels.repeat(k)
+    _, eps_hat = logits_and_noise(classifier, x_t, t, schedule, repeated)
+    return (eps_hat - eps).square().reshape(k, *x.shape).transpose(0, 1)
+
+
+def class_log_likelihoods(classifier: Classifier, x: Tensor, schedule: NoiseSchedule, num_classes: int) -> Tensor:
+    """log p_0(x | y) (B, num_classes) in nats for every label y (eq. 10 of the class-conditional F(x | y)), from one
+    forward pass over the B num_classes image-label pairs."""
+    labels = torch.arange(num_classes, device=x.device).repeat_interleave(x.shape[0])
+    profile = log_likelihood_profile(classifier, x.repeat(num_classes, *([1] * (x.ndim - 1))), schedule, labels)
+    return profile[:, 0].reshape(num_classes, x.shape[0]).T
+
+
+def class_posterior(class_ll: Tensor, log_prior: Optional[Tensor] = None) -> Tensor:
+    """Bayes' rule: log p(y | x) = log p(x | y) + log p(y) - log sum_y' p(x | y') p(y'), (B, K); uniform prior by
+    default."""
+    if log_prior is None:
+        log_prior = torch.full((class_ll.shape[1],), -math.log(class_ll.shape[1]), dtype=class_ll.dtype)
+    joint = class_ll + log_prior.to(class_ll)
+    return joint - joint.logsumexp(dim=1, keepdim=True)
+
+
+def flip_log_ratios(classifier: Classifier, x: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """log p_0(x) - log p_0(flip_a x) (B, A) for each spatial axis a (eq. 10 at t = 0), from one forward pass over
+    x and its A mirror images. Positive when the scan is more likely as given than mirrored."""
+    axes = range(2, x.ndim)
+    batch = torch.cat([x, *(x.flip(a) for a in axes)])
+    ll = log_likelihood_profile(classifier, batch, schedule)[:, 0].reshape(1 + len(axes), x.shape[0])
+    return (ll[:1] - ll[1:]).T
+
+
+def compute_features(
+    classifier: Classifier, x: Tensor, schedule: NoiseSchedule, needs: Iterable[str], num_classes: Optional[int] = None
+) -> dict[str, Tensor]:
+    """The features named in `needs` (of `FEATURES`) of a model-space batch, on the device of `x`: `profile` (B, T+2),
+    `errors` (B, K, C, *spatial) at the `DENOISE_FRACTIONS` levels, `flips` (B, A), `class_ll` (B, num_classes)."""
+    out: dict[str, Tensor] = {}
+    for name in dict.fromkeys(needs):
+        if name == "profile":
+            out[name] = log_likelihood_profile(classifier, x, schedule)
+        elif name == "errors":
+            out[name] = denoising_errors(classifier, x, schedule, level_indices(schedule, DENOISE_FRACTIONS))
+        elif name == "flips":
+            out[name] = flip_log_ratios(classifier, x, schedule)
+        elif name == "class_ll" and num_classes:
+            out[name] = class_log_likelihoods(classifier, x, schedule, num_classes)
+        else:
+            raise ValueError(f"feature {name!r} is not one of {FEATURES} for this model (num_classes={num_classes})")
+    return out
+
+
+def feature_cost(name: str, spatial_dims: int, num_classes: Optional[int] = None) -> float:
+    """Forward-pass equivalents per image (a backward pass counts as two forward passes): profile 1, denoising
+    errors 3 per level, flips 1 per spatial axis, class likelihoods 1 per label."""
+    costs = {"profile": 1.0, "errors": 3.0 * len(DENOISE_FRACTIONS), "flips": float(spatial_dims),
+             "class_ll": float(num_classes or 0)}  # fmt: skip
+    return costs[name]
+
+
+def empty_features(needs: Sequence[str], n: int, spec: ModelSpec, schedule: NoiseSchedule) -> dict[str, Tensor]:
+    """NaN features of `n` images of the model `spec` (the rows of images that are not scored)."""
+    shapes = {"profile": (schedule.num_classes,), "errors": (len(DENOISE_FRACTIONS), spec.channels, *spec.size),
+              "flips": (len(spec.size),), "class_ll": (spec.model.num_classes or 0,)}  # fmt: skip
+    return {k: torch.full((n, *shapes[k]), float("nan"), dtype=torch.float64) for k in needs}
+
+
+def concat_features(parts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Row-wise concatenation of feature dicts with the same keys."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def select_rows(features: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The rows `rows` (a boolean mask or indices) of every feature."""
+    return {k: v[rows] for k, v in features.items()}
+
+
+def finite_rows(features: dict[str, Tensor]) -> Tensor:
+    """A boolean mask of the images whose every feature is finite (the scored ones)."""
+    masks = [torch.isfinite(v.flatten(1)).all(dim=1) for v in features.values()]
+    return torch.stack(masks).all(dim=0)
+
+
+def batched_features(
+    classifier: Classifier,
+    batches: Iterable[Tensor],
+    schedule: NoiseSchedule,
+    needs: Sequence[str],
+    num_classes: Optional[int] = None,
+    device: Optional[torch.device | str] = None,
+) -> dict[str, Tensor]:
+    """`compute_features` of every model-space batch (each moved to `device` when given), concatenated on the CPU."""
+    return concat_features([
+        {k: v.cpu() for k, v in compute_features(classifier, x if device is None else x.to(device), schedule, needs,
+                                                 num_classes).items()}
+        for x in batches
+    ])  # fmt: skip
