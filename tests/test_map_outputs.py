@@ -1,15 +1,21 @@
 """Anomaly-map files (`cdm_ood.ood.map_outputs`) for real NIfTI, DICOM-series and PNG inputs read by the readers:
-names, grids, and the input's geometry."""
+names, grids, and the input's geometry; and `cdm-ood score --maps` writing them from a real checkpoint."""
 
+import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from dicom_factory import ct_dataset, write
 from PIL import Image
+from processes import cdm
 
+from cdm_ood.checkpoint import load_checkpoint, store_calibration
+from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
 from cdm_ood.data.readers import iter_slices, read_file
 from cdm_ood.ood.map_outputs import MIN_PNG_SIDE, write_maps
+from cdm_ood.spec import Calibration
 
 
 def random_maps(slices, seed: int = 0) -> list[np.ndarray]:
@@ -91,3 +97,49 @@ def test_a_png_map_is_resized_to_the_image_and_equal_stems_do_not_collide(tmp_pa
     assert (np.diff(ramp, axis=0) >= 0).all() and ramp[-1, 0] > ramp[0, 0]  # rows stay rows when resized
     assert_png(written[1], (20, 30))
     assert all(sorted(p.name for p in (tmp_path / f).iterdir()) == ["xray.png"] for f in ("a", "b"))
+
+
+def test_score_maps_writes_maps_for_dicom_nifti_and_png_inputs(checkpoint, tmp_path):
+    scans = tmp_path / "scans"
+    volume = phantom_volume(np.random.default_rng(4), size=24, slices=3, modality="ct")
+    write_dicom_series(volume, scans / "series", modality="ct", volume_index=0, spacing=0.8)
+    affine = np.array([[0, -1.5, 0, -10], [2.0, 0, 0, 7], [0, 0, 1.0, 3], [0, 0, 0, 1]])  # rows, columns swapped
+    write_nifti(volume, scans / "body.nii.gz", affine=affine)
+    Image.fromarray(np.clip(volume[1] + 1000, 0, 255).astype(np.uint8)[:, :20]).save(scans / "slice.png")
+    before = sorted(p.name for p in scans.rglob("*"))
+    maps = tmp_path / "maps"
+    scored = cdm("score", scans, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "r.csv",
+                 "--maps", maps, cwd=tmp_path)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["maps"] == str(maps)
+    assert sorted(p.name for p in scans.rglob("*")) == before  # inputs untouched, nothing written beside them
+    slices = [f"{stem}_s{k:04d}_map" for stem in ("body", "series") for k in range(3)] + ["slice_s0000_map"]
+    assert sorted(p.name for p in maps.iterdir()) == sorted(
+        [f"{name}{ext}" for name in slices for ext in (".npy", ".png")] + ["body_map.nii.gz", "series_map.nii.gz"]
+    )
+    for name in slices:
+        amap = np.load(maps / f"{name}.npy")
+        assert amap.shape == ((24, 20) if name.startswith("slice") else (24, 24)) and np.isfinite(amap).all()
+        assert amap.min() >= 0 and amap.std() > 0
+    assert_png(maps / "slice_s0000_map.png", (24, 20))
+    body = nib.load(maps / "body_map.nii.gz")
+    assert body.shape == nib.load(scans / "body.nii.gz").shape and np.array_equal(body.affine, affine)
+    back = read_file(maps / "body_map.nii.gz")  # slice k of the map volume is the map of the input's slice k
+    assert all(np.array_equal(s.image[0], np.load(maps / f"body_s{k:04d}_map.npy")) for k, s in enumerate(back))
+    series = nib.load(maps / "series_map.nii.gz")
+    assert np.allclose(series.affine, np.diag([-0.8, -0.8, 0.8, 1.0]))  # LPS rows/columns, slices 0.8 mm apart
+    assert np.array_equal(np.asarray(series.dataobj)[:, :, 2].T, np.load(maps / "series_s0002_map.npy"))
+
+
+def test_score_maps_needs_the_calibrated_map_detector(checkpoint, tmp_path):
+    copy = tmp_path / "no-map.pt"
+    shutil.copy(checkpoint, copy)
+    calibration = Calibration.from_dict(load_checkpoint(copy)["calibration"])
+    del calibration.detectors["map"]
+    store_calibration(copy, calibration)
+    scan = tmp_path / "body.nii.gz"
+    write_nifti(phantom_volume(np.random.default_rng(0), size=16, slices=2), scan)
+    scored = cdm("score", scan, "--checkpoint", copy, "--out", tmp_path / "r.csv", "--maps", tmp_path / "maps",
+                 cwd=tmp_path)  # fmt: skip
+    assert scored.returncode == 2 and "--maps needs the calibrated 'map' detector" in scored.stderr
+    assert not (tmp_path / "maps").exists() and not (tmp_path / "r.csv").exists()

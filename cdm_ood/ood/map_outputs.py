@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..data.discovery import detect_format
-from ..data.records import Slice, SliceSource
+from ..data.discovery import SourceFile, detect_format
+from ..data.records import Slice, SliceSource, Volume
 from ..data.transforms import LUMA
 from ..data.writers import IMAGE_SUFFIXES
 from ..io import atomic_path, atomic_write
@@ -39,17 +39,19 @@ STEM_SUFFIXES = (*IMAGE_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".im
 _SERIES = "dicom-series"
 
 
-def to_native(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A map on the model's grid (H_m, W_m) resized to a slice's grid `shape` (H, W), float32."""
+def to_native(amap: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A map on the model's grid, (H_m, W_m) or (D_m, H_m, W_m), resized to an image's grid `shape` (H, W) or
+    (D, H, W) (bilinear or trilinear), float32."""
     from monai.transforms import Resize
     from monai.utils import convert_to_numpy
 
-    amap = np.asarray(amap, dtype=np.float32)
-    if amap.ndim != 2:
-        raise ValueError(f"expected a 2D map (H, W), got shape {amap.shape}")
-    if amap.shape == tuple(shape):
+    amap, shape = np.asarray(amap, dtype=np.float32), tuple(int(n) for n in shape)
+    if amap.ndim not in (2, 3) or amap.ndim != len(shape):
+        raise ValueError(f"expected a map of {len(shape)} dimensions like the image {shape}, got shape {amap.shape}")
+    if amap.shape == shape:
         return amap.copy()
-    return convert_to_numpy(Resize(tuple(shape), mode="bilinear")(amap[None]), dtype=np.float32)[0]
+    mode = "bilinear" if amap.ndim == 2 else "trilinear"
+    return convert_to_numpy(Resize(shape, mode=mode)(amap[None]), dtype=np.float32)[0]
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, display: Optional[tuple[float, float]] = None) -> np.ndarray:
@@ -112,6 +114,13 @@ class MapWriter:
             volume.pending = True
         return [npy, png]
 
+    def write_volume(self, amap: np.ndarray, volume: Volume, files: Sequence[SourceFile]) -> list[Path]:
+        """Write the map (D_m, H_m, W_m) of a whole `volume` (a 3D model's, read from the discovered `files`) as
+        the maps of its slices, resized to the volume's grid (MONAI `Resize`, trilinear); returns their files."""
+        native = to_native(amap, volume.image.shape[-3:])
+        slices = _volume_slices(volume, files)
+        return [path for k, s in enumerate(slices) for path in self.write(native[k], s)]
+
     def finish(self) -> list[Path]:
         """Write the volume files still due; returns every volume file written."""
         self._flush(every=True)
@@ -144,6 +153,21 @@ def write_maps(out: str | Path, maps: Iterable[tuple[np.ndarray, Slice]], **kwar
     writer = MapWriter(out, **kwargs)
     written = [path for amap, s in maps for path in writer.write(amap, s)]
     return written + writer.finish()
+
+
+def _volume_slices(volume: Volume, files: Sequence[SourceFile]) -> list[Slice]:
+    """The slices of a volume stacked by `data.volumes.stack_volumes`, each with the source the readers give it:
+    a file per slice (a DICOM series, in index order), or one file of slices (frames of a multi-frame DICOM)."""
+    image, t = volume.image, volume.source.time_point
+    if len(files) == image.shape[1] and all(f.index is not None for f in files):
+        ordered = sorted(files, key=lambda f: f.index)
+        sources = [SliceSource(f.path, f.index, f.volume_id, f.sop_instance_uid) for f in ordered]
+    else:
+        (f,) = files
+        frames = f.format == "dicom"
+        sources = [SliceSource(f.path, k, f.volume_id, f.sop_instance_uid, k if frames else None, t)
+                   for k in range(image.shape[1])]  # fmt: skip
+    return [Slice(image[:, k], source) for k, source in enumerate(sources)]
 
 
 def _volume_key(source: SliceSource) -> str:

@@ -25,6 +25,7 @@ from ..io import write_csv_atomic
 from ..progress import ProgressFactory
 from .api import OODDetector
 from .batch import iter_scored, report_rows
+from .map_outputs import MapWriter
 from .report import COLUMNS
 
 PART_COLUMNS = (*COLUMNS, "file_key")
@@ -78,10 +79,12 @@ def score_into_parts(
     rank: int,
     workers: int = 0,
     progress: Optional[Callable[[int], None]] = None,
+    maps: Optional[MapWriter] = None,
 ) -> None:
-    """Score files and save each completed batch of whole files as one partial report."""
+    """Score files and save each completed batch of whole files as one partial report (and with `maps`, their
+    anomaly maps)."""
     parts.mkdir(parents=True, exist_ok=True)
-    for group in iter_scored(detector, sources, errors, workers, progress):
+    for group in iter_scored(detector, sources, errors, workers, progress, maps):
         write_part(parts, rank, group)
 
 
