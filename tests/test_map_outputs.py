@@ -12,9 +12,10 @@ from PIL import Image
 from processes import cdm
 
 from cdm_ood.checkpoint import load_checkpoint, store_calibration
+from cdm_ood.data.discovery import discover
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
-from cdm_ood.data.readers import iter_slices, read_file
-from cdm_ood.ood.map_outputs import MIN_PNG_SIDE, write_maps
+from cdm_ood.data.readers import iter_slices, read_file, read_source
+from cdm_ood.ood.map_outputs import MIN_PNG_SIDE, map_stems, write_maps
 from cdm_ood.spec import Calibration
 
 
@@ -97,6 +98,19 @@ def test_a_png_map_is_resized_to_the_image_and_equal_stems_do_not_collide(tmp_pa
     assert (np.diff(ramp, axis=0) >= 0).all() and ramp[-1, 0] > ramp[0, 0]  # rows stay rows when resized
     assert_png(written[1], (20, 30))
     assert all(sorted(p.name for p in (tmp_path / f).iterdir()) == ["xray.png"] for f in ("a", "b"))
+
+
+def test_stems_from_the_whole_discovery_are_the_same_whatever_share_a_writer_sees(tmp_path):
+    volume = phantom_volume(np.random.default_rng(0), size=16, slices=2)
+    for folder in ("a", "b"):
+        write_nifti(volume, tmp_path / "in" / folder / "scan.nii.gz")
+        write_dicom_series(volume, tmp_path / "in" / folder / "ser", modality="ct", volume_index=0)
+    found = discover(tmp_path / "in")
+    stems = map_stems(found)
+    assert sorted(stems.values()) == ["scan", "scan-2", "ser", "ser-2"]
+    second = [s for f in found if f.path.startswith(str(tmp_path / "in" / "b")) for s in read_source(f)]
+    written = write_maps(tmp_path / "maps", ((np.zeros((16, 16)), s) for s in second), stems=stems)  # rank 2's share
+    assert {p.name.split("_s")[0].removesuffix("_map.nii.gz") for p in written} == {"scan-2", "ser-2"}
 
 
 def test_score_maps_writes_maps_for_dicom_nifti_and_png_inputs(checkpoint, tmp_path):

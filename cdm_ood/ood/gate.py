@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..figures import plot_histogram
 from ..progress import ProgressFactory
 from .api import OODDetector
-from .map_outputs import MapWriter
+from .map_outputs import MapWriter, map_stems
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, summary, write_report
 from .shards import clear, merge, plan_shard, score_into_parts
@@ -100,8 +100,8 @@ def run_gate(
         if ddp.main and not resume:
             clear(files.parts)
         ddp.barrier()
-        todo, failed, skipped = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip, ignore,
-                                           progress if ddp.main else None)  # fmt: skip
+        todo, failed, skipped, found = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip,
+                                                  ignore, progress if ddp.main else None)  # fmt: skip
         if skipped:
             log.info("rank %d: %d files already scored, skipped", ddp.rank, skipped)
         if nothing_new_ok:
@@ -109,7 +109,7 @@ def run_gate(
             if not todo and not failed:
                 return None
         update = progress(len(todo), "scoring") if progress is not None and ddp.main else None
-        writer = None if maps is None else MapWriter(maps)
+        writer = None if maps is None else MapWriter(maps, stems=map_stems(found))
         score_into_parts(detector, todo, failed, files.parts, ddp.rank, workers, update, writer)
         ddp.barrier()
         if not ddp.main:

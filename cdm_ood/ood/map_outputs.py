@@ -10,7 +10,8 @@
   without a map (flagged, not scored) are NaN.
 
 `<stem>` is the file name less its image suffix, or a DICOM series' folder name; a second input with the same
-stem gets `<stem>-2`, and so on, in the order the inputs come.
+stem gets `<stem>-2`, and so on, in the order the inputs come, or in the order of `map_stems` over every
+discovered file (the same on every torchrun rank, so ranks never write the same name for different inputs).
 """
 
 from __future__ import annotations
@@ -86,11 +87,18 @@ class _Volume:
 class MapWriter:
     """Writes slices' anomaly maps into the folder `out` (see the module): `write` per slice, then `finish` for
     the volume files. A volume's file is written once its slices stop coming (a slice of another volume arrives)
-    and again, whole, if more of its slices come later. `display` fixes the PNGs' colour range (map units)."""
+    and again, whole, if more of its slices come later. `display` fixes the PNGs' colour range (map units);
+    `stems` (`map_stems`) names the volumes, an input it does not know gets a stem no other input has."""
 
-    def __init__(self, out: str | Path, display: Optional[tuple[float, float]] = None) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        display: Optional[tuple[float, float]] = None,
+        stems: Optional[dict[str, str]] = None,
+    ) -> None:
         self.out = Path(out)
         self.display = display
+        self._stems = dict(stems or {})
         self._volumes: dict[str, _Volume] = {}
         self._current: Optional[str] = None
         self._written: dict[str, Path] = {}
@@ -137,15 +145,23 @@ class MapWriter:
     def _new_volume(self, key: str, source: SliceSource) -> _Volume:
         fmt = detect_format(source.path)
         series = fmt == "dicom" and source.frame is None
-        base = Path(source.path).parent.name if series else _stem(Path(source.path).name)
-        taken = {v.stem for v in self._volumes.values()}
-        stem, n = base, 1
-        while stem in taken:
-            n += 1
-            stem = f"{base}-{n}"
+        taken = {v.stem for v in self._volumes.values()} | set(self._stems.values())
+        stem = self._stems.get(key) or _free_stem(_base_stem(source.path, series), taken)
         volume = _Volume(stem, _SERIES if series else "nifti" if fmt == "nifti" else None)
         self._volumes[key] = volume
         return volume
+
+
+def map_stems(sources: Sequence[SourceFile]) -> dict[str, str]:
+    """The stem of every volume of the discovered `sources`, in their order: the file name less its suffix (a
+    DICOM series: its folder's name), `-2`, `-3`... for a stem already taken."""
+    stems: dict[str, str] = {}
+    for f in sources:
+        series = f.format == "dicom" and f.index is not None
+        key = f.volume_id if f.format != "dicom" or series else f.path
+        if key not in stems:
+            stems[key] = _free_stem(_base_stem(f.path, series), set(stems.values()))
+    return stems
 
 
 def write_maps(out: str | Path, maps: Iterable[tuple[np.ndarray, Slice]], **kwargs) -> list[Path]:
@@ -175,9 +191,21 @@ def _volume_key(source: SliceSource) -> str:
     return source.path if source.frame is not None else source.volume_id
 
 
-def _stem(name: str) -> str:
+def _base_stem(path: str, series: bool) -> str:
+    """A DICOM series' folder name, or a file's name less its image suffix."""
+    if series:
+        return Path(path).parent.name
+    name = Path(path).name
     known = next((k for k in STEM_SUFFIXES if name.lower().endswith(k)), "")
     return name[: len(name) - len(known)] or name
+
+
+def _free_stem(base: str, taken: set[str]) -> str:
+    stem, n = base, 1
+    while stem in taken:
+        n += 1
+        stem = f"{base}-{n}"
+    return stem
 
 
 def _save_png(picture: np.ndarray, path: Path) -> None:
