@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from dicom_factory import ct_dataset, write
+from mlflow.tracking import MlflowClient
 from PIL import Image
 from processes import cdm
 
@@ -122,10 +123,15 @@ def test_score_maps_writes_maps_for_dicom_nifti_and_png_inputs(checkpoint, tmp_p
     Image.fromarray(np.clip(volume[1] + 1000, 0, 255).astype(np.uint8)[:, :20]).save(scans / "slice.png")
     before = sorted(p.name for p in scans.rglob("*"))
     maps = tmp_path / "maps"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     scored = cdm("score", scans, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "r.csv",
-                 "--maps", maps, cwd=tmp_path)  # fmt: skip
+                 "--maps", maps, "--mlflow", "--tracking-uri", store, cwd=tmp_path)  # fmt: skip
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["maps"] == str(maps)
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("cdm-ood-score").experiment_id])
+    gallery = sorted(a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith("_map.png"))
+    assert gallery == sorted(p.name for p in maps.glob("*_map.png")) and len(gallery) == 7
     assert sorted(p.name for p in scans.rglob("*")) == before  # inputs untouched, nothing written beside them
     slices = [f"{stem}_s{k:04d}_map" for stem in ("body", "series") for k in range(3)] + ["slice_s0000_map"]
     assert sorted(p.name for p in maps.iterdir()) == sorted(
