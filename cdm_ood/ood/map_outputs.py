@@ -3,11 +3,11 @@
 - `<stem>[_t<time point>]_s<slice:04d>_map.npy`: a slice's map (higher = more OOD) on the slice's own grid,
   float32, resized from the model's grid with MONAI `Resize` (bilinear, as the model input was resized);
 - `..._map.png`: the slice, windowed to grey (its 1st to 99th percentile), under the map in colour
-  (`COLORMAP`, more opaque where the map is higher);
+  (`COLORMAP`, more opaque where the map is higher; `score --maps` draws every map on one scale, `SCORE_DISPLAY`);
 - `<stem>_map.nii.gz`: for a NIfTI volume or a DICOM series, the slice maps stacked with the input's geometry
   (NIfTI: its shape, voxel order and affine; DICOM: the affine of its ImageOrientationPatient,
   ImagePositionPatient and PixelSpacing, data `map[k].T` as `phantoms.write_nifti` stores a volume). Slices
-  without a map (flagged, not scored) are NaN.
+  without a map (flagged, not scored) are NaN; a DICOM series' map volume ends at its last slice with a map.
 
 `<stem>` is the file name less its image suffix, or a DICOM series' folder name; a second input with the same
 stem gets `<stem>-2`, and so on, in the order the inputs come, or in the order of `map_stems` over every
@@ -35,6 +35,9 @@ log = logging.getLogger("cdm_ood.ood")
 
 COLORMAP = "inferno"  # matplotlib colormap of the map
 ALPHA = 0.6  # opacity of the map's colour where it reaches the top of its display range (0 at the bottom)
+# The PNGs' colour range of `score --maps`, in the units of the `map` detector's maps (`detectors.MapDetector`: the
+# RMS of per-pixel z-scores, about 1 in distribution): clear at the in-distribution level, full at 5 deviations.
+SCORE_DISPLAY = (1.0, 5.0)
 MIN_PNG_SIDE = 256  # a smaller slice is enlarged by an integer factor (nearest neighbour) in its PNG
 STEM_SUFFIXES = (*IMAGE_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img")
 _SERIES = "dicom-series"
