@@ -101,17 +101,19 @@ def test_a_png_map_is_resized_to_the_image_and_equal_stems_do_not_collide(tmp_pa
     assert all(sorted(p.name for p in (tmp_path / f).iterdir()) == ["xray.png"] for f in ("a", "b"))
 
 
-def test_stems_from_the_whole_discovery_are_the_same_whatever_share_a_writer_sees(tmp_path):
+def test_the_discovered_files_name_the_maps_and_size_the_series_whatever_share_a_writer_sees(tmp_path):
     volume = phantom_volume(np.random.default_rng(0), size=16, slices=2)
     for folder in ("a", "b"):
         write_nifti(volume, tmp_path / "in" / folder / "scan.nii.gz")
         write_dicom_series(volume, tmp_path / "in" / folder / "ser", modality="ct", volume_index=0)
     found = discover(tmp_path / "in")
-    stems = map_stems(found)
-    assert sorted(stems.values()) == ["scan", "scan-2", "ser", "ser-2"]
-    second = [s for f in found if f.path.startswith(str(tmp_path / "in" / "b")) for s in read_source(f)]
-    written = write_maps(tmp_path / "maps", ((np.zeros((16, 16)), s) for s in second), stems=stems)  # rank 2's share
+    assert sorted(map_stems(found).values()) == ["scan", "scan-2", "ser", "ser-2"]
+    share = [s for f in found if f.path.startswith(str(tmp_path / "in" / "b")) for s in read_source(f)]
+    share = [s for s in share if not s.source.path.endswith("slice_001.dcm")]  # as if the last slice were flagged
+    written = write_maps(tmp_path / "maps", ((np.ones((16, 16)), s) for s in share), sources=found)  # rank 2's
     assert {p.name.split("_s")[0].removesuffix("_map.nii.gz") for p in written} == {"scan-2", "ser-2"}
+    series = np.asarray(nib.load(tmp_path / "maps" / "ser-2_map.nii.gz").dataobj)
+    assert series.shape == (16, 16, 2) and (series[:, :, 0] == 1).all() and np.isnan(series[:, :, 1]).all()
 
 
 def test_score_maps_writes_maps_for_dicom_nifti_and_png_inputs(checkpoint, tmp_path):

@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..figures import plot_histogram
 from ..progress import ProgressFactory
 from .api import OODDetector
-from .map_outputs import SCORE_DISPLAY, MapWriter, map_stems
+from .map_outputs import SCORE_DISPLAY, MapWriter
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, summary, write_report
 from .shards import clear, merge, plan_shard, score_into_parts
@@ -109,7 +109,7 @@ def run_gate(
             if not todo and not failed:
                 return None
         update = progress(len(todo), "scoring") if progress is not None and ddp.main else None
-        writer = None if maps is None else MapWriter(maps, SCORE_DISPLAY, map_stems(found))
+        writer = None if maps is None else MapWriter(maps, SCORE_DISPLAY, found)
         score_into_parts(detector, todo, failed, files.parts, ddp.rank, workers, update, writer)
         ddp.barrier()
         if not ddp.main:

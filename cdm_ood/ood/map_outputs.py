@@ -7,17 +7,19 @@
 - `<stem>_map.nii.gz`: for a NIfTI volume or a DICOM series, the slice maps stacked with the input's geometry
   (NIfTI: its shape, voxel order and affine; DICOM: the affine of its ImageOrientationPatient,
   ImagePositionPatient and PixelSpacing, data `map[k].T` as `phantoms.write_nifti` stores a volume). Slices
-  without a map (flagged, not scored) are NaN; a DICOM series' map volume ends at its last slice with a map.
+  without a map (flagged, not scored) are NaN.
 
 `<stem>` is the file name less its image suffix, or a DICOM series' folder name; a second input with the same
 stem gets `<stem>-2`, and so on, in the order the inputs come, or in the order of `map_stems` over every
-discovered file (the same on every torchrun rank, so ranks never write the same name for different inputs).
+discovered file when the writer is given them (the same on every torchrun rank, so ranks never write the same
+name for different inputs).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,18 +92,17 @@ class _Volume:
 class MapWriter:
     """Writes slices' anomaly maps into the folder `out` (see the module): `write` per slice, then `finish` for
     the volume files. A volume's file is written once its slices stop coming (a slice of another volume arrives)
-    and again, whole, if more of its slices come later. `display` fixes the PNGs' colour range (map units);
-    `stems` (`map_stems`) names the volumes, an input it does not know gets a stem no other input has."""
+    and again, whole, if more of its slices come later. `display` fixes the PNGs' colour range (map units).
+    `sources`, every file discovered, name the volumes (`map_stems`; an input not among them gets a stem no
+    other input has) and give each DICOM series its number of slices (else: up to its last slice with a map)."""
 
     def __init__(
-        self,
-        out: str | Path,
-        display: Optional[tuple[float, float]] = None,
-        stems: Optional[dict[str, str]] = None,
+        self, out: str | Path, display: Optional[tuple[float, float]] = None, sources: Sequence[SourceFile] = ()
     ) -> None:
         self.out = Path(out)
         self.display = display
-        self._stems = dict(stems or {})
+        self._stems = map_stems(sources)
+        self._depths = Counter(f.volume_id for f in sources if f.format == "dicom" and f.index is not None)
         self._volumes: dict[str, _Volume] = {}
         self._current: Optional[str] = None
         self._written: dict[str, Path] = {}
@@ -142,8 +143,11 @@ class MapWriter:
             if volume.pending and (every or key == self._current):
                 volume.pending = False
                 path = self.out / f"{volume.stem}_map.nii.gz"
-                if (_write_nifti_map if volume.kind == "nifti" else _write_series_map)(volume, path):
-                    self._written[key] = path
+                if volume.kind == "nifti":
+                    _write_nifti_map(volume, path)
+                elif not _write_series_map(volume, path, self._depths[key]):
+                    continue
+                self._written[key] = path
 
     def _new_volume(self, key: str, source: SliceSource) -> _Volume:
         fmt = detect_format(source.path)
@@ -218,19 +222,19 @@ def _save_png(picture: np.ndarray, path: Path) -> None:
         Image.fromarray(picture).save(tmp, format="PNG")
 
 
-def _write_nifti_map(volume: _Volume, path: Path) -> bool:
+def _write_nifti_map(volume: _Volume, path: Path) -> None:
     """The slice maps of a NIfTI input in its shape, voxel order and affine (NaN where no slice has a map)."""
     from ..data.writers import write_nifti_like
 
     ((_, source), *_) = volume.slices.values()
     maps = {key: np.load(npy)[None] for key, (npy, _) in volume.slices.items()}
     write_nifti_like(source, maps, path, background=np.nan)
-    return True
 
 
-def _write_series_map(volume: _Volume, path: Path) -> bool:
-    """The slice maps of a DICOM series stacked in series order under the affine of its geometry (NaN where no
-    slice has a map); a series without the geometry tags gets no volume file (logged)."""
+def _write_series_map(volume: _Volume, path: Path, depth: int) -> bool:
+    """The slice maps of a DICOM series of `depth` slices (0: up to its last slice with a map) stacked in series
+    order under the affine of its geometry, NaN where a slice has no map; a series without the geometry tags gets
+    no volume file (logged, False)."""
     import pydicom
 
     from ..data.orientation import series_affine
@@ -251,7 +255,8 @@ def _write_series_map(volume: _Volume, path: Path) -> bool:
         step = (last - first) / (indices[-1] - indices[0])
     else:
         step = np.cross(orientation[:3], orientation[3:]) * float(ends[0].get("SliceThickness") or 1.0)
-    stack = np.full((indices[-1] + 1, *np.load(volume.slices[(None, indices[0])][0]).shape), np.nan, np.float32)
+    shape = np.load(volume.slices[(None, indices[0])][0]).shape
+    stack = np.full((max(depth, indices[-1] + 1), *shape), np.nan, np.float32)
     for (_, index), (npy, _) in volume.slices.items():
         stack[index] = np.load(npy)
     affine = series_affine(orientation, first - indices[0] * step, spacing, step)
