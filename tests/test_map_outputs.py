@@ -1,6 +1,7 @@
 """Anomaly-map files (`cdm_ood.ood.map_outputs`) for real NIfTI, DICOM-series and PNG inputs read by the readers:
 names, grids, and the input's geometry; and `cdm-ood score --maps` writing them from a real checkpoint."""
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -165,3 +166,21 @@ def test_score_maps_needs_the_calibrated_map_detector(checkpoint, tmp_path):
                  cwd=tmp_path)  # fmt: skip
     assert scored.returncode == 2 and "--maps needs the calibrated 'map' detector" in scored.stderr
     assert not (tmp_path / "maps").exists() and not (tmp_path / "r.csv").exists()
+
+
+def test_score_maps_never_scans_its_own_folder_and_refuses_an_input(checkpoint, tmp_path):
+    scans = tmp_path / "scans"
+    write_nifti(phantom_volume(np.random.default_rng(0), size=16, slices=2), scans / "body.nii.gz")
+    refused = cdm("score", scans, "--checkpoint", checkpoint, "--out", tmp_path / "r.csv", "--maps", scans,
+                  cwd=tmp_path)  # fmt: skip
+    assert refused.returncode == 2 and "must not be one of the inputs or hold one" in refused.stderr
+    maps = scans / "maps"
+    for _ in range(2):  # the second run finds the first run's maps inside the scanned folder, and leaves them out
+        scored = cdm("score", scans, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "r.csv",
+                     "--maps", maps, cwd=tmp_path)  # fmt: skip
+        assert scored.returncode == 0, scored.stderr
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert {Path(r["path"]).name for r in csv.DictReader(f)} == {"body.nii.gz"}
+    assert sorted(p.name for p in maps.iterdir()) == sorted(
+        ["body_map.nii.gz", *(f"body_s{k:04d}_map{ext}" for k in range(2) for ext in (".npy", ".png"))]
+    )
