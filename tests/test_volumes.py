@@ -154,3 +154,12 @@ def test_score_maps_of_a_3d_model_are_written_per_volume(model3d, volumes, tmp_p
             assert np.array_equal(data[:, :, k].T, np.load(maps / f"{stem}_s{k:04d}_map.npy"))
     assert np.array_equal(nib.load(maps / "clean_map.nii.gz").affine, nib.load(volumes / "clean.nii.gz").affine)
     assert np.allclose(nib.load(maps / "series_map.nii.gz").affine, np.diag([-1.0, -1.0, 1.0, 1.0]))
+
+
+def test_defects_are_localized_by_a_3d_model(model3d, tmp_path):
+    from cdm_ood.data.phantoms import make_phantoms
+    from cdm_ood.ood.localization import ALL, localize_defects
+
+    manifest = make_phantoms(tmp_path / "defects", 1, "dicom", size=16, slices=8, seed=2, defects=True)
+    results = localize_defects(OODDetector.from_checkpoint(model3d[0]), manifest)
+    assert len(results) == 5 and 0.5 < results[ALL]["pixel_auroc"] <= 1.0, results
