@@ -24,14 +24,14 @@ from .common import (
     tracking_uri_option,
 )
 
+MLFLOW_GALLERY = 50  # with --mlflow, the first this many map overlays (by name) are logged with the report
+
 detector_option = click.option(
     "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
 )
 batch_option = click.option(
     "--batch-size", default=64, show_default=True, help="Slices (volumes for a 3D model) per forward pass."
 )
-MLFLOW_GALLERY = 50  # with --mlflow, the first this many map overlays (by name) are logged with the report
-
 workers_option = click.option(
     "--workers", default=0, show_default=True, help="DataLoader processes reading files (0: in the main process)."
 )
