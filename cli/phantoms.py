@@ -29,6 +29,12 @@ import click
     "wrong-modality files in OUT_DIR/wrong_modality (docs/data.md).",
 )
 @click.option(
+    "--defects",
+    is_flag=True,
+    help="Also write, per volume, a copy with each local defect (metal streaks, lesion, foreign object, local "
+    "ghost) and its mask as OUT_DIR/masks/<name>_mask.nii.gz, named in the manifest's mask column (docs/data.md).",
+)
+@click.option(
     "--anatomy",
     default="body",
     show_default=True,
@@ -44,6 +50,7 @@ def make_phantoms_command(
     seed: int,
     corrupt: bool,
     ood_sets: bool,
+    defects: bool,
     anatomy: str,
 ) -> None:
     """Write N synthetic phantom volumes into the new or empty folder OUT_DIR, plus OUT_DIR/manifest.csv.
@@ -61,7 +68,7 @@ def make_phantoms_command(
 
     try:
         manifest = make_phantoms(out, n, fmt, size, slices, modality, seed, corrupt, progress=report,
-                                 ood_sets=ood_sets, anatomy=anatomy)  # fmt: skip
+                                 ood_sets=ood_sets, anatomy=anatomy, defects=defects)  # fmt: skip
     except FileExistsError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"Manifest: {manifest}")

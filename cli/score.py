@@ -24,6 +24,8 @@ from .common import (
     tracking_uri_option,
 )
 
+MLFLOW_GALLERY = 50  # with --mlflow, the first this many map overlays (by name) are logged with the report
+
 detector_option = click.option(
     "--detector", help="Detector by name, one of `cdm_ood.ood.DETECTORS` [default: the checkpoint's calibrated one]."
 )
@@ -50,6 +52,16 @@ def _detector(
     except CdmOodError as err:
         raise type(err)(f"{checkpoint}: {err}") from None
     return scorer
+
+
+def _require_maps(scorer, checkpoint: Path) -> None:
+    """Stop `score --maps` (exit 2) before any file is read when the checkpoint has no calibrated map detector."""
+    from cdm_ood.ood.detectors import MapDetector
+
+    calibration = scorer.model.calibration
+    if calibration is None or MapDetector.name not in calibration.detectors:
+        raise UsageError(f"{checkpoint}: --maps needs the calibrated {MapDetector.name!r} detector; calibrate the "
+                         "checkpoint on in-distribution scans first (cdm-ood calibrate)")  # fmt: skip
 
 
 def _skipped(err) -> None:
@@ -111,6 +123,10 @@ def calibrate_command(
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
                    "[default: 512^3].")  # fmt: skip
 @click.option("--resume", is_flag=True, help="Keep the partial reports of an interrupted run; skip their files.")
+@click.option("--maps", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write each scored image's anomaly map into this folder: .npy on the image's grid, a PNG "
+                   "overlay, and for NIfTI / DICOM series a _map.nii.gz with the input's geometry (docs/data.md). "
+                   "Needs the calibrated map detector.")  # fmt: skip
 @device_option
 @batch_option
 @workers_option
@@ -119,7 +135,7 @@ def calibrate_command(
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, max_voxels: int, resume: bool, device: str, batch_size: int, workers: int,
+    no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str, batch_size: int, workers: int,
     exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
@@ -146,6 +162,8 @@ def score_command(
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
     scorer = _detector(checkpoint, detector, batch_size, threshold, device)
+    if maps is not None:
+        _require_maps(scorer, checkpoint)
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
     with ExitStack() as bars:
@@ -153,16 +171,19 @@ def score_command(
             scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
             ignore=ignore_globs(exclude, no_default_ignore),
             progress=late_progress(bars, scorer.name) if ddp.main else None,
-            info={"checkpoint": str(checkpoint)},
+            info={"checkpoint": str(checkpoint)}, maps=maps,
         )  # fmt: skip
     if result is None:  # another rank of a torchrun job: rank 0 reports
         return
-    click.echo(json.dumps({"report": str(result.report), "histogram": str(result.histogram), **result.summary}))
+    written = {"maps": str(maps)} if maps is not None else {}
+    click.echo(json.dumps({"report": str(result.report), "histogram": str(result.histogram), **written,
+                           **result.summary}))  # fmt: skip
     if mlflow:
         from cdm_ood.tracking import log_job_run
 
+        gallery = sorted(maps.glob("*_map.png"))[:MLFLOW_GALLERY] if maps is not None else []
         log_job_run("score", result.info, {**result.summary, "threshold": result.info["threshold"]},
-                    [result.report, result.histogram], tracking_uri, scorer.model)  # fmt: skip
+                    [result.report, result.histogram, *gallery], tracking_uri, scorer.model)  # fmt: skip
     sys.exit(0 if result.passed or no_fail else 1)
 
 

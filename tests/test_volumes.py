@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import nibabel as nib
 import numpy as np
 import pytest
 from processes import cdm
@@ -137,3 +138,28 @@ def test_pyfunc_model_scores_volumes_as_the_api(model3d, tmp_path, monkeypatch):
     predicted = model.predict(batch[:, None])  # (B, C, D, H, W)
     np.testing.assert_allclose(predicted["score"], expected, rtol=1e-5)
     assert np.isfinite(predicted["log_likelihood"]).all() and (predicted["verdict"] != "flagged").all()
+
+
+def test_score_maps_of_a_3d_model_are_written_per_volume(model3d, volumes, tmp_path):
+    checkpoint, _ = model3d
+    maps = tmp_path / "maps"
+    scored = cdm("score", volumes / "clean.nii.gz", volumes / "series", "--checkpoint", checkpoint, "--threshold",
+                 "1e12", "--out", tmp_path / "r.csv", "--maps", maps, cwd=tmp_path)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr
+    for stem in ("clean", "series"):
+        volume = nib.load(maps / f"{stem}_map.nii.gz")
+        data = np.asarray(volume.dataobj)
+        assert data.shape == (16, 16, 8) and np.isfinite(data).all()
+        for k in range(8):
+            assert np.array_equal(data[:, :, k].T, np.load(maps / f"{stem}_s{k:04d}_map.npy"))
+    assert np.array_equal(nib.load(maps / "clean_map.nii.gz").affine, nib.load(volumes / "clean.nii.gz").affine)
+    assert np.allclose(nib.load(maps / "series_map.nii.gz").affine, np.diag([-1.0, -1.0, 1.0, 1.0]))
+
+
+def test_defects_are_localized_by_a_3d_model(model3d, tmp_path):
+    from cdm_ood.data.phantoms import make_phantoms
+    from cdm_ood.ood.localization import ALL, localize_defects
+
+    manifest = make_phantoms(tmp_path / "defects", 1, "dicom", size=16, slices=8, seed=2, defects=True)
+    results = localize_defects(OODDetector.from_checkpoint(model3d[0]), manifest)
+    assert len(results) == 5 and 0.5 < results[ALL]["pixel_auroc"] <= 1.0, results

@@ -10,6 +10,7 @@ volume back in that orientation with its affine (whatever `Orientation` did) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,21 @@ def reader_slices(image: Any) -> np.ndarray:
     spatial = np.moveaxis(array, 0, -1)  # (x, y, z, C): nibabel reorients the leading axes
     spatial = apply_orientation(spatial, ornt_transform(io_orientation(affine), target))
     return np.ascontiguousarray(spatial.transpose(2, 3, 1, 0))  # slice k = data[:, :, k].T, channels first
+
+
+def series_affine(
+    orientation: Sequence[float], first: Sequence[float], spacing: Sequence[float], step: Sequence[float]
+) -> np.ndarray:
+    """The RAS affine of a DICOM series' voxels `data[col, row, k]` (slice k's pixel array transposed, the layout
+    of `phantoms.write_nifti`), from its ImageOrientationPatient (row, then column direction cosines), the first
+    slice's ImagePositionPatient, PixelSpacing (between rows, between columns) and the step from one slice's
+    position to the next, all in the patient's LPS millimetres."""
+    affine = np.eye(4)
+    affine[:3, 0] = np.asarray(orientation[:3], dtype=np.float64) * float(spacing[1])
+    affine[:3, 1] = np.asarray(orientation[3:6], dtype=np.float64) * float(spacing[0])
+    affine[:3, 2] = np.asarray(step, dtype=np.float64)
+    affine[:3, 3] = np.asarray(first, dtype=np.float64)
+    return _LPS_TO_RAS @ affine
 
 
 def _ras_affine(meta: dict, key: str) -> np.ndarray:

@@ -9,7 +9,8 @@ arbitrary positive intensities for MR. Both formats store exactly these numbers:
 Corrupted copies apply one artifact of `artifacts.ARTIFACTS` at a `mild` or `strong` strength, mostly with MONAI
 transforms, on the volume rescaled to [0, 1], and are mapped back to the units of the clean scan. The OOD sets add
 every artifact at the `reject` strength (`artifacts.REJECT`), every orientation error (`geometry.ORIENTATIONS`) and
-the files of `wrong_modality`.
+the files of `wrong_modality`. The defect sets add one local defect per kind (`defects.DEFECTS`), each with its
+mask as a uint8 NIfTI file in `masks/`.
 
 pydicom, nibabel and MONAI are imported inside the functions that need them, so importing this module is cheap.
 """
@@ -28,6 +29,7 @@ import numpy as np
 from ..errors import UsageError
 from ..io import atomic_path, write_csv_atomic
 from .artifacts import ARTIFACTS, REJECT, check_modality, corrupt_volume, to_stored
+from .defects import DEFECTS, draw_defect
 from .geometry import ORIENTATIONS, misorient
 
 FORMATS = ("dicom", "nifti")
@@ -46,6 +48,8 @@ MANIFEST_COLUMNS = (
     "size",
     "seed",
 )
+MASK_COLUMN = "mask"  # the defect's mask, relative to the manifest's folder: a manifest column with `defects`
+MASKS = "masks"  # the folder of the defect masks of `make_phantoms(defects=True)`
 
 # Tissue intensities per modality: (mean, per-volume jitter sd). Painted in the order of the shapes.
 TISSUES = {
@@ -300,15 +304,20 @@ def write_dicom_series(
 
 
 def write_nifti(
-    volume: np.ndarray, path: str | Path, *, spacing: float = 1.0, affine: Optional[np.ndarray] = None
+    volume: np.ndarray,
+    path: str | Path,
+    *,
+    spacing: float = 1.0,
+    affine: Optional[np.ndarray] = None,
+    dtype: type[np.generic] = np.float32,
 ) -> None:
-    """Write `volume` to a gzipped NIfTI-1 file as float32 `data = vol.transpose(2, 1, 0)` with `affine` (voxel ->
-    RAS mm; by default diag(spacing, spacing, spacing, 1)). The gzip header carries no timestamp, so equal volumes
-    give equal files."""
+    """Write `volume` to a gzipped NIfTI-1 file as `dtype` (float32 by default) `data = vol.transpose(2, 1, 0)`
+    with `affine` (voxel -> RAS mm; by default diag(spacing, spacing, spacing, 1)). The gzip header carries no
+    timestamp, so equal volumes give equal files."""
     import nibabel as nib
 
     affine = np.diag([spacing, spacing, spacing, 1.0]) if affine is None else np.asarray(affine, dtype=np.float64)
-    image = nib.Nifti1Image(np.asarray(volume, dtype=np.float32).transpose(2, 1, 0), affine)
+    image = nib.Nifti1Image(np.asarray(volume, dtype=dtype).transpose(2, 1, 0), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
@@ -324,15 +333,17 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _variants(corrupt: bool, ood_sets: bool = False) -> list[tuple[str, str]]:
+def _variants(corrupt: bool, ood_sets: bool = False, defects: bool = False) -> list[tuple[str, str]]:
     """(artifact, strength) pairs written per volume, the clean one first: with `corrupt` every artifact of
     `ARTIFACTS` at its strengths, with `ood_sets` every artifact at the reject strength and every orientation error
-    (strength "")."""
+    (strength ""), with `defects` every local defect of `DEFECTS` (strength "")."""
     pairs = [("none", "none")]
     if corrupt:
         pairs += [(artifact, strength) for artifact, strengths in ARTIFACTS.items() for strength in strengths]
     if ood_sets:
         pairs += [(artifact, "reject") for artifact in REJECT] + [(error, "") for error in ORIENTATIONS]
+    if defects:
+        pairs += [(kind, "") for kind in DEFECTS]
     return pairs
 
 
@@ -344,6 +355,21 @@ def variant(clean: np.ndarray, artifact: str, strength: str, seed: int, modality
     if artifact in ORIENTATIONS:
         return misorient(clean, artifact), ""
     return corrupt_volume(clean, artifact, strength, seed, modality)
+
+
+def _write_mask(mask: np.ndarray, out: Path, name: str, affine: Optional[np.ndarray]) -> str:
+    """Write a defect's mask as uint8 NIfTI `masks/<name>_mask.nii.gz` under `out` with the volume's affine (for a
+    DICOM series, `affine` is that of its slice geometry); returns the path relative to `out`."""
+    rel = f"{MASKS}/{name}_mask.nii.gz"
+    write_nifti(mask, out / rel, affine=affine, dtype=np.uint8)
+    return rel
+
+
+def _phantom_series_affine() -> np.ndarray:
+    """The RAS affine of the voxels `vol[k].T` of a series of `write_dicom_series` at its default spacing."""
+    from .orientation import series_affine
+
+    return series_affine((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0), (1.0, 1.0), (0.0, 0.0, 1.0))
 
 
 def _corruption_seed(seed: int, volume_index: int) -> int:
@@ -381,6 +407,7 @@ def make_phantoms(
     progress: Optional[Callable[[int, int, str], None]] = None,
     ood_sets: bool = False,
     anatomy: str = "body",
+    defects: bool = False,
 ) -> Path:
     """Write `n` phantoms (and with `corrupt` their 12 corrupted copies each) into the new or empty folder `out`,
     plus `out/manifest.csv`, and return the manifest's path.
@@ -389,8 +416,10 @@ def make_phantoms(
     the ellipse phantoms (`modality` "ct" by default, or "mr"); "brain" gives MR subjects of the MNI152 template
     (`anatomy.brain_volume`, NIfTI only, needs `cdm-ood[anatomy]`). With `ood_sets`, each volume also gets a copy
     per artifact at the reject strength and per orientation error (`geometry`), and `out/wrong_modality/` the
-    files of `wrong_modality.wrong_modality_files`, all listed in the manifest. `progress(done, total, path)` is
-    called after each volume is written.
+    files of `wrong_modality.wrong_modality_files`, all listed in the manifest. With `defects`, each volume also
+    gets a copy per local defect (`defects.draw_defect`) and its mask `masks/<name>_mask.nii.gz` (uint8, the
+    volume's geometry), named in the manifest's extra `mask` column. `progress(done, total, path)` is called after
+    each volume is written.
     """
     if fmt not in FORMATS:
         raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -406,7 +435,8 @@ def make_phantoms(
     out = Path(out)
     _prepare_out(out)
     rng = np.random.default_rng(seed)
-    variants = _variants(corrupt, ood_sets)
+    variants = _variants(corrupt, ood_sets, defects)
+    mask_affine = affine if fmt == "nifti" else _phantom_series_affine()
     total = n * len(variants)
     rows: list[dict[str, object]] = []
     for index in range(n):
@@ -416,7 +446,10 @@ def make_phantoms(
             name = f"phantom_{index:04d}" + "".join(
                 f"_{part}" for part in (artifact, strength) if part not in ("", "none")
             )
-            volume, parameter = variant(clean, artifact, strength, _corruption_seed(seed, index), modality)
+            if artifact in DEFECTS:
+                (volume, mask), parameter = draw_defect(clean, artifact, _corruption_seed(seed, index), modality), ""
+            else:
+                volume, parameter = variant(clean, artifact, strength, _corruption_seed(seed, index), modality)
             if study_uid is None:
                 rel = f"{name}.nii.gz"
                 write_nifti(volume, out / rel, affine=affine)
@@ -435,6 +468,8 @@ def make_phantoms(
                 )
             values = (rel, volume_id, fmt, modality, artifact, strength, parameter, slices, size, seed)
             rows.append(dict(zip(MANIFEST_COLUMNS, values, strict=True)))
+            if artifact in DEFECTS:
+                rows[-1][MASK_COLUMN] = _write_mask(mask, out, name, mask_affine)
             if progress is not None:
                 progress(len(rows), total, rel)
     if ood_sets:
@@ -442,7 +477,7 @@ def make_phantoms(
 
         rows += wrong_modality_files(out / WRONG_MODALITY, modality, size, seed, slices)
     manifest = out / "manifest.csv"
-    write_csv_atomic(manifest, MANIFEST_COLUMNS, rows)
+    write_csv_atomic(manifest, (*MANIFEST_COLUMNS, MASK_COLUMN) if defects else MANIFEST_COLUMNS, rows)
     return manifest
 
 
@@ -453,6 +488,24 @@ def is_manifest(path: str | Path) -> bool:
         return False
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         return set(MANIFEST_COLUMNS) <= set(next(csv.reader(f), []))
+
+
+def manifest_masks(path: str | Path) -> dict[Path, Path]:
+    """The defect volumes of a `make-phantoms --defects` manifest and their masks (rows with a `mask`), paths
+    relative to the manifest's folder."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return {path.parent / row["path"]: path.parent / row[MASK_COLUMN] for row in rows if row.get(MASK_COLUMN)}
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A defect mask of `make_phantoms(defects=True)` as a boolean `mask[k, row, col]`: slice k lines up, pixel for
+    pixel, with slice k that the readers give of its volume (a DICOM series or a NIfTI volume of `make_phantoms`),
+    whatever the mask's affine says about world space."""
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0).astype(bool)
 
 
 def manifest_sets(path: str | Path) -> dict[str, list[Path]]:

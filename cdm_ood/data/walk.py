@@ -1,7 +1,7 @@
 """The files below the given paths, in a deterministic order, less the non-image files that always sit beside
-scans (`DEFAULT_IGNORE`: manifests, sidecars, DICOMDIR, READMEs, desktop litter) and the user's own globs
-(`cdm-ood score --exclude GLOB`). Files named one by one are never ignored: only what a folder walk finds.
-"""
+scans (`DEFAULT_IGNORE`: manifests, sidecars, DICOMDIR, READMEs, desktop litter, the defect masks of
+`make-phantoms --defects`) and the user's own globs (`cdm-ood score --exclude GLOB`). Files named one by one are
+never ignored: only what a folder walk finds."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ log = logging.getLogger("cdm_ood.data")
 DEFAULT_IGNORE: tuple[str, ...] = (
     "*.csv", "*.tsv", "*.json", "*.txt", "*.md", "*.rst", "*.pdf", "*.html", "*.htm", "*.xml", "*.log",
     "*.yaml", "*.yml", "*.ini", "*.bval", "*.bvec", "README*", "LICENSE*", "CHANGES", "DICOMDIR",
-    ".DS_Store", "._*", "Thumbs.db", "desktop.ini",
+    ".DS_Store", "._*", "Thumbs.db", "desktop.ini", "*/masks/*_mask.nii.gz",
 )  # fmt: skip
 
 

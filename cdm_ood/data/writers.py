@@ -61,12 +61,26 @@ def _write_dicom(source: Path, slices: dict[SliceKey, np.ndarray], out: Path, se
 
 
 def _write_nifti(source: Path, slices: dict[SliceKey, np.ndarray], out: Path, series_uid: str) -> None:
-    """The slices put back into the canonical array, then into the input's voxel order under its affine."""
+    write_nifti_like(source, slices, out)
+
+
+def write_nifti_like(
+    source: str | Path, slices: dict[SliceKey, np.ndarray], out: str | Path, background: Optional[float] = None
+) -> None:
+    """Write `slices` ((1, H, W) arrays in the readers' orientation, keyed by (time point, index)) as a float32
+    NIfTI file `out` of the NIfTI `source`'s shape, voxel order, affine and header: the slices are put back into
+    the closest canonical array, then into the input's voxel order. Voxels of missing slices keep the input's
+    values, or are `background` when it is given (the input's voxels are then never read)."""
     import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
     image = nib.load(str(source))
-    canonical = np.asarray(nib.as_closest_canonical(image).dataobj, dtype=np.float32).copy()
+    to_canonical = ornt_transform(io_orientation(image.affine), axcodes2ornt(("R", "A", "S")))
+    if background is None:
+        canonical = np.asarray(nib.as_closest_canonical(image).dataobj, dtype=np.float32).copy()
+    else:
+        shape = image.shape if len(image.shape) > 2 else (*image.shape, 1)
+        canonical = apply_orientation(np.full(shape, background, dtype=np.float32), to_canonical).copy()
     if canonical.ndim == 2:
         canonical = canonical[:, :, None]
     for (time_point, index), values in slices.items():

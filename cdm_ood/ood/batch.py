@@ -3,6 +3,7 @@
 A file that cannot be read (or mapped to the model) becomes an `unreadable` row with its reason and the
 batch goes on; inputs are only ever opened for reading. A 3D model scores whole volumes (`cdm_ood.data.volumes`):
 one row per volume; a volume with a file that cannot be read is not scored (its files get `unreadable` rows).
+Given a `MapWriter`, each scored batch also gets its anomaly maps, written beside nothing but the writer's folder.
 """
 
 from __future__ import annotations
@@ -20,21 +21,31 @@ from ..data.readers import read_source
 from ..data.records import Slice, SliceSource, Volume
 from ..data.volumes import read_volume, volume_groups
 from .api import OODDetector
+from .map_outputs import MapWriter
 from .report import error_row, volume_rows
 
-# The model-space images of one item (None for flagged ones), the errors of its files, its number of files.
-Prepared = tuple[list[tuple[SliceSource, tuple[str, ...], Optional[torch.Tensor]]], list[DataError], int]
+# The model-space images of one item (None for flagged ones) with the images read (when kept, for maps), the
+# errors of its files, its files.
+Prepared = tuple[
+    list[tuple[SliceSource, tuple[str, ...], Optional[torch.Tensor], Optional[Slice | Volume]]],
+    list[DataError],
+    list[SourceFile],
+]
 
 
 class PreparedFiles(Dataset):
     """Item i: the model-space slices of discovered file i, or with `volumes` the model-space volumes of the i-th
-    volume's files (`volume_groups`), with the errors of its files."""
+    volume's files (`volume_groups`), with the errors of its files; with `keep_images` also the images read."""
 
     def __init__(
-        self, sources: Sequence[SourceFile], transform: Callable[[Any], torch.Tensor], volumes: bool = False
+        self,
+        sources: Sequence[SourceFile],
+        transform: Callable[[Any], torch.Tensor],
+        volumes: bool = False,
+        keep_images: bool = False,
     ) -> None:
         self.items = volume_groups(sources) if volumes else [[s] for s in sources]
-        self.transform, self.volumes = transform, volumes
+        self.transform, self.volumes, self.keep_images = transform, volumes, keep_images
 
     def __len__(self) -> int:
         return len(self.items)
@@ -48,13 +59,14 @@ class PreparedFiles(Dataset):
         except DataError as err:
             errors.append(err)
         if errors:
-            return [], errors, len(files)
+            return [], errors, files
         try:
-            return [(s.source, s.flags, None if s.flags else self.transform(s.image)) for s in images], [], len(files)
+            kept = [(s.source, s.flags, None if s.flags else self.transform(s.image)) for s in images]
         except (ValueError, RuntimeError, MemoryError) as err:
             reason = "out of memory" if isinstance(err, MemoryError) else redact(err)
             path = images[0].source.path
-            return [], [UnreadableFileError(path, f"cannot be mapped to the model's input: {reason}")], len(files)
+            return [], [UnreadableFileError(path, f"cannot be mapped to the model's input: {reason}")], files
+        return [(*k, s if self.keep_images else None) for k, s in zip(kept, images, strict=True)], [], files
 
 
 def _as_is(item: Prepared) -> Prepared:
@@ -90,38 +102,48 @@ def iter_scored(
     errors: Sequence[DataError],
     workers: int = 0,
     progress: Optional[Callable[[int], None]] = None,
+    maps: Optional[MapWriter] = None,
 ) -> Iterator[list[dict]]:
     """Rows of whole files, one group per scored batch (the files in `errors` first), so that a caller can
-    save each group as soon as it is complete."""
+    save each group as soon as it is complete. With `maps`, the anomaly map of every scored image is written
+    (`OODDetector.anomaly_maps_prepared`, one more pass over the batch)."""
     threshold = detector.threshold
     if errors:
         yield [error_row(err) for err in errors]
     volumes = detector.unit == "volume"
-    loader = DataLoader(
-        PreparedFiles(sources, detector.transform, volumes), batch_size=None, num_workers=workers, collate_fn=_as_is
-    )
+    prepared = PreparedFiles(sources, detector.transform, volumes, keep_images=maps is not None)
+    loader = DataLoader(prepared, batch_size=None, num_workers=workers, collate_fn=_as_is)
     rows: list[dict] = []
-    pending: list[tuple[int, torch.Tensor]] = []
+    pending: list[tuple[int, torch.Tensor, Optional[Slice | Volume], list[SourceFile]]] = []
 
     def flush() -> None:
         if pending:
-            scores = detector.score_prepared(torch.stack([x for _, x in pending]))
-            for (index, _), score in zip(pending, scores.tolist(), strict=True):
+            x = torch.stack([p[1] for p in pending])
+            scores = detector.score_prepared(x)
+            for (index, *_), score in zip(pending, scores.tolist(), strict=True):
                 rows[index] = detector.report_row(rows[index]["source"], score, threshold)
+            if maps is not None:
+                for (_, _, image, files), amap in zip(pending, detector.anomaly_maps_prepared(x), strict=True):
+                    if volumes:
+                        maps.write_volume(amap, image, files)
+                    else:
+                        maps.write(amap, image)
             pending.clear()
 
-    for items, errs, n_files in loader:
+    for items, errs, files in loader:
         rows += [error_row(err) for err in errs]
-        for source, flags, x in items:
+        for source, flags, x, image in items:
             rows.append(detector.report_row(source, None, threshold, flags) if flags else {"source": source})
             if x is not None:
-                pending.append((len(rows) - 1, x))
+                pending.append((len(rows) - 1, x, image, files))
         if progress is not None:
-            progress(n_files)
+            progress(len(files))
         if len(pending) >= detector.batch_size:
             flush()
             yield rows
             rows = []
     flush()
+    if maps is not None:
+        maps.finish()
     if rows:
         yield rows

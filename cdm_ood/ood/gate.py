@@ -19,6 +19,7 @@ from ..errors import UsageError
 from ..figures import plot_histogram
 from ..progress import ProgressFactory
 from .api import OODDetector
+from .map_outputs import SCORE_DISPLAY, MapWriter
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, summary, write_report
 from .shards import clear, merge, plan_shard, score_into_parts
@@ -54,6 +55,7 @@ def run_gate(
     nothing_new_ok: bool = False,
     progress: Optional[ProgressFactory] = None,
     info: Optional[dict[str, Any]] = None,
+    maps: Optional[str | Path] = None,
 ) -> Optional[GateResult]:
     """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
 
@@ -63,6 +65,8 @@ def run_gate(
     `nothing_new_ok` (single process), inputs with no file left to score are no failure: nothing is written and
     None is returned. `progress(total, phase)` is called for the phases "reading headers" and "scoring" once
     their number of files is known; its result with each number of files handled (a progress bar's update).
+    With `maps`, each scored image's anomaly map goes into that folder (`map_outputs`; never scored itself, and
+    not one of the inputs).
     Under torchrun every rank calls this; rank 0 merges and returns the result, the other ranks return None.
     """
     report = Path(report)
@@ -70,6 +74,9 @@ def run_gate(
         raise UsageError(f"--out {report}: the report must be .csv or .json")
     if report.resolve() in {Path(p).resolve() for p in paths}:
         raise UsageError("--out must not be one of the inputs")
+    maps = None if maps is None else Path(maps).resolve()
+    if maps is not None and any(maps == Path(p).resolve() or maps in Path(p).resolve().parents for p in paths):
+        raise UsageError(f"--maps {maps} must not be one of the inputs or hold one")
     ddp = Distributed.from_env()
     aggregate(per_volume)
     if nothing_new_ok and ddp.world > 1:
@@ -77,7 +84,8 @@ def run_gate(
     files = ReportFiles(report)
 
     def skip(path: Path) -> bool:
-        return files.owns(path) or (exclude is not None and exclude(path))
+        in_maps = maps is not None and (path.resolve() == maps or maps in path.resolve().parents)
+        return files.owns(path) or in_maps or (exclude is not None and exclude(path))
 
     with ExitStack() as claim:
         problem = None
@@ -92,8 +100,8 @@ def run_gate(
         if ddp.main and not resume:
             clear(files.parts)
         ddp.barrier()
-        todo, failed, skipped = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip, ignore,
-                                           progress if ddp.main else None)  # fmt: skip
+        todo, failed, skipped, found = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip,
+                                                  ignore, progress if ddp.main else None)  # fmt: skip
         if skipped:
             log.info("rank %d: %d files already scored, skipped", ddp.rank, skipped)
         if nothing_new_ok:
@@ -101,7 +109,8 @@ def run_gate(
             if not todo and not failed:
                 return None
         update = progress(len(todo), "scoring") if progress is not None and ddp.main else None
-        score_into_parts(detector, todo, failed, files.parts, ddp.rank, workers, update)
+        writer = None if maps is None else MapWriter(maps, SCORE_DISPLAY, found)
+        score_into_parts(detector, todo, failed, files.parts, ddp.rank, workers, update, writer)
         ddp.barrier()
         if not ddp.main:
             return None

@@ -25,6 +25,7 @@ from ..io import write_csv_atomic
 from ..progress import ProgressFactory
 from .api import OODDetector
 from .batch import iter_scored, report_rows
+from .map_outputs import MapWriter
 from .report import COLUMNS
 
 PART_COLUMNS = (*COLUMNS, "file_key")
@@ -52,22 +53,22 @@ def plan_shard(
     exclude: Optional[Callable[[Path], bool]] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
     progress: Optional[ProgressFactory] = None,
-) -> tuple[list[SourceFile], list[DataError], int]:
+) -> tuple[list[SourceFile], list[DataError], int, list[SourceFile]]:
     """This rank's share of the files below `paths` (the files of every `world`-th volume of the deterministic
     discovery order, so that a volume is read whole by one rank, and every `world`-th file that failed
     discovery), less those already in `parts` when resuming; returns
-    (files to read, failed files to report, number skipped). `max_voxels`, `exclude`, `ignore`, `progress` go to
-    `discover`."""
+    (files to read, failed files to report, number skipped, every file discovered, the same on every rank).
+    `max_voxels`, `exclude`, `ignore`, `progress` go to `discover`."""
     errors: list[DataError] = []
     sources = discover([Path(p) for p in paths], errors.append, max_voxels, exclude, ignore, progress)
     mine = [s for files in volume_groups(sources)[rank::world] for s in files]
     failed = errors[rank::world]
     done = done_files(parts) if resume and parts.exists() else set()
     if not done:
-        return mine, failed, 0
+        return mine, failed, 0, sources
     todo = [s for s in mine if (s.path, file_key(s.path)) not in done]
     todo_failed = [e for e in failed if (str(e.path), file_key(e.path)) not in done]
-    return todo, todo_failed, len(mine) + len(failed) - len(todo) - len(todo_failed)
+    return todo, todo_failed, len(mine) + len(failed) - len(todo) - len(todo_failed), sources
 
 
 def score_into_parts(
@@ -78,10 +79,12 @@ def score_into_parts(
     rank: int,
     workers: int = 0,
     progress: Optional[Callable[[int], None]] = None,
+    maps: Optional[MapWriter] = None,
 ) -> None:
-    """Score files and save each completed batch of whole files as one partial report."""
+    """Score files and save each completed batch of whole files as one partial report (and with `maps`, their
+    anomaly maps)."""
     parts.mkdir(parents=True, exist_ok=True)
-    for group in iter_scored(detector, sources, errors, workers, progress):
+    for group in iter_scored(detector, sources, errors, workers, progress, maps):
         write_part(parts, rank, group)
 
 
