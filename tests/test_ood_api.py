@@ -55,6 +55,12 @@ def stack(volumes: Path) -> np.ndarray:
     return np.stack([s.image[0] for s in iter_slices(volumes)])
 
 
+def passes(*chunks: int) -> list[int]:
+    """The batch sizes the classifier sees for chunks of these sizes, with every feature of the default detector (and
+    every detector): the profile, the denoising errors at all levels in one pass, the image and its two flips."""
+    return [n * m for n in chunks for m in (1, len(DENOISE_FRACTIONS), 3)]
+
+
 def test_fit_on_an_array_runs_batched_forward_passes_like_a_list(checkpoint, volumes):
     images = stack(volumes)  # (16, 16, 16)
     fitted = {}
@@ -63,9 +69,7 @@ def test_fit_on_an_array_runs_batched_forward_passes_like_a_list(checkpoint, vol
     for name, inputs in shapes.items():
         detector, classifier = counting(checkpoint, batch_size=6)
         detector.fit(inputs, fpr=0.25)
-        # per chunk of batch_size images: the profile, the denoising errors at every level, the image and its flips
-        passes = [b * m for b in (6, 6, 4) for m in (1, len(DENOISE_FRACTIONS), 3)]
-        assert classifier.batches == passes, f"{name}: one batched pass per feature and batch_size images"
+        assert classifier.batches == passes(6, 6, 4), f"{name}: one batched pass per feature and batch_size images"
         fitted[name] = detector.id_scores
     assert all(np.array_equal(scores, fitted["array"]) for scores in fitted.values())
 
@@ -74,7 +78,7 @@ def test_score_and_predict_take_the_same_inputs_as_fit(checkpoint, volumes):
     images = stack(volumes)
     detector, classifier = counting(checkpoint, batch_size=64)
     expected = detector.score(images)
-    assert len(expected) == 16 and classifier.batches == [16]
+    assert len(expected) == 16 and classifier.batches == passes(16)
     for inputs in (images[:, None], list(images), [{"image": im[None]} for im in images], {"image": images[:, None]},
                    torch.from_numpy(images)):  # fmt: skip
         np.testing.assert_allclose(detector.score(inputs), expected, rtol=1e-5)

@@ -175,7 +175,7 @@ class OODDetector:
 
     def anomaly_maps(self, inputs: Inputs) -> np.ndarray:
         """Where each image is out of distribution: the calibrated `map` detector's per-pixel map (N, *spatial) on the
-        model's grid (higher = more OOD; in-distribution pixels are about 0, in units of their in-distribution standard
+        model's grid (higher = more OOD; in-distribution pixels are about 1, in units of their in-distribution standard
         deviation), NaN for an image that could not be scored. Images: as `score`."""
         features, _ = self.checked_features(inputs, MapDetector.needs)
         return self._map_detector().maps(features).numpy()
