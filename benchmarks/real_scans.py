@@ -7,7 +7,7 @@ its clean volumes are the in-distribution test set, every other set of the manif
 reject strength, orientation errors, wrong-modality files). Every file is read by the project's readers and mapped
 to the checkpoint's input space (`OODDetector.prepare`), so all models see the same images.
 
-Detectors: every calibrated detector of the checkpoint (one forward pass each), and the baselines of
+Detectors: every calibrated detector of the checkpoint (with its cost, `Detector.cost`), and the baselines of
 `benchmarks/ood_baselines.py` (DDPM variational bound, ddpm-ood reconstruction MSE and SSIM), trained for --steps on
 the clean scans of --train (a folder, or a manifest's clean volumes: the checkpoint's training data or more of it),
 one volume in five held out to z-score the reconstruction errors.
@@ -57,9 +57,11 @@ def held_out(images: list[Slice], every: int = 5) -> tuple[list[Slice], list[Sli
     return [s for s in images if volume_of(s) not in val], [s for s in images if volume_of(s) in val]
 
 
-def cdm_scorers(detectors: list[OODDetector]) -> dict[str, Scorer]:
-    """Each calibrated detector of the checkpoint on model-space batches."""
-    return {f"CDM {d.name}": d.score_prepared for d in detectors}
+def cdm_scorers(detectors: list[OODDetector]) -> tuple[dict[str, Scorer], dict[str, float]]:
+    """Each calibrated detector of the checkpoint on model-space batches, with its cost in forward-pass
+    equivalents per image."""
+    return ({f"CDM {d.name}": d.score_prepared for d in detectors},
+            {f"CDM {d.name}": d.detector.cost(d.model.spec.spatial_dims) for d in detectors})  # fmt: skip
 
 
 def by_volume(scores: np.ndarray, images: list[Slice], how: str = "mean") -> np.ndarray:
@@ -71,8 +73,11 @@ def by_volume(scores: np.ndarray, images: list[Slice], how: str = "mean") -> np.
     return np.array([combine(np.array(v)) for v in groups.values()])
 
 
-def measure(scorers: dict[str, Scorer], sets: dict[str, list[Slice]], images: dict[str, torch.Tensor]) -> dict:
-    """Per level, the metrics rows of `ood_baselines.table` (detector, metrics per OOD set, ms per image)."""
+def measure(
+    scorers: dict[str, Scorer], costs: dict[str, float], sets: dict[str, list[Slice]], images: dict[str, torch.Tensor]
+) -> dict:
+    """Per level, the metrics rows of `ood_baselines.table` (detector, metrics per OOD set, passes and ms per
+    image)."""
     rows: dict[str, list[dict]] = {level: [] for level in LEVELS}
     for name, score in scorers.items():
         start = time.perf_counter()
@@ -83,7 +88,7 @@ def measure(scorers: dict[str, Scorer], sets: dict[str, list[Slice]], images: di
         volumes = {k: by_volume(v, sets[k]) for k, v in scores.items()}
         for level, found in zip(LEVELS, (scores, volumes), strict=True):
             metrics = {k: ood_metrics(found["clean"], v) for k, v in found.items() if k != "clean"}
-            rows[level].append({"detector": name, "metrics": metrics, "ms_per_image": ms})
+            rows[level].append({"detector": name, "metrics": metrics, "passes": costs[name], "ms_per_image": ms})
         print(f"  {name:<28} scored in {ms:.1f} ms / image", flush=True)
     return rows
 
@@ -109,21 +114,21 @@ def main() -> None:
     detectors = [OODDetector(model, name) for name in names]
     sets = {name: scorable(paths) for name, paths in manifest_sets(args.data / "manifest.csv").items()}
     images = {name: detectors[0].prepare(found) for name, found in sets.items()}
-    scorers = cdm_scorers(detectors)
+    scorers, costs = cdm_scorers(detectors)
     facts = ""
     if not args.no_baselines:
         train_paths = manifest_sets(args.train)["clean"] if is_manifest(args.train) else [args.train]
         train, val = (detectors[0].prepare(s) for s in held_out(scorable(train_paths)))
         data = Benchmark("real-scans", train, val, images["clean"], {}, model.spec.bit_depth, args.seed)
         print(f"training the DDPM baseline on {len(train)} slices, {args.steps} steps", flush=True)
-        found, seconds = ddpm_scorers(data, args.steps, args.batch, args.elbo_steps, args.recon_steps)
-        scorers |= found
+        found, seconds, found_costs = ddpm_scorers(data, args.steps, args.batch, args.elbo_steps, args.recon_steps)
+        scorers, costs = scorers | found, costs | found_costs
         facts = (
             f"; DDPM trained on {len(train)} slices for {args.steps} steps of batch {args.batch} ({seconds:.0f} s), "
             f"bound over {args.elbo_steps} timesteps, reconstructions over {args.recon_steps} DDIM levels"
         )
     print(f"scoring {sum(len(x) for x in images.values())} slices of {len(images)} sets", flush=True)
-    rows = measure(scorers, sets, images)
+    rows = measure(scorers, costs, sets, images)
     counts = ", ".join(f"{k} {len(v)} slices / {len({volume_of(s) for s in v})} volumes" for k, v in sets.items())
     header = f"{args.checkpoint} on {args.data}: {counts}{facts}"
     sections = [f"{metric.upper()}, {level} level\n{table(rows[level], metric)}"

@@ -80,3 +80,13 @@ def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):
     rows = json.loads((tmp_path / "out" / "real-scans.json").read_text())
     assert {r["detector"] for r in rows["volume"]} >= {"CDM nll", "DDPM bound (MONAI)"}
     assert {"motion-reject", "ap-flip", "wrong-modality"} <= set(rows["slice"][0]["metrics"])
+
+
+def test_localization_measures_every_defect(tmp_path):
+    out = run("localization.py", "--steps", 2, "--volumes", "2,1,1", "--figures", tmp_path / "img", "--out",
+              tmp_path / "out", "--no-tracking")  # fmt: skip
+    rows = json.loads((tmp_path / "out" / "phantoms.json").read_text())
+    assert [r["defect"] for r in rows] == ["metal-streak", "lesion", "foreign-object", "local-ghost"]
+    assert all(0 <= r["pixel_auroc"] <= 1 and 0 <= r["peak_in_mask"] <= 1 and r["slices"] > 0 for r in rows)
+    assert "| defect | slices | pixel AUROC |" in out and "| local-ghost |" in out
+    assert (tmp_path / "img" / "localization-phantoms.png").stat().st_size > 1000

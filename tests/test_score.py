@@ -323,10 +323,11 @@ def test_progress_is_logged_as_plain_lines_without_a_terminal(checkpoint, scans,
     out = cdm("score", scans / "clean.nii.gz", scans / "spiked.nii.gz", "--checkpoint", checkpoint, "--threshold",
               "1e12", "--out", tmp_path / "r.csv", cwd=tmp_path, env={"CDM_OOD_PROGRESS_EVERY": "0"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line for line in out.stderr.splitlines() if "scoring (nll):" in line]
+    lines = [line for line in out.stderr.splitlines() if f"scoring ({DEFAULT_DETECTOR}):" in line]
     assert len(lines) == 2 and " 1/2 (50%) " in lines[0] and "eta" in lines[0]
     assert lines and lines[-1].endswith("/s") and " 2/2 (100%) " in lines[-1] and "\r" not in out.stderr
-    headers = [i for i, line in enumerate(out.stderr.splitlines()) if "reading headers (nll): 2/2 (100%)" in line]
+    read = f"reading headers ({DEFAULT_DETECTOR}): 2/2 (100%)"
+    headers = [i for i, line in enumerate(out.stderr.splitlines()) if read in line]
     assert headers and headers[-1] < out.stderr.splitlines().index(lines[0]), "discovery counts, and comes first"
 
 
@@ -340,7 +341,7 @@ def test_every_run_is_tracked_in_mlflow_by_default(checkpoint, scans, tmp_path, 
     assert out.exit_code == 0, out.output
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("cdm-ood-score").experiment_id])
-    assert run.data.params["detector"] == "nll" and run.data.metrics["volume_in"] == 1
+    assert run.data.params["detector"] == DEFAULT_DETECTOR and run.data.metrics["volume_in"] == 1
 
 
 def test_calibrate_holds_out_whole_volumes_and_warns_when_too_few_for_the_fpr(checkpoint, tmp_path):

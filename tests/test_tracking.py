@@ -17,6 +17,7 @@ from test_score import invoke
 
 from cdm_ood.checkpoint import RUN_ID, CheckpointError, load_checkpoint, load_model, save_checkpoint
 from cdm_ood.config import load_config
+from cdm_ood.ood.calibration import DEFAULT_DETECTOR
 from cdm_ood.tracking import TRAINING_RUN_TAG, MlflowCallback, RunFolderCallback
 from cdm_ood.training import latest_checkpoint, train
 
@@ -121,7 +122,7 @@ def test_score_and_evaluate_runs_link_to_the_training_run_and_log_thresholds(tra
     scored = only_run(store, "cdm-ood-score")
     assert scored.data.tags[TRAINING_RUN_TAG] == training_run
     assert scored.data.metrics["threshold"] == pytest.approx(threshold)
-    assert scored.data.metrics["calibration.nll.threshold"] == pytest.approx(threshold), "auto: the calibrated one"
+    assert scored.data.metrics[f"calibration.{DEFAULT_DETECTOR}.threshold"] == pytest.approx(threshold), "auto"
     assert scored.data.metrics["calibration.fpr"] == pytest.approx(0.05)
     assert {a.path for a in client.list_artifacts(scored.info.run_id)} == {"r.json", "r_hist.png"}
 
@@ -133,7 +134,7 @@ def test_score_and_evaluate_runs_link_to_the_training_run_and_log_thresholds(tra
     assert evaluated.data.tags[TRAINING_RUN_TAG] == training_run
     metrics = evaluated.data.metrics
     assert {"nll.spike.auroc", "multiscale.spike.fpr95", "calibration.multiscale.threshold"} <= set(metrics)
-    assert metrics["calibration.nll.threshold"] == pytest.approx(threshold)
+    assert metrics[f"calibration.{DEFAULT_DETECTOR}.threshold"] == pytest.approx(threshold)
     artifacts = {a.path for a in client.list_artifacts(evaluated.info.run_id)}
     assert {"metrics.csv", "metrics.json", "roc_nll.png", "hist_nll.png", "hist_multiscale.png"} <= artifacts
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import CdmOodError
 from ..likelihood import bits_per_dim
-from .features import class_posterior, feature_cost
+from .features import class_posterior, feature_cost, select_rows
 
 Features = dict[str, Tensor]
 """Row-aligned feature tensors of a batch: `profile` (B, T+2) nats, `errors` (B, K, C, *spatial) squared denoising
@@ -257,15 +257,20 @@ class MapDetector(Detector):
 
 
 class MaxZDetector(Detector):
-    """The largest of its component detectors' scores, each standardised by the mean and deviation of its scores on
-    the in-distribution images it was fitted on: a scan is out of distribution when any one statistic says so.
-    Fitted on in-distribution features only; no OOD example chooses or weighs the components."""
+    """The largest of its component detectors' scores, each standardised by the mean and deviation of its
+    *out-of-sample* scores on in-distribution images: a scan is out of distribution when any one statistic says so.
+
+    The scale comes from two-fold cross-fitting (components fitted on every other image score the rest, and the
+    other way round; in-sample below 4 images); the components kept are then fitted on all images. In-sample
+    scores would understate a fitted component's spread (a Mahalanobis distance or per-pixel statistics from a few
+    images) and let it dominate the maximum. Fitted on in-distribution features only; no OOD example chooses or
+    weighs the components."""
 
     components: ClassVar[tuple[type[Detector], ...]]
 
     def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
         super().__init__(num_dims, bit_depth, num_classes)
-        self.parts = [c(num_dims, bit_depth, num_classes) for c in self.components]
+        self.parts = self._fresh()
         self.mean = self.scale = torch.empty(0)
 
     @classmethod
@@ -279,10 +284,20 @@ class MaxZDetector(Detector):
         return torch.stack([part.score(features).double() for part in self.parts], dim=1)
 
     def fit(self, features: Features) -> MaxZDetector:
-        self.parts = [part.fit(features) for part in self.parts]
-        scores = self._scores(features)
+        n = len(next(iter(features.values())))
+        even = torch.arange(n) % 2 == 0
+        scores = torch.empty(n, len(self.components), dtype=torch.float64)
+        for side in (even, ~even) if n >= 4 else ():
+            self.parts = [part.fit(select_rows(features, side)) for part in self._fresh()]
+            scores[~side] = self._scores(select_rows(features, ~side))
+        self.parts = [part.fit(features) for part in self._fresh()]
+        if n < 4:  # too few to cross-fit (calibration warns about such sets): in-sample scores
+            scores = self._scores(features)
         self.mean, self.scale = scores.mean(0), scores.std(0).clamp_min(1e-12)
         return self
+
+    def _fresh(self) -> list[Detector]:
+        return [c(self.num_dims, self.bit_depth, self.num_classes) for c in self.components]
 
     def score(self, features: Features) -> Tensor:
         if self.mean.numel() == 0:
