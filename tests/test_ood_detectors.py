@@ -15,7 +15,7 @@ from cdm_ood.ood.features import (
     compute_features,
     denoising_errors,
     fixed_noise,
-    flip_log_ratios,
+    flip_log_likelihoods,
 )
 from cdm_ood.ood.metrics import ood_metrics
 
@@ -82,13 +82,15 @@ def test_generative_posterior_is_bayes_rule_on_the_exact_components():
     torch.testing.assert_close(class_posterior(class_ll), uniform)
 
 
-def test_flip_ratios_are_closed_form_log_density_differences():
+def test_flip_features_are_closed_form_densities_of_the_mirror_images():
     x = mixture_draw(5, 2)
-    ratios = flip_log_ratios(unconditional, x, SCHEDULE)
+    mirrored = flip_log_likelihoods(unconditional, x, SCHEDULE)
     log_p0 = MIXTURE.log_density
-    expected = torch.stack([log_p0(x)[:, 0] - log_p0(x.flip(a))[:, 0] for a in (2, 3)], dim=1)
-    assert ratios.shape == (5, 2)
-    torch.testing.assert_close(ratios, expected)
+    assert mirrored.shape == (5, 2)
+    torch.testing.assert_close(mirrored, torch.stack([log_p0(x.flip(a))[:, 0] for a in (2, 3)], dim=1))
+    flip = DETECTORS["flip"](D).fit(all_features(mixture_draw(50, 3)))
+    ratios = (log_p0(x)[:, :1] - mirrored) / D  # log p_0(x) - log p_0(flip x), per dimension
+    torch.testing.assert_close(flip.score(all_features(x)), -((ratios - flip.mean) / flip.scale).amin(1))
 
 
 def test_flip_detector_catches_mirrored_images_that_the_likelihood_misses():
@@ -163,7 +165,7 @@ def test_state_round_trip_gives_the_same_scores(num_classes):
 def test_costs_in_forward_pass_equivalents():
     assert NLLDetector(D).cost(2) == 1.0
     assert DETECTORS["denoise"](D).cost(2) == 6.0  # two levels, one forward + one backward each
-    assert DETECTORS["flip"](D).cost(3) == 3.0
+    assert DETECTORS["flip"](D).cost(3) == 1 + 3, "the scan and its three mirror images"
     assert DETECTORS["combined"](D).cost(2) == 1 + 6 + 2, "the default stays within 10 forward passes"
     assert DETECTORS["classifier-nll"](D, 8, 10).cost(2) == 1 + 10
 

@@ -21,7 +21,7 @@ from .features import class_posterior, feature_cost, select_rows
 
 Features = dict[str, Tensor]
 """Row-aligned feature tensors of a batch: `profile` (B, T+2) nats, `errors` (B, K, C, *spatial) squared denoising
-errors at the K `DENOISE_FRACTIONS` levels, `flips` (B, A) log-likelihood ratios to the mirrored scan, `class_ll`
+errors at the K `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the scan mirrored along each axis, `class_ll`
 (B, num_classes) log p_0(x | y) (`cdm_ood.ood.features.compute_features`)."""
 
 
@@ -164,22 +164,23 @@ class DenoiseDetector(GaussianDetector):
 
 
 class FlipDetector(Detector):
-    """Orientation statistic: r_a = (log p_0(x) - log p_0(flip_a x)) / d for each spatial axis a (eq. 10 twice per
-    axis), standardised by its in-distribution mean and deviation; the score is -min_a z_a. A scan stored upside down
-    or mirrored is more likely flipped back, so its ratio falls on the wrong side; the per-image complexity that
-    dominates log p_0(x) cancels in the ratio. One-sided on purpose: a scan *more* clearly oriented than usual is
-    not suspect. Blind to axes the model was trained to be invariant to (`train.flip_prob`) or that the anatomy is
-    symmetric about (left-right in the brain)."""
+    """Orientation statistic: r_a = (log p_0(x) - log p_0(flip_a x)) / d for each spatial axis a (eq. 10 on the
+    scan and on each mirror image), standardised by its in-distribution mean and deviation; the score is -min_a z_a.
+    A scan stored upside down or mirrored is more likely flipped back, so its ratio falls on the wrong side; the
+    per-image complexity that dominates log p_0(x) cancels in the ratio. One-sided on purpose: a scan *more*
+    clearly oriented than usual is not suspect. Blind to axes the model was trained to be invariant to
+    (`train.flip_prob`) or that the anatomy is symmetric about (left-right in the brain)."""
 
     name = "flip"
-    needs = ("flips",)
+    needs = ("profile", "flips")
 
     def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
         super().__init__(num_dims, bit_depth, num_classes)
         self.mean = self.scale = torch.empty(0)
 
     def _ratios(self, features: Features) -> Tensor:
-        return features["flips"].double().cpu() / self.num_dims
+        log_p0 = features["profile"][:, :1].double().cpu()
+        return (log_p0 - features["flips"].double().cpu()) / self.num_dims
 
     def fit(self, features: Features) -> FlipDetector:
         r = self._ratios(features)

@@ -7,8 +7,8 @@ uses, with its cost per image in forward-pass equivalents (a backward pass costs
   levels, per pixel; 3 per level (one batched forward + backward over the levels).
 - `class_log_likelihoods` (Theorem 3.2 with labels): log p_0(x | y) for every label y, 1 per label (one batched
   pass); Bayes' rule turns it into the generative classifier p(y | x) (`class_posterior`).
-- `flip_log_ratios`: log p_0(x) - log p_0(flip x) for each spatial axis, 1 per axis: how much more likely the scan
-  is as given than mirrored (a scan stored upside down is more likely the right way up).
+- `flip_log_likelihoods`: log p_0(flip x) for each spatial axis, 1 per axis: with log p_0(x), how much more likely
+  the scan is as given than mirrored (a scan stored upside down is more likely the right way up).
 """
 
 from __future__ import annotations
@@ -84,20 +84,20 @@ def class_posterior(class_ll: Tensor, log_prior: Optional[Tensor] = None) -> Ten
     return joint - joint.logsumexp(dim=1, keepdim=True)
 
 
-def flip_log_ratios(classifier: Classifier, x: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """log p_0(x) - log p_0(flip_a x) (B, A) for each spatial axis a (eq. 10 at t = 0), from one forward pass over
-    x and its A mirror images. Positive when the scan is more likely as given than mirrored."""
+def flip_log_likelihoods(classifier: Classifier, x: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """log p_0(flip_a x) (B, A) in nats for each spatial axis a (eq. 10 at t = 0), from one forward pass over the A
+    mirror images; with log p_0(x) from the profile, the log-ratio of the scan as given to the scan mirrored."""
     axes = range(2, x.ndim)
-    batch = torch.cat([x, *(x.flip(a) for a in axes)])
-    ll = log_likelihood_profile(classifier, batch, schedule)[:, 0].reshape(1 + len(axes), x.shape[0])
-    return (ll[:1] - ll[1:]).T
+    ll = log_likelihood_profile(classifier, torch.cat([x.flip(a) for a in axes]), schedule)[:, 0]
+    return ll.reshape(len(axes), x.shape[0]).T
 
 
 def compute_features(
     classifier: Classifier, x: Tensor, schedule: NoiseSchedule, needs: Iterable[str], num_classes: Optional[int] = None
 ) -> dict[str, Tensor]:
     """The features named in `needs` (of `FEATURES`) of a model-space batch, on the device of `x`: `profile` (B, T+2),
-    `errors` (B, K, C, *spatial) at the `DENOISE_FRACTIONS` levels, `flips` (B, A), `class_ll` (B, num_classes)."""
+    `errors` (B, K, C, *spatial) at the `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the mirrored images,
+    `class_ll` (B, num_classes)."""
     out: dict[str, Tensor] = {}
     for name in dict.fromkeys(needs):
         if name == "profile":
@@ -105,7 +105,7 @@ def compute_features(
         elif name == "errors":
             out[name] = denoising_errors(classifier, x, schedule, level_indices(schedule, DENOISE_FRACTIONS))
         elif name == "flips":
-            out[name] = flip_log_ratios(classifier, x, schedule)
+            out[name] = flip_log_likelihoods(classifier, x, schedule)
         elif name == "class_ll" and num_classes:
             out[name] = class_log_likelihoods(classifier, x, schedule, num_classes)
         else:
