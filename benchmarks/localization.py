@@ -71,8 +71,9 @@ def main() -> None:
         for name, d in detectors.items():
             row[f"auroc_{name}"] = ood_metrics(clean_scores[name], d.score(f).numpy())["auroc"]
         rows.append(row)
-        gallery.append(np.concatenate([overlay(images[touched][0], maps[0]), overlay(images[touched][0],
-                                       masks[touched][0].astype(np.float32))], axis=1))  # fmt: skip
+        first = images[touched][0][None]  # (1, H, W): the first slice the defect touches
+        pictures = (overlay(first, maps[0]), overlay(first, masks[touched][0].astype(np.float32)))
+        gallery.append(np.concatenate(pictures, axis=1))
         print(f"  {kind:<15} pixel AUROC {row['pixel_auroc']:.3f}  peak in mask {row['peak_in_mask']:.3f}", flush=True)
     header = (f"CT phantoms {data.train.shape[-1]}x{data.train.shape[-1]}: CDM trained {args.steps} steps "
               f"({seconds:.0f} s), map fitted on {len(data.val)} validation slices, {len(stacks)} test volumes with "
