@@ -184,6 +184,12 @@ class OODDetector:
         """`anomaly_maps` of a model-space batch."""
         return self._map_detector().maps(self.features(x, MapDetector.needs)).numpy()
 
+    def score_and_maps_prepared(self, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """`score_prepared` and `anomaly_maps_prepared` of a model-space batch from one computation of the features
+        both need (the denoising errors are shared when this detector reads them too)."""
+        features = self.features(x, (*self.detector.required(), *MapDetector.needs))
+        return self.score_features(features), self._map_detector().maps(features).numpy()
+
     def _map_detector(self) -> MapDetector:
         if self._maps is None:
             detector, _, _ = load_detector(self.model.calibration, MapDetector.name, self.num_dims,

@@ -106,7 +106,7 @@ def iter_scored(
 ) -> Iterator[list[dict]]:
     """Rows of whole files, one group per scored batch (the files in `errors` first), so that a caller can
     save each group as soon as it is complete. With `maps`, the anomaly map of every scored image is written
-    (`OODDetector.anomaly_maps_prepared`, one more pass over the batch)."""
+    (`OODDetector.score_and_maps_prepared`: the features are computed once for both)."""
     threshold = detector.threshold
     if errors:
         yield [error_row(err) for err in errors]
@@ -119,11 +119,14 @@ def iter_scored(
     def flush() -> None:
         if pending:
             x = torch.stack([p[1] for p in pending])
-            scores = detector.score_prepared(x)
+            if maps is None:
+                scores, amaps = detector.score_prepared(x), ()
+            else:
+                scores, amaps = detector.score_and_maps_prepared(x)
             for (index, *_), score in zip(pending, scores.tolist(), strict=True):
                 rows[index] = detector.report_row(rows[index]["source"], score, threshold)
             if maps is not None:
-                for (_, _, image, files), amap in zip(pending, detector.anomaly_maps_prepared(x), strict=True):
+                for (_, _, image, files), amap in zip(pending, amaps, strict=True):
                     if volumes:
                         maps.write_volume(amap, image, files)
                     else:
