@@ -21,8 +21,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# One pytest worker per core (pytest-xdist); each runs torch on one thread (tests/conftest.py).
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 # The main job on generated CT phantoms: train, calibrate, evaluate per artifact, gate (outputs in demo/).
 demo: install

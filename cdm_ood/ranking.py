@@ -1,7 +1,11 @@
-"""Ranking restoration candidates by plausibility: exact log-densities from one forward pass per candidate
-(Theorem 3.2), alone or combined with the likelihood of the observation (the posterior, i.e. MAP ranking).
+"""Ranking restoration candidates: by their expected error under the posterior, or by plausibility (exact
+log-densities from one forward pass per candidate, Theorem 3.2), alone or with the likelihood of the observation.
 
-Criteria, higher = more plausible:
+Criteria, higher = better:
+- `expected-mse`: minus the posterior expected squared error of candidate c, E[||c - x||^2 | y] / d =
+  ||c - E[x | y]||^2 / d + tr Cov[x | y] / d: the Bayes estimate of the candidate's MSE (so of its PSNR order);
+  the trace is the same for every candidate, so the score is -||c - E[x | y]||^2 / d. E[x | y] and posterior
+  samples come from `posterior` (Tweedie for noise: one gradient evaluation per observation, not per candidate).
 - `prior`: log p_0(x). Favours over-smoothed candidates: a blurred image is often *more* likely than a
   sharp one under an image prior, so rank against the observation when there is one.
 - `map`: log p_0(x) + log p(y | x), with y = A(x) + sigma n, n ~ N(0, I):
@@ -14,7 +18,6 @@ Criteria, higher = more plausible:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,11 +27,13 @@ from torch import Tensor
 from .denoiser import Classifier
 from .errors import UsageError
 from .likelihood import log_likelihood_profile_batched
+from .posterior import Operator, posterior_mean, posterior_samples
 from .sampling import matching_level
 from .schedules import NoiseSchedule
 
-CRITERIA = ("prior", "map", "noisy-level")
-Operator = Callable[[Tensor], Tensor]
+CRITERIA = ("expected-mse", "prior", "map", "noisy-level")
+DEFAULT_CRITERION = "expected-mse"
+OPERATOR_SAMPLES = 8  # posterior samples for E[x | y] under a degradation operator (no closed form there)
 
 
 def log_observation_likelihood(
@@ -51,14 +56,33 @@ def noisy_level_log_density(
     return profile[:, t] + x[0].numel() * math.log(alpha)
 
 
+def expected_quality(candidates: Tensor, samples: Tensor) -> dict[str, Tensor]:
+    """Per candidate (B,), averaged over posterior samples x_k: expected MSE, PSNR and SSIM (data range 2, images
+    in [-1, 1]). The expected MSE is ||c - mean_k x_k||^2 / d + the samples' spread, i.e. the Bayes risk."""
+    from monai.metrics import SSIMMetric
+
+    pairs = candidates[:, None].expand(-1, len(samples), *candidates.shape[1:])
+    draws = samples[None].expand_as(pairs)
+    mse = (pairs - draws).flatten(2).square().mean(2).double()  # (B, K)
+    window = min(7, *candidates.shape[2:])
+    ssim = SSIMMetric(spatial_dims=candidates.ndim - 2, data_range=2.0, reduction="none",
+                      win_size=window - (window % 2 == 0))  # fmt: skip
+    s = ssim(pairs.flatten(0, 1).float(), draws.flatten(0, 1).float()).reshape(mse.shape).double()
+    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+    return {"expected_mse": mse.mean(1), "expected_psnr": psnr.mean(1), "expected_ssim": s.mean(1)}
+
+
 @dataclass
 class Ranking:
-    """Candidates ordered best first: `order[0]` is the index of the most plausible one."""
+    """Candidates ordered best first: `order[0]` is the index of the best one."""
 
     order: list[int]
     scores: Tensor  # (B,) the criterion, per candidate in input order
-    log_prior: Optional[Tensor]  # (B,) log p_0(x) in nats, for `prior` and `map`
-    log_observation: Optional[Tensor]  # (B,) log p(y | x), for `map`
+    log_prior: Optional[Tensor] = None  # (B,) log p_0(x) in nats, for `prior` and `map`
+    log_observation: Optional[Tensor] = None  # (B,) log p(y | x), for `map`
+    posterior_mean: Optional[Tensor] = None  # (1, C, *spatial) E[x | y], for `expected-mse`
+    quality: Optional[dict[str, Tensor]] = None  # `expected_quality`, for `expected-mse` with posterior samples
+    samples: Optional[Tensor] = None  # (K, C, *spatial) the posterior samples behind `quality`
 
 
 def rank_restorations(
@@ -66,30 +90,61 @@ def rank_restorations(
     schedule: NoiseSchedule,
     candidates: Tensor,
     observed: Optional[Tensor] = None,
-    criterion: str = "map",
+    criterion: str = DEFAULT_CRITERION,
     sigma: Optional[float] = None,
     operator: Optional[Operator] = None,
     batch_size: int = 64,
+    *,
+    samples: int = 0,
+    steps: int = 50,
+    generator: Optional[torch.Generator] = None,
 ) -> Ranking:
-    """Rank model-space candidates (B, C, *spatial) of one observation (C, *spatial) or (1, C, *spatial).
+    """Rank model-space candidates (B, C, *spatial) of one observation y, shaped like A(candidate) with or without
+    its batch axis of 1.
 
-    `map` needs `observed` and `sigma`; `noisy-level` needs `sigma` (the candidates' own noise std); `prior`
-    needs neither. sigma is in model units (data scaled to [-1, 1]).
+    `expected-mse` and `map` need `observed` and `sigma`; `noisy-level` needs `sigma` (the candidates' own noise
+    std); `prior` needs neither. sigma is in model units (data scaled to [-1, 1]). `expected-mse` draws `samples`
+    posterior samples (`steps` sampler steps each) for the expected PSNR / SSIM; under an `operator` it always
+    draws them (at least `OPERATOR_SAMPLES`), since E[x | y] is their mean.
     """
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
-    if criterion in ("map", "noisy-level") and (sigma is None or sigma <= 0):
+    if criterion != "prior" and (sigma is None or sigma <= 0):
         raise ValueError(f"criterion {criterion!r} needs a positive noise std sigma")
-    if criterion == "map" and observed is None:
-        raise ValueError("criterion 'map' needs the observed (degraded) image")
+    if criterion in ("map", "expected-mse") and observed is None:
+        raise ValueError(f"criterion {criterion!r} needs the observed (degraded) image")
+    y = None
+    if observed is not None:
+        one = candidates[:1] if operator is None else operator(candidates[:1])
+        y = observed if observed.ndim == one.ndim else observed[None]
+    if criterion == "expected-mse":
+        return _expected_mse_ranking(classifier, schedule, candidates, y, sigma, operator, samples, steps, generator)
     log_prior = log_obs = None
     if criterion == "noisy-level":
         scores = noisy_level_log_density(classifier, schedule, candidates, sigma, batch_size)
     else:
         scores = log_prior = log_likelihood_profile_batched(classifier, candidates, schedule, batch_size)[:, 0].double()
     if criterion == "map":
-        y = observed if observed.ndim == candidates.ndim else observed[None]
         log_obs = log_observation_likelihood(candidates, y, sigma, operator)
         scores = log_prior + log_obs
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
-    return Ranking(order, scores, log_prior, log_obs)
+    return Ranking(_order(scores), scores, log_prior, log_obs)
+
+
+def _order(scores: Tensor) -> list[int]:
+    return torch.argsort(scores, descending=True, stable=True).tolist()
+
+
+def _expected_mse_ranking(
+    classifier: Classifier, schedule: NoiseSchedule, candidates: Tensor, y: Tensor, sigma: float,
+    operator: Optional[Operator], samples: int, steps: int, generator: Optional[torch.Generator],
+) -> Ranking:  # fmt: skip
+    """`expected-mse`: scores -||c - E[x | y]||^2 / d, with `expected_quality` when posterior samples are drawn."""
+    n = max(samples, OPERATOR_SAMPLES) if operator is not None else samples
+    draws = None
+    if n:
+        draws = posterior_samples(classifier, schedule, y.to(candidates), sigma, n, operator,
+                                  tuple(candidates.shape[1:]), steps, generator)  # fmt: skip
+    mean = posterior_mean(classifier, schedule, y.to(candidates), sigma, operator, draws)
+    scores = -(candidates - mean).flatten(1).double().square().mean(1)
+    quality = None if draws is None else expected_quality(candidates, draws)
+    return Ranking(_order(scores), scores, posterior_mean=mean, quality=quality, samples=draws)

@@ -121,6 +121,7 @@ def sample(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     callback: Optional[Callable[[int, int, Tensor], None]] = None,
+    denoiser: Optional[Denoiser] = None,
 ) -> Tensor:
     """Draw samples of `shape` (B, C, *spatial) by running the reverse process from pure noise at t = T.
 
@@ -133,13 +134,14 @@ def sample(
         x_start, t_start: start from a given x at noise level t_start (posterior sampling of a noisy image)
             instead of N(0, I) at T.
         callback: called as callback(i, t, x) after each step.
+        denoiser: eps_hat(x, t) to use instead of the classifier's own (e.g. `observation_guided_denoiser`).
 
     Each step costs one forward and one backward pass; no graph is kept between steps.
     """
     if method not in METHODS:
         raise UsageError(f"unknown sampler {method!r}; expected one of {METHODS}")
     levels = strided_levels(schedule.T if t_start is None else t_start, steps)
-    eps_fn = guided_denoiser(classifier, schedule, labels, guidance, null_label)
+    eps_fn = denoiser or guided_denoiser(classifier, schedule, labels, guidance, null_label)
     x = (
         torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
         if x_start is None

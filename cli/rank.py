@@ -18,27 +18,37 @@ from .common import checkpoint_option, device_option, open_checkpoint, setup_log
 @click.argument("candidates", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @checkpoint_option
 @click.option("--observed", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The degraded scan.")
-@click.option("--criterion", default="map", show_default=True, help="One of `cdm_ood.ranking.CRITERIA`.")
-@click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation (map) "
-              "or of the candidates (noisy-level).")  # fmt: skip
-@click.option("--degradation", default="noise", show_default=True, help="noise, or blur:<std in pixels>.")
+@click.option("--criterion", default="expected-mse", show_default=True,
+              help="expected-mse, prior, map or noisy-level (`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
+@click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation "
+              "(expected-mse, map) or of the candidates (noisy-level).")  # fmt: skip
+@click.option("--degradation", default="noise", show_default=True,
+              help="noise, blur:<std in pixels>, down:<factor> (the observation is that much smaller: average "
+              "pooling) or mask:<file> (non-zero = observed pixel; the others are missing).")  # fmt: skip
+@click.option("--samples", default=0, show_default=True, help="Posterior samples for expected-mse's expected "
+              "MSE / PSNR / SSIM columns (under blur, down or mask at least 8: E[x | y] is their mean).")  # fmt: skip
+@click.option("--posterior-mean", "reference", is_flag=True, help="Write E[x | y] (expected-mse) beside the "
+              "ranking and list it first, as rank 0: the reference every candidate is measured against.")  # fmt: skip
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV: case, observed, candidates (';'-separated), optional degradation and sigma.")  # fmt: skip
 @click.option("--generate", default=0, show_default=True, help="Also make K candidates with the CDM denoiser "
               "(1 MMSE estimate + K-1 posterior samples) and rank them too.")  # fmt: skip
-@click.option("--steps", default=50, show_default=True, help="Sampler steps for --generate.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the posterior samples of --generate.")
+@click.option("--steps", default=50, show_default=True, help="Sampler steps of --generate and of posterior samples.")
+@click.option("--seed", default=0, show_default=True, help="Seed of every posterior sample drawn.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("ranking.csv"), show_default=True,
-              help="Ranking CSV (generated candidates go to <out>_generated/).")  # fmt: skip
+              help="Ranking CSV (generated candidates and posterior means go to <out>_generated/).")  # fmt: skip
 @device_option
 def rank_restorations_command(
     candidates: tuple[Path, ...], checkpoint: Path, observed: Optional[Path], criterion: str, sigma: Optional[float],
-    degradation: str, manifest: Optional[Path], generate: int, steps: int, seed: int, out: Path, device: str,
+    degradation: str, samples: int, reference: bool, manifest: Optional[Path], generate: int, steps: int, seed: int,
+    out: Path, device: str,
 ) -> None:  # fmt: skip
     """Rank candidate restorations (DICOM, NIfTI or PNG files of one slice each) of a degraded scan.
 
-    Criteria: prior = log p_0(x); map = log p_0(x) + log N(y; A x, sigma^2) (the posterior; prior alone favours
-    over-smoothed candidates); noisy-level = the exact density of candidates that are noisy with std sigma.
+    Criteria: expected-mse = minus the posterior expected squared error ||c - E[x | y]||^2 / d (ranks by expected
+    quality; E[x | y] in one gradient evaluation for noise, from posterior samples under blur, down or mask);
+    prior = log p_0(x); map = log p_0(x) + log N(y; A x, sigma^2) (prior alone favours over-smoothed candidates);
+    noisy-level = the exact density of candidates that are noisy with std sigma.
     Prints and writes the ranking (best first). Exit 1 when a manifest case could not be ranked, 2 on errors.
     """
     from cdm_ood.io import write_csv_atomic
@@ -55,8 +65,9 @@ def rank_restorations_command(
         cases = read_manifest(manifest, degradation, sigma)
     bar = click.progressbar(cases, label="ranking", file=sys.stderr) if manifest else nullcontext(cases)
     with bar as items:
-        generated = out.with_name(f"{out.stem}_generated")
-        rows, failed = rank_cases(model, items, criterion, generate, steps, seed, generated, strict=manifest is None)
+        generated = out.with_name(f"{out.stem}_generated")  # generated candidates and posterior means
+        rows, failed = rank_cases(model, items, criterion, generate, steps, seed, generated, strict=manifest is None,
+                                  samples=samples, reference=reference)  # fmt: skip
     write_csv_atomic(out, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows])
     for r in rows:
         if r["error"]:

@@ -12,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Every command tracks its run in MLflow by default; tests of tracking say `--mlflow` (and one checks the default
 # without this switch), the others keep their working directory free of MLflow stores.
 os.environ.setdefault("CDM_OOD_MLFLOW", "false")
+# Under pytest-xdist every worker and each process it starts runs torch on one thread: two workers with two threads
+# each on two cores spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume

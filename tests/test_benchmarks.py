@@ -60,13 +60,27 @@ def test_ood_baselines_run_and_are_tracked(tmp_path):
 @pytest.mark.parametrize(
     "script, args",
     [
-        ("ranking.py", ["--images", 1]),
         ("score_throughput.py", ["--volumes", 1, "--repeats", 1]),
         ("bombs.py", []),  # exits 1 unless every bomb is refused and the peak stays under 2 GiB
     ],
 )
 def test_scripts_on_the_tiny_checkpoint_run(checkpoint, script, args):
     assert run(script, "--checkpoint", checkpoint, *args)
+
+
+def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ranking_benchmark", BENCHMARKS / "ranking.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    CRITERIA, DEGRADATIONS, HELD_OUT = bench.CRITERIA, bench.DEGRADATIONS, bench.HELD_OUT
+    out = run("ranking.py", "--checkpoint", checkpoint, "--images", 1, "--samples", 2, "--steps", 3)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| degradation")]
+    for name in DEGRADATIONS:
+        assert sum(line.startswith(f"| {name} |") for line in rows) == 2 * len(CRITERIA), name
+    assert f"| {HELD_OUT} |" in out and "| hallucination |" in out
+    assert out.strip().splitlines()[-1].split(": ")[-1] in CRITERIA, "the choice is printed"
 
 
 def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from test_score import invoke
 
 from cdm_ood.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 
@@ -98,6 +99,5 @@ def test_a_crafted_model_spec_is_refused_before_anything_is_built(checkpoint, tm
     with pytest.raises(CheckpointError, match=f"implausible model spec.*{key}"):
         load_model(path)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000, "no large allocation (KiB)"
-    out = subprocess.run([sys.executable, "-m", "cdm_ood.cli", "score", str(tmp_path), "--checkpoint", str(path)],
-                         cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert out.returncode == 2 and "implausible model spec" in out.stderr and "Traceback" not in out.stderr
+    out = invoke("score", tmp_path, "--checkpoint", path)
+    assert out.exit_code == 2 and "implausible model spec" in out.stderr and "Traceback" not in out.stderr

@@ -27,7 +27,7 @@ def test_a_second_run_on_the_same_report_stops_and_the_first_completes(checkpoin
     report = tmp_path / "r.csv"
     args = ["score", tmp_path / "long.nii.gz", "--checkpoint", checkpoint, "--out", report]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    command = [sys.executable, "-m", "cdm_ood.cli", *map(str, args), "--batch-size", "1"]
+    command = [sys.executable, "-m", "cdm_ood.cli", *map(str, args), "--batch-size", "1", "--detector", "nll"]
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = ReportFiles(report).lock
     deadline = time.time() + 120

@@ -7,7 +7,7 @@ import torch
 from closed_form import GaussianMixture
 
 from cdm_ood import NoiseSchedule
-from cdm_ood.ranking import log_observation_likelihood, rank_restorations
+from cdm_ood.ranking import expected_quality, log_observation_likelihood, rank_restorations
 
 SCHEDULE = NoiseSchedule.linear(500)
 F64 = {"dtype": torch.float64}
@@ -46,6 +46,50 @@ def test_map_ranking_is_the_exact_posterior_ordering(sigma):
     torch.testing.assert_close(ranking.log_prior, gaussian_log_density(candidates, MU, S**2))
 
 
+def test_expected_mse_ranking_is_the_exact_posterior_expected_error_for_noise():
+    """E[||c - x||^2 | y] = ||c - m||^2 + d v on the Gaussian prior; with sigma on a level, Tweedie's m is exact."""
+    t = 200
+    sigma = float(SCHEDULE.sigma[t] / SCHEDULE.sqrt_alpha_bar[t])
+    candidates, y = candidates_and_observation(sigma)
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "expected-mse", sigma)
+    v = S**2 * sigma**2 / (S**2 + sigma**2)
+    m = (sigma**2 * MU + S**2 * y) / (S**2 + sigma**2)
+    expected_mse = (candidates - m).flatten(1).square().mean(1) + v
+    torch.testing.assert_close(-ranking.scores, expected_mse - v, rtol=0, atol=1e-8)
+    assert ranking.order == torch.argsort(expected_mse, stable=True).tolist()
+
+
+def test_expected_mse_ranking_under_blur_follows_the_exact_posterior():
+    """Blur + noise: E[x | y] from guided posterior samples; the order of candidates whose expected errors differ
+    by more than the samples' Monte Carlo error is the exact one, and the expected MSE is the exact one within it."""
+    from test_posterior import blur, exact_posterior, matrix
+
+    sigma = 0.1
+    g = torch.Generator().manual_seed(3)
+    clean = GAUSSIAN.sample(1, g)
+    y = blur(clean) + sigma * torch.randn(clean.shape, generator=g, **F64)
+    mean, cov = exact_posterior(y, sigma, matrix(blur))
+    steps = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.4], **F64).reshape(-1, 1, 1, 1)
+    candidates = mean + steps * torch.randn(5, *SHAPE, generator=g, **F64)
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "expected-mse", sigma, blur, samples=400,
+                                steps=100, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    exact = (candidates - mean).flatten(1).square().mean(1) + cov.diagonal().mean()
+    assert ranking.order == torch.argsort(exact, stable=True).tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(ranking.quality["expected_mse"], exact, rtol=0.1, atol=0.003)
+
+
+def test_expected_quality_averages_over_the_samples():
+    g = torch.Generator().manual_seed(0)
+    draws = torch.randn(6, 1, 8, 8, generator=g, **F64).clamp(-1, 1)
+    candidates = torch.stack([draws[0], torch.zeros(1, 8, 8, **F64)])
+    quality = expected_quality(candidates, draws)
+    mse = (candidates[:, None] - draws[None]).square().flatten(2).mean(2)
+    torch.testing.assert_close(quality["expected_mse"], mse.mean(1))
+    assert quality["expected_psnr"][0].isfinite() and quality["expected_psnr"][0] > 100 / 6, "one exact match"
+    torch.testing.assert_close(quality["expected_psnr"][1], (10 * torch.log10(4 / mse[1])).mean())
+    assert 1 / 6 - 0.01 < quality["expected_ssim"][0] < 1 and quality["expected_ssim"][1] < 0.1
+
+
 def test_prior_ranking_prefers_over_smoothed_candidates():
     candidates, y = candidates_and_observation(0.2)
     prior = rank_restorations(GAUSSIAN, SCHEDULE, candidates, criterion="prior")
@@ -73,8 +117,9 @@ def test_bad_arguments_are_named():
     x = torch.zeros(2, *SHAPE, **F64)
     with pytest.raises(ValueError, match="unknown criterion 'psnr'"):
         rank_restorations(GAUSSIAN, SCHEDULE, x, criterion="psnr")
-    with pytest.raises(ValueError, match="needs the observed"):
-        rank_restorations(GAUSSIAN, SCHEDULE, x, criterion="map", sigma=0.1)
+    for criterion in ("map", "expected-mse"):
+        with pytest.raises(ValueError, match="needs the observed"):
+            rank_restorations(GAUSSIAN, SCHEDULE, x, criterion=criterion, sigma=0.1)
     with pytest.raises(ValueError, match="positive noise std"):
         rank_restorations(GAUSSIAN, SCHEDULE, x, x[0], criterion="map")
 
@@ -105,7 +150,7 @@ def test_cli_ranks_dicom_and_png_files_and_names_mismatches(checkpoint, tmp_path
     assert out.exit_code == 0, out.output
     with open(tmp_path / "ranking.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4] and {r["criterion"] for r in rows} == {"map"}
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4] and {r["criterion"] for r in rows} == {"expected-mse"}
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
     assert {r["candidate"] for r in rows} >= {str(good), str(noisy)}
@@ -149,3 +194,45 @@ def test_cli_manifest_mode_ranks_many_cases_and_reports_a_bad_one(checkpoint, tm
     assert out.exit_code == 1, out.output
     text = (tmp_path / "all.csv").read_text()
     assert text.count("case0,") == 2 and text.count("case2,") == 2 and "missing.dcm" in text
+
+
+def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_reference(checkpoint, tmp_path):
+    """`--degradation down:<k>` takes a k times smaller observation, `mask:<file>` the observed pixels of a mask
+    file; `--posterior-mean` writes E[x | y] and lists it as rank 0 with the expected PSNR / SSIM of every row."""
+    import csv
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from test_score import invoke
+
+    rng = np.random.default_rng(2)
+    clean = np.clip(rng.normal(120, 30, (16, 16)), 0, 255)
+    small = clean.reshape(4, 4, 4, 4).mean(axis=(1, 3))
+    paths = {}
+    for name, image in (("clean", clean), ("noisy", clean + rng.normal(0, 60, clean.shape)), ("small", small),
+                        ("flat", np.full((16, 16), clean.mean()) + rng.normal(0, 1, (16, 16)))):  # fmt: skip
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(paths[name])
+    keep = (rng.random((16, 16)) > 0.3).astype(np.uint8) * 255
+    Image.fromarray(keep).save(tmp_path / "mask.png")
+    common = ["--checkpoint", checkpoint, "--sigma", 0.1, "--samples", 2, "--steps", 3]
+    down = invoke("rank-restorations", paths["clean"], paths["noisy"], paths["flat"], "--observed", paths["small"],
+                  "--degradation", "down:4", "--posterior-mean", "--out", tmp_path / "down.csv", *common)  # fmt: skip
+    assert down.exit_code == 0, down.output
+    with open(tmp_path / "down.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["rank"]) for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["candidate"].endswith("case_posterior_mean.npy") and Path(rows[0]["candidate"]).exists()
+    assert all(float(r["expected_psnr"]) > 0 and -1 <= float(r["expected_ssim"]) <= 1 for r in rows)
+    assert float(rows[0]["expected_mse"]) <= min(float(r["expected_mse"]) for r in rows[1:])
+    mask = f"mask:{tmp_path / 'mask.png'}"
+    masked = invoke("rank-restorations", paths["clean"], paths["noisy"], "--observed", paths["noisy"],
+                    "--degradation", mask, "--out", tmp_path / "mask.csv", *common)  # fmt: skip
+    assert masked.exit_code == 0, masked.output
+    wrong = invoke("rank-restorations", paths["clean"], "--observed", paths["clean"], "--degradation", "down:4",
+                   *common)  # fmt: skip
+    assert wrong.exit_code == 2 and "downsampled" in wrong.stderr and "clean.png" in wrong.stderr
+    bad = invoke("rank-restorations", paths["clean"], "--observed", paths["noisy"], "--degradation", "down:x",
+                 *common)  # fmt: skip
+    assert bad.exit_code == 2 and "down:<factor>" in bad.stderr
