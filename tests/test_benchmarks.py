@@ -45,7 +45,7 @@ def test_likelihood_cost_runs():
 
 
 def test_ood_baselines_run_and_are_tracked(tmp_path):
-    tiny = ["--steps", 2, "--images", 6, "--val-images", 6, "--volumes", "2,1,1", "--elbo-steps", 3, "--recon-steps", 4]
+    tiny = ["--steps", 2, "--images", 6, "--val-images", 6, "--volumes", "2,1,1", "--elbo-steps", 2, "--recon-steps", 2]
     out = run("ood_baselines.py", *tiny, "--figures", tmp_path / "img", "--out", tmp_path / "out", cwd=tmp_path)
     assert "| max-softmax classifier |" in out and "| DDPM bound (MONAI) |" in out and "| CDM combined |" in out
     assert "| CDM classifier |" in out, "the MNIST CDM is class-conditional: it is also a generative classifier"

@@ -129,7 +129,7 @@ def test_3d_volume_training(tmp_path):
 
 
 def test_resume_after_sigkill_continues_exactly(tmp_path):
-    steps = "train.steps=120"
+    steps = "train.steps=60"
     cli("--out-dir", str(tmp_path / "ref"), "--no-mlflow", *sets(steps, "train.log_every=1"), cwd=tmp_path)
     reference = metrics(tmp_path / "ref")
 
@@ -148,9 +148,9 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     killed_at = max(metrics(run))
     cli("--resume", str(run), "--no-mlflow", cwd=tmp_path, config=None)
     resumed = metrics(run)
-    last_checkpoint = max(s for s in range(10, 121, 10) if s <= killed_at)
-    assert last_checkpoint >= 30 and last_checkpoint < 120
-    for step in range(last_checkpoint + 1, 121):
+    last_checkpoint = max(s for s in range(10, 61, 10) if s <= killed_at)
+    assert last_checkpoint >= 30 and last_checkpoint < 60
+    for step in range(last_checkpoint + 1, 61):
         assert resumed[step]["loss"] == reference[step]["loss"], f"step {step} differs after resume"
     final_ref = load_checkpoint(tmp_path / "ref" / "model.pt")["ema"]
     final = load_checkpoint(run / "model.pt")["ema"]
