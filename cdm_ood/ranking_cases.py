@@ -1,6 +1,6 @@
-"""Ranking restoration cases as a job: read each case's observation and candidate files, rank the candidates
-(`ranking.rank_restorations`, the math), optionally add candidates made by the CDM denoiser, and return the
-ranking rows. `cdm-ood rank-restorations` and `benchmarks/ranking.py` call it."""
+"""Ranking restoration cases as a job: read each case's observation and candidate files and its degradation,
+rank the candidates (`ranking.rank_restorations`, the math), optionally add candidates made by the CDM denoiser
+and the posterior mean, and return the ranking rows. `cdm-ood rank-restorations` calls it."""
 
 from __future__ import annotations
 
@@ -46,11 +46,8 @@ class Degradation:
         return image
 
 
-@dataclass
 class Masked(Degradation):
     """`mask:<file>`: y holds the pixels where the mask is non-zero; the others are missing."""
-
-    keep: Optional[torch.Tensor] = None
 
     def observe(self, image: torch.Tensor) -> torch.Tensor:
         return self.operator(image)
@@ -96,7 +93,7 @@ def masking(path: Path, model: Any) -> Masked:
     keep = torch.as_tensor(Resize(model.spec.size, mode="nearest")(image != 0)).bool()[0].to(model.device)
     if not keep.any():
         raise UsageError(f"--degradation mask: {path}: no observed (non-zero) pixel")
-    return Masked(lambda x: x[..., keep], keep=keep)
+    return Masked(lambda x: x[..., keep])
 
 
 def load_images(model: Any, paths: list[Path], factor: int = 1) -> tuple[torch.Tensor, tuple, str]:
