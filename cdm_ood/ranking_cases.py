@@ -19,9 +19,8 @@ from .data.errors import DataError
 from .errors import UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path
-from .posterior import Operator
+from .posterior import Operator, posterior_mean, posterior_samples
 from .ranking import expected_quality, rank_restorations
-from .sampling import denoise
 
 Case = tuple[str, Optional[Path], list[Path], str, Optional[float]]  # name, observed, candidates, degradation, sigma
 
@@ -165,9 +164,10 @@ def rank_case(
     if generate:
         if y is None or sigma is None or degradation != "noise":
             raise CaseError("--generate needs --observed, --sigma and the 'noise' degradation")
-        made = [denoise(model.classifier, y, model.schedule, sigma)]
-        made += [denoise(model.classifier, y, model.schedule, sigma, method="ddpm", steps=steps, generator=g)
-                 for _ in range(generate - 1)]  # fmt: skip
+        made = [posterior_mean(model.classifier, model.schedule, y, sigma)]
+        if generate > 1:
+            made.append(posterior_samples(model.classifier, model.schedule, y, sigma, generate - 1, steps=steps,
+                                          generator=g))  # fmt: skip
         made = torch.cat(made).clamp(-1, 1)
         names = [str(save_image(model, image, out_dir / f"{case}_generated_{i}")) for i, image in enumerate(made)]
         names += [str(p) for p in candidates]
