@@ -16,6 +16,7 @@ import torch
 from .data import image_transform, read_file
 from .data.discovery import detect_format
 from .data.errors import DataError
+from .data.records import FLAG_NONFINITE
 from .errors import UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path
@@ -88,6 +89,8 @@ def masking(path: Path, model: Any) -> Masked:
         raise UsageError(f"--degradation mask: {err.path}: {err.reason}") from None
     if len(slices) != 1:
         raise UsageError(f"--degradation mask: {path}: holds {len(slices)} slices; give one 2D mask")
+    if FLAG_NONFINITE in slices[0].flags:
+        raise UsageError(f"--degradation mask: {path}: {FLAG_NONFINITE} pixels")
     image = np.asarray(slices[0].image, dtype=np.float32).reshape(1, *slices[0].image.shape[-2:])
     keep = torch.as_tensor(Resize(model.spec.size, mode="nearest")(image != 0)).bool()[0].to(model.device)
     if not keep.any():

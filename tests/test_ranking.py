@@ -236,3 +236,9 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
     bad = invoke("rank-restorations", paths["clean"], "--observed", paths["noisy"], "--degradation", "down:x",
                  *common)  # fmt: skip
     assert bad.exit_code == 2 and "down:<factor>" in bad.stderr
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.full((16, 16, 1), np.nan, np.float32), np.eye(4)), tmp_path / "nan_mask.nii.gz")
+    nan = invoke("rank-restorations", paths["clean"], "--observed", paths["noisy"], "--degradation",
+                 f"mask:{tmp_path / 'nan_mask.nii.gz'}", *common)  # fmt: skip
+    assert nan.exit_code == 2 and "nan_mask.nii.gz" in nan.stderr and "nan-or-inf" in nan.stderr
