@@ -5,9 +5,9 @@ measured on the real command (a child process: its peak resident set size from g
 
 The bombs are those of the fail-closed issue: a 1 MB .nii.gz of 1024^3 voxels, a 4 MB one of 2048x2048x1024,
 a 4 MB deflated DICOM of 65535^2 (8-bit), a 0.3 MB deflated DICOM of 16384^2 (16-bit) and a 13000^2 PNG. Prints
-one row per file (size on disk, size inflated, verdict, reason) and the peak memory of scoring the control
-series alone and with the bombs beside it; exits 1 if a bomb is not refused, the control series is not scored
-or the peak passes --limit-gib.
+one row per file (size on disk, size inflated, verdict, reason) and the peak memory of scoring the control series
+alone and with the bombs beside it, as the block `bombs` of `tables.emit`; exits 1 if a bomb is not refused, the
+control series is not scored or the peak passes --limit-gib.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 
 from bomb_factory import deflated_dicom_bomb, gzip_nifti_bomb, png_bomb
+from tables import emit, markdown
 
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series
 
@@ -73,16 +74,13 @@ def main() -> None:
         bombs, bombs_gib, bombs_s = peak_of([*score, str(folder), "--out", str(tmp / "bombs.json")], tmp)
         rows = {Path(r["path"]).name: r for r in json.loads((tmp / "bombs.json").read_text())["rows"]}
         scored = sum(r["verdict"] == "in" for r in rows.values() if r["level"] == "slice")
-        print("| file | on disk | inflated | verdict | reason |")
-        print("|---|---:|---:|---|---|")
-        for name, (_, inflated) in BOMBS.items():
-            row = rows[name]
-            size = (folder / name).stat().st_size
-            print(f"| {name} | {size / 1e6:.2f} MB | {inflated / 2**30:.2f} GiB | {row['verdict']} | {row['reason']} |")
-        print(f"| pipe.dcm | FIFO | - | {rows['pipe.dcm']['verdict']} | {rows['pipe.dcm']['reason']} |")
-        print(f"\ncontrol series: {scored} of 8 slices scored beside the bombs")
-        print(f"peak memory of `cdm-ood score`: control alone {alone_gib:.2f} GiB ({alone_s:.1f} s); with the bombs "
-              f"{bombs_gib:.2f} GiB ({bombs_s:.1f} s); limit {args.limit_gib:.2f} GiB")  # fmt: skip
+        files = [[name, f"{(folder / name).stat().st_size / 1e6:.2f} MB", f"{inflated / 2**30:.2f} GiB",
+                  rows[name]["verdict"], rows[name]["reason"]] for name, (_, inflated) in BOMBS.items()]  # fmt: skip
+        files.append(["pipe.dcm", "FIFO", "-", rows["pipe.dcm"]["verdict"], rows["pipe.dcm"]["reason"]])
+        summary = (f"control series: {scored} of 8 slices scored beside the bombs\n"
+                   f"peak memory of `cdm-ood score`: control alone {alone_gib:.2f} GiB ({alone_s:.1f} s); with the "
+                   f"bombs {bombs_gib:.2f} GiB ({bombs_s:.1f} s); limit {args.limit_gib:.2f} GiB")  # fmt: skip
+        emit("bombs", markdown(["file", "on disk", "inflated", "verdict", "reason"], files) + "\n\n" + summary)
         refused = all(rows[name]["verdict"] == "unreadable" for name in [*BOMBS, "pipe.dcm"])
         ok = refused and scored == 8 and bombs_gib < args.limit_gib and alone.returncode == 0 and bombs.returncode == 1
         sys.exit(0 if ok else 1)

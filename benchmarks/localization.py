@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ood_baselines import atomic_text, model_space, phantom_benchmark, train_benchmark_cdm
+from tables import emit
 
 from cdm_ood.data.defects import DEFECTS, draw_defect
 from cdm_ood.data.presets import ct_preset
@@ -79,7 +80,7 @@ def main() -> None:
               f"({seconds:.0f} s), map fitted on {len(data.val)} validation slices, {len(stacks)} test volumes with "
               f"one defect of each kind, {len(data.test)} clean test slices; seed {args.seed}")  # fmt: skip
     text = f"{header}\n\n{table(rows)}\n"
-    print(f"\n{text}", flush=True)
+    emit("localization", text)
     args.out.mkdir(parents=True, exist_ok=True)
     figure = save_png(np.concatenate(gallery, axis=0), args.figures / "localization-phantoms.png")
     files = [atomic_text(args.out / "phantoms.md", text), atomic_text(args.out / "phantoms.json", json.dumps(rows)),

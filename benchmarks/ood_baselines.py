@@ -19,8 +19,8 @@ Models, all MONAI UNets with the same channels, Adam, warm-up, EMA, batch and nu
   noise to several t, DDIM back to 0, per-t MSE and SSIM (MONAI) z-scored on validation images, averaged.
 - Max-softmax of a MONAI `Classifier` trained on the digit labels (MNIST only).
 
-Prints AUROC and FPR95 tables (markdown) with each detector's cost (network passes per image, a backward pass counted
-as two, and wall time); saves an AUROC heat map and the
+Prints AUROC and FPR95 tables (markdown, the block `ood-baselines-<dataset>` of `tables.emit`) with each detector's
+cost (network passes per image, a backward pass counted as two, and wall time); saves an AUROC heat map and the
 OOD-set examples as PNGs, and logs everything to MLflow (experiment `cdm-ood-baselines`).
 """
 
@@ -45,6 +45,7 @@ from monai.networks.schedulers import DDPMScheduler
 from monai.transforms import GaussianSmooth, RandGaussianNoise, Resize, SpatialPad
 from monai.utils import convert_to_tensor
 from quick_train import train_ema
+from tables import emit
 
 from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss
 from cdm_ood.config import ScheduleConfig
@@ -372,8 +373,8 @@ def record(data: Benchmark, args: argparse.Namespace, rows: list[dict], facts: d
         f"{', '.join(f'{k} {len(v)}' for k, v in data.ood.items())}; DDPM bound over {args.elbo_steps} timesteps, "
         f"reconstructions over {args.recon_steps} DDIM levels; seed {data.seed}; 2 CPU threads"
     )
-    text = f"{header}\n\nAUROC\n{table(rows, 'auroc')}\n\nFPR95\n{table(rows, 'fpr95')}\n"
-    print(f"\n{text}", flush=True)
+    text = f"{header}\n\nAUROC:\n\n{table(rows, 'auroc')}\n\nFPR95:\n\n{table(rows, 'fpr95')}\n"
+    emit(f"ood-baselines-{data.name}", text)
     args.out.mkdir(parents=True, exist_ok=True)
     files = [atomic_text(args.out / f"{data.name}.md", text),
              atomic_text(args.out / f"{data.name}.json", json.dumps(rows, indent=1)), *figures]  # fmt: skip

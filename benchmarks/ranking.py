@@ -10,7 +10,8 @@ criterion is the best mean tau over the other families) and reported on its own.
 between a criterion's scores and the candidates' PSNR (equivalently minus their MSE) and SSIM to the clean image,
 over the truth plus the candidates of all families but the held-out one ("all"), of all families ("+ held-out"),
 and of each family with the truth; the rate at which the truth is ranked first and at which every hallucination
-(a clean image of another case) is ranked below the truth. Tables are means over images.
+(a clean image of another case) is ranked below the truth. Tables are means over images, printed as the block
+--name of `tables.emit`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from monai.metrics import SSIMMetric
 from monai.networks.layers import GaussianFilter
 from scipy.stats import kendalltau
+from tables import emit
 
 from cdm_ood.checkpoint import load_model
 from cdm_ood.data import iter_slices
@@ -194,13 +196,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="posterior samples under blur, down and mask")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of each posterior sample")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
+    parser.add_argument("--name", default="ranking", help="name of the printed table block (tables.emit)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model(args.checkpoint)
     images = held_out(model, args.data, args.images)
     results, seconds = evaluate(model, images, args.samples, args.steps)
     text = tables(results, seconds, len(images) - 1)
-    print(text)
+    emit(args.name, text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")

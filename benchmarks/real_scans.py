@@ -13,7 +13,8 @@ the clean scans of --train (a folder, or a manifest's clean volumes: the checkpo
 one volume in five held out to z-score the reconstruction errors.
 
 Prints AUROC and FPR95 per set at slice level and at volume level (a volume's score is the mean of its slice scores,
-`cdm_ood.ood.report.aggregate`) as markdown tables, and writes them to --out as markdown and JSON.
+`cdm_ood.ood.report.aggregate`) as markdown tables (the block --name of
+`tables.emit`), and writes them to --out as markdown and JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ood_baselines import Benchmark, Scorer, atomic_text, ddpm_scorers, table
+from tables import emit
 
 from cdm_ood.checkpoint import load_model
 from cdm_ood.data.phantoms import is_manifest, manifest_sets
@@ -105,6 +107,7 @@ def main() -> None:
     parser.add_argument("--recon-steps", type=int, default=50, help="DDIM levels of 1000 for reconstructions.")
     parser.add_argument("--out", type=Path, default=Path("runs/real-scans"), help="Tables (markdown, JSON).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the baseline's training.")
+    parser.add_argument("--name", default="real-scans", help="Name of the printed table block (tables.emit).")
     args = parser.parse_args()
     if not args.no_baselines and args.train is None:
         parser.error("--train is needed to train the baselines (or pass --no-baselines)")
@@ -131,10 +134,10 @@ def main() -> None:
     rows = measure(scorers, costs, sets, images)
     counts = ", ".join(f"{k} {len(v)} slices / {len({volume_of(s) for s in v})} volumes" for k, v in sets.items())
     header = f"{args.checkpoint} on {args.data}: {counts}{facts}"
-    sections = [f"{metric.upper()}, {level} level\n{table(rows[level], metric)}"
+    sections = [f"{metric.upper()}, {level} level:\n\n{table(rows[level], metric)}"
                 for level in LEVELS for metric in ("auroc", "fpr95")]  # fmt: skip
     text = "\n\n".join([header, *sections]) + "\n"
-    print(f"\n{text}", flush=True)
+    emit(args.name, text)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_text(args.out / "real-scans.md", text)
     atomic_text(args.out / "real-scans.json", json.dumps(rows, indent=1))

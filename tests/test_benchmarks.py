@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from tables import blocks  # noqa: E402
 
 
 def run(script: str, *args, cwd: Path | None = None) -> str:
@@ -47,6 +50,7 @@ def test_likelihood_cost_runs():
 def test_ood_baselines_run_and_are_tracked(tmp_path):
     tiny = ["--steps", 2, "--images", 6, "--val-images", 6, "--volumes", "2,1,1", "--elbo-steps", 2, "--recon-steps", 2]
     out = run("ood_baselines.py", *tiny, "--figures", tmp_path / "img", "--out", tmp_path / "out", cwd=tmp_path)
+    assert set(blocks(out)) == {"ood-baselines-mnist", "ood-baselines-phantoms"}
     assert "| max-softmax classifier |" in out and "| DDPM bound (MONAI) |" in out and "| CDM combined |" in out
     assert "| CDM classifier |" in out, "the MNIST CDM is class-conditional: it is also a generative classifier"
     assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == [
@@ -75,7 +79,7 @@ def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     CRITERIA, DEGRADATIONS, HELD_OUT = bench.CRITERIA, bench.DEGRADATIONS, bench.HELD_OUT
-    out = run("ranking.py", "--checkpoint", checkpoint, "--images", 1, "--samples", 2, "--steps", 3)
+    out = blocks(run("ranking.py", "--checkpoint", checkpoint, "--images", 1, "--samples", 2, "--steps", 3))["ranking"]
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| degradation")]
     for name in DEGRADATIONS:
         assert sum(line.startswith(f"| {name} |") for line in rows) == 2 * len(CRITERIA), name
