@@ -12,11 +12,13 @@ tracked in MLflow (experiment `cdm-ood-ablations`, ./mlflow.db unless $MLFLOW_TR
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tables import emit, markdown
 
 from cdm_ood import bits_per_dim, log_likelihood, sample
 from cdm_ood.checkpoint import load_model
@@ -26,11 +28,11 @@ from cdm_ood.figures import image_grid, save_png
 from cdm_ood.tracking import MlflowCallback, RunFolderCallback
 from cdm_ood.training import train
 
-VARIANTS = {
-    "both": [],
-    "ce-only": ["loss.ce_weight=1.0", "loss.mse_weight=0.0"],
-    "mse-only": ["loss.ce_weight=0.0"],
-    "both-linear": ["schedule.kind=linear"],
+VARIANTS = {  # name: (label, overrides of the config)
+    "both": ("both losses (default: {schedule} schedule, ce_weight {ce:g})", []),
+    "ce-only": ("CE only", ["loss.ce_weight=1.0", "loss.mse_weight=0.0"]),
+    "mse-only": ("MSE only", ["loss.ce_weight=0.0"]),
+    "both-linear": ("both losses, linear schedule", ["schedule.kind=linear"]),
 }
 
 
@@ -49,9 +51,10 @@ def main() -> None:
     x = np.stack([s["image"] for s in bundled_mnist("test")[: args.test_images]]).astype(np.float32)
     x = torch.from_numpy(x / 127.5 - 1.0)
     steps = [f"train.steps={args.steps}", f"train.val_every={args.steps}", f"train.checkpoint_every={args.steps}"]
+    base = load_config(bundled_config(args.config), [*args.overrides, *steps])
     rows = []
     for name in args.variants.split(","):
-        overrides = VARIANTS[name]
+        label, overrides = VARIANTS[name]
         config = load_config(bundled_config(args.config), [*args.overrides, *steps, *overrides])
         start = time.perf_counter()
         callbacks = [RunFolderCallback(args.out / name)]
@@ -65,13 +68,17 @@ def main() -> None:
         grid = sample(model.classifier, model.schedule, (16, 1, 28, 28), "ddim", args.sample_steps,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
         path = save_png(image_grid(grid), args.figures / f"ablation-{name}.png")
-        rows.append((name, " ".join(overrides) or "(default)", bpd, seconds, path))
-        print(f"{name:<12} {bpd:7.3f} bits/dim  {seconds:5.0f} s  {path}", flush=True)
-    print(f"\n{args.config}, {args.steps} steps each, 2 CPU cores")
-    print("| variant | overrides | test bits/dim | train time | samples |")
-    print("|---|---|---|---|---|")
-    for name, overrides, bpd, seconds, path in rows:
-        print(f"| {name} | `{overrides}` | {bpd:.3f} | {seconds:.0f} s | ![{name}]({Path(path).name}) |")
+        print(f"{name}: {bpd:.3f} bits/dim, {seconds:.0f} s, {path}", file=sys.stderr, flush=True)
+        label = label.format(schedule=base.schedule.kind, ce=base.loss.ce_weight)
+        image = f"![{name}]({args.figures.name}/{Path(path).name})"  # docs/*.md link the figures folder beside them
+        rows.append((label, f"`{' '.join(overrides)}`" if overrides else "-", f"{bpd:.3f}", f"{seconds:.0f} s", image))
+    budget = (
+        f"`{args.config}` config, {args.steps} training steps of batch {base.train.batch_size} each; bits/dim of "
+        f"the EMA model on {len(x)} bundled MNIST test images; 16 DDIM samples of {args.sample_steps} steps; "
+        f"{torch.get_num_threads()} CPU threads."
+    )
+    header = ("variant", "overrides", "test bits/dim", "train time", "samples")
+    emit("ablations", budget + "\n\n" + markdown(header, rows))
 
 
 if __name__ == "__main__":

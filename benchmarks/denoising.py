@@ -11,12 +11,14 @@ denoise 500 test images at several noise levels; the table gives the per-pixel M
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 from quick_train import train_ema
+from tables import emit, markdown
 
 from cdm_ood import diffuse, predict_noise, predict_x0
 from cdm_ood.checkpoint import load_model
@@ -62,10 +64,7 @@ def main() -> None:
     ddpm, seconds = train_ddpm(cdm.config, schedule, steps, mnist("train"))
     x0 = mnist("test", args.images)
     g = torch.Generator().manual_seed(1)
-    print(f"MNIST 28x28, {steps} training steps each (DDPM {seconds:.0f} s), {len(x0)} test images, "
-          f"{schedule.kind} schedule T={schedule.T}")  # fmt: skip
-    print(f"{'sigma/alpha':>12}{'t':>6}{'CDM MSE':>10}{'DDPM MSE':>10}{'better':>8}")
-    metrics = {"ddpm_train_seconds": seconds}
+    metrics, rows = {"ddpm_train_seconds": seconds}, []
     for ratio in RATIOS:
         t = matching_level(schedule, ratio)
         noise = torch.randn(x0.shape, generator=g)
@@ -76,10 +75,17 @@ def main() -> None:
             torch.cat([ddpm(c, torch.full((len(c),), t)).detach() for c in xt.split(100)]),
         ):
             errors.append(F.mse_loss(predict_x0(eps, xt, t, schedule).clamp(-1, 1), x0).item())
-        print(
-            f"{ratio:>12.2f}{t:>6}{errors[0]:>10.4f}{errors[1]:>10.4f}{'CDM' if errors[0] < errors[1] else 'DDPM':>8}"
+        print(f"sigma/alpha {ratio}: t {t}, CDM {errors[0]:.4f}, DDPM {errors[1]:.4f}", file=sys.stderr, flush=True)
+        rows.append(
+            (f"{ratio:.2f}", t, f"{errors[0]:.4f}", f"{errors[1]:.4f}", "CDM" if errors[0] < errors[1] else "DDPM")
         )
         metrics |= {f"cdm_mse.{ratio}": errors[0], f"ddpm_mse.{ratio}": errors[1]}
+    budget = (
+        f"MNIST 28x28, {steps} training steps each (DDPM trained here in {seconds:.0f} s), {len(x0)} test images, "
+        f"{schedule.kind} schedule T = {schedule.T}, {torch.get_num_threads()} CPU threads."
+    )
+    header = ("sigma_t / alpha_t", "t", "CDM MSE", "DDPM MSE", "better")
+    emit("denoising", budget + "\n\n" + markdown(header, rows))
     if not args.no_tracking:
         log_job_run("evidence", {"benchmark": "denoising", **vars(args), "steps": steps}, metrics, [])
 

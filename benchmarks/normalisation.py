@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 from quick_train import small_classifier, train_cdm
+from tables import emit, markdown
 
 from cdm_ood import NoiseSchedule, bits_per_dim, log_likelihood
 from cdm_ood.tracking import log_job_run
 
 WEIGHTS = torch.tensor([0.3, 0.7], dtype=torch.float64)
 STDS = torch.tensor([0.15, 0.25], dtype=torch.float64)
+BATCH = 64
+
+
+def slashed(values: torch.Tensor) -> str:
+    return " / ".join(f"{v:g}" for v in values.tolist())
 
 
 def mixture(size: int):
@@ -52,22 +59,28 @@ def main() -> None:
     d = args.size**2
     draw_mix, exact_mix = mixture(args.size)
     cases = {
-        "uniform": ("iid uniform [-1, 1]", lambda n, g: 2 * torch.rand(n, 1, args.size, args.size, generator=g) - 1,
+        "uniform": ("iid uniform on [-1, 1]", lambda n, g: 2 * torch.rand(n, 1, args.size, args.size, generator=g) - 1,
                     lambda x: torch.full((len(x),), -d * math.log(2.0), dtype=torch.float64)),
-        "mixture": ("2-component Gaussian mixture", draw_mix, exact_mix),
+        "mixture": (f"2-component Gaussian mixture (weights {slashed(WEIGHTS)}, stds {slashed(STDS)})", draw_mix,
+                    exact_mix),
     }  # fmt: skip
-    print(f"{args.size}x{args.size} data, uniform schedule T=1000, {args.steps} steps, batch 64, 2 CPU cores")
-    print(f"{'data':<30}{'exact bpd':>10}{'CDM bpd':>10}{'diff':>8}{'train s':>9}")
-    metrics = {}
+    rows, metrics = [], {}
     for key, (name, draw, exact) in cases.items():
-        model, seconds = train_cdm(small_classifier(schedule), draw, schedule, args.steps)
+        model, seconds = train_cdm(small_classifier(schedule), draw, schedule, args.steps, batch=BATCH)
         x = draw(args.eval, torch.Generator().manual_seed(123))
         with torch.no_grad():
             cdm = torch.cat([log_likelihood(model, chunk, schedule).double() for chunk in x.split(250)])
         truth = bits_per_dim(exact(x), d).mean().item()
         est = bits_per_dim(cdm, d).mean().item()
-        print(f"{name:<30}{truth:>10.3f}{est:>10.3f}{est - truth:>8.3f}{seconds:>9.0f}")
+        print(f"{key}: exact {truth:.3f}, CDM {est:.3f} bits/dim, trained in {seconds:.0f} s", file=sys.stderr)
+        rows.append((name, f"{truth:.3f}", f"{est:.3f}", f"{est - truth:+.3f}", f"{seconds:.0f} s"))
         metrics |= {f"{key}.exact_bpd": truth, f"{key}.cdm_bpd": est, f"{key}.train_seconds": seconds}
+    budget = (
+        f"{args.size}x{args.size} data, uniform schedule T = {schedule.T}, {args.steps} training steps of batch "
+        f"{BATCH} per case, {args.eval} held-out samples, {torch.get_num_threads()} CPU threads."
+    )
+    header = ("data", "exact bits/dim", "CDM bits/dim", "difference", "training")
+    emit("normalisation", budget + "\n\n" + markdown(header, rows))
     if not args.no_tracking:
         log_job_run("evidence", {"benchmark": "normalisation", **vars(args)}, metrics, [])
 

@@ -1,16 +1,29 @@
-"""The benchmark scripts run in their smallest setting (the numbers are in the docs, not checked here)."""
+"""The benchmark scripts run in their smallest setting and print the table blocks the docs are made from."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+from tables import blocks
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from tables import blocks  # noqa: E402
+
+
+def table(output: str, name: str) -> list[list[str]]:
+    """The cells of the markdown table in block `name` of a script's output (header and rule left out)."""
+    lines = [line for line in blocks(output)[name].splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in lines[1:]]
 
 
 def run(script: str, *args, cwd: Path | None = None) -> str:
@@ -20,22 +33,73 @@ def run(script: str, *args, cwd: Path | None = None) -> str:
     return out.stdout
 
 
-def test_normalisation_runs_and_is_tracked(tmp_path):
+def separated_mixture_bpd(weights: list[float], stds: list[float], d: int) -> float:
+    """Bits/dim (8-bit offset) of a mixture of well-separated isotropic Gaussians in d dimensions: its entropy is
+    H(weights) + sum_k w_k (d / 2) ln(2 pi e s_k^2) nats."""
+    nats = -sum(w * math.log(w) for w in weights) / d
+    nats += sum(w * 0.5 * math.log(2 * math.pi * math.e * s * s) for w, s in zip(weights, stds, strict=True))
+    return nats / math.log(2) + 7
+
+
+def test_normalisation_prints_the_exact_bits_per_dim_and_is_tracked(tmp_path):
     out = run("normalisation.py", "--steps", 2, "--size", 8, "--eval", 50, cwd=tmp_path)
-    assert "iid uniform" in out and "Gaussian mixture" in out
+    (uniform, exact_u, cdm_u, diff_u, _), (mixture, exact_m, cdm_m, diff_m, _) = table(out, "normalisation")
+    assert uniform == "iid uniform on [-1, 1]" and exact_u == "8.000", "-log2(1/2) + 7 bits/dim, exactly"
+    weights, stds = (
+        list(map(float, v.split(" / "))) for v in re.search(r"weights (.*), stds (.*)\)", mixture).groups()
+    )
+    assert float(exact_m) == pytest.approx(separated_mixture_bpd(weights, stds, 8 * 8), abs=0.15)
+    for exact, cdm, diff in ((exact_u, cdm_u, diff_u), (exact_m, cdm_m, diff_m)):
+        assert abs(float(cdm) - float(exact) - float(diff)) <= 0.0015 and math.isfinite(float(cdm))
     assert (tmp_path / "mlflow.db").stat().st_size > 0
 
 
-def test_ablations_then_denoising_run(tmp_path):
+def test_ablations_then_denoising_print_their_tables(tmp_path):
+    import torch
+
+    from cdm_ood import bits_per_dim, log_likelihood
+    from cdm_ood.checkpoint import load_model
+    from cdm_ood.data.natural import bundled_mnist
+    from cdm_ood.sampling import matching_level
+
     tiny = ["--set", "model.channels=[8, 8]", "--set", "model.attention_levels=[false, false]", "--set",
             "model.num_head_channels=8", "--set", "schedule.T=20", "--set", "train.batch_size=8"]  # fmt: skip
     out = run("ablations.py", "--steps", 1, "--test-images", 10, "--sample-steps", 2, "--out", tmp_path / "runs",
               "--figures", tmp_path / "img", "--no-tracking", "--variants", "both,ce-only", *tiny,
               cwd=tmp_path)  # fmt: skip
-    assert "| ce-only |" in out and len(list((tmp_path / "img").glob("ablation-*.png"))) == 2
+    both, ce_only = table(out, "ablations")
+    assert both[1] == "-" and ce_only[1] == "`loss.ce_weight=1.0 loss.mse_weight=0.0`"
+    assert both[4] == "![both](img/ablation-both.png)" and ce_only[4] == "![ce-only](img/ablation-ce-only.png)"
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["ablation-both.png", "ablation-ce-only.png"]
+    model = load_model(tmp_path / "runs" / "both" / "model.pt")
+    x = torch.from_numpy(np.stack([s["image"] for s in bundled_mnist("test")[:10]]).astype(np.float32) / 127.5 - 1)
+    with torch.no_grad():
+        bpd = bits_per_dim(log_likelihood(model.classifier, x, model.schedule).double(), x[0].numel()).mean().item()
+    assert float(both[2]) == pytest.approx(bpd, abs=0.0015), "the table gives the trained model's test bits/dim"
+
     out = run("denoising.py", "--cdm", tmp_path / "runs" / "both" / "model.pt", "--images", 10, "--steps", 2,
               "--no-tracking")  # fmt: skip
-    assert "CDM MSE" in out
+    rows = table(out, "denoising")
+    assert [int(t) for _, t, *_ in rows] == [matching_level(model.schedule, float(r)) for r, *_ in rows]
+    for _, _, cdm, ddpm, better in rows:
+        assert better == ("CDM" if float(cdm) < float(ddpm) else "DDPM")
+    assert all(float(rows[-1][i]) > float(rows[0][i]) for i in (2, 3)), "x0_hat is worse at the highest noise"
+
+
+def test_sampler_accuracy_prints_the_tested_rows_and_the_reference_rule_fails(monkeypatch, capsys):
+    import importlib
+
+    from exact_mixture import ROWS
+
+    bench = importlib.import_module("sampler_accuracy")
+    monkeypatch.setattr(sys, "argv", ["sampler_accuracy.py", "--rows", "dpm2-25,single-step-betas", "--no-tracking"])
+    bench.main()
+    dpm2, single = table(capsys.readouterr().out, "sampler-accuracy")
+    row = next(r for r in ROWS if (r.method, r.steps) == ("dpm2", 25))
+    assert dpm2[:3] == ["`dpm2`", "25", str(row.samples)] and dpm2[6] == bench.tolerance(row.tolerance)
+    errors = (float(dpm2[3]), float(dpm2[4]), float(dpm2[5].rstrip("%")) / 100)
+    assert all(e <= t for e, t in zip(errors, row.tolerance, strict=True)), errors
+    assert single[6].startswith("fails ") and float(single[5].rstrip("%")) > 100, single
 
 
 def test_step_cost_runs():

@@ -4,38 +4,16 @@ import numpy as np
 import pytest
 import torch
 from closed_form import ConditionalMixture, GaussianMixture
+from exact_mixture import MEANS, MIXTURE, ROWS, SCHEDULE, STDS, WEIGHTS, draw, mixture_errors
 from PIL import Image
 
-from cdm_ood import NoiseSchedule, predict_noise
+from cdm_ood import predict_noise
 from cdm_ood.sampling import ddim_step, denoise, dpm2_step, guided_denoiser, matching_level, sample, strided_levels
 
-SCHEDULE = NoiseSchedule.linear(1000)
-WEIGHTS, MEANS, STDS = torch.tensor([0.3, 0.7]), torch.tensor([-0.5, 0.4]), torch.tensor([0.1, 0.15])
-MIXTURE = GaussianMixture(WEIGHTS, MEANS.reshape(2, 1, 1, 1), STDS, SCHEDULE)
 
-
-def mixture_errors(x: torch.Tensor) -> tuple[float, float, float]:
-    """Largest errors over the two components: |weight - w_k|, |mean - mu_k| and |std / s_k - 1|."""
-    flat = x.flatten(1).double()
-    k = (flat - MEANS.double()[None]).abs().argmin(1)
-    dw = max(abs((k == j).double().mean().item() - WEIGHTS[j].item()) for j in range(2))
-    dm = max(abs(flat[k == j].mean().item() - MEANS[j].item()) for j in range(2))
-    ds = max(abs(flat[k == j].std().item() / STDS[j].item() - 1) for j in range(2))
-    return dw, dm, ds
-
-
-@pytest.mark.parametrize(
-    "method, steps, n, tolerance",
-    [
-        ("ddpm", 1000, 300, (0.05, 0.02, 0.12)),  # every level: tight (300 samples keep the long runs short)
-        ("ddim", 500, 300, (0.05, 0.02, 0.12)),
-        ("ddpm", 100, 600, (0.05, 0.03, 0.25)),  # strided: discretisation error in the variance
-        ("ddim", 50, 600, (0.05, 0.04, 0.25)),
-        ("dpm2", 25, 600, (0.05, 0.05, 0.3)),
-    ],
-)
+@pytest.mark.parametrize("method, steps, n, tolerance", ROWS)
 def test_samplers_reproduce_the_mixture(method, steps, n, tolerance):
-    x = sample(MIXTURE, SCHEDULE, (n, 1, 1, 1), method, steps, generator=torch.Generator().manual_seed(0))
+    x = draw(method, steps, n)
     errors = mixture_errors(x)
     assert all(e <= tol for e, tol in zip(errors, tolerance, strict=True)), (method, steps, errors)
     assert x.min() >= -1 and x.max() <= 1
