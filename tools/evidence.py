@@ -79,8 +79,9 @@ def _brain_scans(out: Path, n: int, *extra: str) -> tuple[str, ...]:
 # fmt: off
 STEPS: tuple[Step, ...] = (
     Step("parameters", _py("tools/doc_tables.py"), ("artifact-strengths", "detector-costs")),
-    Step("sampler-accuracy", _py("benchmarks/sampler_accuracy.py"), ("sampler-accuracy",)),
     Step("train-time", _py("benchmarks/train_time.py", "--out-dir", MNIST), ("train-time",), str(MNIST / "model.pt")),
+    Step("sampler-accuracy", _py("benchmarks/sampler_accuracy.py", "--checkpoint", MNIST / "model.pt"),
+         ("sampler-accuracy", "sampler-step-cost"), needs=("train-time",)),
     Step("demo", _py("pipelines/demo.py", "--out", DEMO), makes=str(DEMO / "run" / "model.pt")),
     Step("brain-model", _cdm("train", "--config", "brain-mr", "--out-dir", BRAIN / "run", "--set",
                              f"data.root={BRAIN / 'train'}"), makes=str(BRAIN / "run" / "model.pt")),
@@ -90,7 +91,7 @@ STEPS: tuple[Step, ...] = (
     Step("likelihood-cost", _py("benchmarks/likelihood_cost.py", "--checkpoint", MNIST / "model.pt"),
          ("likelihood-cost",), needs=("train-time",)),
     Step("normalisation", _py("benchmarks/normalisation.py"), ("normalisation",)),
-    Step("ablations", _py("benchmarks/ablations.py", "--steps", 600), ("ablations",)),
+    Step("ablations", _py("benchmarks/ablations.py"), ("ablations",)),
     Step("denoising", _py("benchmarks/denoising.py", "--cdm", MNIST / "model.pt"), ("denoising",),
          needs=("train-time",)),
     Step("ood-baselines", _py("benchmarks/ood_baselines.py"), ("ood-baselines-mnist", "ood-baselines-phantoms")),
