@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # from pulling a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo evidence clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: install lint
 # The main job on generated CT phantoms: train, calibrate, evaluate per artifact, gate (outputs in demo/).
 demo: install
 	$(BIN)/python pipelines/demo.py --out demo
+
+# Every benchmark and evidence script at CPU scale; rewrites each docs table between its markers (tools/evidence.py).
+evidence: install
+	$(BIN)/python tools/evidence.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo
