@@ -1,66 +1,104 @@
 """Throughput of `cdm-ood score` (discover, read DICOM, prepare, forward, report) against the bare batched
 forward pass of the same model on the same, already prepared tensors.
 
-    python benchmarks/score_throughput.py --checkpoint runs/demo/model.pt [--volumes 16] [--workers 2]
+    python benchmarks/score_throughput.py --checkpoint runs/demo/model.pt [--volumes 16] [--workers 0 1 2]
 
-Generates a folder of CT phantom DICOM series (size = the model's), then times, in one process:
+Generates a folder of CT phantom DICOM series (size = the model's), then times, in one process, for each
+DataLoader worker count and each repeat:
 1. bare: `log_likelihood_profile` (the one forward pass) in batches, on tensors prepared beforehand;
 2. score: `score_sources` as `cdm-ood score` runs it, from the files to the report rows, plus writing the CSV;
-and prints slices/s of each and their ratio (the aim is >= 0.8).
+and prints the table block `score-throughput`: slices/s of each (medians of the repeats) and their ratio (the
+aim is >= 0.8), and where the time of scoring goes in-process (discovery, reading, preparing, forward pass).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from tables import emit, markdown
 
 from cdm_ood.data.discovery import discover
 from cdm_ood.data.phantoms import make_phantoms
-from cdm_ood.data.readers import iter_slices
+from cdm_ood.data.readers import read_source
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.batch import score_sources
 from cdm_ood.ood.report import write_report
+
+DEFAULT_WORKERS = 0  # `cdm-ood score --workers`
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` and its wall time in seconds."""
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def score_folder(detector: OODDetector, folder: Path, report: Path, workers: int) -> list[dict]:
+    """What `cdm-ood score` does with a folder: discover, score every source, write the report; its rows."""
+    errors: list = []
+    rows = score_sources(detector, discover(folder, on_error=errors.append), errors, workers=workers)
+    write_report(report, rows, {})
+    return rows
+
+
+def phases(detector: OODDetector, folder: Path) -> tuple[torch.Tensor, dict[str, float]]:
+    """The prepared batch of every slice under `folder`, and the seconds of each step that produced it."""
+    sources, discovering = timed(discover, folder)
+    slices, reading = timed(lambda: [s for source in sources for s in read_source(source)])
+    x, preparing = timed(detector.prepare, [s.image for s in slices])
+    _, forward = timed(detector.profile, x)
+    return x, {"discover and group the series": discovering, "read and decode the files": reading,
+               "preset and resize": preparing, "forward pass": forward}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--volumes", type=int, default=16, help="DICOM series of 16 slices each.")
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     detector = OODDetector.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
     size = detector.model.spec.size[-1]
+    bare: dict[int, list[float]] = {w: [] for w in args.workers}
+    full: dict[int, list[float]] = {w: [] for w in args.workers}
+    split: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "scans"
         make_phantoms(folder, args.volumes, "dicom", size=size, slices=16, modality="ct", seed=1)
         (folder / "manifest.csv").unlink()
-        x = detector.prepare([s.image for s in iter_slices(folder)])
+        x, _ = phases(detector, folder)  # warm-up
         n = len(x)
-        detector.score_prepared(x[: args.batch_size])  # warm-up
-        bare, full = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            detector.profile(x)
-            bare.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            errors: list = []
-            rows = score_sources(detector, discover(folder, on_error=errors.append), errors, workers=args.workers)
-            write_report(Path(tmp) / "report.csv", rows, {})
-            full.append(time.perf_counter() - start)
-        assert sum(r["level"] == "slice" for r in rows) == n
-    b, f = n / statistics.median(bare), n / statistics.median(full)
-    threads = torch.get_num_threads()
-    print(f"{n} slices of {size}x{size}, batch {args.batch_size}, {args.workers} workers, {threads} threads")
-    print(f"bare forward: {b:8.1f} slices/s")
-    print(f"cdm-ood score: {f:8.1f} slices/s")
-    print(f"ratio: {f / b:.2f}")
+        for repeat in range(args.repeats):
+            print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr)
+            split.append(phases(detector, folder)[1])
+            for w in args.workers:
+                bare[w].append(timed(detector.profile, x)[1])
+                rows, seconds = timed(score_folder, detector, folder, Path(tmp) / "report.csv", w)
+                full[w].append(seconds)
+                assert sum(r["level"] == "slice" for r in rows) == n, "every slice is scored"
+    table = []
+    for w in args.workers:
+        b, f = n / statistics.median(bare[w]), n / statistics.median(full[w])
+        ratio = f"{f / b:.2f}"
+        table.append([f"{w} (default)" if w == DEFAULT_WORKERS else w, f"{b:.0f} slices/s", f"{f:.0f} slices/s",
+                      f"**{ratio}**" if w == DEFAULT_WORKERS else ratio])  # fmt: skip
+    where = ", ".join(f"{name} {statistics.median(s[name] for s in split):.2f} s" for name in split[0])
+    text = markdown(["workers", "bare forward", "`cdm-ood score`", "ratio"], table) + (
+        f"\n\n{n} slices of {size}x{size}, batch {args.batch_size}, {torch.get_num_threads()} threads, median of "
+        f"{args.repeats}. Where the time goes, in process, {n} files: {where}."
+    )
+    emit("score-throughput", text)
 
 
 if __name__ == "__main__":

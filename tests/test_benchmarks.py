@@ -1,4 +1,6 @@
-"""The benchmark scripts run in their smallest setting and print the table blocks the docs are made from."""
+"""The benchmark scripts run in their smallest setting and print the table blocks the docs are made from: each
+block parses and its numbers agree with each other and with closed forms (a ratio with its parts, counts with the
+setting, exact densities); the measured values themselves are in the docs."""
 
 import json
 import math
@@ -98,13 +100,65 @@ def test_sampler_accuracy_prints_the_tested_rows_and_the_reference_rule_fails(mo
     assert single[6].startswith("fails ") and float(single[5].rstrip("%")) > 100, single
 
 
-def test_step_cost_runs():
-    out = run("step_cost.py", "--steps", 1, "--batch", 4, "--size", 16, "--threads", 1)
-    assert "ratio CDM/DDPM" in out and "CDM step" in out
+def table_rows(block: str, header: str) -> dict[str, list[str]]:
+    """The rows (cells after the first, by first cell) of the markdown table in `block` whose header starts with
+    `header`."""
+    text = block[block.index(f"| {header}") :].split("\n\n")[0]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    return {row[0]: row[1:] for row in cells}
 
 
-def test_likelihood_cost_runs():
-    assert "ratio:" in run("likelihood_cost.py", "--images", 1, "--timesteps", 20, "--bpd-images", 4, "--no-tracking")
+def number(cell: str) -> float:
+    """The first number in a cell (`**2.73x** (min ...)` -> 2.73, `-0.01 s` -> -0.01)."""
+    return float(re.search(r"-?\d+(\.\d+)?", cell)[0])
+
+
+def test_step_cost_prints_ratio_variants_and_phases():
+    out = run("step_cost.py", "--steps", 1, "--warmup", 0, "--batch", 4, "--size", 16, "--threads", 1)
+    block = blocks(out)["step-cost"]
+    steps = table_rows(block, "model")
+    ddpm, cdm = (
+        number(steps[k][0]) for k in ("DDPM (MONAI UNet, eps-prediction MSE)", "CDM (`cdm_loss`, same UNet + head)")
+    )
+    assert number(steps["**ratio**"][0]) == pytest.approx(cdm / ddpm, rel=0.02, abs=0.01), "one step: its own ratio"
+    swaps = table_rows(block, "both networks")
+    assert set(swaps) == {"every GroupNorm replaced by identity", "every SiLU replaced by ReLU"}
+    for d, c, ratio in swaps.values():
+        assert number(ratio) == pytest.approx(number(c) / number(d), rel=0.02, abs=0.01)
+    phases = table_rows(block, "phase of one CDM step")
+    assert list(phases) == ["forward", "input gradient (`create_graph=True`)", "double backward, loss and Adam step"]
+    assert sum(number(v[0]) for v in phases.values()) == pytest.approx(cdm, rel=0.02), "they add up to the CDM step"
+
+
+def test_step_cost_swaps_every_module_of_the_kind():
+    from step_cost import VARIANTS, swapped
+
+    from cdm_ood import CDMClassifier
+
+    model = CDMClassifier(2, 1, 10, channels=(8, 8), attention_levels=(False, True), norm_num_groups=8,
+                          num_head_channels=8)  # fmt: skip
+    for old, new, _ in filter(None, VARIANTS.values()):
+        copy = swapped(model, old, new)
+        before = sum(isinstance(m, old) for m in model.modules())
+        assert before > 0 and not any(isinstance(m, old) for m in copy.modules())
+        assert sum(isinstance(m, new) for m in copy.modules()) >= before and isinstance(copy, CDMClassifier)
+        assert any(isinstance(m, old) for m in model.modules()), "the original is left as it was"
+
+
+def test_likelihood_cost_counts_network_calls():
+    out = run(
+        "likelihood_cost.py", "--images", 1, "--timesteps", 20, "--bpd-images", 4, "--no-tracking", "--threads", 1
+    )
+    block = blocks(out)["likelihood-cost"]
+    rows = table_rows(block, "method")
+    cdm, ddpm = (
+        rows["CDM `log_likelihood` (Theorem 3.2)"],
+        rows["MONAI `DiffusionInferer.get_likelihood` (DDPM variational bound, T = 20)"],
+    )
+    assert (cdm[1], ddpm[1]) == ("1", "20"), "one forward pass against one call per timestep"
+    assert number(rows["ratio"][0]) == pytest.approx(number(ddpm[0]) / number(cdm[0]), abs=1)
+    bpd = float(re.search(r"The CDM \(untrained\): ([\d.]+) bits/dim on 4 bundled MNIST test images", block)[1])
+    assert 5 < bpd < 12, "an untrained CDM is far from the data (8 bits/dim is a uniform model)"
 
 
 def test_ood_baselines_run_and_are_tracked(tmp_path):
@@ -121,15 +175,18 @@ def test_ood_baselines_run_and_are_tracked(tmp_path):
     assert (tmp_path / "mlflow.db").stat().st_size > 0
 
 
-@pytest.mark.parametrize(
-    "script, args",
-    [
-        ("score_throughput.py", ["--volumes", 1, "--repeats", 1]),
-        ("bombs.py", []),  # exits 1 unless every bomb is refused and the peak stays under 2 GiB
-    ],
-)
-def test_scripts_on_the_tiny_checkpoint_run(checkpoint, script, args):
-    assert run(script, "--checkpoint", checkpoint, *args)
+def test_bombs_runs_on_the_tiny_checkpoint(checkpoint):
+    assert run("bombs.py", "--checkpoint", checkpoint)  # exits 1 unless every bomb is refused and the peak < 2 GiB
+
+
+def test_score_throughput_measures_each_worker_count(checkpoint):
+    out = run("score_throughput.py", "--checkpoint", checkpoint, "--volumes", 1, "--repeats", 1, "--workers", 0, 1)
+    block = blocks(out)["score-throughput"]
+    rows = table_rows(block, "workers")
+    assert list(rows) == ["0 (default)", "1"]
+    for bare, score, ratio in rows.values():
+        assert number(ratio) > 0 and number(ratio) == pytest.approx(number(score) / number(bare), abs=0.01)
+    assert "16 slices of 16x16" in block and "in process, 16 files: discover" in block
 
 
 def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
@@ -168,3 +225,20 @@ def test_localization_measures_every_defect(tmp_path):
     assert all(0 <= r["pixel_auroc"] <= 1 and 0 <= r["peak_in_mask"] <= 1 and r["slices"] > 0 for r in rows)
     assert "| defect | slices | pixel AUROC |" in out and "| local-ghost |" in out
     assert (tmp_path / "img" / "localization-phantoms.png").stat().st_size > 1000
+
+
+def test_train_time_reads_the_run_it_leaves(tmp_path):
+    run_dir = tmp_path / "run"
+    tiny = ["--config", "digits-cpu", "--steps", 3, "--set", "train.val_every=2", "--set", "train.val_samples=32"]
+    out = run("train_time.py", "--out-dir", run_dir, *tiny, "--no-mlflow")
+    rows = table_rows(blocks(out)["train-time"], "config")
+    ((config, (steps, per_step, wall, bpd, peak)),) = rows.items()
+    assert config.startswith("`digits-cpu` (batch 32, 8x8, UNet (16, 32, 32)") and steps == "3"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    validations = [f"{r['step']}: {r['val_bpd']:.2f}" for r in records if "val_bpd" in r]
+    assert len(validations) == 2 and bpd == f"{validations[-1].split(': ')[1]} ({validations[0]})"
+    assert 0 < number(per_step) < number(wall) and 0.1 < number(peak) < 4, "seconds; GiB of a torch process"
+    assert (run_dir / "model.pt").is_file(), "the trained model stays for the next evidence steps"
+    again = subprocess.run([sys.executable, str(BENCHMARKS / "train_time.py"), "--out-dir", str(run_dir)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode != 0 and "--replace" in again.stderr and (run_dir / "model.pt").is_file()
