@@ -79,7 +79,8 @@ def _brain_scans(out: Path, n: int, *extra: str) -> tuple[str, ...]:
 # fmt: off
 STEPS: tuple[Step, ...] = (
     Step("parameters", _py("tools/doc_tables.py"), ("artifact-strengths", "detector-costs")),
-    Step("train-time", _py("benchmarks/train_time.py", "--out-dir", MNIST), ("train-time",), str(MNIST / "model.pt")),
+    Step("train-time", _py("benchmarks/train_time.py", "--out-dir", MNIST, "--replace"), ("train-time",),
+         str(MNIST / "model.pt")),
     Step("sampler-accuracy", _py("benchmarks/sampler_accuracy.py", "--checkpoint", MNIST / "model.pt"),
          ("sampler-accuracy", "sampler-step-cost"), needs=("train-time",)),
     Step("demo", _py("pipelines/demo.py", "--out", DEMO), makes=str(DEMO / "run" / "model.pt")),
