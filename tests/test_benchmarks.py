@@ -72,8 +72,9 @@ def test_ablations_then_denoising_run(tmp_path):
         [float(v) for v in line.split()[:4]] for line in out.splitlines() if re.match(r"\s+\d+\.\d\d\s+\d+\s", line)
     ]
     assert [ratio for ratio, *_ in rows] == [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]
-    # x_t / alpha_t is the image plus noise of std sigma/alpha: any denoiser that shrinks towards the data does better
-    assert all(cdm < ratio**2 for ratio, _, cdm, _ in rows), rows
+    # x_t / alpha_t (the image plus noise of std sigma/alpha) has error ratio^2; guessing 0 for data in [-1, 1] has
+    # error E[x0^2] < 1: even a barely trained denoiser beats both bounds (one with the noise's sign lost does not)
+    assert all(cdm < min(ratio**2, 1.0) for ratio, _, cdm, _ in rows), rows
     assert [cdm for _, _, cdm, _ in rows] == sorted(cdm for _, _, cdm, _ in rows), "more noise, larger error"
 
 
