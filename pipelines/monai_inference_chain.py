@@ -23,9 +23,10 @@ from cdm_ood.ood import OODDetector, ScoreOODd
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--detector", help="A calibrated detector (default: the checkpoint's calibrated default).")
     parser.add_argument("paths", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    detector = OODDetector.from_checkpoint(args.checkpoint)
+    detector = OODDetector.from_checkpoint(args.checkpoint, detector=args.detector)
     samples = [{"image": s.image, "path": s.source.path, "slice": s.source.index}
                for s in iter_slices(args.paths, on_error=lambda e: print(f"skipped {e.path}: {e.reason}"))
                if not s.flags]  # fmt: skip

@@ -24,6 +24,14 @@ def test_threshold_flags_at_most_fpr_and_is_the_tightest_such(fpr):
     assert (scores >= threshold).mean() > fpr, "one step lower would flag more than fpr"
 
 
+@pytest.mark.parametrize(("n", "fpr", "k"), [(64, 0.05, 3), (64, 0.1, 6), (30, 0.05, 1), (19, 0.05, 0), (7, 0.3, 2)])
+def test_threshold_flags_floor_of_fpr_n_when_that_is_not_a_whole_number(n, fpr, k):
+    """k = floor(fpr n) scores lie above the threshold (3 of 64 at fpr 0.05, 4.7%), never ceil (4 of 64, 6.25%)."""
+    scores = np.random.default_rng(n).permutation(np.arange(n, dtype=np.float64))
+    threshold = threshold_at_fpr(scores, fpr)
+    assert int((scores > threshold).sum()) == k
+
+
 def test_threshold_specs():
     ids = np.arange(1.0, 101.0)
     assert resolve_threshold("auto", ids, 0.05) == threshold_at_fpr(ids, 0.05) == 95.0

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from closed_form import ConditionalMixture, GaussianMixture
@@ -142,6 +143,25 @@ def test_classifier_detector_flags_images_between_the_classes():
     between = all_features(0.5 * (MEANS[0] + MEANS[1]).expand(50, *SHAPE) + 0.1 * draw(50, 1.0, 14), 2)
     test_id = all_features(mixture_draw(100, 15), 2)
     assert ood_metrics(detector.score(test_id).numpy(), detector.score(between).numpy())["auroc"] > 0.95
+
+
+def test_multiscale_is_the_mahalanobis_distance_under_ledoit_wolf_on_standardised_features():
+    """Computed directly (numpy, sklearn's LedoitWolf) on strongly correlated profiles of 16 columns, so the
+    detector uses every column: z = (f - mean) / std on the fitted images, score = z P z^T with P the
+    shrunk precision of the fitted z; the identity in place of P scores far from it."""
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(16, 16)) + 3.0 * np.ones((16, 16))  # a common factor: correlations near 0.9
+    fit, new = (torch.from_numpy(rng.normal(size=(n, 16)) @ mixing.T - 40 * D) for n in (60, 8))
+    detector = MultiscaleDetector(D).fit({"profile": fit})
+    f = fit.numpy() / D
+    mean, std = f.mean(0), f.std(0, ddof=1)
+    precision = LedoitWolf().fit((f - mean) / std).precision_
+    z = (new.numpy() / D - mean) / std
+    expected = np.einsum("bi,ij,bj->b", z, precision, z)
+    np.testing.assert_allclose(detector.score({"profile": new}).numpy(), expected, rtol=1e-9)
+    assert not np.allclose((z * z).sum(1), expected, rtol=0.1), "the correlations matter"
 
 
 def test_both_detect_a_wider_distribution():

@@ -1,8 +1,10 @@
 """The ready-made workflows in pipelines/, run on real files with the tiny trained checkpoint."""
 
 import importlib.util
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 PIPELINES = Path(__file__).parent.parent / "pipelines"
@@ -32,11 +34,17 @@ def test_qa_gate_reports_new_studies_once_and_gates_on_them(checkpoint, scans, t
 
 
 def test_monai_chain_sets_aside_ood_slices(checkpoint, scans):
+    """With `--detector denoise` (on the tiny model it tells the strongly spiked volume from a clean one, slice by
+    slice) the four spiked slices are set aside and the four clean ones reach the downstream model, windowed."""
     out = subprocess.run(
         [sys.executable, str(PIPELINES / "monai_inference_chain.py"), "--checkpoint", str(checkpoint),
-         str(scans / "clean.nii.gz"), str(scans / "spiked.nii.gz")],
+         "--detector", "denoise", str(scans / "clean.nii.gz"), str(scans / "spiked.nii.gz")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if " slice " in line]
-    assert len(lines) == 8 and all("score" in line and ("SET ASIDE" in line or "processed" in line) for line in lines)
+    rows = [re.fullmatch(r"(\S+) slice \d: score \S+ -> (SET ASIDE \(OOD\)|processed: (\S+))", line) for line in lines]
+    assert len(lines) == 8 and all(rows), out.stdout
+    outcomes = Counter((Path(m[1]).name, m[2].split(":")[0]) for m in rows)
+    assert outcomes == {("clean.nii.gz", "processed"): 4, ("spiked.nii.gz", "SET ASIDE (OOD)"): 4}, out.stdout
+    assert all(0 < float(m[3]) < 1 for m in rows if m[3]), "the downstream model's input, windowed to [0, 1]"

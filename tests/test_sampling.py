@@ -48,6 +48,51 @@ def test_dpm_solver_first_step_is_ddim():
     )
 
 
+def log_snr(t: int) -> float:
+    """lambda_t = log(alpha_t / sigma_t)."""
+    return float((SCHEDULE.sqrt_alpha_bar[t] / SCHEDULE.sigma[t]).log())
+
+
+def test_dpm_solver_2_step_solves_the_flow_exactly_when_eps_is_affine_in_lambda():
+    """The second-order rule integrates the probability-flow ODE in lambda, dx/dlambda = sigma^2 x - sigma eps
+    (alpha^2 = sigmoid(2 lambda)), with eps extrapolated linearly through (lambda_prev, eps_prev) and
+    (lambda_t, eps_t): for such an eps it is exact. Unequal steps (h_prev 0.58, h 1.02) tell the slope's own
+    lambda_t - lambda_prev from the step size h. Checked against scipy's ODE solver."""
+    from scipy.integrate import solve_ivp
+
+    g = torch.Generator().manual_seed(8)
+    x, eps, eps_prev = (torch.randn(4, dtype=torch.float64, generator=g) for _ in range(3))
+    t_prev, t, s = 600, 500, 300
+    slope = (eps - eps_prev) / (log_snr(t) - log_snr(t_prev))
+
+    def flow(lam, y):
+        eps_lam = (eps + (lam - log_snr(t)) * slope).numpy()
+        sigma2 = 1 / (1 + np.exp(2 * lam))
+        return sigma2 * y - np.sqrt(sigma2) * eps_lam
+
+    exact = solve_ivp(flow, (log_snr(t), log_snr(s)), x.numpy(), method="DOP853", rtol=1e-12, atol=1e-12).y[:, -1]
+    np.testing.assert_allclose(dpm2_step(x, eps, t, s, SCHEDULE, eps_prev, t_prev).numpy(), exact, rtol=1e-8)
+
+
+def test_dpm_solver_2_follows_the_exact_flow_of_gaussian_data():
+    """x0 ~ N(mu, s^2): the probability-flow ODE maps x_t to x_u = alpha_u mu + sqrt(v_u / v_t) (x_t - alpha_t mu),
+    v = alpha^2 s^2 + sigma^2, and the last step's x0_hat = E[x0 | x_1] is affine too, so a deterministic sampler
+    is an affine map of its start; its gain is the std of its samples over the data's. Twenty DPM-Solver-2 steps
+    from T: gain within 6% (0.029 off; with the slope divided by the step h instead: 0.125 off; DDIM, first
+    order: 0.207), offset within 1e-4."""
+    mu, s = 0.2, 0.3
+    f64 = {"dtype": torch.float64}
+    gaussian = GaussianMixture(torch.ones(1), torch.full((1, 1, 1, 1), mu, **f64), torch.tensor([s], **f64), SCHEDULE)
+    abar, T = SCHEDULE.alpha_bar.double(), SCHEDULE.T
+    v1, vT = abar[1] * s**2 + 1 - abar[1], abar[T] * s**2 + 1 - abar[T]
+    gain = float(abar[1].sqrt() * s**2 / v1 * (v1 / vT).sqrt())  # x_T -> x_1 (the flow) -> E[x0 | x_1]
+    start = torch.tensor([-1.0, 1.0], **f64).reshape(2, 1, 1, 1)
+    out = sample(gaussian, SCHEDULE, start.shape, "dpm2", 20, x_start=start, t_start=T, dtype=torch.float64).flatten()
+    exact_offset = mu - gain * float(abar[T].sqrt()) * mu
+    assert abs((out[1] - out[0]).item() / 2 / gain - 1) < 0.06
+    assert abs((out[1] + out[0]).item() / 2 - exact_offset) < 1e-4
+
+
 def test_denoise_is_the_closed_form_posterior_mean():
     """y = x0 + sigma n with x0 ~ N(mu, s^2 I): E[x0 | y] = mu + s^2 / (s^2 + sigma^2) (y - mu)."""
     mu, s = 0.2, 0.3

@@ -1,6 +1,7 @@
 """Training: real runs of a tiny model on the bundled digits, in-process and as real (torchrun) processes."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -195,8 +196,21 @@ def test_mlflow_run_in_the_default_sqlite_store_and_model_by_run_id(tmp_path):
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = np.stack([s["image"] for s in sklearn_digits("test")[:5]])
     predicted = pyfunc.predict(images)
+    model = load_model(tmp_path / "run" / "model.pt")
+    x = torch.from_numpy(images / 127.5 - 1).float()  # the uint8 preset; the digits are the model's 8x8
+    with torch.no_grad():
+        logits = model.classifier(x).double()
+    d = x[0].numel()  # eq. 10 by hand: log p_0(x) = F_0(x) - F_{T+1}(x) + log N(x; 0, I)
+    log_normal = -0.5 * d * math.log(2 * math.pi) - 0.5 * x.double().flatten(1).square().sum(1)
+    log_p0 = logits[:, 0] - logits[:, -1] + log_normal
+    np.testing.assert_allclose(predicted["log_likelihood"], log_p0.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(predicted["bits_per_dim"], -log_p0.numpy() / (d * math.log(2)) + 7, rtol=1e-5)
+    fit = model.calibration.detectors[model.calibration.default]
+    held_out = np.sort(fit.id_scores)  # the threshold: the k-th largest held-out score, k = floor(fpr n)
+    threshold = held_out[len(held_out) - math.floor(model.calibration.fpr * len(held_out)) - 1]
+    assert (predicted["threshold"] == threshold).all()
+    assert list(predicted["ood"]) == [v != "in" for v in predicted["verdict"]] == list(predicted["score"] > threshold)
     expected = score_array(OODDetector.from_checkpoint(tmp_path / "run" / "model.pt"), images)
-    np.testing.assert_allclose(predicted["bits_per_dim"], expected["bits_per_dim"], rtol=1e-6)
     np.testing.assert_allclose(predicted["score"], expected["score"], rtol=1e-6)
 
 
