@@ -1,14 +1,17 @@
-"""Throughput of `cdm-ood score` (discover, read DICOM, prepare, forward, report) against the bare batched
-forward pass of the same model on the same, already prepared tensors.
+"""Throughput of `cdm-ood score` (discover, read DICOM, prepare, score, report) against the bare batched
+scoring of the same detector on the same, already prepared tensors.
 
     python benchmarks/score_throughput.py --checkpoint runs/demo/model.pt [--volumes 16] [--workers 0 1 2]
+        [--detector NAME]
 
 Generates a folder of CT phantom DICOM series (size = the model's), then times, in one process, for each
 DataLoader worker count and each repeat:
-1. bare: `log_likelihood_profile` (the one forward pass) in batches, on tensors prepared beforehand;
-2. score: `score_sources` as `cdm-ood score` runs it, from the files to the report rows, plus writing the CSV;
+1. bare: `OODDetector.score_prepared`, the detector's network passes and statistic in batches, on tensors prepared
+   beforehand (the checkpoint's default detector unless --detector);
+2. score: `score_sources` as `cdm-ood score` runs it with the same detector, from the files to the report rows,
+   plus writing the CSV;
 and prints the table block `score-throughput`: slices/s of each (medians of the repeats) and their ratio (the
-aim is >= 0.8), and where the time of scoring goes in-process (discovery, reading, preparing, forward pass).
+aim is >= 0.8), and where the time of scoring goes in-process (discovery, reading, preparing, scoring).
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ def phases(detector: OODDetector, folder: Path) -> tuple[torch.Tensor, dict[str,
     sources, discovering = timed(discover, folder)
     slices, reading = timed(lambda: [s for source in sources for s in read_source(source)])
     x, preparing = timed(detector.prepare, [s.image for s in slices])
-    _, forward = timed(detector.profile, x)
+    _, scoring = timed(detector.score_prepared, x)
     return x, {"discover and group the series": discovering, "read and decode the files": reading,
-               "preset and resize": preparing, "forward pass": forward}  # fmt: skip
+               "preset and resize": preparing, f"`{detector.name}` scores": scoring}  # fmt: skip
 
 
 def main() -> None:
@@ -67,8 +70,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--detector", help="A calibrated detector [default: the checkpoint's default].")
     args = parser.parse_args()
-    detector = OODDetector.from_checkpoint(args.checkpoint, batch_size=args.batch_size)
+    detector = OODDetector.from_checkpoint(args.checkpoint, detector=args.detector, batch_size=args.batch_size)
     size = detector.model.spec.size[-1]
     bare: dict[int, list[float]] = {w: [] for w in args.workers}
     full: dict[int, list[float]] = {w: [] for w in args.workers}
@@ -83,7 +87,7 @@ def main() -> None:
             print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr)
             split.append(phases(detector, folder)[1])
             for w in args.workers:
-                bare[w].append(timed(detector.profile, x)[1])
+                bare[w].append(timed(detector.score_prepared, x)[1])
                 rows, seconds = timed(score_folder, detector, folder, Path(tmp) / "report.csv", w)
                 full[w].append(seconds)
                 assert sum(r["level"] == "slice" for r in rows) == n, "every slice is scored"
@@ -94,8 +98,9 @@ def main() -> None:
         table.append([f"{w} (default)" if w == DEFAULT_WORKERS else w, f"{b:.0f} slices/s", f"{f:.0f} slices/s",
                       f"**{ratio}**" if w == DEFAULT_WORKERS else ratio])  # fmt: skip
     where = ", ".join(f"{name} {statistics.median(s[name] for s in split):.2f} s" for name in split[0])
-    text = markdown(["workers", "bare forward", "`cdm-ood score`", "ratio"], table) + (
-        f"\n\n{n} slices of {size}x{size}, batch {args.batch_size}, {torch.get_num_threads()} threads, median of "
+    text = markdown(["workers", "bare scoring", "`cdm-ood score`", "ratio"], table) + (
+        f"\n\nDetector `{detector.name}`; {n} slices of {size}x{size}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, median of "
         f"{args.repeats}. Where the time goes, in process, {n} files: {where}."
     )
     emit("score-throughput", text)

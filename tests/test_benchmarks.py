@@ -234,8 +234,8 @@ def test_score_throughput_measures_each_worker_count(checkpoint):
     assert list(rows) == ["0 (default)", "1"]
     for bare, score, ratio in rows.values():
         assert number(ratio) > 0 and number(ratio) == pytest.approx(number(score) / number(bare), abs=0.01)
-        assert number(score) < number(bare), "the scoring job includes the bare forward pass"
-    assert "16 slices of 16x16" in block and "in process, 16 files: discover" in block
+        assert number(score) < number(bare), "the scoring job includes the bare scoring"
+    assert "; 16 slices of 16x16" in block and "in process, 16 files: discover" in block
 
 
 def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
