@@ -89,6 +89,6 @@ def test_the_tables_of_a_step_are_rebuilt_from_its_mlflow_run(tmp_path, monkeypa
     monkeypatch.setattr(evidence, "WORK", tmp_path)
     log = tmp_path / "bombs.log"
     log.write_text("the step's output\n")
-    evidence.record(evidence.BY_NAME["bombs"], 12.0, {"bombs": "| old |"}, log)
-    evidence.record(evidence.BY_NAME["bombs"], 13.0, {"bombs": "| new |\n\n*Printed by ...*"}, log)
+    evidence.record(evidence.BY_NAME["bombs"], 12.0, {"bombs": "| old |"}, log, "abc1234")
+    evidence.record(evidence.BY_NAME["bombs"], 13.0, {"bombs": "| new |\n\n*Printed by ...*"}, log, "abc1234")
     assert evidence.from_store(["bombs", "normalisation"]) == {"bombs": "| new |\n\n*Printed by ...*"}

@@ -25,7 +25,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tables import BLOCK, blocks  # noqa: E402
+
+from cdm_ood.io import atomic_write  # noqa: E402
 
 DOCS = ROOT / "docs"
 WORK = Path("runs/evidence")
@@ -162,9 +163,8 @@ def write_docs(tables: dict[str, str]) -> set[str]:
         new, found = splice(text, tables)
         shown |= found
         if new != text:
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            with atomic_write(path) as f:
                 f.write(new)
-            os.replace(f.name, path)
     return shown
 
 
@@ -190,20 +190,21 @@ def run_step(step: Step, index: str, where: str) -> dict[str, str]:
     missing = [t for t in step.tables if t not in printed]
     if missing:
         sys.exit(f"evidence: step {step.name} did not print the table(s) {missing}; its output is in {log}")
-    line = provenance(step, seconds, where, datetime.date.today().isoformat(), commit())
+    at = commit()
+    line = provenance(step, seconds, where, datetime.date.today().isoformat(), at)
     tables = {t: f"{printed[t]}\n\n{line}" for t in step.tables}
-    record(step, seconds, tables, log)
+    record(step, seconds, tables, log, at)
     print(f"[{index}] {step.name}: done in {seconds:.0f} s", flush=True)
     return tables
 
 
-def record(step: Step, seconds: float, tables: dict[str, str], log: Path) -> None:
+def record(step: Step, seconds: float, tables: dict[str, str], log: Path, at: str) -> None:
     """The step as an MLflow run: command and commit, wall time, its log and its blocks (`tables.json`)."""
     from cdm_ood.tracking import log_job_run
 
     saved = WORK / f"{step.name}.tables.json"
     saved.write_text(json.dumps(tables, indent=1))
-    log_job_run(EXPERIMENT, {"step": step.name, "command": step.shell(), "commit": commit()},
+    log_job_run(EXPERIMENT, {"step": step.name, "command": step.shell(), "commit": at},
                 {"wall_seconds": seconds}, [log, saved])  # fmt: skip
 
 
