@@ -88,8 +88,8 @@ class ModelConfig:
 class ScheduleConfig:
     """`NoiseSchedule`: `linear` (beta_start, beta_end), `uniform` or `cosine`, with T noise levels.
 
-    The default is CDM(unif.), the schedule with the better likelihoods (measured on the default MNIST run:
-    2.73 vs 3.74 bits/dim after 1,200 steps of a test run); the paper's linear schedule gives better samples.
+    The default is CDM(unif.), the schedule with the better likelihoods (`benchmarks/ablations.py`, docs/evidence.md
+    sections 2 and 6); the paper's linear schedule gives better samples.
     """
 
     kind: str = "uniform"

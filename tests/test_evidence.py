@@ -10,10 +10,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import evidence  # noqa: E402
 
-# Blocks whose numbers still predate `make evidence` (issue 20 stays open until this is empty): each is printed by
-# its registered script, but no full run has replaced its body yet.
-PENDING = {"ablations", "ranking-phantoms", "ranking-brain"}
-
 NUMBER = re.compile(r"^\**[-+]?\d[\d,]*(\.\d+)?\s*(%|x|s|ms|GiB|MiB|MB|GB|min)?\**$")
 
 
@@ -60,7 +56,7 @@ def test_every_block_in_the_docs_is_printed_by_a_registered_step_and_names_its_c
             step = printers[name]
             assert step.script == "cdm-ood" or (ROOT / step.script).is_file(), step.script
             generated = f"*Printed by `{step.shell()}` (" in body.strip().rsplit("\n", 1)[-1]
-            assert generated != (name in PENDING), f"{path.name}: {name} ({'pending' if generated else 'typed in'})"
+            assert generated, f"{path.name}: block {name!r} was typed in, not printed by `{step.shell()}`"
             shown.add(name)
     assert shown == set(printers), f"registered tables that no doc shows: {set(printers) - shown}"
 
