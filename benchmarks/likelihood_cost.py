@@ -3,10 +3,12 @@
 
     python benchmarks/likelihood_cost.py [--checkpoint runs/<default run>/model.pt] [--images 8] [--threads 2]
 
-Both networks are MONAI `DiffusionModelUNet`s with the same channels, on 28x28 images, 2 CPU threads by default.
-Prints the table block `likelihood-cost`: time per image and network calls of each, their ratio, and the CDM's
-bits/dim on the bundled MNIST test split (a result with a trained checkpoint; the DDPM network is untrained, only
-its cost is measured, so its bound is not a result). Tracked in MLflow (`cdm-ood-evidence`).
+The CDM classifier of each architecture (`unet`, and `encoder`: the UNet's down path and middle block) and the
+DDPM network are MONAI `DiffusionModelUNet`s with the same channels, on 28x28 images, 2 CPU threads by default.
+Prints the table block `likelihood-cost`: time per image and network calls of each, the ratios, and the CDM's
+bits/dim on the bundled MNIST test split (a result with a trained checkpoint, whose architecture is timed with its
+weights, the other untrained at the same width; the DDPM network is untrained, only its cost is measured, so its
+bound is not a result). Tracked in MLflow (`cdm-ood-evidence`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tables import emit, markdown
 
 from cdm_ood import CDMClassifier, NoiseSchedule, bits_per_dim, log_likelihood
 from cdm_ood.checkpoint import load_model
+from cdm_ood.classifier import ARCHS
 from cdm_ood.data.natural import bundled_mnist
 from cdm_ood.tracking import log_job_run
 
@@ -56,42 +59,46 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = images(args.images)
+    schedule = NoiseSchedule.uniform(1000)
+    cdms = {arch: CDMClassifier(spatial_dims=2, in_channels=1, T=1000, channels=CHANNELS, attention_levels=ATTENTION,
+                                num_res_blocks=1, norm_num_groups=8, num_head_channels=16, arch=arch).eval()
+            for arch in ARCHS}  # fmt: skip
     if args.checkpoint:
         loaded = load_model(args.checkpoint)
-        cdm, schedule = loaded.classifier, loaded.schedule
-    else:
-        schedule = NoiseSchedule.uniform(1000)
-        cdm = CDMClassifier(spatial_dims=2, in_channels=1, T=1000, channels=CHANNELS, attention_levels=ATTENTION,
-                            num_res_blocks=1, norm_num_groups=8, num_head_channels=16).eval()  # fmt: skip
+        cdms[loaded.spec.model.arch], schedule = loaded.classifier, loaded.schedule
+    trained = loaded.spec.model.arch if args.checkpoint else "unet"
     unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=CHANNELS,
                               attention_levels=ATTENTION, num_res_blocks=1, norm_num_groups=8,
                               num_head_channels=16).eval()  # fmt: skip
     scheduler = DDPMScheduler(num_train_timesteps=args.timesteps)
     inferer = DiffusionInferer(scheduler)
-    with torch.no_grad():
-        log_likelihood(cdm, x, schedule)  # warm-up: the first calls of a fresh process are up to 100x slower
     calls = Counter()
-    for name, net in (("cdm", cdm), ("ddpm", unet)):
+    for name, net in (*cdms.items(), ("ddpm", unet)):
         net.register_forward_hook(lambda *_, name=name: calls.update([name]))
     with torch.no_grad():
-        t_cdm = seconds(lambda: log_likelihood(cdm, x, schedule))
-        t_ddpm = seconds(lambda: inferer.get_likelihood((x + 1) / 2, unet, scheduler, verbose=False), repeats=1)
-        per_batch = {"cdm": calls["cdm"] // REPEATS, "ddpm": calls["ddpm"]}  # network calls of one likelihood of `x`
-        bpd = bits_per_dim(log_likelihood(cdm, images(args.bpd_images), schedule).double(), 28 * 28).mean().item()
-    per_cdm, per_ddpm = t_cdm / len(x), t_ddpm / len(x)
-    rows = [
-        ["CDM `log_likelihood` (Theorem 3.2)", f"{per_cdm * 1e3:.2f} ms", per_batch["cdm"]],
-        [f"MONAI `DiffusionInferer.get_likelihood` (DDPM variational bound, T = {args.timesteps})",
-         f"{per_ddpm * 1e3:.0f} ms", per_batch["ddpm"]],
-        ["ratio", f"**{per_ddpm / per_cdm:.0f}x**", ""],
-    ]  # fmt: skip
-    trained = f"`{args.checkpoint}` ({loaded.step} training steps)" if args.checkpoint else "untrained"
+        for cdm in cdms.values():
+            log_likelihood(cdm, x, schedule)  # warm-up: the first calls of a fresh process are up to 100x slower
+        calls.clear()
+        per_image = {
+            arch: seconds(lambda cdm=cdm: log_likelihood(cdm, x, schedule)) / len(x) for arch, cdm in cdms.items()
+        }
+        per_image["ddpm"] = seconds(
+            lambda: inferer.get_likelihood((x + 1) / 2, unet, scheduler, verbose=False), 1
+        ) / len(x)
+        per_batch = {arch: calls[arch] // REPEATS for arch in ARCHS} | {"ddpm": calls["ddpm"]}  # calls per likelihood
+        bpd = bits_per_dim(log_likelihood(cdms[trained], images(args.bpd_images), schedule).double(), 28 * 28)
+    rows = [[f"CDM `{arch}` `log_likelihood` (Theorem 3.2)", f"{per_image[arch] * 1e3:.2f} ms", per_batch[arch]]
+            for arch in ARCHS]  # fmt: skip
+    rows += [[f"MONAI `DiffusionInferer.get_likelihood` (DDPM variational bound, T = {args.timesteps})",
+              f"{per_image['ddpm'] * 1e3:.0f} ms", per_batch["ddpm"]]]  # fmt: skip
+    rows += [[f"ratio `{arch}`", f"**{per_image['ddpm'] / per_image[arch]:.0f}x**", ""] for arch in ARCHS]
+    weights = f"`{args.checkpoint}` ({loaded.step} training steps)" if args.checkpoint else "untrained"
     emit("likelihood-cost", markdown(["method", "time per image", "network calls"], rows) + (
-        f"\n\n{len(x)} MNIST images 28x28, UNet {CHANNELS}, {args.threads} threads. The CDM ({trained}): "
-        f"{bpd:.2f} bits/dim on {args.bpd_images} bundled MNIST test images."
+        f"\n\n{len(x)} MNIST images 28x28, UNet {CHANNELS}, {args.threads} threads. The CDM `{trained}` ({weights}): "
+        f"{bpd.mean().item():.2f} bits/dim on {args.bpd_images} bundled MNIST test images."
     ))  # fmt: skip
     if not args.no_tracking:
-        metrics = {"cdm_ms_per_image": per_cdm * 1e3, "ddpm_ms_per_image": per_ddpm * 1e3, "cdm_bpd": bpd}
+        metrics = {f"{name}_ms_per_image": t * 1e3 for name, t in per_image.items()} | {"cdm_bpd": bpd.mean().item()}
         log_job_run("evidence", {"benchmark": "likelihood_cost", **vars(args)}, metrics, [])
 
 

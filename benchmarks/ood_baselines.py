@@ -150,19 +150,21 @@ def phantom_benchmark(volumes: tuple[int, int, int], seed: int, size: int = 32, 
 
 
 def unet_kwargs() -> dict:
+    """The network of the default `mnist-cpu` and `phantoms-ct` configs."""
     return dict(spatial_dims=2, in_channels=1, channels=(16, 32, 32), attention_levels=(False, False, True),
                 num_res_blocks=1, norm_num_groups=8, num_head_channels=16)  # fmt: skip
 
 
 def train_benchmark_cdm(
-    data: Benchmark, steps: int, batch: int
+    data: Benchmark, steps: int, batch: int, arch: str = "unet"
 ) -> tuple[torch.nn.Module, NoiseSchedule, int | None, float]:
-    """The benchmark's CDM (uniform schedule, T = 1000), class-conditional when the data have labels; returns the EMA
-    model, its schedule, its number of classes (None: unconditional) and the training time in seconds."""
+    """The benchmark's CDM (uniform schedule, T = 1000, classifier architecture `arch`), class-conditional when the
+    data have labels; returns the EMA model, its schedule, its number of classes (None: unconditional) and the
+    training time in seconds."""
     schedule = NoiseSchedule.from_config(ScheduleConfig(kind="uniform", T=1000))
     num_classes = None if data.labels is None else 10
     torch.manual_seed(data.seed)
-    net = CDMClassifier(T=1000, num_classes=num_classes, **unet_kwargs())
+    net = CDMClassifier(T=1000, num_classes=num_classes, arch=arch, **unet_kwargs())
 
     def loss(m: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
         i = torch.randint(len(data.train), (batch,), generator=g)
@@ -175,25 +177,30 @@ def train_benchmark_cdm(
     return model, schedule, num_classes, seconds
 
 
-def cdm_scorers(data: Benchmark, steps: int, batch: int) -> tuple[dict[str, Scorer], float, dict[str, float]]:
-    """Every detector of one CDM (uniform schedule) trained for `steps`, fitted on the validation images; with labels
-    the CDM is class-conditional (label dropout 0.1 to its null label), so the same model also gives the label-free
-    detectors (null label) and the generative classifier. Returns the scorers, the training time and each detector's
-    cost in forward-pass equivalents per image."""
-    model, schedule, num_classes, seconds = train_benchmark_cdm(data, steps, batch)
+def cdm_scorers(
+    data: Benchmark,
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    num_classes: int | None,
+    names: tuple[str, ...] | None = None,
+) -> tuple[dict[str, Scorer], dict[str, float]]:
+    """The detectors `names` (default: every one that applies) of a CDM from `train_benchmark_cdm`, fitted on the
+    validation images; with labels the CDM is class-conditional (label dropout 0.1 to its null label), so the same
+    model also gives the label-free detectors (null label) and the generative classifier. Returns the scorers and
+    each detector's cost in forward-pass equivalents per image."""
     num_dims = data.train[0].numel()
 
     def features(x: torch.Tensor, needs: tuple[str, ...]) -> dict[str, torch.Tensor]:
         return batched_features(model, x.split(100), schedule, needs, num_classes)
 
-    names = applicable(num_classes)
+    names = names or applicable(num_classes)
     fit = features(data.val, required_features(names, num_classes))
     scorers, costs = {}, {}
     for name in names:
         detector = DETECTORS[name](num_dims, data.bit_depth, num_classes).fit(fit)
         scorers[f"CDM {name}"] = functools.partial(_score, detector, features)
         costs[f"CDM {name}"] = detector.cost(2)
-    return scorers, seconds, costs
+    return scorers, costs
 
 
 def _score(detector: Detector, features: Callable, x: torch.Tensor) -> np.ndarray:
@@ -342,7 +349,8 @@ def run(data: Benchmark, args: argparse.Namespace) -> tuple[list[dict], dict[str
     classifier's test accuracy) and the figures."""
     facts = {}
     print(f"{data.name}: training the CDM, {args.steps} steps", flush=True)
-    scorers, facts["train_seconds.cdm"], costs = cdm_scorers(data, args.steps, args.batch)
+    model, schedule, num_classes, facts["train_seconds.cdm"] = train_benchmark_cdm(data, args.steps, args.batch)
+    scorers, costs = cdm_scorers(data, model, schedule, num_classes)
     print(f"{data.name}: training DDPM, {args.steps} steps", flush=True)
     found, facts["train_seconds.ddpm"], found_costs = ddpm_scorers(data, args.steps, args.batch, args.elbo_steps,
                                                                    args.recon_steps)  # fmt: skip

@@ -1,4 +1,4 @@
-"""The noise-level classifier F(x) -> T+2 logits, on MONAI's DiffusionModelUNet backbone."""
+"""The noise-level classifier F(x) -> T+2 logits, on MONAI's DiffusionModelUNet backbone (whole, or its encoder)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
+
+ARCHS = ("unet", "encoder")
 
 
 class CDMClassifier(nn.Module):
@@ -19,6 +21,10 @@ class CDMClassifier(nn.Module):
     output h makes F_t(x) = log p_t(x) + c(x) at the optimum. With `num_classes`, the model is
     class-conditional through MONAI's class embedding, with one extra trained null label
     (`null_label == num_classes`) used when `labels` is None and for classifier-free guidance.
+
+    `arch="encoder"` keeps only the UNet's down path and middle block (the paper's encoder-only classifier,
+    Section 6): the logits need an image-to-vector map, so the decoder is dropped from every forward pass,
+    input gradient and double backward; its output conv becomes a GroupNorm over the last level's channels.
     """
 
     def __init__(
@@ -32,15 +38,19 @@ class CDMClassifier(nn.Module):
         num_classes: Optional[int] = None,
         norm_num_groups: int = 32,
         num_head_channels: int | Sequence[int] = 32,
+        arch: str = "unet",
     ) -> None:
         super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
         self.T = T
         self.num_classes = num_classes
-        width = channels[0]
+        self.arch = arch
+        width = channels[0] if arch == "unet" else channels[-1]
         self.backbone = DiffusionModelUNet(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
-            out_channels=width,
+            out_channels=channels[0],
             num_res_blocks=num_res_blocks,
             channels=tuple(channels),
             attention_levels=tuple(attention_levels),
@@ -49,9 +59,11 @@ class CDMClassifier(nn.Module):
             num_class_embeds=None if num_classes is None else num_classes + 1,
             use_flash_attention=False,
         )
-        # The backbone's own output conv is the head's conv (a second full-resolution conv costs ~5% of a
-        # training step for nothing). MONAI zero-initialises it, right for a denoiser; a classifier needs
-        # signal from step 0.
+        if arch == "encoder":
+            self.backbone.up_blocks = nn.ModuleList()
+            self.backbone.out = nn.GroupNorm(norm_num_groups, width, eps=1e-6)
+        # The UNet's own output conv is the head's conv (a second full-resolution conv costs ~5% of a training
+        # step for nothing). MONAI zero-initialises it, right for a denoiser; a classifier needs signal from step 0.
         for module in self.backbone.out.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 module.reset_parameters()
@@ -74,5 +86,7 @@ class CDMClassifier(nn.Module):
             class_labels = labels if labels is not None else torch.full_like(constant_t, self.null_label)
         elif labels is not None:
             raise ValueError("labels given to an unconditional CDMClassifier")
-        h = self.head(self.backbone(x, constant_t, class_labels=class_labels))
+        features = self.backbone(x, constant_t, class_labels=class_labels)
+        with torch.autocast(x.device.type, enabled=False):  # the head and its sum over 1000 levels stay float32
+            h = self.head(features.float())
         return torch.cumsum(h, dim=1)

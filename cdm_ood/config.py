@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .classifier import ARCHS
 from .configs import bundled_names
 from .data.artifacts import MODALITIES
 from .data.natural import NATURAL_DATASETS
@@ -74,7 +75,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """`CDMClassifier` arguments (MONAI DiffusionModelUNet backbone); `num_classes` makes it class-conditional."""
+    """`CDMClassifier` arguments (MONAI DiffusionModelUNet backbone, `arch` `unet` or `encoder`: its down path and
+    middle block only); `num_classes` makes it class-conditional."""
 
     channels: tuple[int, ...] = (16, 32, 32)
     attention_levels: tuple[bool, ...] = (False, False, True)
@@ -82,6 +84,7 @@ class ModelConfig:
     norm_num_groups: int = 8
     num_head_channels: int = 16
     num_classes: Optional[int] = None
+    arch: str = "unet"
 
 
 @dataclass
@@ -127,13 +130,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Loop settings. `batch_size` is per process: the global batch is batch_size x world size."""
+    """Loop settings. `batch_size` is per process: the global batch is batch_size x world size. `precision` "bf16"
+    runs the backbone of each training step (forward, input gradient, double backward) under bfloat16 autocast;
+    the head, the logits and validation stay float32."""
 
     steps: int = 1000
     batch_size: int = 32
     flip_prob: float = 0.0
     seed: int = 0
     device: str = "auto"
+    precision: str = "float32"
     threads: Optional[int] = None
     log_every: int = 50
     val_every: int = 400
@@ -183,7 +189,9 @@ CHOICES = {  # allowed values, from the registries that implement them
     "data.phantoms.format": FORMATS,
     "data.phantoms.anatomy": ANATOMIES,
     "schedule.kind": KINDS,
+    "model.arch": ARCHS,
     "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("float32", "bf16"),
 }
 
 
@@ -372,6 +380,8 @@ def validate_model(model: ModelConfig, schedule: ScheduleConfig, size: Sequence[
     m = model
     if schedule.kind not in CHOICES["schedule.kind"]:
         raise ConfigError(f"schedule.kind: {schedule.kind!r} is not one of {', '.join(CHOICES['schedule.kind'])}")
+    if m.arch not in CHOICES["model.arch"]:
+        raise ConfigError(f"model.arch: {m.arch!r} is not one of {', '.join(CHOICES['model.arch'])}")
     if len(size) not in (2, 3):
         raise ConfigError(f"data.size: {list(size)} must have 2 values (slices) or 3 (volumes)")
     multiple = 2 ** (len(m.channels) - 1)

@@ -67,6 +67,7 @@ class ModelSpec:
             num_classes=m.num_classes,
             norm_num_groups=m.norm_num_groups,
             num_head_channels=m.num_head_channels,
+            arch=m.arch,
         )
 
     def input_transform(self) -> Compose:

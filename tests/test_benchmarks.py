@@ -24,10 +24,15 @@ sys.path.insert(0, str(BENCHMARKS))
 from tables import blocks  # noqa: E402
 
 
+def cells(line: str) -> list[str]:
+    """The cells of a markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def table(output: str, name: str) -> list[list[str]]:
     """The cells of the markdown table in block `name` of a script's output (header and rule left out)."""
     lines = [line for line in blocks(output)[name].splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in line.strip("| ").split(" | ")] for line in lines[1:]]
+    return [cells(line) for line in lines[1:]]
 
 
 def run(script: str, *args, cwd: Path | None = None) -> str:
@@ -38,11 +43,6 @@ def run(script: str, *args, cwd: Path | None = None) -> str:
                          text=True, timeout=300, cwd=cwd, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
-
-
-def cells(line: str) -> list[str]:
-    """The cells of a markdown table row."""
-    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def standard_normal_bpd(n: int) -> float:
@@ -138,8 +138,7 @@ def table_rows(block: str, header: str) -> dict[str, list[str]]:
     """The rows (cells after the first, by first cell) of the markdown table in `block` whose header starts with
     `header`."""
     text = block[block.index(f"| {header}") :].split("\n\n")[0]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
-    return {row[0]: row[1:] for row in cells}
+    return {row[0]: row[1:] for row in map(cells, text.splitlines()[2:])}
 
 
 def number(cell: str) -> float:
@@ -151,28 +150,36 @@ def test_step_cost_prints_ratio_variants_and_phases():
     out = run("step_cost.py", "--steps", 1, "--warmup", 0, "--batch", 4, "--size", 16, "--threads", 1)
     block = blocks(out)["step-cost"]
     steps = table_rows(block, "model")
-    ddpm, cdm = (
-        number(steps[k][0]) for k in ("DDPM (MONAI UNet, eps-prediction MSE)", "CDM (`cdm_loss`, same UNet + head)")
-    )
-    assert number(steps["**ratio**"][0]) == pytest.approx(cdm / ddpm, rel=0.02, abs=0.01), "one step: its own ratio"
-    assert number(steps["**ratio**"][0]) > 1, "a CDM step (forward, backward, double backward) costs more"
-    swaps = table_rows(block, "both networks")
+    labels = ["DDPM (MONAI UNet, eps-prediction MSE)", "CDM `unet` (`cdm_loss`, same UNet + head)",
+              "CDM `encoder` (`cdm_loss`, encoder-only: the UNet's down path and middle block + head)"]  # fmt: skip
+    assert list(steps) == labels
+    cdm = {arch: number(steps[label][0]) for arch, label in zip(("unet", "encoder"), labels[1:], strict=True)}
+    for label in labels[1:]:
+        assert number(steps[label][1]) > 1, "a CDM step (forward, backward, double backward) costs more"
+    assert cdm["encoder"] < cdm["unet"], "the encoder-only classifier drops the decoder from every pass"
+    swaps = table_rows(block, "the UNet pair")
     assert set(swaps) == {"every GroupNorm replaced by identity", "every SiLU replaced by ReLU"}
     for d, c, ratio in swaps.values():
         assert number(ratio) == pytest.approx(number(c) / number(d), rel=0.02, abs=0.01)
     phases = table_rows(block, "phase of one CDM step")
     assert list(phases) == ["forward", "input gradient (`create_graph=True`)", "double backward, loss and Adam step"]
-    assert sum(number(v[0]) for v in phases.values()) == pytest.approx(cdm, rel=0.02), "they add up to the CDM step"
+    for i, arch in enumerate(("unet", "encoder")):
+        total = sum(number(v[i]) for v in phases.values())
+        assert total == pytest.approx(cdm[arch], rel=0.02), "the phases add up to the CDM step"
+    sampler = table_rows(block, "one sampler step")
+    denoisers = [f"CDM `{arch}` gradient denoiser (forward + backward)" for arch in ("unet", "encoder")]
+    assert list(sampler) == ["DDPM UNet forward (no graph)", *denoisers]
+    assert all(number(sampler[label][1]) > 0 for label in denoisers)
 
 
 def test_step_cost_swaps_every_module_of_the_kind():
-    from step_cost import VARIANTS, swapped
+    from step_cost import SWAPS, swapped
 
     from cdm_ood import CDMClassifier
 
     model = CDMClassifier(2, 1, 10, channels=(8, 8), attention_levels=(False, True), norm_num_groups=8,
                           num_head_channels=8)  # fmt: skip
-    for old, new, _ in filter(None, VARIANTS.values()):
+    for old, new, _ in SWAPS.values():
         copy = swapped(model, old, new)
         before = sum(isinstance(m, old) for m in model.modules())
         assert before > 0 and not any(isinstance(m, old) for m in copy.modules())
@@ -186,13 +193,14 @@ def test_likelihood_cost_counts_network_calls():
     )
     block = blocks(out)["likelihood-cost"]
     rows = table_rows(block, "method")
-    cdm, ddpm = (
-        rows["CDM `log_likelihood` (Theorem 3.2)"],
-        rows["MONAI `DiffusionInferer.get_likelihood` (DDPM variational bound, T = 20)"],
-    )
-    assert (cdm[1], ddpm[1]) == ("1", "20"), "one forward pass against one call per timestep"
-    assert number(rows["ratio"][0]) == pytest.approx(number(ddpm[0]) / number(cdm[0]), abs=1)
-    bpd = float(re.search(r"The CDM \(untrained\): ([\d.]+) bits/dim on 4 bundled MNIST test images", block)[1])
+    ddpm = rows["MONAI `DiffusionInferer.get_likelihood` (DDPM variational bound, T = 20)"]
+    assert ddpm[1] == "20"
+    for arch in ("unet", "encoder"):
+        cdm = rows[f"CDM `{arch}` `log_likelihood` (Theorem 3.2)"]
+        assert cdm[1] == "1", "one forward pass against one call per timestep"
+        assert number(rows[f"ratio `{arch}`"][0]) == pytest.approx(number(ddpm[0]) / number(cdm[0]), abs=1)
+    pattern = r"The CDM `unet` \(untrained\): ([\d.]+) bits/dim on 4 bundled MNIST test images"
+    bpd = float(re.search(pattern, block)[1])
     assert abs(bpd - standard_normal_bpd(4)) < 0.05, "an untrained CDM's eq. 10 is the standard normal's density"
 
 
@@ -297,3 +305,18 @@ def test_train_time_reads_the_run_it_leaves(tmp_path):
     again = subprocess.run([sys.executable, str(BENCHMARKS / "train_time.py"), "--out-dir", str(run_dir)],
                            capture_output=True, text=True)  # fmt: skip
     assert again.returncode != 0 and "--replace" in again.stderr and (run_dir / "model.pt").is_file()
+
+
+def test_architectures_compare_both_classifiers_at_one_budget(tmp_path):
+    out = run("architectures.py", "--dataset", "phantoms", "--steps", 2, "--volumes", "2,1,1", "--sample-steps", 2,
+              "--figures", tmp_path / "img", "--no-tracking")  # fmt: skip
+    rows = table_rows(blocks(out)["architectures"], "classifier")
+    assert list(rows) == ["`unet`", "`encoder`"]
+    params = {arch: number(rows[f"`{arch}`"][0]) for arch in ("unet", "encoder")}
+    assert params["encoder"] < params["unet"] / 2, "the encoder-only classifier has no decoder"
+    for arch, cells in rows.items():
+        per_set = [float(c) for c in cells[4:-3]]
+        assert len(per_set) == 6 and all(0 <= a <= 1 for a in per_set), "one AUROC per mild phantom artifact"
+        assert number(cells[-3]) == pytest.approx(np.mean(per_set), abs=6e-4), "the mean of its own row"
+        assert 0 < number(cells[2]) < 20, "bits/dim of 11-bit images"
+        assert (tmp_path / "img" / f"architectures-phantoms-{arch.strip('`')}.png").stat().st_size > 100

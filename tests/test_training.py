@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
+from processes import cdm
 
 from cdm_ood.checkpoint import load_checkpoint, load_model
+from cdm_ood.classifier import ARCHS
 from cdm_ood.config import load_config
 from cdm_ood.data.natural import sklearn_digits
 from cdm_ood.ood import OODDetector
@@ -107,6 +110,14 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
+def test_bf16_training_steps_differ_from_float32_ones_by_rounding_only(tmp_path):
+    full = load_checkpoint(train(tiny("train.steps=2"), tmp_path / "f32"))["ema"]
+    half = load_checkpoint(train(tiny("train.steps=2", "train.precision=bf16"), tmp_path / "bf16"))["ema"]
+    moved = [k for k in full if full[k].is_floating_point() and not torch.equal(full[k], half[k])]
+    assert moved, "the bf16 run computes its steps in another precision"
+    assert all(torch.allclose(full[k], half[k], rtol=0.05, atol=1e-3) for k in full if full[k].is_floating_point())
+
+
 def test_class_conditional_training_with_label_dropout(tmp_path):
     path = train(tiny("train.steps=3", "model.num_classes=10", "loss.label_dropout=0.5"), tmp_path / "cond")
     model = load_model(path).classifier
@@ -175,9 +186,13 @@ def test_two_torchrun_processes_equal_one_process_on_the_combined_batch(tmp_path
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
-def test_mlflow_run_in_the_default_sqlite_store_and_model_by_run_id(tmp_path):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlflow_run_in_the_default_sqlite_store_and_model_by_run_id(tmp_path, arch):
+    """Either architecture trains through `cdm-ood train`, round-trips through its checkpoint and the MLflow pyfunc
+    model, and scores through `cdm-ood score` with the scores of the Python API."""
     no_git = {"PATH": str(Path(sys.executable).parent)}  # MLflow looks for git: a machine without it
-    out = cli("--out-dir", str(tmp_path / "run"), *sets("train.steps=4", "train.log_every=2"), cwd=tmp_path, env=no_git)
+    steps = sets("train.steps=4", "train.log_every=2", f"model.arch={arch}")
+    out = cli("--out-dir", str(tmp_path / "run"), *steps, cwd=tmp_path, env=no_git)
     noise = [line for line in out.stderr.splitlines() if not re.match(r"\d\d:\d\d:\d\d INFO ", line)]
     assert noise == [], "only cdm-ood's own log lines: no MLflow/alembic INFO lines, warnings or git messages"
     assert (tmp_path / "mlflow.db").exists(), "the default store is sqlite:///mlflow.db in the working directory"
@@ -210,8 +225,19 @@ def test_mlflow_run_in_the_default_sqlite_store_and_model_by_run_id(tmp_path):
     threshold = held_out[len(held_out) - math.floor(model.calibration.fpr * len(held_out)) - 1]
     assert (predicted["threshold"] == threshold).all()
     assert list(predicted["ood"]) == [v != "in" for v in predicted["verdict"]] == list(predicted["score"] > threshold)
+    assert model.classifier.arch == arch and run.data.params["model.arch"] == arch
     expected = score_array(OODDetector.from_checkpoint(tmp_path / "run" / "model.pt"), images)
     np.testing.assert_allclose(predicted["score"], expected["score"], rtol=1e-6)
+
+    (tmp_path / "digits").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.astype(np.uint8)).save(tmp_path / "digits" / f"{i}.png")
+    report = tmp_path / "report.json"
+    scored = cdm("score", tmp_path / "digits", "--checkpoint", tmp_path / "run" / "model.pt", "--threshold", "1e12",
+                 "--out", report, cwd=tmp_path)  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    rows = sorted(json.loads(report.read_text())["rows"], key=lambda r: r["path"])
+    np.testing.assert_allclose([r["score"] for r in rows], expected["score"], rtol=1e-5)
 
 
 def test_unreachable_tracking_server_is_tolerated(tmp_path):

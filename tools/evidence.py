@@ -113,6 +113,7 @@ STEPS: tuple[Step, ...] = (
                               BRAIN / "held-out", "--images", 8, "--name", "ranking-brain"), ("ranking-brain",),
          needs=("brain-model", "brain-held-out")),
     Step("ablations", _py("benchmarks/ablations.py"), ("ablations",)),
+    Step("architectures", _py("benchmarks/architectures.py"), ("architectures",)),
 )
 # fmt: on
 BY_NAME = {s.name: s for s in STEPS}

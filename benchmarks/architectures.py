@@ -1,0 +1,94 @@
+"""The encoder-only classifier against the UNet classifier at the same budget, to choose `model.arch` by evidence.
+
+    python benchmarks/architectures.py [--dataset mnist,phantoms] [--steps 1000] [--images 200]
+
+For each in-distribution set of benchmarks/ood_baselines.py (the bundled MNIST digits, class-conditional; 32x32
+slices of generated CT phantoms) and each architecture (`unet`: MONAI's DiffusionModelUNet + head; `encoder`: its
+down path and middle block + head), one CDM with the network of the default `mnist-cpu` / `phantoms-ct` configs,
+trained with the same data, steps, batch and seed. Prints the table block `architectures`: parameters, training
+time, bits/dim on the in-distribution test images, AUROC of the `nll` and `combined` detectors on every OOD set of
+that benchmark (fitted on validation images), scoring time, and a 16-sample DDIM grid (PNG). Tracked in MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from ood_baselines import Benchmark, cdm_scorers, evaluate, mnist_benchmark, phantom_benchmark, train_benchmark_cdm
+from tables import emit, markdown
+
+from cdm_ood import bits_per_dim, log_likelihood, sample
+from cdm_ood.classifier import ARCHS
+from cdm_ood.figures import image_grid, save_png
+from cdm_ood.tracking import log_job_run
+
+DETECTORS = ("nll", "combined")
+
+
+def compare(data: Benchmark, arch: str, args: argparse.Namespace) -> tuple[list[str], dict[str, float], Path]:
+    """One architecture on one benchmark: its table row, its MLflow metrics and its sample grid."""
+    print(f"{data.name}, {arch}: training {args.steps} steps", file=sys.stderr, flush=True)
+    model, schedule, num_classes, seconds = train_benchmark_cdm(data, args.steps, args.batch, arch)
+    with torch.no_grad():
+        ll = torch.cat([log_likelihood(model, x, schedule).double() for x in data.test.split(100)])
+    bpd = bits_per_dim(ll, data.test[0].numel(), data.bit_depth).mean().item()
+    scorers, costs = cdm_scorers(data, model, schedule, num_classes, DETECTORS)
+    rows = {r["detector"].removeprefix("CDM "): r for r in evaluate(data, scorers, costs)}
+    aurocs = {name: [m["auroc"] for m in r["metrics"].values()] for name, r in rows.items()}
+    grid = sample(model, schedule, (16, *data.test.shape[1:]), "ddim", args.sample_steps,
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    path = save_png(image_grid(grid), args.figures / f"architectures-{data.name}-{arch}.png")
+    parameters = sum(p.numel() for p in model.parameters())
+    row = [f"`{arch}`", f"{parameters / 1e3:.0f}k", f"{seconds:.0f} s", f"{bpd:.3f}", f"{np.mean(aurocs['nll']):.3f}",
+           *(f"{a:.3f}" for a in aurocs["combined"]), f"**{np.mean(aurocs['combined']):.3f}**",
+           f"{rows['combined']['ms_per_image']:.1f}", f"![{arch}]({args.figures.name}/{path.name})"]  # fmt: skip
+    metrics = {"train_seconds": seconds, "test_bpd": bpd, "parameters": parameters,
+               **{f"mean_auroc.{name}": float(np.mean(a)) for name, a in aurocs.items()}}  # fmt: skip
+    return row, metrics, path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist,phantoms", help="Comma-separated: mnist, phantoms.")
+    parser.add_argument("--archs", default=",".join(ARCHS), help="Comma-separated classifier architectures.")
+    parser.add_argument("--steps", type=int, default=1000, help="Training steps of every model.")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=int, default=200, help="MNIST images per test set (ID and each OOD set).")
+    parser.add_argument("--val-images", type=int, default=100, help="MNIST validation images (detector fitting).")
+    parser.add_argument("--volumes", default="24,4,4", help="Phantom volumes (16 slices) for train,val,test.")
+    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids.")
+    parser.add_argument("--figures", type=Path, default=Path("docs/img"))
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data draws and of every model's training.")
+    parser.add_argument("--no-tracking", action="store_true", help="Do not log the runs to MLflow.")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    builders = {
+        "mnist": lambda: mnist_benchmark(args.images, args.val_images, args.seed),
+        "phantoms": lambda: phantom_benchmark(tuple(int(v) for v in args.volumes.split(",")), args.seed),
+    }
+    tables = []
+    for name in args.dataset.split(","):
+        data = builders[name]()
+        results = [compare(data, arch, args) for arch in args.archs.split(",")]
+        header = ["classifier", "parameters", "train time", "test bits/dim", "AUROC `nll` (mean)",
+                  *(f"`combined` {s}" for s in data.ood), "`combined` mean", "ms / image", "samples"]  # fmt: skip
+        tables.append(
+            f"{name}: {len(data.train)} training images, {args.steps} steps of batch {args.batch}; "
+            f"{len(data.test)} ID test images; detectors fitted on {len(data.val)} validation images\n\n"
+            + markdown(header, [row for row, _, _ in results])
+        )
+        if not args.no_tracking:
+            for arch, (_, metrics, path) in zip(args.archs.split(","), results, strict=True):
+                params = {"benchmark": "architectures", "dataset": name, "arch": arch, "steps": args.steps,
+                          "batch": args.batch, "seed": args.seed}  # fmt: skip
+                log_job_run("evidence", params, metrics, [path])
+    setting = f"{torch.get_num_threads()} CPU threads; DDIM grids of {args.sample_steps} steps, seed 0."
+    emit("architectures", "\n\n".join([*tables, setting]))
+
+
+if __name__ == "__main__":
+    main()
