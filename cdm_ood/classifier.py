@@ -88,5 +88,5 @@ class CDMClassifier(nn.Module):
             raise ValueError("labels given to an unconditional CDMClassifier")
         features = self.backbone(x, constant_t, class_labels=class_labels)
         with torch.autocast(x.device.type, enabled=False):  # the head and its sum over 1000 levels stay float32
-            h = self.head(features.float())
+            h = self.head(features.to(torch.promote_types(features.dtype, torch.float32)))
         return torch.cumsum(h, dim=1)
