@@ -1,11 +1,12 @@
 """Throughput of `cdm-ood score` (discover, read DICOM, prepare, score, report) against the bare batched
 scoring of the same detector on the same, already prepared tensors.
 
-    python benchmarks/score_throughput.py --checkpoint runs/demo/model.pt [--volumes 16] [--workers 0 1 2]
-        [--detector NAME]
+    python benchmarks/score_throughput.py --checkpoint runs/demo/model.pt [--volumes 16] [--size 256]
+        [--workers auto 0 1 2] [--detector NAME]
 
-Generates a folder of CT phantom DICOM series (size = the model's), then times, in one process, for each
-DataLoader worker count and each repeat:
+Generates a folder of CT phantom DICOM series (`--size` pixels square, mapped to the model's size by its preset as
+any input is), then times, in one process, for each DataLoader worker count (`auto`: `cdm-ood score`'s default,
+`cdm_ood.ood.batch.auto_workers`) and each repeat:
 1. bare: `OODDetector.score_prepared`, the detector's network passes and statistic in batches, on tensors prepared
    beforehand (the checkpoint's default detector unless --detector);
 2. score: `score_sources` as `cdm-ood score` runs it with the same detector, from the files to the report rows,
@@ -32,10 +33,8 @@ from cdm_ood.data.discovery import discover
 from cdm_ood.data.phantoms import make_phantoms
 from cdm_ood.data.readers import read_source
 from cdm_ood.ood import OODDetector
-from cdm_ood.ood.batch import score_sources
+from cdm_ood.ood.batch import auto_workers, score_sources
 from cdm_ood.ood.report import write_report
-
-DEFAULT_WORKERS = 0  # `cdm-ood score --workers`
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
@@ -67,39 +66,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--volumes", type=int, default=16, help="DICOM series of 16 slices each.")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts.")
+    parser.add_argument("--size", type=int, default=256, help="Pixels per side of the DICOM slices.")
+    parser.add_argument("--workers", nargs="+", default=["auto", "0", "1", "2"], help="DataLoader worker counts.")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--detector", help="A calibrated detector [default: the checkpoint's default].")
     args = parser.parse_args()
     detector = OODDetector.from_checkpoint(args.checkpoint, detector=args.detector, batch_size=args.batch_size)
-    size = detector.model.spec.size[-1]
-    bare: dict[int, list[float]] = {w: [] for w in args.workers}
-    full: dict[int, list[float]] = {w: [] for w in args.workers}
+    counts = {w: auto_workers(detector.device) if w == "auto" else int(w) for w in args.workers}
+    bare: dict[str, list[float]] = {w: [] for w in counts}
+    full: dict[str, list[float]] = {w: [] for w in counts}
     split: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "scans"
-        make_phantoms(folder, args.volumes, "dicom", size=size, slices=16, modality="ct", seed=1)
+        make_phantoms(folder, args.volumes, "dicom", size=args.size, slices=16, modality="ct", seed=1)
         (folder / "manifest.csv").unlink()
         x, _ = phases(detector, folder)  # warm-up
         n = len(x)
         for repeat in range(args.repeats):
             print(f"repeat {repeat + 1} of {args.repeats}", file=sys.stderr)
             split.append(phases(detector, folder)[1])
-            for w in args.workers:
+            for w, count in counts.items():
                 bare[w].append(timed(detector.score_prepared, x)[1])
-                rows, seconds = timed(score_folder, detector, folder, Path(tmp) / "report.csv", w)
+                rows, seconds = timed(score_folder, detector, folder, Path(tmp) / "report.csv", count)
                 full[w].append(seconds)
                 assert sum(r["level"] == "slice" for r in rows) == n, "every slice is scored"
     table = []
-    for w in args.workers:
+    for w, count in counts.items():
         b, f = n / statistics.median(bare[w]), n / statistics.median(full[w])
         ratio = f"{f / b:.2f}"
-        table.append([f"{w} (default)" if w == DEFAULT_WORKERS else w, f"{b:.0f} slices/s", f"{f:.0f} slices/s",
-                      f"**{ratio}**" if w == DEFAULT_WORKERS else ratio])  # fmt: skip
+        table.append([f"auto (default): {count}" if w == "auto" else w, f"{b:.0f} slices/s", f"{f:.0f} slices/s",
+                      f"**{ratio}**" if w == "auto" else ratio])  # fmt: skip
     where = ", ".join(f"{name} {statistics.median(s[name] for s in split):.2f} s" for name in split[0])
     text = markdown(["workers", "bare scoring", "`cdm-ood score`", "ratio"], table) + (
-        f"\n\nDetector `{detector.name}`; {n} slices of {size}x{size}, batch {args.batch_size}, "
+        f"\n\nDetector `{detector.name}`; {n} DICOM slices of {args.size}x{args.size} scored at "
+        f"{'x'.join(map(str, detector.model.spec.size))}, batch {args.batch_size}, "
         f"{torch.get_num_threads()} threads, median of "
         f"{args.repeats}. Where the time goes, in process, {n} files: {where}."
     )

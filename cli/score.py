@@ -24,6 +24,25 @@ from .common import (
     tracking_uri_option,
 )
 
+
+class Workers(click.ParamType):
+    """A number of DataLoader processes (0 or more), or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int | str:
+        if value == "auto" or (isinstance(value, int) and value >= 0):
+            return value
+        try:
+            n = int(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number nor 'auto'", param, ctx)
+        if n < 0:
+            self.fail(f"{n} is negative", param, ctx)
+        return n
+
+
+WORKERS = Workers()
 MLFLOW_GALLERY = 50  # with --mlflow, the first this many map overlays (by name) are logged with the report
 
 detector_option = click.option(
@@ -33,8 +52,10 @@ batch_option = click.option(
     "--batch-size", default=64, show_default=True, help="Slices (volumes for a 3D model) per forward pass."
 )
 workers_option = click.option(
-    "--workers", default=0, show_default=True, help="DataLoader processes reading files (0: in the main process)."
-)
+    "--workers", default="auto", show_default=True, type=WORKERS,
+    help="DataLoader processes reading files (0: in the main process; auto: from the cores torch leaves free on "
+         "CPU, half the cores on GPU).",
+)  # fmt: skip
 
 
 def _detector(
@@ -135,8 +156,8 @@ def calibrate_command(
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str, batch_size: int, workers: int,
-    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
+    no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str, batch_size: int,
+    workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
@@ -157,11 +178,13 @@ def score_command(
 
     from cdm_ood.data.guards import MAX_VOXELS
     from cdm_ood.distributed import Distributed
+    from cdm_ood.ood.batch import auto_workers
     from cdm_ood.ood.gate import run_gate
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
     scorer = _detector(checkpoint, detector, batch_size, threshold, device)
+    workers = auto_workers(scorer.device) if workers == "auto" else workers
     if maps is not None:
         _require_maps(scorer, checkpoint)
     if ddp.world > 1 and not dist.is_initialized():

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cdm_ood.checkpoint import load_checkpoint
 from cdm_ood.data.natural import bundled_mnist
+from cdm_ood.ood.batch import auto_workers
 from cdm_ood.ood.detectors import DETECTORS
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
@@ -237,14 +239,34 @@ def test_bombs_are_refused_beside_a_scored_series(checkpoint):
 
 
 def test_score_throughput_measures_each_worker_count(checkpoint):
-    out = run("score_throughput.py", "--checkpoint", checkpoint, "--volumes", 1, "--repeats", 1, "--workers", 0, 1)
+    out = run("score_throughput.py", "--checkpoint", checkpoint, "--volumes", 1, "--repeats", 1, "--size", 48,
+              "--workers", "auto", 0, 1)  # fmt: skip
     block = blocks(out)["score-throughput"]
     rows = table_rows(block, "workers")
-    assert list(rows) == ["0 (default)", "1"]
+    auto = auto_workers(torch.device("cpu"))
+    assert list(rows) == [f"auto (default): {auto}", "0", "1"]
     for bare, score, ratio in rows.values():
         assert number(ratio) > 0 and number(ratio) == pytest.approx(number(score) / number(bare), abs=0.01)
         assert number(score) < number(bare), "the scoring job includes the bare scoring"
-    assert "; 16 slices of 16x16" in block and "in process, 16 files: discover" in block
+    assert "; 16 DICOM slices of 48x48 scored at 16x16" in block and "in process, 16 files: discover" in block
+
+
+def test_score_memory_runs_the_real_command_per_folder_size(checkpoint):
+    out = run("score_memory.py", "--checkpoint", checkpoint, "--files", 16, 32, "--size", 16)
+    rows = table_rows(blocks(out)["score-memory"], "files")
+    assert list(rows) == ["16", "32"] and [r[0] for r in rows.values()] == ["16", "32"], "every slice is scored"
+    (first, *_), (second, _, ratio) = rows.values()
+    assert number(ratio) == pytest.approx(number(second.split()[0]) / number(first), abs=0.002)
+    assert 0.1 < number(first) < 4, "a child process with torch loaded: GiB, not bytes or kilobytes"
+
+
+def test_auto_workers_leave_the_network_its_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
+    threads = torch.get_num_threads()
+    assert auto_workers(torch.device("cpu")) == max(0, min(4, 16 - threads))
+    assert auto_workers(torch.device("cuda")) == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1})
+    assert auto_workers(torch.device("cpu")) == max(0, 2 - threads) and auto_workers(torch.device("cuda")) == 1
 
 
 def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):

@@ -3,6 +3,7 @@ come (symlinked, looping, empty); library noise; a file that runs out of memory.
 
 import json
 import os
+import pickle
 import resource
 import socket
 import threading
@@ -19,7 +20,13 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from cdm_ood.data.discovery import discover
-from cdm_ood.data.errors import NotAnImageError, TooLargeError, UnreadableFileError
+from cdm_ood.data.errors import (
+    EmptyFolderError,
+    NotAnImageError,
+    TooLargeError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
 from cdm_ood.data.guards import MAX_VOXELS
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
 from cdm_ood.data.readers import iter_slices
@@ -169,3 +176,15 @@ def test_unreadable_files_keep_a_reason_without_raising(tmp_path):
     (tmp_path / "gone.dcm").symlink_to(tmp_path / "missing.dcm")
     _, errors = collect(tmp_path)
     assert isinstance(errors["gone.dcm"], UnreadableFileError)
+
+
+@pytest.mark.parametrize("error", [UnreadableFileError, EmptyFolderError, UnsupportedFormatError, NotAnImageError,
+                                   TooLargeError])  # fmt: skip
+def test_file_errors_cross_process_boundaries(error):
+    """DataLoader workers (`cdm-ood score --workers`) send these to the scoring process pickled."""
+    back = pickle.loads(pickle.dumps(error("/scans/a.dcm", "cannot open file: denied")))
+    assert type(back) is error and (back.path, back.reason, str(back)) == (
+        "/scans/a.dcm",
+        "cannot open file: denied",
+        "/scans/a.dcm: cannot open file: denied",
+    )

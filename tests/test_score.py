@@ -186,6 +186,13 @@ def test_thresholds_that_decide_nothing_are_usage_errors(checkpoint, scans, thre
     assert "finite" in out.stderr or "false-positive rate" in out.stderr
 
 
+@pytest.mark.parametrize("workers, reason", [("many", "'many' is neither a whole number nor 'auto'"),
+                                             ("-1", "-1 is negative")])  # fmt: skip
+def test_worker_counts_that_are_not_counts_are_usage_errors(checkpoint, scans, workers, reason):
+    out = invoke("score", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--workers", workers)
+    assert out.exit_code == 2 and reason in out.output
+
+
 def test_nan_weights_are_refused_and_overflowing_scores_are_flagged(checkpoint, scans, tmp_path):
     def nan_weights(payload: dict) -> None:
         payload["ema"][head_weight(payload)][0, 0] = float("nan")

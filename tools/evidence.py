@@ -93,6 +93,8 @@ STEPS: tuple[Step, ...] = (
     Step("score-sharded", _py("benchmarks/score_sharded.py", "--checkpoint", DEMO / "run" / "model.pt"),
          ("score-sharded",), needs=("demo",)),
     Step("bombs", _py("benchmarks/bombs.py", "--checkpoint", DEMO / "run" / "model.pt"), ("bombs",), needs=("demo",)),
+    Step("score-memory", _py("benchmarks/score_memory.py", "--checkpoint", DEMO / "run" / "model.pt"),
+         ("score-memory",), needs=("demo",)),
     Step("denoising", _py("benchmarks/denoising.py", "--cdm", MNIST / "model.pt"), ("denoising",),
          needs=("train-time",)),
     Step("localization", _py("benchmarks/localization.py"), ("localization",)),

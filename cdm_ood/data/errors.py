@@ -17,6 +17,10 @@ class DataError(Exception):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Rebuilt from path and reason: DataLoader workers send these errors to the scoring process."""
+        return type(self), (self.path, self.reason)
+
 
 class UnreadableFileError(DataError):
     """The file is of a known format but broken: truncated, missing pixel data, malformed header."""

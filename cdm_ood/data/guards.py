@@ -9,6 +9,7 @@ kept from the terminal (the file's reason carries the exception), and reason str
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -82,13 +83,22 @@ def require_deflated_budget(path: Path, max_voxels: int) -> None:
                 chunk = inflater.unconsumed_tail
 
 
+@functools.lru_cache(maxsize=1)
+def _library_children(registered: int) -> tuple[logging.Logger, ...]:
+    """The loggers below `LIBRARY_LOGGERS`, listed again only when the number of `registered` loggers changed (the
+    registry only grows): listing them per file cost more than reading a DICOM header."""
+    prefixes = tuple(f"{root}." for root in LIBRARY_LOGGERS)
+    return tuple(
+        logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict) if name.startswith(prefixes)
+    )
+
+
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Keep pydicom's, nibabel's, Pillow's and MONAI's log lines and warnings about a file off the terminal while
     it is read: a broken file becomes one reason in the report, not a traceback in the log."""
     roots = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
-    children = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
-                if name.startswith(tuple(f"{root}." for root in LIBRARY_LOGGERS))]  # fmt: skip
+    children = list(_library_children(len(logging.Logger.manager.loggerDict)))
     saved = [(logger, logger.propagate, logger.disabled) for logger in roots + children]
     sink = logging.NullHandler()  # stops Python's last-resort handler from printing records nobody handles
     for logger in roots:

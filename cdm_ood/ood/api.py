@@ -145,19 +145,22 @@ class OODDetector:
         verdicts = [judge(float(s), self.threshold, f) for s, f in zip(scores, flags, strict=True)]
         return [{"score": float(s), "verdict": v, "reason": r} for s, (v, r) in zip(scores, verdicts, strict=True)]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's network runs."""
+        return next(self.model.classifier.parameters()).device
+
     @torch.inference_mode()
     def profile(self, x: Tensor) -> Tensor:
         """log p_t(x) for t = 0..T+1 (nats) of a model-space batch, in chunks of `batch_size` (Theorem 3.2)."""
-        device = next(self.model.classifier.parameters()).device
         return log_likelihood_profile_batched(self.model.classifier, x.cpu(), self.model.schedule, self.batch_size,
-                                              device)  # fmt: skip
+                                              self.device)  # fmt: skip
 
     def features(self, x: Tensor, needs: Optional[Sequence[str]] = None) -> Features:
         """The features `needs` (default: this detector's; `cdm_ood.ood.features`) of a model-space batch, on the
         CPU, computed on the model's device in chunks of `batch_size`."""
-        device = next(self.model.classifier.parameters()).device
         return batched_features(self.model.classifier, x.cpu().split(self.batch_size), self.model.schedule,
-                                self._needs(needs), self.num_classes, device)  # fmt: skip
+                                self._needs(needs), self.num_classes, self.device)  # fmt: skip
 
     def score_features(self, features: Features) -> np.ndarray:
         """This detector's scores of features already computed (NaN rows stay NaN)."""

@@ -8,6 +8,7 @@ Given a `MapWriter`, each scored batch also gets its anomaly maps, written besid
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
@@ -73,6 +74,16 @@ def _as_is(item: Prepared) -> Prepared:
     return item
 
 
+def auto_workers(device: torch.device) -> int:
+    """DataLoader processes for reading files, from the cores this process may use: on a GPU, half of them (at most
+    8; the network does not need them); on CPU, those that torch's own threads leave free (at most 4), because a
+    reader on a core the network uses only slows both."""
+    cores = len(os.sched_getaffinity(0))
+    if device.type == "cuda":
+        return min(8, cores // 2)
+    return max(0, min(4, cores - torch.get_num_threads()))
+
+
 def score_sources(
     detector: OODDetector,
     sources: Sequence[SourceFile],
@@ -112,7 +123,8 @@ def iter_scored(
         yield [error_row(err) for err in errors]
     volumes = detector.unit == "volume"
     prepared = PreparedFiles(sources, detector.transform, volumes, keep_images=maps is not None)
-    loader = DataLoader(prepared, batch_size=None, num_workers=workers, collate_fn=_as_is)
+    pin = workers > 0 and detector.device.type == "cuda"  # pinned pages: the copies to the GPU overlap reading
+    loader = DataLoader(prepared, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=pin)
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor, Optional[Slice | Volume], list[SourceFile]]] = []
 
