@@ -36,12 +36,12 @@ def main() -> None:
         tmp = Path(tmp)
         print(f"writing {max(args.files)} DICOM files of {args.size}x{args.size}", file=sys.stderr, flush=True)
         make_phantoms(tmp / "all", -(-max(args.files) // SLICES), "dicom", size=args.size, slices=SLICES, seed=2)
-        series = sorted(p for p in (tmp / "all").iterdir() if p.is_dir())
+        files = sorted((tmp / "all").glob("*/*.dcm"))
         for n in args.files:
             folder = tmp / f"n{n}"
-            folder.mkdir()
-            for path in series[: n // SLICES]:
-                (folder / path.name).symlink_to(path, target_is_directory=True)
+            for path in files[:n]:  # whole series, the last one cut short
+                (folder / path.parent.name).mkdir(parents=True, exist_ok=True)
+                (folder / path.parent.name / path.name).symlink_to(path)
             report = tmp / f"n{n}.json"
             command = [sys.executable, "-m", "cdm_ood.cli", "score", str(folder), "--checkpoint",
                        str(args.checkpoint.resolve()), "--threshold", "1e12", "--out", str(report)]  # fmt: skip

@@ -249,7 +249,7 @@ def discover(
     pairs = {path: voxels for path in files if (voxels := _voxel_file(path)) in walked}
     voxel_files = set(pairs.values())
     sources: list[SourceFile] = []
-    series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+    series: dict[str, list[tuple[tuple[float, float, str], Path, Optional[str]]]] = defaultdict(list)
     for path in counted(files, progress(len(files), "reading headers") if progress else None):
         if path in voxel_files:
             continue
@@ -275,12 +275,12 @@ def discover(
             continue
         if frames > 1:
             sources.append(SourceFile(str(path), "dicom", series_uid, None, _uid(ds)))
-        else:
-            series[series_uid].append((path, ds))
+        else:  # keep the sort key, not the header: memory stays flat in the number of files
+            series[series_uid].append((_position_key(ds), path, _uid(ds)))
     for series_uid, members in series.items():
-        members.sort(key=lambda m: _position_key(m[1]))
+        members.sort(key=lambda m: m[0])
         sources.extend(
-            SourceFile(str(path), "dicom", series_uid, rank, _uid(ds)) for rank, (path, ds) in enumerate(members)
+            SourceFile(str(path), "dicom", series_uid, rank, uid) for rank, (_, path, uid) in enumerate(members)
         )
     return sources
 
