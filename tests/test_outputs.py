@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +58,25 @@ def test_the_lock_is_released_and_taken_again(tmp_path):
     with files.claimed():
         assert files.lock.exists()
     assert not files.lock.exists()
+
+
+def test_a_forked_reader_outliving_a_killed_run_does_not_hold_its_report(tmp_path):
+    """A run holding the lock forks a child (as DataLoader workers are) and is killed; the child lives on, and a
+    new run takes the report at once."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from cdm_ood.ood.outputs import ReportFiles\n"
+        "with ReportFiles(Path(sys.argv[1])).claimed():\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.csv")])
+    assert killed.returncode == -signal.SIGKILL and ReportFiles(tmp_path / "r.csv").lock.exists()
+    with ReportFiles(tmp_path / "r.csv").claimed():
+        pass
 
 
 def test_a_report_inside_the_scanned_folder_never_scores_its_own_outputs(checkpoint, scans, tmp_path):

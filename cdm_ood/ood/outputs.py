@@ -24,6 +24,20 @@ class ReportBusyError(UsageError):
     """Another run holds the lock of the same report."""
 
 
+_HELD: set[int] = set()  # the descriptors of the report locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker reading files), close the inherited lock descriptors: a `flock` lives
+    as long as any descriptor of it, so a worker outliving a killed run would hold its report for seconds more."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @dataclass(frozen=True)
 class ReportFiles:
     """The outputs of a run that writes `report`."""
@@ -63,9 +77,11 @@ class ReportFiles:
         except OSError as err:
             reason = f"cannot write into {folder} ({err.strerror or type(err).__name__})"
             raise UsageError(f"--out {self.report}: {reason}; nothing was scored") from None
+        _HELD.add(fd)
         try:
             yield
         finally:
+            _HELD.discard(fd)
             self.lock.unlink(missing_ok=True)
             os.close(fd)
 
