@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ood_baselines import Benchmark, cdm_scorers, evaluate, mnist_benchmark, phantom_benchmark, train_benchmark_cdm
+from ood_baselines import Benchmark, add_benchmark_arguments, benchmarks, cdm_scorers, evaluate, train_benchmark_cdm
 from tables import emit, markdown
 
 from cdm_ood import bits_per_dim, log_likelihood, sample
@@ -53,26 +53,13 @@ def compare(data: Benchmark, arch: str, args: argparse.Namespace) -> tuple[list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist,phantoms", help="Comma-separated: mnist, phantoms.")
+    add_benchmark_arguments(parser)
     parser.add_argument("--archs", default=",".join(ARCHS), help="Comma-separated classifier architectures.")
-    parser.add_argument("--steps", type=int, default=1000, help="Training steps of every model.")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--images", type=int, default=200, help="MNIST images per test set (ID and each OOD set).")
-    parser.add_argument("--val-images", type=int, default=100, help="MNIST validation images (detector fitting).")
-    parser.add_argument("--volumes", default="24,4,4", help="Phantom volumes (16 slices) for train,val,test.")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids.")
-    parser.add_argument("--figures", type=Path, default=Path("docs/img"))
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the data draws and of every model's training.")
-    parser.add_argument("--no-tracking", action="store_true", help="Do not log the runs to MLflow.")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    builders = {
-        "mnist": lambda: mnist_benchmark(args.images, args.val_images, args.seed),
-        "phantoms": lambda: phantom_benchmark(tuple(int(v) for v in args.volumes.split(",")), args.seed),
-    }
     tables = []
-    for name in args.dataset.split(","):
-        data = builders[name]()
+    for data in benchmarks(args):
+        name = data.name
         results = [compare(data, arch, args) for arch in args.archs.split(",")]
         header = ["classifier", "parameters", "train time", "test bits/dim", "AUROC `nll` (mean)",
                   *(f"`combined` {s}" for s in data.ood), "`combined` mean", "ms / image", "samples"]  # fmt: skip

@@ -31,7 +31,7 @@ import functools
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -409,28 +409,38 @@ def atomic_text(path: Path, text: str) -> Path:
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the data, the training budget and the seed (shared with benchmarks/architectures.py)."""
     parser.add_argument("--dataset", default="mnist,phantoms", help="Comma-separated: mnist, phantoms.")
     parser.add_argument("--steps", type=int, default=1000, help="Training steps of every model.")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=200, help="MNIST images per test set (ID and each OOD set).")
     parser.add_argument("--val-images", type=int, default=100, help="MNIST validation images (detector fitting).")
     parser.add_argument("--volumes", default="24,4,4", help="Phantom volumes (16 slices) for train,val,test.")
-    parser.add_argument("--elbo-steps", type=int, default=50, help="Strided timesteps of the DDPM bound (full: 1000).")
-    parser.add_argument("--recon-steps", type=int, default=50, help="DDIM levels of 1000 for reconstructions.")
     parser.add_argument("--figures", type=Path, default=Path("docs/img"))
-    parser.add_argument("--out", type=Path, default=Path("runs/ood-baselines"), help="Tables (markdown, JSON).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data draws and of every model's training.")
     parser.add_argument("--no-tracking", action="store_true", help="Do not log the runs to MLflow.")
-    args = parser.parse_args()
+
+
+def benchmarks(args: argparse.Namespace) -> Iterator[Benchmark]:
+    """The benchmarks that --dataset names, built one at a time (2 CPU threads from here on)."""
     torch.set_num_threads(2)
     builders = {
         "mnist": lambda: mnist_benchmark(args.images, args.val_images, args.seed),
         "phantoms": lambda: phantom_benchmark(tuple(int(v) for v in args.volumes.split(",")), args.seed),
     }
     for name in args.dataset.split(","):
-        data = builders[name]()
+        yield builders[name]()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_benchmark_arguments(parser)
+    parser.add_argument("--elbo-steps", type=int, default=50, help="Strided timesteps of the DDPM bound (full: 1000).")
+    parser.add_argument("--recon-steps", type=int, default=50, help="DDIM levels of 1000 for reconstructions.")
+    parser.add_argument("--out", type=Path, default=Path("runs/ood-baselines"), help="Tables (markdown, JSON).")
+    args = parser.parse_args()
+    for data in benchmarks(args):
         record(data, args, *run(data, args))
 
 
