@@ -378,10 +378,9 @@ def validate_model(model: ModelConfig, schedule: ScheduleConfig, size: Sequence[
     checkpoint): the sane bounds of `LIMITS`, then the UNet's structural constraints."""
     _within_limits(model, schedule, size, channels)
     m = model
-    if schedule.kind not in CHOICES["schedule.kind"]:
-        raise ConfigError(f"schedule.kind: {schedule.kind!r} is not one of {', '.join(CHOICES['schedule.kind'])}")
-    if m.arch not in CHOICES["model.arch"]:
-        raise ConfigError(f"model.arch: {m.arch!r} is not one of {', '.join(CHOICES['model.arch'])}")
+    for key, value in (("schedule.kind", schedule.kind), ("model.arch", m.arch)):
+        if value not in CHOICES[key]:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
     if len(size) not in (2, 3):
         raise ConfigError(f"data.size: {list(size)} must have 2 values (slices) or 3 (volumes)")
     multiple = 2 ** (len(m.channels) - 1)
