@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # from pulling a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install test lint demo evidence clean
+.PHONY: install test lint demo demo-brain evidence clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,13 @@ test: install lint
 demo: install
 	$(BIN)/python pipelines/demo.py --out demo
 
+# The same gate on brain-MR subjects made from the MNI152 template (artifacts, orientation errors, wrong modality).
+demo-brain: install
+	$(BIN)/python pipelines/demo.py --anatomy brain --out demo-brain
+
 # Every benchmark and evidence script at CPU scale; rewrites each docs table between its markers (tools/evidence.py).
 evidence: install
 	$(BIN)/python tools/evidence.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo demo-brain

@@ -28,6 +28,7 @@ from .data.natural import NATURAL_DATASETS
 from .data.phantoms import ANATOMIES, FORMATS
 from .data.presets import PRESETS
 from .errors import CdmOodError
+from .precision import PRECISIONS
 from .schedules import KINDS
 
 
@@ -191,7 +192,7 @@ CHOICES = {  # allowed values, from the registries that implement them
     "schedule.kind": KINDS,
     "model.arch": ARCHS,
     "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("float32", "bf16"),
+    "train.precision": PRECISIONS,
 }
 
 

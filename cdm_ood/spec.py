@@ -126,21 +126,24 @@ def _same(a: Any, b: Any) -> bool:
 @dataclass(frozen=True)
 class Calibration:
     """The OOD calibration of a model: every detector's fit, the default detector, and the false-positive rate
-    that the threshold `auto` means (any other rate `fpr:<x>` follows from the stored scores)."""
+    that the threshold `auto` means (any other rate `fpr:<x>` follows from the stored scores), and the network
+    precision the features were computed in (`config.PRECISIONS`), which scoring uses by default."""
 
     fpr: float
     default: str
     n_fit: int
     detectors: dict[str, DetectorFit]
+    precision: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for a `weights_only` checkpoint)."""
         fits = {k: {"state": v.state, "id_scores": list(v.id_scores)} for k, v in self.detectors.items()}
-        return {"fpr": self.fpr, "default": self.default, "n_fit": self.n_fit, "detectors": fits}
+        return {"fpr": self.fpr, "default": self.default, "n_fit": self.n_fit, "detectors": fits,
+                "precision": self.precision}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         fits = {
             k: DetectorFit(dict(v["state"]), tuple(float(s) for s in v["id_scores"])) for k, v in d["detectors"].items()
         }
-        return cls(float(d["fpr"]), str(d["default"]), int(d["n_fit"]), fits)
+        return cls(float(d["fpr"]), str(d["default"]), int(d["n_fit"]), fits, str(d.get("precision", "float32")))

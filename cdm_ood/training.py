@@ -38,6 +38,7 @@ from .losses import CDMLoss, cdm_loss
 from .ood.calibration import calibrate
 from .ood.detectors import applicable, required_features
 from .ood.features import batched_features
+from .precision import autocast
 from .schedules import NoiseSchedule
 from .spec import ModelSpec
 
@@ -285,7 +286,7 @@ def train(
     def loss(batch: dict[str, Any]) -> CDMLoss:
         """Algorithm 1 on one batch, through the DDP wrapper (under bfloat16 autocast with `train.precision`)."""
         c = config.loss
-        with torch.autocast(device.type, torch.bfloat16, enabled=config.train.precision == "bf16"):
+        with autocast(device, config.train.precision):
             return cdm_loss(net, batch["x0"], schedule, ce_weight=c.ce_weight, mse_weight=c.mse_weight, t=batch["t"],
                             noise=batch["noise"], labels=batch["labels"])  # fmt: skip
 

@@ -9,10 +9,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import click
 
+from cdm_ood.precision import PRECISIONS
 from cdm_ood.progress import ProgressFactory
 
 EXIT_USAGE = 2  # usage errors and unusable checkpoints (every `cdm_ood.errors.CdmOodError`)
@@ -52,6 +53,18 @@ device_option = click.option(
     callback=lambda ctx, param, value: resolve_device(value),
     help="Where the model runs: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda or cuda:N.",
 )
+
+
+def precision_option(default: Optional[str], when_default: str) -> Callable[[Callable], Callable]:
+    """`--precision float32|bf16`: the network's backbone in float32 or under bfloat16 autocast (a GPU setting;
+    the head, logits and statistics stay float32)."""
+    return click.option(
+        "--precision", type=click.Choice(PRECISIONS), default=default, show_default=default is not None,
+        help=f"Network precision: bf16 runs the backbone under bfloat16 autocast (a GPU setting; scores move with "
+             f"it, docs/ood.md){when_default}.",
+    )  # fmt: skip
+
+
 tracking_uri_option = click.option(
     "--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here]."
 )

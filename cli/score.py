@@ -20,6 +20,7 @@ from .common import (
     late_progress,
     mlflow_option,
     open_checkpoint,
+    precision_option,
     setup_logging,
     tracking_uri_option,
 )
@@ -59,8 +60,9 @@ workers_option = click.option(
 
 
 def _detector(
-    checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str | float = "auto", device: str = "cpu"
-):
+    checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str | float = "auto", device: str = "cpu",
+    precision: Optional[str] = None,
+):  # fmt: skip
     """The checkpoint's detector with its threshold resolved now: an uncalibrated checkpoint (e.g. a
     `checkpoints/step_N.pt`) or an impossible threshold stops the command (exit 2) before any file is read."""
     from cdm_ood.errors import CdmOodError
@@ -68,7 +70,7 @@ def _detector(
 
     model = open_checkpoint(checkpoint, device)
     try:
-        scorer = OODDetector(model, detector, threshold=threshold, batch_size=batch_size)
+        scorer = OODDetector(model, detector, threshold=threshold, batch_size=batch_size, precision=precision)
         scorer.set_threshold(threshold)
     except CdmOodError as err:
         raise type(err)(f"{checkpoint}: {err}") from None
@@ -97,12 +99,13 @@ def _skipped(err) -> None:
 @detector_option
 @batch_option
 @device_option
+@precision_option("float32", "; scoring then uses the same by default")
 @ignore_options
 @mlflow_option
 @tracking_uri_option
 def calibrate_command(
     data: tuple[Path, ...], checkpoint: Path, fpr: float, detector: Optional[str], batch_size: int, device: str,
-    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
+    precision: str, exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Fit the detectors on in-distribution scans DATA (files or folders) and store their thresholds in the
     checkpoint.
@@ -117,14 +120,14 @@ def calibrate_command(
     setup_logging()
     with ExitStack() as bars:
         scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
-                                         late_progress(bars),
-                                         ignore_globs(exclude, no_default_ignore))  # fmt: skip
+                                         late_progress(bars), ignore_globs(exclude, no_default_ignore),
+                                         precision)  # fmt: skip
     click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) "
                f"stored in {checkpoint}")  # fmt: skip
     if mlflow:
         from cdm_ood.tracking import log_job_run
 
-        info = {"checkpoint": str(checkpoint), "detector": scorer.name, "fpr": fpr}
+        info = {"checkpoint": str(checkpoint), "detector": scorer.name, "fpr": fpr, "precision": precision}
         log_job_run("calibrate", info, {"threshold": scorer.threshold, f"{scorer.unit}s": n}, [], tracking_uri)
 
 
@@ -149,6 +152,7 @@ def calibrate_command(
                    "overlay, and for NIfTI / DICOM series a _map.nii.gz with the input's geometry (docs/data.md). "
                    "Needs the calibrated map detector.")  # fmt: skip
 @device_option
+@precision_option(None, " [default: the precision of the checkpoint's calibration]")
 @batch_option
 @workers_option
 @ignore_options
@@ -156,8 +160,9 @@ def calibrate_command(
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str, batch_size: int,
-    workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
+    no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str, precision: Optional[str],
+    batch_size: int, workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool,
+    tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
@@ -183,7 +188,7 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
-    scorer = _detector(checkpoint, detector, batch_size, threshold, device)
+    scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision)
     workers = auto_workers(scorer.device) if workers == "auto" else workers
     if maps is not None:
         _require_maps(scorer, checkpoint)
@@ -194,7 +199,7 @@ def score_command(
             scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
             ignore=ignore_globs(exclude, no_default_ignore),
             progress=late_progress(bars, scorer.name) if ddp.main else None,
-            info={"checkpoint": str(checkpoint)}, maps=maps,
+            info={"checkpoint": str(checkpoint), "precision": scorer.precision}, maps=maps,
         )  # fmt: skip
     if result is None:  # another rank of a torchrun job: rank 0 reports
         return

@@ -17,6 +17,7 @@ import torch
 
 from cdm_ood.checkpoint import load_checkpoint
 from cdm_ood.data.natural import bundled_mnist
+from cdm_ood.data.phantoms import make_phantoms
 from cdm_ood.ood.batch import auto_workers
 from cdm_ood.ood.detectors import DETECTORS
 
@@ -82,7 +83,6 @@ def test_ablations_then_denoising_print_their_tables(tmp_path):
 
     from cdm_ood import bits_per_dim, log_likelihood
     from cdm_ood.checkpoint import load_model
-    from cdm_ood.data.natural import bundled_mnist
     from cdm_ood.sampling import matching_level
 
     tiny = ["--set", "model.channels=[8, 8]", "--set", "model.attention_levels=[false, false]", "--set",
@@ -242,13 +242,28 @@ def test_score_throughput_measures_each_worker_count(checkpoint):
     out = run("score_throughput.py", "--checkpoint", checkpoint, "--volumes", 1, "--repeats", 1, "--size", 48,
               "--workers", "auto", 0, 1)  # fmt: skip
     block = blocks(out)["score-throughput"]
-    rows = table_rows(block, "workers")
+    text = block[block.index("| model") :].split("\n\n")[0]
+    rows = [cells(line) for line in text.splitlines()[2:]]
     auto = auto_workers(torch.device("cpu"))
-    assert list(rows) == [f"auto (default): {auto}", "0", "1"]
-    for bare, score, ratio in rows.values():
+    assert [row[:2] for row in rows] == [["16x16 unet", w] for w in (f"auto (default): {auto}", "0", "1")]
+    for _, _, bare, score, ratio in rows:
         assert number(ratio) > 0 and number(ratio) == pytest.approx(number(score) / number(bare), abs=0.01)
         assert number(score) < number(bare), "the scoring job includes the bare scoring"
-    assert "; 16 DICOM slices of 48x48 scored at 16x16" in block and "in process, 16 files: discover" in block
+    assert "; 16 DICOM slices of 48x48, batch 64" in block and "in ms per slice: 16x16 unet: discover" in block
+
+
+def test_precision_calibrates_each_precision_and_compares_every_detector(checkpoint, tmp_path):
+    make_phantoms(tmp_path / "calib", 2, "nifti", size=16, slices=4, seed=3)
+    manifest = make_phantoms(tmp_path / "test", 1, "nifti", size=16, slices=4, seed=4, corrupt=True)
+    block = blocks(run("precision.py", "--checkpoint", checkpoint, "--calib", tmp_path / "calib", "--test",
+                       manifest))["score-precision"]  # fmt: skip
+    rows = table_rows(block, "detector")
+    assert set(rows) == set(load_checkpoint(checkpoint)["calibration"]["detectors"])
+    for auroc32, auroc16, moved, same in rows.values():
+        assert 0 <= number(auroc32) <= 1 and 0 <= number(auroc16) <= 1 and 0 <= number(same) <= 1
+        assert number(moved) < 1, "bf16 moves the scores by less than their in-distribution spread"
+    assert max(number(r[2]) for r in rows.values()) > 0, "the bf16 features differ: autocast ran"
+    assert "4 in-distribution and 48 corrupted test slices of 13 series" in block
 
 
 def test_score_memory_runs_the_real_command_per_folder_size(checkpoint):
@@ -288,7 +303,6 @@ def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
 
 
 def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):
-    from cdm_ood.data.phantoms import make_phantoms
 
     make_phantoms(tmp_path / "ood", 1, "nifti", size=16, slices=2, seed=1, ood_sets=True)
     train = make_phantoms(tmp_path / "train", 2, "nifti", size=16, slices=2, seed=2)

@@ -42,6 +42,7 @@ EXPERIMENT = "evidence-tables"  # MLflow experiment cdm-ood-evidence-tables
 MNIST = WORK / "mnist"
 DEMO = WORK / "demo"
 BRAIN = WORK / "brain"
+CT128 = WORK / "ct128"
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,19 @@ STEPS: tuple[Step, ...] = (
     Step("step-cost", _py("benchmarks/step_cost.py", "--steps", 20), ("step-cost",)),
     Step("likelihood-cost", _py("benchmarks/likelihood_cost.py", "--checkpoint", MNIST / "model.pt"),
          ("likelihood-cost",), needs=("train-time",)),
+    Step("ct128-model", _cdm("train", "--config", "phantoms-ct-128", "--out-dir", CT128 / "run", "--set",
+                             f"data.root={CT128 / 'train'}"), makes=str(CT128 / "run" / "model.pt")),
     Step("score-throughput", _py("benchmarks/score_throughput.py", "--checkpoint", DEMO / "run" / "model.pt"),
          ("score-throughput",), needs=("demo",)),
+    Step("score-throughput-128", _py("benchmarks/score_throughput.py", "--checkpoint", CT128 / "run" / "model.pt",
+                                     "--volumes", 4, "--workers", "auto", "--name", "score-throughput-128"),
+         ("score-throughput-128",), needs=("ct128-model",)),
+    Step("score-512", _py("benchmarks/score_throughput.py", "--checkpoint", CT128 / "run" / "model.pt", "--size", 512,
+                          "--volumes", 8, "--detector", "nll", "--workers", "auto", "--name", "score-cost-512"),
+         ("score-cost-512",), needs=("ct128-model",)),
+    Step("score-precision", _py("benchmarks/precision.py", "--checkpoint", DEMO / "run" / "model.pt", "--calib",
+                                DEMO / "data" / "calib", "--test", DEMO / "data" / "test" / "manifest.csv"),
+         ("score-precision",), needs=("demo",)),
     Step("score-sharded", _py("benchmarks/score_sharded.py", "--checkpoint", DEMO / "run" / "model.pt"),
          ("score-sharded",), needs=("demo",)),
     Step("bombs", _py("benchmarks/bombs.py", "--checkpoint", DEMO / "run" / "model.pt"), ("bombs",), needs=("demo",)),

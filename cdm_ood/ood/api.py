@@ -20,7 +20,9 @@ from ..data.volumes import iter_inputs
 from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
+from ..precision import PRECISIONS, autocast
 from ..progress import ProgressFactory, counted
+from ..spec import Calibration
 from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, MIN_IMAGES, calibrate, load_detector, resolve_threshold
 from .detectors import Features, MapDetector, NotFittedError, applicable, required_features
 from .features import batched_features, concat_features, empty_features, finite_rows, select_rows
@@ -45,6 +47,10 @@ class OODDetector:
 
     A 3D model scores whole volumes (one forward pass each): arrays (D, H, W), (C, D, H, W), (B, C, D, H, W) and the
     volumes read from paths (`cdm_ood.ood.inputs`); a volume with any NaN/inf voxel or constant overall is flagged.
+
+    `precision="bf16"` runs the network's backbone under bfloat16 autocast (the head, the logits and every statistic
+    stay float32), a GPU setting. Scores move with the precision (docs/ood.md), so the default is the precision the
+    calibration was made in (float32 when uncalibrated), and `fit` records the precision it ran in.
     """
 
     def __init__(
@@ -54,8 +60,10 @@ class OODDetector:
         threshold: str | float = "auto",
         batch_size: int = 64,
         image_key: str = "image",
+        precision: Optional[str] = None,
     ) -> None:
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
+        self.precision = _precision(precision, model.calibration)
         self.num_dims = model.spec.num_dims
         self.num_classes = model.spec.model.num_classes
         self.unit = model.spec.unit  # what one image is, in reports
@@ -96,7 +104,7 @@ class OODDetector:
         shape = "x".join(str(n) for n in (spec.channels, *spec.size))
         return (f"OODDetector(detector={self.name!r}, threshold={None if threshold is None else f'{threshold:.6g}'}, "
                 f"fpr={self.fpr}, model=CDM {shape} {spec.preset.name} T={spec.schedule.T} "
-                f"unet{tuple(spec.model.channels)})")  # fmt: skip
+                f"{spec.model.arch}{tuple(spec.model.channels)})")  # fmt: skip
 
     def prepare(self, inputs: Inputs) -> Tensor:
         """Model-space batch (B, C, H, W), or (B, C, D, H, W) for a 3D model, from any supported input."""
@@ -153,14 +161,16 @@ class OODDetector:
     @torch.inference_mode()
     def profile(self, x: Tensor) -> Tensor:
         """log p_t(x) for t = 0..T+1 (nats) of a model-space batch, in chunks of `batch_size` (Theorem 3.2)."""
-        return log_likelihood_profile_batched(self.model.classifier, x.cpu(), self.model.schedule, self.batch_size,
-                                              self.device)  # fmt: skip
+        with autocast(self.device, self.precision):
+            return log_likelihood_profile_batched(self.model.classifier, x.cpu(), self.model.schedule,
+                                                  self.batch_size, self.device)  # fmt: skip
 
     def features(self, x: Tensor, needs: Optional[Sequence[str]] = None) -> Features:
         """The features `needs` (default: this detector's; `cdm_ood.ood.features`) of a model-space batch, on the
         CPU, computed on the model's device in chunks of `batch_size`."""
-        return batched_features(self.model.classifier, x.cpu().split(self.batch_size), self.model.schedule,
-                                self._needs(needs), self.num_classes, self.device)  # fmt: skip
+        with autocast(self.device, self.precision):
+            return batched_features(self.model.classifier, x.cpu().split(self.batch_size), self.model.schedule,
+                                    self._needs(needs), self.num_classes, self.device)  # fmt: skip
 
     def score_features(self, features: Features) -> np.ndarray:
         """This detector's scores of features already computed (NaN rows stay NaN)."""
@@ -294,7 +304,8 @@ class OODDetector:
         kept = [v for v, keep in zip(volumes, scorable.tolist(), strict=True) if keep]
         try:
             calibration = calibrate(select_rows(features, scorable), self.num_dims, bit_depth, fpr, names,
-                                    default=self.name, groups=kept, num_classes=self.num_classes)  # fmt: skip
+                                    default=self.name, groups=kept, num_classes=self.num_classes,
+                                    precision=self.precision)  # fmt: skip
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.model.calibration, self._maps = calibration, None
@@ -321,20 +332,38 @@ def calibrate_checkpoint(
     device: str | torch.device = "cpu",
     progress: Optional[ProgressFactory] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
+    precision: str = "float32",
 ) -> tuple[OODDetector, int]:
     """Fit every detector on the scorable in-distribution slices below `data` (whole volumes for a 3D model; half
     of the volumes held out) and store the calibration in the checkpoint (atomically, weights unchanged); returns
     the calibrated detector and the number of slices (volumes) used. Files that cannot be read go to `on_error`;
     files in folders matched by an `ignore` glob are left out. `progress(total, phase)`, once the slices are read,
-    returns the function to call with each number of slices handed to the model."""
+    returns the function to call with each number of slices handed to the model. `precision` is the network
+    precision the features are computed in, and the one scoring then uses by default."""
     scorer = OODDetector.from_checkpoint(
         checkpoint, detector or DEFAULT_DETECTOR, device, threshold=0.0, batch_size=batch_size
     )
+    scorer.precision = _precision(precision, None)  # the calibration made now is in this precision
     images = list(iter_inputs(list(data), scorer.model.spec.spatial_dims, on_error, ignore=ignore))
     scorer.fit(counted(images, progress(len(images), "calibrating") if progress else None), fpr)
     scorer.save(checkpoint)
     calibration = scorer.model.calibration
     return scorer, calibration.n_fit + len(scorer.id_scores)
+
+
+def _precision(precision: Optional[str], calibration: Optional[Calibration]) -> str:
+    """The network precision to score in: `precision`, else the calibration's (float32 when uncalibrated); a warning
+    when it is not the calibration's, whose thresholds then apply to features computed otherwise."""
+    calibrated = calibration.precision if calibration else "float32"
+    if precision is None:
+        return calibrated
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if calibration and precision != calibrated:
+        log.warning("scoring in %s with a calibration made in %s: the scores move with the precision and the "
+                    "thresholds no longer hold their false-positive rate; calibrate with --precision %s",
+                    precision, calibrated, precision)  # fmt: skip
+    return precision
 
 
 def _as_array(image: np.ndarray | Tensor) -> np.ndarray:

@@ -51,11 +51,13 @@ def calibrate(
     default: str = DEFAULT_DETECTOR,
     groups: Optional[Sequence[Hashable]] = None,
     num_classes: Optional[int] = None,
+    precision: str = "float32",
 ) -> Calibration:
     """Fit each detector on about half of the in-distribution images' features and score the other half, so the
     stored scores (and thresholds) are out-of-sample; `groups` (e.g. volume ids, one per image; default: every image
     its own) keeps each group on one side (`held_out_split`). Warns when the held-out half is too small for `fpr`.
-    `detectors` defaults to every detector the model allows (`detectors.applicable`).
+    `detectors` defaults to every detector the model allows (`detectors.applicable`); `precision` records the network
+    precision the features were computed in.
     """
     threshold_at_fpr(np.zeros(1), fpr)
     detectors = applicable(num_classes) if detectors is None else detectors
@@ -73,7 +75,7 @@ def calibrate(
     for name in detectors:
         detector = DETECTORS[name](num_dims, bit_depth, num_classes).fit(fit_part)
         fits[name] = DetectorFit(detector.state(), tuple(detector.score(held_out).tolist()))
-    return Calibration(fpr, default, n - int(held.sum()), fits)
+    return Calibration(fpr, default, n - int(held.sum()), fits, precision)
 
 
 def held_out_split(groups: Sequence[Hashable]) -> Tensor:
