@@ -13,8 +13,9 @@ the clean scans of --train (a folder, or a manifest's clean volumes: the checkpo
 one volume in five held out to z-score the reconstruction errors.
 
 Prints AUROC and FPR95 per set at slice level and at volume level (a volume's score is the mean of its slice scores,
-`cdm_ood.ood.report.aggregate`) as markdown tables (the block --name of
-`tables.emit`), and writes them to --out as markdown and JSON.
+`cdm_ood.ood.report.aggregate`), and per set the fraction of volumes each calibrated CDM detector does not pass at
+its calibrated threshold (the gate's decision; on the clean volumes, its false-positive rate), as markdown tables
+(the block --name of `tables.emit`), and writes them to --out as markdown and JSON.
 """
 
 from __future__ import annotations
@@ -76,11 +77,15 @@ def by_volume(scores: np.ndarray, images: list[Slice], how: str = "mean") -> np.
 
 
 def measure(
-    scorers: dict[str, Scorer], costs: dict[str, float], sets: dict[str, list[Slice]], images: dict[str, torch.Tensor]
+    scorers: dict[str, Scorer],
+    costs: dict[str, float],
+    sets: dict[str, list[Slice]],
+    images: dict[str, torch.Tensor],
+    thresholds: dict[str, float],
 ) -> dict:
     """Per level, the metrics rows of `ood_baselines.table` (detector, metrics per OOD set, passes and ms per
-    image)."""
-    rows: dict[str, list[dict]] = {level: [] for level in LEVELS}
+    image); under "verdicts", per detector with a calibrated threshold the fraction of each set's volumes above it."""
+    rows: dict[str, list[dict]] = {level: [] for level in (*LEVELS, "verdicts")}
     for name, score in scorers.items():
         start = time.perf_counter()
         everything = score(torch.cat(list(images.values())))  # one batched pass over all sets
@@ -91,8 +96,21 @@ def measure(
         for level, found in zip(LEVELS, (scores, volumes), strict=True):
             metrics = {k: ood_metrics(found["clean"], v) for k, v in found.items() if k != "clean"}
             rows[level].append({"detector": name, "metrics": metrics, "passes": costs[name], "ms_per_image": ms})
+        if name in thresholds:
+            rates = {k: float(np.mean(v > thresholds[name])) for k, v in volumes.items()}
+            rows["verdicts"].append({"detector": name, "rates": rates})
         print(f"  {name:<28} scored in {ms:.1f} ms / image", flush=True)
     return rows
+
+
+def verdict_table(rows: list[dict]) -> str:
+    """The fraction of each set's volumes that each detector does not pass, clean first."""
+    sets = list(rows[0]["rates"])
+    lines = [f"| detector | {' | '.join(sets)} |", "|---" * (len(sets) + 1) + "|"]
+    for r in rows:
+        rates = " | ".join(f"{r['rates'][k]:.2f}" for k in sets)
+        lines.append(f"| {r['detector']} | {rates} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -131,12 +149,16 @@ def main() -> None:
             f"bound over {args.elbo_steps} timesteps, reconstructions over {args.recon_steps} DDIM levels"
         )
     print(f"scoring {sum(len(x) for x in images.values())} slices of {len(images)} sets", flush=True)
-    rows = measure(scorers, costs, sets, images)
+    rows = measure(scorers, costs, sets, images, {f"CDM {d.name}": d.threshold for d in detectors})
     counts = ", ".join(f"{k} {len(v)} slices / {len({volume_of(s) for s in v})} volumes" for k, v in sets.items())
     header = f"{args.checkpoint} on {args.data}: {counts}{facts}"
     sections = [f"{metric.upper()}, {level} level:\n\n{table(rows[level], metric)}"
                 for level in LEVELS for metric in ("auroc", "fpr95")]  # fmt: skip
-    text = "\n\n".join([header, *sections]) + "\n"
+    verdicts = (
+        f"Volumes not passed at the calibrated threshold (fpr {detectors[0].fpr}; a volume's score is the mean "
+        f"of its slices'; `clean`: the false-positive rate):\n\n{verdict_table(rows['verdicts'])}"
+    )
+    text = "\n\n".join([header, *sections, verdicts]) + "\n"
     emit(args.name, text)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_text(args.out / "real-scans.md", text)

@@ -314,6 +314,27 @@ def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):
     assert {"motion-reject", "ap-flip", "wrong-modality"} <= set(rows["slice"][0]["metrics"])
     (multiscale,) = [r["metrics"] for r in rows["slice"] if r["detector"] == "CDM multiscale"]
     assert multiscale["wrong-modality"]["auroc"] >= 0.9, "MR slices given to the CT model rank above the clean CT"
+    calibrated = load_checkpoint(checkpoint)["calibration"]["detectors"]
+    assert {r["detector"] for r in rows["verdicts"]} == {f"CDM {name}" for name in calibrated}, "no baseline"
+    for row in rows["verdicts"]:
+        assert next(iter(row["rates"])) == "clean" and all(0 <= v <= 1 for v in row["rates"].values())
+    assert "Volumes not passed at the calibrated threshold (fpr 0.05;" in out
+    block = blocks(run("slice_order.py", "--checkpoint", checkpoint, "--fit", train, "--data", tmp_path / "ood"))
+    statistics = table_rows(block["slice-order"], "volume-level AUROC")
+    assert list(statistics) == ["slice order (nll sequence)", "nll (mean)", "combined (mean)"]
+    assert all(0 <= number(v) <= 1 for row in statistics.values() for v in row)
+    assert "Template from 2 in-distribution volumes" in block["slice-order"]
+
+
+def test_the_slice_order_statistic_is_zero_for_the_template_shape_and_two_reversed():
+    from slice_order import order_statistic, shape
+
+    ramp = np.arange(24.0)
+    template = shape(ramp, 16)
+    assert order_statistic(3 * ramp + 7, template) == pytest.approx(0, abs=1e-12)  # any offset and scale
+    assert order_statistic(ramp[::-1], template) == pytest.approx(2, abs=1e-12)
+    interleaved = np.concatenate([ramp[::2], ramp[1::2]])
+    assert 0.3 < order_statistic(interleaved, template) < 1, "two rising halves: still positively correlated"
 
 
 def test_localization_measures_every_defect(tmp_path):
