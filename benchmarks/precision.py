@@ -27,6 +27,7 @@ from cdm_ood.data.volumes import iter_inputs
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.detectors import required_features
 from cdm_ood.ood.metrics import ood_metrics
+from cdm_ood.ood.report import judge
 from cdm_ood.precision import PRECISIONS
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     is_ood = np.array([s["artifact"] != "none" for s, group in zip(series, slices, strict=True) for _ in group])
     calibrated, features, seconds = {}, {}, {}
     for precision in PRECISIONS:
-        detector = OODDetector.from_checkpoint(args.checkpoint, precision=precision).fit(args.calib)
+        detector = OODDetector.from_checkpoint(args.checkpoint).fit(args.calib, precision=precision)
         names = sorted(detector.model.calibration.detectors)
         calibrated[precision] = {name: OODDetector(detector.model, name) for name in names}
         start = time.perf_counter()
@@ -55,7 +56,7 @@ def main() -> None:
         b = calibrated["bf16"][name]
         s32, s16 = a.score_features(features["float32"]), b.score_features(features["bf16"])
         moved = np.abs(a.score_features(features["bf16"]) - s32).max() / s32[~is_ood].std()
-        same = np.mean((s32 > a.threshold) == (s16 > b.threshold))  # above the threshold: ood
+        same = np.mean([judge(x, a.threshold)[0] == judge(y, b.threshold)[0] for x, y in zip(s32, s16, strict=True)])
         auroc = [ood_metrics(s[~is_ood], s[is_ood])["auroc"] for s in (s32, s16)]
         rows.append([name, f"{auroc[0]:.3f}", f"{auroc[1]:.3f}", f"{moved:.3f}", f"{same:.3f}"])
     header = ["detector", "AUROC float32", "AUROC bf16", "largest move (in-dist. std)", "same verdict"]

@@ -37,7 +37,7 @@ from cdm_ood.data.readers import iter_slices
 from cdm_ood.data.records import Slice
 from cdm_ood.ood.api import OODDetector
 from cdm_ood.ood.metrics import ood_metrics
-from cdm_ood.ood.report import aggregate
+from cdm_ood.ood.report import IN, aggregate, judge
 
 LEVELS = ("slice", "volume")
 
@@ -97,7 +97,7 @@ def measure(
             metrics = {k: ood_metrics(found["clean"], v) for k, v in found.items() if k != "clean"}
             rows[level].append({"detector": name, "metrics": metrics, "passes": costs[name], "ms_per_image": ms})
         if name in thresholds:
-            rates = {k: float(np.mean(v > thresholds[name])) for k, v in volumes.items()}
+            rates = {k: float(np.mean([judge(s, thresholds[name])[0] != IN for s in v])) for k, v in volumes.items()}
             rows["verdicts"].append({"detector": name, "rates": rates})
         print(f"  {name:<28} scored in {ms:.1f} ms / image", flush=True)
     return rows

@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from real_scans import volume_of
 from tables import emit, markdown
 
 from cdm_ood.data.phantoms import manifest_sets
@@ -35,7 +36,7 @@ def sequences(detector: OODDetector, paths: list[Path]) -> list[np.ndarray]:
     scores = detector.score(slices)
     volumes: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for image, score in zip(slices, scores, strict=True):
-        volumes[image.source.volume_id or image.source.path].append((image.source.index, float(score)))
+        volumes[volume_of(image)].append((image.source.index, float(score)))
     return [np.array([score for _, score in sorted(v)]) for v in volumes.values()]
 
 

@@ -127,7 +127,7 @@ def _same(a: Any, b: Any) -> bool:
 class Calibration:
     """The OOD calibration of a model: every detector's fit, the default detector, and the false-positive rate
     that the threshold `auto` means (any other rate `fpr:<x>` follows from the stored scores), and the network
-    precision the features were computed in (`config.PRECISIONS`), which scoring uses by default."""
+    precision the features were computed in (`precision.PRECISIONS`), which scoring uses by default."""
 
     fpr: float
     default: str

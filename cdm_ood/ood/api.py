@@ -273,7 +273,11 @@ class OODDetector:
         return rows
 
     def fit(
-        self, id_inputs: Inputs, fpr: float = DEFAULT_FPR, groups: Optional[Sequence[Hashable]] = None
+        self,
+        id_inputs: Inputs,
+        fpr: float = DEFAULT_FPR,
+        groups: Optional[Sequence[Hashable]] = None,
+        precision: Optional[str] = None,
     ) -> OODDetector:
         """Fit every detector on in-distribution images and set this one's threshold for the false-positive rate
         `fpr`; `save` stores the result in a checkpoint. Images that cannot be scored are left out.
@@ -282,8 +286,11 @@ class OODDetector:
         folder, a list of arrays, an iterable of batches such as a DataLoader), scored in batches of `batch_size`
         however it is grouped. Half of the volumes are held out to set the threshold (`calibration.calibrate`):
         slices read from files keep their volume (series or file); `groups` gives one volume id per image for
-        images given in memory, which otherwise each count as their own volume.
+        images given in memory, which otherwise each count as their own volume. `precision` (default: this
+        detector's) is the network precision the calibration is made in, and this detector's from then on.
         """
+        if precision is not None:
+            self.precision = _precision(precision, None)
         names = applicable(self.num_classes)
         needs = required_features(names, self.num_classes)
         parts: list[Features] = []
@@ -343,9 +350,8 @@ def calibrate_checkpoint(
     scorer = OODDetector.from_checkpoint(
         checkpoint, detector or DEFAULT_DETECTOR, device, threshold=0.0, batch_size=batch_size
     )
-    scorer.precision = _precision(precision, None)  # the calibration made now is in this precision
     images = list(iter_inputs(list(data), scorer.model.spec.spatial_dims, on_error, ignore=ignore))
-    scorer.fit(counted(images, progress(len(images), "calibrating") if progress else None), fpr)
+    scorer.fit(counted(images, progress(len(images), "calibrating") if progress else None), fpr, precision=precision)
     scorer.save(checkpoint)
     calibration = scorer.model.calibration
     return scorer, calibration.n_fit + len(scorer.id_scores)
