@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from .ood.api import OODDetector
 
-_TYPES = {"slice": "bigint", "time_point": "bigint", "score": "double", "threshold": "double"}
+_TYPES = {"slice": "bigint", "time_point": "bigint", "score": "double", "threshold": "double", "bits_per_dim": "double"}
 SCHEMA = ", ".join(f"{column} {_TYPES.get(column, 'string')}" for column in COLUMNS)
 """The rows' schema (Spark DDL): the columns of the `cdm-ood score` report, in its order."""
 _KEYED = "path string, content binary, volume_key string"

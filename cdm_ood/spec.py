@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from monai.transforms import Compose
@@ -124,26 +124,42 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class SliceOrderFit:
+    """The volume-level slice-order check (`cdm_ood.ood.slice_order`): the template fitted on in-distribution
+    volumes and the statistic of each held-out in-distribution volume."""
+
+    template: tuple[float, ...]
+    id_scores: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Calibration:
     """The OOD calibration of a model: every detector's fit, the default detector, and the false-positive rate
-    that the threshold `auto` means (any other rate `fpr:<x>` follows from the stored scores), and the network
-    precision the features were computed in (`precision.PRECISIONS`), which scoring uses by default."""
+    that the threshold `auto` means (any other rate `fpr:<x>` follows from the stored scores), the network
+    precision the features were computed in (`precision.PRECISIONS`), which scoring uses by default, and the
+    slice-order check (None when the calibration slices came without enough whole volumes, or from a 3D model)."""
 
     fpr: float
     default: str
     n_fit: int
     detectors: dict[str, DetectorFit]
     precision: str = "float32"
+    slice_order: Optional[SliceOrderFit] = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for a `weights_only` checkpoint)."""
         fits = {k: {"state": v.state, "id_scores": list(v.id_scores)} for k, v in self.detectors.items()}
+        order = None if self.slice_order is None else {k: list(v) for k, v in vars(self.slice_order).items()}
         return {"fpr": self.fpr, "default": self.default, "n_fit": self.n_fit, "detectors": fits,
-                "precision": self.precision}  # fmt: skip
+                "precision": self.precision, "slice_order": order}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         fits = {
             k: DetectorFit(dict(v["state"]), tuple(float(s) for s in v["id_scores"])) for k, v in d["detectors"].items()
         }
-        return cls(float(d["fpr"]), str(d["default"]), int(d["n_fit"]), fits, str(d.get("precision", "float32")))
+        order = d.get("slice_order")
+        order = None if order is None else SliceOrderFit(*(tuple(float(x) for x in order[k]) for k in
+                                                           ("template", "id_scores")))  # fmt: skip
+        return cls(float(d["fpr"]), str(d["default"]), int(d["n_fit"]), fits, str(d.get("precision", "float32")),
+                   order)  # fmt: skip

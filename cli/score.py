@@ -61,7 +61,7 @@ workers_option = click.option(
 
 def _detector(
     checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str | float = "auto", device: str = "cpu",
-    precision: Optional[str] = None,
+    precision: Optional[str] = None, slice_order: bool = True,
 ):  # fmt: skip
     """The checkpoint's detector with its threshold resolved now: an uncalibrated checkpoint (e.g. a
     `checkpoints/step_N.pt`) or an impossible threshold stops the command (exit 2) before any file is read."""
@@ -70,7 +70,8 @@ def _detector(
 
     model = open_checkpoint(checkpoint, device)
     try:
-        scorer = OODDetector(model, detector, threshold=threshold, batch_size=batch_size, precision=precision)
+        scorer = OODDetector(model, detector, threshold=threshold, batch_size=batch_size, precision=precision,
+                             slice_order=slice_order)  # fmt: skip
         scorer.set_threshold(threshold)
     except CdmOodError as err:
         raise type(err)(f"{checkpoint}: {err}") from None
@@ -122,7 +123,8 @@ def calibrate_command(
         scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
                                          late_progress(bars), ignore_globs(exclude, no_default_ignore),
                                          precision)  # fmt: skip
-    click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g} (fpr {fpr}) "
+    order = "" if scorer.order is None else f", slice-order threshold {scorer.order.threshold:.4g}"
+    click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g}{order} (fpr {fpr}) "
                f"stored in {checkpoint}")  # fmt: skip
     if mlflow:
         from cdm_ood.tracking import log_job_run
@@ -142,6 +144,10 @@ def calibrate_command(
 @click.option("--per-volume", default="mean", show_default=True,
               help="How slice scores make a volume's score, one of `cdm_ood.ood.report.AGGREGATES` (max, mean, "
                    "q95). Not used by a 3D model: it scores each whole volume.")  # fmt: skip
+@click.option("--no-slice-order", is_flag=True,
+              help="Do not check the slice order of volumes (the calibrated check flags a volume whose per-slice "
+                   "likelihood along the slice axis is shaped unlike the calibration volumes': a flipped or "
+                   "interleaved series, but also one that covers other anatomy; docs/ood.md).")  # fmt: skip
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
 @click.option("--max-voxels", type=click.IntRange(min=1),
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
@@ -160,9 +166,9 @@ def calibrate_command(
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str, precision: Optional[str],
-    batch_size: int, workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool,
-    tracking_uri: Optional[str],
+    no_slice_order: bool, no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str,
+    precision: Optional[str], batch_size: int, workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool,
+    mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
@@ -188,7 +194,7 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
-    scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision)
+    scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision, not no_slice_order)
     workers = auto_workers(scorer.device) if workers == "auto" else workers
     if maps is not None:
         _require_maps(scorer, checkpoint)

@@ -319,22 +319,21 @@ def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):
     for row in rows["verdicts"]:
         assert next(iter(row["rates"])) == "clean" and all(0 <= v <= 1 for v in row["rates"].values())
     assert "Volumes not passed at the calibrated threshold (fpr 0.05;" in out
-    block = blocks(run("slice_order.py", "--checkpoint", checkpoint, "--fit", train, "--data", tmp_path / "ood"))
-    statistics = table_rows(block["slice-order"], "volume-level AUROC")
-    assert list(statistics) == ["slice order (nll sequence)", "nll (mean)", "combined (mean)"]
+
+
+def test_slice_order_calibrates_the_check_and_reports_the_gate(checkpoint, tmp_path):
+    make_phantoms(tmp_path / "ood", 2, "nifti", size=16, slices=8, seed=1, ood_sets=True)
+    calibration = make_phantoms(tmp_path / "calibration", 4, "nifti", size=16, slices=8, seed=2).parent
+    block = blocks(run("slice_order.py", "--checkpoint", checkpoint, "--calibrate", calibration, "--data",
+                       tmp_path / "ood"))["slice-order"]  # fmt: skip
+    statistics = table_rows(block, "volume-level AUROC")
+    assert list(statistics) == ["slice order (statistic)", "nll (mean)", "combined (mean)"]
     assert all(0 <= number(v) <= 1 for row in statistics.values() for v in row)
-    assert "Template from 2 in-distribution volumes" in block["slice-order"]
-
-
-def test_the_slice_order_statistic_is_zero_for_the_template_shape_and_two_reversed():
-    from slice_order import order_statistic, shape
-
-    ramp = np.arange(24.0)
-    template = shape(ramp, 16)
-    assert order_statistic(3 * ramp + 7, template) == pytest.approx(0, abs=1e-12)  # any offset and scale
-    assert order_statistic(ramp[::-1], template) == pytest.approx(2, abs=1e-12)
-    interleaved = np.concatenate([ramp[::2], ramp[1::2]])
-    assert 0.3 < order_statistic(interleaved, template) < 1, "two rising halves: still positively correlated"
+    gate = table_rows(block, "gate")
+    assert list(gate) == ["combined", "combined + slice order"]
+    rates = {k: [number(v) for v in row] for k, row in gate.items()}
+    assert all(a <= b for a, b in zip(*rates.values(), strict=True)), "the check only ever stops more volumes"
+    assert "Calibrated on 32 slices" in block and "2 clean test volumes" in block
 
 
 def test_localization_measures_every_defect(tmp_path):

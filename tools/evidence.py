@@ -73,9 +73,9 @@ def _cdm(*args: object) -> tuple[str, ...]:
     return ("cdm-ood", *(str(a) for a in args))
 
 
-def _brain_scans(out: Path, n: int, *extra: str) -> tuple[str, ...]:
+def _brain_scans(out: Path, n: int, *extra: str, seed: int = 99) -> tuple[str, ...]:
     return _cdm("make-phantoms", "--out-dir", out, "--n", n, "--format", "nifti", "--anatomy", "brain", "--size", 64,
-                "--slices", 24, "--seed", 99, *extra)  # fmt: skip
+                "--slices", 24, "--seed", seed, *extra)  # fmt: skip
 
 
 # fmt: off
@@ -119,9 +119,11 @@ STEPS: tuple[Step, ...] = (
                                  BRAIN / "ood", "--train", BRAIN / "train" / "manifest.csv", "--name",
                                  "real-scans-brain"),
          ("real-scans-brain",), needs=("brain-model", "brain-ood-sets")),
-    Step("slice-order", _py("benchmarks/slice_order.py", "--checkpoint", BRAIN / "run" / "model.pt", "--fit",
-                            BRAIN / "train" / "manifest.csv", "--data", BRAIN / "ood"), ("slice-order",),
-         needs=("brain-model", "brain-ood-sets")),
+    Step("brain-calibration", _brain_scans(BRAIN / "calibration", 16, seed=7),
+         makes=str(BRAIN / "calibration" / "manifest.csv")),
+    Step("slice-order", _py("benchmarks/slice_order.py", "--checkpoint", BRAIN / "run" / "model.pt", "--calibrate",
+                            BRAIN / "calibration", "--data", BRAIN / "ood"), ("slice-order",),
+         needs=("brain-model", "brain-ood-sets", "brain-calibration")),
     Step("normalisation", _py("benchmarks/normalisation.py"), ("normalisation",)),
     Step("ranking-mnist", _py("benchmarks/ranking.py", "--checkpoint", MNIST / "model.pt", "--data", "mnist",
                               "--images", 16, "--name", "ranking-mnist"), ("ranking-mnist",), needs=("train-time",)),

@@ -23,11 +23,20 @@ from ..likelihood import log_likelihood_profile_batched
 from ..precision import PRECISIONS, autocast
 from ..progress import ProgressFactory, counted
 from ..spec import Calibration
-from .calibration import DEFAULT_DETECTOR, DEFAULT_FPR, MIN_IMAGES, calibrate, load_detector, resolve_threshold
-from .detectors import Features, MapDetector, NotFittedError, applicable, required_features
+from .calibration import (
+    DEFAULT_DETECTOR,
+    DEFAULT_FPR,
+    MIN_IMAGES,
+    calibrate,
+    load_detector,
+    load_slice_order,
+    resolve_threshold,
+)
+from .detectors import Features, MapDetector, NLLDetector, NotFittedError, applicable, required_features
 from .features import batched_features, concat_features, empty_features, finite_rows, select_rows
 from .inputs import Inputs, Item, chunks, is_path, iter_images
 from .report import COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_row, volume_rows
+from .slice_order import SliceOrderCheck, Slot
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -51,6 +60,11 @@ class OODDetector:
     `precision="bf16"` runs the network's backbone under bfloat16 autocast (the head, the logits and every statistic
     stay float32), a GPU setting. Scores move with the precision (docs/ood.md), so the default is the precision the
     calibration was made in (float32 when uncalibrated), and `fit` records the precision it ran in.
+
+    A calibration fitted on whole volumes holds a slice-order check (`cdm_ood.ood.slice_order`): a volume's row is
+    then `ood` too when the shape of its slices' bits/dim along the slice axis is unlike the calibration volumes'
+    (at the threshold's false-positive rate); `slice_order=False` turns it off (e.g. for series that cover less or
+    other anatomy than the calibration volumes).
     """
 
     def __init__(
@@ -61,8 +75,10 @@ class OODDetector:
         batch_size: int = 64,
         image_key: str = "image",
         precision: Optional[str] = None,
+        slice_order: bool = True,
     ) -> None:
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
+        self.use_slice_order = slice_order
         self.precision = _precision(precision, model.calibration)
         self.num_dims = model.spec.num_dims
         self.num_classes = model.spec.model.num_classes
@@ -74,6 +90,7 @@ class OODDetector:
         self.transform = model.spec.input_transform()
         self._maps: Optional[MapDetector] = None
         self._threshold: Optional[float] = None
+        self.order: Optional[SliceOrderCheck] = None
         if self.id_scores is not None or threshold != "auto":
             self.set_threshold(threshold)
 
@@ -95,8 +112,13 @@ class OODDetector:
         return self._threshold
 
     def set_threshold(self, spec: str | float) -> float:
-        """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units."""
+        """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units; the slice-order check
+        (if calibrated and on) takes the same false-positive rate (the calibrated one for a number)."""
         self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
+        rate = str(spec).strip()
+        fpr = float(rate[4:]) if rate.startswith("fpr:") else None
+        on = self.use_slice_order and self.unit == "slice"
+        self.order = load_slice_order(self.model.calibration, fpr) if on else None
         return self._threshold
 
     def __repr__(self) -> str:
@@ -123,7 +145,10 @@ class OODDetector:
         return concat_features([p for p, _, _ in parts]), [f for _, flags, _ in parts for f in flags]
 
     def _needs(self, needs: Optional[Sequence[str]]) -> tuple[str, ...]:
-        return tuple(needs) if needs is not None else self.detector.required()
+        """`needs`, or this detector's features and, when the slice-order check is on, the profile it reads."""
+        if needs is not None:
+            return tuple(needs)
+        return tuple(dict.fromkeys((*self.detector.required(), *(("profile",) if self.order else ()))))
 
     def _images(self, inputs: Inputs) -> Iterator[Item]:
         return iter_images(inputs, self.model.spec.channels, self.image_key, self.model.spec.spatial_dims)
@@ -146,12 +171,13 @@ class OODDetector:
             yield features, flags, list(sources)
 
     def assess(self, inputs: Inputs) -> list[dict[str, Any]]:
-        """Per image: `score` (NaN when not scored), `verdict` (`in`, `ood` or `flagged`) and `reason`, exactly as
-        in the `cdm-ood score` report."""
+        """Per image: `score` (NaN when not scored), `verdict` (`in`, `ood` or `flagged`), `reason`, exactly as
+        in the `cdm-ood score` report, and `bits_per_dim` (NaN where the detector's features lack it)."""
         features, flags = self.checked_features(inputs)
-        scores = self.score_features(features)
+        scores, bits = self.score_features(features), self.bits_per_dim(features)
         verdicts = [judge(float(s), self.threshold, f) for s, f in zip(scores, flags, strict=True)]
-        return [{"score": float(s), "verdict": v, "reason": r} for s, (v, r) in zip(scores, verdicts, strict=True)]
+        return [{"score": float(s), "verdict": v, "reason": r, "bits_per_dim": float(b)}
+                for s, b, (v, r) in zip(scores, bits, verdicts, strict=True)]  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -176,9 +202,22 @@ class OODDetector:
         """This detector's scores of features already computed (NaN rows stay NaN)."""
         return self.detector.score(features).numpy()
 
+    def bits_per_dim(self, features: Features) -> np.ndarray:
+        """-log p_0 in bits/dim of each image (eq. 10 at t = 0) from features holding the profile, else NaN."""
+        if "profile" not in features:
+            return np.full(len(next(iter(features.values()))), np.nan)
+        return NLLDetector(self.num_dims, self.model.spec.bit_depth).score(features).numpy()
+
     def score_prepared(self, x: Tensor) -> np.ndarray:
         """Scores of a model-space batch."""
         return self.score_features(self.features(x))
+
+    def scored_prepared(self, x: Tensor, maps: bool = False) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Scores, bits/dim (`bits_per_dim`) and, with `maps`, anomaly maps (`anomaly_maps_prepared`) of a
+        model-space batch, from one computation of the features they need (shared where they overlap)."""
+        features = self.features(x, (*self._needs(None), *(MapDetector.needs if maps else ())))
+        amaps = self._map_detector().maps(features).numpy() if maps else None
+        return self.score_features(features), self.bits_per_dim(features), amaps
 
     def score(self, inputs: Inputs) -> np.ndarray:
         """One score per image (N,), higher = more out-of-distribution (the pytorch-ood convention); NaN for an
@@ -196,12 +235,6 @@ class OODDetector:
     def anomaly_maps_prepared(self, x: Tensor) -> np.ndarray:
         """`anomaly_maps` of a model-space batch."""
         return self._map_detector().maps(self.features(x, MapDetector.needs)).numpy()
-
-    def score_and_maps_prepared(self, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """`score_prepared` and `anomaly_maps_prepared` of a model-space batch from one computation of the features
-        both need (the denoising errors are shared when this detector reads them too)."""
-        features = self.features(x, (*self.detector.required(), *MapDetector.needs))
-        return self.score_features(features), self._map_detector().maps(features).numpy()
 
     def _map_detector(self) -> MapDetector:
         if self._maps is None:
@@ -259,16 +292,19 @@ class OODDetector:
                 log.warning("skipped %s: %s", row["path"], row["reason"])
             rows = [r for r in rows if r["verdict"] != UNREADABLE]
         memory = self._memory_rows([item for item in items if not is_path(item)])
-        rows += memory + volume_rows([r for r in memory if r["volume"] is not None], self.threshold, per_volume)
+        in_volumes = [r for r in memory if r["volume"] is not None]
+        rows += memory + volume_rows(in_volumes, self.threshold, per_volume, self.order)
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
         return frame.astype({"slice": "Int64", "time_point": "Int64", "score": "float64", "threshold": "float64"})
 
     def _memory_rows(self, inputs: Sequence[Inputs]) -> list[dict]:
         rows: list[dict] = []
-        for features, flags, sources in self._checked_chunks(inputs, self.detector.required()):
-            for score, flag, source in zip(self.score_features(features).tolist(), flags, sources, strict=True):
+        for features, flags, sources in self._checked_chunks(inputs, self._needs(None)):
+            scored = zip(self.score_features(features).tolist(), self.bits_per_dim(features).tolist(), flags, sources,
+                         strict=True)  # fmt: skip
+            for score, bits, flag, source in scored:
                 where = source or SliceSource("", len(rows), "")
-                row = self.report_row(where, score, self.threshold, flag)
+                row = self.report_row(where, score, self.threshold, flag, bits)
                 rows.append(row if source else row | {"path": None, "volume": None})
         return rows
 
@@ -295,8 +331,10 @@ class OODDetector:
         needs = required_features(names, self.num_classes)
         parts: list[Features] = []
         volumes: list[Hashable] = []
+        slots: list[Slot] = []
         for features, _, sources in self._checked_chunks(id_inputs, needs):
             volumes += [s.volume_id if s else ("in memory", len(volumes) + i) for i, s in enumerate(sources)]
+            slots += [((s.volume_id, s.time_point), s.index) if s and self.unit == "slice" else None for s in sources]
             parts.append(features)
         if groups is not None:
             if len(groups) != len(volumes):
@@ -309,10 +347,11 @@ class OODDetector:
                              f"{int(scorable.sum())}")  # fmt: skip
         bit_depth = self.model.spec.bit_depth
         kept = [v for v, keep in zip(volumes, scorable.tolist(), strict=True) if keep]
+        kept_slots = [s for s, keep in zip(slots, scorable.tolist(), strict=True) if keep]
         try:
             calibration = calibrate(select_rows(features, scorable), self.num_dims, bit_depth, fpr, names,
                                     default=self.name, groups=kept, num_classes=self.num_classes,
-                                    precision=self.precision)  # fmt: skip
+                                    precision=self.precision, slots=kept_slots)  # fmt: skip
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.model.calibration, self._maps = calibration, None

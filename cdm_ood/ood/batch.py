@@ -24,6 +24,7 @@ from ..data.volumes import read_volume, volume_groups
 from .api import OODDetector
 from .map_outputs import MapWriter
 from .report import error_row, volume_rows
+from .slice_order import SliceOrderCheck
 
 # The model-space images of one item (None for flagged ones) with the images read (when kept, for maps), the
 # errors of its files, its files.
@@ -98,13 +99,16 @@ def score_sources(
     slice rows (`per_volume` does not apply).
     """
     rows = [row for group in iter_scored(detector, sources, errors, workers, progress) for row in group]
-    return report_rows(rows, detector.threshold, per_volume)
+    return report_rows(rows, detector.threshold, per_volume, detector.order)
 
 
-def report_rows(rows: list[dict], threshold: float, per_volume: str) -> list[dict]:
-    """File and slice rows in a fixed order (path, time point, slice), then one row per volume."""
+def report_rows(
+    rows: list[dict], threshold: float, per_volume: str, order: Optional[SliceOrderCheck] = None
+) -> list[dict]:
+    """File and slice rows in a fixed order (path, time point, slice), then one row per volume (with the
+    slice-order check `order`, if any)."""
     rows = sorted(rows, key=lambda r: (r["path"], r["time_point"] or 0, r["slice"] or 0))
-    return rows + volume_rows(rows, threshold, per_volume)
+    return rows + volume_rows(rows, threshold, per_volume, order)
 
 
 def iter_scored(
@@ -117,7 +121,7 @@ def iter_scored(
 ) -> Iterator[list[dict]]:
     """Rows of whole files, one group per scored batch (the files in `errors` first), so that a caller can
     save each group as soon as it is complete. With `maps`, the anomaly map of every scored image is written
-    (`OODDetector.score_and_maps_prepared`: the features are computed once for both)."""
+    (`OODDetector.scored_prepared`: the features are computed once for both)."""
     threshold = detector.threshold
     if errors:
         yield [error_row(err) for err in errors]
@@ -131,13 +135,10 @@ def iter_scored(
     def flush() -> None:
         if pending:
             x = torch.stack([p[1] for p in pending])
-            if maps is None:
-                scores, amaps = detector.score_prepared(x), ()
-            else:
-                scores, amaps = detector.score_and_maps_prepared(x)
-            for (index, *_), score in zip(pending, scores.tolist(), strict=True):
-                rows[index] = detector.report_row(rows[index]["source"], score, threshold)
-            if maps is not None:
+            scores, bits, amaps = detector.scored_prepared(x, maps is not None)
+            for (index, *_), score, bpd in zip(pending, scores.tolist(), bits.tolist(), strict=True):
+                rows[index] = detector.report_row(rows[index]["source"], score, threshold, (), bpd)
+            if maps is not None and amaps is not None:
                 for (_, _, image, files), amap in zip(pending, amaps, strict=True):
                     if volumes:
                         maps.write_volume(amap, image, files)

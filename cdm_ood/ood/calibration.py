@@ -19,9 +19,10 @@ from torch import Tensor
 
 from ..data.medical import split_volumes
 from ..errors import UsageError
-from ..spec import Calibration, DetectorFit
-from .detectors import DETECTORS, Detector, Features, NotFittedError, applicable
+from ..spec import Calibration, DetectorFit, SliceOrderFit
+from .detectors import DETECTORS, Detector, Features, NLLDetector, NotFittedError, applicable
 from .features import select_rows
+from .slice_order import MIN_SLICES, SliceOrderCheck, Slot, fit_template, order_statistic, ordered_sequences
 
 DEFAULT_FPR = 0.05
 DEFAULT_DETECTOR = "combined"  # chosen on development OOD sets, measured on held-out ones (docs/ood.md)
@@ -52,12 +53,14 @@ def calibrate(
     groups: Optional[Sequence[Hashable]] = None,
     num_classes: Optional[int] = None,
     precision: str = "float32",
+    slots: Optional[Sequence[Slot]] = None,
 ) -> Calibration:
     """Fit each detector on about half of the in-distribution images' features and score the other half, so the
     stored scores (and thresholds) are out-of-sample; `groups` (e.g. volume ids, one per image; default: every image
     its own) keeps each group on one side (`held_out_split`). Warns when the held-out half is too small for `fpr`.
     `detectors` defaults to every detector the model allows (`detectors.applicable`); `precision` records the network
-    precision the features were computed in.
+    precision the features were computed in. `slots` (one per image: its slice sequence and slice index, or None)
+    fits the slice-order check on the same split (`fit_slice_order`).
     """
     threshold_at_fpr(np.zeros(1), fpr)
     detectors = applicable(num_classes) if detectors is None else detectors
@@ -75,7 +78,30 @@ def calibrate(
     for name in detectors:
         detector = DETECTORS[name](num_dims, bit_depth, num_classes).fit(fit_part)
         fits[name] = DetectorFit(detector.state(), tuple(detector.score(held_out).tolist()))
-    return Calibration(fpr, default, n - int(held.sum()), fits, precision)
+    order = None
+    if slots is not None:
+        bits = NLLDetector(num_dims, bit_depth).score(features).tolist()
+        order = fit_slice_order(bits, slots, held.tolist(), fpr)
+    return Calibration(fpr, default, n - int(held.sum()), fits, precision, order)
+
+
+def fit_slice_order(
+    bits: Sequence[float], slots: Sequence[Slot], held: Sequence[bool], fpr: float
+) -> Optional[SliceOrderFit]:
+    """The slice-order check (`slice_order`) from the per-slice -log p_0 `bits` of in-distribution images: the
+    template from the sequences of the fitted side, the statistics of the held-out side; None (logged) when either
+    side has fewer than two sequences of `slice_order.MIN_SLICES` slices."""
+    sides = [ordered_sequences([b for b, h in zip(bits, held, strict=True) if h == side],
+                               [s for s, h in zip(slots, held, strict=True) if h == side])
+             for side in (False, True)]  # fmt: skip
+    if min(len(side) for side in sides) < 2:
+        log.info("no slice-order check: it needs at least 2 volumes of %d or more slices on each side of the "
+                 "calibration split, found %d and %d", MIN_SLICES, *map(len, sides))  # fmt: skip
+        return None
+    template = fit_template(list(sides[0].values()))
+    warn_if_too_few(len(sides[1]), fpr, "volumes for the slice-order check")
+    stats = tuple(order_statistic(s, template) for s in sides[1].values())
+    return SliceOrderFit(tuple(template.tolist()), stats)
 
 
 def held_out_split(groups: Sequence[Hashable]) -> Tensor:
@@ -95,15 +121,15 @@ def held_out_split(groups: Sequence[Hashable]) -> Tensor:
     return torch.arange(len(groups)) % 2 == 1
 
 
-def warn_if_too_few(n_held_out: int, fpr: float) -> None:
-    """Log a warning when fewer than 1/fpr images are held out: the threshold at `fpr` is then just the largest
-    held-out score (k = floor(fpr n) = 0), which says nothing about that false-positive rate."""
+def warn_if_too_few(n_held_out: int, fpr: float, what: str = "images") -> None:
+    """Log a warning when fewer than 1/fpr images (or `what`) are held out: the threshold at `fpr` is then just the
+    largest held-out score (k = floor(fpr n) = 0), which says nothing about that false-positive rate."""
     needed = math.ceil(1 / fpr - 1e-9)
     if n_held_out < needed:
-        log.warning("only %d held-out in-distribution images for a false-positive rate of %g: a threshold at that "
-                    "rate needs at least %d held out (about %d calibration images: half of the volumes are held "
+        log.warning("only %d held-out in-distribution %s for a false-positive rate of %g: a threshold at that "
+                    "rate needs at least %d held out (about %d for calibration: half of the volumes are held "
                     "out); this one is just the largest held-out score",
-                    n_held_out, fpr, needed, 2 * needed)  # fmt: skip
+                    n_held_out, what, fpr, needed, 2 * needed)  # fmt: skip
 
 
 def resolve_threshold(spec: str | float, id_scores: np.ndarray | None, fpr: float | None) -> float:
@@ -129,6 +155,16 @@ def _fraction(text: str) -> float:
         return float(text)
     except ValueError:
         raise UsageError(f"'fpr:{text}': expected a false-positive rate such as fpr:0.05") from None
+
+
+def load_slice_order(calibration: Optional[Calibration], fpr: Optional[float]) -> Optional[SliceOrderCheck]:
+    """The calibrated slice-order check with its threshold at `fpr` (e.g. that of `fpr:<x>`; default: the calibrated
+    rate), or None when the calibration has none."""
+    if calibration is None or calibration.slice_order is None:
+        return None
+    fit = calibration.slice_order
+    threshold = threshold_at_fpr(np.asarray(fit.id_scores), calibration.fpr if fpr is None else fpr)
+    return SliceOrderCheck(np.asarray(fit.template), threshold)
 
 
 def load_detector(

@@ -21,9 +21,10 @@ from ..data.records import SliceSource
 from ..data.volumes import volume_path
 from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
+from .slice_order import SliceOrderCheck, ordered_sequences
 
 COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid", "score", "threshold", "verdict",
-           "reason")  # fmt: skip
+           "reason", "bits_per_dim")  # fmt: skip
 IN, OOD, UNREADABLE, FLAGGED = "in", "ood", "unreadable", "flagged"
 FAILING = (OOD, UNREADABLE, FLAGGED)
 AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
@@ -44,20 +45,29 @@ def judge(score: Optional[float], threshold: float, flags: Sequence[str] = ()) -
     return (OOD, "score above threshold") if score > threshold else (IN, "")
 
 
-def slice_row(source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> dict:
-    """A scored slice (`in`/`ood`), or a `flagged` one (see `judge`; its score is left empty)."""
+def slice_row(
+    source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = (),
+    bits_per_dim: Optional[float] = None,
+) -> dict:  # fmt: skip
+    """A scored slice (`in`/`ood`), or a `flagged` one (see `judge`; its score and bits/dim are left empty).
+    `bits_per_dim` is -log p_0 of the slice (eq. 10 at t = 0) where the detector's features hold it."""
     verdict, reason = judge(score, threshold, flags)
     score = None if verdict == FLAGGED else score
+    bits = None if verdict == FLAGGED or bits_per_dim is None or not math.isfinite(bits_per_dim) else bits_per_dim
     return {
         "level": "slice", "path": source.path, "slice": source.index, "time_point": source.time_point,
         "volume": source.volume_id, "sop_instance_uid": source.sop_instance_uid, "score": score,
-        "threshold": threshold, "verdict": verdict, "reason": reason,
+        "threshold": threshold, "verdict": verdict, "reason": reason, "bits_per_dim": bits,
     }  # fmt: skip
 
 
-def volume_row(source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> dict:
+def volume_row(
+    source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = (),
+    bits_per_dim: Optional[float] = None,
+) -> dict:  # fmt: skip
     """A whole volume scored by a 3D model (`in`/`ood`), or `flagged` (see `judge`; its score is left empty)."""
-    return slice_row(source, score, threshold, flags) | {"level": "volume", "slice": None, "sop_instance_uid": None}
+    row = slice_row(source, score, threshold, flags, bits_per_dim)
+    return row | {"level": "volume", "slice": None, "sop_instance_uid": None}
 
 
 def error_row(err: DataError) -> dict:
@@ -74,10 +84,15 @@ def aggregate(how: str) -> Callable[[np.ndarray], float]:
     return AGGREGATES[how]
 
 
-def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> list[dict]:
+def volume_rows(
+    rows: Sequence[dict], threshold: float, how: str = "mean", order: Optional[SliceOrderCheck] = None
+) -> list[dict]:
     """One summary row per volume/series: the `how` aggregate (max, mean, q95) of its slice scores against the
     threshold; `flagged` when any of its slices could not be scored (a volume with unscored slices never
-    passes), with the aggregate of the others as its score."""
+    passes), with the aggregate of the others as its score. With the calibrated slice-order check `order`, a
+    volume whose slices' bits/dim along the slice axis (per time point) have a shape unlike the calibration
+    volumes' is `ood` too (`slice_order`; volumes of fewer than `slice_order.MIN_SLICES` slices are not checked).
+    A volume's bits/dim is the mean of its slices'."""
     combine = aggregate(how)
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -95,12 +110,27 @@ def volume_rows(rows: Sequence[dict], threshold: float, how: str = "mean") -> li
         score = combine(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
         reason = f"{how} of {len(scores)} slice scores; {n_ood} slices above threshold"
+        misordered = [] if order is None else _misordered(members, order)
+        if misordered:
+            reason += "; slice order unlike the calibration volumes: " + ", ".join(misordered)
         if flagged:
             verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged (not scored); {reason}"
         else:
-            verdict = OOD if score > threshold else IN
-        out.append(row | {"score": score, "verdict": verdict, "reason": reason})
+            verdict = OOD if score > threshold or misordered else IN
+        bits = [r["bits_per_dim"] for r in members if r.get("bits_per_dim") is not None]
+        out.append(row | {"score": score, "verdict": verdict, "reason": reason,
+                          "bits_per_dim": float(np.mean(bits)) if bits else None})  # fmt: skip
     return out
+
+
+def _misordered(members: Sequence[dict], order: SliceOrderCheck) -> list[str]:
+    """The slice-order statistics of a volume's sequences (one per time point) above the check's threshold."""
+    slots = [(r["time_point"] or 0, r["slice"]) if r["slice"] is not None else None for r in members]
+    bits = [r.get("bits_per_dim") for r in members]
+    found = ordered_sequences(bits, slots)
+    stats = {t: order.statistic(seq) for t, seq in sorted(found.items())}
+    return [f"statistic {s:.3g} > {order.threshold:.3g}" + (f" (time point {t})" if len(stats) > 1 else "")
+            for t, s in stats.items() if s > order.threshold]  # fmt: skip
 
 
 def summary(rows: Sequence[dict]) -> dict[str, Any]:

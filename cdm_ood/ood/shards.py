@@ -27,10 +27,11 @@ from .api import OODDetector
 from .batch import iter_scored, report_rows
 from .map_outputs import MapWriter
 from .report import COLUMNS
+from .slice_order import SliceOrderCheck
 
 PART_COLUMNS = (*COLUMNS, "file_key")
 _INTS = ("slice", "time_point")
-_FLOATS = ("score", "threshold")
+_FLOATS = ("score", "threshold", "bits_per_dim")
 _OPTIONAL = (*_INTS, *_FLOATS, "volume", "sop_instance_uid")
 
 
@@ -119,7 +120,7 @@ def read_parts(parts: Path) -> list[dict]:
     return rows
 
 
-def merge(parts: Path, threshold: float, per_volume: str) -> list[dict]:
+def merge(parts: Path, threshold: float, per_volume: str, order: Optional[SliceOrderCheck] = None) -> list[dict]:
     """The full report from the partial ones: each file once (the newest rows of a file scored twice win),
     in the single-process order, then one row per volume."""
     newest: dict[str, list[dict]] = {}
@@ -130,7 +131,7 @@ def merge(parts: Path, threshold: float, per_volume: str) -> list[dict]:
         newest[r["path"]].append(r)
     rows = [{k: r[k] for k in COLUMNS} for group in newest.values() for r in group]
     unique = {(r["level"], r["path"], r["slice"], r["time_point"], r["volume"]): r for r in rows}
-    return report_rows(list(unique.values()), threshold, per_volume)
+    return report_rows(list(unique.values()), threshold, per_volume, order)
 
 
 def clear(parts: Path) -> None:

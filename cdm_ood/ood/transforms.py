@@ -61,7 +61,8 @@ class ScoreOODd(MapTransform):
         results = self.detector.assess(slices)
         d[f"{key}_ood_slice_scores"] = np.array([r["score"] for r in results])
         d[f"{key}_ood_slice_verdicts"] = [r["verdict"] for r in results]
-        rows = [{"level": "slice", "volume": str(key), "path": str(key), "verdict": r["verdict"],
-                 "score": None if r["verdict"] == FLAGGED else r["score"]} for r in results]  # fmt: skip
-        (volume,) = volume_rows(rows, self.detector.threshold, self.per_volume)
+        rows = [{"level": "slice", "volume": str(key), "path": str(key), "slice": k, "time_point": None,
+                 "verdict": r["verdict"], "score": None if r["verdict"] == FLAGGED else r["score"],
+                 "bits_per_dim": r["bits_per_dim"]} for k, r in enumerate(results)]  # fmt: skip
+        (volume,) = volume_rows(rows, self.detector.threshold, self.per_volume, self.detector.order)
         return {**volume, "score": float("nan") if volume["score"] is None else volume["score"]}
