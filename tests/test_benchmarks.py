@@ -343,8 +343,14 @@ def test_localization_measures_every_defect(tmp_path):
     assert [r["defect"] for r in rows] == ["metal-streak", "lesion", "foreign-object", "local-ghost"]
     assert all(0 <= r["peak_in_mask"] <= 1 and r["slices"] > 0 for r in rows)
     assert all(r["pixel_auroc"] > 0.6 for r in rows), "even a barely trained map is higher on the defects' pixels"
-    assert "| defect | slices | pixel AUROC |" in out and "| local-ghost |" in out
+    assert "| defect | slices | pixel AUROC | pixel AUROC unsmoothed |" in out and "| local-ghost |" in out
     assert (tmp_path / "img" / "localization-phantoms.png").stat().st_size > 1000
+    dev = run("localization.py", "--steps", 2, "--volumes", "2,1,1", "--development", "--no-tracking")
+    widths = re.findall(r"smoothing ([\d.]+) px: mean pixel AUROC ([\d.]+)", dev)
+    assert [float(w) for w, _ in widths] == [0.0, 0.5, 0.75, 1.0, 1.5, 2.0]
+    means = {float(w): float(m) for w, m in widths}
+    best = float(re.search(r"best: ([\d.]+) px\s*$", dev)[1])
+    assert means[best] == max(means.values()), "the printed choice has the best mean on the set"
 
 
 def test_train_time_reads_the_run_it_leaves(tmp_path):

@@ -137,6 +137,25 @@ def test_map_is_high_where_the_image_departs_from_the_data():
     assert (maps.flatten(1).argmax(1) == 1 * 4 + 2).double().mean() > 0.9
 
 
+@pytest.mark.parametrize("spatial", [(33, 33), (17, 17, 17)])
+def test_anomaly_maps_are_the_maps_smoothed_by_a_gaussian_of_the_stated_width(spatial):
+    """A map that is 1 at the centre pixel and 0 elsewhere (log1p(error) = 1 there against an in-distribution mean 0
+    and deviation 1) becomes a Gaussian: the same mass and centre, a variance of `smoothing`^2 along every axis."""
+    detector = DETECTORS["map"](int(np.prod(spatial)))
+    detector.mean, detector.std = torch.zeros(1, 1, *spatial), torch.ones(1, 1, *spatial)
+    errors = torch.zeros(1, 1, 1, *spatial)
+    centre = tuple(n // 2 for n in spatial)
+    errors[(0, 0, 0, *centre)] = math.e - 1
+    assert detector.maps({"errors": errors})[0].sum() == pytest.approx(1.0)
+    smoothed = detector.anomaly_maps({"errors": errors})[0].double()
+    assert smoothed.sum() == pytest.approx(1.0, abs=1e-3)
+    for axis, c in enumerate(centre):
+        marginal = smoothed.sum([a for a in range(len(spatial)) if a != axis])
+        position = torch.arange(spatial[axis], dtype=torch.float64) - c
+        assert (marginal * position).sum() == pytest.approx(0.0, abs=1e-9)
+        assert (marginal * position.square()).sum() == pytest.approx(detector.smoothing**2, rel=0.05)
+
+
 def test_classifier_detector_flags_images_between_the_classes():
     fit = all_features(mixture_draw(100, 13), num_classes=2)
     detector = DETECTORS["classifier"](D, 8, 2).fit(fit)

@@ -216,7 +216,7 @@ class OODDetector:
         """Scores, bits/dim (`bits_per_dim`) and, with `maps`, anomaly maps (`anomaly_maps_prepared`) of a
         model-space batch, from one computation of the features they need (shared where they overlap)."""
         features = self.features(x, (*self._needs(None), *(MapDetector.needs if maps else ())))
-        amaps = self._map_detector().maps(features).numpy() if maps else None
+        amaps = self._map_detector().anomaly_maps(features).numpy() if maps else None
         return self.score_features(features), self.bits_per_dim(features), amaps
 
     def score(self, inputs: Inputs) -> np.ndarray:
@@ -230,11 +230,11 @@ class OODDetector:
         model's grid (higher = more OOD; in-distribution pixels are about 1, in units of their in-distribution standard
         deviation), NaN for an image that could not be scored. Images: as `score`."""
         features, _ = self.checked_features(inputs, MapDetector.needs)
-        return self._map_detector().maps(features).numpy()
+        return self._map_detector().anomaly_maps(features).numpy()
 
     def anomaly_maps_prepared(self, x: Tensor) -> np.ndarray:
         """`anomaly_maps` of a model-space batch."""
-        return self._map_detector().maps(self.features(x, MapDetector.needs)).numpy()
+        return self._map_detector().anomaly_maps(self.features(x, MapDetector.needs)).numpy()
 
     def _map_detector(self) -> MapDetector:
         if self._maps is None:

@@ -219,11 +219,14 @@ class MapDetector(Detector):
     by its in-distribution mean and standard deviation at that pixel; the map (`maps`, (B, *spatial)) is the root
     mean square of these z-scores over levels and channels (about 1 in distribution). Two-sided: a region the
     denoiser recovers too well (a flat patch where texture belongs) stands out as much as one it cannot recover. The
-    score is the `quantile` of the map: high when any region is unlike the training data."""
+    score is the `quantile` of the map: high when any region is unlike the training data. The map shown and written
+    (`anomaly_maps`) is that map smoothed by a Gaussian of `smoothing` pixels: each pixel's statistic comes from one
+    noise draw, and a defect spans several pixels."""
 
     name = "map"
     needs = ("errors",)
     quantile = 0.99
+    smoothing = 1.5  # pixels of the model's grid; chosen on a development defect set (docs/ood.md)
 
     def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
         super().__init__(num_dims, bit_depth, num_classes)
@@ -243,6 +246,16 @@ class MapDetector(Detector):
             raise NotFittedError("the map detector is not fitted: calibrate it on in-distribution data")
         errors = features["errors"].float().cpu().log1p()
         return ((errors - self.mean) / self.std).square().mean(dim=(1, 2)).sqrt()
+
+    def anomaly_maps(self, features: Features) -> Tensor:
+        """`maps` smoothed over the spatial axes by a Gaussian of `smoothing` pixels (MONAI's separable filter, edges
+        replicated), 2D or 3D: where each image is out of distribution."""
+        from monai.networks.layers import separable_filtering
+        from monai.networks.layers.convutils import gaussian_1d
+
+        maps = self.maps(features)
+        kernel = gaussian_1d(torch.tensor(self.smoothing), truncated=4.0)
+        return separable_filtering(maps[:, None], [kernel] * (maps.ndim - 1), mode="replicate")[:, 0]
 
     def score(self, features: Features) -> Tensor:
         z = self.maps(features).flatten(1).double()
