@@ -10,9 +10,9 @@ writes) against the mask and the fraction of maps whose peak lies inside the mas
 (`cdm_ood.ood.metrics.localization_metrics`); and the slice-level AUROC of the `map` and `combined` detectors
 against the clean test slices.
 
-`--development` instead draws the defects on 4 volumes of another seed (a development set, never reported) and
-prints the mean pixel AUROC over the defect kinds for each candidate width of the maps' Gaussian smoothing: the
-set on which `MapDetector.smoothing` was chosen. Prints a markdown table, saves a gallery of overlays (image,
+`--development` first draws the defects on 4 volumes of another seed (a development set, never reported) and prints
+the mean pixel AUROC over the defect kinds for each candidate width of the maps' Gaussian smoothing: the set on
+which `MapDetector.smoothing` was chosen. Prints a markdown table, saves a gallery of overlays (image,
 map, mask per row) and logs everything to MLflow (experiment `cdm-ood-localization`).
 """
 
@@ -65,7 +65,6 @@ def main() -> None:
     detectors = {name: DETECTORS[name](num_dims, data.bit_depth).fit(features(data.val)) for name in DETECTED}
     if args.development:
         choose_smoothing(detectors["map"], features, args.seed)
-        return
     clean = features(data.test)
     clean_scores = {name: d.score(clean).numpy() for name, d in detectors.items()}
     stacks = data.test_volumes
@@ -118,6 +117,7 @@ def choose_smoothing(detector, features, seed: int, widths=(0.0, 0.5, 0.75, 1.0,
             detector.smoothing = width
             maps = list(detector.anomaly_maps(f).numpy())
             found[width].append(localization_metrics(maps, list(masks[touched]))["pixel_auroc"])
+    detector.smoothing = type(detector).smoothing
     for width, aurocs in found.items():
         print(f"smoothing {width} px: mean pixel AUROC {np.mean(aurocs):.3f} (min {np.min(aurocs):.3f})")
     print(f"best: {max(found, key=lambda w: np.mean(found[w]))} px")
