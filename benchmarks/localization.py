@@ -114,10 +114,8 @@ def choose_smoothing(detector, features, seed: int, widths=(0.0, 0.5, 0.75, 1.0,
         touched = masks.reshape(len(masks), -1).any(1)
         f = features(model_space(np.concatenate([v for v, _ in drawn])[touched][:, None], ct_preset()))
         for width in widths:
-            detector.smoothing = width
-            maps = list(detector.anomaly_maps(f).numpy())
+            maps = list(detector.anomaly_maps(f, width).numpy())
             found[width].append(localization_metrics(maps, list(masks[touched]))["pixel_auroc"])
-    detector.smoothing = type(detector).smoothing
     for width, aurocs in found.items():
         print(f"smoothing {width} px: mean pixel AUROC {np.mean(aurocs):.3f} (min {np.min(aurocs):.3f})")
     print(f"best: {max(found, key=lambda w: np.mean(found[w]))} px")

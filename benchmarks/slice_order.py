@@ -30,8 +30,7 @@ from cdm_ood.ood import OODDetector
 from cdm_ood.ood.api import calibrate_checkpoint
 from cdm_ood.ood.batch import score_sources
 from cdm_ood.ood.metrics import ood_metrics
-from cdm_ood.ood.report import IN, volume_rows
-from cdm_ood.ood.slice_order import ordered_sequences
+from cdm_ood.ood.report import IN, order_statistics, volume_rows
 
 
 def scored(detector: OODDetector, paths: list[Path]) -> tuple[list[dict], list[dict]]:
@@ -48,9 +47,7 @@ def volume_statistics(detector: OODDetector, slices: list[dict]) -> dict[str, np
     found: dict[str, list[float]] = {"order": [], "nll": [], "score": []}
     for volume in volumes:
         members = [r for r in slices if r["volume"] == volume and r["score"] is not None]  # flagged slices: none
-        slots = [(r["time_point"] or 0, r["slice"]) for r in members]
-        sequences = ordered_sequences([r["bits_per_dim"] for r in members], slots)
-        found["order"].append(max((detector.order.statistic(s) for s in sequences.values()), default=0.0))
+        found["order"].append(max(order_statistics(members, detector.order).values(), default=0.0))
         found["nll"].append(float(np.mean([r["bits_per_dim"] for r in members])))
         found["score"].append(float(np.mean([r["score"] for r in members])))
     return {k: np.array(v) for k, v in found.items()}

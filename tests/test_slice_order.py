@@ -61,9 +61,10 @@ def test_calibration_fits_the_check_on_whole_volumes_and_round_trips(volumes, sl
     assert Calibration.from_dict(cal.to_dict()) == cal
     if fitted:
         assert len(cal.slice_order.template) == 16 and len(cal.slice_order.id_scores) == volumes // 2
-        check = load_slice_order(cal, None)
+        check = load_slice_order(cal)
         assert check.threshold == max(cal.slice_order.id_scores)  # 4 held out at fpr 0.05: the largest
-        assert load_slice_order(cal, 0.25).threshold == sorted(cal.slice_order.id_scores)[-2]
+        assert load_slice_order(cal, "fpr:0.25").threshold == sorted(cal.slice_order.id_scores)[-2]
+        assert load_slice_order(cal, 3.0).threshold == check.threshold  # a number: the calibrated rate
         assert max(cal.slice_order.id_scores) < 0.05
         reversed_ = _profiles(1, slices, reverse=True)[:, 0].neg().numpy()
         assert check.statistic(reversed_) > check.threshold + 1.0

@@ -115,10 +115,8 @@ class OODDetector:
         """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units; the slice-order check
         (if calibrated and on) takes the same false-positive rate (the calibrated one for a number)."""
         self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
-        rate = str(spec).strip()
-        fpr = float(rate[4:]) if rate.startswith("fpr:") else None
         on = self.use_slice_order and self.unit == "slice"
-        self.order = load_slice_order(self.model.calibration, fpr) if on else None
+        self.order = load_slice_order(self.model.calibration, spec) if on else None
         return self._threshold
 
     def __repr__(self) -> str:
@@ -295,7 +293,8 @@ class OODDetector:
         in_volumes = [r for r in memory if r["volume"] is not None]
         rows += memory + volume_rows(in_volumes, self.threshold, per_volume, self.order)
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
-        return frame.astype({"slice": "Int64", "time_point": "Int64", "score": "float64", "threshold": "float64"})
+        return frame.astype({"slice": "Int64", "time_point": "Int64", "score": "float64", "threshold": "float64",
+                             "bits_per_dim": "float64"})  # fmt: skip
 
     def _memory_rows(self, inputs: Sequence[Inputs]) -> list[dict]:
         rows: list[dict] = []

@@ -157,13 +157,15 @@ def _fraction(text: str) -> float:
         raise UsageError(f"'fpr:{text}': expected a false-positive rate such as fpr:0.05") from None
 
 
-def load_slice_order(calibration: Optional[Calibration], fpr: Optional[float]) -> Optional[SliceOrderCheck]:
-    """The calibrated slice-order check with its threshold at `fpr` (e.g. that of `fpr:<x>`; default: the calibrated
-    rate), or None when the calibration has none."""
+def load_slice_order(calibration: Optional[Calibration], spec: str | float = "auto") -> Optional[SliceOrderCheck]:
+    """The calibrated slice-order check with its threshold at the false-positive rate of the threshold `spec` (that
+    of `fpr:<x>`; the calibrated rate for `auto` or a number), or None when the calibration has none."""
     if calibration is None or calibration.slice_order is None:
         return None
     fit = calibration.slice_order
-    threshold = threshold_at_fpr(np.asarray(fit.id_scores), calibration.fpr if fpr is None else fpr)
+    text = str(spec).strip()
+    fpr = _fraction(text[4:]) if text.startswith("fpr:") else calibration.fpr
+    threshold = threshold_at_fpr(np.asarray(fit.id_scores), fpr)
     return SliceOrderCheck(np.asarray(fit.template), threshold)
 
 

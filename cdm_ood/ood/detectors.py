@@ -247,14 +247,14 @@ class MapDetector(Detector):
         errors = features["errors"].float().cpu().log1p()
         return ((errors - self.mean) / self.std).square().mean(dim=(1, 2)).sqrt()
 
-    def anomaly_maps(self, features: Features) -> Tensor:
-        """`maps` smoothed over the spatial axes by a Gaussian of `smoothing` pixels (MONAI's separable filter, edges
-        replicated), 2D or 3D: where each image is out of distribution."""
+    def anomaly_maps(self, features: Features, smoothing: Optional[float] = None) -> Tensor:
+        """`maps` smoothed over the spatial axes by a Gaussian of `smoothing` pixels (default: the class's; MONAI's
+        separable filter, edges replicated), 2D or 3D: where each image is out of distribution."""
         from monai.networks.layers import separable_filtering
         from monai.networks.layers.convutils import gaussian_1d
 
         maps = self.maps(features)
-        kernel = gaussian_1d(torch.tensor(self.smoothing), truncated=4.0)
+        kernel = gaussian_1d(torch.tensor(self.smoothing if smoothing is None else smoothing), truncated=4.0)
         return separable_filtering(maps[:, None], [kernel] * (maps.ndim - 1), mode="replicate")[:, 0]
 
     def score(self, features: Features) -> Tensor:

@@ -123,12 +123,17 @@ def volume_rows(
     return out
 
 
+def order_statistics(members: Sequence[dict], order: SliceOrderCheck) -> dict[int, float]:
+    """The slice-order statistic of each sequence (time point) of a volume's slice rows, from their bits/dim in slice
+    order; sequences too short to check (`slice_order.MIN_SLICES`) are left out."""
+    slots = [(r["time_point"] or 0, r["slice"]) if r["slice"] is not None else None for r in members]
+    found = ordered_sequences([r.get("bits_per_dim") for r in members], slots)
+    return {t: order.statistic(seq) for t, seq in sorted(found.items())}
+
+
 def _misordered(members: Sequence[dict], order: SliceOrderCheck) -> list[str]:
     """The slice-order statistics of a volume's sequences (one per time point) above the check's threshold."""
-    slots = [(r["time_point"] or 0, r["slice"]) if r["slice"] is not None else None for r in members]
-    bits = [r.get("bits_per_dim") for r in members]
-    found = ordered_sequences(bits, slots)
-    stats = {t: order.statistic(seq) for t, seq in sorted(found.items())}
+    stats = order_statistics(members, order)
     return [f"statistic {s:.3g} > {order.threshold:.3g}" + (f" (time point {t})" if len(stats) > 1 else "")
             for t, s in stats.items() if s > order.threshold]  # fmt: skip
 
