@@ -24,7 +24,7 @@ from .data.errors import DataError
 from .data.guards import MAX_VOXELS
 from .data.walk import DEFAULT_IGNORE, ignored
 from .errors import MissingExtraError
-from .ood.report import COLUMNS, aggregate
+from .ood.report import COLUMNS, FLOAT_COLUMNS, aggregate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from .ood.api import OODDetector
 
-_TYPES = {"slice": "bigint", "time_point": "bigint", "score": "double", "threshold": "double", "bits_per_dim": "double"}
+_TYPES = {"slice": "bigint", "time_point": "bigint"} | dict.fromkeys(FLOAT_COLUMNS, "double")
 SCHEMA = ", ".join(f"{column} {_TYPES.get(column, 'string')}" for column in COLUMNS)
 """The rows' schema (Spark DDL): the columns of the `cdm-ood score` report, in its order."""
 _KEYED = "path string, content binary, volume_key string"

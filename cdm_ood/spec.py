@@ -7,8 +7,8 @@ preset, size, channels and bit depth. Everything that builds, feeds or scores a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from monai.transforms import Compose
@@ -124,11 +124,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class SliceOrderFit:
-    """The volume-level slice-order check (`cdm_ood.ood.slice_order`): the template fitted on in-distribution
-    volumes and the statistic of each held-out in-distribution volume."""
+class VolumeCheckFit:
+    """A volume check (`cdm_ood.ood.volume_checks`) fitted on in-distribution volumes: its parameters and the
+    statistic of each held-out in-distribution volume."""
 
-    template: tuple[float, ...]
+    params: dict[str, tuple[float, ...]]
     id_scores: tuple[float, ...]
 
 
@@ -136,30 +136,34 @@ class SliceOrderFit:
 class Calibration:
     """The OOD calibration of a model: every detector's fit, the default detector, and the false-positive rate
     that the threshold `auto` means (any other rate `fpr:<x>` follows from the stored scores), the network
-    precision the features were computed in (`precision.PRECISIONS`), which scoring uses by default, and the
-    slice-order check (None when the calibration slices came without enough whole volumes, or from a 3D model)."""
+    precision the features were computed in (`precision.PRECISIONS`), which scoring uses by default, and the volume
+    checks by name (none when the calibration slices came without enough whole volumes, or from a 3D model)."""
 
     fpr: float
     default: str
     n_fit: int
     detectors: dict[str, DetectorFit]
     precision: str = "float32"
-    slice_order: Optional[SliceOrderFit] = None
+    volume_checks: dict[str, VolumeCheckFit] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for a `weights_only` checkpoint)."""
         fits = {k: {"state": v.state, "id_scores": list(v.id_scores)} for k, v in self.detectors.items()}
-        order = None if self.slice_order is None else {k: list(v) for k, v in vars(self.slice_order).items()}
+        checks = {k: {"params": {p: list(v) for p, v in c.params.items()}, "id_scores": list(c.id_scores)}
+                  for k, c in self.volume_checks.items()}  # fmt: skip
         return {"fpr": self.fpr, "default": self.default, "n_fit": self.n_fit, "detectors": fits,
-                "precision": self.precision, "slice_order": order}  # fmt: skip
+                "precision": self.precision, "volume_checks": checks}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         fits = {
             k: DetectorFit(dict(v["state"]), tuple(float(s) for s in v["id_scores"])) for k, v in d["detectors"].items()
         }
-        order = d.get("slice_order")
-        order = None if order is None else SliceOrderFit(*(tuple(float(x) for x in order[k]) for k in
-                                                           ("template", "id_scores")))  # fmt: skip
+        checks = dict(d.get("volume_checks", {}))
+        if d.get("slice_order"):  # written before the volume checks had names: the slice-order check only
+            checks["slice-order"] = {"params": {"template": d["slice_order"]["template"]},
+                                     "id_scores": d["slice_order"]["id_scores"]}  # fmt: skip
+        checks = {k: VolumeCheckFit({p: tuple(float(x) for x in v) for p, v in c["params"].items()},
+                                    tuple(float(x) for x in c["id_scores"])) for k, c in checks.items()}  # fmt: skip
         return cls(float(d["fpr"]), str(d["default"]), int(d["n_fit"]), fits, str(d.get("precision", "float32")),
-                   order)  # fmt: skip
+                   checks)  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
@@ -61,7 +62,7 @@ workers_option = click.option(
 
 def _detector(
     checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str | float = "auto", device: str = "cpu",
-    precision: Optional[str] = None, slice_order: bool = True,
+    precision: Optional[str] = None, volume_checks: Optional[Sequence[str]] = None,
 ):  # fmt: skip
     """The checkpoint's detector with its threshold resolved now: an uncalibrated checkpoint (e.g. a
     `checkpoints/step_N.pt`) or an impossible threshold stops the command (exit 2) before any file is read."""
@@ -70,8 +71,9 @@ def _detector(
 
     model = open_checkpoint(checkpoint, device)
     try:
+        checks = {} if volume_checks is None else {"volume_checks": volume_checks}
         scorer = OODDetector(model, detector, threshold=threshold, batch_size=batch_size, precision=precision,
-                             slice_order=slice_order)  # fmt: skip
+                             **checks)  # fmt: skip
         scorer.set_threshold(threshold)
     except CdmOodError as err:
         raise type(err)(f"{checkpoint}: {err}") from None
@@ -123,8 +125,8 @@ def calibrate_command(
         scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
                                          late_progress(bars), ignore_globs(exclude, no_default_ignore),
                                          precision)  # fmt: skip
-    order = "" if scorer.order is None else f", slice-order threshold {scorer.order.threshold:.4g}"
-    click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g}{order} (fpr {fpr}) "
+    checks = "".join(f", {check.name} threshold {check.threshold:.4g}" for check in scorer.checks)
+    click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g}{checks} (fpr {fpr}) "
                f"stored in {checkpoint}")  # fmt: skip
     if mlflow:
         from cdm_ood.tracking import log_job_run
@@ -148,6 +150,11 @@ def calibrate_command(
               help="Do not check the slice order of volumes (the calibrated check flags a volume whose per-slice "
                    "likelihood along the slice axis is shaped unlike the calibration volumes': a flipped or "
                    "interleaved series, but also one that covers other anatomy; docs/ood.md).")  # fmt: skip
+@click.option("--no-orientation", is_flag=True,
+              help="Do not check the in-plane orientation of volumes (the calibrated check flags a volume whose "
+                   "slices are, on average, unusually little more likely as given than mirrored or transposed: a "
+                   "flipped, rotated or transposed series, but also one acquired in another plane; "
+                   "docs/ood.md).")  # fmt: skip
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
 @click.option("--max-voxels", type=click.IntRange(min=1),
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
@@ -166,9 +173,9 @@ def calibrate_command(
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_slice_order: bool, no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path], device: str,
-    precision: Optional[str], batch_size: int, workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool,
-    mlflow: bool, tracking_uri: Optional[str],
+    no_slice_order: bool, no_orientation: bool, no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path],
+    device: str, precision: Optional[str], batch_size: int, workers: int | str, exclude: tuple[str, ...],
+    no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
@@ -194,7 +201,9 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
-    scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision, not no_slice_order)
+    off = {"slice-order": no_slice_order, "orientation": no_orientation}
+    scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision,
+                       [name for name, skip in off.items() if not skip])  # fmt: skip
     workers = auto_workers(scorer.device) if workers == "auto" else workers
     if maps is not None:
         _require_maps(scorer, checkpoint)

@@ -321,19 +321,21 @@ def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):
     assert "Volumes not passed at the calibrated threshold (fpr 0.05;" in out
 
 
-def test_slice_order_calibrates_the_check_and_reports_the_gate(checkpoint, tmp_path):
+def test_volume_checks_calibrate_the_checks_and_report_the_gate(checkpoint, tmp_path):
     make_phantoms(tmp_path / "ood", 2, "nifti", size=16, slices=8, seed=1, ood_sets=True)
     calibration = make_phantoms(tmp_path / "calibration", 4, "nifti", size=16, slices=8, seed=2).parent
-    block = blocks(run("slice_order.py", "--checkpoint", checkpoint, "--calibrate", calibration, "--data",
-                       tmp_path / "ood"))["slice-order"]  # fmt: skip
+    block = blocks(run("volume_checks.py", "--checkpoint", checkpoint, "--calibrate", calibration, "--data",
+                       tmp_path / "ood"))["volume-checks"]  # fmt: skip
     statistics = table_rows(block, "volume-level AUROC")
-    assert list(statistics) == ["slice order (statistic)", "nll (mean)", "combined (mean)"]
+    assert list(statistics) == ["slice-order (statistic)", "orientation (statistic)", "nll (mean)", "combined (mean)"]
     assert all(0 <= number(v) <= 1 for row in statistics.values() for v in row)
     gate = table_rows(block, "gate")
-    assert list(gate) == ["combined", "combined + slice order"]
+    assert list(gate) == ["combined", "combined + slice-order", "combined + orientation", "combined + both (the gate)"]
     rates = {k: [number(v) for v in row] for k, row in gate.items()}
-    assert all(a <= b for a, b in zip(*rates.values(), strict=True)), "the check only ever stops more volumes"
-    assert "Calibrated on 32 slices" in block and "2 clean test volumes" in block
+    for one in ("combined + slice-order", "combined + orientation"):
+        pairs = zip(rates["combined"], rates[one], rates["combined + both (the gate)"], strict=True)
+        assert all(a <= b <= c for a, b, c in pairs), "a check only ever stops more volumes"
+    assert "Calibrated on 32 slices" in block and "2 clean test volumes" in block and "orientation threshold" in block
 
 
 def test_localization_measures_every_defect(tmp_path):

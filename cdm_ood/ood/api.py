@@ -29,14 +29,14 @@ from .calibration import (
     MIN_IMAGES,
     calibrate,
     load_detector,
-    load_slice_order,
+    load_volume_checks,
     resolve_threshold,
 )
-from .detectors import Features, MapDetector, NLLDetector, NotFittedError, applicable, required_features
+from .detectors import Features, MapDetector, NotFittedError, applicable, required_features
 from .features import batched_features, concat_features, empty_features, finite_rows, select_rows
 from .inputs import Inputs, Item, chunks, is_path, iter_images
-from .report import COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_row, volume_rows
-from .slice_order import SliceOrderCheck, Slot
+from .report import COLUMNS, FLOAT_COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_row, volume_rows
+from .volume_checks import CHECKS, STATISTICS, Slot, VolumeCheck, image_statistics
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,10 +61,12 @@ class OODDetector:
     stay float32), a GPU setting. Scores move with the precision (docs/ood.md), so the default is the precision the
     calibration was made in (float32 when uncalibrated), and `fit` records the precision it ran in.
 
-    A calibration fitted on whole volumes holds a slice-order check (`cdm_ood.ood.slice_order`): a volume's row is
-    then `ood` too when the shape of its slices' bits/dim along the slice axis is unlike the calibration volumes'
-    (at the threshold's false-positive rate); `slice_order=False` turns it off (e.g. for series that cover less or
-    other anatomy than the calibration volumes).
+    A calibration fitted on whole volumes holds volume checks (`cdm_ood.ood.volume_checks`): a volume's row is then
+    `ood` too when the shape of its slices' bits/dim along the slice axis (`slice-order`) or the mean log-ratio of
+    its slices to their mirror images and transposes (`orientation`) is unlike the calibration volumes' (at the
+    threshold's false-positive rate). `volume_checks` names the checks to apply (default: all calibrated ones); leave
+    one out for series that cover less or other anatomy, or another in-plane orientation, than the calibration
+    volumes.
     """
 
     def __init__(
@@ -75,10 +77,13 @@ class OODDetector:
         batch_size: int = 64,
         image_key: str = "image",
         precision: Optional[str] = None,
-        slice_order: bool = True,
+        volume_checks: Sequence[str] = tuple(CHECKS),
     ) -> None:
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
-        self.use_slice_order = slice_order
+        unknown = sorted(set(volume_checks) - set(CHECKS))
+        if unknown:
+            raise UsageError(f"unknown volume check(s) {', '.join(unknown)}; expected some of {', '.join(CHECKS)}")
+        self.use_checks = tuple(volume_checks)
         self.precision = _precision(precision, model.calibration)
         self.num_dims = model.spec.num_dims
         self.num_classes = model.spec.model.num_classes
@@ -90,7 +95,7 @@ class OODDetector:
         self.transform = model.spec.input_transform()
         self._maps: Optional[MapDetector] = None
         self._threshold: Optional[float] = None
-        self.order: Optional[SliceOrderCheck] = None
+        self.checks: tuple[VolumeCheck, ...] = ()
         if self.id_scores is not None or threshold != "auto":
             self.set_threshold(threshold)
 
@@ -112,11 +117,11 @@ class OODDetector:
         return self._threshold
 
     def set_threshold(self, spec: str | float) -> float:
-        """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units; the slice-order check
-        (if calibrated and on) takes the same false-positive rate (the calibrated one for a number)."""
+        """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units; the volume checks (those
+        calibrated and on) take the same false-positive rate (the calibrated one for a number)."""
         self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
-        on = self.use_slice_order and self.unit == "slice"
-        self.order = load_slice_order(self.model.calibration, spec) if on else None
+        names = self.use_checks if self.unit == "slice" else ()
+        self.checks = load_volume_checks(self.model.calibration, spec, names)
         return self._threshold
 
     def __repr__(self) -> str:
@@ -143,10 +148,19 @@ class OODDetector:
         return concat_features([p for p, _, _ in parts]), [f for _, flags, _ in parts for f in flags]
 
     def _needs(self, needs: Optional[Sequence[str]]) -> tuple[str, ...]:
-        """`needs`, or this detector's features and, when the slice-order check is on, the profile it reads."""
+        """`needs`, or this detector's features and those the volume checks that are on read."""
         if needs is not None:
             return tuple(needs)
-        return tuple(dict.fromkeys((*self.detector.required(), *(("profile",) if self.order else ()))))
+        return tuple(dict.fromkeys((*self.detector.required(), *(k for check in self.checks for k in check.needs))))
+
+    def _check_features(self) -> tuple[str, ...]:
+        """The features calibration computes for the volume checks: none for a 3D model, and the transposes only
+        of square slices."""
+        if self.unit != "slice":
+            return ()
+        square = len(set(self.model.spec.size)) == 1
+        needs = dict.fromkeys(k for check in CHECKS.values() for k in check.needs)
+        return tuple(k for k in needs if square or k != "transpose")
 
     def _images(self, inputs: Inputs) -> Iterator[Item]:
         return iter_images(inputs, self.model.spec.channels, self.image_key, self.model.spec.spatial_dims)
@@ -170,12 +184,13 @@ class OODDetector:
 
     def assess(self, inputs: Inputs) -> list[dict[str, Any]]:
         """Per image: `score` (NaN when not scored), `verdict` (`in`, `ood` or `flagged`), `reason`, exactly as
-        in the `cdm-ood score` report, and `bits_per_dim` (NaN where the detector's features lack it)."""
+        in the `cdm-ood score` report, and its `volume_checks.STATISTICS` (bits/dim, orientation log-ratios; NaN where
+        the features computed lack them)."""
         features, flags = self.checked_features(inputs)
-        scores, bits = self.score_features(features), self.bits_per_dim(features)
+        scores, statistics = self.score_features(features), self.statistics(features)
         verdicts = [judge(float(s), self.threshold, f) for s, f in zip(scores, flags, strict=True)]
-        return [{"score": float(s), "verdict": v, "reason": r, "bits_per_dim": float(b)}
-                for s, b, (v, r) in zip(scores, bits, verdicts, strict=True)]  # fmt: skip
+        return [{"score": float(s), "verdict": v, "reason": r, **{c: float(statistics[c][i]) for c in STATISTICS}}
+                for i, (s, (v, r)) in enumerate(zip(scores, verdicts, strict=True))]  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -200,22 +215,23 @@ class OODDetector:
         """This detector's scores of features already computed (NaN rows stay NaN)."""
         return self.detector.score(features).numpy()
 
-    def bits_per_dim(self, features: Features) -> np.ndarray:
-        """-log p_0 in bits/dim of each image (eq. 10 at t = 0) from features holding the profile, else NaN."""
-        if "profile" not in features:
-            return np.full(len(next(iter(features.values()))), np.nan)
-        return NLLDetector(self.num_dims, self.model.spec.bit_depth).score(features).numpy()
+    def statistics(self, features: Features) -> dict[str, np.ndarray]:
+        """The `volume_checks.STATISTICS` of each image (-log p_0 in bits/dim, eq. 10 at t = 0, and the orientation
+        log-ratios) from the features that hold them, else NaN."""
+        return image_statistics(features, self.num_dims, self.model.spec.bit_depth)
 
     def score_prepared(self, x: Tensor) -> np.ndarray:
         """Scores of a model-space batch."""
         return self.score_features(self.features(x))
 
-    def scored_prepared(self, x: Tensor, maps: bool = False) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Scores, bits/dim (`bits_per_dim`) and, with `maps`, anomaly maps (`anomaly_maps_prepared`) of a
+    def scored_prepared(
+        self, x: Tensor, maps: bool = False
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], Optional[np.ndarray]]:
+        """Scores, statistics (`statistics`) and, with `maps`, anomaly maps (`anomaly_maps_prepared`) of a
         model-space batch, from one computation of the features they need (shared where they overlap)."""
         features = self.features(x, (*self._needs(None), *(MapDetector.needs if maps else ())))
         amaps = self._map_detector().anomaly_maps(features).numpy() if maps else None
-        return self.score_features(features), self.bits_per_dim(features), amaps
+        return self.score_features(features), self.statistics(features), amaps
 
     def score(self, inputs: Inputs) -> np.ndarray:
         """One score per image (N,), higher = more out-of-distribution (the pytorch-ood convention); NaN for an
@@ -291,19 +307,17 @@ class OODDetector:
             rows = [r for r in rows if r["verdict"] != UNREADABLE]
         memory = self._memory_rows([item for item in items if not is_path(item)])
         in_volumes = [r for r in memory if r["volume"] is not None]
-        rows += memory + volume_rows(in_volumes, self.threshold, per_volume, self.order)
+        rows += memory + volume_rows(in_volumes, self.threshold, per_volume, self.checks)
         frame = pd.DataFrame(rows, columns=list(COLUMNS))
-        return frame.astype({"slice": "Int64", "time_point": "Int64", "score": "float64", "threshold": "float64",
-                             "bits_per_dim": "float64"})  # fmt: skip
+        return frame.astype({"slice": "Int64", "time_point": "Int64"} | dict.fromkeys(FLOAT_COLUMNS, "float64"))
 
     def _memory_rows(self, inputs: Sequence[Inputs]) -> list[dict]:
         rows: list[dict] = []
         for features, flags, sources in self._checked_chunks(inputs, self._needs(None)):
-            scored = zip(self.score_features(features).tolist(), self.bits_per_dim(features).tolist(), flags, sources,
-                         strict=True)  # fmt: skip
-            for score, bits, flag, source in scored:
+            scores, statistics = self.score_features(features), self.statistics(features)
+            for i, (score, flag, source) in enumerate(zip(scores.tolist(), flags, sources, strict=True)):
                 where = source or SliceSource("", len(rows), "")
-                row = self.report_row(where, score, self.threshold, flag, bits)
+                row = self.report_row(where, score, self.threshold, flag, {c: v[i] for c, v in statistics.items()})
                 rows.append(row if source else row | {"path": None, "volume": None})
         return rows
 
@@ -327,7 +341,7 @@ class OODDetector:
         if precision is not None:
             self.precision = _precision(precision, None)
         names = applicable(self.num_classes)
-        needs = required_features(names, self.num_classes)
+        needs = (*required_features(names, self.num_classes), *self._check_features())
         parts: list[Features] = []
         volumes: list[Hashable] = []
         slots: list[Slot] = []

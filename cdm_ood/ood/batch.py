@@ -24,7 +24,7 @@ from ..data.volumes import read_volume, volume_groups
 from .api import OODDetector
 from .map_outputs import MapWriter
 from .report import error_row, volume_rows
-from .slice_order import SliceOrderCheck
+from .volume_checks import VolumeCheck
 
 # The model-space images of one item (None for flagged ones) with the images read (when kept, for maps), the
 # errors of its files, its files.
@@ -99,16 +99,14 @@ def score_sources(
     slice rows (`per_volume` does not apply).
     """
     rows = [row for group in iter_scored(detector, sources, errors, workers, progress) for row in group]
-    return report_rows(rows, detector.threshold, per_volume, detector.order)
+    return report_rows(rows, detector.threshold, per_volume, detector.checks)
 
 
-def report_rows(
-    rows: list[dict], threshold: float, per_volume: str, order: Optional[SliceOrderCheck] = None
-) -> list[dict]:
-    """File and slice rows in a fixed order (path, time point, slice), then one row per volume (with the
-    slice-order check `order`, if any)."""
+def report_rows(rows: list[dict], threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = ()) -> list[dict]:
+    """File and slice rows in a fixed order (path, time point, slice), then one row per volume (with the volume
+    `checks`)."""
     rows = sorted(rows, key=lambda r: (r["path"], r["time_point"] or 0, r["slice"] or 0))
-    return rows + volume_rows(rows, threshold, per_volume, order)
+    return rows + volume_rows(rows, threshold, per_volume, checks)
 
 
 def iter_scored(
@@ -135,9 +133,10 @@ def iter_scored(
     def flush() -> None:
         if pending:
             x = torch.stack([p[1] for p in pending])
-            scores, bits, amaps = detector.scored_prepared(x, maps is not None)
-            for (index, *_), score, bpd in zip(pending, scores.tolist(), bits.tolist(), strict=True):
-                rows[index] = detector.report_row(rows[index]["source"], score, threshold, (), bpd)
+            scores, statistics, amaps = detector.scored_prepared(x, maps is not None)
+            for i, (index, *_) in enumerate(pending):
+                stats = {c: float(v[i]) for c, v in statistics.items()}
+                rows[index] = detector.report_row(rows[index]["source"], float(scores[i]), threshold, (), stats)
             if maps is not None and amaps is not None:
                 for (_, _, image, files), amap in zip(pending, amaps, strict=True):
                     if volumes:

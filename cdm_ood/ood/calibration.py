@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Optional
 
 import numpy as np
@@ -19,10 +19,10 @@ from torch import Tensor
 
 from ..data.medical import split_volumes
 from ..errors import UsageError
-from ..spec import Calibration, DetectorFit, SliceOrderFit
-from .detectors import DETECTORS, Detector, Features, NLLDetector, NotFittedError, applicable
+from ..spec import Calibration, DetectorFit, VolumeCheckFit
+from .detectors import DETECTORS, Detector, Features, NotFittedError, applicable
 from .features import select_rows
-from .slice_order import MIN_SLICES, SliceOrderCheck, Slot, fit_template, order_statistic, ordered_sequences
+from .volume_checks import CHECKS, MIN_SLICES, Slot, VolumeCheck, image_statistics, ordered_sequences
 
 DEFAULT_FPR = 0.05
 DEFAULT_DETECTOR = "combined"  # chosen on development OOD sets, measured on held-out ones (docs/ood.md)
@@ -60,7 +60,7 @@ def calibrate(
     its own) keeps each group on one side (`held_out_split`). Warns when the held-out half is too small for `fpr`.
     `detectors` defaults to every detector the model allows (`detectors.applicable`); `precision` records the network
     precision the features were computed in. `slots` (one per image: its slice sequence and slice index, or None)
-    fits the slice-order check on the same split (`fit_slice_order`).
+    fits the volume checks on the same split (`fit_volume_checks`).
     """
     threshold_at_fpr(np.zeros(1), fpr)
     detectors = applicable(num_classes) if detectors is None else detectors
@@ -78,30 +78,36 @@ def calibrate(
     for name in detectors:
         detector = DETECTORS[name](num_dims, bit_depth, num_classes).fit(fit_part)
         fits[name] = DetectorFit(detector.state(), tuple(detector.score(held_out).tolist()))
-    order = None
+    checks = {}
     if slots is not None:
-        bits = NLLDetector(num_dims, bit_depth).score(features).tolist()
-        order = fit_slice_order(bits, slots, held.tolist(), fpr)
-    return Calibration(fpr, default, n - int(held.sum()), fits, precision, order)
+        checks = fit_volume_checks(image_statistics(features, num_dims, bit_depth), slots, held.tolist(), fpr)
+    return Calibration(fpr, default, n - int(held.sum()), fits, precision, checks)
 
 
-def fit_slice_order(
-    bits: Sequence[float], slots: Sequence[Slot], held: Sequence[bool], fpr: float
-) -> Optional[SliceOrderFit]:
-    """The slice-order check (`slice_order`) from the per-slice -log p_0 `bits` of in-distribution images: the
-    template from the sequences of the fitted side, the statistics of the held-out side; None (logged) when either
-    side has fewer than two sequences of `slice_order.MIN_SLICES` slices."""
-    sides = [ordered_sequences([b for b, h in zip(bits, held, strict=True) if h == side],
-                               [s for s, h in zip(slots, held, strict=True) if h == side])
-             for side in (False, True)]  # fmt: skip
-    if min(len(side) for side in sides) < 2:
-        log.info("no slice-order check: it needs at least 2 volumes of %d or more slices on each side of the "
-                 "calibration split, found %d and %d", MIN_SLICES, *map(len, sides))  # fmt: skip
-        return None
-    template = fit_template(list(sides[0].values()))
-    warn_if_too_few(len(sides[1]), fpr, "volumes for the slice-order check")
-    stats = tuple(order_statistic(s, template) for s in sides[1].values())
-    return SliceOrderFit(tuple(template.tolist()), stats)
+def fit_volume_checks(
+    statistics: Mapping[str, np.ndarray], slots: Sequence[Slot], held: Sequence[bool], fpr: float
+) -> dict[str, VolumeCheckFit]:
+    """Every volume check (`volume_checks`) whose per-image statistics hold finite values, cross-fitted on the
+    calibration split: fitted on the sequences of one side, it scores those of the other, both ways round, so every
+    calibration volume gets an out-of-sample statistic (a volume check has a few volumes, not thousands of slices,
+    to set its threshold from); the check kept is fitted on all of them. A check is left out (logged) when either
+    side has fewer than two sequences of `volume_checks.MIN_SLICES` scored slices."""
+    fits = {}
+    for name, check in CHECKS.items():
+        values = np.stack([np.asarray(statistics[c], dtype=np.float64) for c in check.columns], axis=1)
+        on = [np.asarray(held) == side for side in (False, True)]
+        sides = [list(ordered_sequences(values[m], [s for s, k in zip(slots, m, strict=True) if k]).values())
+                 for m in on]  # fmt: skip
+        if min(len(side) for side in sides) < 2:
+            log.info("no %s check: it needs at least 2 volumes of %d or more scored slices on each side of the "
+                     "calibration split, found %d and %d", name, MIN_SLICES, *map(len, sides))  # fmt: skip
+            continue
+        warn_if_too_few(sum(map(len, sides)), fpr, f"volumes for the {name} check", share=1)
+        scores = [check(**_arrays(check.fit(fitted)), threshold=math.inf).statistic(s)
+                  for fitted, scored in (sides, sides[::-1]) for s in scored]  # fmt: skip
+        params = check.fit(sides[0] + sides[1])
+        fits[name] = VolumeCheckFit({k: tuple(v) for k, v in params.items()}, tuple(scores))
+    return fits
 
 
 def held_out_split(groups: Sequence[Hashable]) -> Tensor:
@@ -121,15 +127,15 @@ def held_out_split(groups: Sequence[Hashable]) -> Tensor:
     return torch.arange(len(groups)) % 2 == 1
 
 
-def warn_if_too_few(n_held_out: int, fpr: float, what: str = "images") -> None:
-    """Log a warning when fewer than 1/fpr images (or `what`) are held out: the threshold at `fpr` is then just the
-    largest held-out score (k = floor(fpr n) = 0), which says nothing about that false-positive rate."""
+def warn_if_too_few(n_held_out: int, fpr: float, what: str = "images", share: int = 2) -> None:
+    """Log a warning when fewer than 1/fpr images (or `what`) are held out (scored out of sample): the threshold at
+    `fpr` is then just the largest held-out score (k = floor(fpr n) = 0), which says nothing about that false-positive
+    rate. Calibration holds out one in `share` of them (2: half the volumes; 1: all, by cross-fitting)."""
     needed = math.ceil(1 / fpr - 1e-9)
     if n_held_out < needed:
         log.warning("only %d held-out in-distribution %s for a false-positive rate of %g: a threshold at that "
-                    "rate needs at least %d held out (about %d for calibration: half of the volumes are held "
-                    "out); this one is just the largest held-out score",
-                    n_held_out, what, fpr, needed, 2 * needed)  # fmt: skip
+                    "rate needs at least %d held out (calibrate on about %d); this one is just the largest held-out "
+                    "score", n_held_out, what, fpr, needed, share * needed)  # fmt: skip
 
 
 def resolve_threshold(spec: str | float, id_scores: np.ndarray | None, fpr: float | None) -> float:
@@ -157,16 +163,22 @@ def _fraction(text: str) -> float:
         raise UsageError(f"'fpr:{text}': expected a false-positive rate such as fpr:0.05") from None
 
 
-def load_slice_order(calibration: Optional[Calibration], spec: str | float = "auto") -> Optional[SliceOrderCheck]:
-    """The calibrated slice-order check with its threshold at the false-positive rate of the threshold `spec` (that
-    of `fpr:<x>`; the calibrated rate for `auto` or a number), or None when the calibration has none."""
-    if calibration is None or calibration.slice_order is None:
-        return None
-    fit = calibration.slice_order
+def load_volume_checks(
+    calibration: Optional[Calibration], spec: str | float, names: Sequence[str]
+) -> tuple[VolumeCheck, ...]:
+    """The calibrated volume checks among `names`, each with its threshold at the false-positive rate of the threshold
+    `spec` (that of `fpr:<x>`; the calibrated rate for `auto` or a number)."""
+    if calibration is None:
+        return ()
     text = str(spec).strip()
     fpr = _fraction(text[4:]) if text.startswith("fpr:") else calibration.fpr
-    threshold = threshold_at_fpr(np.asarray(fit.id_scores), fpr)
-    return SliceOrderCheck(np.asarray(fit.template), threshold)
+    fits = calibration.volume_checks
+    return tuple(CHECKS[name](**_arrays(fits[name].params), threshold=threshold_at_fpr(np.asarray(fit.id_scores), fpr))
+                 for name, fit in ((n, fits[n]) for n in names if n in fits))  # fmt: skip
+
+
+def _arrays(params: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
 
 
 def load_detector(

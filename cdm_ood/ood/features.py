@@ -9,6 +9,8 @@ uses, with its cost per image in forward-pass equivalents (a backward pass costs
   pass); Bayes' rule turns it into the generative classifier p(y | x) (`class_posterior`).
 - `flip_log_likelihoods`: log p_0(flip x) for each spatial axis, 1 per axis: with log p_0(x), how much more likely
   the scan is as given than mirrored (a scan stored upside down is more likely the right way up).
+- `transpose_log_likelihoods`: log p_0 of the image with its last two axes swapped, 1: with log p_0(x), how much
+  more likely the scan is as given than transposed (with a flip, rotated by 90 degrees).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 NOISE_SEED = 0  # of the noise draw shared by every image, so a pixel's error is comparable across images
 DENOISE_FRACTIONS = (0.05, 0.1)  # noise levels t / T of the denoising errors (chosen on development sets, docs/ood.md)
-FEATURES = ("profile", "errors", "flips", "class_ll")
+FEATURES = ("profile", "errors", "flips", "transpose", "class_ll")
 
 
 def level_indices(schedule: NoiseSchedule, fractions: Sequence[float]) -> list[int]:
@@ -92,12 +94,20 @@ def flip_log_likelihoods(classifier: Classifier, x: Tensor, schedule: NoiseSched
     return ll.reshape(len(axes), x.shape[0]).T
 
 
+def transpose_log_likelihoods(classifier: Classifier, x: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """log p_0 (B, 1) in nats of each image with its last two axes swapped (eq. 10 at t = 0), one forward pass; only
+    for images whose last two axes have the same size (a transposed image must fit the model)."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"cannot transpose images of shape {tuple(x.shape[1:])}: their last two axes differ")
+    return log_likelihood_profile(classifier, x.transpose(-1, -2), schedule)[:, :1]
+
+
 def compute_features(
     classifier: Classifier, x: Tensor, schedule: NoiseSchedule, needs: Iterable[str], num_classes: Optional[int] = None
 ) -> dict[str, Tensor]:
     """The features named in `needs` (of `FEATURES`) of a model-space batch, on the device of `x`: `profile` (B, T+2),
     `errors` (B, K, C, *spatial) at the `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the mirrored images,
-    `class_ll` (B, num_classes)."""
+    `transpose` (B, 1) of the transposed ones, `class_ll` (B, num_classes)."""
     out: dict[str, Tensor] = {}
     for name in dict.fromkeys(needs):
         if name == "profile":
@@ -106,6 +116,8 @@ def compute_features(
             out[name] = denoising_errors(classifier, x, schedule, level_indices(schedule, DENOISE_FRACTIONS))
         elif name == "flips":
             out[name] = flip_log_likelihoods(classifier, x, schedule)
+        elif name == "transpose":
+            out[name] = transpose_log_likelihoods(classifier, x, schedule)
         elif name == "class_ll" and num_classes:
             out[name] = class_log_likelihoods(classifier, x, schedule, num_classes)
         else:
@@ -115,8 +127,8 @@ def compute_features(
 
 def feature_cost(name: str, spatial_dims: int, num_classes: Optional[int] = None) -> float:
     """Forward-pass equivalents per image (a backward pass counts as two forward passes): profile 1, denoising
-    errors 3 per level, flips 1 per spatial axis, class likelihoods 1 per label."""
-    costs = {"profile": 1.0, "errors": 3.0 * len(DENOISE_FRACTIONS), "flips": float(spatial_dims),
+    errors 3 per level, flips 1 per spatial axis, transpose 1, class likelihoods 1 per label."""
+    costs = {"profile": 1.0, "errors": 3.0 * len(DENOISE_FRACTIONS), "flips": float(spatial_dims), "transpose": 1.0,
              "class_ll": float(num_classes or 0)}  # fmt: skip
     return costs[name]
 
@@ -124,7 +136,7 @@ def feature_cost(name: str, spatial_dims: int, num_classes: Optional[int] = None
 def empty_features(needs: Sequence[str], n: int, spec: ModelSpec, schedule: NoiseSchedule) -> dict[str, Tensor]:
     """NaN features of `n` images of the model `spec` (the rows of images that are not scored)."""
     shapes = {"profile": (schedule.num_classes,), "errors": (len(DENOISE_FRACTIONS), spec.channels, *spec.size),
-              "flips": (len(spec.size),), "class_ll": (spec.model.num_classes or 0,)}  # fmt: skip
+              "flips": (len(spec.size),), "transpose": (1,), "class_ll": (spec.model.num_classes or 0,)}  # fmt: skip
     return {k: torch.full((n, *shapes[k]), float("nan"), dtype=torch.float64) for k in needs}
 
 

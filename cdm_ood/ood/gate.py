@@ -114,10 +114,10 @@ def run_gate(
         ddp.barrier()
         if not ddp.main:
             return None
-        rows = merge(files.parts, detector.threshold, per_volume, detector.order)
-        order = None if detector.order is None else detector.order.threshold
+        rows = merge(files.parts, detector.threshold, per_volume, detector.checks)
+        checks = {check.name: check.threshold for check in detector.checks}
         meta = {**(info or {}), "detector": detector.name, "threshold": detector.threshold, "per_volume": per_volume,
-                "slice_order_threshold": order, "processes": ddp.world, "max_voxels": max_voxels}  # fmt: skip
+                "volume_check_thresholds": checks, "processes": ddp.world, "max_voxels": max_voxels}  # fmt: skip
         write_report(files.report, rows, meta)
         clear(files.parts)
         scored = [r for r in rows if r["level"] == detector.unit and r["score"] is not None]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,10 +21,11 @@ from ..data.records import SliceSource
 from ..data.volumes import volume_path
 from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
-from .slice_order import SliceOrderCheck, ordered_sequences
+from .volume_checks import STATISTICS, VolumeCheck, failed_checks
 
 COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid", "score", "threshold", "verdict",
-           "reason", "bits_per_dim")  # fmt: skip
+           "reason", *STATISTICS)  # fmt: skip
+FLOAT_COLUMNS = ("score", "threshold", *STATISTICS)
 IN, OOD, UNREADABLE, FLAGGED = "in", "ood", "unreadable", "flagged"
 FAILING = (OOD, UNREADABLE, FLAGGED)
 AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
@@ -47,26 +48,28 @@ def judge(score: Optional[float], threshold: float, flags: Sequence[str] = ()) -
 
 def slice_row(
     source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = (),
-    bits_per_dim: Optional[float] = None,
+    statistics: Optional[Mapping[str, float]] = None,
 ) -> dict:  # fmt: skip
-    """A scored slice (`in`/`ood`), or a `flagged` one (see `judge`; its score and bits/dim are left empty).
-    `bits_per_dim` is -log p_0 of the slice (eq. 10 at t = 0) where the detector's features hold it."""
+    """A scored slice (`in`/`ood`), or a `flagged` one (see `judge`; its score and statistics are left empty).
+    `statistics` are the slice's `volume_checks.STATISTICS` where the detector's features hold them (bits/dim,
+    orientation log-ratios); missing or non-finite ones are left empty."""
     verdict, reason = judge(score, threshold, flags)
-    score = None if verdict == FLAGGED else score
-    bits = None if verdict == FLAGGED or bits_per_dim is None or not math.isfinite(bits_per_dim) else bits_per_dim
+    score, statistics = None if verdict == FLAGGED else score, statistics or {}
+    kept = {c: None if verdict == FLAGGED or statistics.get(c) is None or not math.isfinite(statistics[c])
+            else float(statistics[c]) for c in STATISTICS}  # fmt: skip
     return {
         "level": "slice", "path": source.path, "slice": source.index, "time_point": source.time_point,
         "volume": source.volume_id, "sop_instance_uid": source.sop_instance_uid, "score": score,
-        "threshold": threshold, "verdict": verdict, "reason": reason, "bits_per_dim": bits,
+        "threshold": threshold, "verdict": verdict, "reason": reason, **kept,
     }  # fmt: skip
 
 
 def volume_row(
     source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = (),
-    bits_per_dim: Optional[float] = None,
+    statistics: Optional[Mapping[str, float]] = None,
 ) -> dict:  # fmt: skip
     """A whole volume scored by a 3D model (`in`/`ood`), or `flagged` (see `judge`; its score is left empty)."""
-    row = slice_row(source, score, threshold, flags, bits_per_dim)
+    row = slice_row(source, score, threshold, flags, statistics)
     return row | {"level": "volume", "slice": None, "sop_instance_uid": None}
 
 
@@ -85,14 +88,14 @@ def aggregate(how: str) -> Callable[[np.ndarray], float]:
 
 
 def volume_rows(
-    rows: Sequence[dict], threshold: float, how: str = "mean", order: Optional[SliceOrderCheck] = None
+    rows: Sequence[dict], threshold: float, how: str = "mean", checks: Sequence[VolumeCheck] = ()
 ) -> list[dict]:
     """One summary row per volume/series: the `how` aggregate (max, mean, q95) of its slice scores against the
     threshold; `flagged` when any of its slices could not be scored (a volume with unscored slices never
-    passes), with the aggregate of the others as its score. With the calibrated slice-order check `order`, a
-    volume whose slices' bits/dim along the slice axis (per time point) have a shape unlike the calibration
-    volumes' is `ood` too (`slice_order`; volumes of fewer than `slice_order.MIN_SLICES` slices are not checked).
-    A volume's bits/dim is the mean of its slices'."""
+    passes), with the aggregate of the others as its score. A volume that fails one of the calibrated volume
+    `checks` (`volume_checks`: slice order, orientation; per time point; volumes of fewer than
+    `volume_checks.MIN_SLICES` slices are not checked) is `ood` too, with the check in its reason. A volume's
+    statistics (bits/dim, log-ratios) are the means of its slices'."""
     combine = aggregate(how)
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -110,32 +113,16 @@ def volume_rows(
         score = combine(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
         reason = f"{how} of {len(scores)} slice scores; {n_ood} slices above threshold"
-        misordered = [] if order is None else _misordered(members, order)
-        if misordered:
-            reason += "; slice order unlike the calibration volumes: " + ", ".join(misordered)
+        failed = failed_checks(members, checks)
+        reason = "; ".join([reason, *failed])
         if flagged:
             verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged (not scored); {reason}"
         else:
-            verdict = OOD if score > threshold or misordered else IN
-        bits = [r["bits_per_dim"] for r in members if r.get("bits_per_dim") is not None]
-        out.append(row | {"score": score, "verdict": verdict, "reason": reason,
-                          "bits_per_dim": float(np.mean(bits)) if bits else None})  # fmt: skip
+            verdict = OOD if score > threshold or failed else IN
+        found = {c: [r[c] for r in members if r.get(c) is not None] for c in STATISTICS}
+        out.append(row | {"score": score, "verdict": verdict, "reason": reason} |
+                   {c: float(np.mean(v)) if v else None for c, v in found.items()})  # fmt: skip
     return out
-
-
-def order_statistics(members: Sequence[dict], order: SliceOrderCheck) -> dict[int, float]:
-    """The slice-order statistic of each sequence (time point) of a volume's slice rows, from their bits/dim in slice
-    order; sequences too short to check (`slice_order.MIN_SLICES`) are left out."""
-    slots = [(r["time_point"] or 0, r["slice"]) if r["slice"] is not None else None for r in members]
-    found = ordered_sequences([r.get("bits_per_dim") for r in members], slots)
-    return {t: order.statistic(seq) for t, seq in sorted(found.items())}
-
-
-def _misordered(members: Sequence[dict], order: SliceOrderCheck) -> list[str]:
-    """The slice-order statistics of a volume's sequences (one per time point) above the check's threshold."""
-    stats = order_statistics(members, order)
-    return [f"statistic {s:.3g} > {order.threshold:.3g}" + (f" (time point {t})" if len(stats) > 1 else "")
-            for t, s in stats.items() if s > order.threshold]  # fmt: skip
 
 
 def summary(rows: Sequence[dict]) -> dict[str, Any]:

@@ -26,13 +26,12 @@ from ..progress import ProgressFactory
 from .api import OODDetector
 from .batch import iter_scored, report_rows
 from .map_outputs import MapWriter
-from .report import COLUMNS
-from .slice_order import SliceOrderCheck
+from .report import COLUMNS, FLOAT_COLUMNS
+from .volume_checks import VolumeCheck
 
 PART_COLUMNS = (*COLUMNS, "file_key")
 _INTS = ("slice", "time_point")
-_FLOATS = ("score", "threshold", "bits_per_dim")
-_OPTIONAL = (*_INTS, *_FLOATS, "volume", "sop_instance_uid")
+_OPTIONAL = (*_INTS, *FLOAT_COLUMNS, "volume", "sop_instance_uid")
 
 
 def file_key(path: str | Path) -> str:
@@ -106,7 +105,7 @@ def _typed(row: dict[str, str]) -> dict:
     out: dict = {k: None if k in _OPTIONAL and v == "" else v for k, v in row.items()}
     for k in _INTS:
         out[k] = int(out[k]) if out[k] is not None else None
-    for k in _FLOATS:
+    for k in FLOAT_COLUMNS:
         out[k] = float(out[k]) if out[k] is not None else None
     return out
 
@@ -120,7 +119,7 @@ def read_parts(parts: Path) -> list[dict]:
     return rows
 
 
-def merge(parts: Path, threshold: float, per_volume: str, order: Optional[SliceOrderCheck] = None) -> list[dict]:
+def merge(parts: Path, threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = ()) -> list[dict]:
     """The full report from the partial ones: each file once (the newest rows of a file scored twice win),
     in the single-process order, then one row per volume."""
     newest: dict[str, list[dict]] = {}
@@ -131,7 +130,7 @@ def merge(parts: Path, threshold: float, per_volume: str, order: Optional[SliceO
         newest[r["path"]].append(r)
     rows = [{k: r[k] for k in COLUMNS} for group in newest.values() for r in group]
     unique = {(r["level"], r["path"], r["slice"], r["time_point"], r["volume"]): r for r in rows}
-    return report_rows(list(unique.values()), threshold, per_volume, order)
+    return report_rows(list(unique.values()), threshold, per_volume, checks)
 
 
 def clear(parts: Path) -> None:

@@ -5,24 +5,19 @@ superior-inferior flip or interleaved slices give the same slices in another ord
 A sequence is resampled to `BINS` positions over its length, centred and scaled to unit norm (so neither the
 slice count nor the overall likelihood level matters); the template is the normalised mean of the in-distribution
 shapes, and a volume's statistic is 1 minus the correlation of its shape with the template (0: the same shape,
-2: reversed). Volumes with fewer than `MIN_SLICES` scored slices are not checked. The template assumes that the
-volumes cover the same anatomy as the calibration volumes (docs/ood.md).
+2: reversed). One of the gate's volume checks (`volume_checks`). The template assumes that the volumes cover the same
+anatomy as the calibration volumes (docs/ood.md).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar
 
 import numpy as np
 
 BINS = 16
-MIN_SLICES = 8
-
-Slot = Optional[tuple[Hashable, int]]
-"""Where an image sits: (the sequence it belongs to, e.g. a volume and time point; its slice index), or None."""
 
 
 def shape(sequence: np.ndarray, bins: int = BINS) -> np.ndarray:
@@ -44,22 +39,24 @@ def order_statistic(sequence: np.ndarray, template: np.ndarray) -> float:
     return 1.0 - float(shape(sequence, len(template)) @ template)
 
 
-def ordered_sequences(values: Sequence[float], slots: Sequence[Slot]) -> dict[Hashable, np.ndarray]:
-    """Per sequence, the finite `values` of its images in slice order; images without a slot are left out, and so
-    are sequences with fewer than `MIN_SLICES` finite values."""
-    found: dict[Hashable, list[tuple[int, float]]] = defaultdict(list)
-    for value, slot in zip(values, slots, strict=True):
-        if slot is not None and value is not None and np.isfinite(value):
-            found[slot[0]].append((slot[1], float(value)))
-    return {k: np.array([v for _, v in sorted(pairs)]) for k, pairs in found.items() if len(pairs) >= MIN_SLICES}
-
-
 @dataclass(frozen=True)
 class SliceOrderCheck:
-    """The calibrated check: a template and the statistic's threshold at the calibrated false-positive rate."""
+    """The calibrated check: a template and the statistic's threshold at the calibrated false-positive rate. It reads
+    each slice's bits/dim."""
+
+    name: ClassVar[str] = "slice-order"
+    columns: ClassVar[tuple[str, ...]] = ("bits_per_dim",)
+    needs: ClassVar[tuple[str, ...]] = ("profile",)  # the features (`features.FEATURES`) its columns come from
+    unlike: ClassVar[str] = "slice order unlike the calibration volumes"
 
     template: np.ndarray
     threshold: float
 
+    @staticmethod
+    def fit(sequences: Sequence[np.ndarray]) -> dict[str, list[float]]:
+        """The template of in-distribution sequences (n slices, 1)."""
+        return {"template": fit_template([s[:, 0] for s in sequences]).tolist()}
+
     def statistic(self, sequence: np.ndarray) -> float:
-        return order_statistic(sequence, self.template)
+        """`order_statistic` of a sequence (n slices, 1)."""
+        return order_statistic(sequence[:, 0], self.template)

@@ -13,6 +13,7 @@ from ..data.orientation import is_loaded_image, reader_slices
 from ..errors import UsageError
 from .api import OODDetector
 from .report import FLAGGED, IN, aggregate, volume_rows
+from .volume_checks import STATISTICS
 
 
 class ScoreOODd(MapTransform):
@@ -63,6 +64,6 @@ class ScoreOODd(MapTransform):
         d[f"{key}_ood_slice_verdicts"] = [r["verdict"] for r in results]
         rows = [{"level": "slice", "volume": str(key), "path": str(key), "slice": k, "time_point": None,
                  "verdict": r["verdict"], "score": None if r["verdict"] == FLAGGED else r["score"],
-                 "bits_per_dim": r["bits_per_dim"]} for k, r in enumerate(results)]  # fmt: skip
-        (volume,) = volume_rows(rows, self.detector.threshold, self.per_volume, self.detector.order)
+                 **{c: r[c] for c in STATISTICS}} for k, r in enumerate(results)]  # fmt: skip
+        (volume,) = volume_rows(rows, self.detector.threshold, self.per_volume, self.detector.checks)
         return {**volume, "score": float("nan") if volume["score"] is None else volume["score"]}

@@ -1,0 +1,83 @@
+"""The gate's volume checks: statistics of a whole volume's slices that no slice score sees, each fitted on
+in-distribution volumes by calibration and thresholded at the calibrated false-positive rate (docs/ood.md).
+
+- `slice-order` (`slice_order`): the shape of the slices' bits/dim along the slice axis (superior-inferior flips,
+  interleaved slices).
+- `orientation` (`orientation_check`): the mean log-ratio of the slices to their mirror images and transposes (in-plane
+  flips, rotations, swapped axes).
+
+A check reads per-slice statistics (`STATISTICS`, columns of the report, computed by `image_statistics` from the
+features) of each sequence, a volume's time point, in slice order; sequences with fewer than `MIN_SLICES` scored
+slices are not checked. A slice model's calibration fits every check its data allow
+(`calibration.fit_volume_checks`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Optional, Union
+
+import numpy as np
+from torch import Tensor
+
+from ..likelihood import bits_per_dim
+from .orientation_check import RATIO_COLUMNS, OrientationCheck, log_ratios
+from .slice_order import SliceOrderCheck
+
+MIN_SLICES = 8
+STATISTICS = ("bits_per_dim", *RATIO_COLUMNS)
+"""Per-slice statistics in the report's rows: -log p_0 in bits/dim (eq. 10 at t = 0) and the orientation log-ratios."""
+
+VolumeCheck = Union[SliceOrderCheck, OrientationCheck]
+CHECKS: dict[str, type[VolumeCheck]] = {c.name: c for c in (SliceOrderCheck, OrientationCheck)}
+
+Slot = Optional[tuple[Hashable, int]]
+"""Where an image sits: (the sequence it belongs to, e.g. a volume and time point; its slice index), or None."""
+
+
+def image_statistics(features: Mapping[str, Tensor], num_dims: int, bit_depth: int) -> dict[str, np.ndarray]:
+    """`STATISTICS` of each image (N,): bits/dim where the features hold the profile, the log-ratios
+    (`orientation_check.log_ratios`) where they also hold the flips of 2D images and their transposes; NaN otherwise."""
+    n = len(next(iter(features.values())))
+    out = {column: np.full(n, np.nan) for column in STATISTICS}
+    if "profile" in features:
+        log_p0 = features["profile"][:, 0].double()
+        out["bits_per_dim"] = bits_per_dim(log_p0, num_dims, bit_depth).numpy()
+        if "transpose" in features and features["flips"].shape[1] == 2:
+            ratios = log_ratios(log_p0, features["flips"], features["transpose"], num_dims)
+            out.update(zip(RATIO_COLUMNS, ratios.T.numpy(), strict=True))
+    return out
+
+
+def ordered_sequences(values: np.ndarray, slots: Sequence[Slot]) -> dict[Hashable, np.ndarray]:
+    """Per sequence, the rows of `values` (N, k) of its images in slice order, (n, k); images without a slot or with a
+    non-finite value are left out, and so are sequences with fewer than `MIN_SLICES` images left."""
+    found: dict[Hashable, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for value, slot in zip(np.asarray(values, dtype=np.float64), slots, strict=True):
+        if slot is not None and np.isfinite(value).all():
+            found[slot[0]].append((slot[1], value))
+    return {k: np.stack([v for _, v in sorted(pairs, key=lambda p: p[0])]) for k, pairs in found.items()
+            if len(pairs) >= MIN_SLICES}  # fmt: skip
+
+
+def check_statistics(members: Sequence[dict], check: VolumeCheck) -> dict[int, float]:
+    """The check's statistic of each sequence (time point) of a volume's slice rows; sequences too short to check
+    (`MIN_SLICES`) are left out."""
+    slots = [((r["time_point"] or 0), r["slice"]) for r in members]
+    values = [[np.nan if r.get(c) is None else r[c] for c in check.columns] for r in members]
+    found = ordered_sequences(np.asarray(values, dtype=np.float64).reshape(len(members), -1), slots)
+    return {t: check.statistic(seq) for t, seq in sorted(found.items())}
+
+
+def failed_checks(members: Sequence[dict], checks: Sequence[VolumeCheck]) -> list[str]:
+    """The reasons a volume's slice rows fail `checks`: each check's statistics (one per time point) above its
+    threshold."""
+    reasons = []
+    for check in checks:
+        stats = check_statistics(members, check)
+        over = [f"statistic {s:.3g} > {check.threshold:.3g}" + (f" (time point {t})" if len(stats) > 1 else "")
+                for t, s in stats.items() if s > check.threshold]  # fmt: skip
+        if over:
+            reasons.append(f"{check.unlike}: " + ", ".join(over))
+    return reasons
