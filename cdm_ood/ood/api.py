@@ -278,7 +278,8 @@ class OODDetector:
 
     def score_frame(self, inputs: Inputs, on_error: str = "row", per_volume: str = "mean") -> pd.DataFrame:
         """The `cdm-ood score` report as a pandas DataFrame (`report.COLUMNS`: level, path, slice, time_point,
-        volume, sop_instance_uid, score, threshold, verdict, reason), built by the gate's own code.
+        volume, sop_instance_uid, score, threshold, verdict, reason and the statistics `volume_checks.STATISTICS`),
+        built by the gate's own code, volume checks included.
 
         Paths (files or folders) give the report's rows: one per slice, one per volume (the `per_volume`
         aggregate) and, with `on_error="row"`, one `unreadable` row per file that cannot be read, with its reason;

@@ -119,7 +119,7 @@ def volume_rows(
             verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged (not scored); {reason}"
         else:
             verdict = OOD if score > threshold or failed else IN
-        found = {c: [r[c] for r in members if r.get(c) is not None] for c in STATISTICS}
+        found = {c: [r[c] for r in members if r.get(c) is not None and math.isfinite(r[c])] for c in STATISTICS}
         out.append(row | {"score": score, "verdict": verdict, "reason": reason} |
                    {c: float(np.mean(v)) if v else None for c, v in found.items()})  # fmt: skip
     return out

@@ -44,7 +44,7 @@ def image_statistics(features: Mapping[str, Tensor], num_dims: int, bit_depth: i
     if "profile" in features:
         log_p0 = features["profile"][:, 0].double()
         out["bits_per_dim"] = bits_per_dim(log_p0, num_dims, bit_depth).numpy()
-        if "transpose" in features and features["flips"].shape[1] == 2:
+        if "flips" in features and "transpose" in features and features["flips"].shape[1] == 2:
             ratios = log_ratios(log_p0, features["flips"], features["transpose"], num_dims)
             out.update(zip(RATIO_COLUMNS, ratios.T.numpy(), strict=True))
     return out
