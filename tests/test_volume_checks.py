@@ -17,6 +17,7 @@ from cdm_ood import NoiseSchedule, bits_per_dim
 from cdm_ood.data.anatomy import brain_affine, brain_volume
 from cdm_ood.data.geometry import misorient
 from cdm_ood.data.phantoms import write_nifti
+from cdm_ood.errors import UsageError
 from cdm_ood.ood import OODDetector, ScoreOODd
 from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks
 from cdm_ood.ood.features import compute_features
@@ -179,3 +180,5 @@ def test_score_stops_interleaved_and_transposed_series_by_the_volume_checks(chec
         assert volumes.verdict.tolist() == [verdicts[2 * int(not check)][Path(p).name][0] for p in volumes.path]
         chain = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScoreOODd("image", detector)])
         assert chain({"image": str(scans / "interleaved.nii.gz")})["image_ood_verdict"] == ("ood" if check else "in")
+    with pytest.raises(UsageError, match=r"unknown volume check.*orientaton"):
+        OODDetector.from_checkpoint(model, volume_checks=("orientaton",))
