@@ -93,11 +93,11 @@ def fit_volume_checks(
     to set its threshold from); the check kept is fitted on all of them. A check is left out (logged) when either
     side has fewer than two sequences of `volume_checks.MIN_SLICES` scored slices."""
     fits = {}
+    on = [np.asarray(held) == side for side in (False, True)]
+    placed = [[s for s, k in zip(slots, m, strict=True) if k] for m in on]
     for name, check in CHECKS.items():
         values = np.stack([np.asarray(statistics[c], dtype=np.float64) for c in check.columns], axis=1)
-        on = [np.asarray(held) == side for side in (False, True)]
-        sides = [list(ordered_sequences(values[m], [s for s, k in zip(slots, m, strict=True) if k]).values())
-                 for m in on]  # fmt: skip
+        sides = [list(ordered_sequences(values[m], side).values()) for m, side in zip(on, placed, strict=True)]
         if min(len(side) for side in sides) < 2:
             log.info("no %s check: it needs at least 2 volumes of %d or more scored slices on each side of the "
                      "calibration split, found %d and %d", name, MIN_SLICES, *map(len, sides))  # fmt: skip

@@ -28,7 +28,7 @@ RATIO_COLUMNS = ("vflip_log_ratio", "hflip_log_ratio", "transpose_log_ratio")
 def log_ratios(log_p0: Tensor, flips: Tensor, transposed: Tensor, num_dims: int) -> Tensor:
     """(log p_0(x) - log p_0(T x)) / (d ln 2) (B, 3) for T in vertical flip, horizontal flip, transpose, from log p_0
     of the slices (B,), of their mirror images `flips` (B, 2: rows, columns reversed) and of the transposed slices
-    `transposed` (B, 1; NaN where the slice is not square)."""
+    `transposed` (B, 1; `features.transpose_log_likelihoods`)."""
     others = torch.cat([flips, transposed], dim=1).double().cpu()
     return (log_p0.double().cpu()[:, None] - others) / (num_dims * math.log(2))
 
