@@ -8,7 +8,7 @@ from monai.networks.layers import GaussianFilter
 from test_ranking import F64, MU, SCHEDULE, SHAPE, D, S
 from test_ranking import GAUSSIAN as PRIOR
 
-from cdm_ood.posterior import adjoint, conjugate_gradient, posterior_mean, posterior_samples
+from cdm_ood.posterior import adjoint, conjugate_gradient, posterior_mean, posterior_samples, step_along
 
 
 def blur(x: torch.Tensor) -> torch.Tensor:
@@ -68,3 +68,34 @@ def test_posterior_samples_have_the_exact_posterior_mean_and_variance(operator):
     assert ((mean - MU).abs() / standard_error).max() > 10, "the test can tell the posterior from the prior"
     variance = samples.var(0).mean().item()
     assert math.isclose(variance, cov.diagonal().mean().item(), rel_tol=0.2), (variance, cov.diagonal().mean())
+
+
+def _line_case(exact: bool):
+    """A non-isotropic Gaussian C, A a blur, r a residual; w solves with the full M (`exact`) or with C isotropic."""
+    g = torch.Generator().manual_seed(3)
+    a, sigma = matrix(blur), 0.1
+    c = torch.diag(0.05 + torch.rand(D, generator=g, **F64))
+    r = torch.randn(D, generator=g, **F64)
+    inner = c if exact else c.diagonal().mean() * torch.eye(D, **F64)
+    w = torch.linalg.solve(sigma**2 * torch.eye(D, **F64) + a @ inner @ a.T, r)
+    direction, weighted = c @ a.T @ w, a.T @ w
+    shaped = [v.reshape(1, *SHAPE) for v in (direction, a @ direction, r, weighted)]
+    return step_along(*shaped, sigma).flatten(), direction, a, c, r, sigma
+
+
+def test_step_along_is_the_exact_update_when_the_solve_is_exact():
+    """With w = (sigma^2 I + A C A^T)^{-1} r, C A^T w is already the exact posterior update: lambda = 1."""
+    step, direction, *_ = _line_case(exact=True)
+    torch.testing.assert_close(step, direction, rtol=0, atol=1e-12)
+
+
+def test_step_along_is_the_most_probable_point_on_the_line():
+    """With C taken isotropic in M, lambda maximises log N(y; A(x0 + l d), sigma^2) - l^2 d^T C^-1 d / 2 over l."""
+    step, direction, a, c, r, sigma = _line_case(exact=False)
+    grid = torch.linspace(0, 1, 10001, **F64)
+    misfit = (r[None] - grid[:, None] * (a @ direction)[None]).square().sum(1) / (2 * sigma**2)
+    log_density = -misfit - grid**2 * (direction @ torch.linalg.solve(c, direction)) / 2
+    best = grid[log_density.argmax()]
+    lam = (step @ direction) / (direction @ direction)
+    assert 0.05 < best < 0.95, "the isotropic solve is off the exact step, so the test can fail"
+    assert abs(lam - best) < 2e-4, (lam, best)
