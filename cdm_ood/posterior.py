@@ -6,11 +6,11 @@
   Gaussian likelihood of the observation given x_t,
       p(y | x_t) ~= N(y; A x0_hat(x_t), sigma^2 I + v_t A A^T),
   x0_hat the gradient denoiser and v_t the posterior variance of x0 given x_t from Tweedie's second-order
-  identity Cov[x0 | x_t] = (sigma_t^2 / alpha_t) d x0_hat / d x_t, taken isotropic in that covariance and
-  estimated with one Hutchinson probe. The guidance moves x0_hat along the full Cov[x0 | x_t] A^T (...)^{-1}
-  (y - A x0_hat) (PiGDM's direction), by the exact Gaussian step along it. For an isotropic Gaussian prior
-  N(mu, s^2 I) all of it is exact, so the guided score is the exact score of p(x_t | y). E[x | y] is then the
-  mean of the samples.
+  identity Cov[x0 | x_t] = (sigma_t^2 / alpha_t) d x0_hat / d x_t, here taken isotropic and estimated with one
+  Hutchinson probe. The guidance moves x0_hat along Cov[x0 | x_t] A^T (sigma^2 I + v_t A A^T)^{-1} (y - A x0_hat)
+  with the full covariance (PiGDM's direction), by the exact Gaussian step along that line. For an isotropic
+  Gaussian prior N(mu, s^2 I) all of it is exact, so the guided score is the exact score of p(x_t | y). E[x | y]
+  is then the mean of the samples.
 """
 
 from __future__ import annotations
@@ -86,10 +86,11 @@ def observation_guided_denoiser(
     (PiGDM), M = sigma^2 I + v_t A A^T with C taken isotropic, v_t = (sigma_t^2 / alpha_t) <z, J z> / <z, z> for
     one Rademacher z per image over the batch (one level, one variance), kept in [0, sigma_t^2 / alpha_t^2] (x0 | x_t
     is never wider than the noise); lambda is `step_along`'s. M's isotropic C overstates the step along directions
-    the prior correlates (missing pixels of a CPU-trained MNIST model: a posterior mean 10x worse than with C
-    isotropic on both sides), which lambda undoes. ||Delta|| <= (sigma_t / alpha_t)^2 ||A^T M^{-1} r|| (C <= that).
-    Cost per call: one forward pass, one backward pass kept for differentiation and two vector-Jacobian products
-    through it. `observed` is one observation (broadcast to every sample) or one per sample.
+    the prior correlates (on missing pixels of a CPU-trained MNIST model the full step made a worse posterior mean
+    than C isotropic on both sides), which lambda undoes. ||Delta|| <= (sigma_t / alpha_t)^2 ||A^T M^{-1} r||, as
+    C <= (sigma_t / alpha_t)^2 I. Cost per call: one forward pass, one backward pass kept for differentiation and
+    two vector-Jacobian products through it. `observed` is one observation (broadcast to every sample) or one per
+    sample.
     """
     a = operator or (lambda x: x)
 
