@@ -10,8 +10,8 @@ criterion is the best mean tau over the other families) and reported on its own.
 between a criterion's scores and the candidates' PSNR (equivalently minus their MSE) and SSIM to the clean image,
 over the truth plus the candidates of all families but the held-out one ("all"), of all families ("+ held-out"),
 and of each family with the truth; the rate at which the truth is ranked first and at which every hallucination
-(a clean image of another case) is ranked below the truth. Tables are means over images, printed as the block
---name of `tables.emit`.
+(a clean image of another case, `another_case`) is ranked below the truth. Tables are means over images, printed
+as the block --name of `tables.emit`.
 """
 
 from __future__ import annotations
@@ -64,19 +64,33 @@ DEGRADATIONS = {
 }
 
 
-def held_out(model, data: Optional[str], n: int) -> torch.Tensor:
-    """n + 1 model-space images (the last one only lends its content to the hallucinations of the others)."""
+def held_out(model, data: Optional[str], n: int) -> tuple[torch.Tensor, list[str]]:
+    """n + 1 model-space images and the case (volume) of each; the last image only lends its content to the
+    hallucinations of the others."""
     transform = model.spec.input_transform()
     if data == "mnist":
-        samples = bundled_mnist("test")
-        return torch.stack([transform(s["image"]) for s in samples[:: max(1, len(samples) // (n + 1))][: n + 1]])
+        test = bundled_mnist("test")
+        samples = test[:: max(1, len(test) // (n + 1))][: n + 1]
+        return torch.stack([transform(s["image"]) for s in samples]), [str(k) for k in range(len(samples))]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(data) if data else Path(tmp) / "phantoms"
         if data is None:
             make_phantoms(folder, max(1, (n + 1) // 8 + 1), "nifti", size=model.spec.size[-1], slices=16, seed=11)
         slices = [s for s in iter_slices(folder, on_error=lambda e: None) if not s.flags]
-    step = max(1, len(slices) // (n + 1))
-    return torch.stack([transform(s.image) for s in slices[::step][: n + 1]])
+    picked = slices[:: max(1, len(slices) // (n + 1))][: n + 1]
+    return torch.stack([transform(s.image) for s in picked]), [s.source.volume_id for s in picked]
+
+
+def another_case(cases: list[str], i: int) -> int:
+    """The image that lends image i its hallucination: of the first other case after i (cyclically) that has an
+    image at i's position within its case, else of the first other case at the nearest position. A neighbouring
+    slice of the same volume would be nearly the truth, not a plausible image of another patient."""
+    position = [cases[:k].count(c) for k, c in enumerate(cases)]
+    others = [j % len(cases) for j in range(i + 1, i + len(cases)) if cases[j % len(cases)] != cases[i]]
+    if not others:
+        raise SystemExit("hallucinations need images of at least two cases (volumes)")
+    same = [j for j in others if position[j] == position[i]]
+    return same[0] if same else min(others, key=lambda j: abs(position[j] - position[i]))
 
 
 def degrade(x: torch.Tensor, kind: str, value, sigma: float, g: torch.Generator):
@@ -124,7 +138,7 @@ def kendall(scores: np.ndarray, truth: np.ndarray) -> float:
     return float(tau) if np.isfinite(tau) else 0.0
 
 
-def evaluate(model, images: torch.Tensor, samples: int, steps: int) -> tuple[dict, dict]:
+def evaluate(model, images: torch.Tensor, cases: list[str], samples: int, steps: int) -> tuple[dict, dict]:
     """Per degradation and criterion: the mean of every measure over images; and seconds per case."""
     ssim = SSIMMetric(spatial_dims=2, data_range=2.0, reduction="none", win_size=7)
     results: dict = {}
@@ -134,7 +148,7 @@ def evaluate(model, images: torch.Tensor, samples: int, steps: int) -> tuple[dic
         rows: dict[str, list[dict[str, float]]] = {c: [] for c in CRITERIA}
         for i, x in enumerate(images[:-1]):
             y, op, estimate = degrade(x, kind, value, sigma, g)
-            groups = families(model, x, images[i + 1], estimate, kind, sigma, g)
+            groups = families(model, x, images[another_case(cases, i)], estimate, kind, sigma, g)
             names = ["truth"] + [f for f, members in groups.items() for _ in members]
             cands = torch.stack([x, *[c for members in groups.values() for c in members]]).clamp(-1, 1)
             mse = -(cands - x).flatten(1).square().mean(1).numpy()  # higher = better, the order of PSNR
@@ -200,8 +214,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model(args.checkpoint)
-    images = held_out(model, args.data, args.images)
-    results, seconds = evaluate(model, images, args.samples, args.steps)
+    images, cases = held_out(model, args.data, args.images)
+    results, seconds = evaluate(model, images, cases, args.samples, args.steps)
     text = tables(results, seconds, len(images) - 1)
     emit(args.name, text)
     if args.out:
