@@ -103,7 +103,7 @@ def fit_volume_checks(
                      "calibration split, found %d and %d", name, MIN_SLICES, *map(len, sides))  # fmt: skip
             continue
         warn_if_too_few(sum(map(len, sides)), fpr, f"volumes for the {name} check", share=1)
-        scores = [check(**_arrays(check.fit(fitted)), threshold=math.inf).statistic(s)
+        scores = [_built(name, check.fit(fitted), math.inf).statistic(s)
                   for fitted, scored in (sides, sides[::-1]) for s in scored]  # fmt: skip
         params = check.fit(sides[0] + sides[1])
         fits[name] = VolumeCheckFit({k: tuple(v) for k, v in params.items()}, tuple(scores))
@@ -173,12 +173,13 @@ def load_volume_checks(
     text = str(spec).strip()
     fpr = _fraction(text[4:]) if text.startswith("fpr:") else calibration.fpr
     fits = calibration.volume_checks
-    return tuple(CHECKS[name](**_arrays(fits[name].params), threshold=threshold_at_fpr(np.asarray(fit.id_scores), fpr))
-                 for name, fit in ((n, fits[n]) for n in names if n in fits))  # fmt: skip
+    return tuple(_built(name, fits[name].params, threshold_at_fpr(np.asarray(fits[name].id_scores), fpr))
+                 for name in names if name in fits)  # fmt: skip
 
 
-def _arrays(params: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+def _built(name: str, params: Mapping[str, Sequence[float]], threshold: float) -> VolumeCheck:
+    """The volume check `name` with fitted `params` (as stored: sequences of floats) and `threshold`."""
+    return CHECKS[name](**{k: np.asarray(v, dtype=np.float64) for k, v in params.items()}, threshold=threshold)
 
 
 def load_detector(
