@@ -66,7 +66,7 @@ DEGRADATIONS = {
 
 def held_out(model, data: Optional[str], n: int) -> tuple[torch.Tensor, list[str]]:
     """n + 1 model-space images and the case (volume) of each; the last image only lends its content to the
-    hallucinations of the others."""
+    hallucinations of the others. Generated phantoms come in at least two volumes, one case for each."""
     transform = model.spec.input_transform()
     if data == "mnist":
         test = bundled_mnist("test")
@@ -75,7 +75,7 @@ def held_out(model, data: Optional[str], n: int) -> tuple[torch.Tensor, list[str
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(data) if data else Path(tmp) / "phantoms"
         if data is None:
-            make_phantoms(folder, max(1, (n + 1) // 8 + 1), "nifti", size=model.spec.size[-1], slices=16, seed=11)
+            make_phantoms(folder, max(2, (n + 1) // 8 + 1), "nifti", size=model.spec.size[-1], slices=16, seed=11)
         slices = [s for s in iter_slices(folder, on_error=lambda e: None) if not s.flags]
     picked = slices[:: max(1, len(slices) // (n + 1))][: n + 1]
     return torch.stack([transform(s.image) for s in picked]), [s.source.volume_id for s in picked]
