@@ -143,12 +143,13 @@ def evaluate(model, images: torch.Tensor, cases: list[str], samples: int, steps:
     ssim = SSIMMetric(spatial_dims=2, data_range=2.0, reduction="none", win_size=7)
     results: dict = {}
     seconds: dict = {c: [] for c in CRITERIA}
+    lenders = [another_case(cases, i) for i in range(len(images) - 1)]
     for name, (kind, value, sigma) in DEGRADATIONS.items():
         g = torch.Generator().manual_seed(0)
         rows: dict[str, list[dict[str, float]]] = {c: [] for c in CRITERIA}
         for i, x in enumerate(images[:-1]):
             y, op, estimate = degrade(x, kind, value, sigma, g)
-            groups = families(model, x, images[another_case(cases, i)], estimate, kind, sigma, g)
+            groups = families(model, x, images[lenders[i]], estimate, kind, sigma, g)
             names = ["truth"] + [f for f, members in groups.items() for _ in members]
             cands = torch.stack([x, *[c for members in groups.values() for c in members]]).clamp(-1, 1)
             mse = -(cands - x).flatten(1).square().mean(1).numpy()  # higher = better, the order of PSNR
