@@ -13,9 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 # without this switch), the others keep their working directory free of MLflow stores.
 os.environ.setdefault("CDM_OOD_MLFLOW", "false")
 # Under pytest-xdist every worker and each process it starts runs torch on one thread: two workers with two threads
-# each on two cores spin against each other.
+# each on two cores spin against each other. A script that asks for two threads anyway waits for them passively
+# (OpenMP's busy wait made a benchmark run 5x slower beside another worker, 20x when forked from `processes.WARM`).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume

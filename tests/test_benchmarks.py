@@ -24,6 +24,7 @@ from cdm_ood.ood.detectors import DETECTORS
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+from processes import clean_env, warm_run  # noqa: E402
 from tables import blocks  # noqa: E402
 
 
@@ -41,9 +42,7 @@ def table(output: str, name: str) -> list[list[str]]:
 def run(script: str, *args, cwd: Path | None = None) -> str:
     """The script's output; it runs without MLflow settings (an earlier test's `mlflow.set_tracking_uri` leaves
     MLFLOW_TRACKING_URI in this process's environment), so a tracked run goes to `cwd`'s own store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    out = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args)], capture_output=True,
-                         text=True, timeout=300, cwd=cwd, env=env)  # fmt: skip
+    out = warm_run(str(BENCHMARKS / script), args, cwd or Path.cwd(), clean_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

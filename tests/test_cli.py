@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 from click.testing import CliRunner
+from processes import cdm
 
 import cdm_ood
 from cdm_ood.cli import main
@@ -107,3 +108,12 @@ def test_every_command_that_runs_a_model_takes_the_same_device_option():
         if "--checkpoint" in options:
             devices[path] = (options["--device"].default, options["--device"].help, options["--device"].callback)
     assert len(devices) >= 7 and len(set(devices.values())) == 1 and next(iter(devices.values()))[0] == "auto"
+
+
+def test_a_process_forked_warm_runs_a_command_as_a_fresh_interpreter_does(tmp_path):
+    """`processes.cdm` forks most commands from a server that has imported torch and MONAI; what a command prints
+    and its exit status are those of `python -m cdm_ood.cli` in a fresh interpreter, in the same folder."""
+    (tmp_path / "scans").mkdir()
+    for args in (("score", "scans", "--checkpoint", "none.pt"), ("score", "missing"), ("--version",)):
+        warm, fresh = (cdm(*args, cwd=tmp_path, fresh=f) for f in (False, True))
+        assert (warm.returncode, warm.stdout, warm.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr), args

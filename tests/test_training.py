@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from processes import cdm
+from processes import cdm, clean_env, warm_run
 
 from cdm_ood.checkpoint import load_checkpoint, load_model
 from cdm_ood.config import load_config
@@ -45,20 +45,15 @@ def tiny(*overrides: str):
 
 
 def cli(*args: str, cwd: Path, runner=(), config=CONFIG, check=True, env=None) -> subprocess.CompletedProcess:
-    """`cdm-ood train` as a real process, without any MLflow settings of the calling environment (so tracked by
-    default; plus `env`)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "CDM_OOD_MLFLOW"}
-    env = base | (env or {})
-    command = [
-        sys.executable,
-        *runner,
-        "-m",
-        "cdm_ood.cli",
-        "train",
-        *(["--config", str(config)] if config else []),
-        *args,
-    ]
-    out = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    """`cdm-ood train` as a real process (forked warm unless `runner`, e.g. torchrun, runs it), without any MLflow
+    settings of the calling environment (so tracked by default; plus `env`)."""
+    env = {k: v for k, v in clean_env(env).items() if k != "CDM_OOD_MLFLOW" or k in (env or {})}
+    train_args = ["train", *(["--config", str(config)] if config else []), *args]
+    if runner:
+        command = [sys.executable, *runner, "-m", "cdm_ood.cli", *train_args]
+        out = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    else:
+        out = warm_run("cdm_ood.cli", train_args, cwd, env)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
