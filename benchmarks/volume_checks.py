@@ -5,14 +5,15 @@ order), and `orientation`, the mean log-ratio of a volume's slices to their mirr
 flips, rotations, swapped axes), each against the calibration volumes.
 
     python benchmarks/volume_checks.py --checkpoint runs/<run>/model.pt --calibrate CALIB_DIR --data OOD_DIR
-        [--name volume-checks]
+        [OOD_DIR ...] [--name volume-checks]
 
 A copy of the checkpoint is calibrated on the clean volumes below --calibrate (as `cdm-ood calibrate` does: every
-detector and check, half of the volumes held out, fpr 0.05; no OOD example), then every set of --data is scored by
-the gate's own code (`cdm_ood.ood.batch.score_sources`). Prints the table block --name: volume-level AUROC per set
-(its clean volumes in distribution) of each check's statistic and, for reference, of the `nll` and default
-detectors' volume scores (the mean over slices), and the fraction of each set's volumes the gate does not pass
-without the checks, with each one, and with both (the gate as shipped).
+detector and check, half of the volumes held out, fpr 0.05; no OOD example), then every set of --data (pooled over
+the folders given: independent draws of the same sets, so that no single lucky draw of a few volumes makes the
+table) is scored by the gate's own code (`cdm_ood.ood.batch.score_sources`). Prints the table block --name:
+volume-level AUROC per set (its clean volumes in distribution) of each check's statistic and, for reference, of the
+`nll` and default detectors' volume scores (the mean over slices), and the fraction of each set's volumes the gate
+does not pass without the checks, with each one, and with both (the gate as shipped).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--calibrate", required=True, type=Path, help="A folder of clean in-distribution volumes.")
-    parser.add_argument("--data", required=True, type=Path, help="A folder made by make-phantoms --ood-sets.")
+    parser.add_argument("--data", required=True, type=Path, nargs="+", help="Folders made by make-phantoms --ood-sets.")
     parser.add_argument("--name", default="volume-checks", help="Name of the printed table block (tables.emit).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +71,10 @@ def main() -> None:
         parser.error(f"{args.calibrate}: too few whole volumes to fit the volume checks (docs/ood.md)")
     gates = {detector.name: (), **{f"{detector.name} + {c.name}": (c,) for c in checks},
              f"{detector.name} + both (the gate)": checks}  # fmt: skip
-    sets = {name: [Path(p) for p in paths] for name, paths in manifest_sets(args.data / "manifest.csv").items()}
+    sets: dict[str, list[Path]] = {}
+    for folder in args.data:
+        for name, paths in manifest_sets(folder / "manifest.csv").items():
+            sets.setdefault(name, []).extend(paths)
     stats, stopped = {}, {}
     for name, paths in sets.items():
         slices = scored(detector, paths)
@@ -91,7 +95,7 @@ def main() -> None:
         "rate):",
         markdown(["gate", *sets], gate),
         f"Calibrated on {n} slices of the volumes below `{args.calibrate}`; {ranges}; {len(stats['clean']['nll'])} "
-        "clean test volumes.",
+        f"clean test volumes, and as many of each set, below {', '.join(f'`{d}`' for d in args.data)}.",
     ]))  # fmt: skip
 
 
