@@ -1,7 +1,7 @@
 """`cdm-ood` and the benchmark scripts as real processes, optionally without root's power to ignore file permissions.
 
 A fresh interpreter spends seconds importing torch, MONAI and MLflow before it runs a command, and the suite starts
-dozens of them. `cdm` and `script` therefore fork each process from a server that has imported those libraries
+dozens of them. `cdm` and `warm_run` therefore fork each process from a server that has imported those libraries
 once (`WARM`, multiprocessing's forkserver): still a process of its own, with its own working directory,
 environment, exit status and output, run as `python -m cdm_ood.cli` or `python script.py` would run it, only
 without the import time. The project's own CLI modules are not imported ahead (one reads the environment when it

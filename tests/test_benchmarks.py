@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -376,8 +375,7 @@ def test_train_time_reads_the_run_it_leaves(tmp_path):
     assert len(validations) == 2 and bpd == f"{validations[-1].split(': ')[1]} ({validations[0]})"
     assert 0 < number(per_step) < number(wall) and 0.1 < number(peak) < 4, "seconds; GiB of a torch process"
     assert (run_dir / "model.pt").is_file(), "the trained model stays for the next evidence steps"
-    again = subprocess.run([sys.executable, str(BENCHMARKS / "train_time.py"), "--out-dir", str(run_dir)],
-                           capture_output=True, text=True)  # fmt: skip
+    again = warm_run(str(BENCHMARKS / "train_time.py"), ["--out-dir", run_dir], Path.cwd(), clean_env())
     assert again.returncode != 0 and "--replace" in again.stderr and (run_dir / "model.pt").is_file()
 
 

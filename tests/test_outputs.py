@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from processes import WITHOUT_ROOT_OVERRIDE, cdm
+from processes import WITHOUT_ROOT_OVERRIDE, cdm, clean_env
 from test_score import invoke
 
 from cdm_ood.data.phantoms import write_nifti
@@ -27,7 +27,7 @@ def test_a_second_run_on_the_same_report_stops_and_the_first_completes(checkpoin
     write_nifti(rng.normal(0, 100, (5000, 16, 16)).astype(np.float32), tmp_path / "long.nii.gz")
     report = tmp_path / "r.csv"
     args = ["score", tmp_path / "long.nii.gz", "--checkpoint", checkpoint, "--out", report]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = clean_env()
     command = [sys.executable, "-m", "cdm_ood.cli", *map(str, args), "--batch-size", "1", "--detector", "nll"]
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = ReportFiles(report).lock

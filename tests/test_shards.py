@@ -1,7 +1,6 @@
 """Archive-scale scoring: torchrun-sharded `cdm-ood score` (real gloo processes) and resuming a killed run."""
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import clean_env
 
 from cdm_ood.data.phantoms import make_phantoms
 
@@ -23,7 +23,7 @@ def archive(tmp_path_factory) -> Path:
 
 
 def score(*args, cwd: Path, runner=(), wait=True):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"OMP_NUM_THREADS": "1"}
+    env = clean_env({"OMP_NUM_THREADS": "1"})
     command = [sys.executable, *runner, "-m", "cdm_ood.cli", "score", *map(str, args)]
     if not wait:
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import re
 import signal
 import socket
@@ -142,7 +141,7 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     run = tmp_path / "killed"
     args = ["--out-dir", str(run), "--no-mlflow", *sets(steps, "train.log_every=1", "train.checkpoint_every=10",
                                                       "train.keep_last=50")]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = clean_env()
     command = [sys.executable, "-m", "cdm_ood.cli", "train", "--config", str(CONFIG), *args]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
