@@ -61,7 +61,9 @@ from cdm_ood.ood.metrics import ood_metrics
 from cdm_ood.sampling import ddim_step, strided_levels
 from cdm_ood.tracking import log_job_run
 
-Scorer = Callable[[torch.Tensor], np.ndarray]
+# A scorer gives one score per image, or, when one computation gives several detectors' scores (the reconstruction
+# errors), a dict of them by detector name; each such detector's cost is that one computation's.
+Scorer = Callable[[torch.Tensor], np.ndarray | dict[str, np.ndarray]]
 LABEL_DROPOUT = 0.1  # of the class-conditional CDM's labels to its null label, as `cdm-ood train` does
 RECON_STARTS = (100, 200, 300, 400, 500)  # ddpm-ood's noise levels t (of T = 1000) to reconstruct from
 
@@ -243,13 +245,14 @@ def ddpm_scorers(
 
     recon = Reconstruction(unet, recon_steps)
     errors_val = recon.errors(data.val)
-    scorers = {
-        "DDPM bound (MONAI)": elbo,
-        "DDPM reconstruction MSE": lambda x: recon.zscore(recon.errors(x), errors_val, 0),
-        "DDPM reconstruction SSIM": lambda x: recon.zscore(recon.errors(x), errors_val, 1),
-    }
-    costs = dict.fromkeys(scorers, float(recon.calls()))
-    return scorers, seconds, costs | {"DDPM bound (MONAI)": float(elbo_steps)}
+    names = ("DDPM reconstruction MSE", "DDPM reconstruction SSIM")
+
+    def reconstruction(x: torch.Tensor) -> dict[str, np.ndarray]:
+        errors = recon.errors(x)  # both errors of the same reconstructions
+        return {name: recon.zscore(errors, errors_val, which) for which, name in enumerate(names)}
+
+    costs = dict.fromkeys(names, float(recon.calls())) | {"DDPM bound (MONAI)": float(elbo_steps)}
+    return {"DDPM bound (MONAI)": elbo, "DDPM reconstruction": reconstruction}, seconds, costs
 
 
 class Reconstruction:
@@ -318,18 +321,24 @@ def softmax_scorer(data: Benchmark, steps: int, batch: int) -> tuple[dict[str, S
     return {"max-softmax classifier": score}, seconds, accuracy
 
 
+def by_detector(name: str, scores: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A scorer's result as {detector: scores}: one detector called `name`, or the several it named."""
+    return scores if isinstance(scores, dict) else {name: scores}
+
+
 def evaluate(data: Benchmark, scorers: dict[str, Scorer], costs: dict[str, float]) -> list[dict]:
     rows = []
     for name, score in scorers.items():
         start = time.perf_counter()
-        id_scores = score(data.test)
-        ood_scores = {k: score(v) for k, v in data.ood.items()}
+        id_scores = by_detector(name, score(data.test))
+        ood_scores = {k: by_detector(name, score(v)) for k, v in data.ood.items()}
         n = len(data.test) + sum(len(v) for v in data.ood.values())
         ms = (time.perf_counter() - start) / n * 1e3
-        metrics = {k: ood_metrics(id_scores, v) for k, v in ood_scores.items()}
-        rows.append({"detector": name, "ms_per_image": ms, "passes": costs[name], "metrics": metrics})
-        mean = np.mean([m["auroc"] for m in metrics.values()])
-        print(f"  {name:<28} mean AUROC {mean:.3f}  ({ms:.1f} ms / image)", flush=True)
+        for detector, found in id_scores.items():
+            metrics = {k: ood_metrics(found, v[detector]) for k, v in ood_scores.items()}
+            rows.append({"detector": detector, "ms_per_image": ms, "passes": costs[detector], "metrics": metrics})
+            mean = np.mean([m["auroc"] for m in metrics.values()])
+            print(f"  {detector:<28} mean AUROC {mean:.3f}  ({ms:.1f} ms / image)", flush=True)
     return rows
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ood_baselines import Benchmark, Scorer, atomic_text, ddpm_scorers, table
+from ood_baselines import Benchmark, Scorer, atomic_text, by_detector, ddpm_scorers, table
 from tables import emit
 
 from cdm_ood.checkpoint import load_model
@@ -86,20 +86,24 @@ def measure(
     """Per level, the metrics rows of `ood_baselines.table` (detector, metrics per OOD set, passes and ms per
     image); under "verdicts", per detector with a calibrated threshold the fraction of each set's volumes above it."""
     rows: dict[str, list[dict]] = {level: [] for level in (*LEVELS, "verdicts")}
+    batch = torch.cat(list(images.values()))  # one batched pass over all sets
+    ends = np.cumsum([len(x) for x in images.values()])
     for name, score in scorers.items():
         start = time.perf_counter()
-        everything = score(torch.cat(list(images.values())))  # one batched pass over all sets
-        ms = (time.perf_counter() - start) / len(everything) * 1e3
-        ends = np.cumsum([len(x) for x in images.values()])
-        scores = dict(zip(images, np.split(everything, ends[:-1]), strict=True))
-        volumes = {k: by_volume(v, sets[k]) for k, v in scores.items()}
-        for level, found in zip(LEVELS, (scores, volumes), strict=True):
-            metrics = {k: ood_metrics(found["clean"], v) for k, v in found.items() if k != "clean"}
-            rows[level].append({"detector": name, "metrics": metrics, "passes": costs[name], "ms_per_image": ms})
-        if name in thresholds:
-            rates = {k: float(np.mean([judge(s, thresholds[name])[0] != IN for s in v])) for k, v in volumes.items()}
-            rows["verdicts"].append({"detector": name, "rates": rates})
-        print(f"  {name:<28} scored in {ms:.1f} ms / image", flush=True)
+        found_all = by_detector(name, score(batch))
+        ms = (time.perf_counter() - start) / len(batch) * 1e3
+        for detector, everything in found_all.items():
+            scores = dict(zip(images, np.split(everything, ends[:-1]), strict=True))
+            volumes = {k: by_volume(v, sets[k]) for k, v in scores.items()}
+            for level, found in zip(LEVELS, (scores, volumes), strict=True):
+                metrics = {k: ood_metrics(found["clean"], v) for k, v in found.items() if k != "clean"}
+                rows[level].append({"detector": detector, "metrics": metrics, "passes": costs[detector],
+                                    "ms_per_image": ms})  # fmt: skip
+            if detector in thresholds:
+                threshold = thresholds[detector]
+                rates = {k: float(np.mean([judge(s, threshold)[0] != IN for s in v])) for k, v in volumes.items()}
+                rows["verdicts"].append({"detector": detector, "rates": rates})
+            print(f"  {detector:<28} scored in {ms:.1f} ms / image", flush=True)
     return rows
 
 

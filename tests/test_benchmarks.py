@@ -205,6 +205,14 @@ def test_likelihood_cost_counts_network_calls():
     assert abs(bpd - standard_normal_bpd(4)) < 0.05, "an untrained CDM's eq. 10 is the standard normal's density"
 
 
+def assert_one_reconstruction_gives_both_errors(rows: list[dict]) -> None:
+    """The ddpm-ood MSE and SSIM rows come from the same reconstructions: one timing and one cost, two scores."""
+    mse, ssim = ([r for r in rows if r["detector"] == f"DDPM reconstruction {e}"] for e in ("MSE", "SSIM"))
+    assert len(mse) == len(ssim) == 1
+    assert mse[0]["ms_per_image"] == ssim[0]["ms_per_image"] and mse[0]["passes"] == ssim[0]["passes"]
+    assert mse[0]["metrics"] != ssim[0]["metrics"]
+
+
 def test_ood_baselines_run_and_are_tracked(tmp_path):
     tiny = ["--steps", 2, "--images", 6, "--val-images", 6, "--volumes", "2,1,1", "--elbo-steps", 2, "--recon-steps", 2]
     out = run("ood_baselines.py", *tiny, "--figures", tmp_path / "img", "--out", tmp_path / "out", cwd=tmp_path)
@@ -214,6 +222,7 @@ def test_ood_baselines_run_and_are_tracked(tmp_path):
     assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == [
         "ood-baselines-mnist.png", "ood-baselines-phantoms.png", "ood-sets-mnist.png", "ood-sets-phantoms.png"
     ]  # fmt: skip
+    assert_one_reconstruction_gives_both_errors(json.loads((tmp_path / "out" / "phantoms.json").read_text()))
     phantoms = (tmp_path / "out" / "phantoms.md").read_text()
     assert phantoms.count("| CDM multiscale |") == 2 and "| CDM classifier |" not in phantoms
     assert (tmp_path / "mlflow.db").stat().st_size > 0
@@ -319,6 +328,7 @@ def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):
     rows = json.loads((tmp_path / "out" / "real-scans.json").read_text())
     assert {r["detector"] for r in rows["volume"]} >= {"CDM nll", "DDPM bound (MONAI)"}
     assert {"motion-reject", "ap-flip", "wrong-modality"} <= set(rows["slice"][0]["metrics"])
+    assert_one_reconstruction_gives_both_errors(rows["slice"])
     (multiscale,) = [r["metrics"] for r in rows["slice"] if r["detector"] == "CDM multiscale"]
     assert multiscale["wrong-modality"]["auroc"] >= 0.9, "MR slices given to the CT model rank above the clean CT"
     calibrated = load_checkpoint(checkpoint)["calibration"]["detectors"]
