@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from processes import cdm
 
-from cdm_ood.data.artifacts import ARTIFACTS, REJECT, VALUE_RANGE, corrupt_volume, low_resolution, motion_slices
+from cdm_ood.data.artifacts import (
+    ARTIFACTS,
+    REJECT,
+    VALUE_RANGE,
+    corrupt_volume,
+    low_resolution,
+    motion_slices,
+    moved_copy,
+)
 from cdm_ood.data.discovery import discover
 from cdm_ood.data.geometry import ORIENTATIONS, misorient
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
@@ -42,11 +50,16 @@ def test_reject_artifacts_change_the_volume_deterministically_in_range(artifact,
 def test_motion_mixes_k_space_lines_of_a_moved_copy_and_blur_resamples(clean):
     unit = (clean - clean.min()) / (clean.max() - clean.min())
     assert np.allclose(motion_slices(unit, 0.0, seed=1), unit, atol=1e-6)  # no move: the same lines
-    moved = motion_slices(unit, 10.0, seed=1)
-    k_clean, k_moved = (np.fft.fftshift(np.fft.fft2(v), axes=(-2, -1)) for v in (unit, moved))
-    centre = slice(16 // 2 - 2, 16 // 2 + 3)  # the lines acquired before the move are the clean ones
-    assert np.allclose(k_clean[:, centre], k_moved[:, centre], atol=1e-6)
-    assert not np.allclose(k_clean, k_moved, atol=1e-3)
+    sign = np.random.default_rng(1).choice([-1.0, 1.0], size=2)  # the seeded direction of the move
+    k_clean, k_moved = (
+        np.fft.fftshift(np.fft.fft2(v), axes=(-2, -1)) for v in (unit, moved_copy(unit, sign[0] * 10, sign[1] * 0.1))
+    )
+    # 16 lines acquired edge to edge, the move after 0.6 of them (line 9): lines 0-8, the centre line 8 among them,
+    # are clean and lines 9-15 moved. Moving after 0.3 (line 4) puts the centre in the second part, which stays clean.
+    for time, mixed in ((0.6, [k_clean[:, :9], k_moved[:, 9:]]), (0.3, [k_moved[:, :4], k_clean[:, 4:]])):
+        expected = np.fft.ifft2(np.fft.ifftshift(np.concatenate(mixed, axis=1), axes=(-2, -1))).real
+        assert np.allclose(motion_slices(unit, 10.0, seed=1, time=time), expected, atol=1e-6)
+    assert not np.allclose(motion_slices(unit, 10.0, seed=1), unit, atol=1e-3)
     assert np.allclose(low_resolution(unit, 1.0), unit, atol=1e-6)
     blurred = low_resolution(unit, 4.0)
     assert np.abs(np.diff(blurred, axis=-1)).mean() < np.abs(np.diff(unit, axis=-1)).mean()

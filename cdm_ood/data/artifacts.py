@@ -53,7 +53,7 @@ REJECT: dict[str, float] = {
     "rescale": 2.0,
     "window": 0.25,
 }
-MOTION_TIME = 0.6  # fraction of the phase-encoding lines (in k-space order, low to high frequency) before the move
+MOTION_TIME = 0.6  # fraction of the phase-encoding lines (in acquisition order, edge to edge) before the move
 
 
 def check_modality(modality: str) -> None:
@@ -109,20 +109,21 @@ def moved_copy(unit: np.ndarray, degrees: float, shift: float) -> np.ndarray:
 
 def motion_slices(unit: np.ndarray, degrees: float, seed: int, time: float = MOTION_TIME) -> np.ndarray:
     """Rigid motion during the acquisition of each slice of `unit` (slices, rows, cols), rows being the
-    phase-encoding direction: the k-space lines acquired after `time` (a fraction of the lines in k-space order,
-    from the lowest frequency up, as TorchIO `RandomMotion` mixes them) come from a copy moved by `degrees` and
-    `degrees` percent of the field of view; `seed` draws the direction of the move."""
+    phase-encoding direction, as TorchIO `RandomMotion` mixes k-space lines: the lines are acquired from one edge of
+    k-space to the other, those before `time` (a fraction of the lines) come from one copy and the rest from the
+    other, and the unmoved copy fills the part that holds the centre line. The moved copy is rotated by `degrees`
+    and shifted by `degrees` percent of the field of view; `seed` draws the direction of the move."""
     import torch
 
     sign = np.random.default_rng(seed).choice([-1.0, 1.0], size=2)
     moved = moved_copy(unit, sign[0] * degrees, sign[1] * degrees / 100.0)
-    k = torch.fft.fftshift(torch.fft.fft2(torch.as_tensor(unit, dtype=torch.float64)), dim=(-2, -1))
-    k_moved = torch.fft.fftshift(torch.fft.fft2(torch.as_tensor(moved, dtype=torch.float64)), dim=(-2, -1))
-    rows = unit.shape[-2]
-    distance = (torch.arange(rows) - rows // 2).abs()  # acquisition order: centre line first
-    late = distance.argsort(stable=True)[round(time * rows) :]
-    k[..., late, :] = k_moved[..., late, :]
-    return torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1))).real.numpy()
+    k, k_moved = (
+        torch.fft.fftshift(torch.fft.fft2(torch.as_tensor(v, dtype=torch.float64)), dim=(-2, -1)) for v in (unit, moved)
+    )
+    first, second = (k, k_moved) if time > 0.5 else (k_moved, k)
+    cut = int(time * unit.shape[-2])
+    mixed = torch.cat([first[..., :cut, :], second[..., cut:, :]], dim=-2)
+    return torch.fft.ifft2(torch.fft.ifftshift(mixed, dim=(-2, -1))).real.numpy()
 
 
 def low_resolution(unit: np.ndarray, factor: float) -> np.ndarray:
