@@ -111,7 +111,8 @@ def motion_slices(unit: np.ndarray, degrees: float, seed: int, time: float = MOT
     """Rigid motion during the acquisition of each slice of `unit` (slices, rows, cols), rows being the
     phase-encoding direction, as TorchIO `RandomMotion` mixes k-space lines: the lines are acquired from one edge of
     k-space to the other, those before `time` (a fraction of the lines) come from one copy and the rest from the
-    other, and the unmoved copy fills the part that holds the centre line. The moved copy is rotated by `degrees`
+    other: the unmoved copy fills the first part for `time` above 0.5 and the second otherwise (TorchIO's rule, so at
+    `MOTION_TIME` the centre line is unmoved). The moved copy is rotated by `degrees`
     and shifted by `degrees` percent of the field of view; `seed` draws the direction of the move."""
     import torch
 
