@@ -1,8 +1,9 @@
 """The gate's volume checks (`cdm_ood.ood.volume_checks`, docs/ood.md) measured on `make-phantoms --ood-sets` volumes:
 `slice-order`, the shape of a volume's per-slice -log p_0 (bits/dim) along its slice axis, which sees what a slice
 model cannot see slice by slice (a superior-inferior flip or interleaved slices give the same slices in another
-order), and `orientation`, the mean log-ratio of a volume's slices to their mirror images and transposes (in-plane
-flips, rotations, swapped axes), each against the calibration volumes.
+order), `slice-direction`, how much better that shape matches the calibration template reversed than as given (a
+superior-inferior flip of a nearly symmetric shape), and `orientation`, the mean log-ratio of a volume's slices to
+their mirror images and transposes (in-plane flips, rotations, swapped axes), each against the calibration volumes.
 
     python benchmarks/volume_checks.py --checkpoint runs/<run>/model.pt --calibrate CALIB_DIR --data OOD_DIR
         [OOD_DIR ...] [--name volume-checks]
@@ -13,7 +14,7 @@ the folders given: independent draws of the same sets, so that no single lucky d
 table) is scored by the gate's own code (`cdm_ood.ood.batch.score_sources`). Prints the table block --name:
 volume-level AUROC per set (its clean volumes in distribution) of each check's statistic and, for reference, of the
 `nll` and default detectors' volume scores (the mean over slices), and the fraction of each set's volumes the gate
-does not pass without the checks, with each one, and with both (the gate as shipped).
+does not pass without the checks, with each one, and with all (the gate as shipped).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
     if len(checks) < 2:
         parser.error(f"{args.calibrate}: too few whole volumes to fit the volume checks (docs/ood.md)")
     gates = {detector.name: (), **{f"{detector.name} + {c.name}": (c,) for c in checks},
-             f"{detector.name} + both (the gate)": checks}  # fmt: skip
+             f"{detector.name} + all (the gate)": checks}  # fmt: skip
     sets: dict[str, list[Path]] = {}
     for folder in args.data:
         for name, paths in manifest_sets(folder / "manifest.csv").items():

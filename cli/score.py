@@ -147,9 +147,10 @@ def calibrate_command(
               help="How slice scores make a volume's score, one of `cdm_ood.ood.report.AGGREGATES` (max, mean, "
                    "q95). Not used by a 3D model: it scores each whole volume.")  # fmt: skip
 @click.option("--no-slice-order", is_flag=True,
-              help="Do not check the slice order of volumes (the calibrated check flags a volume whose per-slice "
-                   "likelihood along the slice axis is shaped unlike the calibration volumes': a flipped or "
-                   "interleaved series, but also one that covers other anatomy; docs/ood.md).")  # fmt: skip
+              help="Do not check the slice order and direction of volumes (the calibrated checks flag a volume whose "
+                   "per-slice likelihood along the slice axis is shaped unlike the calibration volumes' or like them "
+                   "reversed: a flipped or interleaved series, but also one that covers other anatomy; "
+                   "docs/ood.md).")  # fmt: skip
 @click.option("--no-orientation", is_flag=True,
               help="Do not check the in-plane orientation of volumes (the calibrated check flags a volume whose "
                    "slices are, on average, unusually little more likely as given than mirrored or transposed: a "
@@ -201,7 +202,7 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
-    off = {"slice-order": no_slice_order, "orientation": no_orientation}
+    off = {"slice-order": no_slice_order, "slice-direction": no_slice_order, "orientation": no_orientation}
     scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision,
                        [name for name, skip in off.items() if not skip])  # fmt: skip
     workers = auto_workers(scorer.device) if workers == "auto" else workers

@@ -345,13 +345,14 @@ def test_volume_checks_calibrate_the_checks_and_report_the_gate(checkpoint, tmp_
     block = blocks(run("volume_checks.py", "--checkpoint", checkpoint, "--calibrate", calibration, "--data",
                        *draws))["volume-checks"]  # fmt: skip
     statistics = table_rows(block, "volume-level AUROC")
-    assert list(statistics) == ["slice-order (statistic)", "orientation (statistic)", "nll (mean)", "combined (mean)"]
+    checks = ["slice-order", "slice-direction", "orientation"]
+    assert list(statistics) == [*(f"{c} (statistic)" for c in checks), "nll (mean)", "combined (mean)"]
     assert all(0 <= number(v) <= 1 for row in statistics.values() for v in row)
     gate = table_rows(block, "gate")
-    assert list(gate) == ["combined", "combined + slice-order", "combined + orientation", "combined + both (the gate)"]
+    assert list(gate) == ["combined", *(f"combined + {c}" for c in checks), "combined + all (the gate)"]
     rates = {k: [number(v) for v in row] for k, row in gate.items()}
-    for one in ("combined + slice-order", "combined + orientation"):
-        pairs = zip(rates["combined"], rates[one], rates["combined + both (the gate)"], strict=True)
+    for one in checks:
+        pairs = zip(rates["combined"], rates[f"combined + {one}"], rates["combined + all (the gate)"], strict=True)
         assert all(a <= b <= c for a, b, c in pairs), "a check only ever stops more volumes"
     assert "Calibrated on 32 slices" in block and "orientation threshold" in block
     assert f"2 clean test volumes, and as many of each set, below `{draws[0]}`, `{draws[1]}`." in block, "pooled"

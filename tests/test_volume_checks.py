@@ -1,6 +1,6 @@
-"""The gate's volume checks (`cdm_ood.ood.volume_checks`): the slice-order and orientation statistics against closed
-forms, their cross-fitted calibration on whole volumes, and real-anatomy volumes with interleaved or transposed
-slices stopped by `cdm-ood score` (and let through without the check)."""
+"""The gate's volume checks (`cdm_ood.ood.volume_checks`): the slice-order, slice-direction and orientation
+statistics against closed forms, their cross-fitted calibration on whole volumes, and real-anatomy volumes with
+interleaved or transposed slices stopped by `cdm-ood score` (and let through without the check)."""
 
 import csv
 import shutil
@@ -22,7 +22,7 @@ from cdm_ood.ood import OODDetector, ScoreOODd
 from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks
 from cdm_ood.ood.features import compute_features
 from cdm_ood.ood.orientation_check import RATIO_COLUMNS
-from cdm_ood.ood.slice_order import fit_template, order_statistic, shape
+from cdm_ood.ood.slice_order import SHIFT, direction_statistic, fit_template, order_statistic, shape
 from cdm_ood.ood.volume_checks import MIN_SLICES, image_statistics, ordered_sequences
 from cdm_ood.spec import Calibration
 
@@ -45,6 +45,28 @@ def test_the_statistic_ignores_level_scale_and_slice_count_and_sees_reversal():
     assert 0.3 < order_statistic(interleaved, shape(ramp)) < 1, "two rising halves: still positively correlated"
     assert np.all(shape(np.full(9, 2.0)) == 0)  # a flat sequence has no shape
     assert order_statistic(np.full(9, 2.0), template) == 1.0
+
+
+def test_the_aligned_statistics_absorb_a_shift_and_the_direction_sees_a_nearly_symmetric_reversal():
+    """The template's central bins are compared with every window of the shape as long: a slab one bin higher keeps
+    the slice-order statistic at 0, where the plain correlation (no shift) does not. A bump a little before mid-slab
+    matches the template almost as well reversed: the slice-order statistic moves from 0 to g, g that of the shape
+    against the template reversed. The direction statistic is antisymmetric under reversal, -g and g: twice the gap,
+    and only the template's antisymmetric part moves it."""
+    bump = lambda n, centre=0.45: np.exp(-((np.linspace(0, 1, n) - centre) ** 2) / 0.05)  # noqa: E731
+    template = fit_template([bump(24)])
+    assert order_statistic(bump(24), template) == pytest.approx(0, abs=1e-12)
+    higher = bump(24, 0.45 + 1 / 15)  # one of the 16 bins later
+    assert order_statistic(higher, template) < 1e-4, "up to the resampling of 24 slices to 16 bins"
+    assert order_statistic(higher, template, shift=0) > 0.05, "unaligned"
+    gap = order_statistic(bump(24), template[::-1])
+    assert 0 < gap < 0.05, "nearly symmetric: the slice-order statistic of the reversal is as small"
+    assert order_statistic(bump(24)[::-1], template) == pytest.approx(gap, rel=1e-9)
+    assert direction_statistic(bump(24), template) == pytest.approx(-gap, rel=1e-9)
+    assert direction_statistic(bump(24)[::-1], template) == pytest.approx(gap, rel=1e-9)
+    assert direction_statistic(bump(20)[::-1], template) > 0.9 * gap, "another slice count"
+    assert direction_statistic(bump(20), shape(np.hanning(16))) == pytest.approx(0, abs=1e-12), "a symmetric template"
+    assert direction_statistic(np.full(9, 2.0), template) == 0.0, "a flat sequence has no direction"
 
 
 def test_sequences_are_sorted_by_slice_and_short_or_unplaced_ones_left_out():
@@ -84,7 +106,8 @@ def _volumes(n: int, seed: int, move=lambda x: x) -> tuple[dict[str, np.ndarray]
 def test_the_orientation_check_stops_volumes_of_moved_slices_and_passes_new_ones(move):
     stats, slots = _volumes(8, 2)
     fits = fit_volume_checks(stats, slots, [v % 2 == 1 for v in range(8) for _ in range(10)], 0.05)
-    assert set(fits) == {"slice-order", "orientation"} and len(fits["orientation"].id_scores) == 8, "cross-fitted"
+    assert set(fits) == {"slice-order", "slice-direction", "orientation"}
+    assert len(fits["orientation"].id_scores) == 8, "cross-fitted"
     (check,) = load_volume_checks(Calibration(0.05, "nll", 1, {}, volume_checks=fits), "auto", ["orientation"])
     assert check.threshold == max(fits["orientation"].id_scores)
     for seed, moved in ((3, False), (4, True)):
@@ -106,7 +129,7 @@ def test_calibration_fits_the_check_on_whole_volumes_and_round_trips(volumes, sl
     groups = [v for v in range(volumes) for _ in range(slices)]
     slots = [((v, None), k) for v in range(volumes) for k in range(slices)]
     cal = calibrate({"profile": _profiles(volumes, slices)}, 16, 8, 0.05, ["nll"], "nll", groups, slots=slots)
-    assert list(cal.volume_checks) == (["slice-order"] if fitted else []), "no flips: no orientation check"
+    assert list(cal.volume_checks) == (["slice-order", "slice-direction"] if fitted else []), "no flips: no orientation"
     assert Calibration.from_dict(cal.to_dict()) == cal
     if fitted:
         fit = cal.volume_checks["slice-order"]
@@ -119,9 +142,17 @@ def test_calibration_fits_the_check_on_whole_volumes_and_round_trips(volumes, sl
         assert max(fit.id_scores) < 0.05
         reversed_ = _profiles(1, slices, reverse=True)[:, :1].neg().numpy()
         assert check.statistic(reversed_) > check.threshold + 1.0
+        (direction,) = load_volume_checks(cal, "auto", ["slice-direction"])
+        assert direction.threshold < 0 and direction.statistic(reversed_) > direction.threshold + 1.0, "reversed"
         legacy = cal.to_dict() | {"slice_order": {"template": list(fit.params["template"]),
                                                   "id_scores": list(fit.id_scores)}, "volume_checks": {}}  # fmt: skip
-        assert Calibration.from_dict(legacy) == cal, "a calibration stored before the checks had names"
+        old = Calibration.from_dict(legacy)
+        assert list(old.volume_checks) == ["slice-order"], "a calibration stored before the checks had names"
+        assert old.volume_checks["slice-order"].params == {"template": fit.params["template"]}
+        (unaligned,) = load_volume_checks(old, "auto", ["slice-order"])
+        assert unaligned.threshold == check.threshold and check.shift[0] == SHIFT > unaligned.shift[0] == 0
+        higher = np.roll(_profiles(1, slices)[:, :1].neg().numpy(), -1, axis=0)[:-1]  # the slab one slice higher
+        assert unaligned.statistic(higher) == order_statistic(higher[:, 0], check.template, 0) > check.statistic(higher)
     no_slots = calibrate({"profile": _profiles(volumes, slices)}, 16, 8, 0.05, ["nll"], "nll", groups)
     assert no_slots.volume_checks == {}
 
@@ -131,13 +162,13 @@ def _brain(rng: np.random.Generator) -> np.ndarray:
 
 
 def test_score_stops_interleaved_and_transposed_series_by_the_volume_checks(checkpoint, tmp_path):
-    """A model calibrated on 8 brain subjects: a new subject passes both volume checks; the same subject with its
+    """A model calibrated on 8 brain subjects: a new subject passes the volume checks; the same subject with its
     slices interleaved (0, 2, 4, ..., 1, 3, ...) fails the slice-order check and with its in-plane axes swapped fails
     the orientation check (the files claiming the original geometry), with the reason; `--no-slice-order` and
     `--no-orientation` turn them off. The Python API and `ScoreOODd` give the same volume verdicts. This tiny CT
     model (40 steps on CT phantoms) barely knows brain anatomy, so the checks are calibrated at fpr 0.5 for its weak
     statistics to decide, and a plain reversal is not asserted (its per-slice likelihood is nearly symmetric along
-    these 12 slices); docs/evidence.md measures both checks with a trained brain model."""
+    these 12 slices); docs/evidence.md measures the checks with a trained brain model."""
     from cli import main
 
     rng = np.random.default_rng(3)
@@ -173,7 +204,7 @@ def test_score_stops_interleaved_and_transposed_series_by_the_volume_checks(chec
     assert "orientation unlike the calibration volumes" in verdicts[0]["transposed.nii.gz"][1]
     assert {v for v, _ in verdicts[2].values()} == {"in"}
     for check in (True, False):
-        on = ("slice-order", "orientation") if check else ()
+        on = ("slice-order", "slice-direction", "orientation") if check else ()
         detector = OODDetector.from_checkpoint(model, threshold=1e9, volume_checks=on)
         frame = detector.score_frame(scans)
         volumes = frame[frame.level == "volume"]

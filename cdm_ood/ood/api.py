@@ -62,11 +62,11 @@ class OODDetector:
     calibration was made in (float32 when uncalibrated), and `fit` records the precision it ran in.
 
     A calibration fitted on whole volumes holds volume checks (`cdm_ood.ood.volume_checks`): a volume's row is then
-    `ood` too when the shape of its slices' bits/dim along the slice axis (`slice-order`) or the mean log-ratio of
-    its slices to their mirror images and transposes (`orientation`) is unlike the calibration volumes' (at the
-    threshold's false-positive rate). `volume_checks` names the checks to apply (default: all calibrated ones); leave
-    one out for series that cover less or other anatomy, or another in-plane orientation, than the calibration
-    volumes.
+    `ood` too when the shape of its slices' bits/dim along the slice axis (`slice-order`; `slice-direction`: that
+    shape read for direction) or the mean log-ratio of its slices to their mirror images and transposes
+    (`orientation`) is unlike the calibration volumes' (at the threshold's false-positive rate). `volume_checks`
+    names the checks to apply (default: all calibrated ones); leave one out for series that cover less or other
+    anatomy, or another in-plane orientation, than the calibration volumes.
     """
 
     def __init__(

@@ -4,28 +4,41 @@ superior-inferior flip or interleaved slices give the same slices in another ord
 
 A sequence is resampled to `BINS` positions over its length, centred and scaled to unit norm (so neither the
 slice count nor the overall likelihood level matters); the template is the normalised mean of the in-distribution
-shapes, and a volume's statistic is 1 minus the correlation of its shape with the template (0: the same shape,
-2: reversed). One of the gate's volume checks (`volume_checks`). The template assumes that the volumes cover the same
-anatomy as the calibration volumes (docs/ood.md).
+shapes. Volumes cover the anatomy at slightly different heights, so a shape is compared with the template aligned:
+the template's central bins (`SHIFT` left out at each end) against every window of the shape as long, the best
+correlation kept. A volume's `slice-order` statistic is 1 minus that aligned correlation (0: the same shape).
+
+A slab whose shape is nearly symmetric (in the brain, likeliest mid-slab) correlates with the template almost as
+well reversed: its slice-order statistic barely moves under a superior-inferior flip. The `slice-direction`
+statistic asks instead how much better the shape correlates (aligned) with the template reversed than as given, as
+the orientation check compares a slice with its mirror image: a reversed volume gets exactly minus its own value.
+Both are gate volume checks (`volume_checks`) and assume that the volumes cover the same anatomy as the calibration
+volumes (docs/ood.md). A check stores the shift it was calibrated with; one stored without (before the alignment)
+keeps its unaligned statistic, the one its threshold was set on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 
 BINS = 16
+SHIFT = 2  # bins the template may be moved either way (1/8 of the slab each way)
+
+
+def unit(values: np.ndarray) -> np.ndarray:
+    """`values` centred, unit norm (zeros when flat)."""
+    centred = values - values.mean()
+    norm = np.linalg.norm(centred)
+    return centred / norm if norm > 0 else centred
 
 
 def shape(sequence: np.ndarray, bins: int = BINS) -> np.ndarray:
     """The sequence resampled to `bins` positions over its length, centred, unit norm (zeros when flat)."""
-    resampled = np.interp(np.linspace(0, 1, bins), np.linspace(0, 1, len(sequence)), sequence)
-    centred = resampled - resampled.mean()
-    norm = np.linalg.norm(centred)
-    return centred / norm if norm > 0 else centred
+    return unit(np.interp(np.linspace(0, 1, bins), np.linspace(0, 1, len(sequence)), sequence))
 
 
 def fit_template(sequences: Sequence[np.ndarray], bins: int = BINS) -> np.ndarray:
@@ -34,14 +47,30 @@ def fit_template(sequences: Sequence[np.ndarray], bins: int = BINS) -> np.ndarra
     return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
-def order_statistic(sequence: np.ndarray, template: np.ndarray) -> float:
-    """1 - the correlation of a sequence's shape with the template: 0 for the template's shape, 2 reversed."""
-    return 1.0 - float(shape(sequence, len(template)) @ template)
+def aligned_correlation(sequence: np.ndarray, template: np.ndarray, shift: int = SHIFT) -> float:
+    """The largest correlation of the template's central bins (`shift` left out at each end) with a window of the
+    sequence's shape as long, over the 2 `shift` + 1 positions of the window."""
+    core = unit(template[shift : len(template) - shift])
+    s = shape(sequence, len(template))
+    return max(float(unit(s[i : i + len(core)]) @ core) for i in range(2 * shift + 1))
+
+
+def order_statistic(sequence: np.ndarray, template: np.ndarray, shift: int = SHIFT) -> float:
+    """1 - the aligned correlation of a sequence's shape with the template: 0 for the template's shape."""
+    return 1.0 - aligned_correlation(sequence, template, shift)
+
+
+def direction_statistic(sequence: np.ndarray, template: np.ndarray, shift: int = SHIFT) -> float:
+    """The aligned correlation of a sequence's shape with the template reversed minus that with the template as
+    given: below 0 in the template's direction, minus that for the sequence reversed (0 for a symmetric template or
+    a flat sequence)."""
+    return aligned_correlation(sequence, template[::-1], shift) - aligned_correlation(sequence, template, shift)
 
 
 @dataclass(frozen=True)
 class SliceOrderCheck:
-    """The calibrated check: a template and the statistic's threshold at the calibrated false-positive rate. It reads
+    """The calibrated check: a template, the statistic's threshold at the calibrated false-positive rate and the
+    alignment shift the threshold was set with (`shift[0]`; 0 for checks calibrated before the alignment). It reads
     each slice's bits/dim."""
 
     name: ClassVar[str] = "slice-order"
@@ -51,12 +80,26 @@ class SliceOrderCheck:
 
     template: np.ndarray
     threshold: float
+    shift: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
     @staticmethod
     def fit(sequences: Sequence[np.ndarray]) -> dict[str, list[float]]:
-        """The template of in-distribution sequences (n slices, 1)."""
-        return {"template": fit_template([s[:, 0] for s in sequences]).tolist()}
+        """The template of in-distribution sequences (n slices, 1), and `SHIFT`."""
+        return {"template": fit_template([s[:, 0] for s in sequences]).tolist(), "shift": [float(SHIFT)]}
 
     def statistic(self, sequence: np.ndarray) -> float:
         """`order_statistic` of a sequence (n slices, 1)."""
-        return order_statistic(sequence[:, 0], self.template)
+        return order_statistic(sequence[:, 0], self.template, int(self.shift[0]))
+
+
+@dataclass(frozen=True)
+class SliceDirectionCheck(SliceOrderCheck):
+    """The slice-order template read for direction (`direction_statistic`): the same fit, columns and threshold rule,
+    another statistic."""
+
+    name: ClassVar[str] = "slice-direction"
+    unlike: ClassVar[str] = "slices in the reverse direction of the calibration volumes"
+
+    def statistic(self, sequence: np.ndarray) -> float:
+        """`direction_statistic` of a sequence (n slices, 1)."""
+        return direction_statistic(sequence[:, 0], self.template, int(self.shift[0]))

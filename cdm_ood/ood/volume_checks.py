@@ -1,8 +1,10 @@
 """The gate's volume checks: statistics of a whole volume's slices that no slice score sees, each fitted on
 in-distribution volumes by calibration and thresholded at the calibrated false-positive rate (docs/ood.md).
 
-- `slice-order` (`slice_order`): the shape of the slices' bits/dim along the slice axis (superior-inferior flips,
-  interleaved slices).
+- `slice-order` (`slice_order`): the shape of the slices' bits/dim along the slice axis (interleaved slices,
+  superior-inferior flips of an asymmetric shape).
+- `slice-direction` (`slice_order`): how much better that shape matches the calibration template reversed than as
+  given (superior-inferior flips, even of a nearly symmetric shape).
 - `orientation` (`orientation_check`): the mean log-ratio of the slices to their mirror images and transposes (in-plane
   flips, rotations, swapped axes).
 
@@ -23,14 +25,14 @@ from torch import Tensor
 
 from ..likelihood import bits_per_dim
 from .orientation_check import RATIO_COLUMNS, OrientationCheck, log_ratios
-from .slice_order import SliceOrderCheck
+from .slice_order import SliceDirectionCheck, SliceOrderCheck
 
 MIN_SLICES = 8
 STATISTICS = ("bits_per_dim", *RATIO_COLUMNS)
 """Per-slice statistics in the report's rows: -log p_0 in bits/dim (eq. 10 at t = 0) and the orientation log-ratios."""
 
-VolumeCheck = Union[SliceOrderCheck, OrientationCheck]
-CHECKS: dict[str, type[VolumeCheck]] = {c.name: c for c in (SliceOrderCheck, OrientationCheck)}
+VolumeCheck = Union[SliceOrderCheck, SliceDirectionCheck, OrientationCheck]
+CHECKS: dict[str, type[VolumeCheck]] = {c.name: c for c in (SliceOrderCheck, SliceDirectionCheck, OrientationCheck)}
 
 Slot = Optional[tuple[Hashable, int]]
 """Where an image sits: (the sequence it belongs to, e.g. a volume and time point; its slice index), or None."""
