@@ -9,12 +9,12 @@ their mirror images and transposes (in-plane flips, rotations, swapped axes), ea
         [OOD_DIR ...] [--name volume-checks]
 
 A copy of the checkpoint is calibrated on the clean volumes below --calibrate (as `cdm-ood calibrate` does: every
-detector and check, half of the volumes held out, fpr 0.05; no OOD example), then every set of --data (pooled over
-the folders given: independent draws of the same sets, so that no single lucky draw of a few volumes makes the
-table) is scored by the gate's own code (`cdm_ood.ood.batch.score_sources`). Prints the table block --name:
-volume-level AUROC per set (its clean volumes in distribution) of each check's statistic and, for reference, of the
-`nll` and default detectors' volume scores (the mean over slices), and the fraction of each set's volumes the gate
-does not pass without the checks, with each one, and with all (the gate as shipped).
+detector and check, half of the volumes held out, fpr 0.05 shared by the checks; no OOD example), then every set of
+--data (pooled over the folders given: independent draws of the same sets, so that no single lucky draw of a few
+volumes makes the table) is scored by the gate's own code (`cdm_ood.ood.batch.score_sources`). Prints the table
+block --name: volume-level AUROC per set (its clean volumes in distribution) of each check's statistic and, for
+reference, of the `nll` and default detectors' volume scores (the mean over slices), and the fraction of each set's
+volumes the gate does not pass without the checks, with each one, and with all (the gate as shipped).
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def main() -> None:
                        f"{stats['clean'][c.name].max():.3f})" for c in checks)  # fmt: skip
     emit(args.name, "\n\n".join([
         markdown(["volume-level AUROC", *names], auroc),
-        f"Volumes not passed by the gate (threshold and checks at fpr {detector.fpr}; `clean`: the false-positive "
-        "rate):",
+        f"Volumes not passed by the gate (threshold at fpr {detector.fpr}, the {len(checks)} checks sharing it: "
+        f"{detector.fpr / len(checks):.3g} each; `clean`: the false-positive rate):",
         markdown(["gate", *sets], gate),
         f"Calibrated on {n} slices of the volumes below `{args.calibrate}`; {ranges}; {len(stats['clean']['nll'])} "
         f"clean test volumes, and as many of each set, below {', '.join(f'`{d}`' for d in args.data)}.",

@@ -64,9 +64,9 @@ class OODDetector:
     A calibration fitted on whole volumes holds volume checks (`cdm_ood.ood.volume_checks`): a volume's row is then
     `ood` too when the shape of its slices' bits/dim along the slice axis (`slice-order`; `slice-direction`: that
     shape read for direction) or the mean log-ratio of its slices to their mirror images and transposes
-    (`orientation`) is unlike the calibration volumes' (at the threshold's false-positive rate). `volume_checks`
-    names the checks to apply (default: all calibrated ones); leave one out for series that cover less or other
-    anatomy, or another in-plane orientation, than the calibration volumes.
+    (`orientation`) is unlike the calibration volumes' (the checks share the threshold's false-positive rate).
+    `volume_checks` names the checks to apply (default: all calibrated ones); leave one out for series that cover
+    less or other anatomy, or another in-plane orientation, than the calibration volumes.
     """
 
     def __init__(
@@ -118,7 +118,7 @@ class OODDetector:
 
     def set_threshold(self, spec: str | float) -> float:
         """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units; the volume checks (those
-        calibrated and on) take the same false-positive rate (the calibrated one for a number)."""
+        calibrated and on) share the same false-positive rate (the calibrated one for a number), each at its 1/k."""
         self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
         names = self.use_checks if self.unit == "slice" else ()
         self.checks = load_volume_checks(self.model.calibration, spec, names)

@@ -90,8 +90,9 @@ def fit_volume_checks(
     """Every volume check (`volume_checks`) whose per-image statistics hold finite values, cross-fitted on the
     calibration split: fitted on the sequences of one side, it scores those of the other, both ways round, so every
     calibration volume gets an out-of-sample statistic (a volume check has a few volumes, not thousands of slices,
-    to set its threshold from); the check kept is fitted on all of them. A check is left out (logged) when either
-    side has fewer than two sequences of `volume_checks.MIN_SLICES` scored slices."""
+    to set its threshold from); the check kept is fitted on all of them. A warning says when the volumes are too few
+    for a threshold at the check's share of `fpr`. A check is left out (logged) when either side has fewer than two
+    sequences of `volume_checks.MIN_SLICES` scored slices."""
     fits = {}
     on = [np.asarray(held) == side for side in (False, True)]
     placed = [[s for s, k in zip(slots, m, strict=True) if k] for m in on]
@@ -102,11 +103,12 @@ def fit_volume_checks(
             log.info("no %s check: it needs at least 2 volumes of %d or more scored slices on each side of the "
                      "calibration split, found %d and %d", name, MIN_SLICES, *map(len, sides))  # fmt: skip
             continue
-        warn_if_too_few(sum(map(len, sides)), fpr, f"volumes for the {name} check", share=1)
         scores = [_built(name, check.fit(fitted), math.inf).statistic(s)
                   for fitted, scored in (sides, sides[::-1]) for s in scored]  # fmt: skip
         params = check.fit(sides[0] + sides[1])
         fits[name] = VolumeCheckFit({k: tuple(v) for k, v in params.items()}, tuple(scores))
+    for name, fit in fits.items():  # the checks share the rate (`load_volume_checks`)
+        warn_if_too_few(len(fit.id_scores), fpr / len(fits), f"volumes for the {name} check", share=1)
     return fits
 
 
@@ -166,15 +168,16 @@ def _fraction(text: str) -> float:
 def load_volume_checks(
     calibration: Optional[Calibration], spec: str | float, names: Sequence[str]
 ) -> tuple[VolumeCheck, ...]:
-    """The calibrated volume checks among `names`, each with its threshold at the false-positive rate of the threshold
-    `spec` (that of `fpr:<x>`; the calibrated rate for `auto` or a number)."""
+    """The calibrated volume checks among `names`, sharing the false-positive rate of the threshold `spec` (that of
+    `fpr:<x>`; the calibrated rate for `auto` or a number): each of the k checks found takes its threshold at 1/k of
+    it (Bonferroni), so that together they stop at most about that rate of in-distribution volumes."""
     if calibration is None:
         return ()
     text = str(spec).strip()
     fpr = _fraction(text[4:]) if text.startswith("fpr:") else calibration.fpr
-    fits = calibration.volume_checks
-    return tuple(_built(name, fits[name].params, threshold_at_fpr(np.asarray(fits[name].id_scores), fpr))
-                 for name in names if name in fits)  # fmt: skip
+    fits = {name: calibration.volume_checks[name] for name in names if name in calibration.volume_checks}
+    return tuple(_built(name, fit.params, threshold_at_fpr(np.asarray(fit.id_scores), fpr / len(fits)))
+                 for name, fit in fits.items())  # fmt: skip
 
 
 def _built(name: str, params: Mapping[str, Sequence[float]], threshold: float) -> VolumeCheck:

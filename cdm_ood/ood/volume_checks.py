@@ -1,5 +1,6 @@
 """The gate's volume checks: statistics of a whole volume's slices that no slice score sees, each fitted on
-in-distribution volumes by calibration and thresholded at the calibrated false-positive rate (docs/ood.md).
+in-distribution volumes by calibration and thresholded at its share of the calibrated false-positive rate
+(docs/ood.md).
 
 - `slice-order` (`slice_order`): the shape of the slices' bits/dim along the slice axis (interleaved slices,
   superior-inferior flips of an asymmetric shape).
