@@ -112,8 +112,8 @@ def motion_slices(unit: np.ndarray, degrees: float, seed: int, time: float = MOT
     phase-encoding direction, as TorchIO `RandomMotion` mixes k-space lines: the lines are acquired from one edge of
     k-space to the other, those before `time` (a fraction of the lines) come from one copy and the rest from the
     other: the unmoved copy fills the first part for `time` above 0.5 and the second otherwise (TorchIO's rule, so at
-    `MOTION_TIME` the centre line is unmoved). The moved copy is rotated by `degrees`
-    and shifted by `degrees` percent of the field of view; `seed` draws the direction of the move."""
+    `MOTION_TIME` the centre line is unmoved). The moved copy is rotated by `degrees` and shifted by `degrees` percent
+    of the field of view; `seed` draws the direction of the move."""
     import torch
 
     sign = np.random.default_rng(seed).choice([-1.0, 1.0], size=2)
