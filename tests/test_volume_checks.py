@@ -23,8 +23,8 @@ from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_ch
 from cdm_ood.ood.features import compute_features
 from cdm_ood.ood.orientation_check import RATIO_COLUMNS
 from cdm_ood.ood.slice_order import SHIFT, direction_statistic, fit_template, order_statistic, shape
-from cdm_ood.ood.volume_checks import MIN_SLICES, image_statistics, ordered_sequences
-from cdm_ood.spec import Calibration
+from cdm_ood.ood.volume_checks import MIN_SLICES, STATISTICS, image_statistics, ordered_sequences
+from cdm_ood.spec import Calibration, VolumeCheckFit
 
 SIZE, SLICES = 16, 12
 SCHEDULE = NoiseSchedule.linear(200)
@@ -93,6 +93,8 @@ def test_log_ratios_are_the_closed_form_density_ratios_to_the_mirror_images():
     assert (stats["vflip_log_ratio"] > 0).all(), "the rows' ramp is steeper: each slice is likelier as given"
     without = image_statistics(compute_features(ORIENTED, x, SCHEDULE, ("profile", "flips")), 16, 8)
     assert np.isnan(without["transpose_log_ratio"]).all() and np.isfinite(without["bits_per_dim"]).all()
+    for column in RATIO_COLUMNS[:2]:  # no transposes (a non-square grid): the mirror ratios all the same
+        np.testing.assert_array_equal(without[column], stats[column])
 
 
 def _volumes(n: int, seed: int, move=lambda x: x) -> tuple[dict[str, np.ndarray], list]:
@@ -129,7 +131,7 @@ def test_calibration_fits_the_check_on_whole_volumes_and_round_trips(volumes, sl
     groups = [v for v in range(volumes) for _ in range(slices)]
     slots = [((v, None), k) for v in range(volumes) for k in range(slices)]
     cal = calibrate({"profile": _profiles(volumes, slices)}, 16, 8, 0.05, ["nll"], "nll", groups, slots=slots)
-    assert list(cal.volume_checks) == (["slice-order", "slice-direction"] if fitted else []), "no flips: no orientation"
+    assert list(cal.volume_checks) == (["slice-order"] if fitted else []), "no flips: no direction, no orientation"
     assert Calibration.from_dict(cal.to_dict()) == cal
     if fitted:
         fit = cal.volume_checks["slice-order"]
@@ -137,16 +139,11 @@ def test_calibration_fits_the_check_on_whole_volumes_and_round_trips(volumes, sl
         (check,) = load_volume_checks(cal, "auto", ["slice-order", "orientation"])
         assert check.threshold == max(fit.id_scores)  # 8 at fpr 0.05: the largest
         assert load_volume_checks(cal, "fpr:0.25", ["slice-order"])[0].threshold == sorted(fit.id_scores)[-3]
-        shared = load_volume_checks(cal, "fpr:0.25", ["slice-order", "slice-direction"])
-        assert shared[0].threshold == sorted(fit.id_scores)[-2], "two checks share the rate: 0.125 each"
-        assert shared[1].threshold == sorted(cal.volume_checks["slice-direction"].id_scores)[-2]
         assert load_volume_checks(cal, 3.0, ["slice-order"])[0].threshold == check.threshold  # the calibrated rate
         assert load_volume_checks(cal, "auto", ["orientation"]) == ()
         assert max(fit.id_scores) < 0.05
         reversed_ = _profiles(1, slices, reverse=True)[:, :1].neg().numpy()
         assert check.statistic(reversed_) > check.threshold + 1.0
-        (direction,) = load_volume_checks(cal, "auto", ["slice-direction"])
-        assert direction.threshold < 0 and direction.statistic(reversed_) > direction.threshold + 1.0, "reversed"
         legacy = cal.to_dict() | {"slice_order": {"template": list(fit.params["template"]),
                                                   "id_scores": list(fit.id_scores)}, "volume_checks": {}}  # fmt: skip
         old = Calibration.from_dict(legacy)
@@ -158,6 +155,49 @@ def test_calibration_fits_the_check_on_whole_volumes_and_round_trips(volumes, sl
         assert unaligned.statistic(higher) == order_statistic(higher[:, 0], check.template, 0) > check.statistic(higher)
     no_slots = calibrate({"profile": _profiles(volumes, slices)}, 16, 8, 0.05, ["nll"], "nll", groups)
     assert no_slots.volume_checks == {}
+
+
+def _direction_statistics(volumes: int, slices: int, flat_ratio: bool = False) -> dict[str, np.ndarray]:
+    """Per-slice statistics of `volumes` volumes: bits/dim rising and falling a little before mid-slab (nearly
+    symmetric), the vertical log-ratio falling along the slices (or flat), plus a little noise; no other ratios."""
+    rng = np.random.default_rng(1)
+    z = np.linspace(0, 1, slices)
+    bits = [3 + np.exp(-((z - 0.45) ** 2) / 0.05) + rng.normal(0, 0.01, slices) for _ in range(volumes)]
+    ratio = [(0.0 if flat_ratio else 1 - 2 * z) + rng.normal(0, 0.01, slices) for _ in range(volumes)]
+    stats = {c: np.full(volumes * slices, np.nan) for c in STATISTICS}
+    return stats | {"bits_per_dim": np.concatenate(bits), "vflip_log_ratio": np.concatenate(ratio)}
+
+
+def test_the_direction_check_averages_its_columns_and_shares_the_rate_with_the_slice_order_check():
+    """Fitted on the bits/dim and the vertical log-ratio: its statistic is the mean of the two columns'
+    `direction_statistic`s against their own templates; a reversed volume gets minus its value, far above the
+    threshold; a flat ratio (a model invariant to vertical flips) leaves the likelihood's half. The two slice checks
+    share fpr 0.25 of 8 volumes (0.125 each: the second largest). A template stored with one column (the check
+    before it read the ratio) is refused with a clear error."""
+    volumes, slices = 8, 12
+    slots = [((v, None), k) for v in range(volumes) for k in range(slices)]
+    fits = fit_volume_checks(_direction_statistics(volumes, slices), slots, [v % 2 == 1 for (v, _), _ in slots], 0.05)
+    assert set(fits) == {"slice-order", "slice-direction"}, "no horizontal or transpose ratios: no orientation"
+    cal = Calibration(0.05, "nll", 1, {}, volume_checks=fits)
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    (direction,) = load_volume_checks(cal, "auto", ["slice-direction"])
+    assert len(direction.template) == 2 * 16 and direction.threshold == max(fits["slice-direction"].id_scores) < 0
+    new = _direction_statistics(1, 20)
+    sequence = np.stack([new["bits_per_dim"], new["vflip_log_ratio"]], axis=1)
+    templates = direction.template.reshape(2, 16)
+    parts = [direction_statistic(sequence[:, j], templates[j]) for j in range(2)]
+    assert direction.statistic(sequence) == pytest.approx(np.mean(parts), rel=1e-12)
+    assert direction.statistic(sequence[::-1]) == pytest.approx(-direction.statistic(sequence), rel=1e-12)
+    assert direction.statistic(sequence[::-1]) > direction.threshold + 1.0, "reversed"
+    flat = _direction_statistics(1, 20, flat_ratio=True)
+    flat_sequence = np.stack([flat["bits_per_dim"], np.zeros(20)], axis=1)
+    assert direction.statistic(flat_sequence[::-1]) == pytest.approx(-parts[0] / 2, rel=1e-9), "the same bits/dim"
+    shared = load_volume_checks(cal, "fpr:0.25", ["slice-order", "slice-direction"])
+    assert [c.threshold for c in shared] == [sorted(fits[n].id_scores)[-2] for n in ("slice-order", "slice-direction")]
+    stale = {"template": fits["slice-direction"].params["template"][:16], "shift": (2.0,)}
+    old = Calibration(0.05, "nll", 1, {}, volume_checks={"slice-direction": VolumeCheckFit(stale, (0.0, 1.0))})
+    with pytest.raises(UsageError, match=r"slice-direction check's stored template has 16 values.*calibrate"):
+        load_volume_checks(old, "auto", ["slice-direction"])
 
 
 def _brain(rng: np.random.Generator) -> np.ndarray:
@@ -197,7 +237,8 @@ def test_score_stops_interleaved_and_transposed_series_by_the_volume_checks(chec
         with open(report, newline="") as f:
             rows = list(csv.DictReader(f))
         assert all(float(r["bits_per_dim"]) > 0 for r in rows if r["level"] == "slice")
-        assert all(bool(r[c]) != bool(flag) for r in rows for c in RATIO_COLUMNS), "the log-ratios: only when on"
+        assert all(bool(r["transpose_log_ratio"]) != bool(flag) for r in rows), "the transposes: only when on"
+        assert all(r["vflip_log_ratio"] for r in rows if r["level"] == "slice"), "`combined` has the mirror images"
         verdicts[len(flag)] = {r["path"].split("/")[-1]: (r["verdict"], r["reason"]) for r in rows
                                if r["level"] == "volume"}  # fmt: skip
     assert verdicts[0]["clean.nii.gz"][0] == "in"

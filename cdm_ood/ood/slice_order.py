@@ -12,9 +12,11 @@ A slab whose shape is nearly symmetric (in the brain, likeliest mid-slab) correl
 well reversed: its slice-order statistic barely moves under a superior-inferior flip. The `slice-direction`
 statistic asks instead how much better the shape correlates (aligned) with the template reversed than as given, as
 the orientation check compares a slice with its mirror image: a reversed volume gets exactly minus its own value.
-Both are gate volume checks (`volume_checks`) and assume that the volumes cover the same anatomy as the calibration
-volumes (docs/ood.md). A check stores the shift it was calibrated with; one stored without (before the alignment)
-keeps its unaligned statistic, the one its threshold was set on.
+It reads a second sequence as well, each slice's log-ratio to its vertical mirror image, whose shape along the
+slice axis is far from symmetric in the brain, and averages the two columns' statistics. Both are gate volume
+checks (`volume_checks`) and assume that the volumes cover the same anatomy as the calibration volumes
+(docs/ood.md). A check stores the shift it was calibrated with; one stored without (before the alignment) keeps
+its unaligned statistic, the one its threshold was set on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+
+from ..errors import UsageError
 
 BINS = 16
 SHIFT = 2  # bins the template may be moved either way (1/8 of the slab each way)
@@ -69,9 +73,9 @@ def direction_statistic(sequence: np.ndarray, template: np.ndarray, shift: int =
 
 @dataclass(frozen=True)
 class SliceOrderCheck:
-    """The calibrated check: a template, the statistic's threshold at the calibrated false-positive rate and the
-    alignment shift the threshold was set with (`shift[0]`; 0 for checks calibrated before the alignment). It reads
-    each slice's bits/dim."""
+    """The calibrated check: a template per column (`BINS` values each, stored one after the other), the statistic's
+    threshold at the calibrated false-positive rate and the alignment shift the threshold was set with (`shift[0]`;
+    0 for checks calibrated before the alignment). It reads each slice's bits/dim."""
 
     name: ClassVar[str] = "slice-order"
     columns: ClassVar[tuple[str, ...]] = ("bits_per_dim",)
@@ -82,24 +86,42 @@ class SliceOrderCheck:
     threshold: float
     shift: np.ndarray = field(default_factory=lambda: np.zeros(1))
 
-    @staticmethod
-    def fit(sequences: Sequence[np.ndarray]) -> dict[str, list[float]]:
-        """The template of in-distribution sequences (n slices, 1), and `SHIFT`."""
-        return {"template": fit_template([s[:, 0] for s in sequences]).tolist(), "shift": [float(SHIFT)]}
+    def __post_init__(self) -> None:
+        if self.template.size != BINS * len(self.columns):
+            raise UsageError(f"the {self.name} check's stored template has {self.template.size} values, not {BINS} "
+                             f"for each of its columns {self.columns}: it was calibrated by an earlier version; "
+                             "run `cdm-ood calibrate` again")  # fmt: skip
+
+    @classmethod
+    def fit(cls, sequences: Sequence[np.ndarray]) -> dict[str, list[float]]:
+        """The templates of in-distribution sequences (n slices, one value per column), and `SHIFT`."""
+        templates = [fit_template([s[:, j] for s in sequences]) for j in range(len(cls.columns))]
+        return {"template": np.concatenate(templates).tolist(), "shift": [float(SHIFT)]}
 
     def statistic(self, sequence: np.ndarray) -> float:
-        """`order_statistic` of a sequence (n slices, 1)."""
-        return order_statistic(sequence[:, 0], self.template, int(self.shift[0]))
+        """The mean over the columns of `measure` of each column of a sequence (n slices, columns) against its
+        template."""
+        templates = self.template.reshape(len(self.columns), BINS)
+        return float(np.mean([self.measure(sequence[:, j], t, int(self.shift[0])) for j, t in enumerate(templates)]))
+
+    @staticmethod
+    def measure(sequence: np.ndarray, template: np.ndarray, shift: int) -> float:
+        return order_statistic(sequence, template, shift)
 
 
 @dataclass(frozen=True)
 class SliceDirectionCheck(SliceOrderCheck):
-    """The slice-order template read for direction (`direction_statistic`): the same fit, columns and threshold rule,
-    another statistic."""
+    """`direction_statistic` of the slices' bits/dim and of their vertical mirror log-ratios
+    (`orientation_check.log_ratios`: how much more likely each slice is upright than upside down), averaged: the same
+    fit and threshold rule, another statistic. The mirror ratio's shape along the slice axis is far less symmetric
+    in the brain than the likelihood's (docs/ood.md); a model trained to be invariant to vertical flips has a flat
+    ratio, which adds nothing, and the likelihood's shape still counts."""
 
     name: ClassVar[str] = "slice-direction"
+    columns: ClassVar[tuple[str, ...]] = ("bits_per_dim", "vflip_log_ratio")
+    needs: ClassVar[tuple[str, ...]] = ("profile", "flips")
     unlike: ClassVar[str] = "slices in the reverse direction of the calibration volumes"
 
-    def statistic(self, sequence: np.ndarray) -> float:
-        """`direction_statistic` of a sequence (n slices, 1)."""
-        return direction_statistic(sequence[:, 0], self.template, int(self.shift[0]))
+    @staticmethod
+    def measure(sequence: np.ndarray, template: np.ndarray, shift: int) -> float:
+        return direction_statistic(sequence, template, shift)

@@ -4,8 +4,9 @@ in-distribution volumes by calibration and thresholded at its share of the calib
 
 - `slice-order` (`slice_order`): the shape of the slices' bits/dim along the slice axis (interleaved slices,
   superior-inferior flips of an asymmetric shape).
-- `slice-direction` (`slice_order`): how much better that shape matches the calibration template reversed than as
-  given (superior-inferior flips, even of a nearly symmetric shape).
+- `slice-direction` (`slice_order`): how much better that shape, and that of the slices' vertical mirror log-ratios,
+  match the calibration templates reversed than as given (superior-inferior flips, even of a nearly symmetric
+  likelihood shape).
 - `orientation` (`orientation_check`): the mean log-ratio of the slices to their mirror images and transposes (in-plane
   flips, rotations, swapped axes).
 
@@ -17,11 +18,13 @@ slices are not checked. A slice model's calibration fits every check its data al
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Optional, Union
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..likelihood import bits_per_dim
@@ -41,14 +44,16 @@ Slot = Optional[tuple[Hashable, int]]
 
 def image_statistics(features: Mapping[str, Tensor], num_dims: int, bit_depth: int) -> dict[str, np.ndarray]:
     """`STATISTICS` of each image (N,): bits/dim where the features hold the profile, the log-ratios
-    (`orientation_check.log_ratios`) where they also hold the flips of 2D images and their transposes; NaN otherwise."""
+    (`orientation_check.log_ratios`) where they also hold the flips of 2D images (the transpose's where they hold
+    the transposes too); NaN otherwise."""
     n = len(next(iter(features.values())))
     out = {column: np.full(n, np.nan) for column in STATISTICS}
     if "profile" in features:
         log_p0 = features["profile"][:, 0].double()
         out["bits_per_dim"] = bits_per_dim(log_p0, num_dims, bit_depth).numpy()
-        if "flips" in features and "transpose" in features and features["flips"].shape[1] == 2:
-            ratios = log_ratios(log_p0, features["flips"], features["transpose"], num_dims)
+        if "flips" in features and features["flips"].shape[1] == 2:
+            transposed = features.get("transpose", torch.full((n, 1), math.nan, dtype=torch.float64))
+            ratios = log_ratios(log_p0, features["flips"], transposed, num_dims)
             out.update(zip(RATIO_COLUMNS, ratios.T.numpy(), strict=True))
     return out
 
