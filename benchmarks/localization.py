@@ -6,14 +6,16 @@ The CDM of `benchmarks/ood_baselines.py` (same data, architecture and budget) is
 slices; its `map` detector is fitted on the validation slices. Each test volume then gets one defect of each kind
 of `cdm_ood.data.defects` (metal with streaks, lesion, foreign object, local ghost) with its mask. Per kind, over
 the slices the defect touches: pixel-level AUROC of the map (`MapDetector.anomaly_maps`, the map `score --maps`
-writes) against the mask and the fraction of maps whose peak lies inside the mask
+writes) against the mask, also unsmoothed and, for comparison, of the detection map (`MapDetector.maps`, per-pixel
+standardised) smoothed alike, and the fraction of maps whose peak lies inside the mask
 (`cdm_ood.ood.metrics.localization_metrics`); and the slice-level AUROC of the `map` and `combined` detectors
 against the clean test slices.
 
 `--development` first draws the defects on 4 volumes of another seed (a development set, never reported) and prints
-the mean pixel AUROC over the defect kinds for each candidate width of the maps' Gaussian smoothing: the set on
-which `MapDetector.smoothing` was chosen. Prints a markdown table, saves a gallery of overlays (image,
-map, mask per row) and logs everything to MLflow (experiment `cdm-ood-localization`).
+the mean pixel AUROC over the defect kinds for each candidate width of the maps' Gaussian smoothing and each
+standardisation of the errors (pooled over pixels or per pixel): the set on which `MapDetector.smoothing` and the
+pooled standardisation of `MapDetector.anomaly_maps` were chosen. Prints a markdown table, saves a gallery of
+overlays (image, map, mask per row) and logs everything to MLflow (experiment `cdm-ood-localization`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cdm_ood.data.defects import DEFECTS, draw_defect
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.presets import ct_preset
 from cdm_ood.figures import save_png
-from cdm_ood.ood.detectors import DETECTORS, required_features
+from cdm_ood.ood.detectors import DETECTORS, required_features, smoothed
 from cdm_ood.ood.features import batched_features
 from cdm_ood.ood.map_outputs import overlay
 from cdm_ood.ood.metrics import localization_metrics, ood_metrics
@@ -49,7 +51,11 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, default=Path("docs/img"))
     parser.add_argument("--out", type=Path, default=Path("runs/localization"), help="Table (markdown, JSON).")
     parser.add_argument("--no-tracking", action="store_true", help="Do not log the run to MLflow.")
-    parser.add_argument("--development", action="store_true", help="Choose the maps' smoothing on a development set.")
+    parser.add_argument(
+        "--development",
+        action="store_true",
+        help="Choose the maps' smoothing and standardisation on a development set.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     volumes = tuple(int(v) for v in args.volumes.split(","))
@@ -78,8 +84,11 @@ def main() -> None:
         f = features(x)
         maps = detectors["map"].anomaly_maps(f).numpy()
         row = {"defect": kind, "slices": int(touched.sum()), **localization_metrics(list(maps), list(masks[touched]))}
-        raw = localization_metrics(list(detectors["map"].maps(f).numpy()), list(masks[touched]))
-        row["pixel_auroc_unsmoothed"] = raw["pixel_auroc"]
+        for key, other in (
+            ("unsmoothed", detectors["map"].anomaly_maps(f, 0.0)),
+            ("per_pixel", smoothed(detectors["map"].maps(f), detectors["map"].smoothing)),
+        ):
+            row[f"pixel_auroc_{key}"] = localization_metrics(list(other.numpy()), list(masks[touched]))["pixel_auroc"]
         for name, d in detectors.items():
             row[f"auroc_{name}"] = ood_metrics(clean_scores[name], d.score(f).numpy())["auroc"]
         rows.append(row)
@@ -103,30 +112,36 @@ def main() -> None:
                     metrics | {"train_seconds": seconds}, files)  # fmt: skip
 
 
-def choose_smoothing(detector, features, seed: int, widths=(0.0, 0.5, 0.75, 1.0, 1.5, 2.0)) -> None:
-    """Print the mean pixel AUROC over the defect kinds, on 4 development volumes of another seed, for each width."""
+def choose_smoothing(detector, features, seed: int, widths=(0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0)) -> None:
+    """Print the mean pixel AUROC over the defect kinds, on 4 development volumes of another seed, for each width
+    and each standardisation of the errors: pooled over pixels (`MapDetector.anomaly_maps`) or per pixel (the
+    detection map `MapDetector.maps`)."""
     rng = np.random.default_rng(seed + 10_000)
     volumes = [phantom_volume(rng, 32, 16, "ct") for _ in range(4)]
-    found: dict[float, list[float]] = {w: [] for w in widths}
+    found: dict[tuple[str, float], list[float]] = {(k, w): [] for k in ("pooled", "per-pixel") for w in widths}
     for kind in DEFECTS:
         drawn = [draw_defect(v, kind, 10_000 + 1000 * seed + i, "ct") for i, v in enumerate(volumes)]
         masks = np.concatenate([m for _, m in drawn])
         touched = masks.reshape(len(masks), -1).any(1)
         f = features(model_space(np.concatenate([v for v, _ in drawn])[touched][:, None], ct_preset()))
-        for width in widths:
-            maps = list(detector.anomaly_maps(f, width).numpy())
-            found[width].append(localization_metrics(maps, list(masks[touched]))["pixel_auroc"])
-    for width, aurocs in found.items():
-        print(f"smoothing {width} px: mean pixel AUROC {np.mean(aurocs):.3f} (min {np.min(aurocs):.3f})")
-    print(f"best: {max(found, key=lambda w: np.mean(found[w]))} px")
+        for (standardised, width), aurocs in found.items():
+            maps = detector.anomaly_maps(f, width) if standardised == "pooled" else smoothed(detector.maps(f), width)
+            aurocs.append(localization_metrics(list(maps.numpy()), list(masks[touched]))["pixel_auroc"])
+    for (standardised, width), aurocs in found.items():
+        print(
+            f"{standardised} z, smoothing {width} px: mean pixel AUROC {np.mean(aurocs):.3f} (min {np.min(aurocs):.3f})"
+        )
+    best = max(found, key=lambda k: np.mean(found[k]))
+    print(f"best: {best[0]} z, {best[1]} px")
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| defect | slices | pixel AUROC | pixel AUROC unsmoothed | peak in mask | slice AUROC map | "
-             "slice AUROC combined |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| defect | slices | pixel AUROC | pixel AUROC unsmoothed | pixel AUROC per-pixel z | peak in mask | "
+             "slice AUROC map | slice AUROC combined |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['defect']} | {r['slices']} | {r['pixel_auroc']:.3f} | {r['pixel_auroc_unsmoothed']:.3f} | "
-                     f"{r['peak_in_mask']:.3f} | {r['auroc_map']:.3f} | {r['auroc_combined']:.3f} |")  # fmt: skip
+                     f"{r['pixel_auroc_per_pixel']:.3f} | {r['peak_in_mask']:.3f} | {r['auroc_map']:.3f} | "
+                     f"{r['auroc_combined']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 

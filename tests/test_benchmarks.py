@@ -365,13 +365,15 @@ def test_localization_measures_every_defect(tmp_path):
     assert [r["defect"] for r in rows] == ["metal-streak", "lesion", "foreign-object", "local-ghost"]
     assert all(0 <= r["peak_in_mask"] <= 1 and r["slices"] > 0 for r in rows)
     assert all(r["pixel_auroc"] > 0.6 for r in rows), "even a barely trained map is higher on the defects' pixels"
-    assert "| defect | slices | pixel AUROC | pixel AUROC unsmoothed |" in out and "| local-ghost |" in out
+    assert "| defect | slices | pixel AUROC | pixel AUROC unsmoothed | pixel AUROC per-pixel z |" in out
+    assert "| local-ghost |" in out
     assert (tmp_path / "img" / "localization-phantoms.png").stat().st_size > 1000
-    widths = re.findall(r"smoothing ([\d.]+) px: mean pixel AUROC ([\d.]+)", out)  # --development
-    assert [float(w) for w, _ in widths] == [0.0, 0.5, 0.75, 1.0, 1.5, 2.0]
-    means = {float(w): float(m) for w, m in widths}
-    best = float(re.search(r"best: ([\d.]+) px\n", out)[1])
-    assert means[best] == max(means.values()), "the printed choice has the best mean on the set"
+    candidates = re.findall(r"(pooled|per-pixel) z, smoothing ([\d.]+) px: mean pixel AUROC ([\d.]+)", out)
+    widths = [0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]  # --development
+    assert [(k, float(w)) for k, w, _ in candidates] == [(k, w) for k in ("pooled", "per-pixel") for w in widths]
+    means = {(k, float(w)): float(m) for k, w, m in candidates}
+    best = re.search(r"best: (pooled|per-pixel) z, ([\d.]+) px\n", out)
+    assert means[best[1], float(best[2])] == max(means.values()), "the printed choice has the best mean on the set"
 
 
 def test_train_time_reads_the_run_it_leaves(tmp_path):

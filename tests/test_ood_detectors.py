@@ -137,10 +137,44 @@ def test_map_is_high_where_the_image_departs_from_the_data():
     assert (maps.flatten(1).argmax(1) == 1 * 4 + 2).double().mean() > 0.9
 
 
+def test_the_pooled_scale_is_the_deviation_about_each_pixels_mean_over_all_pixels():
+    """`pooled_scale`, per level: the root mean square of log(1 + error) less its own pixel's mean over every image
+    and pixel, with n - 1 per pixel (the per-pixel deviations' denominator)."""
+    n = 20
+    levels = torch.tensor([1.0, 4.0]).view(2, 1, 1, 1)  # two levels of different error scales
+    errors = torch.rand(n, 2, 1, 6, 5, generator=torch.Generator().manual_seed(0)).square() * levels
+    detector = DETECTORS["map"](30).fit({"errors": errors})
+    logs = errors.log1p()
+    about = (logs - logs.mean(0)).square().sum(dim=(0, 2, 3, 4)) / (30 * (n - 1))
+    assert detector.pooled_scale().shape == (2, 1, 1, 1)
+    assert torch.allclose(detector.pooled_scale().flatten(), about.sqrt(), rtol=1e-5)
+    assert detector.pooled_scale()[1] > 2 * detector.pooled_scale()[0]
+
+
+def test_the_localisation_map_is_not_fooled_by_pixels_whose_error_never_varies():
+    """Half of every in-distribution image is like air (log error 0.01, deviation 0.001), half like tissue (0.5,
+    deviation 0.2). A new image with a slightly higher error in the air (0.02) and a defect in the tissue (1.5): the
+    per-pixel standardised detection map peaks in the air (z = 10), the localisation map (pooled deviation, about
+    0.14) at the defect."""
+    g = torch.Generator().manual_seed(1)
+    logs = torch.cat([0.01 + 0.001 * torch.randn(200, 1, 1, 8, 4, generator=g),
+                      0.5 + 0.2 * torch.randn(200, 1, 1, 8, 4, generator=g)], dim=-1).clamp_min(0)  # fmt: skip
+    detector = DETECTORS["map"](64).fit({"errors": logs.expm1()})
+    new = torch.cat([torch.full((1, 1, 1, 8, 4), 0.02), torch.full((1, 1, 1, 8, 4), 0.5)], dim=-1)
+    new[..., 4, 6] = 1.5
+    for maps, peak in (
+        (detector.maps({"errors": new.expm1()}), "air"),
+        (detector.anomaly_maps({"errors": new.expm1()}, 0.0), "defect"),
+    ):
+        row, col = divmod(int(maps[0].argmax()), 8)
+        assert ((row, col) == (4, 6)) == (peak == "defect") and (col < 4) == (peak == "air"), peak
+
+
 @pytest.mark.parametrize("spatial", [(33, 33), (17, 17, 17)])
-def test_anomaly_maps_are_the_maps_smoothed_by_a_gaussian_of_the_stated_width(spatial):
+def test_anomaly_maps_are_the_pooled_maps_smoothed_by_a_gaussian_of_the_stated_width(spatial):
     """A map that is 1 at the centre pixel and 0 elsewhere (log1p(error) = 1 there against an in-distribution mean 0
-    and deviation 1) becomes a Gaussian: the same mass and centre, a variance of `smoothing`^2 along every axis."""
+    and deviation 1 at every pixel, so pooled too) becomes a Gaussian: the same mass and centre, a variance of
+    `smoothing`^2 along every axis."""
     detector = DETECTORS["map"](int(np.prod(spatial)))
     detector.mean, detector.std = torch.zeros(1, 1, *spatial), torch.ones(1, 1, *spatial)
     errors = torch.zeros(1, 1, 1, *spatial)

@@ -214,14 +214,29 @@ class ClassifierDetector(Detector):
         return -class_posterior(features["class_ll"].double().cpu()).exp().amax(1)
 
 
+def smoothed(maps: Tensor, width: float) -> Tensor:
+    """Maps (B, *spatial), 2D or 3D, smoothed over the spatial axes by a Gaussian of `width` pixels (MONAI's separable
+    filter, edges replicated; 0 leaves them as they are)."""
+    from monai.networks.layers import separable_filtering
+    from monai.networks.layers.convutils import gaussian_1d
+
+    kernel = gaussian_1d(torch.tensor(width), truncated=4.0)
+    return separable_filtering(maps[:, None], [kernel] * (maps.ndim - 1), mode="replicate")[:, 0]
+
+
 class MapDetector(Detector):
     """Where a scan is out of distribution: log(1 + squared denoising error) of each pixel at each level, standardised
     by its in-distribution mean and standard deviation at that pixel; the map (`maps`, (B, *spatial)) is the root
     mean square of these z-scores over levels and channels (about 1 in distribution). Two-sided: a region the
     denoiser recovers too well (a flat patch where texture belongs) stands out as much as one it cannot recover. The
-    score is the `quantile` of the map: high when any region is unlike the training data. The map shown and written
-    (`anomaly_maps`) is that map smoothed by a Gaussian of `smoothing` pixels: each pixel's statistic comes from one
-    noise draw, and a defect spans several pixels."""
+    score is the `quantile` of the map: high when any region is unlike the training data.
+
+    The map shown and written (`anomaly_maps`) answers where instead: each pixel's log error less its in-distribution
+    mean at that pixel, over the deviation pooled over all pixels of its level (`pooled_scale`), root mean square over
+    levels and channels, smoothed by a Gaussian of `smoothing` pixels. Pixels whose error is always low (air around
+    the body) have a tiny deviation of their own, so per-pixel z-scores make them noisy; and each pixel's error comes
+    from one noise draw, while a defect spans several pixels. Both choices come from a development defect set
+    (docs/ood.md)."""
 
     name = "map"
     needs = ("errors",)
@@ -240,22 +255,27 @@ class MapDetector(Detector):
         return self
 
     def maps(self, features: Features) -> Tensor:
-        """The anomaly map (B, *spatial): root mean square over levels and channels of the standardised
+        """The detection map (B, *spatial): root mean square over levels and channels of the per-pixel standardised
         log(1 + error)."""
+        return self._standardised_rms(features, self.mean, self.std)
+
+    def pooled_scale(self) -> Tensor:
+        """Per level and channel, the in-distribution deviation of log(1 + error) about its own pixel's mean, pooled
+        over the pixels (K, C, 1...): the root mean of the per-pixel variances."""
+        return self.std.square().mean(tuple(range(2, self.std.ndim)), keepdim=True).sqrt()
+
+    def anomaly_maps(self, features: Features, smoothing: Optional[float] = None) -> Tensor:
+        """The localisation map (B, *spatial): root mean square over levels and channels of log(1 + error) less its
+        pixel's in-distribution mean, over the level's `pooled_scale`, `smoothed` by a Gaussian of `smoothing` pixels
+        (default: the class's), 2D or 3D: where each image is out of distribution."""
+        width = self.smoothing if smoothing is None else smoothing
+        return smoothed(self._standardised_rms(features, self.mean, self.pooled_scale()), width)
+
+    def _standardised_rms(self, features: Features, mean: Tensor, scale: Tensor) -> Tensor:
         if self.mean.numel() == 0:
             raise NotFittedError("the map detector is not fitted: calibrate it on in-distribution data")
         errors = features["errors"].float().cpu().log1p()
-        return ((errors - self.mean) / self.std).square().mean(dim=(1, 2)).sqrt()
-
-    def anomaly_maps(self, features: Features, smoothing: Optional[float] = None) -> Tensor:
-        """`maps` smoothed over the spatial axes by a Gaussian of `smoothing` pixels (default: the class's; MONAI's
-        separable filter, edges replicated), 2D or 3D: where each image is out of distribution."""
-        from monai.networks.layers import separable_filtering
-        from monai.networks.layers.convutils import gaussian_1d
-
-        maps = self.maps(features)
-        kernel = gaussian_1d(torch.tensor(self.smoothing if smoothing is None else smoothing), truncated=4.0)
-        return separable_filtering(maps[:, None], [kernel] * (maps.ndim - 1), mode="replicate")[:, 0]
+        return ((errors - mean) / scale).square().mean(dim=(1, 2)).sqrt()
 
     def score(self, features: Features) -> Tensor:
         z = self.maps(features).flatten(1).double()
