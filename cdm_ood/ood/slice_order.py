@@ -106,6 +106,7 @@ class SliceOrderCheck:
 
     @staticmethod
     def measure(sequence: np.ndarray, template: np.ndarray, shift: int) -> float:
+        """The statistic of one column's sequence against its template: `order_statistic`."""
         return order_statistic(sequence, template, shift)
 
 
@@ -124,4 +125,5 @@ class SliceDirectionCheck(SliceOrderCheck):
 
     @staticmethod
     def measure(sequence: np.ndarray, template: np.ndarray, shift: int) -> float:
+        """The statistic of one column's sequence against its template: `direction_statistic`."""
         return direction_statistic(sequence, template, shift)
