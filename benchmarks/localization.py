@@ -124,8 +124,9 @@ def choose_smoothing(detector, features, seed: int, widths=(0.0, 0.5, 0.75, 1.0,
         masks = np.concatenate([m for _, m in drawn])
         touched = masks.reshape(len(masks), -1).any(1)
         f = features(model_space(np.concatenate([v for v, _ in drawn])[touched][:, None], ct_preset()))
+        unsmoothed = {"pooled": detector.anomaly_maps(f, 0.0), "per-pixel": detector.maps(f)}
         for (standardised, width), aurocs in found.items():
-            maps = detector.anomaly_maps(f, width) if standardised == "pooled" else smoothed(detector.maps(f), width)
+            maps = smoothed(unsmoothed[standardised], width)
             aurocs.append(localization_metrics(list(maps.numpy()), list(masks[touched]))["pixel_auroc"])
     for (standardised, width), aurocs in found.items():
         print(
