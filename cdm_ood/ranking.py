@@ -6,6 +6,11 @@ Criteria, higher = better:
   ||c - E[x | y]||^2 / d + tr Cov[x | y] / d: the Bayes estimate of the candidate's MSE (so of its PSNR order);
   the trace is the same for every candidate, so the score is -||c - E[x | y]||^2 / d. E[x | y] and posterior
   samples come from `posterior` (Tweedie for noise: one gradient evaluation per observation, not per candidate).
+- `candidate-posterior`: minus the expected squared error of c under the posterior restricted to the candidates,
+  sum_j w_j ||c - c_j||^2 / d with w_j = p(c_j | y) / sum_k p(c_k | y) from the `map` scores (Bayes' rule on
+  the candidate set: the Bayes risk when the truth is one of them). In high dimension the weights concentrate on
+  the most probable candidate, so candidates are in effect ordered by their distance to it. One forward pass per
+  candidate, no posterior samples.
 - `prior`: log p_0(x). Favours over-smoothed candidates: a blurred image is often *more* likely than a
   sharp one under an image prior, so rank against the observation when there is one.
 - `map`: log p_0(x) + log p(y | x), with y = A(x) + sigma n, n ~ N(0, I):
@@ -31,7 +36,7 @@ from .posterior import Operator, posterior_mean, posterior_samples
 from .sampling import matching_level
 from .schedules import NoiseSchedule
 
-CRITERIA = ("expected-mse", "prior", "map", "noisy-level")
+CRITERIA = ("expected-mse", "candidate-posterior", "prior", "map", "noisy-level")
 DEFAULT_CRITERION = "expected-mse"
 OPERATOR_SAMPLES = 8  # posterior samples for E[x | y] under a degradation operator (no closed form there)
 
@@ -56,20 +61,31 @@ def noisy_level_log_density(
     return profile[:, t] + x[0].numel() * math.log(alpha)
 
 
-def expected_quality(candidates: Tensor, samples: Tensor) -> dict[str, Tensor]:
-    """Per candidate (B,), averaged over posterior samples x_k: expected MSE, PSNR and SSIM (data range 2, images
-    in [-1, 1]). The expected MSE is ||c - mean_k x_k||^2 / d + the samples' spread, i.e. the Bayes risk."""
+def candidate_posterior_risk(candidates: Tensor, log_posterior: Tensor) -> tuple[Tensor, Tensor]:
+    """Expected MSE of each candidate (B,) under the posterior restricted to the candidates, and its weights:
+    w = softmax(log p(c_j | y) + const), risk_i = sum_j w_j ||c_i - c_j||^2 / d (Bayes' rule on the set)."""
+    weights = torch.softmax(log_posterior.double(), 0)
+    flat = candidates.flatten(1).double()
+    distances = (flat[:, None] - flat[None]).square().mean(2)  # (B, B) ||c_i - c_j||^2 / d, exact
+    return distances @ weights, weights
+
+
+def expected_quality(candidates: Tensor, samples: Tensor, weights: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Per candidate (B,), averaged over posterior samples x_k (uniformly, or with `weights` summing to 1):
+    expected MSE, PSNR and SSIM (data range 2, images in [-1, 1]). The expected MSE is
+    ||c - mean_k x_k||^2 / d + the samples' spread, i.e. the Bayes risk."""
     from monai.metrics import SSIMMetric
 
     pairs = candidates[:, None].expand(-1, len(samples), *candidates.shape[1:])
     draws = samples[None].expand_as(pairs)
-    mse = (pairs - draws).flatten(2).square().mean(2).double()  # (B, K)
+    mse = (pairs.double() - draws.double()).flatten(2).square().mean(2)  # (B, K)
     window = min(7, *candidates.shape[2:])
     ssim = SSIMMetric(spatial_dims=candidates.ndim - 2, data_range=2.0, reduction="none",
                       win_size=window - (window % 2 == 0))  # fmt: skip
     s = ssim(pairs.flatten(0, 1).float(), draws.flatten(0, 1).float()).reshape(mse.shape).double()
     psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
-    return {"expected_mse": mse.mean(1), "expected_psnr": psnr.mean(1), "expected_ssim": s.mean(1)}
+    w = torch.full((len(samples),), 1 / len(samples), dtype=torch.float64) if weights is None else weights.double()
+    return {"expected_mse": mse @ w, "expected_psnr": psnr @ w, "expected_ssim": s @ w}
 
 
 @dataclass
@@ -81,7 +97,8 @@ class Ranking:
     log_prior: Optional[Tensor] = None  # (B,) log p_0(x) in nats, for `prior` and `map`
     log_observation: Optional[Tensor] = None  # (B,) log p(y | x), for `map`
     posterior_mean: Optional[Tensor] = None  # (1, C, *spatial) E[x | y], for `expected-mse`
-    quality: Optional[dict[str, Tensor]] = None  # `expected_quality`, for `expected-mse` with posterior samples
+    quality: Optional[dict[str, Tensor]] = None  # `expected_quality`: expected-mse with samples, candidate-posterior
+    weights: Optional[Tensor] = None  # (B,) p(c | y) normalised over the candidates, for `candidate-posterior`
     samples: Optional[Tensor] = None  # (K, C, *spatial) the posterior samples behind `quality`
 
 
@@ -102,16 +119,16 @@ def rank_restorations(
     """Rank model-space candidates (B, C, *spatial) of one observation y, shaped like A(candidate) with or without
     its batch axis of 1.
 
-    `expected-mse` and `map` need `observed` and `sigma`; `noisy-level` needs `sigma` (the candidates' own noise
-    std); `prior` needs neither. sigma is in model units (data scaled to [-1, 1]). `expected-mse` draws `samples`
-    posterior samples (`steps` sampler steps each) for the expected PSNR / SSIM; under an `operator` it always
-    draws them (at least `OPERATOR_SAMPLES`), since E[x | y] is their mean.
+    `expected-mse`, `candidate-posterior` and `map` need `observed` and `sigma`; `noisy-level` needs `sigma` (the
+    candidates' own noise std); `prior` needs neither. sigma is in model units (data scaled to [-1, 1]).
+    `expected-mse` draws `samples` posterior samples (`steps` sampler steps each) for the expected PSNR / SSIM;
+    under an `operator` it always draws them (at least `OPERATOR_SAMPLES`), since E[x | y] is their mean.
     """
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
     if criterion != "prior" and (sigma is None or sigma <= 0):
         raise ValueError(f"criterion {criterion!r} needs a positive noise std sigma")
-    if criterion in ("map", "expected-mse") and observed is None:
+    if criterion in ("map", "expected-mse", "candidate-posterior") and observed is None:
         raise ValueError(f"criterion {criterion!r} needs the observed (degraded) image")
     y = None
     if observed is not None:
@@ -124,9 +141,13 @@ def rank_restorations(
         scores = noisy_level_log_density(classifier, schedule, candidates, sigma, batch_size)
     else:
         scores = log_prior = log_likelihood_profile_batched(classifier, candidates, schedule, batch_size)[:, 0].double()
-    if criterion == "map":
+    if criterion in ("map", "candidate-posterior"):
         log_obs = log_observation_likelihood(candidates, y, sigma, operator)
         scores = log_prior + log_obs
+    if criterion == "candidate-posterior":
+        risk, weights = candidate_posterior_risk(candidates, scores)
+        quality = expected_quality(candidates, candidates, weights)
+        return Ranking(_order(-risk), -risk, log_prior, log_obs, quality=quality, weights=weights)
     return Ranking(_order(scores), scores, log_prior, log_obs)
 
 

@@ -26,7 +26,8 @@ from .ranking import expected_quality, rank_restorations
 Case = tuple[str, Optional[Path], list[Path], str, Optional[float]]  # name, observed, candidates, degradation, sigma
 
 QUALITY = ("expected_mse", "expected_psnr", "expected_ssim")
-COLUMNS = ("case", "rank", "candidate", "criterion", "score", "log_prior", "log_observation", *QUALITY, "error")
+COLUMNS = ("case", "rank", "candidate", "criterion", "score", "log_prior", "log_observation", "posterior_weight",
+           *QUALITY, "error")  # fmt: skip
 
 
 class CaseError(Exception):
@@ -198,6 +199,7 @@ def rank_case(
             "score": ranking.scores[i].item(),
             "log_prior": None if ranking.log_prior is None else ranking.log_prior[i].item(),
             "log_observation": None if ranking.log_observation is None else ranking.log_observation[i].item(),
+            "posterior_weight": None if ranking.weights is None else ranking.weights[i].item(),
             **{k: quality[k][i].item() if k in quality else None for k in QUALITY},
             "error": "",
         })  # fmt: skip

@@ -19,9 +19,10 @@ from .common import checkpoint_option, device_option, open_checkpoint, setup_log
 @checkpoint_option
 @click.option("--observed", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The degraded scan.")
 @click.option("--criterion", default="expected-mse", show_default=True,
-              help="expected-mse, prior, map or noisy-level (`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
+              help="expected-mse, candidate-posterior, prior, map or noisy-level "
+              "(`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation "
-              "(expected-mse, map) or of the candidates (noisy-level).")  # fmt: skip
+              "(expected-mse, candidate-posterior, map) or of the candidates (noisy-level).")  # fmt: skip
 @click.option("--degradation", default="noise", show_default=True,
               help="noise, blur:<std in pixels>, down:<factor> (the observation is that much smaller: average "
               "pooling) or mask:<file> (non-zero = observed pixel; the others are missing).")  # fmt: skip
@@ -47,6 +48,8 @@ def rank_restorations_command(
 
     Criteria: expected-mse = minus the posterior expected squared error ||c - E[x | y]||^2 / d (ranks by expected
     quality; E[x | y] in one gradient evaluation for noise, from posterior samples under blur, down or mask);
+    candidate-posterior = minus the expected squared error under the posterior restricted to the candidates
+    (weights p(c | y) from log p_0(c) + log N(y; A c, sigma^2), one forward pass per candidate);
     prior = log p_0(x); map = log p_0(x) + log N(y; A x, sigma^2) (prior alone favours over-smoothed candidates);
     noisy-level = the exact density of candidates that are noisy with std sigma.
     Prints and writes the ranking (best first). Exit 1 when a manifest case could not be ranked, 2 on errors.

@@ -78,6 +78,32 @@ def test_expected_mse_ranking_under_blur_follows_the_exact_posterior():
     torch.testing.assert_close(ranking.quality["expected_mse"], exact, rtol=0.1, atol=0.003)
 
 
+@pytest.mark.parametrize("operator", ["identity", "blur"])
+def test_candidate_posterior_is_the_exact_expected_error_over_the_candidate_set(operator):
+    """Bayes' rule on the candidate set: w_j = p(c_j | y) / sum_k p(c_k | y) from the exact Gaussian posterior
+    N(m, C) (identity or blur), and each candidate's expected MSE sum_j w_j ||c_i - c_j||^2 / d, to 1e-8."""
+    from test_posterior import blur, exact_posterior, matrix
+
+    sigma, g = 0.1, torch.Generator().manual_seed(4)
+    a = None if operator == "identity" else blur
+    clean = GAUSSIAN.sample(1, g)
+    y = (clean if a is None else a(clean)) + sigma * torch.randn(clean.shape, generator=g, **F64)
+    mean, cov = exact_posterior(y, sigma, torch.eye(D, **F64) if a is None else matrix(a))
+    candidates = mean + torch.tensor([0.0, 0.01, 0.02, 0.03, 0.05], **F64).reshape(-1, 1, 1, 1) * torch.randn(
+        5, *SHAPE, generator=g, **F64
+    )
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "candidate-posterior", sigma, a)
+    r = (candidates - mean).flatten(1)
+    log_posterior = -0.5 * (r @ torch.linalg.inv(cov) * r).sum(1)
+    weights = torch.softmax(log_posterior, 0)
+    assert weights.max() < 0.9, "the test needs weights spread over several candidates"
+    torch.testing.assert_close(ranking.weights, weights, rtol=0, atol=1e-8)
+    pairs = (candidates[:, None] - candidates[None]).flatten(2).square().mean(2)
+    torch.testing.assert_close(-ranking.scores, pairs @ weights, rtol=0, atol=1e-8)
+    torch.testing.assert_close(ranking.quality["expected_mse"], pairs @ weights, rtol=0, atol=1e-8)
+    assert ranking.order == torch.argsort(pairs @ weights, stable=True).tolist()
+
+
 def test_expected_quality_averages_over_the_samples():
     g = torch.Generator().manual_seed(0)
     draws = torch.randn(6, 1, 8, 8, generator=g, **F64).clamp(-1, 1)
@@ -88,6 +114,9 @@ def test_expected_quality_averages_over_the_samples():
     assert quality["expected_psnr"][0].isfinite() and quality["expected_psnr"][0] > 100 / 6, "one exact match"
     torch.testing.assert_close(quality["expected_psnr"][1], (10 * torch.log10(4 / mse[1])).mean())
     assert 1 / 6 - 0.01 < quality["expected_ssim"][0] < 1 and quality["expected_ssim"][1] < 0.1
+    weights = torch.tensor([0.5, 0.5, 0, 0, 0, 0], **F64)
+    weighted = expected_quality(candidates, draws, weights)
+    torch.testing.assert_close(weighted["expected_mse"], mse[:, :2].mean(1))
 
 
 def test_prior_ranking_prefers_over_smoothed_candidates():
@@ -117,7 +146,7 @@ def test_bad_arguments_are_named():
     x = torch.zeros(2, *SHAPE, **F64)
     with pytest.raises(ValueError, match="unknown criterion 'psnr'"):
         rank_restorations(GAUSSIAN, SCHEDULE, x, criterion="psnr")
-    for criterion in ("map", "expected-mse"):
+    for criterion in ("map", "expected-mse", "candidate-posterior"):
         with pytest.raises(ValueError, match="needs the observed"):
             rank_restorations(GAUSSIAN, SCHEDULE, x, criterion=criterion, sigma=0.1)
     with pytest.raises(ValueError, match="positive noise std"):
@@ -157,6 +186,14 @@ def test_cli_ranks_dicom_and_png_files_and_names_mismatches(checkpoint, tmp_path
     assert (tmp_path / "ranking_generated" / "case_generated_1.png").exists()
     by_name = {r["candidate"]: float(r["score"]) for r in rows}
     assert by_name[str(good)] > by_name[str(noisy)], "the clean slice beats one with 3x the observation's noise"
+    on_set = invoke("rank-restorations", good, noisy, observed, "--observed", observed, "--checkpoint", checkpoint,
+                    "--sigma", 0.1, "--criterion", "candidate-posterior", "--out", tmp_path / "set.csv")  # fmt: skip
+    assert on_set.exit_code == 0, on_set.output
+    with open(tmp_path / "set.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert abs(sum(float(r["posterior_weight"]) for r in rows) - 1) < 1e-9
+    assert all(abs(float(r["score"]) + float(r["expected_mse"])) < 1e-9 for r in rows)
+    assert [r["candidate"] for r in rows].index(str(good)) < [r["candidate"] for r in rows].index(str(noisy))
 
     for name, value in (("a.png", 10), ("b.png", 200)):
         Image.fromarray(np.full((16, 16), value, np.uint8) + rng.integers(0, 20, (16, 16)).astype(np.uint8)).save(
