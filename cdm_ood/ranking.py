@@ -2,6 +2,9 @@
 log-densities from one forward pass per candidate, Theorem 3.2), alone or with the likelihood of the observation.
 
 Criteria, higher = better:
+- `auto` (the default): `expected-mse` for noise, where E[x | y] is exact in one gradient evaluation (Tweedie),
+  and `candidate-posterior` under an operator (blur, downsampling, masking), where E[x | y] would come from
+  posterior samples (`resolve_criterion`).
 - `expected-mse`: minus the posterior expected squared error of candidate c, E[||c - x||^2 | y] / d =
   ||c - E[x | y]||^2 / d + tr Cov[x | y] / d: the Bayes estimate of the candidate's MSE (so of its PSNR order);
   the trace is the same for every candidate, so the score is -||c - E[x | y]||^2 / d. E[x | y] and posterior
@@ -36,9 +39,16 @@ from .posterior import Operator, posterior_mean, posterior_samples
 from .sampling import matching_level
 from .schedules import NoiseSchedule
 
-CRITERIA = ("expected-mse", "candidate-posterior", "prior", "map", "noisy-level")
-DEFAULT_CRITERION = "expected-mse"
+CRITERIA = ("auto", "expected-mse", "candidate-posterior", "prior", "map", "noisy-level")
+DEFAULT_CRITERION = "auto"
 OPERATOR_SAMPLES = 8  # posterior samples for E[x | y] under a degradation operator (no closed form there)
+
+
+def resolve_criterion(criterion: str, operator: Optional[Operator]) -> str:
+    """The criterion `auto` stands for: `expected-mse` for noise (`operator` None), else `candidate-posterior`."""
+    if criterion != "auto":
+        return criterion
+    return "expected-mse" if operator is None else "candidate-posterior"
 
 
 def log_observation_likelihood(
@@ -119,13 +129,15 @@ def rank_restorations(
     """Rank model-space candidates (B, C, *spatial) of one observation y, shaped like A(candidate) with or without
     its batch axis of 1.
 
-    `expected-mse`, `candidate-posterior` and `map` need `observed` and `sigma`; `noisy-level` needs `sigma` (the
-    candidates' own noise std); `prior` needs neither. sigma is in model units (data scaled to [-1, 1]).
-    `expected-mse` draws `samples` posterior samples (`steps` sampler steps each) for the expected PSNR / SSIM;
-    under an `operator` it always draws them (at least `OPERATOR_SAMPLES`), since E[x | y] is their mean.
+    `auto` (`resolve_criterion`), `expected-mse`, `candidate-posterior` and `map` need `observed` and `sigma`;
+    `noisy-level` needs `sigma` (the candidates' own noise std); `prior` needs neither. sigma is in model units
+    (data scaled to [-1, 1]). `expected-mse` draws `samples` posterior samples (`steps` sampler steps each) for
+    the expected PSNR / SSIM; under an `operator` it always draws them (at least `OPERATOR_SAMPLES`), since
+    E[x | y] is their mean.
     """
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
+    criterion = resolve_criterion(criterion, operator)
     if criterion != "prior" and (sigma is None or sigma <= 0):
         raise ValueError(f"criterion {criterion!r} needs a positive noise std sigma")
     if criterion in ("map", "expected-mse", "candidate-posterior") and observed is None:

@@ -21,7 +21,7 @@ from .errors import UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path
 from .posterior import Operator, posterior_mean, posterior_samples
-from .ranking import expected_quality, rank_restorations
+from .ranking import expected_quality, rank_restorations, resolve_criterion
 
 Case = tuple[str, Optional[Path], list[Path], str, Optional[float]]  # name, observed, candidates, degradation, sigma
 
@@ -157,7 +157,8 @@ def rank_case(
     reference: bool = False,
 ) -> list[dict]:  # fmt: skip
     """Ranking rows (best first) of one case; with `generate`, K candidates made by the CDM are added first;
-    with `reference` (criterion `expected-mse`), the posterior mean is written and listed first as rank 0."""
+    with `reference` (criterion `expected-mse`), the posterior mean is written and listed first as rank 0. Rows
+    name the criterion `auto` resolved to."""
     try:
         degraded = degradation_for(degradation, model)
     except UsageError as err:
@@ -178,8 +179,12 @@ def rank_case(
         cands = made if cands is None or len(cands) == 0 else torch.cat([made, cands])
     if cands is None or len(cands) == 0:
         raise CaseError("no candidates to rank")
+    criterion = resolve_criterion(criterion, degraded.operator)
     if reference and criterion != "expected-mse":
-        raise CaseError("--posterior-mean needs the 'expected-mse' criterion")
+        raise CaseError(
+            f"--posterior-mean needs the 'expected-mse' criterion, not {criterion!r} "
+            "('auto' is expected-mse only for the 'noise' degradation)"
+        )
     try:
         ranking = rank_restorations(model.classifier, model.schedule, cands, y, criterion, sigma, degraded.operator,
                                     samples=samples, steps=steps, generator=g)  # fmt: skip

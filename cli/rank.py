@@ -18,9 +18,9 @@ from .common import checkpoint_option, device_option, open_checkpoint, setup_log
 @click.argument("candidates", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @checkpoint_option
 @click.option("--observed", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The degraded scan.")
-@click.option("--criterion", default="expected-mse", show_default=True,
-              help="expected-mse, candidate-posterior, prior, map or noisy-level "
-              "(`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
+@click.option("--criterion", default="auto", show_default=True,
+              help="auto (expected-mse for noise, candidate-posterior for blur, down and mask), expected-mse, "
+              "candidate-posterior, prior, map or noisy-level (`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation "
               "(expected-mse, candidate-posterior, map) or of the candidates (noisy-level).")  # fmt: skip
 @click.option("--degradation", default="noise", show_default=True,
@@ -46,7 +46,8 @@ def rank_restorations_command(
 ) -> None:  # fmt: skip
     """Rank candidate restorations (DICOM, NIfTI or PNG files of one slice each) of a degraded scan.
 
-    Criteria: expected-mse = minus the posterior expected squared error ||c - E[x | y]||^2 / d (ranks by expected
+    Criteria: auto (default) = expected-mse for the noise degradation, candidate-posterior for blur, down and
+    mask; expected-mse = minus the posterior expected squared error ||c - E[x | y]||^2 / d (ranks by expected
     quality; E[x | y] in one gradient evaluation for noise, from posterior samples under blur, down or mask);
     candidate-posterior = minus the expected squared error under the posterior restricted to the candidates
     (weights p(c | y) from log p_0(c) + log N(y; A c, sigma^2), one forward pass per candidate);

@@ -313,7 +313,7 @@ def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
         assert sum(line.startswith(f"| {name} |") for line in rows) == 2 * len(CRITERIA), name
     assert f"| {HELD_OUT} |" in out and "| hallucination |" in out
     assert out.strip().splitlines()[-1].split(": ")[-1] in CRITERIA, "the choice is printed"
-    for criterion in ("map", "expected-mse", "candidate-posterior"):  # mild noise: the data term orders by quality
+    for criterion in ("auto", "map", "expected-mse", "candidate-posterior"):  # mild noise: the data term orders
         row = next(cells(line) for line in rows if line.startswith(f"| noise 0.05 | {criterion} |"))
         assert float(row[2]) > 0.5 and float(row[7]) == 1.0, row
 

@@ -57,6 +57,8 @@ def test_expected_mse_ranking_is_the_exact_posterior_expected_error_for_noise():
     expected_mse = (candidates - m).flatten(1).square().mean(1) + v
     torch.testing.assert_close(-ranking.scores, expected_mse - v, rtol=0, atol=1e-8)
     assert ranking.order == torch.argsort(expected_mse, stable=True).tolist()
+    auto = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "auto", sigma)
+    torch.testing.assert_close(auto.scores, ranking.scores, rtol=0, atol=0)
 
 
 def test_expected_mse_ranking_under_blur_follows_the_exact_posterior():
@@ -102,6 +104,9 @@ def test_candidate_posterior_is_the_exact_expected_error_over_the_candidate_set(
     torch.testing.assert_close(-ranking.scores, pairs @ weights, rtol=0, atol=1e-8)
     torch.testing.assert_close(ranking.quality["expected_mse"], pairs @ weights, rtol=0, atol=1e-8)
     assert ranking.order == torch.argsort(pairs @ weights, stable=True).tolist()
+    if a is not None:
+        auto = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "auto", sigma, a)
+        torch.testing.assert_close(auto.weights, ranking.weights, rtol=0, atol=0)
 
 
 def test_expected_quality_averages_over_the_samples():
@@ -255,7 +260,8 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
     Image.fromarray(keep).save(tmp_path / "mask.png")
     common = ["--checkpoint", checkpoint, "--sigma", 0.1, "--samples", 2, "--steps", 3]
     down = invoke("rank-restorations", paths["clean"], paths["noisy"], paths["flat"], "--observed", paths["small"],
-                  "--degradation", "down:4", "--posterior-mean", "--out", tmp_path / "down.csv", *common)  # fmt: skip
+                  "--degradation", "down:4", "--posterior-mean", "--criterion", "expected-mse", "--out",
+                  tmp_path / "down.csv", *common)  # fmt: skip
     assert down.exit_code == 0, down.output
     with open(tmp_path / "down.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -267,6 +273,13 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
     masked = invoke("rank-restorations", paths["clean"], paths["noisy"], "--observed", paths["noisy"],
                     "--degradation", mask, "--out", tmp_path / "mask.csv", *common)  # fmt: skip
     assert masked.exit_code == 0, masked.output
+    with open(tmp_path / "mask.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["criterion"] for r in rows} == {"candidate-posterior"}, "auto under an operator"
+    assert abs(sum(float(r["posterior_weight"]) for r in rows) - 1) < 1e-9
+    auto_mean = invoke("rank-restorations", paths["clean"], "--observed", paths["small"], "--degradation", "down:4",
+                       "--posterior-mean", *common)  # fmt: skip
+    assert auto_mean.exit_code == 2 and "'auto' is expected-mse only" in auto_mean.stderr
     wrong = invoke("rank-restorations", paths["clean"], "--observed", paths["clean"], "--degradation", "down:4",
                    *common)  # fmt: skip
     assert wrong.exit_code == 2 and "downsampled" in wrong.stderr and "clean.png" in wrong.stderr
