@@ -22,7 +22,7 @@ from .common import checkpoint_option, device_option, open_checkpoint, setup_log
               help="auto (expected-mse for noise, candidate-posterior for blur, down and mask), expected-mse, "
               "candidate-posterior, prior, map or noisy-level (`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation "
-              "(expected-mse, candidate-posterior, map) or of the candidates (noisy-level).")  # fmt: skip
+              "(auto, expected-mse, candidate-posterior, map) or of the candidates (noisy-level).")  # fmt: skip
 @click.option("--degradation", default="noise", show_default=True,
               help="noise, blur:<std in pixels>, down:<factor> (the observation is that much smaller: average "
               "pooling) or mask:<file> (non-zero = observed pixel; the others are missing).")  # fmt: skip
