@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cdm_ood.checkpoint import load_checkpoint
+from cdm_ood.data.artifacts import ARTIFACTS
 from cdm_ood.data.natural import bundled_mnist
 from cdm_ood.data.phantoms import make_phantoms
 from cdm_ood.ood.batch import auto_workers
@@ -356,6 +357,23 @@ def test_volume_checks_calibrate_the_checks_and_report_the_gate(checkpoint, tmp_
         assert all(a <= b <= c for a, b, c in pairs), "a check only ever stops more volumes"
     assert "Calibrated on 32 slices" in block and "orientation threshold" in block
     assert f"2 clean test volumes, and as many of each set, below `{draws[0]}`, `{draws[1]}`." in block, "pooled"
+
+
+def test_ood_baselines_development_chooses_drift_smoothing_and_nothing_else(tmp_path):
+    out = run("ood_baselines.py", "--dataset", "mnist,phantoms", "--development", "--steps", 2, "--volumes", "2,1,1",
+              "--out", tmp_path / "out", "--figures", tmp_path / "img", cwd=tmp_path)  # fmt: skip
+    found = re.findall(r"^(drift|combined-drift), smoothing ([\d.]+) px: (.*)$", out, flags=re.MULTILINE)
+    widths = [0.0, 1.0, 1.5, 2.0, 3.0]
+    assert [(name, float(w)) for name, w, _ in found] == [(n, w) for w in widths for n in ("drift", "combined-drift")]
+    ranked = {}
+    for name, width, text in found:
+        aurocs = {a: float(v) for a, v in re.findall(r"([a-z]+) ([\d.]+)", text)}
+        assert list(aurocs) == list(ARTIFACTS), "every mild artifact of the development volumes"
+        if name == "combined-drift":
+            ranked[float(width)] = (min(aurocs.values()), np.mean(list(aurocs.values())))
+    best = float(re.search(r"best worst-case combined-drift: ([\d.]+) px", out)[1])
+    assert ranked[best][0] == max(v[0] for v in ranked.values())
+    assert not blocks(out) and not (tmp_path / "out").exists() and not (tmp_path / "img").exists(), "nothing else"
 
 
 def test_localization_measures_every_defect(tmp_path):

@@ -14,7 +14,7 @@ from cdm_ood.ood.features import (
     class_log_likelihoods,
     class_posterior,
     compute_features,
-    denoising_errors,
+    denoising_residuals,
     fixed_noise,
     flip_log_likelihoods,
 )
@@ -60,16 +60,16 @@ def test_nll_is_the_closed_form_bits_per_dim():
     torch.testing.assert_close(NLLDetector(D, 8).score(profiles(x)), expected)
 
 
-def test_denoising_errors_are_the_closed_form_posterior_noise_errors():
-    """Theorem 3.1 on the exact mixture: (eps_hat(x_t, t) - eps)^2 with the analytic E[eps | x_t] per level."""
+def test_denoising_residuals_are_the_closed_form_posterior_noise_residuals():
+    """Theorem 3.1 on the exact mixture: eps_hat(x_t, t) - eps with the analytic E[eps | x_t] per level."""
     x, levels = mixture_draw(6, 0), [5, 40, 120]
     eps = fixed_noise(SHAPE).double()
-    errors = denoising_errors(unconditional, x, SCHEDULE, levels)
-    assert errors.shape == (6, 3, *SHAPE)
+    residuals = denoising_residuals(unconditional, x, SCHEDULE, levels)
+    assert residuals.shape == (6, 3, *SHAPE)
     for k, t in enumerate(levels):
         tt = torch.full((6,), t)
         x_t = SCHEDULE.sqrt_alpha_bar[t] * x + SCHEDULE.sigma[t] * eps
-        torch.testing.assert_close(errors[:, k], (MIXTURE.posterior_noise(x_t, tt) - eps).square())
+        torch.testing.assert_close(residuals[:, k], MIXTURE.posterior_noise(x_t, tt) - eps)
 
 
 def test_generative_posterior_is_bayes_rule_on_the_exact_components():
@@ -143,7 +143,7 @@ def test_the_pooled_scale_is_the_deviation_about_each_pixels_mean_over_all_pixel
     n = 20
     levels = torch.tensor([1.0, 4.0]).view(2, 1, 1, 1)  # two levels of different error scales
     errors = torch.rand(n, 2, 1, 6, 5, generator=torch.Generator().manual_seed(0)).square() * levels
-    detector = DETECTORS["map"](30).fit({"errors": errors})
+    detector = DETECTORS["map"](30).fit({"residuals": errors.sqrt()})
     logs = errors.log1p()
     about = (logs - logs.mean(0)).square().sum(dim=(0, 2, 3, 4)) / (30 * (n - 1))
     assert detector.pooled_scale().shape == (2, 1, 1, 1)
@@ -159,12 +159,12 @@ def test_the_localisation_map_is_not_fooled_by_pixels_whose_error_never_varies()
     g = torch.Generator().manual_seed(1)
     logs = torch.cat([0.01 + 0.001 * torch.randn(200, 1, 1, 8, 4, generator=g),
                       0.5 + 0.2 * torch.randn(200, 1, 1, 8, 4, generator=g)], dim=-1).clamp_min(0)  # fmt: skip
-    detector = DETECTORS["map"](64).fit({"errors": logs.expm1()})
+    detector = DETECTORS["map"](64).fit({"residuals": logs.expm1().sqrt()})
     new = torch.cat([torch.full((1, 1, 1, 8, 4), 0.02), torch.full((1, 1, 1, 8, 4), 0.5)], dim=-1)
     new[..., 4, 6] = 1.5
     for maps, peak in (
-        (detector.maps({"errors": new.expm1()}), "air"),
-        (detector.anomaly_maps({"errors": new.expm1()}, 0.0), "defect"),
+        (detector.maps({"residuals": new.expm1().sqrt()}), "air"),
+        (detector.anomaly_maps({"residuals": new.expm1().sqrt()}, 0.0), "defect"),
     ):
         row, col = divmod(int(maps[0].argmax()), 8)
         assert ((row, col) == (4, 6)) == (peak == "defect") and (col < 4) == (peak == "air"), peak
@@ -177,11 +177,11 @@ def test_anomaly_maps_are_the_pooled_maps_smoothed_by_a_gaussian_of_the_stated_w
     `smoothing`^2 along every axis."""
     detector = DETECTORS["map"](int(np.prod(spatial)))
     detector.mean, detector.std = torch.zeros(1, 1, *spatial), torch.ones(1, 1, *spatial)
-    errors = torch.zeros(1, 1, 1, *spatial)
+    residuals = torch.zeros(1, 1, 1, *spatial)
     centre = tuple(n // 2 for n in spatial)
-    errors[(0, 0, 0, *centre)] = math.e - 1
-    assert detector.maps({"errors": errors})[0].sum() == pytest.approx(1.0)
-    smoothed = detector.anomaly_maps({"errors": errors})[0].double()
+    residuals[(0, 0, 0, *centre)] = math.sqrt(math.e - 1)
+    assert detector.maps({"residuals": residuals})[0].sum() == pytest.approx(1.0)
+    smoothed = detector.anomaly_maps({"residuals": residuals})[0].double()
     assert smoothed.sum() == pytest.approx(1.0, abs=1e-3)
     for axis, c in enumerate(centre):
         marginal = smoothed.sum([a for a in range(len(spatial)) if a != axis])
@@ -263,3 +263,17 @@ def test_unfitted_and_unknown_detectors_fail_clearly():
         MultiscaleDetector(D).fit(profiles(draw(1, S, 0)))
     with pytest.raises(ValueError, match="unknown detector 'knn'"):
         Detector.from_state({"name": "knn", "num_dims": D, "bit_depth": 8})
+
+
+def test_drift_sees_a_smooth_intensity_shift_that_the_per_pixel_errors_miss():
+    """A small additive shift of every pixel (the smoothest bias field): each pixel's squared residual hardly moves,
+    but the denoiser pulls every pixel the same way, which the smoothed signed residual keeps."""
+    fit, test_id = all_features(mixture_draw(300, 16)), all_features(mixture_draw(200, 17))
+    shifted = all_features(mixture_draw(200, 18) + 0.2)
+
+    def auroc(name: str) -> float:
+        detector = DETECTORS[name](D).fit(fit)
+        return ood_metrics(detector.score(test_id).numpy(), detector.score(shifted).numpy())["auroc"]
+
+    assert auroc("drift") > 0.9
+    assert auroc("drift") > auroc("map") + 0.15

@@ -17,7 +17,7 @@ from cdm_ood.precision import PRECISIONS
 
 def test_bf16_runs_the_backbone_in_bfloat16_and_its_features_match_float32(checkpoint, scans):
     x = OODDetector.from_checkpoint(checkpoint).prepare(scans / "clean.nii.gz")
-    needs, dims = ("profile", "flips", "errors"), x[0].numel()
+    needs, dims = ("profile", "flips", "residuals"), x[0].numel()
     features, dtypes = {}, {}
     for precision in PRECISIONS:
         detector = OODDetector.from_checkpoint(checkpoint, precision=precision)
@@ -30,7 +30,8 @@ def test_bf16_runs_the_backbone_in_bfloat16_and_its_features_match_float32(check
     assert all(v.dtype == torch.float32 for v in b.values())  # the head and every statistic stay float32
     for name in ("profile", "flips"):  # log p_t(x) and log p_0(flip x), bits/dim
         assert (bits_per_dim(b[name], dims) - bits_per_dim(a[name], dims)).abs().max() < 0.02, name
-    ratio = b["errors"].mean(dim=(2, 3, 4)) / a["errors"].mean(dim=(2, 3, 4))  # per image and level
+    mse = {p: f["residuals"].square().mean(dim=(2, 3, 4)) for p, f in features.items()}  # per image and level
+    ratio = mse["bf16"] / mse["float32"]
     assert (ratio - 1).abs().max() < 0.02
 
 

@@ -20,9 +20,9 @@ from ..likelihood import bits_per_dim
 from .features import class_posterior, feature_cost, select_rows
 
 Features = dict[str, Tensor]
-"""Row-aligned feature tensors of a batch: `profile` (B, T+2) nats, `errors` (B, K, C, *spatial) squared denoising
-errors at the K `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the scan mirrored along each axis, `class_ll`
-(B, num_classes) log p_0(x | y) (`cdm_ood.ood.features.compute_features`)."""
+"""Row-aligned feature tensors of a batch: `profile` (B, T+2) nats, `residuals` (B, K, C, *spatial) signed
+denoising residuals eps_hat - eps at the K `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the scan mirrored
+along each axis, `class_ll` (B, num_classes) log p_0(x | y) (`cdm_ood.ood.features.compute_features`)."""
 
 
 class NotFittedError(CdmOodError, RuntimeError):
@@ -148,7 +148,7 @@ class MultiscaleDetector(GaussianDetector):
 def _log_level_errors(features: Features) -> Tensor:
     """log of the mean squared denoising error at each level (B, K): one Monte Carlo term of the variational bound
     per level, on a log scale where in-distribution values are close to Gaussian."""
-    return features["errors"].flatten(2).double().mean(2).clamp_min(1e-30).log().cpu()
+    return features["residuals"].flatten(2).double().square().mean(2).clamp_min(1e-30).log().cpu()
 
 
 class DenoiseDetector(GaussianDetector):
@@ -157,7 +157,7 @@ class DenoiseDetector(GaussianDetector):
     DDPM's variational bound catch noise and spikes, from three denoiser calls instead of hundreds."""
 
     name = "denoise"
-    needs = ("errors",)
+    needs = ("residuals",)
 
     def vector(self, features: Features) -> Tensor:
         return _log_level_errors(features)
@@ -224,12 +224,57 @@ def smoothed(maps: Tensor, width: float) -> Tensor:
     return separable_filtering(maps[:, None], [kernel] * (maps.ndim - 1), mode="replicate")[:, 0]
 
 
-class MapDetector(Detector):
-    """Where a scan is out of distribution: log(1 + squared denoising error) of each pixel at each level, standardised
-    by its in-distribution mean and standard deviation at that pixel; the map (`maps`, (B, *spatial)) is the root
-    mean square of these z-scores over levels and channels (about 1 in distribution). Two-sided: a region the
-    denoiser recovers too well (a flat patch where texture belongs) stands out as much as one it cannot recover. The
-    score is the `quantile` of the map: high when any region is unlike the training data.
+class PixelDetector(Detector):
+    """A per-pixel statistic of the denoising residuals (`statistic`, (B, K, C, *spatial) over the K levels),
+    standardised by its in-distribution mean and deviation at each pixel; the detection map (`maps`, (B, *spatial))
+    is the root mean square of these z-scores over levels and channels (about 1 in distribution), the score its
+    `quantile`: high when any region is unlike the training data. Two-sided."""
+
+    needs = ("residuals",)
+    quantile = 0.99
+
+    def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
+        super().__init__(num_dims, bit_depth, num_classes)
+        self.mean = self.std = torch.empty(0)
+
+    def statistic(self, features: Features) -> Tensor:
+        """The per-pixel statistic (B, K, C, *spatial), float32 on the CPU."""
+        raise NotImplementedError
+
+    def fit(self, features: Features) -> PixelDetector:
+        values = self.statistic(features)
+        if values.shape[0] < 2:
+            raise ValueError(f"the {self.name} detector needs at least 2 in-distribution images, got {values.shape[0]}")
+        self.mean, self.std = values.mean(0), values.std(0).clamp_min(1e-6)
+        return self
+
+    def maps(self, features: Features) -> Tensor:
+        """The detection map (B, *spatial): root mean square over levels and channels of the per-pixel standardised
+        statistic."""
+        return self._standardised_rms(features, self.mean, self.std)
+
+    def _standardised_rms(self, features: Features, mean: Tensor, scale: Tensor) -> Tensor:
+        if self.mean.numel() == 0:
+            raise NotFittedError(f"the {self.name} detector is not fitted: calibrate it on in-distribution data")
+        return ((self.statistic(features) - mean) / scale).square().mean(dim=(1, 2)).sqrt()
+
+    def score(self, features: Features) -> Tensor:
+        z = self.maps(features).flatten(1).double()
+        return torch.quantile(z, self.quantile, dim=1) if z.shape[0] else z.sum(1)
+
+    def state(self) -> dict[str, Any]:
+        if self.mean.numel() == 0:
+            raise NotFittedError(f"the {self.name} detector is not fitted: nothing to save")
+        return super().state() | {"mean": self.mean, "std": self.std}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.mean, self.std = torch.as_tensor(state["mean"]), torch.as_tensor(state["std"])
+
+
+class MapDetector(PixelDetector):
+    """Where a scan is out of distribution: log(1 + squared denoising residual) of each pixel at each level,
+    standardised per pixel (`PixelDetector`). A region the denoiser recovers too well (a flat patch where texture
+    belongs) stands out as much as one it cannot recover.
 
     The map shown and written (`anomaly_maps`) answers where instead: each pixel's log error less its in-distribution
     mean at that pixel, over the deviation pooled over all pixels of its level (`pooled_scale`), root mean square over
@@ -239,25 +284,10 @@ class MapDetector(Detector):
     (docs/ood.md)."""
 
     name = "map"
-    needs = ("errors",)
-    quantile = 0.99
     smoothing = 1.5  # pixels of the model's grid; chosen on a development defect set (docs/ood.md)
 
-    def __init__(self, num_dims: int, bit_depth: int = 8, num_classes: Optional[int] = None) -> None:
-        super().__init__(num_dims, bit_depth, num_classes)
-        self.mean = self.std = torch.empty(0)
-
-    def fit(self, features: Features) -> MapDetector:
-        errors = features["errors"].float().cpu().log1p()
-        if errors.shape[0] < 2:
-            raise ValueError(f"the map detector needs at least 2 in-distribution images, got {errors.shape[0]}")
-        self.mean, self.std = errors.mean(0), errors.std(0).clamp_min(1e-6)
-        return self
-
-    def maps(self, features: Features) -> Tensor:
-        """The detection map (B, *spatial): root mean square over levels and channels of the per-pixel standardised
-        log(1 + error)."""
-        return self._standardised_rms(features, self.mean, self.std)
+    def statistic(self, features: Features) -> Tensor:
+        return features["residuals"].float().cpu().square().log1p()
 
     def pooled_scale(self) -> Tensor:
         """Per level and channel, the in-distribution deviation of log(1 + error) about its own pixel's mean, pooled
@@ -271,23 +301,21 @@ class MapDetector(Detector):
         width = self.smoothing if smoothing is None else smoothing
         return smoothed(self._standardised_rms(features, self.mean, self.pooled_scale()), width)
 
-    def _standardised_rms(self, features: Features, mean: Tensor, scale: Tensor) -> Tensor:
-        if self.mean.numel() == 0:
-            raise NotFittedError("the map detector is not fitted: calibrate it on in-distribution data")
-        errors = features["errors"].float().cpu().log1p()
-        return ((errors - mean) / scale).square().mean(dim=(1, 2)).sqrt()
 
-    def score(self, features: Features) -> Tensor:
-        z = self.maps(features).flatten(1).double()
-        return torch.quantile(z, self.quantile, dim=1) if z.shape[0] else z.sum(1)
+class DriftDetector(PixelDetector):
+    """Smooth departures that no single pixel's error shows (a bias field, a slow intensity drift): the signed
+    denoising residual eps_hat(x_t, t) - eps (Theorem 3.1) at each level, `smoothed` over space by a Gaussian of
+    `smoothing` pixels, standardised per pixel (`PixelDetector`). The part of the residual that the noise draw
+    causes averages out; what stays is where the denoiser consistently pulls intensities back towards the training
+    data's. Blind to high-frequency artifacts (their residuals average out too), which `map` sees. The width was
+    chosen on development phantom artifacts (docs/ood.md); no extra network pass over `map`."""
 
-    def state(self) -> dict[str, Any]:
-        if self.mean.numel() == 0:
-            raise NotFittedError("the map detector is not fitted: nothing to save")
-        return super().state() | {"mean": self.mean, "std": self.std}
+    name = "drift"
+    smoothing = 1.5  # pixels of the model's grid; chosen on development phantom artifacts (docs/ood.md)
 
-    def load(self, state: dict[str, Any]) -> None:
-        self.mean, self.std = torch.as_tensor(state["mean"]), torch.as_tensor(state["std"])
+    def statistic(self, features: Features) -> Tensor:
+        residuals = features["residuals"].float().cpu()
+        return smoothed(residuals.flatten(0, 2), self.smoothing).reshape(residuals.shape)
 
 
 class MaxZDetector(Detector):
@@ -357,6 +385,14 @@ class CombinedDetector(MaxZDetector):
     components = (MultiscaleDetector, MapDetector, FlipDetector)
 
 
+class CombinedDriftDetector(MaxZDetector):
+    """`combined` with `drift`: the profile, local denoising errors, orientation and smooth intensity drift, from the
+    same features (9 forward-pass equivalents per 2D image)."""
+
+    name = "combined-drift"
+    components = (MultiscaleDetector, MapDetector, FlipDetector, DriftDetector)
+
+
 class ClassifierNLLDetector(MaxZDetector):
     """The generative classifier combined with the density: `classifier` and `nll` of one class-conditional CDM."""
 
@@ -373,6 +409,8 @@ _ALL = (
     CombinedDetector,
     MapDetector,
     ClassifierNLLDetector,
+    DriftDetector,
+    CombinedDriftDetector,
 )
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in _ALL}
 

@@ -3,8 +3,8 @@
 Pure functions of a classifier callable and a model-space batch x (B, C, *spatial), each citing the equation it
 uses, with its cost per image in forward-pass equivalents (a backward pass costs about two forward passes):
 - `log_likelihood_profile` (Theorem 3.2): log p_t(x) for t = 0..T+1, 1 forward pass.
-- `denoising_errors` (Theorem 3.1): how well the gradient denoiser recovers a fixed noise draw added to x at a few
-  levels, per pixel; 3 per level (one batched forward + backward over the levels).
+- `denoising_residuals` (Theorem 3.1): how well the gradient denoiser recovers a fixed noise draw added to x at a
+  few levels, per pixel and signed; 3 per level (one batched forward + backward over the levels).
 - `class_log_likelihoods` (Theorem 3.2 with labels): log p_0(x | y) for every label y, 1 per label (one batched
   pass); Bayes' rule turns it into the generative classifier p(y | x) (`class_posterior`).
 - `flip_log_likelihoods`: log p_0(flip x) for each spatial axis, 1 per axis: with log p_0(x), how much more likely
@@ -30,8 +30,11 @@ if TYPE_CHECKING:
     from ..spec import ModelSpec
 
 NOISE_SEED = 0  # of the noise draw shared by every image, so a pixel's error is comparable across images
-DENOISE_FRACTIONS = (0.05, 0.1)  # noise levels t / T of the denoising errors (chosen on development sets, docs/ood.md)
-FEATURES = ("profile", "errors", "flips", "transpose", "class_ll")
+DENOISE_FRACTIONS = (
+    0.05,
+    0.1,
+)  # noise levels t / T of the denoiser residuals (chosen on development sets, docs/ood.md)
+FEATURES = ("profile", "residuals", "flips", "transpose", "class_ll")
 
 
 def level_indices(schedule: NoiseSchedule, fractions: Sequence[float]) -> list[int]:
@@ -44,7 +47,7 @@ def fixed_noise(shape: Sequence[int], seed: int = NOISE_SEED) -> Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
-def denoising_errors(
+def denoising_residuals(
     classifier: Classifier,
     x: Tensor,
     schedule: NoiseSchedule,
@@ -52,13 +55,14 @@ def denoising_errors(
     labels: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
 ) -> Tensor:
-    """Per-pixel squared errors (B, K, C, *spatial) of the gradient denoiser at the K noise `levels`:
-    (eps_hat(x_t, t) - eps)^2 with x_t = sqrt(abar_t) x + sigma_t eps (eq. 8 for eps_hat, Theorem 3.1).
+    """Per-pixel signed residuals (B, K, C, *spatial) of the gradient denoiser at the K noise `levels`:
+    eps_hat(x_t, t) - eps with x_t = sqrt(abar_t) x + sigma_t eps (eq. 8 for eps_hat, Theorem 3.1).
 
-    eps is `noise` (default `fixed_noise` of one image, shared by all) so an in-distribution image's error is a draw of
-    the training MSE at that level, and a pixel's error map is comparable across images. The mean over pixels at
-    level t is one Monte Carlo term of the variational bound, the statistic behind the DDPM bound's OOD scores.
-    One forward and one backward pass over the B K noised images.
+    eps is `noise` (default `fixed_noise` of one image, shared by all) so an in-distribution image's squared residual
+    is a draw of the training MSE at that level, and a pixel's residual is comparable across images. The mean square
+    over pixels at level t is one Monte Carlo term of the variational bound, the statistic behind the DDPM bound's OOD
+    scores; the sign tells which way the denoiser pulls the pixel. One forward and one backward pass over the B K
+    noised images.
     """
     eps = (fixed_noise(x.shape[1:]) if noise is None else noise).to(device=x.device, dtype=x.dtype)
     k = len(levels)
@@ -66,7 +70,7 @@ def denoising_errors(
     x_t = diffuse(x.repeat(k, *([1] * (x.ndim - 1))), t, eps.expand(k * x.shape[0], *eps.shape), schedule)
     repeated = None if labels is None else labels.repeat(k)
     _, eps_hat = logits_and_noise(classifier, x_t, t, schedule, repeated)
-    return (eps_hat - eps).square().reshape(k, *x.shape).transpose(0, 1)
+    return (eps_hat - eps).reshape(k, *x.shape).transpose(0, 1)
 
 
 def class_log_likelihoods(classifier: Classifier, x: Tensor, schedule: NoiseSchedule, num_classes: int) -> Tensor:
@@ -106,14 +110,14 @@ def compute_features(
     classifier: Classifier, x: Tensor, schedule: NoiseSchedule, needs: Iterable[str], num_classes: Optional[int] = None
 ) -> dict[str, Tensor]:
     """The features named in `needs` (of `FEATURES`) of a model-space batch, on the device of `x`: `profile` (B, T+2),
-    `errors` (B, K, C, *spatial) at the `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the mirrored images,
+    `residuals` (B, K, C, *spatial) at the `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the mirrored images,
     `transpose` (B, 1) of the transposed ones, `class_ll` (B, num_classes)."""
     out: dict[str, Tensor] = {}
     for name in dict.fromkeys(needs):
         if name == "profile":
             out[name] = log_likelihood_profile(classifier, x, schedule)
-        elif name == "errors":
-            out[name] = denoising_errors(classifier, x, schedule, level_indices(schedule, DENOISE_FRACTIONS))
+        elif name == "residuals":
+            out[name] = denoising_residuals(classifier, x, schedule, level_indices(schedule, DENOISE_FRACTIONS))
         elif name == "flips":
             out[name] = flip_log_likelihoods(classifier, x, schedule)
         elif name == "transpose":
@@ -127,15 +131,15 @@ def compute_features(
 
 def feature_cost(name: str, spatial_dims: int, num_classes: Optional[int] = None) -> float:
     """Forward-pass equivalents per image (a backward pass counts as two forward passes): profile 1, denoising
-    errors 3 per level, flips 1 per spatial axis, transpose 1, class likelihoods 1 per label."""
-    costs = {"profile": 1.0, "errors": 3.0 * len(DENOISE_FRACTIONS), "flips": float(spatial_dims), "transpose": 1.0,
+    residuals 3 per level, flips 1 per spatial axis, transpose 1, class likelihoods 1 per label."""
+    costs = {"profile": 1.0, "residuals": 3.0 * len(DENOISE_FRACTIONS), "flips": float(spatial_dims), "transpose": 1.0,
              "class_ll": float(num_classes or 0)}  # fmt: skip
     return costs[name]
 
 
 def empty_features(needs: Sequence[str], n: int, spec: ModelSpec, schedule: NoiseSchedule) -> dict[str, Tensor]:
     """NaN features of `n` images of the model `spec` (the rows of images that are not scored)."""
-    shapes = {"profile": (schedule.num_classes,), "errors": (len(DENOISE_FRACTIONS), spec.channels, *spec.size),
+    shapes = {"profile": (schedule.num_classes,), "residuals": (len(DENOISE_FRACTIONS), spec.channels, *spec.size),
               "flips": (len(spec.size),), "transpose": (1,), "class_ll": (spec.model.num_classes or 0,)}  # fmt: skip
     return {k: torch.full((n, *shapes[k]), float("nan"), dtype=torch.float64) for k in needs}
 
