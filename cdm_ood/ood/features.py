@@ -30,10 +30,7 @@ if TYPE_CHECKING:
     from ..spec import ModelSpec
 
 NOISE_SEED = 0  # of the noise draw shared by every image, so a pixel's error is comparable across images
-DENOISE_FRACTIONS = (
-    0.05,
-    0.1,
-)  # noise levels t / T of the denoiser residuals (chosen on development sets, docs/ood.md)
+DENOISE_FRACTIONS = (0.05, 0.1)  # noise levels t / T of the denoiser residuals (chosen on development sets)
 FEATURES = ("profile", "residuals", "flips", "transpose", "class_ll")
 
 
