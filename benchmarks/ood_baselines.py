@@ -63,7 +63,7 @@ from cdm_ood.data.presets import IntensityPreset, ct_preset, uint8_preset
 from cdm_ood.figures import image_grid, plot_auroc_matrix, save_png
 from cdm_ood.io import atomic_write
 from cdm_ood.ood.detectors import DETECTORS, Detector, DriftDetector, applicable, required_features
-from cdm_ood.ood.features import batched_features
+from cdm_ood.ood.features import batched_features, class_posterior
 from cdm_ood.ood.metrics import ood_metrics
 from cdm_ood.sampling import ddim_step, strided_levels
 from cdm_ood.tracking import log_job_run
@@ -214,6 +214,13 @@ def cdm_scorers(
         scorers[f"CDM {name}"] = functools.partial(_score, detector, features)
         costs[f"CDM {name}"] = detector.cost(2)
     return scorers, costs
+
+
+def generative_accuracy(data: Benchmark, model: torch.nn.Module, schedule: NoiseSchedule, num_classes: int) -> float:
+    """Test accuracy of the class-conditional CDM as a generative classifier: argmax_y p(y | x), Bayes' rule on
+    log p_0(x | y) with a uniform prior (what the `classifier` detector's max-softmax statistic is taken from)."""
+    class_ll = batched_features(model, data.test.split(100), schedule, ("class_ll",), num_classes)["class_ll"]
+    return (class_posterior(class_ll).argmax(1) == data.labels[1]).double().mean().item()
 
 
 def _score(detector: Detector, features: Callable, x: torch.Tensor) -> np.ndarray:
@@ -396,11 +403,13 @@ def table(rows: list[dict], metric: str) -> str:
 
 def run(data: Benchmark, args: argparse.Namespace) -> tuple[list[dict], dict[str, float], list[Path]]:
     """Train every model, score every set; returns the metrics rows, facts (training seconds per model, the
-    classifier's test accuracy) and the figures."""
+    test accuracies of the classifier and of the CDM as a generative classifier) and the figures."""
     facts = {}
     print(f"{data.name}: training the CDM, {args.steps} steps", flush=True)
     model, schedule, num_classes, facts["train_seconds.cdm"] = train_benchmark_cdm(data, args.steps, args.batch)
     scorers, costs = cdm_scorers(data, model, schedule, num_classes)
+    if num_classes is not None:
+        facts["generative_accuracy"] = generative_accuracy(data, model, schedule, num_classes)
     print(f"{data.name}: training DDPM, {args.steps} steps", flush=True)
     found, facts["train_seconds.ddpm"], found_costs = ddpm_scorers(data, args.steps, args.batch, args.elbo_steps,
                                                                    args.recon_steps)  # fmt: skip
@@ -424,10 +433,14 @@ def run(data: Benchmark, args: argparse.Namespace) -> tuple[list[dict], dict[str
 def record(data: Benchmark, args: argparse.Namespace, rows: list[dict], facts: dict, figures: list[Path]) -> None:
     """The tables as markdown and JSON in --out, and (unless --no-tracking) one MLflow run with everything."""
     seconds = ", ".join(f"{k.split('.')[1]} {v:.0f} s" for k, v in facts.items() if k.startswith("train_seconds"))
-    accuracy = "classifier_accuracy" in facts and f"; classifier test accuracy {facts['classifier_accuracy']:.3f}"
+    accuracy = "".join(
+        f"; {what} test accuracy {facts[key]:.3f}"
+        for key, what in (("classifier_accuracy", "classifier"), ("generative_accuracy", "CDM generative classifier"))
+        if key in facts
+    )
     header = (
         f"{data.name}: {len(data.train)} training images, {args.steps} steps of batch {args.batch} per model "
-        f"(training: {seconds}){accuracy or ''}; {len(data.test)} ID test images, OOD sets of "
+        f"(training: {seconds}){accuracy}; {len(data.test)} ID test images, OOD sets of "
         f"{', '.join(f'{k} {len(v)}' for k, v in data.ood.items())}; DDPM bound over {args.elbo_steps} timesteps, "
         f"reconstructions over {args.recon_steps} DDIM levels; seed {data.seed}; 2 CPU threads"
     )

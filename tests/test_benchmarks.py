@@ -220,6 +220,8 @@ def test_ood_baselines_run_and_are_tracked(tmp_path):
     assert set(blocks(out)) == {"ood-baselines-mnist", "ood-baselines-phantoms"}
     assert "| max-softmax classifier |" in out and "| DDPM bound (MONAI) |" in out and "| CDM combined |" in out
     assert "| CDM classifier |" in out, "the MNIST CDM is class-conditional: it is also a generative classifier"
+    accuracy = re.search(r"CDM generative classifier test accuracy (\d\.\d{3})", out)
+    assert accuracy and 0 <= float(accuracy[1]) <= 1, "the header says how well the CDM classifies the digits"
     assert sorted(p.name for p in (tmp_path / "img").glob("*.png")) == [
         "ood-baselines-mnist.png", "ood-baselines-phantoms.png", "ood-sets-mnist.png", "ood-sets-phantoms.png"
     ]  # fmt: skip
