@@ -2,6 +2,7 @@
 
     python benchmarks/ranking.py --checkpoint runs/mnist/model.pt --data mnist --images 16
     python benchmarks/ranking.py --checkpoint demo/run/model.pt --images 16
+    python benchmarks/ranking.py --checkpoint demo/run/model.pt --development  # prior weights, development images
 
 Held-out images (the bundled MNIST test split with `--data mnist`; generated CT phantoms at the model's size by
 default; or the slices under a folder), each degraded by every entry of DEGRADATIONS. The candidates come from
@@ -12,7 +13,8 @@ reported on its own. For each image, Kendall's tau between a criterion's scores 
 the held-out one ("all"), of all families ("+ held-out"), of the METHODS families alone (no truth, nothing made
 from it: what a user ranks) and of each family with the truth; the rate at which the truth is ranked first and at
 which every hallucination (a clean image of another case, `another_case`) is ranked below the truth. Tables are
-means over images, printed as the block --name of `tables.emit`.
+means over images, printed as the block --name of `tables.emit`. `--development` prints, on images no table uses,
+how `candidate-posterior` fares at each prior weight (`rank_restorations(prior_weight=...)`), for choosing it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -67,18 +69,20 @@ DEGRADATIONS = {
 }
 
 
-def held_out(model, data: Optional[str], n: int) -> tuple[torch.Tensor, list[str]]:
+def held_out(model, data: Optional[str], n: int, development: bool = False) -> tuple[torch.Tensor, list[str]]:
     """n + 1 model-space images and the case (volume) of each; the last image only lends its content to the
-    hallucinations of the others. Generated phantoms come in at least two volumes, one case for each."""
+    hallucinations of the others. Generated phantoms come in at least two volumes, one case for each. With
+    `development`, images that no reported table uses: MNIST's validation split, phantoms of another seed."""
     transform = model.spec.input_transform()
     if data == "mnist":
-        test = bundled_mnist("test")
+        test = bundled_mnist("val" if development else "test")
         samples = test[:: max(1, len(test) // (n + 1))][: n + 1]
         return torch.stack([transform(s["image"]) for s in samples]), [str(k) for k in range(len(samples))]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(data) if data else Path(tmp) / "phantoms"
         if data is None:
-            make_phantoms(folder, max(2, (n + 1) // 8 + 1), "nifti", size=model.spec.size[-1], slices=16, seed=11)
+            make_phantoms(folder, max(2, (n + 1) // 8 + 1), "nifti", size=model.spec.size[-1], slices=16,
+                          seed=12 if development else 11)  # fmt: skip
         slices = [s for s in iter_slices(folder, on_error=lambda e: None) if not s.flags]
     picked = slices[:: max(1, len(slices) // (n + 1))][: n + 1]
     return torch.stack([transform(s.image) for s in picked]), [s.source.volume_id for s in picked]
@@ -141,22 +145,33 @@ def kendall(scores: np.ndarray, truth: np.ndarray) -> float:
     return float(tau) if np.isfinite(tau) else 0.0
 
 
+def candidate_sets(model, images: torch.Tensor, cases: list[str], kind: str, value, sigma: float) -> Iterator[tuple]:
+    """Per image but the last, under one degradation: (index, truth x, observation y, operator, family names
+    with the truth first, candidates clamped to [-1, 1], -MSE to the truth: higher = better, the order of PSNR)."""
+    g = torch.Generator().manual_seed(0)
+    for i, x in enumerate(images[:-1]):
+        y, op, estimate = degrade(x, kind, value, sigma, g)
+        groups = families(model, x, images[another_case(cases, i)], estimate, kind, sigma, g)
+        names = ["truth"] + [f for f, members in groups.items() for _ in members]
+        cands = torch.stack([x, *[c for members in groups.values() for c in members]]).clamp(-1, 1)
+        yield i, x, y, op, names, cands, -(cands - x).flatten(1).square().mean(1).numpy()
+
+
+def hallucinations_below_truth(scores: np.ndarray, names: list[str]) -> float:
+    """1 when every hallucination scores below the truth (index 0), else 0."""
+    return float(all(scores[j] < scores[0] for j, n in enumerate(names) if n == "hallucination"))
+
+
 def evaluate(model, images: torch.Tensor, cases: list[str], samples: int, steps: int) -> tuple[dict, dict]:
     """Per degradation and criterion: the mean of every measure over images; and seconds per case."""
     ssim = SSIMMetric(spatial_dims=2, data_range=2.0, reduction="none", win_size=7)
     results: dict = {}
     seconds: dict = {c: [] for c in CRITERIA}
-    lenders = [another_case(cases, i) for i in range(len(images) - 1)]
     for name, (kind, value, sigma) in DEGRADATIONS.items():
-        g = torch.Generator().manual_seed(0)
         rows: dict[str, list[dict[str, float]]] = {c: [] for c in CRITERIA}
-        for i, x in enumerate(images[:-1]):
-            y, op, estimate = degrade(x, kind, value, sigma, g)
-            groups = families(model, x, images[lenders[i]], estimate, kind, sigma, g)
-            names = ["truth"] + [f for f, members in groups.items() for _ in members]
-            cands = torch.stack([x, *[c for members in groups.values() for c in members]]).clamp(-1, 1)
-            mse = -(cands - x).flatten(1).square().mean(1).numpy()  # higher = better, the order of PSNR
+        for i, x, y, op, names, cands, mse in candidate_sets(model, images, cases, kind, value, sigma):
             sim = ssim(cands, x.expand_as(cands)).flatten().numpy()
+            groups = dict.fromkeys(names[1:])  # the families, in their order
             for criterion in CRITERIA:
                 start = time.perf_counter()
                 gen = torch.Generator().manual_seed(i)
@@ -173,12 +188,32 @@ def evaluate(model, images: torch.Tensor, cases: list[str], samples: int, steps:
                     row[f"tau PSNR {subset}"] = kendall(scores[pick], mse[pick])
                     row[f"tau SSIM {subset}"] = kendall(scores[pick], sim[pick])
                 row["truth first"] = float(ranking.order[0] == 0)
-                fakes = [j for j, n in enumerate(names) if n == "hallucination"]
-                row["hallucination below truth"] = float(all(scores[j] < scores[0] for j in fakes))
+                row["hallucination below truth"] = hallucinations_below_truth(scores, names)
                 rows[criterion].append(row)
         results[name] = {c: {k: statistics.fmean(r[k] for r in rs) for k in rs[0]} for c, rs in rows.items()}
         print(f"{name}: done ({len(images) - 1} images)", file=sys.stderr, flush=True)
     return results, {c: statistics.fmean(v) for c, v in seconds.items()}
+
+
+def prior_weight_sweep(model, images: torch.Tensor, cases: list[str], weights: list[float]) -> None:
+    """Development only (run on `held_out(..., development=True)` images, never reported): for each degradation
+    with an operator and each prior weight beta, `candidate-posterior`'s mean tau PSNR over all families but the
+    held-out one, and the rates of every hallucination below the truth and of the truth first."""
+    for name, (kind, value, sigma) in DEGRADATIONS.items():
+        if kind == "noise":  # `auto` is expected-mse there: no prior term
+            continue
+        rows: dict[float, list[tuple[float, float, float]]] = {beta: [] for beta in weights}
+        for _, _, y, op, names, cands, mse in candidate_sets(model, images, cases, kind, value, sigma):
+            keep = np.array([n != HELD_OUT for n in names])
+            for beta in weights:
+                scores = rank_restorations(model.classifier, model.schedule, cands, y, "candidate-posterior", sigma,
+                                           op, prior_weight=beta).scores.numpy()  # fmt: skip
+                rows[beta].append((kendall(scores[keep], mse[keep]), hallucinations_below_truth(scores, names),
+                                   float(np.argmax(scores) == 0)))  # fmt: skip
+        for beta, r in rows.items():
+            tau, safe, first = (statistics.fmean(v) for v in zip(*r, strict=True))
+            print(f"development {name}: prior weight {beta:g}: tau PSNR all {tau:.3f}, hallucination below truth "
+                  f"{safe:.2f}, truth first {first:.2f}", flush=True)  # fmt: skip
 
 
 def tables(results: dict, seconds: dict, n: int) -> str:
@@ -227,10 +262,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of each posterior sample")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     parser.add_argument("--name", default="ranking", help="name of the printed table block (tables.emit)")
+    parser.add_argument("--development", action="store_true",
+                        help="print candidate-posterior on development images for each --prior-weights (MNIST "
+                        "validation split, phantoms of another seed; with a --data folder, that folder: give "
+                        "development scans), then stop")  # fmt: skip
+    parser.add_argument("--prior-weights", default="1,0.75,0.5,0.25,0", help="comma-separated, for --development")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model(args.checkpoint)
-    images, cases = held_out(model, args.data, args.images)
+    images, cases = held_out(model, args.data, args.images, args.development)
+    if args.development:
+        prior_weight_sweep(model, images, cases, [float(w) for w in args.prior_weights.split(",")])
+        return
     results, seconds = evaluate(model, images, cases, args.samples, args.steps)
     text = tables(results, seconds, len(images) - 1)
     emit(args.name, text)

@@ -19,6 +19,9 @@ Criteria, higher = better:
 - `map`: log p_0(x) + log p(y | x), with y = A(x) + sigma n, n ~ N(0, I):
   log p(y | x) = -||y - A(x)||^2 / (2 sigma^2) - (m / 2) log(2 pi sigma^2); A is the identity (denoising) or
   any linear operator (blur, downsampling, masking). Up to a constant in x this is log p(x | y).
+  `map` and `candidate-posterior` take a `prior_weight` beta: beta log p_0(x) + log p(y | x), the posterior with
+  the prior raised to the power beta (a tempered prior). beta = 1 (the default) is Bayes' rule; beta < 1 trusts
+  the trained model's density less than the exact Gaussian likelihood of the observation.
 - `noisy-level`: for candidates that are themselves noisy with std sigma, x = x0 + sigma n: the density of x is
   alpha_t^d p_t(alpha_t x) at the level t with sigma_t / alpha_t = sigma (one forward pass on alpha_t x).
 """
@@ -125,6 +128,7 @@ def rank_restorations(
     samples: int = 0,
     steps: int = 50,
     generator: Optional[torch.Generator] = None,
+    prior_weight: float = 1.0,
 ) -> Ranking:
     """Rank model-space candidates (B, C, *spatial) of one observation y, shaped like A(candidate) with or without
     its batch axis of 1.
@@ -133,13 +137,16 @@ def rank_restorations(
     `noisy-level` needs `sigma` (the candidates' own noise std); `prior` needs neither. sigma is in model units
     (data scaled to [-1, 1]). `expected-mse` draws `samples` posterior samples (`steps` sampler steps each) for
     the expected PSNR / SSIM; under an `operator` it always draws them (at least `OPERATOR_SAMPLES`), since
-    E[x | y] is their mean.
+    E[x | y] is their mean. `prior_weight` beta weighs log p_0 in `map` and `candidate-posterior` (a tempered
+    prior; 1 is Bayes' rule).
     """
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
     criterion = resolve_criterion(criterion, operator)
     if criterion != "prior" and (sigma is None or sigma <= 0):
         raise ValueError(f"criterion {criterion!r} needs a positive noise std sigma")
+    if not (math.isfinite(prior_weight) and prior_weight >= 0):
+        raise ValueError(f"the prior weight must be a finite number >= 0, got {prior_weight}")
     if criterion in ("map", "expected-mse", "candidate-posterior") and observed is None:
         raise ValueError(f"criterion {criterion!r} needs the observed (degraded) image")
     y = None
@@ -155,7 +162,7 @@ def rank_restorations(
         scores = log_prior = log_likelihood_profile_batched(classifier, candidates, schedule, batch_size)[:, 0].double()
     if criterion in ("map", "candidate-posterior"):
         log_obs = log_observation_likelihood(candidates, y, sigma, operator)
-        scores = log_prior + log_obs
+        scores = prior_weight * log_prior + log_obs
     if criterion == "candidate-posterior":
         risk, weights = candidate_posterior_risk(candidates, scores)
         quality = expected_quality(candidates, candidates, weights)

@@ -154,7 +154,7 @@ def save_image(model: Any, image: torch.Tensor, name: Path) -> Path:
 def rank_case(
     model: Any, case: str, observed: Optional[Path], candidates: list[Path], criterion: str, sigma: Optional[float],
     degradation: str, generate: int, steps: int, seed: int, out_dir: Path, samples: int = 0,
-    reference: bool = False,
+    reference: bool = False, prior_weight: float = 1.0,
 ) -> list[dict]:  # fmt: skip
     """Ranking rows (best first) of one case; with `generate`, K candidates made by the CDM are added first;
     with `reference` (criterion `expected-mse`), the posterior mean is written and listed first as rank 0. Rows
@@ -187,7 +187,7 @@ def rank_case(
         )
     try:
         ranking = rank_restorations(model.classifier, model.schedule, cands, y, criterion, sigma, degraded.operator,
-                                    samples=samples, steps=steps, generator=g)  # fmt: skip
+                                    samples=samples, steps=steps, generator=g, prior_weight=prior_weight)  # fmt: skip
     except ValueError as err:
         raise CaseError(str(err)) from None
     quality = ranking.quality or {}
@@ -236,15 +236,16 @@ def read_manifest(path: Path, degradation: str, sigma: Optional[float]) -> list[
 def rank_cases(
     model: Any, cases: Iterable[Case], criterion: str, generate: int = 0, steps: int = 50, seed: int = 0,
     out_dir: Optional[Path] = None, strict: bool = False, samples: int = 0, reference: bool = False,
+    prior_weight: float = 1.0,
 ) -> tuple[list[dict], int]:  # fmt: skip
     """Ranking rows of every case (best first) and the number of cases that could not be ranked (each gets a row
     with its `error`); with `strict`, the first such case raises `UsageError` instead. Generated candidates and
-    posterior means (`reference`) are written into `out_dir`."""
+    posterior means (`reference`) are written into `out_dir`; `prior_weight` as in `rank_restorations`."""
     rows, failed = [], 0
     for case, observed, candidates, degradation, sigma in cases:
         try:
             rows += rank_case(model, case, observed, candidates, criterion, sigma, degradation, generate, steps,
-                              seed, out_dir or Path("."), samples, reference)  # fmt: skip
+                              seed, out_dir or Path("."), samples, reference, prior_weight)  # fmt: skip
         except CaseError as err:
             if strict:
                 raise UsageError(str(err)) from None

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cdm_ood.checkpoint import load_checkpoint
+from cdm_ood.checkpoint import load_checkpoint, load_model
 from cdm_ood.data.artifacts import ARTIFACTS
 from cdm_ood.data.natural import bundled_mnist
 from cdm_ood.data.phantoms import make_phantoms
@@ -319,6 +319,23 @@ def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
     for criterion in ("auto", "map", "expected-mse", "candidate-posterior"):  # mild noise: the data term orders
         row = next(cells(line) for line in rows if line.startswith(f"| noise 0.05 | {criterion} |"))
         assert float(row[2]) > 0.5 and float(row[7]) == 1.0, row
+
+
+def test_ranking_development_sweeps_the_prior_weight_on_images_no_table_uses(checkpoint):
+    import importlib
+
+    bench = importlib.import_module("ranking")
+    out = run("ranking.py", "--checkpoint", checkpoint, "--images", 2, "--development", "--prior-weights", "1,0")
+    assert not blocks(out), "development numbers are never a table"
+    lines = [line for line in out.splitlines() if line.startswith("development ")]
+    operators = [name for name, (kind, _, _) in bench.DEGRADATIONS.items() if kind != "noise"]
+    assert [line.split(":")[0] for line in lines] == [f"development {n}" for n in operators for _ in (1, 0)]
+    for line in lines:
+        tau, below, first = (float(v) for v in re.findall(r"(-?\d\.\d+)(?:,|$)", line))
+        assert -1 <= tau <= 1 and 0 <= below <= 1 and 0 <= first <= 1, line
+    model = load_model(checkpoint)
+    test_images, development = (bench.held_out(model, None, 2, development=d)[0] for d in (False, True))
+    assert not torch.equal(test_images, development), "the development images are not the reported ones"
 
 
 def test_real_scans_runs_on_the_ood_sets(checkpoint, tmp_path):

@@ -109,6 +109,23 @@ def test_candidate_posterior_is_the_exact_expected_error_over_the_candidate_set(
         torch.testing.assert_close(auto.weights, ranking.weights, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
+def test_the_prior_weight_tempers_the_exact_prior_in_map_and_candidate_posterior(beta):
+    """beta log N(c; mu, s^2 I) + log N(y; c, sigma^2 I) on the exact Gaussian, to 1e-8: the `map` scores, and
+    the `candidate-posterior` weights normalised over the candidates; beta = 0 ranks by the observation alone."""
+    sigma = 0.2
+    candidates, y = candidates_and_observation(sigma, seed=3)
+    log_obs = log_observation_likelihood(candidates, y, sigma)
+    tempered = beta * gaussian_log_density(candidates, MU, S**2) + log_obs
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", sigma, prior_weight=beta)
+    torch.testing.assert_close(ranking.scores, tempered, rtol=0, atol=1e-8)
+    assert ranking.order == torch.argsort(tempered, descending=True, stable=True).tolist()
+    spread = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "candidate-posterior", sigma, prior_weight=beta)
+    torch.testing.assert_close(spread.weights, torch.softmax(tempered, 0), rtol=0, atol=1e-8)
+    if beta == 0:
+        assert ranking.order == torch.argsort(log_obs, descending=True, stable=True).tolist()
+
+
 def test_expected_quality_averages_over_the_samples():
     g = torch.Generator().manual_seed(0)
     draws = torch.randn(6, 1, 8, 8, generator=g, **F64).clamp(-1, 1)
@@ -156,6 +173,9 @@ def test_bad_arguments_are_named():
             rank_restorations(GAUSSIAN, SCHEDULE, x, criterion=criterion, sigma=0.1)
     with pytest.raises(ValueError, match="positive noise std"):
         rank_restorations(GAUSSIAN, SCHEDULE, x, x[0], criterion="map")
+    for beta in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="prior weight must be a finite number >= 0"):
+            rank_restorations(GAUSSIAN, SCHEDULE, x, x[0], criterion="map", sigma=0.1, prior_weight=beta)
 
 
 def write_slice(image, folder):
@@ -277,6 +297,18 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
         rows = list(csv.DictReader(f))
     assert {r["criterion"] for r in rows} == {"candidate-posterior"}, "auto under an operator"
     assert abs(sum(float(r["posterior_weight"]) for r in rows) - 1) < 1e-9
+    observation_only = invoke("rank-restorations", paths["clean"], paths["noisy"], "--observed", paths["noisy"],
+                              "--degradation", mask, "--prior-weight", 0, "--out", tmp_path / "beta0.csv",
+                              *common)  # fmt: skip
+    assert observation_only.exit_code == 0, observation_only.output
+    with open(tmp_path / "beta0.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    log_obs = torch.tensor([float(r["log_observation"]) for r in rows], dtype=torch.float64)
+    weights = torch.tensor([float(r["posterior_weight"]) for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(weights, torch.softmax(log_obs, 0), msg="--prior-weight 0: p(y | c) alone")
+    negative = invoke("rank-restorations", paths["clean"], "--observed", paths["noisy"], "--degradation", mask,
+                      "--prior-weight", -1, *common)  # fmt: skip
+    assert negative.exit_code == 2 and "--prior-weight" in negative.stderr
     auto_mean = invoke("rank-restorations", paths["clean"], "--observed", paths["small"], "--degradation", "down:4",
                        "--posterior-mean", *common)  # fmt: skip
     assert auto_mean.exit_code == 2 and "'auto' is expected-mse only" in auto_mean.stderr

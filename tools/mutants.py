@@ -149,8 +149,8 @@ MUTANTS = (
     Mutant(
         "map-criterion-sign",
         "cdm_ood/ranking.py",
-        "scores = log_prior + log_obs",
-        "scores = log_prior - log_obs",
+        "scores = prior_weight * log_prior + log_obs",
+        "scores = prior_weight * log_prior - log_obs",
         (f"{BENCH}test_ranking_measures_every_degradation_family_and_criterion",),
     ),
     Mutant(
