@@ -206,10 +206,11 @@ def prior_weight_sweep(model, images: torch.Tensor, cases: list[str], weights: l
         for _, _, y, op, names, cands, mse in candidate_sets(model, images, cases, kind, value, sigma):
             keep = np.array([n != HELD_OUT for n in names])
             for beta in weights:
-                scores = rank_restorations(model.classifier, model.schedule, cands, y, "candidate-posterior", sigma,
-                                           op, prior_weight=beta).scores.numpy()  # fmt: skip
+                ranking = rank_restorations(model.classifier, model.schedule, cands, y, "candidate-posterior", sigma,
+                                            op, prior_weight=beta)  # fmt: skip
+                scores = ranking.scores.numpy()
                 rows[beta].append((kendall(scores[keep], mse[keep]), hallucinations_below_truth(scores, names),
-                                   float(np.argmax(scores) == 0)))  # fmt: skip
+                                   float(ranking.order[0] == 0)))  # fmt: skip
         for beta, r in rows.items():
             tau, safe, first = (statistics.fmean(v) for v in zip(*r, strict=True))
             print(f"development {name}: prior weight {beta:g}: tau PSNR all {tau:.3f}, hallucination below truth "
