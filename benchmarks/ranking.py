@@ -2,7 +2,6 @@
 
     python benchmarks/ranking.py --checkpoint runs/mnist/model.pt --data mnist --images 16
     python benchmarks/ranking.py --checkpoint demo/run/model.pt --images 16
-    python benchmarks/ranking.py --checkpoint demo/run/model.pt --development  # prior weights, development images
 
 Held-out images (the bundled MNIST test split with `--data mnist`; generated CT phantoms at the model's size by
 default; or the slices under a folder), each degraded by every entry of DEGRADATIONS. The candidates come from
@@ -13,8 +12,8 @@ reported on its own. For each image, Kendall's tau between a criterion's scores 
 the held-out one ("all"), of all families ("+ held-out"), of the METHODS families alone (no truth, nothing made
 from it: what a user ranks) and of each family with the truth; the rate at which the truth is ranked first and at
 which every hallucination (a clean image of another case, `another_case`) is ranked below the truth. Tables are
-means over images, printed as the block --name of `tables.emit`. `--development` prints, on images no table uses,
-how `candidate-posterior` fares at each prior weight (`rank_restorations(prior_weight=...)`), for choosing it.
+means over images, printed as the block --name of `tables.emit`. `benchmarks/prior_weight.py` chooses the prior
+weight on development images with `prior_weight_sweep`.
 """
 
 from __future__ import annotations
@@ -195,10 +194,11 @@ def evaluate(model, images: torch.Tensor, cases: list[str], samples: int, steps:
     return results, {c: statistics.fmean(v) for c, v in seconds.items()}
 
 
-def prior_weight_sweep(model, images: torch.Tensor, cases: list[str], weights: list[float]) -> None:
-    """Development only (run on `held_out(..., development=True)` images, never reported): for each degradation
-    with an operator and each prior weight beta, `candidate-posterior`'s mean tau PSNR over all families but the
-    held-out one, and the rates of every hallucination below the truth and of the truth first."""
+def prior_weight_sweep(model, images: torch.Tensor, cases: list[str], weights: list[float]) -> dict[tuple, tuple]:
+    """Development only (`benchmarks/prior_weight.py`, on `held_out(..., development=True)` images): for each
+    degradation with an operator and each prior weight beta, `candidate-posterior`'s mean tau PSNR over all families
+    but the held-out one, and the rates of every hallucination below the truth and of the truth first."""
+    found = {}
     for name, (kind, value, sigma) in DEGRADATIONS.items():
         if kind == "noise":  # `auto` is expected-mse there: no prior term
             continue
@@ -211,10 +211,8 @@ def prior_weight_sweep(model, images: torch.Tensor, cases: list[str], weights: l
                 scores = ranking.scores.numpy()
                 rows[beta].append((kendall(scores[keep], mse[keep]), hallucinations_below_truth(scores, names),
                                    float(ranking.order[0] == 0)))  # fmt: skip
-        for beta, r in rows.items():
-            tau, safe, first = (statistics.fmean(v) for v in zip(*r, strict=True))
-            print(f"development {name}: prior weight {beta:g}: tau PSNR all {tau:.3f}, hallucination below truth "
-                  f"{safe:.2f}, truth first {first:.2f}", flush=True)  # fmt: skip
+        found |= {(name, beta): tuple(statistics.fmean(v) for v in zip(*r, strict=True)) for beta, r in rows.items()}
+    return found
 
 
 def tables(results: dict, seconds: dict, n: int) -> str:
@@ -263,18 +261,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of each posterior sample")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     parser.add_argument("--name", default="ranking", help="name of the printed table block (tables.emit)")
-    parser.add_argument("--development", action="store_true",
-                        help="print candidate-posterior on development images for each --prior-weights (MNIST "
-                        "validation split, phantoms of another seed; with a --data folder, that folder: give "
-                        "development scans), then stop")  # fmt: skip
-    parser.add_argument("--prior-weights", default="1,0.75,0.5,0.25,0", help="comma-separated, for --development")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = load_model(args.checkpoint)
-    images, cases = held_out(model, args.data, args.images, args.development)
-    if args.development:
-        prior_weight_sweep(model, images, cases, [float(w) for w in args.prior_weights.split(",")])
-        return
+    images, cases = held_out(model, args.data, args.images)
     results, seconds = evaluate(model, images, cases, args.samples, args.steps)
     text = tables(results, seconds, len(images) - 1)
     emit(args.name, text)

@@ -20,8 +20,9 @@ Criteria, higher = better:
   log p(y | x) = -||y - A(x)||^2 / (2 sigma^2) - (m / 2) log(2 pi sigma^2); A is the identity (denoising) or
   any linear operator (blur, downsampling, masking). Up to a constant in x this is log p(x | y).
   `map` and `candidate-posterior` take a `prior_weight` beta: beta log p_0(x) + log p(y | x), the posterior with
-  the prior raised to the power beta (a tempered prior). beta = 1 (the default) is Bayes' rule; beta < 1 trusts
-  the trained model's density less than the exact Gaussian likelihood of the observation.
+  the prior raised to the power beta (a tempered prior). beta = 1 is Bayes' rule; beta < 1 trusts the trained
+  model's density less than the exact Gaussian likelihood of the observation. The default, `PRIOR_WEIGHT`, is the
+  best worst case on development images of three CPU-scale models (`benchmarks/prior_weight.py`).
 - `noisy-level`: for candidates that are themselves noisy with std sigma, x = x0 + sigma n: the density of x is
   alpha_t^d p_t(alpha_t x) at the level t with sigma_t / alpha_t = sigma (one forward pass on alpha_t x).
 """
@@ -44,6 +45,7 @@ from .schedules import NoiseSchedule
 
 CRITERIA = ("auto", "expected-mse", "candidate-posterior", "prior", "map", "noisy-level")
 DEFAULT_CRITERION = "auto"
+PRIOR_WEIGHT = 0.5  # beta of `map` and `candidate-posterior` (benchmarks/prior_weight.py chooses it)
 OPERATOR_SAMPLES = 8  # posterior samples for E[x | y] under a degradation operator (no closed form there)
 
 
@@ -128,7 +130,7 @@ def rank_restorations(
     samples: int = 0,
     steps: int = 50,
     generator: Optional[torch.Generator] = None,
-    prior_weight: float = 1.0,
+    prior_weight: float = PRIOR_WEIGHT,
 ) -> Ranking:
     """Rank model-space candidates (B, C, *spatial) of one observation y, shaped like A(candidate) with or without
     its batch axis of 1.

@@ -21,7 +21,7 @@ from .errors import UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path
 from .posterior import Operator, posterior_mean, posterior_samples
-from .ranking import expected_quality, rank_restorations, resolve_criterion
+from .ranking import PRIOR_WEIGHT, expected_quality, rank_restorations, resolve_criterion
 
 Case = tuple[str, Optional[Path], list[Path], str, Optional[float]]  # name, observed, candidates, degradation, sigma
 
@@ -154,7 +154,7 @@ def save_image(model: Any, image: torch.Tensor, name: Path) -> Path:
 def rank_case(
     model: Any, case: str, observed: Optional[Path], candidates: list[Path], criterion: str, sigma: Optional[float],
     degradation: str, generate: int, steps: int, seed: int, out_dir: Path, samples: int = 0,
-    reference: bool = False, prior_weight: float = 1.0,
+    reference: bool = False, prior_weight: float = PRIOR_WEIGHT,
 ) -> list[dict]:  # fmt: skip
     """Ranking rows (best first) of one case; with `generate`, K candidates made by the CDM are added first;
     with `reference` (criterion `expected-mse`), the posterior mean is written and listed first as rank 0. Rows
@@ -236,7 +236,7 @@ def read_manifest(path: Path, degradation: str, sigma: Optional[float]) -> list[
 def rank_cases(
     model: Any, cases: Iterable[Case], criterion: str, generate: int = 0, steps: int = 50, seed: int = 0,
     out_dir: Optional[Path] = None, strict: bool = False, samples: int = 0, reference: bool = False,
-    prior_weight: float = 1.0,
+    prior_weight: float = PRIOR_WEIGHT,
 ) -> tuple[list[dict], int]:  # fmt: skip
     """Ranking rows of every case (best first) and the number of cases that could not be ranked (each gets a row
     with its `error`); with `strict`, the first such case raises `UsageError` instead. Generated candidates and

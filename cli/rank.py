@@ -23,9 +23,10 @@ from .common import checkpoint_option, device_option, open_checkpoint, setup_log
               "candidate-posterior, prior, map or noisy-level (`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation "
               "(auto, expected-mse, candidate-posterior, map) or of the candidates (noisy-level).")  # fmt: skip
-@click.option("--prior-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--prior-weight", type=click.FloatRange(min=0), show_default="cdm_ood.ranking.PRIOR_WEIGHT",
               help="beta: map and candidate-posterior weigh log p_0 by it, beta log p_0(c) + log N(y; A c, sigma^2) "
-              "(1 = Bayes' rule; below 1 trusts the model's density less than the observation).")  # fmt: skip
+              "(1 = Bayes' rule; below 1 trusts the model's density less than the observation; the default is "
+              "chosen on development images by benchmarks/prior_weight.py).")  # fmt: skip
 @click.option("--degradation", default="noise", show_default=True,
               help="noise, blur:<std in pixels>, down:<factor> (the observation is that much smaller: average "
               "pooling) or mask:<file> (non-zero = observed pixel; the others are missing).")  # fmt: skip
@@ -44,8 +45,8 @@ from .common import checkpoint_option, device_option, open_checkpoint, setup_log
 @device_option
 def rank_restorations_command(
     candidates: tuple[Path, ...], checkpoint: Path, observed: Optional[Path], criterion: str, sigma: Optional[float],
-    prior_weight: float, degradation: str, samples: int, reference: bool, manifest: Optional[Path], generate: int,
-    steps: int, seed: int, out: Path, device: str,
+    prior_weight: Optional[float], degradation: str, samples: int, reference: bool, manifest: Optional[Path],
+    generate: int, steps: int, seed: int, out: Path, device: str,
 ) -> None:  # fmt: skip
     """Rank candidate restorations (DICOM, NIfTI or PNG files of one slice each) of a degraded scan.
 
@@ -60,7 +61,7 @@ def rank_restorations_command(
     Prints and writes the ranking (best first). Exit 1 when a manifest case could not be ranked, 2 on errors.
     """
     from cdm_ood.io import write_csv_atomic
-    from cdm_ood.ranking import CRITERIA
+    from cdm_ood.ranking import CRITERIA, PRIOR_WEIGHT
     from cdm_ood.ranking_cases import COLUMNS, rank_cases, read_manifest
 
     setup_logging()
@@ -75,7 +76,8 @@ def rank_restorations_command(
     with bar as items:
         generated = out.with_name(f"{out.stem}_generated")  # generated candidates and posterior means
         rows, failed = rank_cases(model, items, criterion, generate, steps, seed, generated, strict=manifest is None,
-                                  samples=samples, reference=reference, prior_weight=prior_weight)  # fmt: skip
+                                  samples=samples, reference=reference,
+                                  prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight)  # fmt: skip
     write_csv_atomic(out, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows])
     for r in rows:
         if r["error"]:

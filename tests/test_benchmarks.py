@@ -321,18 +321,23 @@ def test_ranking_measures_every_degradation_family_and_criterion(checkpoint):
         assert float(row[2]) > 0.5 and float(row[7]) == 1.0, row
 
 
-def test_ranking_development_sweeps_the_prior_weight_on_images_no_table_uses(checkpoint):
+def test_prior_weight_chooses_the_best_worst_case_on_images_no_table_uses(checkpoint):
     import importlib
 
     bench = importlib.import_module("ranking")
-    out = run("ranking.py", "--checkpoint", checkpoint, "--images", 2, "--development", "--prior-weights", "1,0")
+    out = run("prior_weight.py", "--model", checkpoint, "--model", f"{checkpoint}=mnist", "--images", 2,
+              "--prior-weights", "1,0")  # fmt: skip
     assert not blocks(out), "development numbers are never a table"
-    lines = [line for line in out.splitlines() if line.startswith("development ")]
+    line = (r"^development (.*) \| (.*) \| prior weight ([\d.]+): tau PSNR all (-?[\d.]+), "
+            r"hallucination below truth ([\d.]+), truth first ([\d.]+)$")  # fmt: skip
+    found = re.findall(line, out, flags=re.MULTILINE)
     operators = [name for name, (kind, _, _) in bench.DEGRADATIONS.items() if kind != "noise"]
-    assert [line.split(":")[0] for line in lines] == [f"development {n}" for n in operators for _ in (1, 0)]
-    for line in lines:
-        tau, below, first = (float(v) for v in re.findall(r"(-?\d\.\d+)(?:,|$)", line))
-        assert -1 <= tau <= 1 and 0 <= below <= 1 and 0 <= first <= 1, line
+    assert [(d, float(b)) for _, d, b, *_ in found] == [(d, b) for _ in (1, 2) for d in operators for b in (1, 0)]
+    assert all(-1 <= float(t) <= 1 and 0 <= float(h) <= 1 and 0 <= float(f) <= 1 for *_, t, h, f in found)
+    worst = {b: (min(float(h) for *_, b_, _, h, _ in found if float(b_) == b),
+                 min(float(t) for *_, b_, t, _, _ in found if float(b_) == b)) for b in (1.0, 0.0)}  # fmt: skip
+    chosen = float(re.search(r"^chosen prior weight: ([\d.]+) ", out, flags=re.MULTILINE)[1])
+    assert chosen == max(worst, key=lambda b: (worst[b][0] == 1, *worst[b], b)), worst
     model = load_model(checkpoint)
     test_images, development = (bench.held_out(model, None, 2, development=d)[0] for d in (False, True))
     assert not torch.equal(test_images, development), "the development images are not the reported ones"
