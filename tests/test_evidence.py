@@ -68,6 +68,28 @@ def test_splice_replaces_the_named_blocks_only():
     assert new == "a\n<!-- table: x -->\n| 1 |\n\nline\n<!-- /table -->\nb\n<!-- table: y -->\nold y\n<!-- /table -->\n"
 
 
+def test_the_commit_stamp_is_dirty_for_changed_code_not_for_the_docs_the_steps_write(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "docs").mkdir()
+    for name in ("docs/ranking.md", "script.py"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    monkeypatch.setattr(evidence, "ROOT", tmp_path)
+    clean = evidence.commit()
+    assert not clean.endswith("+dirty") and clean != "unknown"
+    (tmp_path / "docs" / "ranking.md").write_text("a table an earlier step spliced\n")
+    assert evidence.commit() == clean, "a run of several steps splices docs before the later ones finish"
+    (tmp_path / "script.py").write_text("b\n")
+    assert evidence.commit() == clean + "+dirty"
+
+
 def test_a_step_brings_the_steps_it_needs_when_their_output_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(evidence, "ROOT", tmp_path)
     assert [s.name for s in evidence.plan(["ranking-phantoms"])] == ["demo", "ranking-phantoms"]

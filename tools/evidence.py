@@ -155,9 +155,9 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The checked-out commit, `+dirty` when tracked files differ from it."""
+    """The checked-out commit, `+dirty` when tracked files other than docs/ (what the steps write) differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!docs"], cwd=ROOT).returncode != 0
     return (head.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
