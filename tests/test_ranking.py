@@ -111,18 +111,22 @@ def test_candidate_posterior_is_the_exact_expected_error_over_the_candidate_set(
         torch.testing.assert_close(auto.weights, tempered.weights, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.25, 1.0])
-def test_the_prior_weight_tempers_the_exact_prior_in_map_and_candidate_posterior(beta):
-    """beta log N(c; mu, s^2 I) + log N(y; c, sigma^2 I) on the exact Gaussian, to 1e-8: the `map` scores, and
+@pytest.mark.parametrize("operator", ["identity", "blur"])
+@pytest.mark.parametrize("beta", [0.0, 0.25, PRIOR_WEIGHT, 1.0])
+def test_the_prior_weight_tempers_the_exact_prior_in_map_and_candidate_posterior(beta, operator):
+    """beta log N(c; mu, s^2 I) + log N(y; A c, sigma^2 I) on the exact Gaussian, to 1e-8: the `map` scores, and
     the `candidate-posterior` weights normalised over the candidates; beta = 0 ranks by the observation alone."""
+    from test_posterior import blur
+
+    a = None if operator == "identity" else blur
     sigma = 0.2
     candidates, y = candidates_and_observation(sigma, seed=3)
-    log_obs = log_observation_likelihood(candidates, y, sigma)
+    log_obs = log_observation_likelihood(candidates, y, sigma, a)
     tempered = beta * gaussian_log_density(candidates, MU, S**2) + log_obs
-    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", sigma, prior_weight=beta)
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", sigma, a, prior_weight=beta)
     torch.testing.assert_close(ranking.scores, tempered, rtol=0, atol=1e-8)
     assert ranking.order == torch.argsort(tempered, descending=True, stable=True).tolist()
-    spread = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "candidate-posterior", sigma, prior_weight=beta)
+    spread = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "candidate-posterior", sigma, a, prior_weight=beta)
     torch.testing.assert_close(spread.weights, torch.softmax(tempered, 0), rtol=0, atol=1e-8)
     if beta == 0:
         assert ranking.order == torch.argsort(log_obs, descending=True, stable=True).tolist()
