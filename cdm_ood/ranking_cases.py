@@ -26,8 +26,9 @@ from .ranking import PRIOR_WEIGHT, expected_quality, rank_restorations, resolve_
 Case = tuple[str, Optional[Path], list[Path], str, Optional[float]]  # name, observed, candidates, degradation, sigma
 
 QUALITY = ("expected_mse", "expected_psnr", "expected_ssim")
-COLUMNS = ("case", "rank", "candidate", "criterion", "score", "log_prior", "log_observation", "posterior_weight",
-           *QUALITY, "error")  # fmt: skip
+COLUMNS = ("case", "rank", "candidate", "criterion", "prior_weight", "score", "log_prior", "log_observation",
+           "posterior_weight", *QUALITY, "error")  # fmt: skip
+TEMPERED = ("map", "candidate-posterior")  # the criteria that weigh log p_0 by the prior weight
 
 
 class CaseError(Exception):
@@ -201,7 +202,7 @@ def rank_case(
     for rank, i in enumerate(ranking.order, start=1):
         rows.append({
             "case": case, "rank": rank, "candidate": names[i], "criterion": criterion,
-            "score": ranking.scores[i].item(),
+            "prior_weight": prior_weight if criterion in TEMPERED else None, "score": ranking.scores[i].item(),
             "log_prior": None if ranking.log_prior is None else ranking.log_prior[i].item(),
             "log_observation": None if ranking.log_observation is None else ranking.log_observation[i].item(),
             "posterior_weight": None if ranking.weights is None else ranking.weights[i].item(),

@@ -291,7 +291,7 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
     assert down.exit_code == 0, down.output
     with open(tmp_path / "down.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["rank"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["rank"]) for r in rows] == [0, 1, 2, 3] and {r["prior_weight"] for r in rows} == {""}
     assert rows[0]["candidate"].endswith("case_posterior_mean.npy") and Path(rows[0]["candidate"]).exists()
     assert all(float(r["expected_psnr"]) > 0 and -1 <= float(r["expected_ssim"]) <= 1 for r in rows)
     assert float(rows[0]["expected_mse"]) <= min(float(r["expected_mse"]) for r in rows[1:])
@@ -302,13 +302,17 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
     with open(tmp_path / "mask.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["criterion"] for r in rows} == {"candidate-posterior"}, "auto under an operator"
-    assert abs(sum(float(r["posterior_weight"]) for r in rows) - 1) < 1e-9
+    assert {float(r["prior_weight"]) for r in rows} == {PRIOR_WEIGHT}, "the CSV records the default weight"
+    tempered = torch.tensor([PRIOR_WEIGHT * float(r["log_prior"]) + float(r["log_observation"]) for r in rows], **F64)
+    weights = torch.tensor([float(r["posterior_weight"]) for r in rows], **F64)
+    torch.testing.assert_close(weights, torch.softmax(tempered, 0), rtol=0, atol=1e-9)
     observation_only = invoke("rank-restorations", paths["clean"], paths["noisy"], "--observed", paths["noisy"],
                               "--degradation", mask, "--prior-weight", 0, "--out", tmp_path / "beta0.csv",
                               *common)  # fmt: skip
     assert observation_only.exit_code == 0, observation_only.output
     with open(tmp_path / "beta0.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    assert {float(r["prior_weight"]) for r in rows} == {0.0}
     log_obs = torch.tensor([float(r["log_observation"]) for r in rows], dtype=torch.float64)
     weights = torch.tensor([float(r["posterior_weight"]) for r in rows], dtype=torch.float64)
     torch.testing.assert_close(weights, torch.softmax(log_obs, 0), msg="--prior-weight 0: p(y | c) alone")
