@@ -46,6 +46,7 @@ from .schedules import NoiseSchedule
 CRITERIA = ("auto", "expected-mse", "candidate-posterior", "prior", "map", "noisy-level")
 DEFAULT_CRITERION = "auto"
 PRIOR_WEIGHT = 0.5  # beta of `map` and `candidate-posterior` (benchmarks/prior_weight.py chooses it)
+TEMPERED = ("map", "candidate-posterior")  # the criteria that weigh log p_0 by the prior weight
 OPERATOR_SAMPLES = 8  # posterior samples for E[x | y] under a degradation operator (no closed form there)
 
 
@@ -162,7 +163,7 @@ def rank_restorations(
         scores = noisy_level_log_density(classifier, schedule, candidates, sigma, batch_size)
     else:
         scores = log_prior = log_likelihood_profile_batched(classifier, candidates, schedule, batch_size)[:, 0].double()
-    if criterion in ("map", "candidate-posterior"):
+    if criterion in TEMPERED:
         log_obs = log_observation_likelihood(candidates, y, sigma, operator)
         scores = prior_weight * log_prior + log_obs
     if criterion == "candidate-posterior":

@@ -21,14 +21,13 @@ from .errors import UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path
 from .posterior import Operator, posterior_mean, posterior_samples
-from .ranking import PRIOR_WEIGHT, expected_quality, rank_restorations, resolve_criterion
+from .ranking import PRIOR_WEIGHT, TEMPERED, expected_quality, rank_restorations, resolve_criterion
 
 Case = tuple[str, Optional[Path], list[Path], str, Optional[float]]  # name, observed, candidates, degradation, sigma
 
 QUALITY = ("expected_mse", "expected_psnr", "expected_ssim")
 COLUMNS = ("case", "rank", "candidate", "criterion", "prior_weight", "score", "log_prior", "log_observation",
            "posterior_weight", *QUALITY, "error")  # fmt: skip
-TEMPERED = ("map", "candidate-posterior")  # the criteria that weigh log p_0 by the prior weight
 
 
 class CaseError(Exception):
