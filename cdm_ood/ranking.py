@@ -50,6 +50,13 @@ TEMPERED = ("map", "candidate-posterior")  # the criteria that weigh log p_0 by 
 OPERATOR_SAMPLES = 8  # posterior samples for E[x | y] under a degradation operator (no closed form there)
 
 
+def check_prior_weight(beta: float) -> float:
+    """beta itself; ValueError unless it is a finite number >= 0."""
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"the prior weight must be a finite number >= 0, got {beta}")
+    return beta
+
+
 def resolve_criterion(criterion: str, operator: Optional[Operator]) -> str:
     """The criterion `auto` stands for: `expected-mse` for noise (`operator` None), else `candidate-posterior`."""
     if criterion != "auto":
@@ -148,8 +155,7 @@ def rank_restorations(
     criterion = resolve_criterion(criterion, operator)
     if criterion != "prior" and (sigma is None or sigma <= 0):
         raise ValueError(f"criterion {criterion!r} needs a positive noise std sigma")
-    if not (math.isfinite(prior_weight) and prior_weight >= 0):
-        raise ValueError(f"the prior weight must be a finite number >= 0, got {prior_weight}")
+    check_prior_weight(prior_weight)
     if criterion in ("map", "expected-mse", "candidate-posterior") and observed is None:
         raise ValueError(f"criterion {criterion!r} needs the observed (degraded) image")
     y = None

@@ -23,7 +23,7 @@ from .common import checkpoint_option, device_option, open_checkpoint, setup_log
               "candidate-posterior, prior, map or noisy-level (`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation "
               "(auto, expected-mse, candidate-posterior, map) or of the candidates (noisy-level).")  # fmt: skip
-@click.option("--prior-weight", type=click.FloatRange(min=0), show_default="cdm_ood.ranking.PRIOR_WEIGHT",
+@click.option("--prior-weight", type=float, show_default="cdm_ood.ranking.PRIOR_WEIGHT",
               help="beta: map and candidate-posterior weigh log p_0 by it, beta log p_0(c) + log N(y; A c, sigma^2) "
               "(1 = Bayes' rule; below 1 trusts the model's density less than the observation; the default is "
               "chosen on development images by benchmarks/prior_weight.py).")  # fmt: skip
@@ -61,12 +61,16 @@ def rank_restorations_command(
     Prints and writes the ranking (best first). Exit 1 when a manifest case could not be ranked, 2 on errors.
     """
     from cdm_ood.io import write_csv_atomic
-    from cdm_ood.ranking import CRITERIA, PRIOR_WEIGHT
+    from cdm_ood.ranking import CRITERIA, PRIOR_WEIGHT, check_prior_weight
     from cdm_ood.ranking_cases import COLUMNS, rank_cases, read_manifest
 
     setup_logging()
     if criterion not in CRITERIA:
         raise UsageError(f"--criterion {criterion!r}: expected one of {', '.join(CRITERIA)}")
+    try:  # a usage error for every case, not an error row per manifest case (exit 1)
+        beta = check_prior_weight(PRIOR_WEIGHT if prior_weight is None else prior_weight)
+    except ValueError as err:
+        raise UsageError(f"--prior-weight: {err}") from None
     model = open_checkpoint(checkpoint, device)
     if manifest is None:
         cases = [("case", observed, list(candidates), degradation, sigma)]
@@ -76,8 +80,7 @@ def rank_restorations_command(
     with bar as items:
         generated = out.with_name(f"{out.stem}_generated")  # generated candidates and posterior means
         rows, failed = rank_cases(model, items, criterion, generate, steps, seed, generated, strict=manifest is None,
-                                  samples=samples, reference=reference,
-                                  prior_weight=PRIOR_WEIGHT if prior_weight is None else prior_weight)  # fmt: skip
+                                  samples=samples, reference=reference, prior_weight=beta)  # fmt: skip
     write_csv_atomic(out, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows])
     for r in rows:
         if r["error"]:

@@ -302,6 +302,7 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
     with open(tmp_path / "mask.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["criterion"] for r in rows} == {"candidate-posterior"}, "auto under an operator"
+    assert abs(sum(float(r["posterior_weight"]) for r in rows) - 1) < 1e-9
     assert {float(r["prior_weight"]) for r in rows} == {PRIOR_WEIGHT}, "the CSV records the default weight"
     tempered = torch.tensor([PRIOR_WEIGHT * float(r["log_prior"]) + float(r["log_observation"]) for r in rows], **F64)
     weights = torch.tensor([float(r["posterior_weight"]) for r in rows], **F64)
@@ -319,6 +320,13 @@ def test_cli_ranks_under_downsampling_and_masking_with_the_posterior_mean_as_ref
     negative = invoke("rank-restorations", paths["clean"], "--observed", paths["noisy"], "--degradation", mask,
                       "--prior-weight", -1, *common)  # fmt: skip
     assert negative.exit_code == 2 and "--prior-weight" in negative.stderr
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"case,observed,candidates\nc,{paths['noisy']},{paths['clean']}\n")
+    for beta in ("nan", "inf"):  # a usage error (exit 2) on the manifest path too, not one error row per case
+        bad = invoke("rank-restorations", "--manifest", manifest, "--degradation", mask, "--prior-weight", beta,
+                     "--out", tmp_path / "bad.csv", *common)  # fmt: skip
+        assert bad.exit_code == 2 and "--prior-weight" in bad.stderr, bad.output
+        assert not (tmp_path / "bad.csv").exists()
     auto_mean = invoke("rank-restorations", paths["clean"], "--observed", paths["small"], "--degradation", "down:4",
                        "--posterior-mean", *common)  # fmt: skip
     assert auto_mean.exit_code == 2 and "'auto' is expected-mse only" in auto_mean.stderr
