@@ -17,6 +17,7 @@ from .classifier import CDMClassifier
 from .config import Config, ModelConfig, ScheduleConfig, parse_section, validate_model
 from .data.presets import IntensityPreset
 from .data.transforms import image_transform
+from .precision import PRECISIONS
 from .schedules import NoiseSchedule
 
 
@@ -167,3 +168,50 @@ class Calibration:
                                     tuple(float(x) for x in c["id_scores"])) for k, c in checks.items()}  # fmt: skip
         return cls(float(d["fpr"]), str(d["default"]), int(d["n_fit"]), fits, str(d.get("precision", "float32")),
                    checks)  # fmt: skip
+
+    def check(self) -> None:
+        """Raise `ValueError` naming the first field that calibration (`cdm_ood.ood.calibration.calibrate`) cannot
+        have written: a NaN or infinite number, a false-positive rate outside (0, 1), no fitted image, an empty or
+        mismatched set of held-out scores, a detector stored under another detector's name, an unknown default or
+        precision. Thresholds are order statistics of the held-out scores, so these checks cover them too."""
+        if not 0.0 < self.fpr < 1.0:
+            raise ValueError(f"calibration.fpr is {self.fpr}, not a false-positive rate in (0, 1)")
+        if self.n_fit < 1:
+            raise ValueError(f"calibration.n_fit is {self.n_fit}: no image was fitted")
+        if self.default not in self.detectors:
+            raise ValueError(f"calibration.default {self.default!r} is not among the calibrated detectors")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"calibration.precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        held_out = len(self.detectors[self.default].id_scores)
+        if held_out == 0:
+            raise ValueError(f"calibration.detectors.{self.default}.id_scores is empty")
+        for name, fit in self.detectors.items():
+            where = f"calibration.detectors.{name}"
+            if fit.state.get("name") != name:
+                raise ValueError(f"{where}.state.name is {fit.state.get('name')!r}, not {name!r}")
+            if len(fit.id_scores) != held_out:
+                raise ValueError(f"{where}.id_scores holds {len(fit.id_scores)} scores, {self.default}'s {held_out}: "
+                                 "every detector scores the same held-out images")  # fmt: skip
+            _check_finite(f"{where}.state", fit.state)
+            _check_finite(f"{where}.id_scores", fit.id_scores)
+        for name, check in self.volume_checks.items():
+            where = f"calibration.volume_checks.{name}"
+            if not check.id_scores:
+                raise ValueError(f"{where}.id_scores is empty")
+            _check_finite(f"{where}.params", check.params)
+            _check_finite(f"{where}.id_scores", check.id_scores)
+
+
+def _check_finite(where: str, value: Any) -> None:
+    """Raise `ValueError` naming the first NaN or infinite number in `value` (nested plain data and tensors)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where} holds NaN or infinite values")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{where}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(f"{where}[{i}]", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}")
