@@ -32,10 +32,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
         yield f
 
 
-def write_csv_atomic(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+# Text that a spreadsheet takes for a formula when a cell starts with it (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, prefixed with `'` (OWASP's advice), so that it shows
+    as text; numbers and other text stay as they are (`spreadsheet_value` undoes it)."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def spreadsheet_value(cell: str) -> str:
+    """The text that `spreadsheet_safe` wrote as `cell`."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+
+
+def write_csv_atomic(
+    path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict[str, Any]], for_people: bool = False
+) -> None:
     """Write dict rows with a header line to `path`, atomically, in UTF-8; a file name that is not UTF-8 keeps its
-    exact bytes (surrogate escapes), so every name the filesystem allows reaches the file."""
+    exact bytes (surrogate escapes), so every name the filesystem allows reaches the file. A CSV `for_people`
+    (reports opened in spreadsheets) has its text cells made `spreadsheet_safe`."""
     with atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{k: spreadsheet_safe(v) for k, v in row.items()} for row in rows] if for_people else rows)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from .data.discovery import discover
 from .data.errors import DataError
 from .data.guards import MAX_VOXELS
-from .data.walk import DEFAULT_IGNORE, ignored
+from .data.walk import DEFAULT_IGNORE, IgnoredFile, ignore_match
 from .errors import MissingExtraError
 from .ood.report import COLUMNS, FLOAT_COLUMNS, aggregate
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 _TYPES = {"slice": "bigint", "time_point": "bigint"} | dict.fromkeys(FLOAT_COLUMNS, "double")
 SCHEMA = ", ".join(f"{column} {_TYPES.get(column, 'string')}" for column in COLUMNS)
 """The rows' schema (Spark DDL): the columns of the `cdm-ood score` report, in its order."""
-_KEYED = "path string, content binary, volume_key string"
+_KEYED = "path string, content binary, volume_key string, ignored string"
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def score_files(
     it once first, so that an unusable checkpoint or threshold fails here, before any file is read. `device`
     defaults to cuda where the executor has a GPU, else cpu. The files are scored in `partitions` partitions
     [default: `spark.sql.shuffle.partitions`], a number adaptive query execution keeps. Files whose name or path
-    matches an `ignore` glob are left out, as in a folder given to `cdm-ood score` (`data.walk.DEFAULT_IGNORE`).
+    matches an `ignore` glob are not read and get a row `ignored`, as in a folder given to `cdm-ood score`
+    (`data.walk.DEFAULT_IGNORE`).
     """
     _require_pyspark()
     from pyspark.sql import functions as F
@@ -157,14 +158,18 @@ def _with_volume_keys(
     with tempfile.TemporaryDirectory(prefix="cdm-ood-spark-") as tmp:
         staged = _Staged(Path(tmp))
         for batch in batches:
-            batch = batch[[not ignored(Path(urlsplit(p).path), ignore) for p in batch["path"]]]
-            keys = []
+            keys, patterns = [], []
             for path, content in zip(batch["path"], batch["content"], strict=True):
+                local_path = Path(urlsplit(path).path)
+                patterns.append(ignore_match(local_path, ignore, local_path.parent.parts))
+                if patterns[-1] is not None:  # reported as `ignored` on its own, never read
+                    keys.append(path)
+                    continue
                 local = staged.add(path, content)
                 keys.append(_volume_key(path, local, max_voxels))
                 if content is not None:
                     local.unlink()
-            yield batch.assign(volume_key=keys)
+            yield batch.assign(volume_key=keys, ignored=patterns)
 
 
 def _score_partition(batches: Iterator[pd.DataFrame], job: _Job) -> Iterator[pd.DataFrame]:
@@ -174,10 +179,17 @@ def _score_partition(batches: Iterator[pd.DataFrame], job: _Job) -> Iterator[pd.
 
     with tempfile.TemporaryDirectory(prefix="cdm-ood-spark-") as tmp:
         staged = _Staged(Path(tmp))
-        paths = [staged.add(p, c) for batch in batches for p, c in zip(batch["path"], batch["content"], strict=True)]
-        if not paths:
+        paths, ignored = [], []
+        for batch in batches:
+            for path, content, pattern in zip(batch["path"], batch["content"], batch["ignored"], strict=True):
+                if not isinstance(pattern, str):  # null: not ignored
+                    paths.append(staged.add(path, content))
+                else:
+                    ignored.append(IgnoredFile(path, pattern))
+        if not paths and not ignored:
             return
         errors: list[DataError] = []
-        sources = discover(paths, errors.append, job.max_voxels)
-        rows = [staged.restore(row) for row in score_sources(_scorer(job), sources, errors, job.per_volume)]
+        sources = discover(paths, errors.append, job.max_voxels) if paths else []
+        scored = score_sources(_scorer(job), sources, errors, job.per_volume, ignored=ignored)
+        rows = [staged.restore(row) for row in scored]
     yield pd.DataFrame(rows, columns=list(COLUMNS)).astype({"slice": "Int64", "time_point": "Int64"})

@@ -6,17 +6,23 @@ stays fast.
 
 from __future__ import annotations
 
+import os
+import signal
+import traceback
+
 import click
 
 from cdm_ood import __version__
 from cdm_ood.errors import CdmOodError
 
-from .common import EXIT_USAGE
+from .common import EXIT_FAILURE, EXIT_USAGE, failure_reason
 
 
 class _Commands(click.Group):
     """The command group; maps every `CdmOodError` (config, checkpoint, calibration, options) to one line on
-    stderr and exit 2, so that exit 1 always means the gate's decision."""
+    stderr and exit 2, and every other failure (Ctrl-C, SIGTERM of `score`, a full disk, a crashed reader process)
+    to one line and exit 3, so that exit 1 always means the gate's decision. $CDM_OOD_TRACEBACK=1 also prints the
+    traceback of a failure."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -24,6 +30,16 @@ class _Commands(click.Group):
         except CdmOodError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(EXIT_USAGE)
+        except (click.ClickException, click.exceptions.Exit):
+            raise
+        except (Exception, KeyboardInterrupt) as err:
+            # torch's DataLoader raises from its SIGCHLD handler when a reader process dies: once the command has
+            # failed, that would only replace this error line with a traceback
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if os.environ.get("CDM_OOD_TRACEBACK"):
+                traceback.print_exc()
+            click.echo(f"error: {failure_reason(err)}", err=True)
+            ctx.exit(EXIT_FAILURE)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

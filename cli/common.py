@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,63 @@ from cdm_ood.precision import PRECISIONS
 from cdm_ood.progress import ProgressFactory
 
 EXIT_USAGE = 2  # usage errors and unusable checkpoints (every `cdm_ood.errors.CdmOodError`)
+EXIT_FAILURE = 3  # the command could not finish (interrupted, disk full, a crashed process): nothing was decided
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main process by `stop_on_signals`: the command stops (exit 3)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOPPED: list[int] = []  # the signal that stopped this process, once one has
+
+
+def stop_on_signals() -> None:
+    """Stop on SIGINT (Ctrl-C) and SIGTERM with `Stopped`, also when the signal lands where Python drops the
+    exception (a fork handler; it is not printed then): the signal is remembered and `raise_if_stopped`, which every
+    progress update calls, raises it again. A forked child (a DataLoader reader) that inherits the handlers reacts
+    as it would have without them."""
+    main_pid = os.getpid()
+    unraisable = sys.unraisablehook
+    sys.unraisablehook = lambda info: None if isinstance(info.exc_value, Stopped) else unraisable(info)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(signum)
+
+        def handler(signum: int, frame: Any, before: Any = before) -> None:
+            if os.getpid() != main_pid:
+                if callable(before):
+                    before(signum, frame)
+                    return
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            _STOPPED.append(signum)
+            raise Stopped(signum)
+
+        signal.signal(signum, handler)
+
+
+def raise_if_stopped() -> None:
+    """Raise `Stopped` when a signal stopped this process and its exception was dropped."""
+    if _STOPPED:
+        raise Stopped(_STOPPED[0])
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line saying why a command could not finish (`EXIT_FAILURE`): the signal, the file system's error with
+    its path, or the exception's type and first line (library text with quoted values redacted)."""
+    from cdm_ood.data.guards import redact
+
+    if _STOPPED and _STOPPED[0] == signal.SIGTERM:
+        return "terminated (SIGTERM) before the command finished"
+    if _STOPPED or isinstance(err, (KeyboardInterrupt, click.Abort)):
+        return "interrupted (Ctrl-C / SIGINT) before the command finished"
+    if isinstance(err, OSError) and err.strerror:
+        return f"{type(err).__name__}: {err.strerror}" + (f": {err.filename}" if err.filename else "")
+    return f"{type(err).__name__}: {redact(err)}"
 
 
 def setup_logging(rank: int = 0) -> None:
@@ -83,7 +141,12 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     log line `label: done/total (pct) rate/s, eta` every $CDM_OOD_PROGRESS_EVERY seconds (30) and at the end."""
     if sys.stderr.isatty():
         with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) as bar:
-            yield bar.update
+
+            def advance(n: int) -> None:
+                raise_if_stopped()
+                bar.update(n)
+
+            yield advance
         return
     start = last = time.monotonic()
     done = shown = 0
@@ -97,6 +160,7 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 
     def update(n: int) -> None:
         nonlocal done, last
+        raise_if_stopped()
         done += n
         if time.monotonic() - last >= PROGRESS_EVERY_S:
             last = time.monotonic()
@@ -129,8 +193,9 @@ def ignore_options(command: Callable) -> Callable:
     )(command)  # fmt: skip
     return click.option(
         "--exclude", multiple=True, metavar="GLOB",
-        help="Leave out files and folders found in the input folders whose name or whole path matches GLOB "
-             "(case-insensitive; repeatable; added to the default ignore list).",
+        help="Leave out the files found in the input folders whose name or whole path matches GLOB, and with a "
+             "trailing / (derived/) every file below a folder of that name (case-insensitive; repeatable; added to "
+             "the default ignore list). `score` reports each left-out file as a row `ignored`.",
     )(command)  # fmt: skip
 
 

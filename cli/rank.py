@@ -81,7 +81,7 @@ def rank_restorations_command(
         generated = out.with_name(f"{out.stem}_generated")  # generated candidates and posterior means
         rows, failed = rank_cases(model, items, criterion, generate, steps, seed, generated, strict=manifest is None,
                                   samples=samples, reference=reference, prior_weight=beta)  # fmt: skip
-    write_csv_atomic(out, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows])
+    write_csv_atomic(out, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows], for_people=True)
     for r in rows:
         if r["error"]:
             click.echo(f"{r['case']}: not ranked: {r['error']}")

@@ -23,6 +23,7 @@ from .common import (
     open_checkpoint,
     precision_option,
     setup_logging,
+    stop_on_signals,
     tracking_uri_option,
 )
 
@@ -160,7 +161,10 @@ def calibrate_command(
 @click.option("--max-voxels", type=click.IntRange(min=1),
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
                    "[default: 512^3].")  # fmt: skip
-@click.option("--resume", is_flag=True, help="Keep the partial reports of an interrupted run; skip their files.")
+@click.option("--resume", is_flag=True,
+              help="Keep the partial reports of an interrupted run and skip their files whose content is unchanged; "
+                   "refused (exit 2) when the checkpoint, detector, threshold or options differ from that "
+                   "run's.")  # fmt: skip
 @click.option("--maps", type=click.Path(file_okay=False, path_type=Path),
               help="Also write each scored image's anomaly map into this folder: .npy on the image's grid, a PNG "
                    "overlay, and for NIfTI / DICOM series a _map.nii.gz with the input's geometry (docs/data.md). "
@@ -180,15 +184,18 @@ def score_command(
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
-    Every file gets a row (unreadable ones with their reason), every slice a score and verdict, every
-    volume/series a summary row; a 3D model scores each whole volume (one row per volume, no slice rows). Exit
-    0: all volumes in distribution; 1: a volume is OOD or flagged (a slice or volume
-    with NaN/inf or constant pixels, or a score that is not finite), a file or folder is unreadable, or nothing
-    was scored; 2: usage error, unusable checkpoint, unwritable --out, or another run writing the same --out.
+    Every file gets a row (unreadable ones with their reason, ignored ones with the pattern), every slice a score
+    and verdict, every volume/series a summary row; a 3D model scores each whole volume (one row per volume, no
+    slice rows). Exit 0: all volumes in distribution; 1: a volume is OOD or flagged (a slice or volume with NaN/inf
+    or constant pixels, or a score that is not finite), a file or folder is unreadable, or nothing was scored; 2:
+    usage error, unusable checkpoint, unwritable --out, another run writing the same --out, or a --resume of
+    another run's parts; 3: the run could not finish (Ctrl-C, SIGTERM, a full disk, a crashed reader process),
+    with one `error:` line. A report left at --out by an earlier run is moved aside (<name>.previous.csv) first.
 
     Files that sit beside scans in folders (manifests, sidecars, DICOMDIR, READMEs: the default ignore list) and
-    those matched by --exclude are not read; a file named on the command line always is. The run's own
-    outputs (report, histogram, partial reports) are never scored, also inside the scanned folder.
+    those matched by --exclude are not read, and each gets a row `ignored` naming the pattern; a file named on the
+    command line always is read. The run's own outputs (report, histogram, partial reports) are never scored,
+    also inside the scanned folder.
 
     Under torchrun each process scores every N-th file into partial reports beside the report, and
     rank 0 merges them; `--resume` continues an interrupted run without scoring its finished files again.
@@ -202,6 +209,7 @@ def score_command(
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
+    stop_on_signals()
     off = {"slice-order": no_slice_order, "slice-direction": no_slice_order, "orientation": no_orientation}
     scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision,
                        [name for name, skip in off.items() if not skip])  # fmt: skip

@@ -5,9 +5,11 @@ Run it from cron or a PACS hook (e.g. a storescp `--exec-on-eostudy` script):
     python pipelines/qa_gate.py --checkpoint runs/ct/model.pt --incoming /data/incoming --reports /data/qa
 
 Exit 0: every study in distribution; 1: a study is OOD, flagged or unreadable (see the report); 2: unusable
-checkpoint or arguments. Each run writes `<reports>/qa-<UTC time>.csv` atomically; inputs are only read.
-Studies already named in an earlier report of the same folder are skipped, so the job can run every minute; an
-empty incoming folder is "nothing new" (exit 0), where `cdm-ood score` on an empty folder fails.
+checkpoint or arguments; 3: the run could not finish (Ctrl-C, SIGTERM, a full disk, ...), one `error:` line.
+Each run writes `<reports>/qa-<UTC time>.csv` atomically; inputs are only read. Studies already judged in an
+earlier report of the same folder are skipped, so the job can run every minute; an empty incoming folder is
+"nothing new" (exit 0), where `cdm-ood score` on an empty folder fails. Files the ignore list leaves out are
+`ignored` rows of each report that scores something.
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cdm_ood.cli.common import EXIT_FAILURE, failure_reason, stop_on_signals
 from cdm_ood.errors import CdmOodError
+from cdm_ood.io import spreadsheet_value
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.gate import run_gate
-from cdm_ood.ood.report import AGGREGATES
+from cdm_ood.ood.report import AGGREGATES, IGNORED, IN
 
 
 def already_reported(reports: Path) -> set[str]:
-    """Paths of files named in earlier reports."""
+    """Paths of files judged in earlier reports (files the ignore list left out are reported again by each run)."""
     seen: set[str] = set()
     for report in reports.glob("qa-*.csv"):
         with open(report, newline="") as f:
-            seen.update(row["path"] for row in csv.DictReader(f) if row["level"] in ("slice", "file"))
+            seen.update(spreadsheet_value(row["path"]) for row in csv.DictReader(f)
+                        if row["level"] in ("slice", "file") and row["verdict"] != IGNORED)  # fmt: skip
     return seen
 
 
@@ -56,11 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing new")
         return 0
     for row in result.rows:
-        if row["level"] in ("volume", "file") and row["verdict"] != "in":
+        if row["level"] in ("volume", "file") and row["verdict"] not in (IN, IGNORED):
             print(f"{row['verdict'].upper():<10} {row['path']}  {row['reason']}")
     print(f"report: {result.report}  passed: {result.passed}")
     return 0 if result.passed else 1
 
 
+def run(argv: list[str] | None = None) -> int:
+    """`main` with the exit codes of `cdm-ood score`: a run that cannot finish is one `error:` line and exit 3."""
+    try:
+        return main(argv)
+    except (Exception, KeyboardInterrupt) as err:
+        print(f"error: {failure_reason(err)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    stop_on_signals()
+    sys.exit(run())

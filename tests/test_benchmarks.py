@@ -248,6 +248,13 @@ def test_bombs_are_refused_beside_a_scored_series(checkpoint):
     assert "control series: 8 of 8 slices scored beside the bombs" in out
 
 
+def test_many_files_gives_every_file_a_row(checkpoint):
+    out = blocks(run("many_files.py", "--checkpoint", checkpoint, "--files", 216))["many-files"]  # exits 1 on a miss
+    (row,) = table_rows(out, "files").values()
+    assert row[:4] == ["100", "100", "16", "1"], "100 sidecars ignored, 100 binaries unreadable, the series scored"
+    assert 0.1 < number(row[5]) < 4, "a child process with torch loaded: GiB"
+
+
 def test_score_throughput_measures_each_worker_count(checkpoint):
     out = run("score_throughput.py", "--checkpoint", checkpoint, "--volumes", 1, "--repeats", 1, "--size", 48,
               "--workers", "auto", 0, 1)  # fmt: skip

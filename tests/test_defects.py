@@ -118,5 +118,10 @@ def test_score_on_a_defects_folder_reads_the_volumes_not_the_masks(checkpoint, t
                  cwd=tmp_path)  # fmt: skip
     assert scored.returncode == 0, scored.stderr  # the masks' all-zero slices would be flagged constant
     with open(tmp_path / "r.csv", newline="") as f:
-        paths = {row["path"] for row in csv.DictReader(f) if row["path"]}
+        rows = [row for row in csv.DictReader(f) if row["path"]]
+    paths = {row["path"] for row in rows if row["verdict"] != "ignored"}
     assert len(paths) == 1 + len(DEFECTS) and not any("mask" in p for p in paths)
+    ignored = {Path(row["path"]).name: row["reason"] for row in rows if row["verdict"] == "ignored"}
+    masks = {name: reason for name, reason in ignored.items() if "mask" in name}
+    assert len(masks) == len(DEFECTS), "each mask is a row: left out, not silently"
+    assert all(reason.endswith("'*/masks/*_mask.nii.gz'") for reason in masks.values())

@@ -1,8 +1,10 @@
 """Folders as clinical archives hold them: the non-image files beside the scans (manifests, DICOMDIR, sidecars,
 READMEs) are left out by a default ignore list, `--exclude GLOB` leaves out more, `--no-default-ignore` reads
-everything; the project's own `make-phantoms` output passes the gate."""
+everything; the globs match files, never a folder's name unless they end in `/`; every file left out is a row
+`ignored` in the report; the project's own `make-phantoms` output passes the gate."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -51,7 +53,10 @@ def test_make_phantoms_output_passes_the_gate(checkpoint, phantoms, tmp_path):
               cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     rows = report_rows(tmp_path / "r.csv")
+    manifest = rows.pop(str(phantoms / "manifest.csv"))
+    assert manifest["verdict"] == "ignored" and "'*.csv'" in manifest["reason"], "what was not read is a row"
     assert len(rows) == 8 and all(row["level"] == "slice" for row in rows.values()), "the 8 slices, nothing else"
+    assert json.loads(out.stdout)["file_ignored"] == 1, "and a count in the summary"
     assert "manifest.csv" in out.stderr and "ignored by name" in out.stderr, "the ignored files are logged"
     everything = invoke("score", phantoms, "--checkpoint", checkpoint, "--out", tmp_path / "all.csv",
                         "--no-default-ignore")  # fmt: skip
@@ -82,7 +87,8 @@ def test_exclude_globs_match_names_and_paths_and_never_a_file_named_on_its_own(p
         return {Path(s.path).parent.name for s in discover(phantoms, ignore=(*DEFAULT_IGNORE, *globs))}
 
     assert volumes() == {"phantom_0000", "phantom_0001"}
-    assert volumes("PHANTOM_0001") == volumes("*/phantom_0001/*") == {"phantom_0000"}
+    assert volumes("PHANTOM_0001/") == volumes("*/phantom_0001/*") == {"phantom_0000"}
+    assert volumes("PHANTOM_0001") == {"phantom_0000", "phantom_0001"}, "a glob without / names no folder"
     assert volumes("slice_00[0-2].dcm") == {"phantom_0000", "phantom_0001"}
     assert len(discover(phantoms, ignore=(*DEFAULT_IGNORE, "slice_00[0-2].dcm"))) == 2
     with pytest.raises(NotAnImageError, match="text file"):
@@ -93,6 +99,33 @@ def test_exclude_globs_match_names_and_paths_and_never_a_file_named_on_its_own(p
         discover(tmp_path / "only")
 
 
+def test_folders_named_like_ignore_globs_are_scored_and_every_ignored_file_is_a_row(checkpoint, scans, tmp_path):
+    spiked = scans / "spiked.nii.gz"
+    folder = tmp_path / "incoming"
+    for name in ("readme_CT", "Series.XML", "dicomdir"):
+        (folder / name).mkdir(parents=True)
+        shutil.copy(spiked, folder / name / "scan.nii.gz")
+    (folder / "masks").mkdir()
+    shutil.copy(spiked, folder / "masks" / "case_mask.nii.gz")
+    (folder / "README").write_text("export notes\n")
+    (folder / "derived").mkdir()
+    shutil.copy(spiked, folder / "derived" / "scan.nii.gz")
+    out = cdm("score", folder, "--checkpoint", checkpoint, "--exclude", "derived/", "--out", tmp_path / "r.csv",
+              cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    rows = report_rows(tmp_path / "r.csv")
+    for name in ("readme_CT", "Series.XML", "dicomdir"):
+        scored = [r for p, r in rows.items() if p == str(folder / name / "scan.nii.gz")]
+        assert scored and scored[0]["level"] == "slice", f"{name}/ is a series folder, not a sidecar"
+    ignored = {Path(p).relative_to(folder).as_posix(): r["reason"] for p, r in rows.items() if r["level"] == "file"}
+    assert ignored == {
+        "README": "not read: matches the ignore pattern 'README*'",
+        "masks/case_mask.nii.gz": "not read: matches the ignore pattern '*/masks/*_mask.nii.gz'",
+        "derived/scan.nii.gz": "not read: matches the ignore pattern 'derived/'",
+    }
+    assert json.loads(out.stdout)["file_ignored"] == 3
+
+
 def test_calibrate_and_evaluate_take_exclude(checkpoint, phantoms, scans, tmp_path):
     def fitted_on(*options) -> int:
         copy = tmp_path / "model.pt"
@@ -101,7 +134,7 @@ def test_calibrate_and_evaluate_take_exclude(checkpoint, phantoms, scans, tmp_pa
         assert out.exit_code == 0, out.output
         return load_checkpoint(copy)["calibration"]["n_fit"]
 
-    assert fitted_on("--exclude", "phantom_0001") * 2 == fitted_on(), "one of the two series, manifest ignored"
+    assert fitted_on("--exclude", "phantom_0001/") * 2 == fitted_on(), "one of the two series, manifest ignored"
     out = invoke("evaluate", phantoms, "--checkpoint", checkpoint, "--exclude", "*/phantom_0000/*",
                  "--ood", f"spike={scans / 'spiked.nii.gz'}", "--out-dir", tmp_path / "eval")  # fmt: skip
     assert out.exit_code == 0, out.output

@@ -10,10 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import pytest
 from processes import WITHOUT_ROOT_OVERRIDE, cdm, clean_env
 from test_score import invoke
 
-from cdm_ood.data.phantoms import write_nifti
+from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.io import spreadsheet_value
 from cdm_ood.ood.outputs import ReportBusyError, ReportFiles
 
 
@@ -89,7 +92,9 @@ def test_a_report_inside_the_scanned_folder_never_scores_its_own_outputs(checkpo
         assert out.exit_code == 0, out.output
         assert json.loads(out.stdout.splitlines()[-1]).get("file_unreadable", 0) == 0
     assert slice_paths(folder / "r.csv") == {str(folder / "clean.nii.gz"), str(folder / "spiked.nii.gz")}
-    assert sorted(p.name for p in folder.iterdir()) == ["clean.nii.gz", "r.csv", "r_hist.png", "spiked.nii.gz"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "clean.nii.gz", "r.csv", "r.previous.csv", "r_hist.png", "r_hist.previous.png", "spiked.nii.gz",
+    ], "the first run's outputs moved aside by the second, which scores none of them"  # fmt: skip
 
 
 def test_an_unwritable_report_folder_stops_before_any_scoring(checkpoint, scans, tmp_path):
@@ -113,3 +118,35 @@ def test_a_read_only_filesystem_stops_before_any_scoring(checkpoint, scans, tmp_
                          text=True)  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Read-only file system" in out.stderr and "Traceback" not in out.stderr
+
+
+def is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_header_text_that_a_spreadsheet_would_run_is_neutralised_in_the_csv(checkpoint, tmp_path):
+    series = tmp_path / "in" / "=series"
+    write_dicom_series(phantom_volume(np.random.default_rng(2), size=16, slices=2), series, modality="ct",
+                       volume_index=0)  # fmt: skip
+    hostile = ['=HYPERLINK("http://example.invalid","x")', "@SUM(1+1)"]
+    for path, uid in zip(sorted(series.iterdir()), hostile, strict=True):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = "+1.2.3", uid
+        ds.save_as(path)
+    out = invoke("score", tmp_path / "in", "--checkpoint", checkpoint, "--threshold", "-1e12", "--out",
+                 tmp_path / "r.csv")  # fmt: skip
+    assert out.exit_code == 1, out.output  # a threshold below every score: every slice ood, scores negative or not
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cells = [cell for row in rows for cell in row.values()]
+    text = [c for c in cells if c and not is_number(c)]
+    assert not [c for c in text if c[0] in "=+-@\t\r"], "no text cell starts a formula"
+    assert {row["sop_instance_uid"] for row in rows if row["level"] == "slice"} == {f"'{uid}" for uid in hostile}
+    assert {row["volume"] for row in rows} == {"'+1.2.3"}
+    assert float(rows[0]["threshold"]) == -1e12, "numbers stay numbers"
+    assert {spreadsheet_value(row["volume"]) for row in rows} == {"+1.2.3"}

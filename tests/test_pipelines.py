@@ -23,14 +23,20 @@ def test_qa_gate_reports_new_studies_once_and_gates_on_them(checkpoint, scans, t
     assert gate.main(args) == 1, "the folder holds unreadable files"
     (report,) = tmp_path.glob("qa-*.csv")
     text = report.read_text()
-    assert "broken.dcm" in text and "junk.bin" in text and "clean.nii.gz" in text and "notes.txt" not in text
+    assert "broken.dcm" in text and "junk.bin" in text and "clean.nii.gz" in text
+    assert f"file,{scans / 'notes.txt'},,,,,,,ignored," in text, "the ignored sidecar is a row, not judged"
     out = capsys.readouterr().out
-    assert "UNREADABLE" in out and "passed: False" in out
+    assert "UNREADABLE" in out and "passed: False" in out and "notes.txt" not in out
     assert gate.main(args) == 0 and "nothing new" in capsys.readouterr().out
     assert gate.main([*args[:1], str(tmp_path / "missing.pt"), *args[2:]]) == 2
     (tmp_path / "quiet").mkdir()
     empty = ["--checkpoint", str(checkpoint), "--incoming", str(tmp_path / "quiet"), "--reports", str(tmp_path)]
     assert gate.main(empty) == 0 and "nothing new" in capsys.readouterr().out
+    (tmp_path / "a-file").write_text("where the reports folder should be")
+    blocked = [*args[:4], "--reports", str(tmp_path / "a-file")]
+    assert gate.run(blocked) == 3, "a run that cannot finish is no decision"
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: FileExistsError") and "a-file" in line
 
 
 def test_monai_chain_sets_aside_ood_slices(checkpoint, scans):

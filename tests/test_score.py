@@ -48,9 +48,10 @@ def test_score_reports_every_file_and_exits_1_and_leaves_inputs_alone(checkpoint
     report = json.loads((tmp_path / "r.json").read_text())
     rows = report["rows"]
     files = {r["path"] for r in rows if r["level"] in ("slice", "file")}
-    expected = {str(p) for p in scans.rglob("*") if p.is_file() and p.name != "notes.txt"}
-    assert files == expected, "every input file but the ignored text sidecar appears in the report"
+    expected = {str(p) for p in scans.rglob("*") if p.is_file()}
+    assert files == expected, "every input file appears in the report"
     by_path = {r["path"]: r for r in rows if r["level"] == "file"}
+    assert by_path[str(scans / "notes.txt")]["verdict"] == "ignored", "the text sidecar is not read, but shows"
     assert by_path[str(scans / "broken.dcm")]["verdict"] == "unreadable"
     assert by_path[str(scans / "broken.dcm")]["reason"].startswith("UnreadableFileError: ")
     assert by_path[str(scans / "junk.bin")]["reason"].startswith("NotAnImageError")

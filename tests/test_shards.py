@@ -1,16 +1,25 @@
-"""Archive-scale scoring: torchrun-sharded `cdm-ood score` (real gloo processes) and resuming a killed run."""
+"""Archive-scale scoring: torchrun-sharded `cdm-ood score` (real gloo processes) and resuming a killed run, which
+rescores what changed, drops what vanished and refuses another run's parts."""
 
 import csv
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
-from processes import clean_env
+from processes import cdm, clean_env
 
-from cdm_ood.data.phantoms import make_phantoms
+from cdm_ood import OODDetector
+from cdm_ood.data.guards import MAX_VOXELS
+from cdm_ood.data.phantoms import make_phantoms, phantom_volume
+from cdm_ood.ood.gate import run_identity
+from cdm_ood.ood.shards import plan_shard, score_into_parts, start_parts
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,7 @@ def test_two_torchrun_processes_give_the_single_process_report(checkpoint, archi
                 runner=torchrun(2))  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     single, merged = rows(tmp_path / "one.csv"), rows(tmp_path / "two.csv")
-    assert len(single) == 73 + 12 and same_report(merged, single), "every file exactly once, same scores and verdicts"
+    assert len(single) == 74 + 12 and same_report(merged, single), "every file exactly once, same scores and verdicts"
     assert not list(tmp_path.glob(".*.parts")), "partial reports are removed after the merge"
 
 
@@ -80,3 +89,112 @@ def test_a_killed_run_resumes_without_rescoring_or_duplicates(checkpoint, archiv
     skipped = int(resumed.stderr.split(" files already scored")[0].rsplit(" ", 1)[-1])
     assert 3 <= skipped < 72, "the finished files were not scored again"
     assert rows(out) == rows(tmp_path / "ref.csv"), "the full report, no duplicate rows"
+
+
+@pytest.fixture()
+def interrupted(checkpoint, tmp_path) -> tuple[Path, Path]:
+    """An incoming folder of two clean NIfTI volumes (uncompressed: rewriting one keeps its size) in two study
+    folders, and the partial reports of a run over it that stopped after scoring them, as `cdm-ood score` leaves
+    them (the same identity, plan and writer); returns (folder, report)."""
+    folder, report = tmp_path / "incoming", tmp_path / "report.csv"
+    rng = np.random.default_rng(5)
+    for study in ("a", "b"):
+        write_raw_nifti(phantom_volume(rng, size=16, slices=4), folder / study / "scan.nii")
+    detector = OODDetector.from_checkpoint(checkpoint)
+    parts = tmp_path / ".report.csv.parts"
+    start_parts(parts, run_identity(detector, MAX_VOXELS, None), resume=False)
+    plan = plan_shard([folder], parts, 0, 1, resume=False)
+    score_into_parts(detector, plan.todo, plan.failed, parts, 0)
+    return folder, report
+
+
+def write_raw_nifti(volume: np.ndarray, path: Path) -> None:
+    """An uncompressed float32 NIfTI: the same shape always gives the same file size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0).astype(np.float32), np.eye(4)), path)
+
+
+def volume_verdicts(report: Path) -> dict[str, str]:
+    return {Path(r["path"]).parent.name: r["verdict"] for r in rows(report) if r["level"] == "volume"}
+
+
+def test_resume_rescores_a_file_rewritten_with_the_same_size_and_times(checkpoint, interrupted, tmp_path):
+    folder, report = interrupted
+    scan = folder / "a" / "scan.nii"
+    before = os.stat(scan)
+    broken = phantom_volume(np.random.default_rng(5), size=16, slices=4)
+    broken[1, 3:5, 3:5] = np.nan  # content the gate cannot judge: flagged once it is read
+    write_raw_nifti(broken, tmp_path / "restored.nii")
+    subprocess.run(["touch", "-r", scan, tmp_path / "restored.nii"], check=True)
+    subprocess.run(["cp", "-p", tmp_path / "restored.nii", scan], check=True)  # a restore that keeps the time stamps
+    after = os.stat(scan)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    resumed = cdm("score", folder, "--checkpoint", checkpoint, "--out", report, "--resume", "--no-fail", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "1 files already scored" in resumed.stderr, "b is unchanged and kept; a is scored again"
+    verdicts = volume_verdicts(report)
+    assert verdicts["a"] == "flagged" and verdicts["b"] in ("in", "ood")
+
+
+def test_resume_drops_the_rows_of_a_folder_deleted_since(checkpoint, interrupted, tmp_path):
+    folder, report = interrupted
+    shutil.rmtree(folder / "b")
+    resumed = cdm("score", folder, "--checkpoint", checkpoint, "--out", report, "--resume", "--no-fail", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert {Path(r["path"]).parent.name for r in rows(report)} == {"a"}
+    assert "no longer among the inputs" in resumed.stderr
+
+
+@pytest.mark.parametrize("option", [("--detector", "nll"), ("--threshold", "fpr:0.5"), ("--max-voxels", 10**6)])
+def test_resume_refuses_the_parts_of_another_run(checkpoint, interrupted, tmp_path, option):
+    folder, report = interrupted
+    resumed = cdm("score", folder, "--checkpoint", checkpoint, "--out", report, "--resume", *option, cwd=tmp_path)
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    (line,) = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
+    assert "--resume" in line and "another run" in line and "Traceback" not in resumed.stderr
+    assert not report.exists() and list((tmp_path / ".report.csv.parts").glob("rank*.csv")), "the parts stay"
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(child) for child in f.read().split()]
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "reader killed"])
+def test_a_run_that_cannot_finish_exits_3_with_one_error_line(checkpoint, archive, tmp_path, stop):
+    out = tmp_path / "report.csv"
+    out.write_text("level,path\nvolume,an earlier run's row\n")
+    parts = tmp_path / ".report.csv.parts"
+    job = score(archive, "--checkpoint", checkpoint, "--out", out, "--batch-size", 1, "--workers", 1, cwd=tmp_path,
+                wait=False)  # fmt: skip
+    deadline = time.time() + 120
+    while len(list(parts.glob("rank*.csv"))) < 3 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # the unreadable file's row, then two scored files: the reader process is running
+    if stop == "reader killed":
+        os.kill(children(job.pid)[0], signal.SIGKILL)
+    else:
+        job.send_signal(getattr(signal, stop))
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 3, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr and "Aborted!" not in stderr, stderr[-2000:]
+    assert {"SIGINT": "interrupted", "SIGTERM": "terminated", "reader killed": "DataLoader worker"}[stop] in errors[0]
+    assert not out.exists(), "no report, and the earlier run's is not where this run's would be"
+    assert "an earlier run's row" in (tmp_path / "report.previous.csv").read_text()
+
+
+def test_a_full_disk_exits_3_with_one_error_line(checkpoint, scans, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # a 64 KiB file system of its own (a private mount namespace: gone with the process), filled up after an
+    # earlier run's report was written to it
+    fill = (f"mount -t tmpfs -o size=64k tmpfs {disk} && echo old > {disk}/r.csv && "
+            f"(cat /dev/zero > {disk}/fill 2>/dev/null; true) && \"$@\"; status=$?; ls {disk} >&2; "
+            "exit $status")  # fmt: skip
+    out = cdm("score", scans, "--checkpoint", checkpoint, "--out", disk / "r.csv", cwd=tmp_path,
+              prefix=("unshare", "--mount", "sh", "-c", fill, "sh"))  # fmt: skip
+    assert out.returncode == 3, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in out.stderr
+    listing = out.stderr.splitlines()[-4:]
+    assert "r.previous.csv" in listing and "r.csv" not in listing, listing

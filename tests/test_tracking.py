@@ -78,7 +78,7 @@ def test_an_exception_during_training_ends_the_run_failed(store, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("a file where the checkpoint folder goes: saving fails")
     out = cdm(*train_args(tmp_path, store, "failed", "train.steps=4", "train.checkpoint_every=2"), cwd=tmp_path)
-    assert out.returncode == 1 and "FileExistsError" in out.stderr
+    assert out.returncode == 3 and "error: FileExistsError" in out.stderr and "Traceback" not in out.stderr
     run = only_run(store, "failed")
     assert run.info.status == "FAILED" and steps(store, run.info.run_id, "loss") == [2]
 

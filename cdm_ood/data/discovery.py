@@ -34,7 +34,7 @@ from .guards import (
     require_regular_file,
 )
 from .itk_io import data_file, header_shape, itk_kind
-from .walk import DEFAULT_IGNORE, walk_files
+from .walk import DEFAULT_IGNORE, IgnoredFile, walk_files
 
 PathLike = str | os.PathLike
 ErrorHandler = Callable[[DataError], None]
@@ -232,21 +232,22 @@ def discover(
     exclude: Optional[Exclude] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
     progress: Optional[ProgressFactory] = None,
+    on_ignored: Optional[Callable[[IgnoredFile], None]] = None,
 ) -> list[SourceFile]:
     """Every readable file below `paths` (files or folders, recursively), DICOM slices grouped into series.
 
     Single-frame DICOM files that share a SeriesInstanceUID form one volume, ranked by position along the
     slice normal (then InstanceNumber). A file that cannot be read, is not a regular file or declares more
-    than `max_voxels` voxels is passed to `on_error`, or raised when `on_error` is None. Files (and folders)
-    that a folder walk finds are left out when `exclude(path)` is true (e.g. a report being written into the
-    scanned folder) or an `ignore` glob matches them (`walk.ignored`; by default `DEFAULT_IGNORE`: manifests,
-    sidecars, DICOMDIR, ...). A header's voxel file (.img, .raw) shares its header's outcome. `progress(total,
-    "reading headers")` is called once the files are listed, its result after each header.
+    than `max_voxels` voxels is passed to `on_error`, or raised when `on_error` is None. Files that a folder
+    walk finds are left out when `exclude(path)` is true (e.g. a report being written into the scanned folder)
+    or an `ignore` glob matches them (`walk.ignore_match`; by default `DEFAULT_IGNORE`: manifests, sidecars,
+    DICOMDIR, ...), each of those passed to `on_ignored`. A header's voxel file (.img, .raw) shares its header's
+    outcome. `progress(total, "reading headers")` is called once the files are listed, its result after each header.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    files = list(walk_files(paths, on_error, exclude, ignore))
+    files = list(walk_files(paths, on_error, exclude, ignore, on_ignored))
     walked = set(files)
-    pairs = {path: voxels for path in files if (voxels := _voxel_file(path)) in walked}
+    pairs = {path: voxels for path in files if (voxels := voxel_file(path)) in walked}
     voxel_files = set(pairs.values())
     sources: list[SourceFile] = []
     series: dict[str, list[tuple[tuple[float, float, str], Path, Optional[str]]]] = defaultdict(list)
@@ -314,7 +315,7 @@ def _uid(ds) -> Optional[str]:
     return str(uid) if uid else None
 
 
-def _voxel_file(path: Path) -> Optional[Path]:
+def voxel_file(path: Path) -> Optional[Path]:
     """The voxel file of a header: the .img of an .hdr, the detached data file of a .mhd or .nhdr."""
     return path.with_suffix(".img") if path.suffix.lower() == ".hdr" else data_file(path)
 

@@ -17,7 +17,7 @@ from ..data.discovery import discover
 from ..data.errors import DataError, UnreadableFileError
 from ..data.records import SliceSource, quality_flags
 from ..data.volumes import iter_inputs
-from ..data.walk import DEFAULT_IGNORE
+from ..data.walk import DEFAULT_IGNORE, IgnoredFile
 from ..errors import UsageError
 from ..likelihood import log_likelihood_profile_batched
 from ..precision import PRECISIONS, autocast
@@ -282,7 +282,8 @@ class OODDetector:
         built by the gate's own code, volume checks included.
 
         Paths (files or folders) give the report's rows: one per slice, one per volume (the `per_volume`
-        aggregate) and, with `on_error="row"`, one `unreadable` row per file that cannot be read, with its reason;
+        aggregate), one `ignored` row per file in a folder that the default ignore list leaves out (with the
+        pattern) and, with `on_error="row"`, one `unreadable` row per file that cannot be read, with its reason;
         `on_error="skip"` leaves such files out (logged), `"raise"` raises the file's error. Images given in memory
         get one slice row each (path and volume empty, slice = their position among them). A 3D model gives
         volume rows instead of slice rows (one per volume; `per_volume` does not apply).
@@ -297,8 +298,10 @@ class OODDetector:
         items = [inputs] if is_path(inputs) or not isinstance(inputs, (list, tuple)) else list(inputs)
         paths = [Path(item) for item in items if is_path(item)]
         errors: list[DataError] = []
-        sources = discover(paths, None if on_error == "raise" else errors.append) if paths else []
-        rows = score_sources(self, sources, errors, per_volume) if paths else []
+        ignored: list[IgnoredFile] = []
+        handler = None if on_error == "raise" else errors.append
+        sources = discover(paths, handler, on_ignored=ignored.append) if paths else []
+        rows = score_sources(self, sources, errors, per_volume, ignored=ignored) if paths else []
         unreadable = [r for r in rows if r["verdict"] == UNREADABLE]
         if unreadable and on_error == "raise":
             raise UnreadableFileError(unreadable[0]["path"], unreadable[0]["reason"])

@@ -9,7 +9,9 @@ Given a `MapWriter`, each scored batch also gets its anomaly maps, written besid
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
 from typing import Any, Optional
 
 import torch
@@ -21,9 +23,10 @@ from ..data.guards import redact
 from ..data.readers import read_source
 from ..data.records import Slice, SliceSource, Volume
 from ..data.volumes import read_volume, volume_groups
+from ..data.walk import IgnoredFile
 from .api import OODDetector
 from .map_outputs import MapWriter
-from .report import error_row, volume_rows
+from .report import error_row, ignored_row, volume_rows
 from .volume_checks import VolumeCheck
 
 # The model-space images of one item (None for flagged ones) with the images read (when kept, for maps), the
@@ -75,6 +78,28 @@ def _as_is(item: Prepared) -> Prepared:
     return item
 
 
+def _handed_over(loader: DataLoader) -> Iterator[Prepared]:
+    """The loader's items; a reader process that dies while it hands a batch's tensors over (the connection resets
+    under the scoring process) is named as what it is."""
+    try:
+        yield from loader
+    except (ConnectionError, EOFError) as err:
+        raise RuntimeError(f"a DataLoader worker (reader process) died while handing over a batch ({err})") from err
+
+
+def _quiet_reader(worker_id: int) -> None:
+    """In a reader process: the scoring process hanging up while it fetched a batch's tensors (it was stopped:
+    Ctrl-C, SIGTERM) is no failure of the reader's, and prints no traceback; the scoring process says why it
+    stopped. Any other error is printed as before."""
+    default = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Optional[TracebackType]) -> None:
+        if not issubclass(kind, (EOFError, ConnectionError)):
+            default(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 def auto_workers(device: torch.device) -> int:
     """DataLoader processes for reading files, from the cores this process may use: on a GPU, half of them (at most
     8; the network does not need them); on CPU, those that torch's own threads leave free (at most 4), because a
@@ -92,14 +117,16 @@ def score_sources(
     per_volume: str = "mean",
     workers: int = 0,
     progress: Optional[Callable[[int], None]] = None,
+    ignored: Sequence[IgnoredFile] = (),
 ) -> list[dict]:
-    """Report rows: every slice of `sources`, every file in `errors` or failing to read, then one row per volume.
+    """Report rows: every slice of `sources`, every file in `errors` or failing to read, every file the ignore
+    globs left out (`ignored`), then one row per volume.
 
     `progress(n)` is called with the number of files just handled. A 3D model gives one row per volume instead of
     slice rows (`per_volume` does not apply).
     """
     rows = [row for group in iter_scored(detector, sources, errors, workers, progress) for row in group]
-    return report_rows(rows, detector.threshold, per_volume, detector.checks)
+    return report_rows([*rows, *map(ignored_row, ignored)], detector.threshold, per_volume, detector.checks)
 
 
 def report_rows(rows: list[dict], threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = ()) -> list[dict]:
@@ -126,7 +153,8 @@ def iter_scored(
     volumes = detector.unit == "volume"
     prepared = PreparedFiles(sources, detector.transform, volumes, keep_images=maps is not None)
     pin = workers > 0 and detector.device.type == "cuda"  # pinned pages: the copies to the GPU overlap reading
-    loader = DataLoader(prepared, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=pin)
+    loader = DataLoader(prepared, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=pin,
+                        worker_init_fn=_quiet_reader)  # fmt: skip
     rows: list[dict] = []
     pending: list[tuple[int, torch.Tensor, Optional[Slice | Volume], list[SourceFile]]] = []
 
@@ -145,7 +173,7 @@ def iter_scored(
                         maps.write(amap, image)
             pending.clear()
 
-    for items, errs, files in loader:
+    for items, errs, files in _handed_over(loader):
         rows += [error_row(err) for err in errs]
         for source, flags, x, image in items:
             rows.append(detector.report_row(source, None, threshold, flags) if flags else {"source": source})

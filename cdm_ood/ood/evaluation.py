@@ -58,7 +58,7 @@ def evaluate_sets(
         plot_roc(id_scores, sets, out / f"roc_{scorer.name}.png", title=f"{scorer.name} detector")
         plot_histogram({"in-distribution": id_scores, **sets}, out / f"hist_{scorer.name}.png",
                        scorer.threshold if scorer.id_scores is not None else None, f"{scorer.name} score")  # fmt: skip
-    write_csv_atomic(out / "metrics.csv", METRIC_COLUMNS, rows)
+    write_csv_atomic(out / "metrics.csv", METRIC_COLUMNS, rows, for_people=True)
     with atomic_write(out / "metrics.json") as f:
         json.dump(rows, f, indent=1)
     return rows

@@ -1,5 +1,6 @@
-"""The QA gate as one library job: claim the report, score every file below the inputs (sharded under torchrun,
-resumable), write the report and its histogram, and decide. `cdm-ood score` and `pipelines/qa_gate.py` call it.
+"""The QA gate as one library job: claim the report, move the previous run's report aside, score every file below
+the inputs (sharded under torchrun, resumable), write the report and its histogram, and decide. `cdm-ood score` and
+`pipelines/qa_gate.py` call it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ..progress import ProgressFactory
 from .api import OODDetector
 from .map_outputs import SCORE_DISPLAY, MapWriter
 from .outputs import ReportFiles
-from .report import IN, OOD, aggregate, summary, write_report
-from .shards import clear, merge, plan_shard, score_into_parts
+from .report import IN, OOD, aggregate, ignored_row, summary, write_report
+from .shards import clear, merge, plan_shard, score_into_parts, start_parts
 
 log = logging.getLogger("cdm_ood.gate")
 
@@ -40,6 +41,16 @@ class GateResult:
     @property
     def passed(self) -> bool:
         return bool(self.summary["passed"])
+
+
+def run_identity(detector: OODDetector, max_voxels: int, maps: Optional[Path]) -> dict[str, Any]:
+    """What makes the rows of two runs comparable (`shards.start_parts`: a resume must match): the checkpoint's
+    digest, the detector, its threshold and precision, the volume checks' thresholds, the voxel budget and the
+    maps folder."""
+    checks = {check.name: check.threshold for check in detector.checks}
+    return {"checkpoint_digest": detector.model.digest, "detector": detector.name, "threshold": detector.threshold,
+            "precision": detector.precision, "volume_check_thresholds": checks, "max_voxels": max_voxels,
+            "maps": None if maps is None else str(maps)}  # fmt: skip
 
 
 def run_gate(
@@ -60,8 +71,12 @@ def run_gate(
     """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
 
     The report's files are claimed first (`ReportFiles.claimed`: a writable folder, no other run on the same
-    report) and never scored; `exclude(path)` leaves more files out (e.g. those already reported), and so do
-    the name globs `ignore` in folders (`cdm_ood.data.walk.DEFAULT_IGNORE`: manifests, sidecars, ...). With
+    report) and never scored; a report and histogram left by an earlier run are moved aside at once
+    (`ReportFiles.move_aside`), so that a run that fails leaves no old report where its own would be.
+    `exclude(path)` leaves more files out (e.g. those already reported), and so do the globs `ignore` in folders
+    (`cdm_ood.data.walk.DEFAULT_IGNORE`: manifests, sidecars, ...), each of those a row `ignored` in the report. A
+    resume continues only the parts of a run with the same checkpoint digest, detector, threshold and options
+    (`shards.start_parts`). With
     `nothing_new_ok` (single process), inputs with no file left to score are no failure: nothing is written and
     None is returned. `progress(total, phase)` is called for the phases "reading headers" and "scoring" once
     their number of files is known; its result with each number of files handled (a progress bar's update).
@@ -88,36 +103,37 @@ def run_gate(
         return files.owns(path) or in_maps or (exclude is not None and exclude(path))
 
     with ExitStack() as claim:
+        identity = run_identity(detector, max_voxels, maps)
         problem = None
         if ddp.main:
             try:
                 claim.enter_context(files.claimed())
+                for moved in files.move_aside():
+                    log.info("the previous run's output is moved aside to %s", moved)
+                start_parts(files.parts, identity, resume)
             except UsageError as err:
                 problem = err
-        problem = ddp.from_main(problem)  # every rank stops when rank 0 cannot claim the report
+        problem = ddp.from_main(problem)  # every rank stops when rank 0 cannot claim the report or resume its parts
         if problem is not None:
             raise problem
-        if ddp.main and not resume:
-            clear(files.parts)
-        ddp.barrier()
-        todo, failed, skipped, found = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip,
-                                                  ignore, progress if ddp.main else None)  # fmt: skip
-        if skipped:
-            log.info("rank %d: %d files already scored, skipped", ddp.rank, skipped)
+        plan = plan_shard(paths, files.parts, ddp.rank, ddp.world, resume, max_voxels, skip, ignore,
+                          progress if ddp.main else None)  # fmt: skip
+        if plan.skipped:
+            log.info("rank %d: %d files already scored, skipped", ddp.rank, plan.skipped)
+        failed = plan.failed
         if nothing_new_ok:
             failed = [e for e in failed if not isinstance(e, EmptyFolderError)]
-            if not todo and not failed:
+            if not plan.todo and not failed:
                 return None
-        update = progress(len(todo), "scoring") if progress is not None and ddp.main else None
-        writer = None if maps is None else MapWriter(maps, SCORE_DISPLAY, found)
-        score_into_parts(detector, todo, failed, files.parts, ddp.rank, workers, update, writer)
+        update = progress(len(plan.todo), "scoring") if progress is not None and ddp.main else None
+        writer = None if maps is None else MapWriter(maps, SCORE_DISPLAY, plan.found)
+        score_into_parts(detector, plan.todo, failed, files.parts, ddp.rank, workers, update, writer)
         ddp.barrier()
         if not ddp.main:
             return None
-        rows = merge(files.parts, detector.threshold, per_volume, detector.checks)
-        checks = {check.name: check.threshold for check in detector.checks}
-        meta = {**(info or {}), "detector": detector.name, "threshold": detector.threshold, "per_volume": per_volume,
-                "volume_check_thresholds": checks, "processes": ddp.world, "max_voxels": max_voxels}  # fmt: skip
+        ignored = [ignored_row(item) for item in plan.ignored]
+        rows = merge(files.parts, detector.threshold, per_volume, detector.checks, plan.current, ignored)
+        meta = {**(info or {}), **identity, "per_volume": per_volume, "processes": ddp.world}
         write_report(files.report, rows, meta)
         clear(files.parts)
         scored = [r for r in rows if r["level"] == detector.unit and r["score"] is not None]

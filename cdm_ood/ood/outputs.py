@@ -1,10 +1,11 @@
 """The files one scoring run writes, claimed before any scoring starts.
 
-A run owns its report, the histogram beside it, the folder of partial reports, a lock file and its temporary
-files. Claiming them checks that the folder can be written (exit 2 before any work, never a lost report at the
-end) and takes an exclusive lock, so a second run with the same `--out` stops at once instead of mixing its
-rows into the first run's report. Discovery leaves the owned files out, so a report inside the scanned folder
-is never scored.
+A run owns its report, the histogram beside it, the folder of partial reports, a lock file, its temporary files
+and the previous run's report and histogram, which it moves aside (`<name>.previous.csv`) before it scores, so that
+a consumer never reads an old report as the new run's. Claiming them checks that the folder can be written (exit 2
+before any work, never a lost report at the end) and takes an exclusive lock, so a second run with the same
+`--out` stops at once instead of mixing its rows into the first run's report. Discovery leaves the owned files
+out, so a report inside the scanned folder is never scored.
 """
 
 from __future__ import annotations
@@ -57,9 +58,31 @@ class ReportFiles:
     def lock(self) -> Path:
         return self.report.with_name(f".{self.report.name}.lock")
 
+    @staticmethod
+    def previous(path: Path) -> Path:
+        """Where the previous run's `path` is moved aside: `ood-report.csv` -> `ood-report.previous.csv`."""
+        return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+    def move_aside(self) -> list[Path]:
+        """Rename the report and histogram of an earlier run to their `previous` names (replacing older ones);
+        returns the paths they now have."""
+        moved = []
+        for path in (self.report, self.histogram):
+            try:
+                os.replace(path, self.previous(path))
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise UsageError(f"--out {self.report}: cannot move the previous run's {path.name} aside "
+                                 f"({err.strerror or type(err).__name__}); nothing was scored") from None  # fmt: skip
+            moved.append(self.previous(path))
+        return moved
+
     def owns(self, path: Path) -> bool:
-        """Whether `path` is one of this run's outputs (report, histogram, parts folder, lock, temporary files)."""
-        names = (self.report.name, self.histogram.name)
+        """Whether `path` is one of this run's outputs (report, histogram, parts folder, lock, temporary files, the
+        previous report and histogram)."""
+        names = (self.report.name, self.histogram.name, self.previous(self.report).name,
+                 self.previous(self.histogram).name)  # fmt: skip
         if path.name not in names and not any(path.name.startswith(f".{name}.") for name in names):
             return False  # the cheap test first: this runs for every file discovery walks
         return os.path.realpath(path.parent) == os.path.realpath(self.report.parent)

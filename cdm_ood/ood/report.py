@@ -19,6 +19,7 @@ import numpy as np
 from ..data.errors import DataError
 from ..data.records import SliceSource
 from ..data.volumes import volume_path
+from ..data.walk import IgnoredFile
 from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
 from .volume_checks import STATISTICS, VolumeCheck, failed_checks
@@ -26,7 +27,7 @@ from .volume_checks import STATISTICS, VolumeCheck, failed_checks
 COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid", "score", "threshold", "verdict",
            "reason", *STATISTICS)  # fmt: skip
 FLOAT_COLUMNS = ("score", "threshold", *STATISTICS)
-IN, OOD, UNREADABLE, FLAGGED = "in", "ood", "unreadable", "flagged"
+IN, OOD, UNREADABLE, FLAGGED, IGNORED = "in", "ood", "unreadable", "flagged", "ignored"
 FAILING = (OOD, UNREADABLE, FLAGGED)
 AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
     "max": lambda s: float(np.max(s)),
@@ -80,6 +81,12 @@ def error_row(err: DataError) -> dict:
     }  # fmt: skip
 
 
+def ignored_row(item: IgnoredFile) -> dict:
+    """A file a folder walk left out (an ignore glob matched it): reported, so that what was not looked at shows,
+    and counted in the summary; it neither passes nor fails the gate."""
+    return dict.fromkeys(COLUMNS) | {"level": "file", "path": item.path, "verdict": IGNORED, "reason": item.reason}
+
+
 def aggregate(how: str) -> Callable[[np.ndarray], float]:
     """The per-volume aggregate named `how` (`AGGREGATES`); an unknown name is a usage error."""
     if how not in AGGREGATES:
@@ -126,8 +133,9 @@ def volume_rows(
 
 
 def summary(rows: Sequence[dict]) -> dict[str, Any]:
-    """Counts per level and verdict, and whether the gate passes: at least one volume scored, and no failing
-    volume or unreadable file (a run that scored nothing never passes)."""
+    """Counts per level and verdict (`file_ignored`: the files the ignore globs left out), and whether the gate
+    passes: at least one volume scored, and no failing volume or unreadable file (a run that scored nothing never
+    passes)."""
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[f"{row['level']}_{row['verdict']}"] += 1
@@ -151,7 +159,8 @@ def write_report(path: str | Path, rows: Sequence[dict], info: dict[str, Any]) -
         with atomic_write(path) as f:
             json.dump(body, f, indent=1)
     elif path.suffix.lower() == ".csv":
-        write_csv_atomic(path, COLUMNS, [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows])
+        rows = [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows]
+        write_csv_atomic(path, COLUMNS, rows, for_people=True)
     else:
         raise ValueError(f"{path}: the report must be .csv or .json")
     return path

@@ -2,45 +2,111 @@
 partial reports; rank 0 merges them into the one report a single process would write.
 
 Partial reports are CSV files in `.<report name>.parts/` beside the report, each written atomically after a
-batch of whole files; every row carries its file's key (size and modification time), so `--resume` skips
-files that are already in a part and unchanged since, and a killed job loses at most the batch in flight.
+batch of whole files; every row carries its file's key (a hash of its content), so `--resume` skips files that
+are already in a part with the same content, and a killed job loses at most the batch in flight. The folder also
+holds the run's identity (`RUN_FILE`: checkpoint digest, detector, threshold, ...): a resume under another one is
+refused, and files that are no longer among the inputs are dropped from the merged report.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import logging
 import os
 import shutil
+import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from ..data.discovery import SourceFile, discover
+from ..data.discovery import SourceFile, discover, voxel_file
 from ..data.errors import DataError
 from ..data.guards import MAX_VOXELS
-from ..data.volumes import volume_groups
-from ..data.walk import DEFAULT_IGNORE
-from ..io import write_csv_atomic
+from ..data.volumes import volume_groups, volume_path
+from ..data.walk import DEFAULT_IGNORE, IgnoredFile
+from ..errors import UsageError
+from ..io import atomic_write, write_csv_atomic
 from ..progress import ProgressFactory
 from .api import OODDetector
 from .batch import iter_scored, report_rows
 from .map_outputs import MapWriter
-from .report import COLUMNS, FLOAT_COLUMNS
+from .report import COLUMNS, FLOAT_COLUMNS, UNREADABLE
 from .volume_checks import VolumeCheck
 
 PART_COLUMNS = (*COLUMNS, "file_key")
 _INTS = ("slice", "time_point")
 _OPTIONAL = (*_INTS, *FLOAT_COLUMNS, "volume", "sop_instance_uid")
+RUN_FILE = "run.json"
+_CHUNK = 1 << 20
+log = logging.getLogger("cdm_ood.shards")
 
 
-def file_key(path: str | Path) -> str:
-    """Size and modification time of a file: a changed file is scored again on resume."""
+def file_key(path: str | Path, content: bool = True) -> str:
+    """What resume compares: a BLAKE2b hash of the file's bytes and of its voxel file's (the .img of a .hdr, the
+    data file of a .mhd), so a file rewritten with other content is scored again whatever its size and time stamps
+    say. Without `content` (a file that could not be read: reported as such, never passed), and for anything
+    that is not a regular file (never opened: a FIFO would block), its type, size and modification time."""
     try:
         st = os.stat(path)
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError as err:
+        return f"missing:{err.errno}"
+    if not content or not stat.S_ISREG(st.st_mode):
+        return f"stat:{st.st_mode:o}:{st.st_size}:{st.st_mtime_ns}"
+    digest = hashlib.blake2b(digest_size=16)
+    for file in (Path(path), voxel_file(Path(path))):
+        if file is None:
+            continue
+        try:
+            with open(file, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+        except OSError as err:
+            digest.update(f"unreadable:{err.errno}".encode())
+    return digest.hexdigest()
+
+
+def start_parts(parts: Path, identity: Mapping[str, Any], resume: bool) -> None:
+    """Prepare the folder of partial reports for a run of `identity` (JSON-able: what makes two runs' rows
+    comparable). A fresh run clears it; a resume keeps it only when it was made by the same identity.
+
+    Raises:
+        UsageError: resuming parts of another identity (another checkpoint, detector, threshold, ...), or parts
+            written before identities were stored.
+    """
+    stored = parts / RUN_FILE
+    if resume and parts.exists() and any(parts.glob("rank*.csv")):
+        try:
+            before = json.loads(stored.read_text())
+        except (OSError, ValueError):
+            before = None
+        changed = [k for k in identity if before is None or before.get(k) != identity[k]]
+        if changed:
+            what = "they record no run identity" if before is None else f"{', '.join(changed)} differ"
+            raise UsageError(f"--resume: the partial reports in {parts} were made by another run ({what}); run "
+                             "again without --resume to score everything anew")  # fmt: skip
+        return
+    clear(parts)
+    parts.mkdir(parents=True)
+    with atomic_write(stored) as f:
+        json.dump(dict(identity), f, indent=1)
+
+
+@dataclass
+class Plan:
+    """One rank's share of a run: files to read and failed files to report (less those already in the parts),
+    how many were skipped as done, and, the same on every rank, every file discovered, every file left out by the
+    ignore globs, and the paths of all inputs found now (the merge keeps only their rows)."""
+
+    todo: list[SourceFile]
+    failed: list[DataError]
+    skipped: int
+    found: list[SourceFile]
+    ignored: list[IgnoredFile]
+    current: set[str]
 
 
 def plan_shard(
@@ -53,22 +119,26 @@ def plan_shard(
     exclude: Optional[Callable[[Path], bool]] = None,
     ignore: Sequence[str] = DEFAULT_IGNORE,
     progress: Optional[ProgressFactory] = None,
-) -> tuple[list[SourceFile], list[DataError], int, list[SourceFile]]:
-    """This rank's share of the files below `paths` (the files of every `world`-th volume of the deterministic
-    discovery order, so that a volume is read whole by one rank, and every `world`-th file that failed
-    discovery), less those already in `parts` when resuming; returns
-    (files to read, failed files to report, number skipped, every file discovered, the same on every rank).
-    `max_voxels`, `exclude`, `ignore`, `progress` go to `discover`."""
+) -> Plan:
+    """This rank's share of the files below `paths`: the files of every `world`-th volume of the deterministic
+    discovery order (a volume is read whole by one rank) and every `world`-th file that failed discovery, less
+    those already in `parts` with the same content when resuming. `max_voxels`, `exclude`, `ignore`, `progress`
+    go to `discover`."""
     errors: list[DataError] = []
-    sources = discover([Path(p) for p in paths], errors.append, max_voxels, exclude, ignore, progress)
-    mine = [s for files in volume_groups(sources)[rank::world] for s in files]
+    ignored: list[IgnoredFile] = []
+    sources = discover([Path(p) for p in paths], errors.append, max_voxels, exclude, ignore, progress, ignored.append)
+    groups = volume_groups(sources)
+    current = {s.path for s in sources} | {str(e.path) for e in errors}
+    current |= {volume_path([s.path for s in files]) for files in groups}  # a 3D model's series row
+    mine = [s for files in groups[rank::world] for s in files]
     failed = errors[rank::world]
-    done = done_files(parts) if resume and parts.exists() else set()
+    done = done_files(parts) if resume and parts.exists() else {}
     if not done:
-        return mine, failed, 0, sources
-    todo = [s for s in mine if (s.path, file_key(s.path)) not in done]
-    todo_failed = [e for e in failed if (str(e.path), file_key(e.path)) not in done]
-    return todo, todo_failed, len(mine) + len(failed) - len(todo) - len(todo_failed), sources
+        return Plan(mine, failed, 0, sources, ignored, current)
+    todo = [s for s in mine if s.path not in done or file_key(s.path) not in done[s.path]]
+    todo_failed = [e for e in failed if str(e.path) not in done or file_key(e.path, False) not in done[str(e.path)]]
+    skipped = len(mine) + len(failed) - len(todo) - len(todo_failed)
+    return Plan(todo, todo_failed, skipped, sources, ignored, current)
 
 
 def score_into_parts(
@@ -88,14 +158,20 @@ def score_into_parts(
         write_part(parts, rank, group)
 
 
-def done_files(parts: Path) -> set[tuple[str, str]]:
-    """(path, file key) of every file already in a partial report."""
-    return {(r["path"], r["file_key"]) for r in read_parts(parts)}
+def done_files(parts: Path) -> dict[str, set[str]]:
+    """The file keys of every path already in a partial report (only the paths found there are hashed again)."""
+    done: dict[str, set[str]] = {}
+    for r in read_parts(parts):
+        done.setdefault(r["path"], set()).add(r["file_key"])
+    return done
 
 
 def write_part(parts: Path, rank: int, rows: Iterable[dict]) -> Path:
     """One partial report of whole files, written atomically under a name no other write uses."""
-    keyed = [dict(r, file_key=file_key(r["path"])) for r in rows]
+    rows = list(rows)
+    unread = {r["path"] for r in rows if r["verdict"] == UNREADABLE}
+    keys = {path: file_key(path, path not in unread) for path in {r["path"] for r in rows}}
+    keyed = [dict(r, file_key=keys[r["path"]]) for r in rows]
     path = parts / f"rank{rank:04d}-{time.time_ns()}.csv"
     write_csv_atomic(path, PART_COLUMNS, [{k: "" if v is None else v for k, v in r.items()} for r in keyed])
     return path
@@ -119,17 +195,25 @@ def read_parts(parts: Path) -> list[dict]:
     return rows
 
 
-def merge(parts: Path, threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = ()) -> list[dict]:
-    """The full report from the partial ones: each file once (the newest rows of a file scored twice win),
-    in the single-process order, then one row per volume."""
+def merge(
+    parts: Path, threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = (),
+    current: Optional[set[str]] = None, extra: Sequence[dict] = (),
+) -> list[dict]:  # fmt: skip
+    """The full report from the partial ones and the `extra` rows (e.g. ignored files): each file once (the newest
+    rows of a file scored twice win), only the files in `current` when given (a file gone since it was scored is
+    dropped, and logged), in the single-process order, then one row per volume."""
     newest: dict[str, list[dict]] = {}
     for r in read_parts(parts):
         newest.setdefault(r["path"], [])
         if newest[r["path"]] and newest[r["path"]][0]["file_key"] != r["file_key"]:
             newest[r["path"]] = []
         newest[r["path"]].append(r)
-    rows = [{k: r[k] for k in COLUMNS} for group in newest.values() for r in group]
-    unique = {(r["level"], r["path"], r["slice"], r["time_point"], r["volume"]): r for r in rows}
+    gone = [path for path in newest if current is not None and path not in current]
+    if gone:
+        log.warning("%d files of the partial reports are no longer among the inputs; their rows are dropped (e.g. "
+                    "%s)", len(gone), gone[0])  # fmt: skip
+    rows = [{k: r[k] for k in COLUMNS} for path, group in newest.items() if path not in gone for r in group]
+    unique = {(r["level"], r["path"], r["slice"], r["time_point"], r["volume"]): r for r in [*rows, *extra]}
     return report_rows(list(unique.values()), threshold, per_volume, checks)
 
 
