@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from .cancellation import current_request
 from .distributed import resolve_device
 from .errors import UsageError
 from .ood import OODDetector
@@ -58,12 +59,24 @@ def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Seque
     """Per image (see `model_images`; each mapped to the model's input with its stored preset and size, as in
     `cdm-ood score`): the detector's score, the verdict and reason (as in the `cdm-ood score` report: NaN/inf or
     constant images are `flagged`, score NaN, `ood` True), log p_0(x) in nats and bits/dim, from one forward pass
-    (Theorem 3.2)."""
+    (Theorem 3.2). Served, it scores in batches of the detector's `batch_size` and stops with `AbandonedRequestError`
+    between two when its request was given up (`cdm_ood.cancellation`)."""
     from .likelihood import bits_per_dim
+    from .ood.features import concat_features
+    from .ood.inputs import iter_images
     from .ood.report import IN, judge
 
-    needs = ("profile", *detector.detector.required())
-    features, flags = detector.checked_features(model_images(images, detector.model.spec.spatial_dims), needs)
+    needs, spec = ("profile", *detector.detector.required()), detector.model.spec
+    one_by_one = [image for image, _ in iter_images(model_images(images, spec.spatial_dims), spec.channels,
+                                                    spatial_dims=spec.spatial_dims)]  # fmt: skip
+    request, parts, flags = current_request(), [], []
+    for start in range(0, max(len(one_by_one), 1), detector.batch_size):  # no images: one empty batch
+        if request is not None:
+            request.check(start, len(one_by_one))
+        part, part_flags = detector.checked_features(one_by_one[start : start + detector.batch_size], needs)
+        parts.append(part)
+        flags += part_flags
+    features = concat_features(parts)
     score = detector.score_features(features)
     verdicts = [judge(float(s), detector.threshold, f) for s, f in zip(score, flags, strict=True)]
     ll = features["profile"][:, 0].double()
@@ -74,7 +87,7 @@ def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Seque
         "reason": [r for _, r in verdicts],
         "threshold": np.full(len(score), detector.threshold),
         "log_likelihood": ll.numpy(),
-        "bits_per_dim": bits_per_dim(ll, detector.num_dims, detector.model.spec.bit_depth).numpy(),
+        "bits_per_dim": bits_per_dim(ll, detector.num_dims, spec.bit_depth).numpy(),
     })  # fmt: skip
 
 

@@ -52,11 +52,12 @@ from .phantoms import make_phantoms_command  # noqa: E402
 from .rank import rank_restorations_command  # noqa: E402
 from .sample import denoise_command, sample_command  # noqa: E402
 from .score import calibrate_command, evaluate_command, score_command  # noqa: E402
-from .serve import log_model_command  # noqa: E402
+from .serve import log_model_command, serve_command  # noqa: E402
 from .train import train_command  # noqa: E402
 
 for command in (make_phantoms_command, train_command, calibrate_command, score_command, evaluate_command,
-                rank_restorations_command, sample_command, denoise_command, log_model_command):  # fmt: skip
+                rank_restorations_command, sample_command, denoise_command, log_model_command,
+                serve_command):  # fmt: skip
     main.add_command(command)
 
 __all__ = ["main"]

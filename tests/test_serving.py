@@ -1,14 +1,19 @@
 """The detector as an MLflow pyfunc model, registered: in-process predictions on images of any size, its
-requirements, and a real `mlflow models serve` REST server."""
+requirements, a real `mlflow models serve` REST server, and `cdm-ood serve` under requests that are too large,
+abandoned or cut short by SIGTERM."""
 
+import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -19,6 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_score import invoke
 
+from cdm_ood.cancellation import AbandonedRequestError
 from cdm_ood.data import iter_slices
 from cdm_ood.data.phantoms import phantom_volume, write_nifti
 
@@ -106,46 +112,193 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server:
+    """A REST server process (its own session) on a free local port, its output in a file; ready once /ping
+    answers."""
+
+    def __init__(self, command: list[str], store: str, log: Path, env: dict[str, str] | None = None) -> None:
+        self.port, self.log = free_port(), log
+        self.url = f"http://127.0.0.1:{self.port}"
+        # mlflow starts `uvicorn` by name: the environment's bin folder must be on PATH (as in an activated venv)
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+                env=os.environ | {"MLFLOW_TRACKING_URI": store, "PATH": path} | (env or {}),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/ping", timeout=2)
+                return
+            except OSError:
+                assert self.process.poll() is None and time.time() < deadline, self.output()[-3000:]
+                time.sleep(0.5)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
 def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
 
+def flagged_images(images: np.ndarray) -> np.ndarray:
+    """An image with a NaN pixel, one with an inf pixel, a constant one and a clean one, from clean slices."""
+    bad = np.stack([images[0], images[0], np.full_like(images[0], 5.0), images[1]])
+    bad[0, 0, 3, 3], bad[1, 0, 2, 2] = np.nan, np.inf
+    return bad
+
+
+def assert_flagged(predictions: list[dict]) -> None:
+    assert [p["verdict"] for p in predictions[:3]] == ["flagged"] * 3 and predictions[3]["verdict"] != "flagged"
+    assert [p["reason"] for p in predictions[:3]] == ["not scored: nan-or-inf pixels"] * 2 + [
+        "not scored: constant pixels"]  # fmt: skip
+    assert all(p["ood"] and p["score"] != p["score"] for p in predictions[:3])  # NaN scores
+
+
 def test_mlflow_models_serve_scores_over_rest(model_uri, checkpoint, scans, sized, tmp_path):
     uri, store = model_uri
-    port = free_port()
-    # mlflow starts `uvicorn` by name: the environment's bin folder must be on PATH (as in an activated venv)
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = os.environ | {"MLFLOW_TRACKING_URI": store, "PATH": path}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "--host",
-         "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    server = Server([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                     "--workers", "1"], store, tmp_path / "server.log")  # fmt: skip
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read()[-3000:]
-                time.sleep(0.5)
         images = np.stack([s.image for s in iter_slices(scans / "clean.nii.gz")])
         batch = np.concatenate([images] * 4)  # 16 slices
         start = time.perf_counter()
-        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})
+        answer = post(f"{server.url}/invocations", {"inputs": batch.tolist()})
         print(f"REST round trip, 16 slices: {time.perf_counter() - start:.3f} s")
         scores = np.array([p["score"] for p in answer["predictions"]])
         expected = cli_scores(checkpoint, scans / "clean.nii.gz", tmp_path)
         np.testing.assert_allclose(scores, np.concatenate([expected] * 4), rtol=1e-5)
         rows = [[s.image[0].tolist()] for s in iter_slices(sized[40])] + [[images[0, 0].tolist()]]  # 40x40, 16x16
         split = {"dataframe_split": {"columns": ["image"], "data": rows}}
-        scores = np.array([p["score"] for p in post(f"http://127.0.0.1:{port}/invocations", split)["predictions"]])
+        scores = np.array([p["score"] for p in post(f"{server.url}/invocations", split)["predictions"]])
         expected = np.concatenate([cli_scores(checkpoint, sized[40], tmp_path), expected[:1]])
         np.testing.assert_allclose(scores, expected, rtol=1e-5)
+        assert_flagged(post(f"{server.url}/invocations", {"inputs": flagged_images(images).tolist()})["predictions"])
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()
+
+
+def test_served_model_stops_at_mlflows_request_timeout(model_uri, scans, monkeypatch):
+    """Under `mlflow models serve` (MLflow's serving flag and its request timeout in the environment) the model
+    gives up a request at the first batch past the timeout; in-process use has no time limit."""
+    uri, store = model_uri
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model(uri)
+    images = np.stack([s.image for s in iter_slices(scans / "clean.nii.gz")])
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "0")
+    assert len(model.predict(np.concatenate([images] * 20))) == 80
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")
+    start = time.perf_counter()
+    with pytest.raises(AbandonedRequestError, match=r"time limit passed\): scoring stopped after") as stopped:
+        model.predict(np.concatenate([images] * 7500))  # 30000 slices: far more than a second of scoring
+    done = int(re.search(r"after (\d+) of 30000", str(stopped.value))[1])
+    print(f"stopped after {time.perf_counter() - start:.2f} s, {done} of 30000 slices scored")
+    assert 0 < done < 30000
+
+
+MAX_MB = 12  # the limit of `serve` below, given by its environment variable
+
+
+@pytest.fixture(scope="module")
+def serve(model_uri, tmp_path_factory) -> Iterator[Callable[[], Server]]:
+    """`cdm-ood serve` of the registered model, $CDM_OOD_MAX_REQUEST_MB=12 and --shutdown-timeout 1: started on
+    first use, kept for the module's tests, started again after a test stopped it."""
+    uri, store = model_uri
+    servers: list[Server] = []
+
+    def server() -> Server:
+        if not servers or servers[-1].process.poll() is not None:
+            log = tmp_path_factory.mktemp("serve") / "server.log"
+            servers.append(Server([sys.executable, "-m", "cdm_ood.cli", "serve", uri, "--shutdown-timeout", "1"],
+                                  store, log, {"CDM_OOD_MAX_REQUEST_MB": str(MAX_MB)}))  # fmt: skip
+        return servers[-1]
+
+    yield server
+    for s in servers:
+        s.stop()
+
+
+def test_serve_refuses_what_is_not_a_model(tmp_path):
+    out = invoke("serve", tmp_path, "--port", free_port())
+    assert out.exit_code == 2 and "cannot serve" in out.output
+
+
+def slow_body(n: int = 4000) -> bytes:
+    """A request of `n` 4x4 images (0.4 MB, parsed at once): each is resized to the model's size and scored, seconds
+    of scoring in all."""
+    image = json.dumps(np.round(np.random.default_rng(0).normal(0, 100, (4, 4)), 1).tolist())
+    return ('{"inputs": [' + ",".join([image] * n) + "]}").encode()
+
+
+def send_and_leave_open(server: Server, body: bytes) -> socket.socket:
+    """POST `body` to /invocations and return the open connection, its answer unread."""
+    connection = socket.create_connection(("127.0.0.1", server.port))
+    head = f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    connection.sendall(f"{head}\r\n\r\n".encode() + body)
+    return connection
+
+
+def test_serve_answers_413_to_a_request_over_the_limit_and_goes_on(serve, checkpoint, scans, tmp_path):
+    server = serve()
+    huge = b'{"inputs": [' + b" " * 50_000_000 + b"]}"  # 50 MB: read no further than its Content-Length
+    request = urllib.request.Request(f"{server.url}/invocations", huge, {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    took = time.perf_counter() - start
+    print(f"413 for a 50 MB body after {took:.3f} s")
+    assert refused.value.code == 413 and took < 2
+    error = json.loads(refused.value.read())
+    assert error["error_code"] == "REQUEST_TOO_LARGE" and f"limit of {MAX_MB} MB" in error["message"]
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)  # no Content-Length: counted
+    connection.request("POST", "/invocations", (b" " * 1_000_000 for _ in range(3 * MAX_MB)),
+                       {"Content-Type": "application/json"}, encode_chunked=True)  # fmt: skip
+    assert connection.getresponse().status == 413
+    urllib.request.urlopen(f"{server.url}/ping", timeout=5)
+    images = np.stack([s.image for s in iter_slices(scans / "clean.nii.gz")])
+    scores = [p["score"] for p in post(f"{server.url}/invocations", {"inputs": images.tolist()})["predictions"]]
+    np.testing.assert_allclose(scores, cli_scores(checkpoint, scans / "clean.nii.gz", tmp_path), rtol=1e-5)
+
+
+def test_serve_flags_images_it_cannot_score(serve, scans):
+    images = np.stack([s.image for s in iter_slices(scans / "clean.nii.gz")])
+    assert_flagged(post(f"{serve().url}/invocations", {"inputs": flagged_images(images).tolist()})["predictions"])
+
+
+def test_serve_stops_scoring_a_request_whose_client_left(serve):
+    server = serve()
+    connection = send_and_leave_open(server, slow_body())
+    time.sleep(1)  # scoring under way
+    connection.close()
+    left, deadline = time.time(), time.time() + 30
+    pattern = r"request abandoned \(client disconnected\): scoring stopped after (\d+) of 4000 images"
+    while not (found := re.search(pattern, server.output())):
+        assert time.time() < deadline, server.output()[-3000:]
+        time.sleep(0.1)
+    print(f"scoring stopped {time.time() - left:.1f} s after the client left, at image {found[1]} of 4000")
+    assert int(found[1]) < 4000
+    urllib.request.urlopen(f"{server.url}/ping", timeout=5)
+
+
+def test_serve_exits_soon_after_sigterm_during_a_request(serve):
+    server = serve()
+    connection = send_and_leave_open(server, slow_body())
+    time.sleep(1)
+    start = time.perf_counter()
+    os.killpg(server.process.pid, signal.SIGTERM)
+    server.process.wait(timeout=30)
+    took = time.perf_counter() - start
+    connection.close()
+    print(f"exit {took:.1f} s after SIGTERM, a request in flight (--shutdown-timeout 1)")
+    assert took < 6, server.output()[-3000:]
