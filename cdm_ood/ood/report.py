@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..data.errors import DataError
-from ..data.records import SliceSource
+from ..data.records import SliceSource, describe_flags
 from ..data.volumes import volume_path
 from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
@@ -28,6 +28,8 @@ COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid",
 FLOAT_COLUMNS = ("score", "threshold", *STATISTICS)
 IN, OOD, UNREADABLE, FLAGGED = "in", "ood", "unreadable", "flagged"
 FAILING = (OOD, UNREADABLE, FLAGGED)
+NOT_SCORED = "not scored: "  # how the reason of an image that was not scored begins
+MAX_REASONS = 3  # distinct reasons of flagged slices a volume row repeats
 AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
     "max": lambda s: float(np.max(s)),
     "mean": lambda s: float(np.mean(s)),
@@ -37,12 +39,13 @@ AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
 
 def judge(score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> tuple[str, str]:
     """(verdict, reason) of one image, the same on every path (report, Python API, MONAI transform, served model):
-    `flagged` when its pixels (NaN/inf, constant) or its score (NaN/inf) cannot be trusted, else `ood` above the
-    threshold and `in` otherwise. Nothing that could not be scored is ever `in`."""
+    `flagged` when its header (`data.headers`: the field named), its pixels (NaN/inf, constant) or its score (NaN/inf)
+    cannot be trusted, else `ood` above the threshold and `in` otherwise. Nothing that could not be scored is ever
+    `in`."""
     if flags:
-        return FLAGGED, f"not scored: {', '.join(flags)} pixels"
+        return FLAGGED, f"{NOT_SCORED}{describe_flags(flags)}"
     if score is None or not math.isfinite(score):
-        return FLAGGED, f"not scored: the model's score is not finite ({score})"
+        return FLAGGED, f"{NOT_SCORED}the model's score is not finite ({score})"
     return (OOD, "score above threshold") if score > threshold else (IN, "")
 
 
@@ -80,6 +83,13 @@ def error_row(err: DataError) -> dict:
     }  # fmt: skip
 
 
+def _why_flagged(members: Sequence[dict]) -> str:
+    """The distinct reasons of a volume's flagged slices (at most `MAX_REASONS`), without `NOT_SCORED`."""
+    reasons = list(dict.fromkeys(r["reason"].removeprefix(NOT_SCORED) for r in members if r["verdict"] == FLAGGED))
+    more = f"; and {len(reasons) - MAX_REASONS} more" if len(reasons) > MAX_REASONS else ""
+    return "; ".join(reasons[:MAX_REASONS]) + more
+
+
 def aggregate(how: str) -> Callable[[np.ndarray], float]:
     """The per-volume aggregate named `how` (`AGGREGATES`); an unknown name is a usage error."""
     if how not in AGGREGATES:
@@ -92,10 +102,10 @@ def volume_rows(
 ) -> list[dict]:
     """One summary row per volume/series: the `how` aggregate (max, mean, q95) of its slice scores against the
     threshold; `flagged` when any of its slices could not be scored (a volume with unscored slices never
-    passes), with the aggregate of the others as its score. A volume that fails one of the calibrated volume
-    `checks` (`volume_checks`: slice order, orientation; per time point; volumes of fewer than
-    `volume_checks.MIN_SLICES` slices are not checked) is `ood` too, with the check in its reason. A volume's
-    statistics (bits/dim, log-ratios) are the means of its slices'."""
+    passes; its reason repeats theirs, e.g. the header field that disagrees), with the aggregate of the others as
+    its score. A volume that fails one of the calibrated volume `checks` (`volume_checks`: slice order,
+    orientation; per time point; volumes of fewer than `volume_checks.MIN_SLICES` slices are not checked) is `ood`
+    too, with the check in its reason. A volume's statistics (bits/dim, log-ratios) are the means of its slices'."""
     combine = aggregate(how)
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -108,7 +118,10 @@ def volume_rows(
         row["path"] = volume_path([r["path"] for r in members])
         flagged = len(members) - len(scores)
         if len(scores) == 0:
-            out.append(row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged)"})
+            why = _why_flagged(members)
+            out.append(
+                row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged: {why})"}
+            )
             continue
         score = combine(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
@@ -116,7 +129,8 @@ def volume_rows(
         failed = failed_checks(members, checks)
         reason = "; ".join([reason, *failed])
         if flagged:
-            verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged (not scored); {reason}"
+            why = _why_flagged(members)
+            verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
         else:
             verdict = OOD if score > threshold or failed else IN
         found = {c: [r[c] for r in members if r.get(c) is not None and math.isfinite(r[c])] for c in STATISTICS}
