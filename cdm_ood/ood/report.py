@@ -1,5 +1,6 @@
 """The scoring report: one row per slice, per unreadable file and per volume, verdicts, and its files. A 3D
-model scores whole volumes: its report has volume and file rows, no slice rows.
+model scores whole volumes: its report has volume and file rows, no slice rows. A map that `score --maps` could not
+write is a `flagged` file row of its volume (`map_failure_row`), and flags that volume.
 
 Rows identify images by path, slice index, volume (SeriesInstanceUID or file) and SOPInstanceUID only:
 no patient identifier is ever read into a row.
@@ -81,6 +82,32 @@ def error_row(err: DataError) -> dict:
     return dict.fromkeys(COLUMNS) | {
         "level": "file", "path": str(err.path), "verdict": UNREADABLE, "reason": f"{type(err).__name__}: {err.reason}",
     }  # fmt: skip
+
+
+def map_failure_row(source: SliceSource, reason: str, whole: bool = False) -> dict:
+    """A map file that could not be written (`map_outputs.MapFailure`): a `flagged` file row of the image's volume
+    (its slice, or with `whole` the volume's map file), which flags the volume's row (`flag_noted`)."""
+    return dict.fromkeys(COLUMNS) | {
+        "level": "file", "path": source.path, "slice": None if whole else source.index,
+        "time_point": source.time_point, "volume": source.volume_id, "verdict": FLAGGED,
+        "reason": f"map not written: {reason}",
+    }  # fmt: skip
+
+
+def flag_noted(rows: Sequence[dict]) -> list[dict]:
+    """`rows` with every volume row of a volume that a flagged file row names (a map not written) `flagged`, the
+    file rows' reasons first in its reason: an output asked for and not made never passes."""
+    notes: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        if row["level"] == "file" and row["verdict"] == FLAGGED and row["volume"] is not None:
+            notes[row["volume"]].append(row["reason"])
+    out = []
+    for row in rows:
+        if row["level"] == "volume" and row["volume"] in notes:
+            reasons = [*dict.fromkeys(notes[row["volume"]]), *filter(None, [row["reason"]])]
+            row = row | {"verdict": FLAGGED, "reason": "; ".join(reasons)}
+        out.append(row)
+    return out
 
 
 def _why_flagged(members: Sequence[dict]) -> str:
