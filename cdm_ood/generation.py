@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 from .checkpoint import LoadedModel
 from .data.errors import DataError, UnreadableFileError
 from .data.readers import iter_slices
-from .data.records import Slice
+from .data.records import Slice, describe_flags
 from .data.writers import IMAGE_SUFFIXES, output_suffix, write_like
 from .errors import UsageError
 from .figures import image_grid, save_png
@@ -120,7 +120,7 @@ def _denoise_targets(
             files[s.source.path] = (target, [])
         if s.flags:
             on_error(UnreadableFileError(s.source.path, f"slice {s.source.index} not denoised: "
-                                         f"{', '.join(s.flags)} pixels"))  # fmt: skip
+                                         f"{describe_flags(s.flags)}"))  # fmt: skip
         else:
             files[s.source.path][1].append(s)
     return files

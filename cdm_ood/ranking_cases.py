@@ -16,7 +16,7 @@ import torch
 from .data import image_transform, read_file
 from .data.discovery import detect_format
 from .data.errors import DataError
-from .data.records import FLAG_NONFINITE
+from .data.records import FLAG_NONFINITE, describe_flags
 from .errors import UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path
@@ -114,7 +114,7 @@ def load_images(model: Any, paths: list[Path], factor: int = 1) -> tuple[torch.T
         if len(slices) != 1:
             raise CaseError(f"{path}: holds {len(slices)} slices; give one 2D image per file")
         if slices[0].flags:
-            raise CaseError(f"{path}: {', '.join(slices[0].flags)} pixels")
+            raise CaseError(f"{path}: {describe_flags(slices[0].flags)}")
         shapes[path] = slices[0].image.shape
         images.append(transform(slices[0].image))
     for label, values in (("shape", shapes), ("format (and so intensity preset)", formats)):

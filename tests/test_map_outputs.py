@@ -8,16 +8,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
+from click.testing import CliRunner
 from dicom_factory import ct_dataset, write
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from processes import cdm
 
 from cdm_ood.checkpoint import load_checkpoint, store_calibration
+from cdm_ood.cli import main
 from cdm_ood.data.discovery import discover
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
 from cdm_ood.data.readers import iter_slices, read_file, read_source
-from cdm_ood.ood.map_outputs import MIN_PNG_SIDE, map_stems, write_maps
+from cdm_ood.ood.map_outputs import MIN_PNG_SIDE, MapWriter, map_stems, write_maps
 from cdm_ood.spec import Calibration
 
 
@@ -184,3 +187,63 @@ def test_score_maps_never_scans_its_own_folder_and_refuses_an_input(checkpoint, 
     assert sorted(p.name for p in maps.iterdir()) == sorted(
         ["body_map.nii.gz", *(f"body_s{k:04d}_map{ext}" for k in range(2) for ext in (".npy", ".png"))]
     )
+
+
+def mixed_series(folder: Path, rng: np.random.Generator) -> None:
+    """A 3-slice 16x16 CT series whose middle slice is 32x32 (Rows, Columns and pixels replaced)."""
+    write_dicom_series(phantom_volume(rng, size=16, slices=3), folder, modality="ct", volume_index=1)
+    ds = pydicom.dcmread(folder / "slice_001.dcm")
+    ds.Rows = ds.Columns = 32
+    ds.PixelData = phantom_volume(rng, size=32, slices=1)[0].astype(np.int16).tobytes()
+    ds.save_as(folder / "slice_001.dcm")
+
+
+def test_a_map_that_cannot_be_written_is_its_images_failure_never_an_exception(tmp_path):
+    mixed_series(tmp_path / "in" / "mixed", np.random.default_rng(2))
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "in" / "xray.png")
+    (tmp_path / "maps" / "xray_s0000_map.npy").mkdir(parents=True)  # a folder where the map file must go
+    slices = list(iter_slices(tmp_path / "in"))
+    writer = MapWriter(tmp_path / "maps")
+    written = [p for s in slices for p in writer.write(np.ones((16, 16), np.float32), s)] + writer.finish()
+    assert sorted(p.name for p in written) == [f"mixed_s000{k}_map.{ext}" for k in range(3) for ext in ("npy", "png")]
+    one, whole = sorted(writer.pop_failures(), key=lambda f: f.whole)
+    (xray,) = [s for s in slices if s.source.path.endswith("xray.png")]
+    assert (one.whole, one.source) == (False, xray.source) and one.reason.startswith("IsADirectoryError")
+    series = {s.source.volume_id for s in slices if s is not xray}
+    assert (whole.whole, whole.source.path, {whole.source.volume_id}) == (True, str(tmp_path / "in" / "mixed"), series)
+    assert whole.reason == "mixed_map.nii.gz: ValueError: its slices differ in size (16x16, 32x32)"
+    assert writer.failures == [] and not (tmp_path / "maps" / "mixed_map.nii.gz").exists()
+
+
+def test_score_maps_runs_past_a_mixed_series_and_a_map_it_cannot_write_and_resumes(checkpoint, tmp_path):
+    scans, maps, rng = tmp_path / "scans", tmp_path / "maps", np.random.default_rng(6)
+    write_dicom_series(phantom_volume(rng, size=16, slices=3), scans / "good", modality="ct", volume_index=0)
+    mixed_series(scans / "mixed", rng)
+    write_nifti(phantom_volume(rng, size=16, slices=2), scans / "body.nii.gz")
+    (maps / "body_s0001_map.npy").mkdir(parents=True)  # the map of body's slice 1 cannot be written
+    for extra in ((), ("--resume",)):  # --resume scores the same files again the same way
+        out = CliRunner().invoke(main, ["score", str(scans), "--checkpoint", str(checkpoint), "--threshold", "1e12",
+                                        "--out", str(tmp_path / "r.csv"), "--maps", str(maps), *extra])  # fmt: skip
+        assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output  # a gate decision, no crash
+        with open(tmp_path / "r.csv", newline="") as f:
+            rows = {(r["level"], Path(r["path"]).name, r["slice"]): r for r in csv.DictReader(f)}
+        verdicts = {key: r["verdict"] for key, r in rows.items() if key[0] != "slice"}
+        assert verdicts == {
+            ("volume", "good", ""): "in",
+            ("volume", "mixed", ""): "flagged",
+            ("volume", "body.nii.gz", ""): "flagged",
+            ("file", "body.nii.gz", "1"): "flagged",
+        }
+        odd = "Rows x Columns 32x32 differ from the 16x16 of 2 of the series' 3 slices"
+        assert rows["slice", "slice_001.dcm", "1"]["reason"] == f"not scored: {odd}"
+        assert rows["volume", "mixed", ""]["reason"].startswith(f"1 of 3 slices flagged (not scored: {odd}); ")
+        lost = rows["file", "body.nii.gz", "1"]["reason"]
+        assert lost.startswith("map not written: IsADirectoryError")
+        assert rows["volume", "body.nii.gz", ""]["reason"].startswith(f"{lost}; mean of 2 slice scores")
+        assert {r["verdict"] for key, r in rows.items() if key[:2] == ("slice", "body.nii.gz")} == {"in"}
+    names = sorted(p.name for p in maps.iterdir())
+    assert names == sorted([*(f"good_s000{k}_map.{ext}" for k in range(3) for ext in ("npy", "png")), "good_map.nii.gz",
+                            *(f"mixed_s000{k}_map.{ext}" for k in (0, 2) for ext in ("npy", "png")), "mixed_map.nii.gz",
+                            "body_s0000_map.npy", "body_s0000_map.png", "body_s0001_map.npy",
+                            "body_map.nii.gz"])  # fmt: skip
+    assert maps.joinpath("body_s0001_map.npy").is_dir()

@@ -86,6 +86,6 @@ def test_score_oodd_scores_a_loaded_volume_as_the_cli_scores_its_file(checkpoint
     blank = chain({"image": str(tmp_path / "blank.nii.gz")})  # every slice constant: flagged, never `in`
     assert blank["image_ood_slice_verdicts"] == ["flagged"] * 3 and np.isnan(blank["image_ood_score"])
     assert blank["image_ood_verdict"] == "flagged"
-    assert blank["image_ood_reason"] == "no slice could be scored (3 flagged)"
+    assert blank["image_ood_reason"] == "no slice could be scored (3 flagged: constant pixels)"
     with pytest.raises(UsageError, match="without the metadata of MONAI LoadImage"):
         chain.transforms[-1]({"image": np.zeros((1, 16, 12, 3), np.float32)})

@@ -140,6 +140,87 @@ def test_gzipped_dicom_is_named(tmp_path):
         read_file(tmp_path / "a.dcm.gz")
 
 
+def write_series(folder: Path, n: int, size: int = 4) -> list[pydicom.Dataset]:
+    """A CT series of `n` `size` x `size` random slices 2 mm apart; returns its datasets."""
+    uid = pydicom.uid.generate_uid()
+    datasets = [ct_dataset(RNG.integers(0, 100, (size, size)).astype(np.int16), series_uid=uid, z=2.0 * k,
+                           instance=k + 1) for k in range(n)]  # fmt: skip
+    for k, ds in enumerate(datasets):
+        write(ds, folder / f"s{k}.dcm")
+    return datasets
+
+
+def test_a_series_slice_of_another_size_is_flagged_naming_rows_and_columns(tmp_path):
+    odd = write_series(tmp_path / "series", 4)[2]
+    odd.Rows = odd.Columns = 8
+    odd.PixelData = RNG.integers(0, 100, (8, 8)).astype(np.int16).tobytes()
+    write(odd, tmp_path / "series" / "s2.dcm")
+    slices, errors = collect(tmp_path)
+    assert errors == [] and [s.image.shape[-1] for s in slices] == [4, 4, 8, 4]
+    reason = "Rows x Columns 8x8 differ from the 4x4 of 3 of the series' 4 slices"
+    assert [s.flags for s in slices] == [(), (), (reason,), ()]
+
+
+def test_duplicate_sop_instance_uids_flag_every_copy_naming_the_field(tmp_path):
+    write_series(tmp_path / "series", 4)
+    (tmp_path / "series" / "s1_copy.dcm").write_bytes((tmp_path / "series" / "s1.dcm").read_bytes())
+    slices, _ = collect(tmp_path)
+    flagged = {Path(s.source.path).name: s.flags for s in slices if s.flags}
+    reason = ("duplicate SOPInstanceUID: 5 files of the series hold 4 SOPInstanceUIDs",)
+    assert flagged == {"s1.dcm": reason, "s1_copy.dcm": reason}, "both copies: which one is right is unknown"
+    for identifier in (PATIENT_NAME, PATIENT_ID, BIRTH_DATE):
+        assert identifier not in reason[0]
+
+
+def test_a_slice_of_another_orientation_is_flagged_naming_image_orientation_patient(tmp_path):
+    datasets = write_series(tmp_path / "series", 4)
+    datasets[1].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal slice in an axial series
+    datasets[3].ImageOrientationPatient = [1, 0, 0, 0, 0.99999, 0.0001]  # within the tolerance: the same plane
+    for k in (1, 3):
+        write(datasets[k], tmp_path / "series" / f"s{k}.dcm")
+    slices, _ = collect(tmp_path)
+    flagged = {Path(s.source.path).name: s.flags for s in slices if s.flags}
+    assert flagged == {"s1.dcm": ("ImageOrientationPatient sagittal (0, 1, 0, 0, 0, -1) differs from the axial "
+                                  "(1, 0, 0, 0, 1, 0) of 3 of the series' 4 slices",)}  # fmt: skip
+
+
+def test_monochrome1_is_inverted_over_the_stored_range_as_a_viewer_shows_it(tmp_path):
+    stored = RNG.integers(0, 4096, (6, 7)).astype(np.uint16)
+    for name, interpretation in (("m2.dcm", "MONOCHROME2"), ("m1.dcm", "MONOCHROME1")):
+        ds = ct_dataset(stored.astype(np.int16), intercept=-10.0)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+        ds.RescaleSlope, ds.PixelData = 0.5, stored.tobytes()
+        ds.PhotometricInterpretation = interpretation
+        write(ds, tmp_path / name)
+    ((m2,), (m1,)) = read_file(tmp_path / "m2.dcm"), read_file(tmp_path / "m1.dcm")
+    np.testing.assert_allclose(m2.image[0], 0.5 * stored - 10.0)
+    lo, hi = -10.0, 0.5 * 4095 - 10.0  # the modality LUT over the 12-bit stored range
+    np.testing.assert_allclose(m1.image[0], lo + hi - m2.image[0])
+
+
+def test_a_real_monochrome1_radiograph_reads_as_itk_shows_it():
+    from monai.data import ITKReader
+
+    (path,) = corpus(pydicom, "data", "test_files").rglob("6154")  # a computed radiograph, MONOCHROME1
+    assert pydicom.dcmread(path).PhotometricInterpretation == "MONOCHROME1"
+    (s,) = read_file(path)
+    reader = ITKReader()
+    itk, _ = reader.get_data(reader.read(str(path)))  # GDCM inverts MONOCHROME1; (columns, rows) as MONAI loads
+    np.testing.assert_allclose(s.image[0], np.squeeze(itk).T, rtol=1e-5)
+
+
+def test_ycbcr_becomes_rgb_and_other_photometric_interpretations_are_refused_by_name(tmp_path):
+    (ybr,) = read_file(corpus(pydicom, "data", "test_files", "SC_ybr_full_422_uncompressed.dcm"))
+    assert ybr.image.shape == (3, 100, 100) and ybr.image[:, 0, 0].tolist() == [254, 0, 0], "red, not YCbCr"
+    ds = ct_dataset(RNG.integers(0, 255, (4, 5, 3)).astype(np.uint8))
+    for value, named in (("YBR_PARTIAL_422", "PhotometricInterpretation 'YBR_PARTIAL_422' is not supported"),
+                         ("HIDDEN", "PhotometricInterpretation of an unknown value is not supported")):  # fmt: skip
+        ds.PhotometricInterpretation = value
+        with pytest.raises(UnsupportedFormatError, match=named) as info:
+            read_file(write(ds, tmp_path / "c.dcm"))
+        assert "HIDDEN" not in info.value.reason, "header text is never copied into a reason"
+
+
 # NIfTI ------------------------------------------------------------------------------------------------------------
 
 
@@ -189,6 +270,45 @@ def test_nonfinite_and_constant_slices_are_flagged_not_dropped(tmp_path):
     nib.Nifti1Image(data, np.eye(4)).to_filename(tmp_path / "q.nii")
     flags = [s.flags for s in read_file(tmp_path / "q.nii")]
     assert flags == [(FLAG_NONFINITE,), (), (FLAG_CONSTANT,)]
+
+
+def test_nifti_qform_and_sform_that_disagree_are_flagged_naming_both(tmp_path):
+    data = RNG.normal(size=(4, 5, 3)).astype(np.float32)
+    oblique = nib.affines.from_matvec(nib.eulerangles.euler2mat(0.3, 0.2, 0.1) * [0.9, 1.1, 2.5], [-40, 12.5, 7])
+    for name, sform in (("same.nii", oblique), ("moved.nii", nib.affines.from_matvec(oblique[:3, :3], [-40, 14.5, 7]))):
+        image = nib.Nifti1Image(data, oblique)
+        image.set_qform(oblique, code=1)  # stored as float32 quaternions: rounded, within the tolerance
+        image.set_sform(sform, code=2)
+        image.to_filename(tmp_path / name)
+    assert {s.flags for s in read_file(tmp_path / "same.nii")} == {()}
+    assert {s.flags for s in read_file(tmp_path / "moved.nii")} == {
+        ("NIfTI qform (code 1) and sform (code 2) disagree: voxels up to 2 mm apart (tolerance 0.009 mm)",)
+    }
+    image = nib.Nifti1Image(data, np.eye(4))
+    image.set_qform(np.eye(4), code=1)
+    image.set_sform(np.diag([-1.0, 1, 1, 1]), code=1)  # left and right swapped
+    image.to_filename(tmp_path / "flipped.nii")
+    (reason,) = read_file(tmp_path / "flipped.nii")[0].flags
+    assert reason.startswith("NIfTI qform (code 1) and sform (code 1) disagree") and reason.endswith("axes RAS vs LAS")
+
+
+@pytest.mark.parametrize("slope, inter, reasons", [
+    (0.0, 0.0, ["NIfTI scl_slope is 0: the voxels' scaling is undefined (read unscaled)"]),
+    (np.nan, 0.0, ["NIfTI scl_slope is nan: the voxels' scaling is undefined (read unscaled)"]),
+    (np.inf, 0.0, ["NIfTI scl_slope is inf: the voxels' scaling is undefined (read unscaled)"]),
+    (np.nan, -np.inf, ["NIfTI scl_slope is nan: the voxels' scaling is undefined (read unscaled)",
+                       "NIfTI scl_inter is -inf: the voxels' scaling is undefined"]),
+])  # fmt: skip
+def test_nifti_scaling_that_nibabel_would_ignore_is_flagged_naming_the_field(tmp_path, slope, inter, reasons):
+    data = RNG.integers(0, 100, size=(4, 5, 3)).astype(np.int16)
+    nib.Nifti1Image(data, np.eye(4)).to_filename(tmp_path / "v.nii")
+    raw = (tmp_path / "v.nii").read_bytes()
+    header = nib.Nifti1Header(raw[:348])
+    header["scl_slope"], header["scl_inter"] = slope, inter
+    (tmp_path / "v.nii").write_bytes(header.binaryblock + raw[348:])
+    slices = read_file(tmp_path / "v.nii")
+    np.testing.assert_array_equal(slices[0].image[0], data[:, :, 0].T)  # what nibabel gives: the stored values
+    assert {s.flags for s in slices} == {tuple(reasons)}
 
 
 # PNG / JPEG and other files ---------------------------------------------------------------------------------------

@@ -408,3 +408,75 @@ def test_device_is_one_shared_option_resolved_before_any_work(checkpoint, scans,
     out = invoke("evaluate", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--ood", scans / "spiked.nii.gz",
                  "--out-dir", tmp_path / "e", "--device", "cpu")  # fmt: skip
     assert out.exit_code == 0, out.output
+
+
+def with_slope(path: Path, slope: float) -> Path:
+    """`path` (an uncompressed NIfTI-1 file) with its stored scl_slope set to `slope`."""
+    import nibabel as nib
+
+    raw = path.read_bytes()
+    header = nib.Nifti1Header(raw[:348])
+    header["scl_slope"] = slope
+    path.write_bytes(header.binaryblock + raw[348:])
+    return path
+
+
+def test_headers_that_disagree_with_themselves_flag_their_volume_on_every_path(checkpoint, tmp_path):
+    import shutil
+
+    import nibabel as nib
+    import pandas as pd
+    import pydicom
+    from monai.transforms import EnsureChannelFirstd, LoadImaged
+
+    from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+    from cdm_ood.ood.transforms import MONOCHROME1_LOADED
+
+    scans, rng = tmp_path / "scans", np.random.default_rng(9)
+    write_dicom_series(phantom_volume(rng, size=16, slices=3), scans / "dup", modality="ct", volume_index=0)
+    shutil.copy(scans / "dup" / "slice_001.dcm", scans / "dup" / "slice_001_again.dcm")  # 4 files, 3 instances
+    write_dicom_series(phantom_volume(rng, size=16, slices=3), scans / "sag", modality="ct", volume_index=1)
+    ds = pydicom.dcmread(scans / "sag" / "slice_002.dcm")
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # one sagittal slice in an axial series
+    ds.save_as(scans / "sag" / "slice_002.dcm")
+    volume = phantom_volume(rng, size=16, slices=2)
+    write_nifti(volume, scans / "clean.nii.gz")
+    image = nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4))
+    image.set_qform(np.eye(4), code=1)
+    image.set_sform(nib.affines.from_matvec(np.eye(3), [0, 0, 3.0]), code=1)  # 3 mm further up than the qform
+    image.to_filename(scans / "qsform.nii")
+    for name, slope in (("zero", 0.0), ("nan", np.nan), ("inf", np.inf)):
+        nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)).to_filename(scans / f"slope_{name}.nii")
+        with_slope(scans / f"slope_{name}.nii", slope)
+    (cr,) = Path(pydicom.__file__).parent.joinpath("data", "test_files").rglob("6154")  # MONOCHROME1
+    shutil.copy(cr, scans / "cr.dcm")
+    out = invoke("score", scans, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "r.csv")
+    assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
+    report = pd.read_csv(tmp_path / "r.csv", keep_default_na=False)
+    volumes = {Path(r.path).name: (r.verdict, r.reason) for r in report[report.level == "volume"].itertuples()}
+    assert {name: verdict for name, (verdict, _) in volumes.items()} == {
+        "clean.nii.gz": "in", "cr.dcm": "in", "dup": "flagged", "sag": "flagged", "qsform.nii": "flagged",
+        "slope_zero.nii": "flagged", "slope_nan.nii": "flagged", "slope_inf.nii": "flagged",
+    }  # fmt: skip
+    assert volumes["dup"][1].startswith("2 of 4 slices flagged (not scored: duplicate SOPInstanceUID: 4 files of the "
+                                        "series hold 3 SOPInstanceUIDs); mean of 2 slice scores")  # fmt: skip
+    assert volumes["sag"][1].startswith("1 of 3 slices flagged (not scored: ImageOrientationPatient sagittal (0, 1, 0, "
+                                        "0, 0, -1) differs from the axial (1, 0, 0, 0, 1, 0) of 2 of the series' 3 "
+                                        "slices); mean of 2 slice scores")  # fmt: skip
+    assert volumes["qsform.nii"][1] == ("no slice could be scored (2 flagged: NIfTI qform (code 1) and sform (code 1) "
+                                        "disagree: voxels up to 3 mm apart (tolerance 0.01 mm))")  # fmt: skip
+    for name in ("zero", "nan", "inf"):
+        value = {"zero": "0"}.get(name, name)
+        assert volumes[f"slope_{name}.nii"][1] == (f"no slice could be scored (2 flagged: NIfTI scl_slope is {value}: "
+                                                   "the voxels' scaling is undefined (read unscaled))")  # fmt: skip
+    detector = OODDetector.from_checkpoint(checkpoint, threshold=1e12)
+    frame = detector.score_frame(scans)  # the Python API: the same rows
+    assert frame[frame.level == "volume"][["verdict", "reason"]].values.tolist() == report[report.level == "volume"][
+        ["verdict", "reason"]].values.tolist()  # fmt: skip
+    assert detector.predict(scans / "slope_nan.nii").all() and np.isnan(detector.score(scans / "qsform.nii")).all()
+    chain = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScoreOODd("image", detector)])
+    for name in ("dup", "qsform.nii", "slope_zero.nii"):  # the MONAI transform: the same volume verdicts
+        d = chain({"image": str(scans / name)})
+        assert (d["image_ood_verdict"], d["image_ood_reason"]) == volumes[name], name
+    d = chain({"image": str(scans / "cr.dcm")})
+    assert d["image_ood_verdict"] == "flagged" and MONOCHROME1_LOADED in d["image_ood_reason"]

@@ -1,6 +1,7 @@
 """Finding the inputs: every file below the given paths, its format decided by content (not suffix), checked
 before anything is decoded (`guards`: regular files, the voxel budget), DICOM slices grouped into series by their
-headers. Every failure is a typed error naming the file; `readers` decodes what this finds.
+headers, and headers that disagree with themselves flagged (`headers`). Every failure is a typed error naming the
+file; `readers` decodes what this finds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .guards import (
     require_deflated_budget,
     require_regular_file,
 )
+from .headers import SeriesMember, nifti_flags, orientation_of, series_flags
 from .itk_io import data_file, header_shape, itk_kind
 from .walk import DEFAULT_IGNORE, IgnoredFile, walk_files
 
@@ -81,7 +83,8 @@ class SourceFile:
     """One readable input file, found by `discover`: its format and the volume it belongs to.
 
     `index` is the slice's rank in its DICOM series (None for files holding whole volumes); `companions` are
-    files read together with this one (the .img of a NIfTI .hdr/.img pair).
+    files read together with this one (the .img of a NIfTI .hdr/.img pair); `flags` are its header's problems
+    (`headers`), which every slice read from it carries.
     """
 
     path: str
@@ -90,6 +93,7 @@ class SourceFile:
     index: Optional[int] = None
     sop_instance_uid: Optional[str] = None
     companions: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
 
 
 def _head(path: Path, n: int = 1024) -> bytes:
@@ -237,12 +241,14 @@ def discover(
     """Every readable file below `paths` (files or folders, recursively), DICOM slices grouped into series.
 
     Single-frame DICOM files that share a SeriesInstanceUID form one volume, ranked by position along the
-    slice normal (then InstanceNumber). A file that cannot be read, is not a regular file or declares more
-    than `max_voxels` voxels is passed to `on_error`, or raised when `on_error` is None. Files that a folder
-    walk finds are left out when `exclude(path)` is true (e.g. a report being written into the scanned folder)
-    or an `ignore` glob matches them (`walk.ignore_match`; by default `DEFAULT_IGNORE`: manifests, sidecars,
-    DICOMDIR, ...), each of those passed to `on_ignored`. A header's voxel file (.img, .raw) shares its header's
-    outcome. `progress(total, "reading headers")` is called once the files are listed, its result after each header.
+    slice normal (then InstanceNumber); files of a series that share a SOPInstanceUID or differ from it in
+    Rows/Columns or ImageOrientationPatient, and NIfTI files with disagreeing qform/sform or undefined scaling, get
+    `flags` (`headers`). A file that cannot be read, is not a regular file or declares more than `max_voxels`
+    voxels is passed to `on_error`, or raised when `on_error` is None. Files that a folder walk finds are left out
+    when `exclude(path)` is true (e.g. a report being written into the scanned folder) or an `ignore` glob matches
+    them (`walk.ignore_match`; by default `DEFAULT_IGNORE`: manifests, sidecars, DICOMDIR, ...), each of those
+    passed to `on_ignored`. A header's voxel file (.img, .raw) shares its header's outcome. `progress(total,
+    "reading headers")` is called once the files are listed, its result after each header.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     files = list(walk_files(paths, on_error, exclude, ignore, on_ignored))
@@ -250,7 +256,7 @@ def discover(
     pairs = {path: voxels for path in files if (voxels := voxel_file(path)) in walked}
     voxel_files = set(pairs.values())
     sources: list[SourceFile] = []
-    series: dict[str, list[tuple[tuple[float, float, str], Path, Optional[str]]]] = defaultdict(list)
+    series: dict[str, list[tuple[tuple[float, float, str], Path, SeriesMember]]] = defaultdict(list)
     for path in counted(files, progress(len(files), "reading headers") if progress else None):
         if path in voxel_files:
             continue
@@ -276,12 +282,16 @@ def discover(
             continue
         if frames > 1:
             sources.append(SourceFile(str(path), "dicom", series_uid, None, _uid(ds)))
-        else:  # keep the sort key, not the header: memory stays flat in the number of files
-            series[series_uid].append((_position_key(ds), path, _uid(ds)))
+        else:  # keep the sort key and what the series checks need, not the header: memory stays flat
+            with quiet_libraries():
+                member = SeriesMember(_uid(ds), (rows, columns), orientation_of(ds))
+            series[series_uid].append((_position_key(ds), path, member))
     for series_uid, members in series.items():
         members.sort(key=lambda m: m[0])
+        flags = series_flags([member for _, _, member in members])
         sources.extend(
-            SourceFile(str(path), "dicom", series_uid, rank, uid) for rank, (_, path, uid) in enumerate(members)
+            SourceFile(str(path), "dicom", series_uid, rank, member.uid, flags=found)
+            for rank, ((_, path, member), found) in enumerate(zip(members, flags, strict=True))
         )
     return sources
 
@@ -334,16 +344,22 @@ def _volume_source(path: Path, fmt: str, max_voxels: int) -> SourceFile:
         if not img.exists():
             raise UnreadableFileError(path, f"NIfTI header without its voxel file {img.name}")
         companions = (str(img),)
-    require_budget(path, _nifti_shape(path) if fmt == "nifti" else _image_shape(path), max_voxels)
-    return SourceFile(str(path), fmt, str(path), companions=companions)
+    if fmt != "nifti":
+        require_budget(path, _image_shape(path), max_voxels)
+        return SourceFile(str(path), fmt, str(path), companions=companions)
+    shape, flags = _nifti_header(path)
+    require_budget(path, shape, max_voxels)
+    return SourceFile(str(path), fmt, str(path), companions=companions, flags=flags)
 
 
-def _nifti_shape(path: Path) -> tuple[int, ...]:
-    """The shape a NIfTI header declares (only the header is read, also from a .nii.gz)."""
+def _nifti_header(path: Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The shape a NIfTI header declares and its flags (`headers.nifti_flags`); only the header is read, also from
+    a .nii.gz."""
     import nibabel as nib
 
     with reading(path, "malformed NIfTI header"):
-        return tuple(int(s) for s in nib.load(str(path)).shape)
+        image = nib.load(str(path))
+        return tuple(int(s) for s in image.shape), nifti_flags(path, type(getattr(image, "nifti_header", image.header)))
 
 
 def _image_shape(path: Path) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from ..io import write_csv_atomic
 from .discovery import ErrorHandler, PathLike
 from .errors import DataError
 from .readers import iter_slices
-from .records import FLAG_NONFINITE, Slice, Volume
+from .records import FLAG_NONFINITE, Slice, Volume, header_flags
 from .volumes import stack_volumes
 
 SPLITS = ("train", "val", "test")
@@ -90,9 +90,9 @@ def medical_dataset(
 
 def _volume_samples(slices: list[Slice]) -> list[dict[str, Any]]:
     """One (C, D, H, W) sample per time point of a volume (`volumes.stack_volumes`: slices in index order); volumes
-    with a non-finite voxel or with slices of different sizes are left out."""
+    with a non-finite voxel, a header flag (`headers`) or slices of different sizes are left out."""
     try:
         stacked = stack_volumes(slices)
     except DataError:
         return []
-    return [sample(volume) for volume in stacked if FLAG_NONFINITE not in volume.flags]
+    return [sample(v) for v in stacked if FLAG_NONFINITE not in v.flags and not header_flags(v.flags)]

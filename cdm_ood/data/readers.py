@@ -1,9 +1,10 @@
 """Decoding DICOM, NIfTI, NRRD/MetaImage and PNG/JPEG into 2D slices: MONAI's readers (and pydicom's pixel API)
 do the reading of what `discovery` found and checked; every failure becomes a typed error naming the file.
 
-Slices are row-major as displayed: a DICOM frame is (Rows, Columns); a NIfTI or ITK volume, turned to its
-closest canonical (RAS) orientation, gives the axial slices `data[:, :, k].T`; a 4D NIfTI gives those slices for
-every time point. Files are opened read-only and nothing is ever written next to them.
+Slices are row-major as displayed: a DICOM frame is (Rows, Columns), its samples as its PhotometricInterpretation
+says (`PHOTOMETRIC`: MONOCHROME1 inverted as a viewer shows it, palette and YCbCr colour as RGB); a NIfTI or ITK
+volume, turned to its closest canonical (RAS) orientation, gives the axial slices `data[:, :, k].T`; a 4D NIfTI
+gives those slices for every time point. Files are opened read-only and nothing is ever written next to them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from .records import Slice, SliceSource, quality_flags
 from .walk import DEFAULT_IGNORE
 
 CODECS_EXTRA = "cdm-ood[codecs]"
+# The PhotometricInterpretations read (any other is unsupported): MONOCHROME2 and MONOCHROME1 (inverted over the
+# modality LUT's output range of the stored values) give one grey channel after the modality LUT; PALETTE COLOR
+# (through the palette), RGB and YCbCr give RGB (pydicom's decoders convert YBR_FULL and YBR_FULL_422, the JPEG
+# 2000 decoders YBR_RCT and YBR_ICT).
+PHOTOMETRIC = ("MONOCHROME2", "MONOCHROME1", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT")
+# Defined terms of the standard that are named when refused; any other value is not copied into a reason.
+UNSUPPORTED_PHOTOMETRIC = ("YBR_PARTIAL_420", "YBR_PARTIAL_422", "ARGB", "CMYK", "HSV")
 
 
 def read_source(source: SourceFile) -> list[Slice]:
@@ -62,13 +70,15 @@ def iter_slices(
 
 
 def _slice(image: np.ndarray, source: SourceFile, index: int, **extra) -> Slice:
+    """A slice of `source` with its file's header flags and its pixels' quality flags."""
     image = np.ascontiguousarray(image, dtype=np.float32)
     where = SliceSource(source.path, index, source.volume_id, source.sop_instance_uid, **extra)
-    return Slice(image, where, quality_flags(image))
+    return Slice(image, where, (*source.flags, *quality_flags(image)))
 
 
 def _decode_dicom(path: Path):
-    """The full dataset and its decoded pixels (frames, rows, cols, samples) after the modality LUT."""
+    """The decoded pixels (frames, rows, cols, samples): grey after the modality LUT (MONOCHROME1 inverted), or RGB
+    (`PHOTOMETRIC`)."""
     from monai.data import PydicomReader
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
@@ -78,12 +88,16 @@ def _decode_dicom(path: Path):
     frames, rows, columns, samples = header_ints(
         path, ds, ("NumberOfFrames", 1), ("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1)
     )
+    interpretation = _interpretation(path, ds)
+    inverse = _inversion(path, ds) if interpretation == "MONOCHROME1" else None
     try:
         pixels = ds.pixel_array
-        if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        if interpretation == "PALETTE COLOR":
             pixels, samples = apply_color_lut(pixels, ds), 3
         elif samples == 1:
             pixels = apply_modality_lut(pixels, ds)
+            if inverse is not None:
+                pixels = inverse - np.asarray(pixels, dtype=np.float64)
         shape = (frames, rows, columns, samples)
     except MemoryError:
         raise
@@ -92,6 +106,35 @@ def _decode_dicom(path: Path):
     if pixels.size != np.prod(shape):
         raise UnreadableFileError(path, f"pixel data of shape {pixels.shape} does not match the header {shape}")
     return pixels.reshape(shape)
+
+
+def _interpretation(path: Path, ds) -> str:
+    """The PhotometricInterpretation of `ds` (MONOCHROME2 when absent); one not in `PHOTOMETRIC` is unsupported."""
+    with quiet_libraries():
+        value = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    if value not in PHOTOMETRIC:
+        named = f"'{value}'" if value in UNSUPPORTED_PHOTOMETRIC else "of an unknown value"
+        raise UnsupportedFormatError(path, f"PhotometricInterpretation {named} is not supported (only "
+                                     f"{', '.join(PHOTOMETRIC)})")  # fmt: skip
+    return value
+
+
+def _inversion(path: Path, ds) -> float:
+    """`lo + hi` of a MONOCHROME1 image, [lo, hi] the modality LUT's output range over the stored values (Bits
+    Stored, Pixel Representation): `lo + hi - v` shows the lowest stored value white, as a viewer does."""
+    from pydicom.pixels import apply_modality_lut
+
+    if "BitsStored" not in ds:
+        raise UnsupportedFormatError(path, "MONOCHROME1 without BitsStored (float pixel data): no stored range to "
+                                     "invert over")  # fmt: skip
+    bits, signed = header_ints(path, ds, ("BitsStored", 0), ("PixelRepresentation", 0))
+    if not 1 <= bits <= 32:
+        raise UnreadableFileError(path, "malformed DICOM header: BitsStored is not between 1 and 32")
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    stored = np.arange(lo, hi + 1) if hi - lo < 2**16 else np.array([lo, hi])
+    with reading(path, "malformed DICOM modality LUT"):
+        out = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    return float(out.min()) + float(out.max())
 
 
 def _decode_error(path: Path, syntax, err: Exception) -> DataError:

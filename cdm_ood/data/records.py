@@ -3,6 +3,7 @@ identifiers)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -10,6 +11,7 @@ import numpy as np
 
 FLAG_NONFINITE = "nan-or-inf"
 FLAG_CONSTANT = "constant"
+PIXEL_FLAGS = (FLAG_NONFINITE, FLAG_CONSTANT)  # any other flag is a header problem, a sentence naming its field
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class SliceSource:
 @dataclass
 class Slice:
     """A 2D image as float32 (C, H, W) in the file's own intensity units (DICOM after its modality LUT, e.g. HU),
-    rows first as displayed, plus its source and quality flags (`nan-or-inf`, `constant`)."""
+    rows first as displayed, plus its source and flags: its pixels' (`nan-or-inf`, `constant`) and its header's
+    (`cdm_ood.data.headers`: a sentence naming the field, e.g. a SOPInstanceUID its series holds twice). A slice
+    with any flag is never scored."""
 
     image: np.ndarray
     source: SliceSource
@@ -49,7 +53,8 @@ class Slice:
 class Volume:
     """A whole volume as float32 (C, D, H, W): the slices of one volume id (and time point) in index order, in the
     file's own units; its source has the volume's path (a DICOM series: its folder), index 0 and no SOPInstanceUID.
-    Its flags are those of all its voxels (`quality_flags`): any NaN/inf, or constant overall."""
+    Its flags are its slices' header flags and those of all its voxels (`quality_flags`): any NaN/inf, or constant
+    overall."""
 
     image: np.ndarray
     source: SliceSource
@@ -64,3 +69,14 @@ def quality_flags(image: np.ndarray) -> tuple[str, ...]:
     if image.size == 0 or image.min() == image.max():
         return (FLAG_CONSTANT,)
     return ()
+
+
+def describe_flags(flags: Sequence[str]) -> str:
+    """Why an image with `flags` is not scored: its header problems, then its pixels' flags ('nan-or-inf pixels')."""
+    pixels = [f for f in flags if f in PIXEL_FLAGS]
+    return "; ".join([*header_flags(flags), *([f"{', '.join(pixels)} pixels"] if pixels else [])])
+
+
+def header_flags(flags: Sequence[str]) -> tuple[str, ...]:
+    """The header problems among `flags` (those that are not pixel flags)."""
+    return tuple(f for f in flags if f not in PIXEL_FLAGS)

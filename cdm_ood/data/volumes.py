@@ -14,7 +14,7 @@ from .discovery import ErrorHandler, PathLike, SourceFile, discover, report_erro
 from .errors import DataError, UnreadableFileError
 from .guards import MAX_VOXELS
 from .readers import iter_slices, read_source
-from .records import Slice, SliceSource, Volume, quality_flags
+from .records import Slice, SliceSource, Volume, header_flags, quality_flags
 from .walk import DEFAULT_IGNORE
 
 
@@ -33,8 +33,10 @@ def volume_groups(sources: Sequence[SourceFile]) -> list[list[SourceFile]]:
 
 
 def stack_volumes(slices: Sequence[Slice]) -> list[Volume]:
-    """One `Volume` per time point of the slices of one volume id, slices in index order. Slices of different
-    sizes raise `UnreadableFileError` naming the volume."""
+    """One `Volume` per time point of the slices of one volume id, slices in index order, with its slices' header
+    flags (a volume with a flagged slice is never scored). Slices of different sizes raise `UnreadableFileError`
+    naming the volume, unless those of the odd sizes are flagged (a DICOM series' Rows/Columns disagree, `headers`):
+    the volume is then stacked from its unflagged slices, for its flags only."""
     by_time: dict[Optional[int], list[Slice]] = defaultdict(list)
     for s in slices:
         by_time[s.source.time_point].append(s)
@@ -42,13 +44,14 @@ def stack_volumes(slices: Sequence[Slice]) -> list[Volume]:
     for time_point, stack in by_time.items():
         stack.sort(key=lambda s: s.source.index)
         first, path = stack[0].source, volume_path([s.source.path for s in stack])
-        shapes = sorted({s.image.shape for s in stack})
+        flags = tuple(dict.fromkeys(f for s in stack for f in header_flags(s.flags)))
+        kept = [s for s in stack if not header_flags(s.flags)] or stack
+        shapes = sorted({s.image.shape for s in kept})
         if len(shapes) > 1:
             raise UnreadableFileError(path, f"its slices differ in size ({', '.join(map(str, shapes))}): not a volume")
-        image = np.stack([s.image for s in stack], axis=1)
-        volumes.append(
-            Volume(image, SliceSource(path, 0, first.volume_id, time_point=time_point), quality_flags(image))
-        )
+        image = np.stack([s.image for s in kept], axis=1)
+        where = SliceSource(path, 0, first.volume_id, time_point=time_point)
+        volumes.append(Volume(image, where, (*flags, *quality_flags(image))))
     return volumes
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from ..checkpoint import LoadedModel, load_model, store_calibration
 from ..data.discovery import discover
 from ..data.errors import DataError, UnreadableFileError
-from ..data.records import SliceSource, quality_flags
+from ..data.records import SliceSource, header_flags, quality_flags
 from ..data.volumes import iter_inputs
 from ..data.walk import DEFAULT_IGNORE, IgnoredFile
 from ..errors import UsageError
@@ -51,8 +51,9 @@ class OODDetector:
 
     Images are given in their own units (HU for CT, raw values otherwise, as read from the file) and are
     mapped with the model's stored intensity preset and size, exactly as in training. It fails closed, with the
-    rules and reasons of the `cdm-ood score` report (`report.judge`): an image with NaN/inf or constant pixels
-    is not scored (score NaN) and, like one whose score is not finite, is `flagged`, never in distribution.
+    rules and reasons of the `cdm-ood score` report (`report.judge`): an image with NaN/inf or constant pixels, or
+    read from a file whose header disagrees with itself (`cdm_ood.data.headers`), is not scored (score NaN) and,
+    like one whose score is not finite, is `flagged`, never in distribution.
 
     A 3D model scores whole volumes (one forward pass each): arrays (D, H, W), (C, D, H, W), (B, C, D, H, W) and the
     volumes read from paths (`cdm_ood.ood.inputs`); a volume with any NaN/inf voxel or constant overall is flagged.
@@ -133,14 +134,14 @@ class OODDetector:
 
     def prepare(self, inputs: Inputs) -> Tensor:
         """Model-space batch (B, C, H, W), or (B, C, D, H, W) for a 3D model, from any supported input."""
-        return torch.stack([self.transform(image) for image, _ in self._images(inputs)])
+        return torch.stack([self.transform(image) for image, _, _ in self._images(inputs)])
 
     def checked_features(
         self, inputs: Inputs, needs: Optional[Sequence[str]] = None
     ) -> tuple[Features, list[tuple[str, ...]]]:
         """The features `needs` (default: this detector's) of every image, NaN rows for images not scored, and each
-        image's quality flags (NaN/inf or constant pixels, checked in the image's own units, before any mapping
-        could hide them)."""
+        image's flags: its header's, for images read from files (`cdm_ood.data.headers`), and its pixels' (NaN/inf or
+        constant, checked in the image's own units, before any mapping could hide them)."""
         needs = self._needs(needs)
         parts = list(self._checked_chunks(inputs, needs))
         if not parts:
@@ -171,8 +172,9 @@ class OODDetector:
         """`checked_features` of the images of `inputs` in chunks of `batch_size` images, one batched pass each
         whatever the inputs' own grouping, with each image's source (None for images given in memory)."""
         for chunk in chunks(self._images(inputs), self.batch_size):
-            images, sources = zip(*chunk, strict=True)
-            flags = [quality_flags(_as_array(image)) for image in images]
+            images, sources, given = zip(*chunk, strict=True)
+            flags = [tuple(dict.fromkeys((*header_flags(g), *quality_flags(_as_array(image)))))
+                     for image, g in zip(images, given, strict=True)]  # fmt: skip
             scorable = [i for i, f in enumerate(flags) if not f]
             features = empty_features(needs, len(images), self.model.spec, self.model.schedule)
             if scorable:

@@ -3,7 +3,8 @@
 A file that cannot be read (or mapped to the model) becomes an `unreadable` row with its reason and the
 batch goes on; inputs are only ever opened for reading. A 3D model scores whole volumes (`cdm_ood.data.volumes`):
 one row per volume; a volume with a file that cannot be read is not scored (its files get `unreadable` rows).
-Given a `MapWriter`, each scored batch also gets its anomaly maps, written beside nothing but the writer's folder.
+Given a `MapWriter`, each scored batch also gets its anomaly maps, written beside nothing but the writer's folder; a
+map that cannot be written becomes a `flagged` row of its volume (`report.map_failure_row`), never the run's failure.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..data.volumes import read_volume, volume_groups
 from ..data.walk import IgnoredFile
 from .api import OODDetector
 from .map_outputs import MapWriter
-from .report import error_row, ignored_row, volume_rows
+from .report import error_row, flag_noted, ignored_row, map_failure_row, volume_rows
 from .volume_checks import VolumeCheck
 
 # The model-space images of one item (None for flagged ones) with the images read (when kept, for maps), the
@@ -131,9 +132,9 @@ def score_sources(
 
 def report_rows(rows: list[dict], threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = ()) -> list[dict]:
     """File and slice rows in a fixed order (path, time point, slice), then one row per volume (with the volume
-    `checks`)."""
+    `checks`); a volume with a map that could not be written is `flagged` (`report.flag_noted`)."""
     rows = sorted(rows, key=lambda r: (r["path"], r["time_point"] or 0, r["slice"] or 0))
-    return rows + volume_rows(rows, threshold, per_volume, checks)
+    return flag_noted(rows + volume_rows(rows, threshold, per_volume, checks))
 
 
 def iter_scored(
@@ -146,7 +147,8 @@ def iter_scored(
 ) -> Iterator[list[dict]]:
     """Rows of whole files, one group per scored batch (the files in `errors` first), so that a caller can
     save each group as soon as it is complete. With `maps`, the anomaly map of every scored image is written
-    (`OODDetector.scored_prepared`: the features are computed once for both)."""
+    (`OODDetector.scored_prepared`: the features are computed once for both); each map that could not be written
+    adds a `flagged` file row of its volume to the group (`report.map_failure_row`)."""
     threshold = detector.threshold
     if errors:
         yield [error_row(err) for err in errors]
@@ -171,6 +173,7 @@ def iter_scored(
                         maps.write_volume(amap, image, files)
                     else:
                         maps.write(amap, image)
+                rows.extend(map_failure_row(f.source, f.reason, f.whole) for f in maps.pop_failures())
             pending.clear()
 
     for items, errs, files in _handed_over(loader):
@@ -188,5 +191,6 @@ def iter_scored(
     flush()
     if maps is not None:
         maps.finish()
+        rows.extend(map_failure_row(f.source, f.reason, f.whole) for f in maps.pop_failures())
     if rows:
         yield rows

@@ -13,7 +13,8 @@ the channels:
 A (3, H, W) array for a 1-channel model could be one RGB image or three grey ones: it is refused, give (1, 3, H, W)
 or (3, 1, H, W). A MONAI dict holds one channel-first image (C, H, W) or a batch (B, C, H, W) under its image key,
 as MONAI transforms and DataLoaders make them. Paths (str or `os.PathLike`, files or folders) are read through
-the data layer, which gives each slice its path, index and volume.
+the data layer, which gives each slice its path, index, volume and header flags (`cdm_ood.data.headers`): a slice
+whose header disagrees with itself is never scored, whichever way it is given.
 
 A 3D model takes whole volumes instead: (D, H, W) and (C, D, H, W) arrays are one volume, (B, C, D, H, W) is B;
 a MONAI dict holds one (C, D, H, W) volume or a batch (B, C, D, H, W); paths give the volumes that
@@ -37,24 +38,26 @@ from ..errors import UsageError
 
 Inputs = Any  # an array or tensor, a path, a MONAI dict, a `Slice`, or an iterable of them (see the module doc)
 Image = np.ndarray | Tensor
-Item = tuple[Image, Optional[SliceSource]]  # one (C, H, W) image or (C, D, H, W) volume and where it was read from
+# One (C, H, W) image or (C, D, H, W) volume, where it was read from and its flags from the data layer (none for
+# images given in memory: their pixels are checked when scored).
+Item = tuple[Image, Optional[SliceSource], tuple[str, ...]]
 
 
 def iter_images(inputs: Inputs, channels: int, image_key: str = "image", spatial_dims: int = 2) -> Iterator[Item]:
     """Every image of `inputs` in order, one (C, H, W) image (a (C, D, H, W) volume for `spatial_dims` 3) at a
-    time, with its source when it was read from a file (None: from memory); a file that cannot be read raises its
-    `DataError`."""
+    time, with its source when it was read from a file (None: from memory) and its flags (a `Slice`'s or `Volume`'s);
+    a file that cannot be read raises its `DataError`."""
     if isinstance(inputs, (str, os.PathLike)):
-        yield from ((s.image, s.source) for s in iter_inputs(Path(inputs), spatial_dims))
+        yield from ((s.image, s.source, s.flags) for s in iter_inputs(Path(inputs), spatial_dims))
     elif isinstance(inputs, (Slice, Volume)):
-        yield inputs.image, inputs.source
+        yield inputs.image, inputs.source, inputs.flags
     elif isinstance(inputs, Mapping):
         image = inputs[image_key]
         one = _is_array(image) and image.ndim == spatial_dims + 1
         yield from iter_images(image[None] if one else image, channels, image_key, spatial_dims)
     elif _is_array(inputs):
         split = _split(inputs, channels) if spatial_dims == 2 else _split_volumes(inputs)
-        yield from ((image, None) for image in split)
+        yield from ((image, None, ()) for image in split)
     elif isinstance(inputs, Iterable) and not isinstance(inputs, (bytes, bytearray)):
         for item in inputs:
             yield from iter_images(item, channels, image_key, spatial_dims)

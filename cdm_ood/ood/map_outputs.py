@@ -13,6 +13,10 @@
 stem gets `<stem>-2`, and so on, in the order the inputs come, or in the order of `map_stems` over every
 discovered file when the writer is given them (the same on every torchrun rank, so ranks never write the same
 name for different inputs).
+
+A map that cannot be written (a full disk, slices of a series that differ in size, ...) is that image's problem, never
+the run's: `MapWriter` logs it and keeps it in `failures` (`score --maps` turns each into a `flagged` row of its
+volume, `report.map_failure_row`) and goes on with the next map.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import Optional
 import numpy as np
 
 from ..data.discovery import SourceFile, detect_format
+from ..data.guards import redact
 from ..data.records import Slice, SliceSource, Volume
 from ..data.transforms import LUMA
+from ..data.volumes import volume_path
 from ..data.writers import IMAGE_SUFFIXES
 from ..io import atomic_path, atomic_write
 
@@ -78,13 +84,25 @@ def overlay(image: np.ndarray, amap: np.ndarray, display: Optional[tuple[float, 
     return np.repeat(np.repeat(np.rint(rgb * 255).astype(np.uint8), factor, axis=0), factor, axis=1)
 
 
+@dataclass(frozen=True)
+class MapFailure:
+    """A map that could not be written: the slice it maps (with `whole`, the volume's map file: a source with the
+    volume's path and id) and why."""
+
+    source: SliceSource
+    reason: str
+    whole: bool = False
+
+
 @dataclass
 class _Volume:
     """The map files written for one input volume (a file, or a DICOM series): its stem, kind (`nifti`, a DICOM
-    series or None: no volume file), and for each slice key (time point, index) its .npy map and input file."""
+    series or None: no volume file), volume id, and for each slice key (time point, index) its .npy map and input
+    file."""
 
     stem: str
     kind: Optional[str]
+    volume_id: str
     slices: dict[tuple[Optional[int], int], tuple[Path, str]] = field(default_factory=dict)
     pending: bool = False
 
@@ -94,7 +112,8 @@ class MapWriter:
     the volume files. A volume's file is written once its slices stop coming (a slice of another volume arrives)
     and again, whole, if more of its slices come later. `display` fixes the PNGs' colour range (map units).
     `sources`, every file discovered, name the volumes (`map_stems`; an input not among them gets a stem no
-    other input has) and give each DICOM series its number of slices (else: up to its last slice with a map)."""
+    other input has) and give each DICOM series its number of slices (else: up to its last slice with a map).
+    A map that cannot be written is logged and kept in `failures`, never raised."""
 
     def __init__(
         self, out: str | Path, display: Optional[tuple[float, float]] = None, sources: Sequence[SourceFile] = ()
@@ -106,13 +125,22 @@ class MapWriter:
         self._volumes: dict[str, _Volume] = {}
         self._current: Optional[str] = None
         self._written: dict[str, Path] = {}
+        self.failures: list[MapFailure] = []
 
     def write(self, amap: np.ndarray, s: Slice) -> list[Path]:
-        """Write the map (H_m, W_m) of slice `s` as .npy on the slice's grid and as a PNG overlay; returns both."""
+        """Write the map (H_m, W_m) of slice `s` as .npy on the slice's grid and as a PNG overlay; returns both (none
+        when they cannot be written: see `failures`)."""
         key = _volume_key(s.source)
         if key != self._current:
             self._flush()
             self._current = key
+        try:
+            return self._write_slice(amap, s, key)
+        except Exception as err:  # any failure to write a map is this slice's, never the run's
+            self._failed(MapFailure(s.source, _reason(err)))
+            return []
+
+    def _write_slice(self, amap: np.ndarray, s: Slice, key: str) -> list[Path]:
         volume = self._volumes.get(key) or self._new_volume(key, s.source)
         native = to_native(amap, s.image.shape[-2:])
         t, index = s.source.time_point, s.source.index
@@ -129,9 +157,22 @@ class MapWriter:
     def write_volume(self, amap: np.ndarray, volume: Volume, files: Sequence[SourceFile]) -> list[Path]:
         """Write the map (D_m, H_m, W_m) of a whole `volume` (a 3D model's, read from the discovered `files`) as
         the maps of its slices, resized to the volume's grid (MONAI `Resize`, trilinear); returns their files."""
-        native = to_native(amap, volume.image.shape[-3:])
-        slices = _volume_slices(volume, files)
+        try:
+            native = to_native(amap, volume.image.shape[-3:])
+            slices = _volume_slices(volume, files)
+        except Exception as err:  # this volume's failure, never the run's
+            self._failed(MapFailure(volume.source, _reason(err), whole=True))
+            return []
         return [path for k, s in enumerate(slices) for path in self.write(native[k], s)]
+
+    def pop_failures(self) -> list[MapFailure]:
+        """The failures since the last call (and forget them)."""
+        failures, self.failures = self.failures, []
+        return failures
+
+    def _failed(self, failure: MapFailure) -> None:
+        log.warning("%s: map not written: %s", failure.source.path, failure.reason)
+        self.failures.append(failure)
 
     def finish(self) -> list[Path]:
         """Write the volume files still due; returns every volume file written."""
@@ -143,9 +184,15 @@ class MapWriter:
             if volume.pending and (every or key == self._current):
                 volume.pending = False
                 path = self.out / f"{volume.stem}_map.nii.gz"
-                if volume.kind == "nifti":
-                    _write_nifti_map(volume, path)
-                elif not _write_series_map(volume, path, self._depths[key]):
+                try:
+                    if volume.kind == "nifti":
+                        _write_nifti_map(volume, path)
+                    elif not _write_series_map(volume, path, self._depths[key]):
+                        continue
+                except Exception as err:  # this volume's failure, never the run's
+                    where = volume_path([file for _, file in volume.slices.values()])
+                    self._failed(MapFailure(SliceSource(where, 0, volume.volume_id), f"{path.name}: {_reason(err)}",
+                                            whole=True))  # fmt: skip
                     continue
                 self._written[key] = path
 
@@ -154,7 +201,7 @@ class MapWriter:
         series = fmt == "dicom" and source.frame is None
         taken = {v.stem for v in self._volumes.values()} | set(self._stems.values())
         stem = self._stems.get(key) or _free_stem(_base_stem(source.path, series), taken)
-        volume = _Volume(stem, _SERIES if series else "nifti" if fmt == "nifti" else None)
+        volume = _Volume(stem, _SERIES if series else "nifti" if fmt == "nifti" else None, source.volume_id)
         self._volumes[key] = volume
         return volume
 
@@ -172,7 +219,8 @@ def map_stems(sources: Sequence[SourceFile]) -> dict[str, str]:
 
 
 def write_maps(out: str | Path, maps: Iterable[tuple[np.ndarray, Slice]], **kwargs) -> list[Path]:
-    """Every file of `MapWriter(out, **kwargs)` for (map, slice) pairs: the slice files, then the volume files."""
+    """Every file of `MapWriter(out, **kwargs)` for (map, slice) pairs: the slice files, then the volume files (a map
+    that cannot be written is logged and left out)."""
     writer = MapWriter(out, **kwargs)
     written = [path for amap, s in maps for path in writer.write(amap, s)]
     return written + writer.finish()
@@ -191,6 +239,10 @@ def _volume_slices(volume: Volume, files: Sequence[SourceFile]) -> list[Slice]:
         sources = [SliceSource(f.path, k, f.volume_id, f.sop_instance_uid, k if frames else None, t)
                    for k in range(image.shape[1])]  # fmt: skip
     return [Slice(image[:, k], source) for k, source in enumerate(sources)]
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {redact(err)}"
 
 
 def _volume_key(source: SliceSource) -> str:
@@ -234,7 +286,7 @@ def _write_nifti_map(volume: _Volume, path: Path) -> None:
 def _write_series_map(volume: _Volume, path: Path, depth: int) -> bool:
     """The slice maps of a DICOM series of `depth` slices (0: up to its last slice with a map) stacked in series
     order under the affine of its geometry, NaN where a slice has no map; a series without the geometry tags gets
-    no volume file (logged, False)."""
+    no volume file (logged, False); slice maps of different sizes raise ValueError."""
     import pydicom
 
     from ..data.orientation import series_affine
@@ -255,10 +307,13 @@ def _write_series_map(volume: _Volume, path: Path, depth: int) -> bool:
         step = (last - first) / (indices[-1] - indices[0])
     else:
         step = np.cross(orientation[:3], orientation[3:]) * float(ends[0].get("SliceThickness") or 1.0)
-    shape = np.load(volume.slices[(None, indices[0])][0]).shape
-    stack = np.full((max(depth, indices[-1] + 1), *shape), np.nan, np.float32)
-    for (_, index), (npy, _) in volume.slices.items():
-        stack[index] = np.load(npy)
+    maps = {index: np.load(npy) for (_, index), (npy, _) in volume.slices.items()}
+    shapes = sorted({m.shape for m in maps.values()})
+    if len(shapes) > 1:
+        raise ValueError(f"its slices differ in size ({', '.join('x'.join(map(str, s)) for s in shapes)})")
+    stack = np.full((max(depth, indices[-1] + 1), *shapes[0]), np.nan, np.float32)
+    for index, amap in maps.items():
+        stack[index] = amap
     affine = series_affine(orientation, first - indices[0] * step, spacing, step)
     write_nifti(stack, path, affine=affine)
     return True

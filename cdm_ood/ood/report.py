@@ -1,5 +1,6 @@
 """The scoring report: one row per slice, per unreadable file and per volume, verdicts, and its files. A 3D
-model scores whole volumes: its report has volume and file rows, no slice rows.
+model scores whole volumes: its report has volume and file rows, no slice rows. A map that `score --maps` could not
+write is a `flagged` file row of its volume (`map_failure_row`), and flags that volume.
 
 Rows identify images by path, slice index, volume (SeriesInstanceUID or file) and SOPInstanceUID only:
 no patient identifier is ever read into a row.
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..data.errors import DataError
-from ..data.records import SliceSource
+from ..data.records import SliceSource, describe_flags
 from ..data.volumes import volume_path
 from ..data.walk import IgnoredFile
 from ..errors import UsageError
@@ -29,6 +30,8 @@ COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid",
 FLOAT_COLUMNS = ("score", "threshold", *STATISTICS)
 IN, OOD, UNREADABLE, FLAGGED, IGNORED = "in", "ood", "unreadable", "flagged", "ignored"
 FAILING = (OOD, UNREADABLE, FLAGGED)
+NOT_SCORED = "not scored: "  # how the reason of an image that was not scored begins
+MAX_REASONS = 3  # distinct reasons of flagged slices a volume row repeats
 AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
     "max": lambda s: float(np.max(s)),
     "mean": lambda s: float(np.mean(s)),
@@ -38,12 +41,13 @@ AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
 
 def judge(score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> tuple[str, str]:
     """(verdict, reason) of one image, the same on every path (report, Python API, MONAI transform, served model):
-    `flagged` when its pixels (NaN/inf, constant) or its score (NaN/inf) cannot be trusted, else `ood` above the
-    threshold and `in` otherwise. Nothing that could not be scored is ever `in`."""
+    `flagged` when its header (`data.headers`: the field named), its pixels (NaN/inf, constant) or its score (NaN/inf)
+    cannot be trusted, else `ood` above the threshold and `in` otherwise. Nothing that could not be scored is ever
+    `in`."""
     if flags:
-        return FLAGGED, f"not scored: {', '.join(flags)} pixels"
+        return FLAGGED, f"{NOT_SCORED}{describe_flags(flags)}"
     if score is None or not math.isfinite(score):
-        return FLAGGED, f"not scored: the model's score is not finite ({score})"
+        return FLAGGED, f"{NOT_SCORED}the model's score is not finite ({score})"
     return (OOD, "score above threshold") if score > threshold else (IN, "")
 
 
@@ -87,6 +91,39 @@ def ignored_row(item: IgnoredFile) -> dict:
     return dict.fromkeys(COLUMNS) | {"level": "file", "path": item.path, "verdict": IGNORED, "reason": item.reason}
 
 
+def map_failure_row(source: SliceSource, reason: str, whole: bool = False) -> dict:
+    """A map file that could not be written (`map_outputs.MapFailure`): a `flagged` file row of the image's volume
+    (its slice, or with `whole` the volume's map file), which flags the volume's row (`flag_noted`)."""
+    return dict.fromkeys(COLUMNS) | {
+        "level": "file", "path": source.path, "slice": None if whole else source.index,
+        "time_point": source.time_point, "volume": source.volume_id, "verdict": FLAGGED,
+        "reason": f"map not written: {reason}",
+    }  # fmt: skip
+
+
+def flag_noted(rows: Sequence[dict]) -> list[dict]:
+    """`rows` with every volume row of a volume that a flagged file row names (a map not written) `flagged`, the
+    file rows' reasons first in its reason: an output asked for and not made never passes."""
+    notes: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        if row["level"] == "file" and row["verdict"] == FLAGGED and row["volume"] is not None:
+            notes[row["volume"]].append(row["reason"])
+    out = []
+    for row in rows:
+        if row["level"] == "volume" and row["volume"] in notes:
+            reasons = [*dict.fromkeys(notes[row["volume"]]), *filter(None, [row["reason"]])]
+            row = row | {"verdict": FLAGGED, "reason": "; ".join(reasons)}
+        out.append(row)
+    return out
+
+
+def _why_flagged(members: Sequence[dict]) -> str:
+    """The distinct reasons of a volume's flagged slices (at most `MAX_REASONS`), without `NOT_SCORED`."""
+    reasons = list(dict.fromkeys(r["reason"].removeprefix(NOT_SCORED) for r in members if r["verdict"] == FLAGGED))
+    more = f"; and {len(reasons) - MAX_REASONS} more" if len(reasons) > MAX_REASONS else ""
+    return "; ".join(reasons[:MAX_REASONS]) + more
+
+
 def aggregate(how: str) -> Callable[[np.ndarray], float]:
     """The per-volume aggregate named `how` (`AGGREGATES`); an unknown name is a usage error."""
     if how not in AGGREGATES:
@@ -99,10 +136,10 @@ def volume_rows(
 ) -> list[dict]:
     """One summary row per volume/series: the `how` aggregate (max, mean, q95) of its slice scores against the
     threshold; `flagged` when any of its slices could not be scored (a volume with unscored slices never
-    passes), with the aggregate of the others as its score. A volume that fails one of the calibrated volume
-    `checks` (`volume_checks`: slice order, orientation; per time point; volumes of fewer than
-    `volume_checks.MIN_SLICES` slices are not checked) is `ood` too, with the check in its reason. A volume's
-    statistics (bits/dim, log-ratios) are the means of its slices'."""
+    passes; its reason repeats theirs, e.g. the header field that disagrees), with the aggregate of the others as
+    its score. A volume that fails one of the calibrated volume `checks` (`volume_checks`: slice order,
+    orientation; per time point; volumes of fewer than `volume_checks.MIN_SLICES` slices are not checked) is `ood`
+    too, with the check in its reason. A volume's statistics (bits/dim, log-ratios) are the means of its slices'."""
     combine = aggregate(how)
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -115,7 +152,10 @@ def volume_rows(
         row["path"] = volume_path([r["path"] for r in members])
         flagged = len(members) - len(scores)
         if len(scores) == 0:
-            out.append(row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged)"})
+            why = _why_flagged(members)
+            out.append(
+                row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged: {why})"}
+            )
             continue
         score = combine(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
@@ -123,7 +163,8 @@ def volume_rows(
         failed = failed_checks(members, checks)
         reason = "; ".join([reason, *failed])
         if flagged:
-            verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged (not scored); {reason}"
+            why = _why_flagged(members)
+            verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
         else:
             verdict = OOD if score > threshold or failed else IN
         found = {c: [r[c] for r in members if r.get(c) is not None and math.isfinite(r[c])] for c in STATISTICS}

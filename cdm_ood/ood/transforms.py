@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -9,18 +10,28 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from ..data.discovery import discover
+from ..data.errors import DataError
+from ..data.guards import quiet_libraries
 from ..data.orientation import is_loaded_image, reader_slices
+from ..data.records import Slice, SliceSource, Volume
 from ..errors import UsageError
 from .api import OODDetector
 from .report import FLAGGED, IN, aggregate, volume_rows
 from .volume_checks import STATISTICS
+
+# MONAI's readers disagree on MONOCHROME1: ITKReader inverts it (as cdm-ood's readers do), PydicomReader does not.
+MONOCHROME1_LOADED = ("PhotometricInterpretation MONOCHROME1: MONAI's readers disagree on inverting it (ITKReader "
+                      "does, PydicomReader does not); score the file by path")  # fmt: skip
 
 
 class ScoreOODd(MapTransform):
     """Adds `<key>_ood_score` (float, NaN when not scored), `<key>_ood` (bool: True unless the image is in
     distribution), `<key>_ood_verdict` (`in`, `ood` or `flagged`) and `<key>_ood_reason` for each key, right after
     `LoadImaged` + `EnsureChannelFirstd` (+ `Orientationd`). The rules and reasons are those of the `cdm-ood
-    score` report: NaN/inf or constant pixels are flagged.
+    score` report: NaN/inf or constant pixels are flagged, and so is a loaded image whose file's header disagrees
+    with itself (`cdm_ood.data.headers`, read from the file LoadImage names) or that is MONOCHROME1 DICOM (whether
+    LoadImage inverted it depends on its reader: `MONOCHROME1_LOADED`).
 
     A key holds one 2D image ((H, W) or (C, H, W), rows first) or what `LoadImaged` loaded: a 2D image or a whole
     volume, cut into the slices `cdm-ood score` reads from the same file (`cdm_ood.data.orientation`). With a 2D
@@ -40,30 +51,60 @@ class ScoreOODd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
+            loaded = loaded_slices(image) if is_loaded_image(image) else None
             if self.detector.unit == "volume":
-                volume = np.moveaxis(reader_slices(image), 0, 1) if is_loaded_image(image) else image
-                (result,) = self.detector.assess(volume[None] if volume.ndim == 4 else volume)  # one (C, D, H, W)
-            elif is_loaded_image(image) and image.ndim == 4:
-                result = self._score_volume(reader_slices(image), d, key)
+                if loaded is not None:  # one (C, D, H, W) volume with its slices' flags
+                    flags = tuple(dict.fromkeys(f for s in loaded for f in s.flags))
+                    target: Any = Volume(np.stack([s.image for s in loaded], axis=1), loaded[0].source, flags)
+                else:
+                    target = image[None] if image.ndim == 4 else image  # one (C, D, H, W)
+                (result,) = self.detector.assess(target)
+            elif loaded is not None and image.ndim == 4:
+                result = self._score_volume(loaded, d, key)
             elif image.ndim == 4:
                 raise UsageError(f"{key!r} holds a volume {tuple(image.shape)} without the metadata of MONAI "
                                  "LoadImage: the orientation of its slices is unknown")  # fmt: skip
             else:
-                image = reader_slices(image)[0] if is_loaded_image(image) else image
-                (result,) = self.detector.assess(image[None] if image.ndim == 3 else image)  # one image
+                (result,) = self.detector.assess(loaded[0] if loaded else image[None] if image.ndim == 3 else image)
             d[f"{key}_ood_score"] = result["score"]
             d[f"{key}_ood"] = result["verdict"] != IN
             d[f"{key}_ood_verdict"] = result["verdict"]
             d[f"{key}_ood_reason"] = result["reason"]
         return d
 
-    def _score_volume(self, slices: np.ndarray, d: dict[Hashable, Any], key: Hashable) -> dict[str, Any]:
-        """Scores every slice (D, C, H, W) into `d` and returns the volume's result, by `report.volume_rows`."""
+    def _score_volume(self, slices: list[Slice], d: dict[Hashable, Any], key: Hashable) -> dict[str, Any]:
+        """Scores every slice into `d` and returns the volume's result, by `report.volume_rows`."""
         results = self.detector.assess(slices)
         d[f"{key}_ood_slice_scores"] = np.array([r["score"] for r in results])
         d[f"{key}_ood_slice_verdicts"] = [r["verdict"] for r in results]
         rows = [{"level": "slice", "volume": str(key), "path": str(key), "slice": k, "time_point": None,
-                 "verdict": r["verdict"], "score": None if r["verdict"] == FLAGGED else r["score"],
-                 **{c: r[c] for c in STATISTICS}} for k, r in enumerate(results)]  # fmt: skip
+                 "verdict": r["verdict"], "reason": r["reason"],
+                 "score": None if r["verdict"] == FLAGGED else r["score"], **{c: r[c] for c in STATISTICS}}
+                for k, r in enumerate(results)]  # fmt: skip
         (volume,) = volume_rows(rows, self.detector.threshold, self.per_volume, self.detector.checks)
         return {**volume, "score": float("nan") if volume["score"] is None else volume["score"]}
+
+
+def loaded_slices(image: Any) -> list[Slice]:
+    """The slices (`reader_slices`) of a MONAI-loaded image with the flags `cdm-ood score` gives them: the header
+    flags of the file(s) LoadImage names (discovery's header pass; a DICOM series slice by slice, in the readers'
+    order, else the file's flags on every slice; a file that fails it flags every slice with its reason), and
+    `MONOCHROME1_LOADED` for MONOCHROME1 DICOM."""
+    slices = reader_slices(image)
+    name = image.meta["filename_or_obj"]
+    names = [str(n) for n in name] if isinstance(name, (list, tuple)) else [str(name)]
+    errors: list[DataError] = []
+    sources = discover(names, errors.append, max_voxels=sys.maxsize)  # loaded already: no budget to keep
+    per_file = [(*s.flags, *((MONOCHROME1_LOADED,) if s.format == "dicom" and _monochrome1(s.path) else ()))
+                for s in sources]  # fmt: skip
+    every = tuple(dict.fromkeys([*(f for flags in per_file for f in flags), *(e.reason for e in errors)]))
+    flags = per_file if len(per_file) == len(slices) and not errors else [every] * len(slices)
+    return [Slice(s, SliceSource(names[0], k, names[0]), f) for k, (s, f) in enumerate(zip(slices, flags, strict=True))]
+
+
+def _monochrome1(path: str) -> bool:
+    import pydicom
+
+    with quiet_libraries():
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PhotometricInterpretation"])
+        return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
