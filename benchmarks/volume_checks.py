@@ -72,13 +72,17 @@ def main() -> None:
         parser.error(f"{args.calibrate}: too few whole volumes to fit the volume checks (docs/ood.md)")
     gates = {detector.name: (), **{f"{detector.name} + {c.name}": (c,) for c in checks},
              f"{detector.name} + all (the gate)": checks}  # fmt: skip
-    sets: dict[str, list[Path]] = {}
+    sets: dict[str, list[list[Path]]] = {}
     for folder in args.data:
         for name, paths in manifest_sets(folder / "manifest.csv").items():
-            sets.setdefault(name, []).extend(paths)
+            sets.setdefault(name, []).append(paths)
     stats, stopped = {}, {}
-    for name, paths in sets.items():
-        slices = scored(detector, paths)
+    for name, draws in sets.items():
+        # each draw scored on its own, as separate deliveries: the draws' copies of the same wrong-modality
+        # file (one SOPInstanceUID) would otherwise form one series with a duplicated instance
+        slices = [
+            r | {"volume": f"{k}:{r['volume']}"} for k, paths in enumerate(draws) for r in scored(detector, paths)
+        ]
         stats[name] = volume_statistics(detector, slices)
         stopped[name] = [np.mean([r["verdict"] != IN for r in volume_rows(slices, detector.threshold, "mean", used)])
                          for used in gates.values()]  # fmt: skip

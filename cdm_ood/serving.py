@@ -67,8 +67,8 @@ def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Seque
     from .ood.report import IN, judge
 
     needs, spec = ("profile", *detector.detector.required()), detector.model.spec
-    one_by_one = [image for image, _ in iter_images(model_images(images, spec.spatial_dims), spec.channels,
-                                                    spatial_dims=spec.spatial_dims)]  # fmt: skip
+    one_by_one = [image for image, _, _ in iter_images(model_images(images, spec.spatial_dims), spec.channels,
+                                                       spatial_dims=spec.spatial_dims)]  # fmt: skip
     request, parts, flags = current_request(), [], []
     for start in range(0, max(len(one_by_one), 1), detector.batch_size):  # no images: one empty batch
         if request is not None:

@@ -16,6 +16,7 @@ import pytest
 from processes import cdm, clean_env
 
 from cdm_ood import OODDetector
+from cdm_ood.checkpoint import load_checkpoint, save_checkpoint
 from cdm_ood.data.guards import MAX_VOXELS
 from cdm_ood.data.phantoms import make_phantoms, phantom_volume
 from cdm_ood.ood.gate import run_identity
@@ -153,6 +154,16 @@ def test_resume_refuses_the_parts_of_another_run(checkpoint, interrupted, tmp_pa
     (line,) = [line for line in resumed.stderr.splitlines() if line.startswith("error:")]
     assert "--resume" in line and "another run" in line and "Traceback" not in resumed.stderr
     assert not report.exists() and list((tmp_path / ".report.csv.parts").glob("rank*.csv")), "the parts stay"
+
+
+def test_resume_refuses_the_parts_of_another_checkpoint(checkpoint, interrupted, tmp_path):
+    folder, report = interrupted
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, load_checkpoint(checkpoint) | {"step": 41})  # same weights and calibration, new content
+    resumed = cdm("score", folder, "--checkpoint", other, "--out", report, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 2 and "checkpoint_digest differ" in resumed.stderr, resumed.stderr[-2000:]
+    same = cdm("score", folder, "--checkpoint", checkpoint, "--out", report, "--resume", "--no-fail", cwd=tmp_path)
+    assert same.returncode == 0 and "2 files already scored" in same.stderr, "the parts stayed for their own run"
 
 
 def children(pid: int) -> list[int]:
