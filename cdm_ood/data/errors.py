@@ -51,7 +51,8 @@ class TooLargeError(DataError):
 
 
 def report_error(err: DataError, on_error: Optional[Callable[[DataError], None]]) -> None:
-    """Pass `err` to `on_error`, or raise it when there is none."""
+    """Pass `err` to `on_error` without its traceback (a caught error's frames would keep what the reader held,
+    for every failed file of an archive until the report is written), or raise it when there is none."""
     if on_error is None:
         raise err
-    on_error(err)
+    on_error(err.with_traceback(None))

@@ -212,7 +212,9 @@ def merge(
     if gone:
         log.warning("%d files of the partial reports are no longer among the inputs; their rows are dropped (e.g. "
                     "%s)", len(gone), gone[0])  # fmt: skip
-    rows = [{k: r[k] for k in COLUMNS} for path, group in newest.items() if path not in gone for r in group]
+    rows = [r for path, group in newest.items() if path not in gone for r in group]
+    for r in rows:  # the rows as read, less their key: no second copy of an archive's rows
+        del r["file_key"]
     unique = {(r["level"], r["path"], r["slice"], r["time_point"], r["volume"]): r for r in [*rows, *extra]}
     return report_rows(list(unique.values()), threshold, per_volume, checks)
 
