@@ -107,6 +107,8 @@ STEPS: tuple[Step, ...] = (
     Step("bombs", _py("benchmarks/bombs.py", "--checkpoint", DEMO / "run" / "model.pt"), ("bombs",), needs=("demo",)),
     Step("score-memory", _py("benchmarks/score_memory.py", "--checkpoint", DEMO / "run" / "model.pt"),
          ("score-memory",), needs=("demo",)),
+    Step("many-files", _py("benchmarks/many_files.py", "--checkpoint", DEMO / "run" / "model.pt"), ("many-files",),
+         needs=("demo",)),
     Step("denoising", _py("benchmarks/denoising.py", "--cdm", MNIST / "model.pt"), ("denoising",),
          needs=("train-time",)),
     Step("localization", _py("benchmarks/localization.py"), ("localization",)),
