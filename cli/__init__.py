@@ -6,16 +6,12 @@ stays fast.
 
 from __future__ import annotations
 
-import os
-import signal
-import traceback
-
 import click
 
 from cdm_ood import __version__
 from cdm_ood.errors import CdmOodError
 
-from .common import EXIT_FAILURE, EXIT_USAGE, failure_reason
+from .common import EXIT_USAGE, report_failure
 
 
 class _Commands(click.Group):
@@ -33,13 +29,7 @@ class _Commands(click.Group):
         except (click.ClickException, click.exceptions.Exit):
             raise
         except (Exception, KeyboardInterrupt) as err:
-            # torch's DataLoader raises from its SIGCHLD handler when a reader process dies: once the command has
-            # failed, that would only replace this error line with a traceback
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            if os.environ.get("CDM_OOD_TRACEBACK"):
-                traceback.print_exc()
-            click.echo(f"error: {failure_reason(err)}", err=True)
-            ctx.exit(EXIT_FAILURE)
+            ctx.exit(report_failure(err))
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -61,6 +62,18 @@ def raise_if_stopped() -> None:
     """Raise `Stopped` when a signal stopped this process and its exception was dropped."""
     if _STOPPED:
         raise Stopped(_STOPPED[0])
+
+
+def report_failure(err: BaseException) -> int:
+    """Say in one `error:` line on stderr why a command could not finish (with the traceback where
+    $CDM_OOD_TRACEBACK is set) and return `EXIT_FAILURE`."""
+    # torch's DataLoader raises from its SIGCHLD handler when a reader process dies: once the command has failed,
+    # that would only replace this error line with a traceback
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if os.environ.get("CDM_OOD_TRACEBACK"):
+        traceback.print_exception(err)
+    click.echo(f"error: {failure_reason(err)}", err=True)
+    return EXIT_FAILURE
 
 
 def failure_reason(err: BaseException) -> str:

@@ -20,7 +20,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cdm_ood.cli.common import EXIT_FAILURE, failure_reason, stop_on_signals
+from cdm_ood.cli.common import report_failure, stop_on_signals
 from cdm_ood.errors import CdmOodError
 from cdm_ood.io import spreadsheet_value
 from cdm_ood.ood import OODDetector
@@ -72,8 +72,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except (Exception, KeyboardInterrupt) as err:
-        print(f"error: {failure_reason(err)}", file=sys.stderr)
-        return EXIT_FAILURE
+        return report_failure(err)
 
 
 if __name__ == "__main__":
