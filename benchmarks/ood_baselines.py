@@ -262,13 +262,9 @@ def draw(data: torch.Tensor) -> Callable[[int, torch.Generator], torch.Tensor]:
     return lambda n, g: data[torch.randint(len(data), (n,), generator=g)]
 
 
-def ddpm_scorers(
-    data: Benchmark, steps: int, batch: int, elbo_steps: int, recon_steps: int
-) -> tuple[dict[str, Scorer], float, dict[str, float]]:
-    """MONAI DDPM trained like the CDM; its strided variational bound and ddpm-ood reconstruction errors, with their
-    costs in UNet calls per image."""
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    inferer = DiffusionInferer(scheduler)
+def train_ddpm(data: Benchmark, steps: int, batch: int) -> tuple[torch.nn.Module, float]:
+    """MONAI's DDPM UNet trained like the CDM (same architecture and budget) on `data.train`, and its seconds."""
+    inferer = DiffusionInferer(DDPMScheduler(num_train_timesteps=1000))
     sample = draw(data.train)
 
     def loss(net: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
@@ -278,7 +274,17 @@ def ddpm_scorers(
         return F.mse_loss(inferer(inputs=x0, diffusion_model=net, noise=noise, timesteps=t), noise)
 
     torch.manual_seed(data.seed)
-    unet, seconds = train_ema(DiffusionModelUNet(out_channels=1, **unet_kwargs()), loss, steps, seed=data.seed)
+    return train_ema(DiffusionModelUNet(out_channels=1, **unet_kwargs()), loss, steps, seed=data.seed)
+
+
+def ddpm_scorers(
+    data: Benchmark, steps: int, batch: int, elbo_steps: int, recon_steps: int
+) -> tuple[dict[str, Scorer], float, dict[str, float]]:
+    """MONAI DDPM trained like the CDM; its strided variational bound and ddpm-ood reconstruction errors, with their
+    costs in UNet calls per image."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    inferer = DiffusionInferer(scheduler)
+    unet, seconds = train_ddpm(data, steps, batch)
     levels = 2**data.bit_depth - 1
     scheduler.set_timesteps(elbo_steps)
 
@@ -338,6 +344,17 @@ class Reconstruction:
                     mse = (r - chunk).square().flatten(1).mean(1)
                     per_t.append(torch.stack([mse, 1 - self.ssim(r, chunk).flatten(1).mean(1)], 1))
                 out.append(torch.stack(per_t, 2))
+        return torch.cat(out).numpy()
+
+    def error_maps(self, x: torch.Tensor) -> np.ndarray:
+        """Per-pixel squared reconstruction error (B, H, W), averaged over the start levels and channels: where the
+        reconstructions (the same noise draws as `errors`) differ from the image."""
+        g = torch.Generator().manual_seed(0)
+        out = []
+        with torch.no_grad():
+            for chunk in x.split(100):
+                squares = [(self._reconstruct(chunk, start, g) - chunk).square() for start in RECON_STARTS]
+                out.append(torch.stack(squares).mean(0).mean(1))
         return torch.cat(out).numpy()
 
     @staticmethod

@@ -28,3 +28,19 @@ def emit(name: str, text: str) -> None:
 def blocks(output: str) -> dict[str, str]:
     """Every table block in a script's output, by name (the text between its markers)."""
     return {m["name"]: m["body"].strip() for m in BLOCK.finditer(output)}
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) `level` interval of a binomial proportion k / n."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    lo = float(beta.ppf(tail, k, n - k + 1)) if k > 0 else 0.0
+    hi = float(beta.ppf(1 - tail, k + 1, n - k)) if k < n else 1.0
+    return lo, hi
+
+
+def rate(k: int, n: int) -> str:
+    """`k/n (95% interval lo-hi)`, the exact binomial interval."""
+    lo, hi = clopper_pearson(k, n)
+    return f"{k}/{n} (95% interval {lo:.2f}-{hi:.2f})"

@@ -1,9 +1,12 @@
-"""The gate's volume checks (`cdm_ood.ood.volume_checks`, docs/ood.md) measured on `make-phantoms --ood-sets` volumes:
-`slice-order`, the shape of a volume's per-slice -log p_0 (bits/dim) along its slice axis, which sees what a slice
-model cannot see slice by slice (a superior-inferior flip or interleaved slices give the same slices in another
-order), `slice-direction`, how much better that shape matches the calibration template reversed than as given (a
-superior-inferior flip of a nearly symmetric shape), and `orientation`, the mean log-ratio of a volume's slices to
-their mirror images and transposes (in-plane flips, rotations, swapped axes), each against the calibration volumes.
+"""The gate's volume checks (`cdm_ood.ood.volume_checks`, docs/ood.md) measured on `make-phantoms --ood-sets` volumes
+(artifacts, orientation and coverage errors, wrong modality): `slice-order`, the shape of a volume's per-slice
+-log p_0 (bits/dim) along its slice axis, which sees what a slice model cannot see slice by slice (a
+superior-inferior flip or interleaved slices give the same slices in another order), `slice-direction`, how much
+better that shape matches the calibration template reversed than as given (a superior-inferior flip of a nearly
+symmetric shape), `orientation`, the mean log-ratio of a volume's slices to their mirror images and transposes
+(in-plane flips, rotations, swapped axes), `anatomy`, the body's extent along the slab and its shape (truncated
+fields of view, partial slabs, early-ending coverage), and `local` and `foreign`, the anomaly map's largest peak over
+the slices (anywhere, at extreme intensities), each against the calibration volumes.
 
     python benchmarks/volume_checks.py --checkpoint runs/<run>/model.pt --calibrate CALIB_DIR --data OOD_DIR
         [OOD_DIR ...] [--name volume-checks]
@@ -14,18 +17,20 @@ detector and check, half of the volumes held out, fpr 0.05 shared by the checks;
 volumes makes the table) is scored by the gate's own code (`cdm_ood.ood.batch.score_sources`). Prints the table
 block --name: volume-level AUROC per set (its clean volumes in distribution) of each check's statistic and, for
 reference, of the `nll` and default detectors' volume scores (the mean over slices), and the fraction of each set's
-volumes the gate does not pass without the checks, with each one, and with all (the gate as shipped).
+volumes the gate does not pass without the checks, with each one (stopping, also one the model reports only), and
+with all (the gate as the model's `gate.report_only` configures it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from tables import emit, markdown
+from tables import emit, markdown, rate
 
 from cdm_ood.data.discovery import discover
 from cdm_ood.data.phantoms import manifest_sets
@@ -70,7 +75,9 @@ def main() -> None:
     checks = detector.checks
     if len(checks) < 2:
         parser.error(f"{args.calibrate}: too few whole volumes to fit the volume checks (docs/ood.md)")
-    gates = {detector.name: (), **{f"{detector.name} + {c.name}": (c,) for c in checks},
+    stopping = [c.name for c in checks if c.stops]
+    gates = {detector.name: (), **{f"{detector.name} + {c.name}" + ("" if c.stops else " (if it stopped)"):
+                                   (dataclasses.replace(c, stops=True),) for c in checks},
              f"{detector.name} + all (the gate)": checks}  # fmt: skip
     sets: dict[str, list[list[Path]]] = {}
     for folder in args.data:
@@ -84,6 +91,8 @@ def main() -> None:
             r | {"volume": f"{k}:{r['volume']}"} for k, paths in enumerate(draws) for r in scored(detector, paths)
         ]
         stats[name] = volume_statistics(detector, slices)
+        if name == "clean":
+            clean_slices = slices
         stopped[name] = [np.mean([r["verdict"] != IN for r in volume_rows(slices, detector.threshold, "mean", used)])
                          for used in gates.values()]  # fmt: skip
     names = [k for k in sets if k != "clean"]
@@ -92,13 +101,17 @@ def main() -> None:
     auroc = [[label, *(f"{ood_metrics(stats['clean'][key], stats[k][key])['auroc']:.3f}" for k in names)]
              for key, label in labels.items()]  # fmt: skip
     gate = [[label, *(f"{stopped[k][i]:.2f}" for k in sets)] for i, label in enumerate(gates)]
+    gate_clean = sum(r["verdict"] != IN for r in volume_rows(clean_slices, detector.threshold, "mean", checks))
     ranges = "; ".join(f"{c.name} threshold {c.threshold:.4f} (clean test volumes {stats['clean'][c.name].min():.3f}-"
                        f"{stats['clean'][c.name].max():.3f})" for c in checks)  # fmt: skip
     emit(args.name, "\n\n".join([
         markdown(["volume-level AUROC", *names], auroc),
-        f"Volumes not passed by the gate (threshold at fpr {detector.fpr}, the {len(checks)} checks sharing it: "
-        f"{detector.fpr / len(checks):.3g} each; `clean`: the false-positive rate):",
+        f"Volumes not passed by the gate (threshold at fpr {detector.fpr}, the {len(stopping)} checks that stop the "
+        f"gate sharing it: {detector.fpr / len(stopping):.3g} each"
+        + "".join(f"; `{c.name}` reported only, at the same rate" for c in checks if not c.stops)
+        + "; `clean`: the false-positive rate):",
         markdown(["gate", *sets], gate),
+        f"Clean test volumes the gate stops: {rate(gate_clean, len(stats['clean']['nll']))}.",
         f"Calibrated on {n} slices of the volumes below `{args.calibrate}`; {ranges}; {len(stats['clean']['nll'])} "
         f"clean test volumes, and as many of each set, below {', '.join(f'`{d}`' for d in args.data)}.",
     ]))  # fmt: skip

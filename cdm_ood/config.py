@@ -160,6 +160,15 @@ class TrackingConfig:
 
 
 @dataclass
+class GateConfig:
+    """How the QA gate decides with this model: `report_only` names volume checks (`cdm_ood.ood.volume_checks.CHECKS`)
+    whose findings are reported (in the volume's reason) without stopping the gate, e.g. `local` in front of a
+    diagnostic model that must see disease (docs/ood.md, "Local anomalies")."""
+
+    report_only: tuple[str, ...] = ()
+
+
+@dataclass
 class Config:
     name: str = "mnist-cpu"
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +178,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -347,6 +357,11 @@ def validate(config: Config) -> None:
     for key, allowed in CHOICES.items():
         if key in flat and flat[key] is not None and flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    from .ood.volume_checks import CHECKS
+
+    unknown = sorted(set(config.gate.report_only) - set(CHECKS))
+    if unknown:
+        raise ConfigError(f"gate.report_only: {', '.join(unknown)} not among the volume checks {', '.join(CHECKS)}")
     d, t = config.data, config.train
     dims = len(d.size)
     if (d.volumes and dims != 3) or (not d.volumes and dims != 2):

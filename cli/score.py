@@ -126,7 +126,8 @@ def calibrate_command(
         scorer, n = calibrate_checkpoint(checkpoint, data, fpr, detector, batch_size, _skipped, device,
                                          late_progress(bars), ignore_globs(exclude, no_default_ignore),
                                          precision)  # fmt: skip
-    checks = "".join(f", {check.name} threshold {check.threshold:.4g}" for check in scorer.checks)
+    checks = "".join(f", {check.name} threshold {check.threshold:.4g}" + ("" if check.stops else " (reported only)")
+                     for check in scorer.checks)  # fmt: skip
     click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g}{checks} (fpr {fpr}) "
                f"stored in {checkpoint}")  # fmt: skip
     if mlflow:
@@ -157,6 +158,15 @@ def calibrate_command(
                    "slices are, on average, unusually little more likely as given than mirrored or transposed: a "
                    "flipped, rotated or transposed series, but also one acquired in another plane; "
                    "docs/ood.md).")  # fmt: skip
+@click.option("--no-anatomy", is_flag=True,
+              help="Do not check the anatomy volumes cover (the calibrated check flags a volume whose body fills its "
+                   "slices, along the slice axis, unlike the calibration volumes', or whose body is shaped unlike "
+                   "theirs: a truncated field of view, a partial slab, coverage that ends early, a front-to-back "
+                   "flip, but also a scan of another body part or protocol; docs/ood.md).")  # fmt: skip
+@click.option("--no-local", is_flag=True,
+              help="Do not check volumes for local anomalies (the calibrated `local` and `foreign` checks flag a "
+                   "volume whose anomaly map peaks, anywhere or at extreme intensities, higher than the calibration "
+                   "volumes' do: a foreign object, a signal void, a lesion; docs/ood.md).")  # fmt: skip
 @click.option("--no-fail", is_flag=True, help="Exit 0 even when a scan is OOD or unreadable.")
 @click.option("--max-voxels", type=click.IntRange(min=1),
               help="Refuse, unread and with the reason in the report, a file whose header declares more voxels "
@@ -178,9 +188,9 @@ def calibrate_command(
 @tracking_uri_option
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
-    no_slice_order: bool, no_orientation: bool, no_fail: bool, max_voxels: int, resume: bool, maps: Optional[Path],
-    device: str, precision: Optional[str], batch_size: int, workers: int | str, exclude: tuple[str, ...],
-    no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
+    no_slice_order: bool, no_orientation: bool, no_anatomy: bool, no_local: bool, no_fail: bool, max_voxels: int,
+    resume: bool, maps: Optional[Path], device: str, precision: Optional[str], batch_size: int, workers: int | str,
+    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
@@ -210,7 +220,14 @@ def score_command(
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
     stop_on_signals()
-    off = {"slice-order": no_slice_order, "slice-direction": no_slice_order, "orientation": no_orientation}
+    off = {
+        "slice-order": no_slice_order,
+        "slice-direction": no_slice_order,
+        "orientation": no_orientation,
+        "anatomy": no_anatomy,
+        "local": no_local,
+        "foreign": no_local,
+    }
     scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision,
                        [name for name, skip in off.items() if not skip])  # fmt: skip
     workers = auto_workers(scorer.device) if workers == "auto" else workers

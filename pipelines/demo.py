@@ -1,14 +1,15 @@
 """`make demo`: the main job end to end on generated CT phantoms, in about 10 minutes on 2 CPU cores;
 `make demo-brain` (`--anatomy brain`): the same gate on brain-MR subjects of the MNI152 template (needs
-`cdm-ood[anatomy]`), with the artifacts, orientation errors and wrong-modality files of issue 14.
+`cdm-ood[anatomy]`), with the artifacts, orientation and coverage errors, wrong-modality files and local defects
+of issues 14 and 44.
 
 1. `cdm-ood train --config phantoms-ct` (`brain-mr`): generates the training scans, trains, calibrates on
    validation;
 2. `cdm-ood calibrate` again on 8 new clean volumes (the validation split of 24 training volumes is only 2
    volumes, too few for a 5% threshold);
 3. `cdm-ood make-phantoms` held-out test scans: 4 new clean volumes and their corrupted copies (CT: 6 MONAI-made
-   artifacts x mild/strong, as DICOM series; brain: every artifact at its reject strength, every orientation error,
-   and the wrong-modality files, `--ood-sets`);
+   artifacts x mild/strong, as DICOM series; brain: every artifact at its reject strength, every orientation and
+   coverage error, and the wrong-modality files, `--ood-sets`, and every local defect, `--defects`);
 4. per-set AUROC / FPR95 of every calibrated detector (slice level), ROC and histogram PNGs;
 5. `cdm-ood score` over the test folder: the gate's report, logged to MLflow, and its verdicts per set.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 SCANS = {  # make-phantoms options of each anatomy's scans, and what its test set holds
     "body": ("phantoms-ct", ("--format", "nifti", "--size", "32"), ("--format", "dicom", "--size", "32", "--corrupt")),
     "brain": ("brain-mr", ("--format", "nifti", "--anatomy", "brain", "--size", "64", "--slices", "24"),
-              ("--format", "nifti", "--anatomy", "brain", "--size", "64", "--slices", "24", "--ood-sets")),
+              ("--format", "nifti", "--anatomy", "brain", "--size", "64", "--slices", "24", "--ood-sets", "--defects")),
 }  # fmt: skip
 
 

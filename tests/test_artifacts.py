@@ -19,7 +19,7 @@ from cdm_ood.data.artifacts import (
     moved_copy,
 )
 from cdm_ood.data.discovery import discover
-from cdm_ood.data.geometry import ORIENTATIONS, misorient
+from cdm_ood.data.geometry import BODY_LEVEL, COVERAGE, MISSING, ORIENTATIONS, cover, misorient
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
 from cdm_ood.data.readers import iter_slices
 from cdm_ood.data.wrong_modality import BUNDLED, wrong_modality_files
@@ -107,6 +107,38 @@ def test_orientation_errors_change_the_slices_the_readers_give_and_keep_the_geom
             assert np.array_equal(nib.load(path).affine, nib.load(original).affine)
 
 
+def test_coverage_errors_leave_out_a_third_of_the_anatomy_and_fill_it_with_the_volumes_own_background(clean):
+    """Each coverage error keeps what it keeps unchanged and fills what it leaves out with values drawn from the
+    volume's background (never a constant slice): `truncated-fov` the anterior third of the body's rows,
+    `partial-slab` drops the superior third of the slices, `early-coverage` empties them, `slab-position` moves the
+    slab up by a third. The same seed gives the same copy; unknown errors and non-volumes are refused."""
+    n = len(clean)
+    lo, hi = np.percentile(clean, (1.0, 99.5))
+    level = lo + BODY_LEVEL * (hi - lo)
+    gone = round(MISSING * n)
+
+    def background(part: np.ndarray) -> bool:
+        return bool((part <= level).all() and all(np.ptp(s) > 0 for s in part.reshape(-1, *part.shape[-2:])))
+
+    assert np.array_equal(cover(clean, "partial-slab", 0), clean[: n - gone])
+    early = cover(clean, "early-coverage", 0)
+    assert early.shape == clean.shape and np.array_equal(early[: n - gone], clean[: n - gone])
+    assert background(early[n - gone :])
+    moved = cover(clean, "slab-position", 0)
+    assert np.array_equal(moved[: n - gone], clean[gone:]) and background(moved[n - gone :])
+    truncated = cover(clean, "truncated-fov", 0)
+    rows = np.flatnonzero((clean > level).any(axis=(0, 2)))
+    cut = rows[-1] + 1 - round(MISSING * (rows[-1] + 1 - rows[0]))
+    assert np.array_equal(truncated[:, :cut], clean[:, :cut]) and (truncated[:, cut:] <= level).all()
+    assert (clean[:, cut:] > level).any(), "body was there"
+    assert np.array_equal(cover(clean, "early-coverage", 0), early) and set(COVERAGE) == {
+        "truncated-fov", "partial-slab", "early-coverage", "slab-position"}  # fmt: skip
+    with pytest.raises(ValueError, match="unknown coverage error"):
+        cover(clean, "half-head", 0)
+    with pytest.raises(ValueError, match="need a volume"):
+        cover(clean[0], "partial-slab", 0)
+
+
 def test_wrong_modality_files_are_found_as_images(tmp_path):
     rows = wrong_modality_files(tmp_path / "wrong", modality="ct", size=16, seed=0)
     names = {r["path"].split("/", 1)[1] for r in rows}
@@ -127,8 +159,9 @@ def test_make_phantoms_ood_sets_is_evaluated_per_set(checkpoint, tmp_path):
     manifest = tmp_path / "ood" / "manifest.csv"
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
-    sets = {f"{a}-reject" for a in REJECT} | set(ORIENTATIONS) | {"wrong-modality"}
-    assert len(rows) == 2 * (1 + len(REJECT) + len(ORIENTATIONS)) + len(BUNDLED) + 3
+    sets = {f"{a}-reject" for a in REJECT} | set(ORIENTATIONS) | set(COVERAGE) | {"wrong-modality"}
+    assert len(rows) == 2 * (1 + len(REJECT) + len(ORIENTATIONS) + len(COVERAGE)) + len(BUNDLED) + 3
+    assert {int(r["n_slices"]) for r in rows if r["artifact"] == "partial-slab"} == {3}, "4 slices less a third"
     assert all((tmp_path / "ood" / r["path"]).exists() for r in rows)
     evaluated = cdm("evaluate", manifest, "--checkpoint", checkpoint, "--ood", manifest, "--out-dir",
                     tmp_path / "e", cwd=tmp_path)  # fmt: skip

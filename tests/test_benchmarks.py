@@ -25,7 +25,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from processes import clean_env, warm_run  # noqa: E402
-from tables import blocks  # noqa: E402
+from tables import blocks, clopper_pearson  # noqa: E402
 
 
 def cells(line: str) -> list[str]:
@@ -377,8 +377,9 @@ def test_volume_checks_calibrate_the_checks_and_report_the_gate(checkpoint, tmp_
     block = blocks(run("volume_checks.py", "--checkpoint", checkpoint, "--calibrate", calibration, "--data",
                        *draws))["volume-checks"]  # fmt: skip
     statistics = table_rows(block, "volume-level AUROC")
-    checks = ["slice-order", "slice-direction", "orientation"]
+    checks = ["slice-order", "slice-direction", "orientation", "anatomy", "local", "foreign"]
     assert list(statistics) == [*(f"{c} (statistic)" for c in checks), "nll (mean)", "combined (mean)"]
+    assert {"truncated-fov", "partial-slab", "early-coverage", "slab-position"} <= set(cells(block.splitlines()[0]))
     assert all(0 <= number(v) <= 1 for row in statistics.values() for v in row)
     gate = table_rows(block, "gate")
     assert list(gate) == ["combined", *(f"combined + {c}" for c in checks), "combined + all (the gate)"]
@@ -388,6 +389,34 @@ def test_volume_checks_calibrate_the_checks_and_report_the_gate(checkpoint, tmp_
         assert all(a <= b <= c for a, b, c in pairs), "a check only ever stops more volumes"
     assert "Calibrated on 32 slices" in block and "orientation threshold" in block
     assert f"2 clean test volumes, and as many of each set, below `{draws[0]}`, `{draws[1]}`." in block, "pooled"
+
+
+def test_local_anomalies_measure_each_kind_and_the_detection_limit(checkpoint, tmp_path):
+    """On the tiny CT model (its 16x16 grid) with brain subjects in CT-like units: one row per kind in the main
+    table with rates and AUROCs in [0, 1], the clean volumes' interval, and a detection-limit row per kind and
+    contrast with a column per radius."""
+    from cdm_ood.data.anatomy import brain_volume
+    from cdm_ood.data.defects import LOCAL_ANOMALIES
+    from cdm_ood.data.phantoms import write_nifti
+
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        write_nifti(brain_volume(rng, 16, 24) - 1000.0, tmp_path / "calibration" / f"s{k}.nii.gz")
+    train = make_phantoms(tmp_path / "train", 2, "nifti", size=16, slices=8, seed=4)
+    out = run("local_anomalies.py", "--checkpoint", checkpoint, "--calibrate", tmp_path / "calibration", "--subjects",
+              2, "--train", train, "--ddpm-steps", 2, "--recon-steps", 5)  # fmt: skip
+    block = blocks(out)["local-anomalies"]
+    main = table_rows(block, "kind")
+    assert list(main) == list(LOCAL_ANOMALIES)
+    assert all(0 <= number(v) <= 1 for row in main.values() for v in row)
+    assert "Clean volumes stopped: the gate" in block and "95% interval" in block
+    limit = [cells(line) for line in block[block.index("| kind | contrast") :].split("\n\n")[0].splitlines()[2:]]
+    contrasts = (0.1, 0.2, 0.4, 0.8)
+    assert [(row[0], number(row[1])) for row in limit] == [(k, c) for k in LOCAL_ANOMALIES for c in contrasts]
+    assert all(len(row) == 6 and all(0 <= number(v) <= 1 for v in row[2:]) for row in limit)
+    mood = table_rows(block, "kind | CDM sample AP")
+    assert list(mood) == list(LOCAL_ANOMALIES) and all(0 <= number(v) <= 1 for row in mood.values() for v in row)
+    assert "DDPM baseline" in block and "trained on" in block
 
 
 def test_ood_baselines_development_chooses_drift_smoothing_and_nothing_else(tmp_path):
@@ -454,3 +483,11 @@ def test_architectures_compare_both_classifiers_at_one_budget(tmp_path):
         assert number(cells[-3]) == pytest.approx(np.mean(per_set), abs=6e-4), "the mean of its own row"
         assert 0 < number(cells[2]) < 20, "bits/dim of 11-bit images"
         assert (tmp_path / "img" / f"architectures-phantoms-{arch.strip('`')}.png").stat().st_size > 100
+
+
+def test_clopper_pearson_has_its_closed_form_at_the_ends():
+    """None of n: [0, 1 - 0.025^(1/n)]; all of n: [0.025^(1/n), 1]; otherwise inside (0, 1) around k / n."""
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** (1 / 10)))
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** (1 / 10)), 1.0)
+    lo, hi = clopper_pearson(2, 24)
+    assert 0 < lo < 2 / 24 < hi < 1

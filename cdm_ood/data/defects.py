@@ -59,9 +59,56 @@ def draw_defect(volume: np.ndarray, kind: str, seed: int, modality: str) -> tupl
         if kind == "metal-streak":
             mask = _metal(new, dy, dx, dz, rng, side, span, modality, lo)
         elif kind == "lesion":
-            mask = _lesion(new, dy, dx, dz, rng, side, span, volume[zs], body[zs])
+            radius, edge, sign = _pixels(side, "lesion"), _pixels(side, "edge"), rng.choice([-1.0, 1.0])
+            mask = _lesion(new, dy, dx, dz, rng, radius, edge, sign * CONTRAST["lesion"] * span, volume[zs], body[zs])
         else:
-            mask = _foreign_object(new, dy, dx, rng, side, span, modality, hi)
+            mask = _foreign_object(new, dy, dx, rng, _pixels(side, "object"), hi + CONTRAST["object"] * span, modality)
+    out, full = volume.copy(), np.zeros(volume.shape, dtype=bool)
+    full[zs] = mask
+    out[zs] = np.where(mask, to_stored(new, modality), volume[zs])
+    full &= out != volume
+    return out, full
+
+
+LOCAL_ANOMALIES = ("bright-lesion", "dark-lesion", "void", "foreign-object")
+"""Local anomalies of a chosen size and contrast (`draw_local_anomaly`): lesions, which a QA gate may only map, and
+a signal void with a bright rim and a foreign object, which it must stop (docs/ood.md, "Local anomalies")."""
+
+
+def draw_local_anomaly(
+    volume: np.ndarray, kind: str, radius: float, contrast: float, seed: int, modality: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of `volume` (D, H, W) with one local anomaly of `kind` (`LOCAL_ANOMALIES`) of in-plane radius `radius`
+    pixels and `contrast` (a fraction of the volume's 1st-to-99.5th percentile span) inside the body, over `SLICES`
+    neighbouring slices around one whose body is at least half the largest slice's, and its mask, as `draw_defect`:
+    a lesion brighter or darker than the tissue by the contrast (soft edge of a third of its radius), a void at the
+    1st percentile in a rim the contrast above the 99.5th, a ring or rectangle the contrast above the 99.5th
+    percentile."""
+    check_modality(modality)
+    if kind not in LOCAL_ANOMALIES:
+        raise UsageError(f"local anomaly must be one of {LOCAL_ANOMALIES}, got {kind!r}")
+    if not radius > 0 or not contrast > 0:
+        raise ValueError(f"need radius > 0 and contrast > 0, got radius={radius}, contrast={contrast}")
+    volume = np.asarray(volume, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    lo, hi = (float(v) for v in np.percentile(volume, [1.0, 99.5]))
+    span = hi - lo if hi > lo else float(np.ptp(VALUE_RANGE[modality])) / 4
+    body = volume > lo + 0.25 * span
+    area = body.sum(axis=(1, 2))
+    middle = int(rng.choice(np.flatnonzero(area >= area.max() / 2)))  # a slice well inside the anatomy
+    zs = np.arange(max(0, middle - SLICES // 2), min(volume.shape[0], middle + SLICES // 2 + 1))
+    dz = zs - middle
+    rows, cols = np.ogrid[: volume.shape[1], : volume.shape[2]]
+    cy, cx = _centre(body[middle], rng, int(np.ceil(radius)) + 1)
+    dy, dx = rows - cy, cols - cx
+    new = volume[zs].astype(np.float64)
+    if kind in ("bright-lesion", "dark-lesion"):
+        offset = (1.0 if kind == "bright-lesion" else -1.0) * contrast * span
+        mask = _lesion(new, dy, dx, dz, rng, radius, max(1.0, radius / 3), offset, volume[zs], body[zs])
+    elif kind == "void":
+        mask = _void(new, dy, dx, dz, radius, hi + contrast * span, lo)
+    else:
+        mask = _foreign_object(new, dy, dx, rng, max(1, round(radius)), hi + contrast * span, modality)
     out, full = volume.copy(), np.zeros(volume.shape, dtype=bool)
     full[zs] = mask
     out[zs] = np.where(mask, to_stored(new, modality), volume[zs])
@@ -115,33 +162,44 @@ def _metal(new, dy, dx, dz, rng, side, span, modality, lo) -> np.ndarray:
     return np.broadcast_to(radius < reach, new.shape).copy()
 
 
-def _lesion(new, dy, dx, dz, rng, side, span, old, body) -> np.ndarray:
-    """An ellipsoid brighter or darker than the tissue around it by the lesion contrast, with a soft edge; the
-    tissue's texture shows through it."""
-    radius, edge = _pixels(side, "lesion"), _pixels(side, "edge")
+def _lesion(new, dy, dx, dz, rng, radius, edge, offset, old, body) -> np.ndarray:
+    """An ellipsoid of in-plane radius about `radius` pixels (semi-axes +-30%) whose intensity differs from the
+    tissue around it by `offset`, with a soft edge of `edge` pixels; the tissue's texture shows through it."""
     ry, rx = radius * rng.uniform(0.7, 1.3, size=2)
     rz = max(1.0, len(dz) / 2)
-    sign = rng.choice([-1.0, 1.0])
     shell = 1.0 + edge / radius
     for k, d in enumerate(dz):
         r = np.sqrt((dy / ry) ** 2 + (dx / rx) ** 2 + (d / rz) ** 2)
         weight = np.clip((shell - r) / (shell - 1.0), 0.0, 1.0)  # 1 inside, a linear ramp over the edge
         weight = weight * weight * (3.0 - 2.0 * weight)  # smoothstep
-        new[k] += sign * CONTRAST["lesion"] * span * weight
+        new[k] += offset * weight
         new[k][~body[k]] = old[k][~body[k]]
     return (new != old) & body
 
 
-def _foreign_object(new, dy, dx, rng, side, span, modality, hi) -> np.ndarray:
-    """A small bright ring or filled rectangle (a clip, a marker) well above the brightest tissue."""
-    outer = _pixels(side, "object")
+def _void(new, dy, dx, dz, radius, rim_value, void_value) -> np.ndarray:
+    """A signal void (a metal implant in MR) of `radius` pixels, largest in the middle slice and smaller by a
+    pixel per slice away from it, inside a bright rim one pixel wide (the susceptibility fringe)."""
+    distance = np.hypot(dy, dx)
+    masks = []
+    for k, d in enumerate(dz):
+        r = max(1.0, radius - abs(d))
+        new[k][distance <= r + 1] = rim_value
+        new[k][distance <= r] = void_value
+        masks.append(distance <= r + 1)
+    return np.stack(masks)
+
+
+def _foreign_object(new, dy, dx, rng, outer, value, modality) -> np.ndarray:
+    """A small ring or filled rectangle (a clip, a marker) of outer radius or half-side `outer` pixels, at `value`
+    (clipped to the modality's range)."""
     if rng.uniform() < 0.5:
         radius = np.hypot(dy, dx)
         shape = (radius <= outer) & (radius >= outer - max(1, outer // 2))
     else:
         half = np.maximum(1, np.rint(outer * rng.uniform(0.5, 1.0, size=2)))
         shape = (np.abs(dy) <= half[0]) & (np.abs(dx) <= half[1])
-    value = min(hi + CONTRAST["object"] * span, VALUE_RANGE[modality][1])
+    value = min(value, VALUE_RANGE[modality][1])
     mask = np.broadcast_to(shape, new.shape).copy()
     new[mask] = value
     return mask

@@ -9,6 +9,13 @@ mis-converted series, and the one these functions make.
 
 For axial slices a superior-inferior flip is a reversed slice order, so `si-flip` stands for both; `interleave`
 is the other slice-order error: an interleaved acquisition (odd slices, then even) stored in acquisition order.
+
+Coverage errors (`COVERAGE`, `cover`) leave out part of the anatomy that every clean volume shows, each slice
+still a plausible slice: `truncated-fov` sets the anterior `MISSING` of the body's anterior-posterior extent to
+background (a field of view placed too far back), `partial-slab` drops the superior `MISSING` of the slices,
+`early-coverage` keeps the slice count but leaves its superior `MISSING` empty (the acquisition stopped early), and
+`slab-position` moves the slab up by `MISSING` of its slices (the inferior anatomy lost, the top empty). Background
+is drawn from the volume's own background voxels, so no slice becomes constant.
 """
 
 from __future__ import annotations
@@ -25,6 +32,53 @@ ORIENTATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "transpose": lambda vol: vol.transpose(0, 2, 1),  # rows and columns of each slice swapped
     "interleave": lambda vol: np.concatenate([vol[0::2], vol[1::2]]),  # slices 0, 2, 4, ..., then 1, 3, 5, ...
 }
+
+
+MISSING = 1.0 / 3.0  # the share of the anatomy a coverage error leaves out
+BODY_LEVEL = 0.1  # body: above this fraction of the way from a volume's 1st to its 99.5th percentile
+
+
+def _background(volume: np.ndarray, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """`shape` values drawn from the volume's background voxels (those below `BODY_LEVEL`)."""
+    lo, hi = np.percentile(volume, (1.0, 99.5))
+    return rng.choice(volume[volume <= lo + BODY_LEVEL * (hi - lo)], size=shape).astype(volume.dtype)
+
+
+def _truncated_fov(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    lo, hi = np.percentile(vol, (1.0, 99.5))
+    rows = np.flatnonzero((vol > lo + BODY_LEVEL * (hi - lo)).any(axis=(0, 2)))
+    cut = rows[-1] + 1 - round(MISSING * (rows[-1] + 1 - rows[0]))  # rows run posterior to anterior
+    out = vol.copy()
+    out[:, cut:, :] = _background(vol, out[:, cut:, :].shape, rng)
+    return out
+
+
+def _early_coverage(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    kept = len(vol) - round(MISSING * len(vol))
+    return np.concatenate([vol[:kept], _background(vol, (len(vol) - kept, *vol.shape[1:]), rng)])
+
+
+def _slab_position(vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    moved = round(MISSING * len(vol))
+    return np.concatenate([vol[moved:], _background(vol, (moved, *vol.shape[1:]), rng)])
+
+
+COVERAGE: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "truncated-fov": _truncated_fov,
+    "partial-slab": lambda vol, rng: vol[: len(vol) - round(MISSING * len(vol))],  # slices run inferior to superior
+    "early-coverage": _early_coverage,
+    "slab-position": _slab_position,
+}
+
+
+def cover(volume: np.ndarray, error: str, seed: int) -> np.ndarray:
+    """A copy of `volume` (slices, rows, cols) with the coverage `error` of `COVERAGE`; `seed` draws its
+    background."""
+    if error not in COVERAGE:
+        raise ValueError(f"unknown coverage error {error!r}; known: {', '.join(COVERAGE)}")
+    if volume.ndim != 3:
+        raise ValueError(f"need a volume (slices, rows, cols), got shape {volume.shape}")
+    return np.ascontiguousarray(COVERAGE[error](volume, np.random.default_rng(seed)))
 
 
 def misorient(volume: np.ndarray, error: str) -> np.ndarray:

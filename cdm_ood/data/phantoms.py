@@ -8,9 +8,9 @@ arbitrary positive intensities for MR. Both formats store exactly these numbers:
 
 Corrupted copies apply one artifact of `artifacts.ARTIFACTS` at a `mild` or `strong` strength, mostly with MONAI
 transforms, on the volume rescaled to [0, 1], and are mapped back to the units of the clean scan. The OOD sets add
-every artifact at the `reject` strength (`artifacts.REJECT`), every orientation error (`geometry.ORIENTATIONS`) and
-the files of `wrong_modality`. The defect sets add one local defect per kind (`defects.DEFECTS`), each with its
-mask as a uint8 NIfTI file in `masks/`.
+every artifact at the `reject` strength (`artifacts.REJECT`), every orientation error (`geometry.ORIENTATIONS`), every
+coverage error (`geometry.COVERAGE`) and the files of `wrong_modality`. The defect sets add one local defect per kind
+(`defects.DEFECTS`), each with its mask as a uint8 NIfTI file in `masks/`.
 
 pydicom, nibabel and MONAI are imported inside the functions that need them, so importing this module is cheap.
 """
@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..io import atomic_path, write_csv_atomic
 from .artifacts import ARTIFACTS, REJECT, check_modality, corrupt_volume, to_stored
 from .defects import DEFECTS, draw_defect
-from .geometry import ORIENTATIONS, misorient
+from .geometry import COVERAGE, ORIENTATIONS, cover, misorient
 
 FORMATS = ("dicom", "nifti")
 WRONG_MODALITY = "wrong_modality"  # the folder of the wrong-modality files of `make_phantoms(ood_sets=True)`
@@ -335,13 +335,13 @@ def _prepare_out(out: Path) -> None:
 
 def _variants(corrupt: bool, ood_sets: bool = False, defects: bool = False) -> list[tuple[str, str]]:
     """(artifact, strength) pairs written per volume, the clean one first: with `corrupt` every artifact of
-    `ARTIFACTS` at its strengths, with `ood_sets` every artifact at the reject strength and every orientation error
-    (strength ""), with `defects` every local defect of `DEFECTS` (strength "")."""
+    `ARTIFACTS` at its strengths, with `ood_sets` every artifact at the reject strength and every orientation and
+    coverage error (strength ""), with `defects` every local defect of `DEFECTS` (strength "")."""
     pairs = [("none", "none")]
     if corrupt:
         pairs += [(artifact, strength) for artifact, strengths in ARTIFACTS.items() for strength in strengths]
     if ood_sets:
-        pairs += [(artifact, "reject") for artifact in REJECT] + [(error, "") for error in ORIENTATIONS]
+        pairs += [(artifact, "reject") for artifact in REJECT] + [(error, "") for error in (*ORIENTATIONS, *COVERAGE)]
     if defects:
         pairs += [(kind, "") for kind in DEFECTS]
     return pairs
@@ -349,11 +349,14 @@ def _variants(corrupt: bool, ood_sets: bool = False, defects: bool = False) -> l
 
 def variant(clean: np.ndarray, artifact: str, strength: str, seed: int, modality: str) -> tuple[np.ndarray, object]:
     """The copy of a clean volume that a `_variants` pair names and its parameter ("" for none): the clean
-    volume, a corrupted copy (`artifacts.corrupt_volume`) or a misoriented one (`geometry.misorient`)."""
+    volume, a corrupted copy (`artifacts.corrupt_volume`), a misoriented one (`geometry.misorient`) or one with a
+    coverage error (`geometry.cover`)."""
     if artifact == "none":
         return clean, ""
     if artifact in ORIENTATIONS:
         return misorient(clean, artifact), ""
+    if artifact in COVERAGE:
+        return cover(clean, artifact, seed), ""
     return corrupt_volume(clean, artifact, strength, seed, modality)
 
 
@@ -415,11 +418,11 @@ def make_phantoms(
     `fmt` is "dicom" (a series folder per volume) or "nifti" (one .nii.gz per volume). `anatomy` "body" gives
     the ellipse phantoms (`modality` "ct" by default, or "mr"); "brain" gives MR subjects of the MNI152 template
     (`anatomy.brain_volume`, NIfTI only, needs `cdm-ood[anatomy]`). With `ood_sets`, each volume also gets a copy
-    per artifact at the reject strength and per orientation error (`geometry`), and `out/wrong_modality/` the
-    files of `wrong_modality.wrong_modality_files`, all listed in the manifest. With `defects`, each volume also
-    gets a copy per local defect (`defects.draw_defect`) and its mask `masks/<name>_mask.nii.gz` (uint8, the
-    volume's geometry), named in the manifest's extra `mask` column. `progress(done, total, path)` is called after
-    each volume is written.
+    per artifact at the reject strength and per orientation and coverage error (`geometry`), and
+    `out/wrong_modality/` the files of `wrong_modality.wrong_modality_files`, all listed in the manifest. With
+    `defects`, each volume also gets a copy per local defect (`defects.draw_defect`) and its mask
+    `masks/<name>_mask.nii.gz` (uint8, the volume's geometry), named in the manifest's extra `mask` column.
+    `progress(done, total, path)` is called after each volume is written.
     """
     if fmt not in FORMATS:
         raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -466,7 +469,7 @@ def make_phantoms(
                     series_number=series_number,
                     description=f"cdm-ood phantom{label}",
                 )
-            values = (rel, volume_id, fmt, modality, artifact, strength, parameter, slices, size, seed)
+            values = (rel, volume_id, fmt, modality, artifact, strength, parameter, len(volume), size, seed)
             rows.append(dict(zip(MANIFEST_COLUMNS, values, strict=True)))
             if artifact in DEFECTS:
                 rows[-1][MASK_COLUMN] = _write_mask(mask, out, name, mask_affine)

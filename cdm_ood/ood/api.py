@@ -67,7 +67,9 @@ class OODDetector:
     shape read for direction) or the mean log-ratio of its slices to their mirror images and transposes
     (`orientation`) is unlike the calibration volumes' (the checks share the threshold's false-positive rate).
     `volume_checks` names the checks to apply (default: all calibrated ones); leave one out for series that cover
-    less or other anatomy, or another in-plane orientation, than the calibration volumes.
+    less or other anatomy, or another in-plane orientation, than the calibration volumes. `report_only` names those
+    that are reported in a volume's reason without stopping it (default: the model configuration's
+    `gate.report_only`).
     """
 
     def __init__(
@@ -79,12 +81,15 @@ class OODDetector:
         image_key: str = "image",
         precision: Optional[str] = None,
         volume_checks: Sequence[str] = tuple(CHECKS),
+        report_only: Optional[Sequence[str]] = None,
     ) -> None:
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
-        unknown = sorted(set(volume_checks) - set(CHECKS))
+        if report_only is None:
+            report_only = model.config.get("gate", {}).get("report_only", ())
+        unknown = sorted(set(volume_checks).union(report_only) - set(CHECKS))
         if unknown:
             raise UsageError(f"unknown volume check(s) {', '.join(unknown)}; expected some of {', '.join(CHECKS)}")
-        self.use_checks = tuple(volume_checks)
+        self.use_checks, self.report_only = tuple(volume_checks), tuple(report_only)
         self.precision = _precision(precision, model.calibration)
         self.num_dims = model.spec.num_dims
         self.num_classes = model.spec.model.num_classes
@@ -122,7 +127,7 @@ class OODDetector:
         calibrated and on) share the same false-positive rate (the calibrated one for a number), each at its 1/k."""
         self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
         names = self.use_checks if self.unit == "slice" else ()
-        self.checks = load_volume_checks(self.model.calibration, spec, names)
+        self.checks = load_volume_checks(self.model.calibration, spec, names, self.report_only)
         return self._threshold
 
     def __repr__(self) -> str:
@@ -218,9 +223,12 @@ class OODDetector:
         return self.detector.score(features).numpy()
 
     def statistics(self, features: Features) -> dict[str, np.ndarray]:
-        """The `volume_checks.STATISTICS` of each image (-log p_0 in bits/dim, eq. 10 at t = 0, and the orientation
-        log-ratios) from the features that hold them, else NaN."""
-        return image_statistics(features, self.num_dims, self.model.spec.bit_depth)
+        """The `volume_checks.STATISTICS` of each image (-log p_0 in bits/dim, eq. 10 at t = 0, the orientation
+        log-ratios, the body's statistics, the calibrated anomaly map's peaks) from the features that hold them, else
+        NaN."""
+        calibrated = self.model.calibration is not None and MapDetector.name in self.model.calibration.detectors
+        maps = self._map_detector() if calibrated else None
+        return image_statistics(features, self.num_dims, self.model.spec.bit_depth, maps)
 
     def score_prepared(self, x: Tensor) -> np.ndarray:
         """Scores of a model-space batch."""

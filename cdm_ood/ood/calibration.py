@@ -20,8 +20,9 @@ from torch import Tensor
 from ..data.medical import split_volumes
 from ..errors import UsageError
 from ..spec import Calibration, DetectorFit, VolumeCheckFit
-from .detectors import DETECTORS, Detector, Features, NotFittedError, applicable
+from .detectors import DETECTORS, Detector, Features, MapDetector, NotFittedError, applicable
 from .features import select_rows
+from .local_check import MAP_COLUMNS
 from .volume_checks import CHECKS, MIN_SLICES, Slot, VolumeCheck, image_statistics, ordered_sequences
 
 DEFAULT_FPR = 0.05
@@ -80,8 +81,26 @@ def calibrate(
         fits[name] = DetectorFit(detector.state(), tuple(detector.score(held_out).tolist()))
     checks = {}
     if slots is not None:
-        checks = fit_volume_checks(image_statistics(features, num_dims, bit_depth), slots, held.tolist(), fpr)
+        statistics = image_statistics(features, num_dims, bit_depth)
+        if MapDetector.name in detectors and "residuals" in features:
+            statistics.update(cross_fitted_map_statistics(features, held, num_dims, bit_depth, num_classes))
+        checks = fit_volume_checks(statistics, slots, held.tolist(), fpr)
     return Calibration(fpr, default, n - int(held.sum()), fits, precision, checks)
+
+
+def cross_fitted_map_statistics(
+    features: Features, held: Tensor, num_dims: int, bit_depth: int, num_classes: Optional[int]
+) -> dict[str, np.ndarray]:
+    """The anomaly-map peaks (`local_check.MAP_COLUMNS`) of every calibration image from a map detector fitted
+    without it: the held-out images' from the one fitted on the others (the calibrated map), the others' from one
+    fitted on the held-out images, so that the local checks' thresholds are set on out-of-sample peaks."""
+    out = {column: np.full(len(held), np.nan) for column in MAP_COLUMNS}
+    for side in (held, ~held):
+        maps = MapDetector(num_dims, bit_depth, num_classes).fit(select_rows(features, ~side))
+        found = image_statistics(select_rows(features, side), num_dims, bit_depth, maps)
+        for column in MAP_COLUMNS:
+            out[column][side.numpy()] = found[column]
+    return out
 
 
 def fit_volume_checks(
@@ -166,23 +185,26 @@ def _fraction(text: str) -> float:
 
 
 def load_volume_checks(
-    calibration: Optional[Calibration], spec: str | float, names: Sequence[str]
+    calibration: Optional[Calibration], spec: str | float, names: Sequence[str], report_only: Sequence[str] = ()
 ) -> tuple[VolumeCheck, ...]:
     """The calibrated volume checks among `names`, sharing the false-positive rate of the threshold `spec` (that of
-    `fpr:<x>`; the calibrated rate for `auto` or a number): each of the k checks found takes its threshold at 1/k of
-    it (Bonferroni), so that together they stop at most about that rate of in-distribution volumes."""
+    `fpr:<x>`; the calibrated rate for `auto` or a number): each of the k checks found that stop the gate takes its
+    threshold at 1/k of it (Bonferroni), so that together they stop at most about that rate of in-distribution
+    volumes. Those among `report_only` are reported, not stopping (`stops` False), at the same per-check rate."""
     if calibration is None:
         return ()
     text = str(spec).strip()
     fpr = _fraction(text[4:]) if text.startswith("fpr:") else calibration.fpr
     fits = {name: calibration.volume_checks[name] for name in names if name in calibration.volume_checks}
-    return tuple(_built(name, fit.params, threshold_at_fpr(np.asarray(fit.id_scores), fpr / len(fits)))
+    share = fpr / max(1, sum(name not in report_only for name in fits))
+    return tuple(_built(name, fit.params, threshold_at_fpr(np.asarray(fit.id_scores), share), name not in report_only)
                  for name, fit in fits.items())  # fmt: skip
 
 
-def _built(name: str, params: Mapping[str, Sequence[float]], threshold: float) -> VolumeCheck:
-    """The volume check `name` with fitted `params` (as stored: sequences of floats) and `threshold`."""
-    return CHECKS[name](**{k: np.asarray(v, dtype=np.float64) for k, v in params.items()}, threshold=threshold)
+def _built(name: str, params: Mapping[str, Sequence[float]], threshold: float, stops: bool = True) -> VolumeCheck:
+    """The volume check `name` with fitted `params` (as stored: sequences of floats), `threshold` and `stops`."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    return CHECKS[name](**arrays, threshold=threshold, stops=stops)
 
 
 def load_detector(

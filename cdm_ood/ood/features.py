@@ -11,6 +11,10 @@ uses, with its cost per image in forward-pass equivalents (a backward pass costs
   the scan is as given than mirrored (a scan stored upside down is more likely the right way up).
 - `transpose_log_likelihoods`: log p_0 of the image with its last two axes swapped, 1: with log p_0(x), how much
   more likely the scan is as given than transposed (with a flip, rotated by 90 degrees).
+- `foreground_statistics`: how much of each slice the body fills and its shape, 0: read from x alone (the
+  whole-anatomy check's coverage, `anatomy_check`).
+- `extreme_pixels`: where x is at the top of its range or a hole in the body, 0: read from x alone (where the
+  `foreign` check reads the anomaly map, `local_check`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ if TYPE_CHECKING:
 
 NOISE_SEED = 0  # of the noise draw shared by every image, so a pixel's error is comparable across images
 DENOISE_FRACTIONS = (0.05, 0.1)  # noise levels t / T of the denoiser residuals (chosen on development sets)
-FEATURES = ("profile", "residuals", "flips", "transpose", "class_ll")
+FEATURES = ("profile", "residuals", "flips", "transpose", "class_ll", "foreground", "extremes")
+FOREGROUND_LEVEL = -0.8
+"""Model-space value above which a pixel is body, not background: a tenth of the way up the fixed preset's range
+[-1, 1] (-800 HU in the CT window; in MR, below cerebrospinal fluid and well above the background's noise)."""
+MAX_SKEWNESS = 3.0  # |skewness| of a slice's body above this comes from a handful of pixels, not from anatomy
+TOP_LEVEL = 0.98
+"""Model-space value at or above which a pixel is at the top of the preset's range: the brightest 0.5% of the `mr`
+preset's training intensities and above (clipped to 1), +960 HU and above in the CT window (dense bone, metal)."""
 
 
 def level_indices(schedule: NoiseSchedule, fractions: Sequence[float]) -> list[int]:
@@ -103,12 +114,57 @@ def transpose_log_likelihoods(classifier: Classifier, x: Tensor, schedule: Noise
     return log_likelihood_profile(classifier, x.transpose(-1, -2), schedule)[:, :1]
 
 
+def foreground_statistics(x: Tensor, level: float = FOREGROUND_LEVEL) -> Tensor:
+    """(B, 3) per image of a model-space batch (B, C, H, W), channels averaged, from its body (the pixels above
+    `level`): the fraction of the image it fills; its elongation, (s_r - s_c) / (s_r + s_c) for s_r and s_c the
+    standard deviations of its pixels' row and column coordinates (0 for a disc, in [-1, 1]); and its asymmetry
+    along the rows, the skewness of their row coordinates clipped to [-`MAX_SKEWNESS`, `MAX_SKEWNESS`] (in an axial
+    slice, positive when the body's bulk lies towards the first rows). Both are bounded, so that a slice with a
+    handful of body pixels (noise at the edge of the anatomy) cannot dominate a volume's mean; size and position do
+    not change them, a flip of the rows negates the skewness; an image with fewer than 2 body pixels has 0 for both."""
+    if x.ndim != 4:
+        raise ValueError(f"foreground statistics are of 2D images (B, C, H, W), got shape {tuple(x.shape)}")
+    body = (x.double().mean(dim=1) > level).double()
+    count = body.sum(dim=(1, 2))
+    rows = torch.arange(x.shape[2], dtype=torch.float64, device=x.device)[:, None].expand(x.shape[2:])
+    cols = torch.arange(x.shape[3], dtype=torch.float64, device=x.device)[None, :].expand(x.shape[2:])
+
+    def central_moment(coordinate: Tensor, order: int) -> Tensor:
+        mean = (body * coordinate).sum(dim=(1, 2)) / count.clamp_min(1)
+        return (body * (coordinate - mean[:, None, None]) ** order).sum(dim=(1, 2)) / count.clamp_min(1)
+
+    row_sd, col_sd = central_moment(rows, 2).sqrt(), central_moment(cols, 2).sqrt()
+    some = count >= 2
+    elongation = torch.where(some, (row_sd - col_sd) / (row_sd + col_sd).clamp_min(1e-12), 0.0)
+    skewness = central_moment(rows, 3) / row_sd.clamp_min(1e-6) ** 3
+    skewness = torch.where(some, skewness.clamp(-MAX_SKEWNESS, MAX_SKEWNESS), 0.0)
+    return torch.stack([count / (x.shape[2] * x.shape[3]), elongation, skewness], dim=1)
+
+
+def extreme_pixels(x: Tensor, level: float = FOREGROUND_LEVEL, top: float = TOP_LEVEL) -> Tensor:
+    """(B, H, W) per image of a model-space batch (B, C, H, W), channels averaged: 1 where a pixel is at the top of
+    the range (at or above `top`: a foreign object, metal, the rim of a signal void) or a hole in the body (below
+    `level` and enclosed by body: a signal void; MONAI's `FillHoles`), and the pixels next to them (a 3 x 3
+    neighbourhood: the map is smoothed over a few pixels); 0 elsewhere."""
+    from monai.transforms import FillHoles
+
+    if x.ndim != 4:
+        raise ValueError(f"extreme pixels are of 2D images (B, C, H, W), got shape {tuple(x.shape)}")
+    mean = x.double().mean(dim=1)
+    body = (mean > level).cpu()
+    fill = FillHoles()  # it fills its input in place: give it a copy
+    holes = torch.stack([fill(b[None].clone()).as_tensor()[0] & ~b for b in body]) if len(body) else body
+    extreme = ((mean >= top).cpu() | holes).float()
+    return torch.nn.functional.max_pool2d(extreme[:, None], 3, stride=1, padding=1)[:, 0].to(x.device)
+
+
 def compute_features(
     classifier: Classifier, x: Tensor, schedule: NoiseSchedule, needs: Iterable[str], num_classes: Optional[int] = None
 ) -> dict[str, Tensor]:
     """The features named in `needs` (of `FEATURES`) of a model-space batch, on the device of `x`: `profile` (B, T+2),
     `residuals` (B, K, C, *spatial) at the `DENOISE_FRACTIONS` levels, `flips` (B, A) log p_0 of the mirrored images,
-    `transpose` (B, 1) of the transposed ones, `class_ll` (B, num_classes)."""
+    `transpose` (B, 1) of the transposed ones, `class_ll` (B, num_classes), `foreground` (B, 3) and `extremes`
+    (B, *spatial) (these two without a network pass)."""
     out: dict[str, Tensor] = {}
     for name in dict.fromkeys(needs):
         if name == "profile":
@@ -121,6 +177,10 @@ def compute_features(
             out[name] = transpose_log_likelihoods(classifier, x, schedule)
         elif name == "class_ll" and num_classes:
             out[name] = class_log_likelihoods(classifier, x, schedule, num_classes)
+        elif name == "foreground":
+            out[name] = foreground_statistics(x)
+        elif name == "extremes":
+            out[name] = extreme_pixels(x)
         else:
             raise ValueError(f"feature {name!r} is not one of {FEATURES} for this model (num_classes={num_classes})")
     return out
@@ -128,16 +188,18 @@ def compute_features(
 
 def feature_cost(name: str, spatial_dims: int, num_classes: Optional[int] = None) -> float:
     """Forward-pass equivalents per image (a backward pass counts as two forward passes): profile 1, denoising
-    residuals 3 per level, flips 1 per spatial axis, transpose 1, class likelihoods 1 per label."""
+    residuals 3 per level, flips 1 per spatial axis, transpose 1, class likelihoods 1 per label, foreground and
+    extremes 0."""
     costs = {"profile": 1.0, "residuals": 3.0 * len(DENOISE_FRACTIONS), "flips": float(spatial_dims), "transpose": 1.0,
-             "class_ll": float(num_classes or 0)}  # fmt: skip
+             "class_ll": float(num_classes or 0), "foreground": 0.0, "extremes": 0.0}  # fmt: skip
     return costs[name]
 
 
 def empty_features(needs: Sequence[str], n: int, spec: ModelSpec, schedule: NoiseSchedule) -> dict[str, Tensor]:
     """NaN features of `n` images of the model `spec` (the rows of images that are not scored)."""
     shapes = {"profile": (schedule.num_classes,), "residuals": (len(DENOISE_FRACTIONS), spec.channels, *spec.size),
-              "flips": (len(spec.size),), "transpose": (1,), "class_ll": (spec.model.num_classes or 0,)}  # fmt: skip
+              "flips": (len(spec.size),), "transpose": (1,), "class_ll": (spec.model.num_classes or 0,),
+              "foreground": (3,), "extremes": tuple(spec.size)}  # fmt: skip
     return {k: torch.full((n, *shapes[k]), float("nan"), dtype=torch.float64) for k in needs}
 
 

@@ -46,6 +46,7 @@ class OrientationCheck:
     mean: np.ndarray
     scale: np.ndarray
     threshold: float
+    stops: bool = True  # False: reported only (`volume_checks`)
 
     @staticmethod
     def fit(sequences: Sequence[np.ndarray]) -> dict[str, list[float]]:

@@ -23,6 +23,7 @@ from ..data.volumes import volume_path
 from ..data.walk import IgnoredFile
 from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
+from .local_check import MAP_COLUMNS
 from .volume_checks import STATISTICS, VolumeCheck, failed_checks
 
 COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid", "score", "threshold", "verdict",
@@ -138,8 +139,10 @@ def volume_rows(
     threshold; `flagged` when any of its slices could not be scored (a volume with unscored slices never
     passes; its reason repeats theirs, e.g. the header field that disagrees), with the aggregate of the others as
     its score. A volume that fails one of the calibrated volume `checks` (`volume_checks`: slice order,
-    orientation; per time point; volumes of fewer than `volume_checks.MIN_SLICES` slices are not checked) is `ood`
-    too, with the check in its reason. A volume's statistics (bits/dim, log-ratios) are the means of its slices'."""
+    orientation, anatomy, local anomalies; per time point; volumes of fewer than `volume_checks.MIN_SLICES` slices
+    are not checked) is `ood` too, with the check in its reason; one over a check that is reported only
+    (`stops` False) keeps its verdict, the check in its reason. A volume's statistics are the means of its slices',
+    the map peaks their largest."""
     combine = aggregate(how)
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -160,8 +163,10 @@ def volume_rows(
         score = combine(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
         reason = f"{how} of {len(scores)} slice scores; {n_ood} slices above threshold"
-        failed = failed_checks(members, checks)
-        reason = "; ".join([reason, *failed])
+        failed = failed_checks(members, [c for c in checks if c.stops])
+        reported = failed_checks(members, [c for c in checks if not c.stops])
+        noted = [f"reported only, not stopping: {r}" for r in reported]
+        reason = "; ".join([reason, *failed, *noted])
         if flagged:
             why = _why_flagged(members)
             verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
@@ -169,7 +174,8 @@ def volume_rows(
             verdict = OOD if score > threshold or failed else IN
         found = {c: [r[c] for r in members if r.get(c) is not None and math.isfinite(r[c])] for c in STATISTICS}
         out.append(row | {"score": score, "verdict": verdict, "reason": reason} |
-                   {c: float(np.mean(v)) if v else None for c, v in found.items()})  # fmt: skip
+                   {c: float((np.max if c in MAP_COLUMNS else np.mean)(v)) if v else None
+                    for c, v in found.items()})  # fmt: skip
     return out
 
 

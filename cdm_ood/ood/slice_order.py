@@ -85,6 +85,7 @@ class SliceOrderCheck:
     template: np.ndarray
     threshold: float
     shift: np.ndarray = field(default_factory=lambda: np.zeros(1))
+    stops: bool = True  # False: reported only (`volume_checks`)
 
     def __post_init__(self) -> None:
         if self.template.size != BINS * len(self.columns):

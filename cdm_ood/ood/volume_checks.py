@@ -9,11 +9,16 @@ in-distribution volumes by calibration and thresholded at its share of the calib
   likelihood shape).
 - `orientation` (`orientation_check`): the mean log-ratio of the slices to their mirror images and transposes (in-plane
   flips, rotations, swapped axes).
+- `anatomy` (`anatomy_check`): how much of each slice the body fills along the slice axis, and its shape (a band of
+  the head outside the field of view, a partial slab, coverage that ends early).
+- `local` and `foreign` (`local_check`): the anomaly map's largest peak over the volume's slices, anywhere or at
+  extreme intensities (a defect on a few slices that the mean of the slice scores averages away).
 
 A check reads per-slice statistics (`STATISTICS`, columns of the report, computed by `image_statistics` from the
 features) of each sequence, a volume's time point, in slice order; sequences with fewer than `MIN_SLICES` scored
 slices are not checked. A slice model's calibration fits every check its data allow
-(`calibration.fit_volume_checks`).
+(`calibration.fit_volume_checks`). A check whose `stops` is False is reported only: a volume over its threshold
+keeps its verdict and its reason says so (`failed_checks`; the model's `gate.report_only`).
 """
 
 from __future__ import annotations
@@ -28,24 +33,34 @@ import torch
 from torch import Tensor
 
 from ..likelihood import bits_per_dim
+from .anatomy_check import FOREGROUND_COLUMNS, AnatomyCheck
+from .detectors import MapDetector
+from .local_check import MAP_COLUMNS, ForeignCheck, LocalCheck
 from .orientation_check import RATIO_COLUMNS, OrientationCheck, log_ratios
 from .slice_order import SliceDirectionCheck, SliceOrderCheck
 
 MIN_SLICES = 8
-STATISTICS = ("bits_per_dim", *RATIO_COLUMNS)
-"""Per-slice statistics in the report's rows: -log p_0 in bits/dim (eq. 10 at t = 0) and the orientation log-ratios."""
+STATISTICS = ("bits_per_dim", *RATIO_COLUMNS, *FOREGROUND_COLUMNS, *MAP_COLUMNS)
+"""Per-slice statistics in the report's rows: -log p_0 in bits/dim (eq. 10 at t = 0), the orientation log-ratios,
+the body's fraction, elongation and skewness, and the anomaly map's peaks."""
 
-VolumeCheck = Union[SliceOrderCheck, SliceDirectionCheck, OrientationCheck]
-CHECKS: dict[str, type[VolumeCheck]] = {c.name: c for c in (SliceOrderCheck, SliceDirectionCheck, OrientationCheck)}
+VolumeCheck = Union[SliceOrderCheck, SliceDirectionCheck, OrientationCheck, AnatomyCheck, LocalCheck, ForeignCheck]
+CHECKS: dict[str, type[VolumeCheck]] = {
+    c.name: c for c in (SliceOrderCheck, SliceDirectionCheck, OrientationCheck, AnatomyCheck, LocalCheck, ForeignCheck)
+}
 
 Slot = Optional[tuple[Hashable, int]]
 """Where an image sits: (the sequence it belongs to, e.g. a volume and time point; its slice index), or None."""
 
 
-def image_statistics(features: Mapping[str, Tensor], num_dims: int, bit_depth: int) -> dict[str, np.ndarray]:
+def image_statistics(
+    features: Mapping[str, Tensor], num_dims: int, bit_depth: int, maps: Optional[MapDetector] = None
+) -> dict[str, np.ndarray]:
     """`STATISTICS` of each image (N,): bits/dim where the features hold the profile, the log-ratios
     (`orientation_check.log_ratios`) where they also hold the flips of 2D images (the transpose's where they hold
-    the transposes too); NaN otherwise."""
+    the transposes too), the body's fraction, elongation and skewness where they hold `foreground`, and with a
+    fitted `maps` detector the peaks of its anomaly maps where they hold the residuals (at extreme pixels where they
+    hold `extremes` too, 0 for an image without any); NaN otherwise."""
     n = len(next(iter(features.values())))
     out = {column: np.full(n, np.nan) for column in STATISTICS}
     if "profile" in features:
@@ -55,6 +70,13 @@ def image_statistics(features: Mapping[str, Tensor], num_dims: int, bit_depth: i
             transposed = features.get("transpose", torch.full((n, 1), math.nan, dtype=torch.float64))
             ratios = log_ratios(log_p0, features["flips"], transposed, num_dims)
             out.update(zip(RATIO_COLUMNS, ratios.T.numpy(), strict=True))
+    if "foreground" in features:
+        out.update(zip(FOREGROUND_COLUMNS, features["foreground"].double().T.numpy(), strict=True))
+    if maps is not None and "residuals" in features and n:
+        anomaly = maps.anomaly_maps(features).double().flatten(1)
+        out["map_peak"] = anomaly.amax(1).numpy()
+        if "extremes" in features:
+            out["foreign_peak"] = (anomaly * features["extremes"].double().flatten(1)).amax(1).numpy()
     return out
 
 
@@ -80,7 +102,7 @@ def check_statistics(members: Sequence[dict], check: VolumeCheck) -> dict[int, f
 
 def failed_checks(members: Sequence[dict], checks: Sequence[VolumeCheck]) -> list[str]:
     """The reasons a volume's slice rows fail `checks`: each check's statistics (one per time point) above its
-    threshold."""
+    threshold (`failed_checks(members, [c for c in checks if c.stops])` are those that stop the gate)."""
     reasons = []
     for check in checks:
         stats = check_statistics(members, check)
