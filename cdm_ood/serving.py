@@ -1,5 +1,7 @@
 """The trained detector as an MLflow pyfunc model: raw images in; OOD score, verdict, threshold and
-log-likelihood out. Served over REST by `mlflow models serve` (files on Spark: `cdm_ood.spark`).
+log-likelihood out; or whole volumes in (a stack of slices, or a NIfTI file's bytes) and the `cdm-ood score`
+report's rows out, volume checks included. Served over REST by `mlflow models serve` (files on Spark:
+`cdm_ood.spark`).
 
 It is logged "from code" (`cdm_ood/mlflow_model.py`), so MLflow pickles nothing: the checkpoint (weights,
 preset, calibrated detector and threshold) travels as an artifact and is read with `weights_only=True`.
@@ -7,6 +9,8 @@ preset, calibrated detector and threshold) travels as an artifact and is read wi
 
 from __future__ import annotations
 
+import base64
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +20,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from .cancellation import current_request
+from .data.records import Slice, SliceSource, Volume
 from .distributed import resolve_device
 from .errors import UsageError
 from .ood import OODDetector
@@ -23,6 +28,9 @@ from .ood import OODDetector
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 OUTPUT_COLUMNS = ["score", "ood", "verdict", "reason", "threshold", "log_likelihood", "bits_per_dim"]
 IMAGE_COLUMN = "image"
+VOLUME_COLUMN = "volume"  # a request of whole volumes: one stack of slices per row
+FILE_COLUMN = "file"  # a request of whole volumes: one NIfTI file's bytes (base64 text in JSON) per row
+GZIP_MAGIC = b"\x1f\x8b"  # a .nii.gz file's first bytes
 
 
 def model_images(
@@ -91,8 +99,72 @@ def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Seque
     })  # fmt: skip
 
 
+def score_volumes(detector: OODDetector, frame: pd.DataFrame) -> pd.DataFrame:
+    """The `cdm-ood score` report's rows (`report.COLUMNS`: a row per slice, a row per volume with its volume checks)
+    of whole volumes sent in one request, one per row of `frame`, named `volume-<row>` in the rows (a file
+    `volume-<row>.nii.gz`; no name comes from the client). In its `volume` column a stack (D, H, W) or (C, D, H, W)
+    of slices in the order the readers give them (a NIfTI file's third voxel axis), scored as
+    `OODDetector.score_frame` scores `Slice`s; in its `file` column a NIfTI file's bytes (base64 text as JSON
+    carries them, or bytes), staged in a temporary folder and scored as `cdm-ood score` scores the file, so a file
+    that cannot be read gets its `unreadable` row. Served, it stops with `AbandonedRequestError` between two
+    volumes when its request was given up."""
+    from .ood.report import COLUMNS
+    from .ood.staging import StagedFiles
+
+    request, frames = current_request(), []
+    with tempfile.TemporaryDirectory(prefix="cdm-ood-request-") as tmp:
+        staged = StagedFiles(Path(tmp))
+        for i, row in enumerate(frame.to_dict("records")):
+            if request is not None:
+                request.check(i, len(frame))
+            content, name = row.get(FILE_COLUMN), f"volume-{i}"
+            if isinstance(content, (str, bytes)) and content:
+                data = _file_bytes(content, name)
+                path = staged.add(f"{name}{'.nii.gz' if data[:2] == GZIP_MAGIC else '.nii'}", data)
+                rows = [staged.restore(r) for r in detector.score_frame(path).to_dict("records")]
+                frames.append(pd.DataFrame(rows, columns=list(COLUMNS)))
+            else:
+                frames.append(
+                    detector.score_frame(_stack(row.get(VOLUME_COLUMN), name, detector.model.spec.spatial_dims))
+                )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
+
+
+def _file_bytes(content: str | bytes, name: str) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    try:
+        return base64.b64decode(content, validate=True)
+    except ValueError:
+        raise UsageError(f"{name}: the {FILE_COLUMN!r} column holds a file's bytes as base64 text") from None
+
+
+def _stack(cell: Any, name: str, spatial_dims: int) -> list[Slice] | list[Volume]:
+    """A request's stack (D, H, W) or (C, D, H, W) as the readers give a file named `name`: its slices, or one
+    volume for a 3D model."""
+    try:
+        stack = _image(cell)
+    except (TypeError, ValueError):
+        stack = np.zeros(0)
+    stack = stack[None] if stack.ndim == 3 else stack
+    if stack.ndim != 4:
+        raise UsageError(f"{name}: a volume is a stack (D, H, W) or (C, D, H, W) of numbers or a file's bytes, got "
+                         f"{type(cell).__name__} of shape {stack.shape}")  # fmt: skip
+    if spatial_dims == 3:
+        return [Volume(stack, SliceSource(name, 0, name))]
+    return [Slice(stack[:, k], SliceSource(name, k, name)) for k in range(stack.shape[1])]
+
+
+def predict(detector: OODDetector, model_input: np.ndarray | pd.DataFrame | Sequence) -> pd.DataFrame:
+    """What the served model answers: `score_volumes` for a DataFrame with a `volume` or `file` column, else
+    `score_array`."""
+    if isinstance(model_input, pd.DataFrame) and {VOLUME_COLUMN, FILE_COLUMN} & set(model_input.columns):
+        return score_volumes(detector, model_input)
+    return score_array(detector, model_input)
+
+
 class CDMPyfuncModel(PythonModel):
-    """pyfunc wrapper: `predict` takes raw images of any size (`model_images`)."""
+    """pyfunc wrapper: `predict` takes raw images of any size (`model_images`) or whole volumes (`score_volumes`)."""
 
     def load_context(self, context: Any) -> None:
         """The checkpoint's detector on the serving machine's GPU when it has one, else its CPU."""
@@ -101,8 +173,9 @@ class CDMPyfuncModel(PythonModel):
     # An ndarray type hint: MLflow infers no schema from it, so it enforces none (images come in any size, also as
     # a DataFrame) and asks for no other hint.
     def predict(self, context: Any, model_input: np.ndarray, params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
-        """Score, verdict, threshold, log-likelihood and bits/dim per image."""
-        return score_array(self.detector, model_input)
+        """Score, verdict, threshold, log-likelihood and bits/dim per image; the report's rows per whole volume
+        (`predict`)."""
+        return predict(self.detector, model_input)
 
 
 def pip_requirements() -> list[str]:

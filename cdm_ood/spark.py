@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import posixpath
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from .data.guards import MAX_VOXELS
 from .data.walk import DEFAULT_IGNORE, IgnoredFile, ignore_match
 from .errors import MissingExtraError
 from .ood.report import COLUMNS, FLOAT_COLUMNS, aggregate
+from .ood.staging import StagedFiles
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -113,33 +113,6 @@ def _scorer(job: _Job) -> OODDetector:
     return scorer
 
 
-class _Staged:
-    """Files of a partition as paths the readers open: local paths as they are; binary content written below
-    `root` at its own path (URI scheme dropped), so names, suffixes and folders stay, and mapped back in rows."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.names: dict[str, str] = {}
-
-    def add(self, path: str, content: Optional[bytes]) -> Path:
-        if content is None:
-            return Path(path)
-        uri = urlsplit(path)
-        local = self.root / posixpath.normpath(f"/{uri.netloc}/{uri.path}").lstrip("/")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(content)
-        self.names[str(local)] = path
-        self.names.setdefault(str(local.parent), path.rpartition("/")[0])
-        return local
-
-    def restore(self, row: dict) -> dict:
-        """A report row with the DataFrame's paths in place of the staged ones."""
-        if not self.names:
-            return row
-        reason = row["reason"] and row["reason"].replace(str(self.root), "")
-        return row | {k: self.names.get(row[k], row[k]) for k in ("path", "volume")} | {"reason": reason}
-
-
 def _volume_key(path: str, local: Path, max_voxels: int) -> str:
     """The key that brings a volume's files into one partition: the DICOM series, the .hdr of a NIfTI .img, else
     the file itself (also for a file that cannot be read: it is reported on its own)."""
@@ -156,7 +129,7 @@ def _with_volume_keys(
     batches: Iterator[pd.DataFrame], max_voxels: int, ignore: Sequence[str]
 ) -> Iterator[pd.DataFrame]:
     with tempfile.TemporaryDirectory(prefix="cdm-ood-spark-") as tmp:
-        staged = _Staged(Path(tmp))
+        staged = StagedFiles(Path(tmp))
         for batch in batches:
             keys, patterns = [], []
             for path, content in zip(batch["path"], batch["content"], strict=True):
@@ -178,7 +151,7 @@ def _score_partition(batches: Iterator[pd.DataFrame], job: _Job) -> Iterator[pd.
     from .ood.batch import score_sources
 
     with tempfile.TemporaryDirectory(prefix="cdm-ood-spark-") as tmp:
-        staged = _Staged(Path(tmp))
+        staged = StagedFiles(Path(tmp))
         paths, ignored = [], []
         for batch in batches:
             for path, content, pattern in zip(batch["path"], batch["content"], batch["ignored"], strict=True):

@@ -9,12 +9,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from click.testing import CliRunner
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
+from cdm_ood.data import iter_slices
 from cdm_ood.data.anatomy import brain_affine, brain_volume
 from cdm_ood.data.phantoms import write_nifti
 from cdm_ood.ood import OODDetector, ScoreOODd
+from cdm_ood.serving import predict
 
 
 class BrainGate:
@@ -45,7 +48,8 @@ class BrainGate:
         """The volume verdicts and reasons by file name that `cdm-ood score` gives with the `checks` on (the CLI's
         `flag` turns them off in a second run), the others off by `others` and the detector's threshold out of
         reach; asserts that each slice row holds `column` when the checks are on, that with them off every volume
-        passes, and that the Python API (checks on, off) and `ScoreOODd` (on the file `bad`) agree with the CLI."""
+        passes, and that the Python API (checks on, off), `ScoreOODd` and the served model (on the file `bad`, sent
+        as its bytes and as a stack of its slices) agree with the CLI."""
         from cli import main
 
         found = {}
@@ -66,4 +70,8 @@ class BrainGate:
             assert volumes.verdict.tolist() == [found[off][Path(p).name][0] for p in volumes.path]
             chain = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScoreOODd("image", detector)])
             assert chain({"image": str(scans / bad)})["image_ood_verdict"] == found[off][bad][0]
+            stack = np.stack([s.image for s in iter_slices(scans / bad)], axis=1)
+            for request in ({"file": [(scans / bad).read_bytes()]}, {"volume": [stack]}):
+                served = predict(detector, pd.DataFrame(request))
+                assert served[served.level == "volume"][["verdict", "reason"]].values.tolist() == [[*found[off][bad]]]
         return found[False]

@@ -2,6 +2,7 @@
 requirements, a real `mlflow models serve` REST server, and `cdm-ood serve` under requests that are too large,
 abandoned or cut short by SIGTERM."""
 
+import base64
 import http.client
 import json
 import os
@@ -27,6 +28,9 @@ from test_score import invoke
 from cdm_ood.cancellation import AbandonedRequestError
 from cdm_ood.data import iter_slices
 from cdm_ood.data.phantoms import phantom_volume, write_nifti
+from cdm_ood.errors import UsageError
+from cdm_ood.ood import OODDetector
+from cdm_ood.serving import predict
 
 NAME = "cdm-ood-ct"
 
@@ -94,6 +98,21 @@ def test_pyfunc_model_takes_any_size_the_cli_takes(model_uri, checkpoint, sized,
     frame = pd.DataFrame({"image": [image[0].tolist() for size in sized for image in images[size]]})
     predicted = model.predict(frame)  # one image per row, sizes mixed, as JSON `dataframe_records` arrive
     np.testing.assert_allclose(predicted["score"], np.concatenate([expected[40], expected[16]]), rtol=1e-5)
+
+
+def test_a_volume_request_reports_what_it_cannot_score_as_cdm_ood_score_does(checkpoint, scans):
+    detector = OODDetector.from_checkpoint(checkpoint)
+    stack = np.stack([s.image for s in iter_slices(scans / "clean.nii.gz")], axis=1)
+    stack[0, 1, 2, 2] = np.nan
+    rows = predict(detector, pd.DataFrame({"file": [b"not an image", None], "volume": [None, stack]}))
+    assert rows[["level", "path", "verdict"]].values.tolist()[0] == ["file", "volume-0.nii", "unreadable"]
+    assert rows.reason[0] == "NotAnImageError: text file, not an image"
+    volume = rows[(rows.level == "volume") & (rows.path == "volume-1")]
+    assert volume.verdict.tolist() == ["flagged"] and "nan-or-inf" in volume.reason.iloc[0]
+    with pytest.raises(UsageError, match="volume-0: the 'file' column holds a file's bytes as base64 text"):
+        predict(detector, pd.DataFrame({"file": ["not base64!"]}))
+    with pytest.raises(UsageError, match=r"volume-0: a volume is a stack \(D, H, W\)"):
+        predict(detector, pd.DataFrame({"volume": [[1.0, 2.0]]}))
 
 
 def test_logged_requirements_install_elsewhere(model_uri):
@@ -184,6 +203,15 @@ def test_mlflow_models_serve_scores_over_rest(model_uri, checkpoint, scans, size
         expected = np.concatenate([cli_scores(checkpoint, sized[40], tmp_path), expected[:1]])
         np.testing.assert_allclose(scores, expected, rtol=1e-5)
         assert_flagged(post(f"{server.url}/invocations", {"inputs": flagged_images(images).tolist()})["predictions"])
+        invoke("score", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--out", tmp_path / "v.json", "--no-fail")
+        (cli,) = [r for r in json.loads((tmp_path / "v.json").read_text())["rows"] if r["level"] == "volume"]
+        content = base64.b64encode((scans / "clean.nii.gz").read_bytes()).decode()
+        stack = np.stack([s.image for s in iter_slices(scans / "clean.nii.gz")], axis=1).tolist()
+        for column, cell, name in (("file", content, "volume-0.nii.gz"), ("volume", stack, "volume-0")):
+            request = {"dataframe_split": {"columns": [column], "data": [[cell]]}}  # a whole volume per request row
+            (served,) = [p for p in post(f"{server.url}/invocations", request)["predictions"] if p["level"] == "volume"]
+            assert (served["path"], served["verdict"], served["reason"]) == (name, cli["verdict"], cli["reason"])
+            assert served["score"] == pytest.approx(cli["score"], rel=1e-5)
     finally:
         server.stop()
 
