@@ -35,9 +35,6 @@ from .data.transforms import ImageTransformd
 from .distributed import Distributed
 from .likelihood import bits_per_dim, log_likelihood_profile
 from .losses import CDMLoss, cdm_loss
-from .ood.calibration import calibrate
-from .ood.detectors import applicable, required_features
-from .ood.features import batched_features
 from .precision import autocast
 from .schedules import NoiseSchedule
 from .spec import ModelSpec
@@ -196,11 +193,12 @@ def train(
     resume: Optional[str | Path] = None,
     callbacks: Sequence[Callback] = (),
     on_data_error: Callable[[DataError], None] = lambda err: log.warning("skipped %s", err),
-    finish: Optional[Sequence[Finisher]] = None,
+    finish: Sequence[Finisher] = (),
 ) -> Path:
     """Train a CDM as configured (the loop is `fit`); returns the path of the final model checkpoint
     (`out_dir/model.pt`). `finish` callbacks run on the EMA model at the end and add their entries to that
-    checkpoint; by default the OOD calibration on the validation split (`calibrate_on_validation`)."""
+    checkpoint: `cdm-ood train` passes the OOD calibration on the validation split
+    (`ood.validation.calibrate_on_validation`)."""
     ddp = Distributed.from_env()
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and config.train.device != "cpu" else "gloo")
@@ -321,7 +319,7 @@ def train(
         fit(model, remaining, loss, optimizer, scheduler, ema, o.grad_clip, step, [after_step])
         if ddp.main:
             entries: dict[str, Any] = {}
-            for hook in (calibrate_on_validation,) if finish is None else finish:
+            for hook in finish:
                 entries |= hook(ema.module, data, config, schedule, device)
             save(final, full=False, **entries)
             for cb in callbacks:
@@ -365,29 +363,6 @@ def fit(
         for hook in after_step:
             hook(step, out)
     return step
-
-
-def calibrate_on_validation(
-    model: torch.nn.Module, data: TrainingData, config: Config, schedule: NoiseSchedule, device: torch.device
-) -> dict[str, Any]:
-    """Fit the OOD detectors and their thresholds (`ood.calibrate`, held out by volume) on the whole validation split,
-    so that a fresh `model.pt` scores with `--threshold auto`. Empty when it cannot be done (fewer than 4
-    validation images; a 3D model's images are whole volumes)."""
-    if len(data.val) < 4:
-        log.warning("OOD thresholds not calibrated (needs >= 4 validation images): "
-                    "run `cdm-ood calibrate` on in-distribution data")  # fmt: skip
-        return {}
-    num_classes = config.model.num_classes
-    names = applicable(num_classes)
-    needs = required_features(names, num_classes)
-    images = (batch["image"] for batch in DataLoader(data.val, batch_size=config.train.batch_size, shuffle=False))
-    features = batched_features(model, images, schedule, needs, num_classes, device)
-    volumes = [sample["meta"].get("volume_id") for sample in data.val.data]  # None for natural images
-    groups = None if None in volumes else volumes
-    num_dims, bit_depth = data.val[0]["image"].numel(), config.data.bit_depth
-    calibration = calibrate(features, num_dims, bit_depth, detectors=names, groups=groups, num_classes=num_classes)
-    log.info("calibrated OOD thresholds on %d validation images (fpr %.2f)", len(data.val), calibration.fpr)
-    return {"calibration": calibration.to_dict()}
 
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:

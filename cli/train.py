@@ -45,6 +45,7 @@ def train_command(
     from cdm_ood.checkpoint import load_checkpoint, training_run_id
     from cdm_ood.config import ConfigError, bundled_config, load_config
     from cdm_ood.distributed import Distributed
+    from cdm_ood.ood.validation import calibrate_on_validation
     from cdm_ood.tracking import MlflowCallback, RunFolderCallback
     from cdm_ood.training import latest_checkpoint, train
 
@@ -75,7 +76,7 @@ def train_command(
         callbacks.append(MlflowCallback(tracking_uri or config.tracking.uri, config.tracking.experiment,
                                         config.tracking.run_name, run_id))  # fmt: skip
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    model_path = train(config, out, resume=checkpoint, callbacks=callbacks)
+    model_path = train(config, out, resume=checkpoint, callbacks=callbacks, finish=[calibrate_on_validation])
     if rank == 0:
         click.echo(f"checkpoint: {model_path}")
 

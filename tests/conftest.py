@@ -22,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume
 from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.ood.validation import calibrate_on_validation
 from cdm_ood.training import train
 
 CONFIG = Path(__file__).parent.parent / "configs" / "phantoms-ct.yaml"
@@ -40,7 +41,7 @@ def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ck")
     config = load_config(CONFIG, [f"data.root={root / 'phantoms'}", *TINY_CT, "train.steps=40", "train.val_every=40",
                                   "train.checkpoint_every=40"])  # fmt: skip
-    return train(config, root / "run")
+    return train(config, root / "run", finish=[calibrate_on_validation])
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,15 @@
 """Thresholds at a target false-positive rate, threshold specs, calibration storage and the metrics."""
 
+import csv
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG, TINY_CT
+from test_score import invoke
 
 from cdm_ood.checkpoint import load_checkpoint, save_checkpoint, store_calibration
 from cdm_ood.data import iter_slices
@@ -126,3 +130,32 @@ def test_a_held_out_set_smaller_than_one_over_fpr_is_warned_about(caplog, fpr, w
         )
     assert ("held-out in-distribution images for a false-positive rate" in caplog.text) == warned
     assert not warned or "only 20 held-out in-distribution images for a false-positive rate of 0.01" in caplog.text
+
+
+def test_a_trained_model_holds_the_calibration_cdm_ood_calibrate_makes_on_its_validation_volumes(tmp_path):
+    """`cdm-ood train` calibrates at its end exactly as `cdm-ood calibrate` does on the validation volumes: the same
+    detectors and held-out scores, the same volume checks, the same precision."""
+    overrides = [f"data.root={tmp_path / 'phantoms'}", *TINY_CT, "data.phantoms={n: 12, size: 16, slices: 8}",
+                 "data.fractions=[0.5, 0.5, 0.0]", "train.steps=10", "train.val_every=10",
+                 "train.checkpoint_every=10", "tracking.enabled=false"]  # fmt: skip
+    out = invoke(
+        "train", "--config", CONFIG, "--out-dir", tmp_path / "run", *(a for o in overrides for a in ("--set", o))
+    )
+    assert out.exit_code == 0, out.output
+    trained = Calibration.from_dict(load_checkpoint(tmp_path / "run" / "model.pt")["calibration"])
+    with open(tmp_path / "run" / "split_manifest.csv", newline="") as f:
+        val = [row["path"] for row in csv.DictReader(f) if row["split"] == "val"]
+    copy = tmp_path / "copy.pt"
+    shutil.copy(tmp_path / "run" / "model.pt", copy)
+    out = invoke("calibrate", *val, "--checkpoint", copy)
+    assert out.exit_code == 0, out.output
+    calibrated = Calibration.from_dict(load_checkpoint(copy)["calibration"])
+    assert {"slice-order", "orientation", "anatomy", "local"} <= set(trained.volume_checks), "the volume checks"
+    assert set(trained.volume_checks) == set(calibrated.volume_checks)
+    assert set(trained.detectors) == set(calibrated.detectors)
+    assert (trained.fpr, trained.default, trained.n_fit, trained.precision) == (
+        calibrated.fpr, calibrated.default, calibrated.n_fit, calibrated.precision)  # fmt: skip
+    for name, fit in trained.detectors.items():
+        np.testing.assert_allclose(fit.id_scores, calibrated.detectors[name].id_scores, rtol=1e-4, atol=1e-6)
+    for name, fit in trained.volume_checks.items():
+        np.testing.assert_allclose(fit.id_scores, calibrated.volume_checks[name].id_scores, rtol=1e-4, atol=1e-6)

@@ -18,6 +18,7 @@ from test_score import invoke
 from cdm_ood.checkpoint import RUN_ID, CheckpointError, load_checkpoint, load_model, save_checkpoint
 from cdm_ood.config import load_config
 from cdm_ood.ood.calibration import DEFAULT_DETECTOR
+from cdm_ood.ood.validation import calibrate_on_validation
 from cdm_ood.tracking import TRAINING_RUN_TAG, MlflowCallback, RunFolderCallback
 from cdm_ood.training import latest_checkpoint, train
 
@@ -109,7 +110,8 @@ def tracked(store, tmp_path_factory) -> tuple[Path, str, str]:
     root = tmp_path_factory.mktemp("tracked")
     config = load_config(CONFIG, [f"data.root={root / 'phantoms'}", *TINY_CT, "train.steps=8"])
     tracker = MlflowCallback(store, "cdm-ood", None)
-    return train(config, root / "run", callbacks=[RunFolderCallback(root / "run"), tracker]), store, tracker.run_id
+    callbacks = [RunFolderCallback(root / "run"), tracker]
+    return train(config, root / "run", callbacks=callbacks, finish=[calibrate_on_validation]), store, tracker.run_id
 
 
 def test_score_and_evaluate_runs_link_to_the_training_run_and_log_thresholds(tracked, scans, tmp_path):

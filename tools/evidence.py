@@ -73,9 +73,18 @@ def _cdm(*args: object) -> tuple[str, ...]:
     return ("cdm-ood", *(str(a) for a in args))
 
 
+def _scans(out: Path, n: int, size: int, slices: int, *extra: str, seed: int) -> tuple[str, ...]:
+    return _cdm("make-phantoms", "--out-dir", out, "--n", n, "--format", "nifti", "--size", size, "--slices", slices,
+                "--seed", seed, *extra)  # fmt: skip
+
+
 def _brain_scans(out: Path, n: int, *extra: str, seed: int = 99) -> tuple[str, ...]:
-    return _cdm("make-phantoms", "--out-dir", out, "--n", n, "--format", "nifti", "--anatomy", "brain", "--size", 64,
-                "--slices", 24, "--seed", seed, *extra)  # fmt: skip
+    return _scans(out, n, 64, 24, "--anatomy", "brain", *extra, seed=seed)
+
+
+def _ct_scans(out: Path, n: int, *extra: str, seed: int) -> tuple[str, ...]:
+    """CT phantoms on the grid of the `demo` step's model (`configs/phantoms-ct.yaml`)."""
+    return _scans(out, n, 32, 16, *extra, seed=seed)
 
 
 # fmt: off
@@ -139,6 +148,13 @@ STEPS: tuple[Step, ...] = (
     Step("local-anomalies", _py("benchmarks/local_anomalies.py", "--checkpoint", BRAIN / "run" / "model.pt",
                                 "--calibrate", BRAIN / "calibration", "--train", BRAIN / "train" / "manifest.csv"),
          ("local-anomalies",), needs=("brain-model", "brain-calibration")),
+    Step("ct-calibration", _ct_scans(DEMO / "calibration", 120, seed=7),
+         makes=str(DEMO / "calibration" / "manifest.csv")),
+    Step("ct-ood-sets", _ct_scans(DEMO / "ood", 24, "--ood-sets", seed=99), makes=str(DEMO / "ood" / "manifest.csv")),
+    Step("volume-checks-ct", _py("benchmarks/volume_checks.py", "--checkpoint", DEMO / "run" / "model.pt",
+                                 "--calibrate", DEMO / "calibration", "--data", DEMO / "ood", "--name",
+                                 "volume-checks-ct"),
+         ("volume-checks-ct",), needs=("demo", "ct-calibration", "ct-ood-sets")),
     Step("normalisation", _py("benchmarks/normalisation.py"), ("normalisation",)),
     Step("ranking-mnist", _py("benchmarks/ranking.py", "--checkpoint", MNIST / "model.pt", "--data", "mnist",
                               "--images", 16, "--name", "ranking-mnist"), ("ranking-mnist",), needs=("train-time",)),

@@ -26,14 +26,14 @@ from ..spec import Calibration
 from .calibration import (
     DEFAULT_DETECTOR,
     DEFAULT_FPR,
-    MIN_IMAGES,
-    calibrate,
+    calibrate_images,
+    calibration_features,
     load_detector,
     load_volume_checks,
     resolve_threshold,
 )
-from .detectors import Features, MapDetector, NotFittedError, applicable, required_features
-from .features import batched_features, concat_features, empty_features, finite_rows, select_rows
+from .detectors import Features, MapDetector, NotFittedError
+from .features import batched_features, concat_features, empty_features
 from .inputs import Inputs, Item, chunks, is_path, iter_images
 from .report import COLUMNS, FLOAT_COLUMNS, IN, UNREADABLE, aggregate, judge, slice_row, volume_row, volume_rows
 from .volume_checks import CHECKS, STATISTICS, Slot, VolumeCheck, image_statistics
@@ -158,15 +158,6 @@ class OODDetector:
         if needs is not None:
             return tuple(needs)
         return tuple(dict.fromkeys((*self.detector.required(), *(k for check in self.checks for k in check.needs))))
-
-    def _check_features(self) -> tuple[str, ...]:
-        """The features calibration computes for the volume checks: none for a 3D model, and the transposes only
-        of square slices."""
-        if self.unit != "slice":
-            return ()
-        square = len(set(self.model.spec.size)) == 1
-        needs = dict.fromkeys(k for check in CHECKS.values() for k in check.needs)
-        return tuple(k for k in needs if square or k != "transpose")
 
     def _images(self, inputs: Inputs) -> Iterator[Item]:
         return iter_images(inputs, self.model.spec.channels, self.image_key, self.model.spec.spatial_dims)
@@ -354,8 +345,7 @@ class OODDetector:
         """
         if precision is not None:
             self.precision = _precision(precision, None)
-        names = applicable(self.num_classes)
-        needs = (*required_features(names, self.num_classes), *self._check_features())
+        needs = calibration_features(self.model.spec, self.num_classes)
         parts: list[Features] = []
         volumes: list[Hashable] = []
         slots: list[Slot] = []
@@ -368,22 +358,11 @@ class OODDetector:
                 raise UsageError(f"{len(groups)} groups for {len(volumes)} images: give one volume id per image")
             volumes = list(groups)
         features = concat_features(parts) if parts else empty_features(needs, 0, self.model.spec, self.model.schedule)
-        scorable = finite_rows(features)
-        if int(scorable.sum()) < MIN_IMAGES:
-            raise UsageError(f"calibration needs at least {MIN_IMAGES} scorable in-distribution images, found "
-                             f"{int(scorable.sum())}")  # fmt: skip
-        bit_depth = self.model.spec.bit_depth
-        kept = [v for v, keep in zip(volumes, scorable.tolist(), strict=True) if keep]
-        kept_slots = [s for s, keep in zip(slots, scorable.tolist(), strict=True) if keep]
-        try:
-            calibration = calibrate(select_rows(features, scorable), self.num_dims, bit_depth, fpr, names,
-                                    default=self.name, groups=kept, num_classes=self.num_classes,
-                                    precision=self.precision, slots=kept_slots)  # fmt: skip
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+        calibration = calibrate_images(features, volumes, slots, self.num_dims, self.model.spec.bit_depth, fpr,
+                                       self.name, self.num_classes, self.precision)  # fmt: skip
         self.model.calibration, self._maps = calibration, None
         self.detector, self.id_scores, self.fpr = load_detector(
-            calibration, self.name, self.num_dims, bit_depth, self.num_classes
+            calibration, self.name, self.num_dims, self.model.spec.bit_depth, self.num_classes
         )
         self.set_threshold("auto")
         return self

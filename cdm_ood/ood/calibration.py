@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ..data.medical import split_volumes
 from ..errors import UsageError
-from ..spec import Calibration, DetectorFit, VolumeCheckFit
-from .detectors import DETECTORS, Detector, Features, MapDetector, NotFittedError, applicable
-from .features import select_rows
+from ..spec import Calibration, DetectorFit, ModelSpec, VolumeCheckFit
+from .detectors import DETECTORS, Detector, Features, MapDetector, NotFittedError, applicable, required_features
+from .features import finite_rows, select_rows
 from .local_check import MAP_COLUMNS
 from .volume_checks import CHECKS, MIN_SLICES, Slot, VolumeCheck, image_statistics, ordered_sequences
 
@@ -86,6 +86,47 @@ def calibrate(
             statistics.update(cross_fitted_map_statistics(features, held, num_dims, bit_depth, num_classes))
         checks = fit_volume_checks(statistics, slots, held.tolist(), fpr)
     return Calibration(fpr, default, n - int(held.sum()), fits, precision, checks)
+
+
+def calibration_features(spec: ModelSpec, num_classes: Optional[int]) -> tuple[str, ...]:
+    """The features a model's calibration computes: every applicable detector's, and for a 2D model those of the
+    volume checks (the transposes only of square slices)."""
+    needs = required_features(applicable(num_classes), num_classes)
+    if spec.unit != "slice":
+        return tuple(needs)
+    square = len(set(spec.size)) == 1
+    checks = dict.fromkeys(k for check in CHECKS.values() for k in check.needs)
+    return tuple(dict.fromkeys((*needs, *(k for k in checks if square or k != "transpose"))))
+
+
+def calibrate_images(
+    features: Features,
+    volumes: Sequence[Hashable],
+    slots: Sequence[Slot],
+    num_dims: int,
+    bit_depth: int,
+    fpr: float = DEFAULT_FPR,
+    default: str = DEFAULT_DETECTOR,
+    num_classes: Optional[int] = None,
+    precision: str = "float32",
+) -> Calibration:
+    """The calibration of a model from its in-distribution images' `calibration_features`, one volume id and one
+    slot per image (`calibrate`: every applicable detector, held out by volume, the volume checks on the slots): the
+    one calibration of `cdm-ood calibrate`, `OODDetector.fit` and the end of training. Images whose features are not
+    all finite (not scorable) are left out. `UsageError` when fewer than `MIN_IMAGES` remain or no calibration can
+    be made from them."""
+    scorable = finite_rows(features)
+    if int(scorable.sum()) < MIN_IMAGES:
+        raise UsageError(f"calibration needs at least {MIN_IMAGES} scorable in-distribution images, found "
+                         f"{int(scorable.sum())}")  # fmt: skip
+    kept = scorable.tolist()
+    try:
+        return calibrate(select_rows(features, scorable), num_dims, bit_depth, fpr, applicable(num_classes),
+                         default=default, groups=[v for v, k in zip(volumes, kept, strict=True) if k],
+                         num_classes=num_classes, precision=precision,
+                         slots=[s for s, k in zip(slots, kept, strict=True) if k])  # fmt: skip
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def cross_fitted_map_statistics(
