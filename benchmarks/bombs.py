@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from bomb_factory import deflated_dicom_bomb, gzip_nifti_bomb, png_bomb
 from tables import emit, markdown
 
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series
 
 BOMBS = {  # name: (writer, inflated bytes)
     "cube.nii.gz": (lambda p: gzip_nifti_bomb(p, (1024, 1024, 1024)), 1024**3),

@@ -40,7 +40,7 @@ from tables import emit, markdown, rate
 
 from cdm_ood.data.anatomy import FOV_MM, brain_volume
 from cdm_ood.data.defects import LOCAL_ANOMALIES, draw_local_anomaly
-from cdm_ood.data.phantoms import manifest_sets
+from cdm_ood.data.manifest import manifest_sets
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.api import calibrate_checkpoint
 from cdm_ood.ood.detectors import MapDetector

@@ -24,7 +24,8 @@ import numpy as np
 from bombs import peak_of
 from tables import emit, markdown
 
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series
 
 SLICES = 16
 PER_FOLDER = 1000

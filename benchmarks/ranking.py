@@ -37,7 +37,7 @@ from tables import emit
 from cdm_ood.checkpoint import load_model
 from cdm_ood.data import iter_slices
 from cdm_ood.data.natural import bundled_mnist
-from cdm_ood.data.phantoms import make_phantoms
+from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.ranking import rank_restorations
 from cdm_ood.sampling import denoise
 

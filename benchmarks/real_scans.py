@@ -32,7 +32,7 @@ from ood_baselines import Benchmark, Scorer, atomic_text, by_detector, ddpm_scor
 from tables import emit
 
 from cdm_ood.checkpoint import load_model
-from cdm_ood.data.phantoms import is_manifest, manifest_sets
+from cdm_ood.data.manifest import is_manifest, manifest_sets
 from cdm_ood.data.readers import iter_slices
 from cdm_ood.data.records import Slice
 from cdm_ood.ood.api import OODDetector

@@ -20,7 +20,7 @@ from pathlib import Path
 from bombs import peak_of
 from tables import emit, markdown
 
-from cdm_ood.data.phantoms import make_phantoms
+from cdm_ood.data.phantom_sets import make_phantoms
 
 SLICES = 16  # per generated series
 

@@ -30,7 +30,7 @@ import torch
 from tables import emit, markdown
 
 from cdm_ood.data.discovery import discover
-from cdm_ood.data.phantoms import make_phantoms
+from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.data.readers import read_source
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.batch import auto_workers, score_sources

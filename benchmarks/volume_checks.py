@@ -33,7 +33,7 @@ import numpy as np
 from tables import emit, markdown, rate
 
 from cdm_ood.data.discovery import discover
-from cdm_ood.data.phantoms import manifest_sets
+from cdm_ood.data.manifest import manifest_sets
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.api import calibrate_checkpoint
 from cdm_ood.ood.batch import score_sources

@@ -25,7 +25,7 @@ from .classifier import ARCHS
 from .configs import bundled_names
 from .data.artifacts import MODALITIES
 from .data.natural import NATURAL_DATASETS
-from .data.phantoms import ANATOMIES, FORMATS
+from .data.phantom_sets import ANATOMIES, FORMATS
 from .data.presets import PRESETS
 from .errors import CdmOodError
 from .precision import PRECISIONS

@@ -29,7 +29,7 @@ from .config import Config, DataConfig
 from .data.errors import DataError
 from .data.medical import SPLITS, medical_dataset
 from .data.natural import load_natural
-from .data.phantoms import make_phantoms
+from .data.phantom_sets import make_phantoms
 from .data.presets import IntensityPreset, ct_preset, make_preset
 from .data.transforms import ImageTransformd
 from .distributed import Distributed

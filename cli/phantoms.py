@@ -13,7 +13,7 @@ import click
               help="The new or empty folder to write into.")  # fmt: skip
 @click.option("--n", "n", type=click.IntRange(min=1), required=True, help="Number of clean phantom volumes.")
 @click.option(
-    "--format", "fmt", required=True, help="dicom (series) or nifti (volumes): `cdm_ood.data.phantoms.FORMATS`."
+    "--format", "fmt", required=True, help="dicom (series) or nifti (volumes): `cdm_ood.data.phantom_sets.FORMATS`."
 )
 @click.option("--size", type=click.IntRange(min=16), default=64, show_default=True, help="Rows and columns.")
 @click.option("--slices", type=click.IntRange(min=1), default=16, show_default=True, help="Slices per volume.")
@@ -61,7 +61,7 @@ def make_phantoms_command(
     over 220 mm and --slices axial slices over 150 mm. Everything is reproducible from --seed.
     `cdm-ood evaluate OUT_DIR/manifest.csv --ood OUT_DIR/manifest.csv` evaluates each OOD set.
     """
-    from cdm_ood.data.phantoms import make_phantoms
+    from cdm_ood.data.phantom_sets import make_phantoms
 
     def report(done: int, total: int, path: str) -> None:
         click.echo(f"[{done}/{total}] {path}", err=True)

@@ -298,7 +298,7 @@ def evaluate_command(
 
 def _id_paths(paths: tuple[Path, ...]) -> list[Path]:
     """The in-distribution paths, a manifest standing for its clean volumes."""
-    from cdm_ood.data.phantoms import is_manifest, manifest_sets
+    from cdm_ood.data.manifest import is_manifest, manifest_sets
 
     return [v for p in paths for v in (manifest_sets(p).get("clean", []) if is_manifest(p) else [p])]
 
@@ -306,7 +306,7 @@ def _id_paths(paths: tuple[Path, ...]) -> list[Path]:
 def _ood_sets(specs: tuple[str, ...]) -> dict[str, list[Path]]:
     """`--ood [NAME=]PATH` values as named lists of paths: a repeated name is the union of its paths; a manifest
     without a name gives its corrupted sets, with a name all of them under that name."""
-    from cdm_ood.data.phantoms import is_manifest, manifest_sets
+    from cdm_ood.data.manifest import is_manifest, manifest_sets
 
     named: dict[str, list[Path]] = {}
     for spec in specs:

@@ -21,7 +21,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 from cdm_ood.ood.validation import calibrate_on_validation
 from cdm_ood.training import train
 

@@ -12,7 +12,8 @@ from processes import cdm, without_modules
 from cdm_ood.checkpoint import load_model
 from cdm_ood.config import ConfigError, load_config
 from cdm_ood.data.anatomy import brain_affine, brain_volume, draw_subject, render, tissue_maps
-from cdm_ood.data.phantoms import MANIFEST_COLUMNS, make_phantoms
+from cdm_ood.data.manifest import MANIFEST_COLUMNS
+from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.errors import UsageError
 from cdm_ood.training import train
 

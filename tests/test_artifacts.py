@@ -20,8 +20,9 @@ from cdm_ood.data.artifacts import (
 )
 from cdm_ood.data.discovery import discover
 from cdm_ood.data.geometry import BODY_LEVEL, COVERAGE, MISSING, ORIENTATIONS, cover, misorient
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.readers import iter_slices
+from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 from cdm_ood.data.wrong_modality import BUNDLED, wrong_modality_files
 
 

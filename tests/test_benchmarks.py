@@ -17,7 +17,7 @@ import torch
 from cdm_ood.checkpoint import load_checkpoint, load_model
 from cdm_ood.data.artifacts import ARTIFACTS
 from cdm_ood.data.natural import bundled_mnist
-from cdm_ood.data.phantoms import make_phantoms
+from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.ood.batch import auto_workers
 from cdm_ood.ood.detectors import DETECTORS
 
@@ -397,7 +397,7 @@ def test_local_anomalies_measure_each_kind_and_the_detection_limit(checkpoint, t
     contrast with a column per radius."""
     from cdm_ood.data.anatomy import brain_volume
     from cdm_ood.data.defects import LOCAL_ANOMALIES
-    from cdm_ood.data.phantoms import write_nifti
+    from cdm_ood.data.volume_files import write_nifti
 
     rng = np.random.default_rng(0)
     for k in range(6):

@@ -13,15 +13,8 @@ from processes import cdm
 from cdm_ood.data.artifacts import VALUE_RANGE
 from cdm_ood.data.defects import DEFECTS, draw_defect
 from cdm_ood.data.discovery import discover
-from cdm_ood.data.phantoms import (
-    MANIFEST_COLUMNS,
-    MASK_COLUMN,
-    is_manifest,
-    manifest_masks,
-    manifest_sets,
-    phantom_volume,
-    read_mask,
-)
+from cdm_ood.data.manifest import MANIFEST_COLUMNS, MASK_COLUMN, is_manifest, manifest_masks, manifest_sets, read_mask
+from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.readers import iter_slices
 from cdm_ood.errors import UsageError
 

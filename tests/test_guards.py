@@ -28,8 +28,9 @@ from cdm_ood.data.errors import (
     UnsupportedFormatError,
 )
 from cdm_ood.data.guards import MAX_VOXELS
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.readers import iter_slices
+from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 
 SECRET = "SMITH^JOHN"
 

@@ -8,7 +8,7 @@ import pytest
 
 from cdm_ood import OODDetector
 from cdm_ood.data.defects import DEFECTS
-from cdm_ood.data.phantoms import make_phantoms
+from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.errors import UsageError
 from cdm_ood.ood.localization import ALL, localize_defects
 from cdm_ood.ood.metrics import localization_metrics

@@ -20,7 +20,8 @@ from pydicom.uid import (
 )
 
 from cdm_ood.data import NotAnImageError, discover
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series
 
 
 def pixel_module(ds: Dataset, pixels: np.ndarray, bits: int) -> None:

@@ -14,7 +14,8 @@ from cdm_ood import OODDetector
 from cdm_ood.cli import main
 from cdm_ood.data import iter_slices
 from cdm_ood.data.errors import DataError
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 from cdm_ood.errors import UsageError
 from cdm_ood.ood.features import DENOISE_FRACTIONS
 from cdm_ood.ood.report import COLUMNS

@@ -14,7 +14,8 @@ from processes import cdm
 from cdm_ood import OODDetector, ScoreOODd
 from cdm_ood.data import iter_slices
 from cdm_ood.data.orientation import reader_slices
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series
 from cdm_ood.errors import UsageError
 
 # voxel axes (i, j, k) -> world: i runs to the left, j up, k backwards (an LPS-like, permuted, non-RAS affine)

@@ -15,7 +15,8 @@ import pytest
 from processes import WITHOUT_ROOT_OVERRIDE, cdm, clean_env
 from test_score import invoke
 
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 from cdm_ood.io import spreadsheet_value
 from cdm_ood.ood.outputs import ReportBusyError, ReportFiles
 

@@ -12,7 +12,9 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStor
 
 from cdm_ood.cli import main
 from cdm_ood.data.artifacts import ARTIFACTS, corrupt_volume, ghost_slices
-from cdm_ood.data.phantoms import MANIFEST_COLUMNS, phantom_volume, write_dicom_series
+from cdm_ood.data.manifest import MANIFEST_COLUMNS
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series
 
 SIZE, SLICES = 32, 4
 

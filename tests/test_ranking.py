@@ -185,7 +185,7 @@ def test_bad_arguments_are_named():
 
 
 def write_slice(image, folder):
-    from cdm_ood.data.phantoms import write_dicom_series
+    from cdm_ood.data.volume_files import write_dicom_series
 
     write_dicom_series(image[None].round(), folder, modality="ct", volume_index=0)
     return folder / "slice_000.dcm"

@@ -215,7 +215,8 @@ def test_nan_weights_are_refused_and_overflowing_scores_are_flagged(checkpoint, 
 
 
 def test_a_volume_with_nan_slices_never_passes(checkpoint, scans, tmp_path):
-    from cdm_ood.data.phantoms import phantom_volume, write_nifti
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.volume_files import write_nifti
 
     volume = phantom_volume(np.random.default_rng(5), size=16, slices=16)
     volume[:8] = np.nan  # slices 0-7: all NaN
@@ -264,7 +265,7 @@ def test_empty_and_unlistable_folders_fail_the_gate(checkpoint, scans, tmp_path)
 
 
 def test_python_api_transform_and_report_flag_unscorable_images_alike(checkpoint, scans, tmp_path):
-    from cdm_ood.data.phantoms import write_nifti
+    from cdm_ood.data.volume_files import write_nifti
 
     detector = OODDetector.from_checkpoint(checkpoint, threshold=1e12)  # every scorable image is `in`
     image = next(iter_slices(scans / "clean.nii.gz")).image
@@ -360,7 +361,8 @@ def test_every_run_is_tracked_in_mlflow_by_default(checkpoint, scans, tmp_path, 
 
 
 def test_calibrate_holds_out_whole_volumes_and_warns_when_too_few_for_the_fpr(checkpoint, tmp_path):
-    from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 
     data, rng = tmp_path / "val", np.random.default_rng(11)
     for k, n in enumerate((4, 5, 3, 6)):
@@ -429,7 +431,8 @@ def test_headers_that_disagree_with_themselves_flag_their_volume_on_every_path(c
     import pydicom
     from monai.transforms import EnsureChannelFirstd, LoadImaged
 
-    from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.volume_files import write_dicom_series, write_nifti
     from cdm_ood.ood.transforms import MONOCHROME1_LOADED
 
     scans, rng = tmp_path / "scans", np.random.default_rng(9)

@@ -16,7 +16,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from cdm_ood import NoiseSchedule, bits_per_dim
 from cdm_ood.data.anatomy import brain_affine, brain_volume
 from cdm_ood.data.geometry import misorient
-from cdm_ood.data.phantoms import write_nifti
+from cdm_ood.data.volume_files import write_nifti
 from cdm_ood.errors import UsageError
 from cdm_ood.ood import OODDetector, ScoreOODd
 from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks

@@ -15,7 +15,8 @@ from test_score import invoke
 from cdm_ood import OODDetector, ScoreOODd
 from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume
-from cdm_ood.data.phantoms import phantom_volume, write_dicom_series, write_nifti
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 from cdm_ood.training import train
 
 CONFIG = Path(__file__).parent.parent / "configs" / "phantoms-ct-3d.yaml"
@@ -180,7 +181,7 @@ def test_a_series_with_a_slice_of_another_size_is_one_flagged_volume_naming_the_
 
 
 def test_defects_are_localized_by_a_3d_model(model3d, tmp_path):
-    from cdm_ood.data.phantoms import make_phantoms
+    from cdm_ood.data.phantom_sets import make_phantoms
     from cdm_ood.ood.localization import ALL, localize_defects
 
     manifest = make_phantoms(tmp_path / "defects", 1, "dicom", size=16, slices=8, seed=2, defects=True)

@@ -5,7 +5,7 @@ from .discovery import SourceFile, detect_format, discover
 from .errors import DataError, NotAnImageError, UnreadableFileError, UnsupportedFormatError
 from .medical import medical_dataset, split_volumes
 from .natural import NATURAL_DATASETS, load_natural
-from .phantoms import make_phantoms
+from .phantom_sets import make_phantoms
 from .presets import PRESETS, IntensityPreset, fit_mr_preset, make_preset
 from .readers import iter_slices, read_file, read_source
 from .records import FLAG_CONSTANT, FLAG_NONFINITE, Slice, SliceSource, Volume

@@ -2,7 +2,7 @@
 
 The axes are those of `phantoms.phantom_volume` and of the readers (`iter_slices` gives slice k as `vol[k]`): k is
 the superior-inferior axis (axial slices), rows the anterior-posterior axis and columns the left-right axis; NIfTI
-written by `phantoms.write_nifti` stores `data[:, :, k] == vol[k].T` with a diagonal affine (RAS+), which the
+written by `volume_files.write_nifti` stores `data[:, :, k] == vol[k].T` with a diagonal affine (RAS+), which the
 readers' closest-canonical orientation leaves as it is. A copy written with the clean volume's affine (or DICOM
 geometry) still claims the original orientation while its data are wrong: the realistic error of a mis-sorted or
 mis-converted series, and the one these functions make.

@@ -53,7 +53,7 @@ def series_affine(
     orientation: Sequence[float], first: Sequence[float], spacing: Sequence[float], step: Sequence[float]
 ) -> np.ndarray:
     """The RAS affine of a DICOM series' voxels `data[col, row, k]` (slice k's pixel array transposed, the layout
-    of `phantoms.write_nifti`), from its ImageOrientationPatient (row, then column direction cosines), the first
+    of `volume_files.write_nifti`), from its ImageOrientationPatient (row, then column direction cosines), the first
     slice's ImagePositionPatient, PixelSpacing (between rows, between columns) and the step from one slice's
     position to the next, all in the patient's LPS millimetres."""
     affine = np.eye(4)

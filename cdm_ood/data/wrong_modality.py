@@ -21,7 +21,9 @@ import numpy as np
 
 from ..io import atomic_path
 from .artifacts import MODALITIES, check_modality
-from .phantoms import MANIFEST_COLUMNS, phantom_volume, write_nifti
+from .manifest import MANIFEST_COLUMNS
+from .phantoms import phantom_volume
+from .volume_files import write_nifti
 
 # name in the OOD folder -> (path inside pydicom/data/test_files, modality and body part)
 BUNDLED = {
@@ -67,7 +69,7 @@ def wrong_modality_files(
 ) -> list[dict]:
     """Write the wrong-modality files for a `modality` model into the new folder `out` (synthetic ones of `size`
     pixels, the other-modality phantom with `slices` slices); returns their manifest rows
-    (`phantoms.MANIFEST_COLUMNS`, artifact `wrong-modality`, paths relative to `out`'s parent)."""
+    (`manifest.MANIFEST_COLUMNS`, artifact `wrong-modality`, paths relative to `out`'s parent)."""
     from ..figures import save_png
 
     check_modality(modality)

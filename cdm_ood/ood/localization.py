@@ -1,5 +1,5 @@
 """Where the anomaly maps point, measured on the local defects of a `make-phantoms --defects` manifest: each defect
-volume's map on its own grid (the readers' slices, `map_outputs.to_native`) against its mask (`phantoms.read_mask`,
+volume's map on its own grid (the readers' slices, `map_outputs.to_native`) against its mask (`manifest.read_mask`,
 lined up with those slices), with `metrics.localization_metrics` per defect and over all defects. A defect is a
 volume: its peak is the highest voxel of the volume's map, and its pixels are all of the volume's."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.phantoms import manifest_masks, manifest_sets, read_mask
+from ..data.manifest import manifest_masks, manifest_sets, read_mask
 from ..data.volumes import iter_inputs
 from ..errors import UsageError
 from .api import OODDetector

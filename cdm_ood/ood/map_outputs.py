@@ -6,7 +6,7 @@
   (`COLORMAP`, more opaque where the map is higher; `score --maps` draws every map on one scale, `SCORE_DISPLAY`);
 - `<stem>_map.nii.gz`: for a NIfTI volume or a DICOM series, the slice maps stacked with the input's geometry
   (NIfTI: its shape, voxel order and affine; DICOM: the affine of its ImageOrientationPatient,
-  ImagePositionPatient and PixelSpacing, data `map[k].T` as `phantoms.write_nifti` stores a volume). Slices
+  ImagePositionPatient and PixelSpacing, data `map[k].T` as `volume_files.write_nifti` stores a volume). Slices
   without a map (flagged, not scored) are NaN.
 
 `<stem>` is the file name less its image suffix, or a DICOM series' folder name; a second input with the same
@@ -290,7 +290,7 @@ def _write_series_map(volume: _Volume, path: Path, depth: int) -> bool:
     import pydicom
 
     from ..data.orientation import series_affine
-    from ..data.phantoms import write_nifti
+    from ..data.volume_files import write_nifti
 
     indices = sorted(index for _, index in volume.slices)
     tags = ["ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness"]

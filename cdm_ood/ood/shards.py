@@ -31,10 +31,10 @@ from ..data.walk import DEFAULT_IGNORE, IgnoredFile
 from ..errors import UsageError
 from ..io import atomic_write, write_csv_atomic
 from ..progress import ProgressFactory
-from .api import OODDetector
 from .batch import iter_scored, report_rows
 from .map_outputs import MapWriter
 from .report import COLUMNS, FLOAT_COLUMNS, UNREADABLE
+from .scorer import Scorer
 from .volume_checks import VolumeCheck
 
 PART_COLUMNS = (*COLUMNS, "file_key")
@@ -142,7 +142,7 @@ def plan_shard(
 
 
 def score_into_parts(
-    detector: OODDetector,
+    detector: Scorer,
     sources: Sequence[SourceFile],
     errors: Sequence[DataError],
     parts: Path,
