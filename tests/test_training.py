@@ -254,3 +254,14 @@ def test_bad_configs_fail_before_any_work(tmp_path, bad):
                          text=True)  # fmt: skip
     assert out.returncode == 2 and out.stderr.startswith("error:") and len(out.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == [], "nothing written, no code from the value run"
+
+
+def test_a_data_root_without_scans_is_a_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    args = ["--config", "phantoms-ct", "--out-dir", "run", "--set", f"data.root={tmp_path / 'empty'}", "--set",
+            "data.phantoms=null", "--set", "tracking.enabled=false"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "cdm_ood.cli", "train", *args], cwd=tmp_path, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines()[-1] == (f"error: {tmp_path / 'empty'}: no readable scans to train on (set data.root "
+                                           "to a folder of DICOM/NIfTI scans)")  # fmt: skip

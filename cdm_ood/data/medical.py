@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..errors import UsageError
 from ..io import write_csv_atomic
 from .discovery import ErrorHandler, PathLike
 from .errors import DataError
@@ -69,7 +70,7 @@ def medical_dataset(
     for s in iter_slices(root, on_error=on_error):
         by_volume[s.source.volume_id].append(s)
     if not by_volume:
-        raise ValueError(f"no readable slices under {root}")
+        raise UsageError(f"{root}: no readable scans to train on (set data.root to a folder of DICOM/NIfTI scans)")
     assignment = split_volumes(list(by_volume), fractions, seed)
     splits: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
     rows: dict[str, dict[str, Any]] = {}

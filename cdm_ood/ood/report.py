@@ -40,16 +40,20 @@ AGGREGATES: dict[str, Callable[[np.ndarray], float]] = {
 }
 
 
-def judge(score: Optional[float], threshold: float, flags: Sequence[str] = ()) -> tuple[str, str]:
-    """(verdict, reason) of one image, the same on every path (report, Python API, MONAI transform, served model):
-    `flagged` when its header (`data.headers`: the field named), its pixels (NaN/inf, constant) or its score (NaN/inf)
-    cannot be trusted, else `ood` above the threshold and `in` otherwise. Nothing that could not be scored is ever
+def judge(
+    score: Optional[float], threshold: float, flags: Sequence[str] = (), failed: Sequence[str] = ()
+) -> tuple[str, str]:
+    """(verdict, reason) of one image or volume, the one rule of every path (report, Python API, MONAI transform,
+    served model, Spark): `flagged` when its header (`data.headers`: the field named), its pixels (NaN/inf,
+    constant) or its score (NaN/inf) cannot be trusted, else `ood` above the threshold or when a volume check it
+    must pass failed (`failed`: the checks' reasons), and `in` otherwise. Nothing that could not be scored is ever
     `in`."""
     if flags:
         return FLAGGED, f"{NOT_SCORED}{describe_flags(flags)}"
     if score is None or not math.isfinite(score):
         return FLAGGED, f"{NOT_SCORED}the model's score is not finite ({score})"
-    return (OOD, "score above threshold") if score > threshold else (IN, "")
+    reasons = [*(["score above threshold"] if score > threshold else []), *failed]
+    return (OOD, "; ".join(reasons)) if reasons else (IN, "")
 
 
 def slice_row(
@@ -171,7 +175,7 @@ def volume_rows(
             why = _why_flagged(members)
             verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
         else:
-            verdict = OOD if score > threshold or failed else IN
+            verdict, _ = judge(score, threshold, failed=failed)
         found = {c: [r[c] for r in members if r.get(c) is not None and math.isfinite(r[c])] for c in STATISTICS}
         out.append(row | {"score": score, "verdict": verdict, "reason": reason} |
                    {c: float((np.max if c in MAP_COLUMNS else np.mean)(v)) if v else None
