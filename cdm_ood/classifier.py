@@ -9,6 +9,8 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
+from .errors import UsageError
+
 ARCHS = ("unet", "encoder")
 
 
@@ -42,7 +44,7 @@ class CDMClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
+            raise UsageError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
         self.T = T
         self.num_classes = num_classes
         self.arch = arch

@@ -53,7 +53,7 @@ OPERATOR_SAMPLES = 8  # posterior samples for E[x | y] under a degradation opera
 def check_prior_weight(beta: float) -> float:
     """beta itself; ValueError unless it is a finite number >= 0."""
     if not (math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"the prior weight must be a finite number >= 0, got {beta}")
+        raise UsageError(f"the prior weight must be a finite number >= 0, got {beta}")
     return beta
 
 
@@ -154,10 +154,10 @@ def rank_restorations(
         raise UsageError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
     criterion = resolve_criterion(criterion, operator)
     if criterion != "prior" and (sigma is None or sigma <= 0):
-        raise ValueError(f"criterion {criterion!r} needs a positive noise std sigma")
+        raise UsageError(f"criterion {criterion!r} needs a positive noise std sigma")
     check_prior_weight(prior_weight)
     if criterion in ("map", "expected-mse", "candidate-posterior") and observed is None:
-        raise ValueError(f"criterion {criterion!r} needs the observed (degraded) image")
+        raise UsageError(f"criterion {criterion!r} needs the observed (degraded) image")
     y = None
     if observed is not None:
         one = candidates[:1] if operator is None else operator(candidates[:1])

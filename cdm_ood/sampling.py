@@ -54,7 +54,7 @@ def guided_denoiser(
 def strided_levels(top: int, steps: int) -> list[int]:
     """`steps` distinct noise levels from `top` down to 1, evenly strided (every level when steps == top)."""
     if not 1 <= steps <= top:
-        raise ValueError(f"steps must be in 1..{top}, got {steps}")
+        raise UsageError(f"steps must be in 1..{top}, got {steps}")
     return [math.floor(v + 0.5) for v in torch.linspace(top, 1, steps, dtype=torch.float64).tolist()]
 
 
@@ -198,6 +198,6 @@ def denoise(
 def matching_level(schedule: NoiseSchedule, sigma: float) -> int:
     """The level t in 1..T whose noise-to-signal ratio sigma_t / alpha_t is closest to `sigma` (in log)."""
     if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+        raise UsageError(f"sigma must be positive, got {sigma}")
     ratio = schedule.sigma[1:-1] / schedule.sqrt_alpha_bar[1:-1]
     return int((ratio.log() - math.log(sigma)).abs().argmin()) + 1

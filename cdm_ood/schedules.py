@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import UsageError
+
 KINDS = ("linear", "uniform", "cosine")
 
 
@@ -27,9 +29,9 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown noise schedule {self.kind!r}; expected one of {KINDS}")
+            raise UsageError(f"unknown noise schedule {self.kind!r}; expected one of {KINDS}")
         if not isinstance(self.T, int) or self.T < 1:
-            raise ValueError(f"T must be a positive integer, got {self.T!r}")
+            raise UsageError(f"T must be a positive integer, got {self.T!r}")
         inner = _INNER[self.kind](self.T, **self.params)
         alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), inner, torch.zeros(1, dtype=torch.float64)])
         object.__setattr__(self, "alpha_bar", alpha_bar)
@@ -72,7 +74,7 @@ class NoiseSchedule:
         """The schedule a `cdm_ood.config.ScheduleConfig` describes (kind, T, and beta_start / beta_end for
         `linear`)."""
         if config.kind not in KINDS:
-            raise ValueError(f"unknown noise schedule {config.kind!r}; expected one of {KINDS}")
+            raise UsageError(f"unknown noise schedule {config.kind!r}; expected one of {KINDS}")
         if config.kind == "linear":
             return cls.linear(config.T, config.beta_start, config.beta_end)
         return cls.uniform(config.T) if config.kind == "uniform" else cls.cosine(config.T)

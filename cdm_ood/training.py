@@ -33,6 +33,7 @@ from .data.phantom_sets import make_phantoms
 from .data.presets import IntensityPreset, ct_preset, make_preset
 from .data.transforms import ImageTransformd
 from .distributed import Distributed
+from .errors import UsageError
 from .likelihood import bits_per_dim, log_likelihood_profile
 from .losses import CDMLoss, cdm_loss
 from .precision import autocast
@@ -102,10 +103,10 @@ def build_data(
     if num_classes is not None:
         bad = {s["label"] for split in splits.values() for s in split} - set(range(num_classes))
         if bad:
-            raise ValueError(f"model.num_classes={num_classes} but the data has labels {sorted(bad)[:5]}")
+            raise UsageError(f"model.num_classes={num_classes} but the data has labels {sorted(bad)[:5]}")
     if not splits["train"] or not splits["val"]:
         sizes = {k: len(v) for k, v in splits.items()}
-        raise ValueError(f"training needs non-empty train and val splits, got {sizes}")
+        raise UsageError(f"training needs non-empty train and val splits, got {sizes}")
     preset = fit_preset(cfg, splits["train"])
     transform = ImageTransformd("image", preset, cfg.size, cfg.channels, multiple=1)
     train, val = (CacheDataset(splits[k], transform, progress=False) for k in ("train", "val"))
@@ -234,7 +235,7 @@ def train(
     sampler = DistributedSampler(data.train, ddp.world, ddp.rank, shuffle=True, seed=config.train.seed, drop_last=True)
     batches_per_epoch = len(sampler) // config.train.batch_size
     if batches_per_epoch == 0:
-        raise ValueError(f"train split ({len(data.train)} samples) smaller than one global batch")
+        raise UsageError(f"train split ({len(data.train)} samples) smaller than one global batch")
     info = {
         "global_batch": config.train.batch_size * ddp.world,
         "world_size": ddp.world,

@@ -117,3 +117,35 @@ def test_a_process_forked_warm_runs_a_command_as_a_fresh_interpreter_does(tmp_pa
     for args in (("score", "scans", "--checkpoint", "none.pt"), ("score", "missing"), ("--version",)):
         warm, fresh = (cdm(*args, cwd=tmp_path, fresh=f) for f in (False, True))
         assert (warm.returncode, warm.stdout, warm.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr), args
+
+
+def user_mistakes(checkpoint: Path, scans: Path, tmp: Path) -> dict[str, list[object]]:
+    """One mistake a user can make per command: each must end in exit 2 and one `error:` line."""
+    (tmp / "empty").mkdir()
+    (tmp / "bad.pt").write_text("not a checkpoint")
+    copy = tmp / "model.pt"  # calibrate must not touch the shared checkpoint, even when it fails
+    copy.write_bytes(checkpoint.read_bytes())
+    scan, empty = scans / "clean.nii.gz", tmp / "empty"
+    return {
+        "make-phantoms": ["--out-dir", tmp / "p", "--n", 1, "--format", "png"],
+        "train": ["--config", "phantoms-ct", "--out-dir", tmp / "run", "--set", f"data.root={empty}", "--set",
+                  "data.phantoms=null", "--set", "tracking.enabled=false"],
+        "calibrate": [empty, "--checkpoint", copy],
+        "score": [scan, "--checkpoint", checkpoint, "--threshold", "nan", "--out", tmp / "r.csv"],
+        "evaluate": [scan, "--checkpoint", checkpoint, "--ood", f"x={empty}", "--out-dir", tmp / "ev", "--no-mlflow"],
+        "rank-restorations": [scan, "--checkpoint", checkpoint, "--criterion", "nope"],
+        "sample": ["--checkpoint", checkpoint, "--steps", 0, "--out", tmp / "s.png"],
+        "denoise": [scan, "--checkpoint", checkpoint, "--sigma", -1, "--out-dir", tmp / "dn"],
+        "log-model": ["--checkpoint", tmp / "bad.pt", "--tracking-uri", f"sqlite:///{tmp / 'm.db'}"],
+        "serve": [tmp / "bad.pt"],
+    }  # fmt: skip
+
+
+def test_every_command_answers_a_users_mistake_with_exit_2_and_one_error_line(checkpoint, scans, tmp_path):
+    """The exit codes of every command (README.md, "Usage"): 2 for what the user can fix, on one line, no traceback."""
+    mistakes = user_mistakes(checkpoint, scans, tmp_path)
+    assert set(mistakes) == set(main.commands), "a new command needs its mistake here"
+    for command, args in mistakes.items():
+        out = CliRunner().invoke(main, [command, *map(str, args)])
+        errors = [line for line in out.stderr.splitlines() if line.lower().startswith("error")]
+        assert out.exit_code == 2 and len(errors) == 1 and "Traceback" not in out.stderr, (command, out.stderr)

@@ -27,7 +27,7 @@ def split_volumes(volume_ids: Sequence[str], fractions: Sequence[float] = (0.8, 
     test get at least one each; train always gets at least one.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise UsageError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     ids = sorted(set(volume_ids))
     n = len(ids)
     order = [ids[i] for i in np.random.default_rng(seed).permutation(n)]

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from ..errors import UsageError
 from .medical import SPLITS
 from .transforms import LUMA
 
@@ -64,9 +65,9 @@ def split_indices(
         stratify: keep per-class proportions in every split.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"fractions must be (train > 0, val >= 0, test >= 0) summing to 1, got {tuple(fractions)}")
+        raise UsageError(f"fractions must be (train > 0, val >= 0, test >= 0) summing to 1, got {tuple(fractions)}")
     labels = np.asarray(labels)
 
     def carve(index: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -115,19 +116,19 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
-        raise ValueError(f"{path}: cannot read IDX file ({exc})") from exc
+        raise UsageError(f"{path}: cannot read IDX file ({exc})") from exc
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     found = int.from_bytes(raw[:4], "big")
     if len(raw) >= 4 and found != magic:
-        raise ValueError(f"{path}: IDX magic number 0x{found:08X}, expected 0x{magic:08X}")
+        raise UsageError(f"{path}: IDX magic number 0x{found:08X}, expected 0x{magic:08X}")
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
+        raise UsageError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
-        raise ValueError(f"{path}: IDX images of size {dims[1]}x{dims[2]}")
+        raise UsageError(f"{path}: IDX images of size {dims[1]}x{dims[2]}")
     if len(raw) != header + int(np.prod(dims)):
-        raise ValueError(f"{path}: {len(raw) - header} data bytes, header dimensions {dims} need {int(np.prod(dims))}")
+        raise UsageError(f"{path}: {len(raw) - header} data bytes, header dimensions {dims} need {int(np.prod(dims))}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -139,7 +140,7 @@ def idx_dataset(images_path: str | Path, labels_path: str | Path | None = None, 
     if labels_path is not None:
         labels = _read_idx(Path(labels_path), _IDX_LABELS)
         if len(labels) != len(images):
-            raise ValueError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+            raise UsageError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
     return [_sample(images[i][None], labels[i], name, str(images_path), i) for i in range(len(images))]
 
 
@@ -158,28 +159,28 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with path.open("rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # any failure to unpickle untrusted bytes means the file is not a CIFAR batch
-        raise ValueError(f"{path}: not a readable CIFAR batch ({exc})") from exc
+        raise UsageError(f"{path}: not a readable CIFAR batch ({exc})") from exc
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: CIFAR batch is a {type(batch).__name__}, expected a dict")
+        raise UsageError(f"{path}: CIFAR batch is a {type(batch).__name__}, expected a dict")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = batch.get("data"), np.asarray(batch.get("labels", []))
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: CIFAR batch needs 'data' as uint8 (N, 3072)")
+        raise UsageError(f"{path}: CIFAR batch needs 'data' as uint8 (N, 3072)")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: CIFAR batch has {labels.size} labels for {len(data)} images")
+        raise UsageError(f"{path}: CIFAR batch has {labels.size} labels for {len(data)} images")
     return data.reshape(-1, 3, 32, 32), labels
 
 
 def _check_channels(channels: int) -> None:
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise UsageError(f"channels must be 1 or 3, got {channels}")
 
 
 def cifar10_dataset(root: str | Path, split: str = "train", channels: int = 3) -> list[Sample]:
     """CIFAR-10 python batches in `root` (`data_batch_1..5` for train, `test_batch` for test), images (3, 32, 32)."""
     _check_channels(channels)
     if split not in ("train", "test"):
-        raise ValueError(f"CIFAR-10 files hold the splits 'train' and 'test', got {split!r}")
+        raise UsageError(f"CIFAR-10 files hold the splits 'train' and 'test', got {split!r}")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     samples = []
     for path in (Path(root) / name for name in names):
@@ -193,17 +194,17 @@ def cifar10_dataset(root: str | Path, split: str = "train", channels: int = 3) -
 def _list_images(root: Path, extensions: Sequence[str]) -> tuple[list[Path], list[int]]:
     """Image files under `root`, sorted, with labels from first-level subfolders (sorted names) or -1 if flat."""
     if not root.is_dir():
-        raise ValueError(f"{root}: not a folder")
+        raise UsageError(f"{root}: not a folder")
     suffixes = {e.lower() for e in extensions}
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not paths:
-        raise ValueError(f"{root}: no images with extensions {', '.join(sorted(suffixes))}")
+        raise UsageError(f"{root}: no images with extensions {', '.join(sorted(suffixes))}")
     parts = [p.relative_to(root).parts for p in paths]
     nested = [len(part) > 1 for part in parts]
     if not any(nested):
         return paths, [-1] * len(paths)
     if not all(nested):
-        raise ValueError(f"{root}: images both in class subfolders and directly in the folder")
+        raise UsageError(f"{root}: images both in class subfolders and directly in the folder")
     classes = {name: k for k, name in enumerate(sorted({part[0] for part in parts}))}
     return paths, [classes[part[0]] for part in parts]
 
@@ -213,7 +214,7 @@ def _load_image(path: Path, size: tuple[int, int] | None, channels: int) -> np.n
     try:
         with Image.open(path) as im:
             if im.mode.startswith(("I", "F")):
-                raise ValueError(f"{path}: {im.mode} images are not 8-bit")
+                raise UsageError(f"{path}: {im.mode} images are not 8-bit")
             im = im.convert("L" if channels == 1 else "RGB")
             if size is not None:  # crop the largest centred box of the target aspect ratio, then resize it
                 scale = min(im.width / size[1], im.height / size[0])
@@ -222,7 +223,7 @@ def _load_image(path: Path, size: tuple[int, int] | None, channels: int) -> np.n
                 im = im.crop((left, top, left + w, top + h)).resize((size[1], size[0]), Image.Resampling.LANCZOS)
             array = np.asarray(im, dtype=np.float32)
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{path}: unreadable image ({exc})") from exc
+        raise UsageError(f"{path}: unreadable image ({exc})") from exc
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
@@ -292,7 +293,7 @@ def load_natural(
     seeded stratified split; the others split everything with `fractions` (default 0.8/0.1/0.1).
     """
     if name not in NATURAL_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(NATURAL_DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; valid names: {', '.join(NATURAL_DATASETS)}")
     if root is None and name not in _BUNDLED:
-        raise ValueError(f"dataset {name!r} reads local files: pass root=<folder>")
+        raise UsageError(f"dataset {name!r} reads local files: pass root=<folder>")
     return NATURAL_DATASETS[name](split=split, root=root, seed=seed, **kwargs)

@@ -138,7 +138,7 @@ def make_phantoms(
     if anatomy == "brain" and (fmt, modality) != ("nifti", "mr"):
         raise UsageError(f"brain subjects are MR volumes written as NIfTI, got format {fmt!r}, modality {modality!r}")
     if n < 1 or seed < 0:
-        raise ValueError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
+        raise UsageError(f"need n >= 1 and seed >= 0, got n={n}, seed={seed}")
     draw, affine = _generator(anatomy, size, slices, modality)
     out = Path(out)
     _prepare_out(out)

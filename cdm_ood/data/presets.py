@@ -14,6 +14,8 @@ from typing import Any, Optional
 import numpy as np
 from monai.transforms import ScaleIntensity, ScaleIntensityRange, Transform
 
+from ..errors import UsageError
+
 PRESETS = ("ct", "mr", "uint8", "minmax")
 
 
@@ -33,12 +35,12 @@ class IntensityPreset:
 
     def __post_init__(self) -> None:
         if self.name not in PRESETS:
-            raise ValueError(f"unknown intensity preset {self.name!r}; expected one of {PRESETS}")
+            raise UsageError(f"unknown intensity preset {self.name!r}; expected one of {PRESETS}")
         fixed = self.name != "minmax"
         if fixed and (self.a_min is None or self.a_max is None or not self.a_min < self.a_max):
-            raise ValueError(f"preset {self.name!r} needs a_min < a_max, got [{self.a_min}, {self.a_max}]")
+            raise UsageError(f"preset {self.name!r} needs a_min < a_max, got [{self.a_min}, {self.a_max}]")
         if not fixed and (self.a_min is not None or self.a_max is not None):
-            raise ValueError("preset 'minmax' takes no range: it rescales every image on its own")
+            raise UsageError("preset 'minmax' takes no range: it rescales every image on its own")
 
     def transform(self) -> Transform:
         """The MONAI array transform that applies this preset to a (C, H, W) image."""
@@ -88,7 +90,7 @@ def fit_mr_preset(
     """
     images = list(images)
     if not images:
-        raise ValueError("cannot fit the 'mr' preset on an empty training set")
+        raise UsageError("cannot fit the 'mr' preset on an empty training set")
     total = sum(img.size for img in images)
     keep = min(1.0, max_values / total)
     rng = np.random.default_rng(seed)
@@ -97,7 +99,7 @@ def fit_mr_preset(
     )
     lo, hi = np.percentile(pooled[np.isfinite(pooled)], percentiles)
     if not lo < hi:
-        raise ValueError(f"training intensities are constant between the {percentiles} percentiles ({lo})")
+        raise UsageError(f"training intensities are constant between the {percentiles} percentiles ({lo})")
     return IntensityPreset("mr", float(lo), float(hi))
 
 
@@ -111,6 +113,6 @@ def make_preset(name: str, images: Optional[Iterable[np.ndarray]] = None, **para
         return minmax_preset()
     if name == "mr":
         if images is None:
-            raise ValueError("the 'mr' preset is fitted on the training images; none were given")
+            raise UsageError("the 'mr' preset is fitted on the training images; none were given")
         return fit_mr_preset(images, **params)
-    raise ValueError(f"unknown intensity preset {name!r}; expected one of {PRESETS}")
+    raise UsageError(f"unknown intensity preset {name!r}; expected one of {PRESETS}")

@@ -10,6 +10,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, EnsureType, MapTransform, Resize, Transform
 
+from ..errors import UsageError
 from .presets import IntensityPreset
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
@@ -20,7 +21,7 @@ class ToChannels(Transform):
 
     def __init__(self, channels: int) -> None:
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise UsageError(f"channels must be 1 or 3, got {channels}")
         self.channels = channels
 
     def __call__(self, img: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -52,7 +53,7 @@ def check_spatial_size(spatial_size: Sequence[int], multiple: int = 4) -> tuple[
     """(H, W) or (D, H, W), each a positive multiple of `multiple` (the UNet halves the size at every level)."""
     size = tuple(int(s) for s in spatial_size)
     if len(size) not in (2, 3) or any(s <= 0 or s % multiple for s in size):
-        raise ValueError(f"spatial size must be 2 or 3 positive multiples of {multiple}, got {tuple(spatial_size)}")
+        raise UsageError(f"spatial size must be 2 or 3 positive multiples of {multiple}, got {tuple(spatial_size)}")
     return size
 
 

@@ -213,5 +213,5 @@ def write_report(path: str | Path, rows: Sequence[dict], info: dict[str, Any]) -
         rows = [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows]
         write_csv_atomic(path, COLUMNS, rows, for_people=True)
     else:
-        raise ValueError(f"{path}: the report must be .csv or .json")
+        raise UsageError(f"{path}: the report must be .csv or .json")
     return path
