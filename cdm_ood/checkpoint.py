@@ -175,6 +175,36 @@ def training_run_id(path: str | Path, payload: dict[str, Any]) -> Optional[str]:
     return run_id
 
 
+@dataclass(frozen=True)
+class TrainingState:
+    """Where a training run stands: the entries of a full checkpoint (`checkpoints/step_*.pt`) that resuming
+    restores, typed. `step` is the number of optimizer steps done; `model`, `ema`, `optimizer` and `scheduler`
+    are state dicts; `generator` is the state of the generator of every step's draws, so a resumed run continues
+    exactly."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    generator: torch.Tensor
+
+    def entries(self) -> dict[str, Any]:
+        """The checkpoint entries that hold this state (`from_checkpoint` reads them back)."""
+        return {"step": self.step, "model": self.model, "ema": self.ema, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "rng": {"generator": self.generator}}  # fmt: skip
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, payload: Mapping[str, Any]) -> TrainingState:
+        """The state in a loaded full checkpoint; `CheckpointError` for one that holds only the model (`model.pt`)."""
+        missing = [k for k in ("model", "optimizer", "scheduler", "rng") if k not in payload]
+        if missing:
+            raise CheckpointError(f"{path}: not a full training checkpoint (no {', '.join(missing)}): resume from a "
+                                  "run folder or one of its checkpoints/step_*.pt")  # fmt: skip
+        return cls(payload["step"], payload["model"], payload["ema"], payload["optimizer"], payload["scheduler"],
+                   payload["rng"]["generator"])  # fmt: skip
+
+
 def ema_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The EMA weights (the model used for scoring) as a plain `CDMClassifier` state dict."""
     return {k.removeprefix("module."): v for k, v in payload["ema"].items() if k.startswith("module.")}

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import TrainingState, save_checkpoint
 from .config import Config, DataConfig
 from .data.errors import DataError
 from .data.medical import SPLITS, medical_dataset
@@ -191,148 +191,179 @@ def validate(model: torch.nn.Module, val: CacheDataset, config: Config, schedule
 def train(
     config: Config,
     out_dir: str | Path,
-    resume: Optional[str | Path] = None,
+    resume: Optional[TrainingState] = None,
     callbacks: Sequence[Callback] = (),
     on_data_error: Callable[[DataError], None] = lambda err: log.warning("skipped %s", err),
     finish: Sequence[Finisher] = (),
 ) -> Path:
-    """Train a CDM as configured (the loop is `fit`); returns the path of the final model checkpoint
-    (`out_dir/model.pt`). `finish` callbacks run on the EMA model at the end and add their entries to that
-    checkpoint: `cdm-ood train` passes the OOD calibration on the validation split
-    (`ood.validation.calibrate_on_validation`)."""
+    """Train a CDM as configured, from `resume` (a full checkpoint's `TrainingState`) when given; returns the path
+    of the final model checkpoint (`out_dir/model.pt`). `finish` callbacks run on the EMA model at the end and add
+    their entries to that checkpoint: `cdm-ood train` passes the OOD calibration on the validation split
+    (`ood.validation.calibrate_on_validation`). The steps: start the processes, prepare the data, build the run,
+    restore it, run `fit` with logging, validation and checkpoints after each step, finish."""
+    ddp = start_processes(config)
+    out_dir = Path(out_dir)
+    data = prepare_data(config, out_dir, ddp, on_data_error)
+    run = TrainingRun(config, data, pick_device(config, ddp), ddp, out_dir, callbacks if ddp.main else ())
+    if resume is not None:
+        run.restore(resume)
+    final = run.run(finish)
+    if ddp.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def start_processes(config: Config) -> Distributed:
+    """This process's place among torchrun's (its process group joined when there are several), its threads and
+    its seed."""
     ddp = Distributed.from_env()
     if ddp.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and config.train.device != "cpu" else "gloo")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    device = pick_device(config, ddp)
-    out_dir = Path(out_dir)
-    callbacks = callbacks if ddp.main else ()
     torch.manual_seed(config.train.seed)
+    return ddp
+
+
+def prepare_data(
+    config: Config, out_dir: Path, ddp: Distributed, on_data_error: Callable[[DataError], None]
+) -> TrainingData:
+    """The configured phantoms generated once (rank 0, the others wait), then every rank's datasets; rank 0 writes
+    the split manifest."""
     if ddp.main:
         ensure_phantoms(config.data)
     ddp.barrier()
     manifest = out_dir / "split_manifest.csv" if ddp.main else None
-    data = build_data(config.data, manifest, on_data_error, config.model.num_classes)
-    spec = ModelSpec.from_config(config, data.preset)
-    schedule = spec.noise_schedule()
-    model = spec.build_classifier().to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay), use_buffers=True)
-    net = DistributedDataParallel(model) if ddp.world > 1 else model  # default mode: right for double backward
-    o = config.optim
-    optimizer = torch.optim.Adam(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.warmup_steps, o.decay_every, o.decay_factor))
-    generator = torch.Generator().manual_seed(config.train.seed)
-    step = 0
-    if resume is not None:
-        state = load_checkpoint(resume)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["rng"]["generator"])
-        step = state["step"]
-    sampler = DistributedSampler(data.train, ddp.world, ddp.rank, shuffle=True, seed=config.train.seed, drop_last=True)
-    batches_per_epoch = len(sampler) // config.train.batch_size
-    if batches_per_epoch == 0:
-        raise UsageError(f"train split ({len(data.train)} samples) smaller than one global batch")
-    info = {
-        "global_batch": config.train.batch_size * ddp.world,
-        "world_size": ddp.world,
-        "device": str(device),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "start_step": step,
-        **data.stats,
-    }
-    image_shape = data.train[0]["image"].shape
-    for cb in callbacks:
-        cb.on_start(config, info)
+    return build_data(config.data, manifest, on_data_error, config.model.num_classes)
 
-    def save(path: Path, full: bool, **extra: Any) -> Path:
-        payload = {
-            **{k: v for cb in callbacks for k, v in cb.checkpoint_entries().items()},
-            **extra,
-            "step": step,
-            "config": config.to_dict(),
-            "spec": spec.to_dict(),
-            "ema": ema.state_dict(),
-        }
-        if full:
-            payload |= {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"generator": generator.get_state()},
-            }
-        return save_checkpoint(path, payload)
 
-    def batches() -> Iterator[dict[str, Any]]:
+class TrainingRun:
+    """One run of Algorithm 1: the model, its EMA, the optimizer, the scheduler and the generator of each step's
+    draws (`state`, `restore`), the global batches from the current step (`batches`), the loss (`loss`), what
+    happens after each step (`after_step`: log, validate, checkpoint) and the end (`run`)."""
+
+    def __init__(
+        self, config: Config, data: TrainingData, device: torch.device, ddp: Distributed, out_dir: Path,
+        callbacks: Sequence[Callback],
+    ) -> None:  # fmt: skip
+        self.config, self.data, self.device, self.ddp, self.out_dir = config, data, device, ddp, out_dir
+        self.callbacks = callbacks
+        self.spec = ModelSpec.from_config(config, data.preset)
+        self.schedule = self.spec.noise_schedule()
+        self.model = self.spec.build_classifier().to(device)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay),
+                                 use_buffers=True)  # fmt: skip
+        # default mode: right for the double backward of the denoiser loss
+        self.net = DistributedDataParallel(self.model) if ddp.world > 1 else self.model
+        o = config.optim
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(o.warmup_steps, o.decay_every, o.decay_factor)
+        )
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.step = 0
+        self.sampler = DistributedSampler(data.train, ddp.world, ddp.rank, shuffle=True, seed=config.train.seed,
+                                          drop_last=True)  # fmt: skip
+        self.batches_per_epoch = len(self.sampler) // config.train.batch_size
+        if self.batches_per_epoch == 0:
+            raise UsageError(f"train split ({len(data.train)} samples) smaller than one global batch")
+        self.image_shape = data.train[0]["image"].shape
+        self.timer = 0.0  # of the last logged step (`run` starts it)
+
+    def state(self) -> TrainingState:
+        return TrainingState(self.step, self.model.state_dict(), self.ema.state_dict(), self.optimizer.state_dict(),
+                             self.scheduler.state_dict(), self.generator.get_state())  # fmt: skip
+
+    def restore(self, state: TrainingState) -> None:
+        self.model.load_state_dict(state.model)
+        self.ema.load_state_dict(state.ema)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.generator.set_state(state.generator)
+        self.step = state.step
+
+    def save(self, path: Path, full: bool, **extra: Any) -> Path:
+        """A checkpoint: the spec, config and EMA (the model for scoring) with `extra`; `full` adds the
+        `TrainingState` that resuming needs."""
+        payload = {**{k: v for cb in self.callbacks for k, v in cb.checkpoint_entries().items()}, **extra,
+                   "step": self.step, "config": self.config.to_dict(), "spec": self.spec.to_dict(),
+                   "ema": self.ema.state_dict()}  # fmt: skip
+        return save_checkpoint(path, payload | (self.state().entries() if full else {}))
+
+    def batches(self) -> Iterator[dict[str, Any]]:
         """This rank's share of each step's global batch with the step's draws, from `step` to the last step."""
-        epoch, position = divmod(step, batches_per_epoch)
+        config, ddp = self.config, self.ddp
+        epoch, position = divmod(self.step, self.batches_per_epoch)
         while True:
-            order = epoch_batches(sampler, epoch, config.train.batch_size)[position:]
-            for batch in DataLoader(data.train, batch_sampler=order, num_workers=config.data.num_workers):
+            order = epoch_batches(self.sampler, epoch, config.train.batch_size)[position:]
+            for batch in DataLoader(self.data.train, batch_sampler=order, num_workers=config.data.num_workers):
                 draws = {k: v[ddp.rank :: ddp.world] for k, v in draw_step_randomness(
-                    generator, config, schedule, image_shape, ddp.world).items()}  # fmt: skip
-                flip = draws["flip"].view(-1, *[1] * len(image_shape))
+                    self.generator, config, self.schedule, self.image_shape, ddp.world).items()}  # fmt: skip
+                flip = draws["flip"].view(-1, *[1] * len(self.image_shape))
                 labels = None
                 if config.model.num_classes is not None:
-                    labels = torch.where(draws["drop"], model.null_label, batch["label"]).to(device)
-                yield {"x0": torch.where(flip, batch["image"].flip(-1), batch["image"]).to(device), "labels": labels,
-                       "t": draws["t"].to(device), "noise": draws["noise"].to(device)}  # fmt: skip
+                    labels = torch.where(draws["drop"], self.model.null_label, batch["label"]).to(self.device)
+                yield {"x0": torch.where(flip, batch["image"].flip(-1), batch["image"]).to(self.device),
+                       "labels": labels, "t": draws["t"].to(self.device),
+                       "noise": draws["noise"].to(self.device)}  # fmt: skip
             epoch, position = epoch + 1, 0
 
-    def loss(batch: dict[str, Any]) -> CDMLoss:
+    def loss(self, batch: dict[str, Any]) -> CDMLoss:
         """Algorithm 1 on one batch, through the DDP wrapper (under bfloat16 autocast with `train.precision`)."""
-        c = config.loss
-        with autocast(device, config.train.precision):
-            return cdm_loss(net, batch["x0"], schedule, ce_weight=c.ce_weight, mse_weight=c.mse_weight, t=batch["t"],
-                            noise=batch["noise"], labels=batch["labels"])  # fmt: skip
+        c = self.config.loss
+        with autocast(self.device, self.config.train.precision):
+            return cdm_loss(self.net, batch["x0"], self.schedule, ce_weight=c.ce_weight, mse_weight=c.mse_weight,
+                            t=batch["t"], noise=batch["noise"], labels=batch["labels"])  # fmt: skip
 
-    timer = time.perf_counter()
-
-    def after_step(done: int, out: CDMLoss) -> None:
+    def after_step(self, done: int, out: CDMLoss) -> None:
         """Log, validate and checkpoint on the configured steps."""
-        nonlocal step, timer
-        step, t = done, config.train
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed, timer = time.perf_counter() - timer, time.perf_counter()
+        self.step, t = done, self.config.train
+        if self.step % t.log_every == 0 or self.step == t.steps:
+            elapsed, self.timer = time.perf_counter() - self.timer, time.perf_counter()
             metrics = {
                 "loss": out.loss.item(), "mse": out.mse.item(), "ce": out.ce.item(),
-                "accuracy": out.accuracy.item(), "lr": scheduler.get_last_lr()[0],
-                "steps_per_s": min(t.log_every, step) / elapsed if elapsed > 0 else math.nan,
+                "accuracy": out.accuracy.item(), "lr": self.scheduler.get_last_lr()[0],
+                "steps_per_s": min(t.log_every, self.step) / elapsed if elapsed > 0 else math.nan,
             }  # fmt: skip
-            for cb in callbacks:
-                cb.on_step(step, metrics)
-        if ddp.main and (step % t.val_every == 0 or step == t.steps):
-            metrics = validate(ema.module, data.val, config, schedule, device)
-            for cb in callbacks:
-                cb.on_validation(step, metrics)
-        if ddp.main and (step % t.checkpoint_every == 0 or step == t.steps):
-            path = save(out_dir / "checkpoints" / f"step_{step:07d}.pt", full=True)
+            for cb in self.callbacks:
+                cb.on_step(self.step, metrics)
+        if self.ddp.main and (self.step % t.val_every == 0 or self.step == t.steps):
+            metrics = validate(self.ema.module, self.data.val, self.config, self.schedule, self.device)
+            for cb in self.callbacks:
+                cb.on_validation(self.step, metrics)
+        if self.ddp.main and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+            path = self.save(self.out_dir / "checkpoints" / f"step_{self.step:07d}.pt", full=True)
             prune_checkpoints(path.parent, t.keep_last)
-            for cb in callbacks:
-                cb.on_checkpoint(step, path)
+            for cb in self.callbacks:
+                cb.on_checkpoint(self.step, path)
 
-    remaining = itertools.islice(batches(), max(0, config.train.steps - step))
-    final = out_dir / "model.pt"
-    try:
-        fit(model, remaining, loss, optimizer, scheduler, ema, o.grad_clip, step, [after_step])
-        if ddp.main:
-            entries: dict[str, Any] = {}
-            for hook in finish:
-                entries |= hook(ema.module, data, config, schedule, device)
-            save(final, full=False, **entries)
-            for cb in callbacks:
-                cb.on_end(final)
-    except BaseException as err:  # failed or interrupted: the callbacks close their run, the error propagates
-        for cb in callbacks:
-            cb.on_abort(err)
-        raise
-    if ddp.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return final
+    def run(self, finish: Sequence[Finisher]) -> Path:
+        """`fit` to the configured step count, then (rank 0) the `finish` hooks' entries into `model.pt`; the
+        callbacks hear of the start and of the end, or of what stopped the run (the error propagates)."""
+        config, data = self.config, self.data
+        info = {"global_batch": config.train.batch_size * self.ddp.world, "world_size": self.ddp.world,
+                "device": str(self.device), "parameters": sum(p.numel() for p in self.model.parameters()),
+                "start_step": self.step, **data.stats}  # fmt: skip
+        for cb in self.callbacks:
+            cb.on_start(config, info)
+        remaining = itertools.islice(self.batches(), max(0, config.train.steps - self.step))
+        final, self.timer = self.out_dir / "model.pt", time.perf_counter()
+        try:
+            fit(self.model, remaining, self.loss, self.optimizer, self.scheduler, self.ema, config.optim.grad_clip,
+                self.step, [self.after_step])  # fmt: skip
+            if self.ddp.main:
+                entries: dict[str, Any] = {}
+                for hook in finish:
+                    entries |= hook(self.ema.module, data, config, self.schedule, self.device)
+                self.save(final, full=False, **entries)
+                for cb in self.callbacks:
+                    cb.on_end(final)
+        except BaseException as err:  # failed or interrupted: the callbacks close their run, the error propagates
+            for cb in self.callbacks:
+                cb.on_abort(err)
+            raise
+        return final
 
 
 def fit(

@@ -162,6 +162,15 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
     assert all(torch.equal(final_ref[k], final[k]) for k in final_ref)
 
 
+def test_resuming_from_a_model_only_checkpoint_is_refused_with_what_to_resume_from(tmp_path):
+    run = tmp_path / "run"
+    cli("--out-dir", str(run), "--no-mlflow", *sets("train.steps=2"), cwd=tmp_path)
+    out = cli("--resume", str(run / "model.pt"), "--no-mlflow", cwd=tmp_path, config=None, check=False)
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == (
+        f"error: {run / 'model.pt'}: not a full training checkpoint (no model, optimizer, scheduler, rng): resume "
+        "from a run folder or one of its checkpoints/step_*.pt")  # fmt: skip
+
+
 def test_two_torchrun_processes_equal_one_process_on_the_combined_batch(tmp_path):
     common = ["--no-mlflow", *sets("train.steps=4", "train.checkpoint_every=4")]
     single = cli("--out-dir", str(tmp_path / "one"), *common, "--set", "train.batch_size=16", cwd=tmp_path)
