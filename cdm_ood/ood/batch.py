@@ -27,7 +27,7 @@ from ..data.volumes import read_volume, volume_groups
 from ..data.walk import IgnoredFile
 from .map_outputs import MapWriter
 from .report import error_row, flag_noted, ignored_row, map_failure_row, volume_rows
-from .scorer import Scorer
+from .scoring import GateScorer
 from .volume_checks import VolumeCheck
 
 # The model-space images of one item (None for flagged ones) with the images read (when kept, for maps), the
@@ -112,7 +112,7 @@ def auto_workers(device: torch.device) -> int:
 
 
 def score_sources(
-    detector: Scorer,
+    detector: GateScorer,
     sources: Sequence[SourceFile],
     errors: Sequence[DataError],
     per_volume: str = "mean",
@@ -138,7 +138,7 @@ def report_rows(rows: list[dict], threshold: float, per_volume: str, checks: Seq
 
 
 def iter_scored(
-    detector: Scorer,
+    detector: GateScorer,
     sources: Sequence[SourceFile],
     errors: Sequence[DataError],
     workers: int = 0,
@@ -147,7 +147,7 @@ def iter_scored(
 ) -> Iterator[list[dict]]:
     """Rows of whole files, one group per scored batch (the files in `errors` first), so that a caller can
     save each group as soon as it is complete. With `maps`, the anomaly map of every scored image is written
-    (`Scorer.scored_prepared`: the features are computed once for both); each map that could not be written
+    (`GateScorer.scored_prepared`: the features are computed once for both); each map that could not be written
     adds a `flagged` file row of its volume to the group (`report.map_failure_row`)."""
     threshold = detector.threshold
     if errors:

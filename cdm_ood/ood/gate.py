@@ -22,7 +22,7 @@ from ..progress import ProgressFactory
 from .map_outputs import SCORE_DISPLAY, MapWriter
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, ignored_row, summary, write_report
-from .scorer import Scorer
+from .scoring import GateScorer
 from .shards import clear, merge, plan_shard, score_into_parts, start_parts
 
 log = logging.getLogger("cdm_ood.gate")
@@ -43,7 +43,7 @@ class GateResult:
         return bool(self.summary["passed"])
 
 
-def run_identity(detector: Scorer, max_voxels: int, maps: Optional[Path]) -> dict[str, Any]:
+def run_identity(detector: GateScorer, max_voxels: int, maps: Optional[Path]) -> dict[str, Any]:
     """What makes the rows of two runs comparable (`shards.start_parts`: a resume must match): the checkpoint's
     digest, the detector, its threshold and precision, the volume checks' thresholds, the voxel budget and the
     maps folder."""
@@ -54,7 +54,7 @@ def run_identity(detector: Scorer, max_voxels: int, maps: Optional[Path]) -> dic
 
 
 def run_gate(
-    detector: Scorer,
+    detector: GateScorer,
     paths: Sequence[str | Path],
     report: str | Path,
     per_volume: str = "mean",

@@ -34,7 +34,7 @@ from ..progress import ProgressFactory
 from .batch import iter_scored, report_rows
 from .map_outputs import MapWriter
 from .report import COLUMNS, FLOAT_COLUMNS, UNREADABLE
-from .scorer import Scorer
+from .scoring import GateScorer
 from .volume_checks import VolumeCheck
 
 PART_COLUMNS = (*COLUMNS, "file_key")
@@ -142,7 +142,7 @@ def plan_shard(
 
 
 def score_into_parts(
-    detector: Scorer,
+    detector: GateScorer,
     sources: Sequence[SourceFile],
     errors: Sequence[DataError],
     parts: Path,
