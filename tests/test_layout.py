@@ -69,3 +69,9 @@ def test_training_imports_nothing_from_ood():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_module_is_over_the_line_limit(name):
     assert len(MODULES[name].read_text().splitlines()) <= MAX_LINES, f"{MODULES[name]}: split it by job"
+
+
+def test_the_python_api_class_is_a_thin_facade():
+    tree = ast.parse(MODULES["cdm_ood.ood.api"].read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OODDetector"]
+    assert cls.end_lineno - cls.lineno < 200, "OODDetector grew: move what needs no threshold to ImageScorer"
