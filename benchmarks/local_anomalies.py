@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -37,12 +35,12 @@ from ood_baselines import RECON_STARTS, Benchmark, Reconstruction, train_ddpm
 from real_scans import held_out, scorable
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tables import emit, markdown, rate
+from volume_checks import calibrated_copy
 
 from cdm_ood.data.anatomy import FOV_MM, brain_volume
 from cdm_ood.data.defects import LOCAL_ANOMALIES, draw_local_anomaly
 from cdm_ood.data.manifest import manifest_sets
 from cdm_ood.ood import OODDetector
-from cdm_ood.ood.api import calibrate_checkpoint
 from cdm_ood.ood.detectors import MapDetector
 from cdm_ood.ood.metrics import localization_metrics
 from cdm_ood.ood.report import COLUMNS, IN, judge, volume_rows
@@ -129,10 +127,7 @@ def main() -> None:
     parser.add_argument("--recon-steps", type=int, default=50, help="DDIM levels of 1000 for its reconstructions.")
     parser.add_argument("--name", default="local-anomalies", help="Name of the printed table block (tables.emit).")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "model.pt"
-        shutil.copy(args.checkpoint, copy)
-        detector, n = calibrate_checkpoint(copy, [args.calibrate])
+    detector, n = calibrated_copy(args.checkpoint, args.calibrate)
     if not {"local", "foreign"} <= {c.name for c in detector.checks}:
         parser.error(f"{args.calibrate}: the calibration holds no local-anomaly checks (docs/ood.md)")
     size = detector.model.spec.size[0]

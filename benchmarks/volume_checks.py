@@ -61,6 +61,15 @@ def volume_statistics(detector: OODDetector, slices: list[dict]) -> dict[str, np
     return {k: np.array(v) for k, v in found.items()}
 
 
+def calibrated_copy(checkpoint: Path, folder: Path) -> tuple[OODDetector, int]:
+    """The checkpoint's detector calibrated on the clean volumes below `folder` as `cdm-ood calibrate` does, on a
+    temporary copy (the checkpoint stays as it is), and the number of slices it was calibrated on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "model.pt"
+        shutil.copy(checkpoint, copy)
+        return calibrate_checkpoint(copy, [folder])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
@@ -68,10 +77,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path, nargs="+", help="Folders made by make-phantoms --ood-sets.")
     parser.add_argument("--name", default="volume-checks", help="Name of the printed table block (tables.emit).")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "model.pt"
-        shutil.copy(args.checkpoint, copy)
-        detector, n = calibrate_checkpoint(copy, [args.calibrate])
+    detector, n = calibrated_copy(args.checkpoint, args.calibrate)
     checks = detector.checks
     if len(checks) < 2:
         parser.error(f"{args.calibrate}: too few whole volumes to fit the volume checks (docs/ood.md)")
