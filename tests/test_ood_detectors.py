@@ -8,7 +8,8 @@ import torch
 from closed_form import ConditionalMixture, GaussianMixture
 
 from cdm_ood import NoiseSchedule, log_likelihood_profile
-from cdm_ood.ood import Detector, MultiscaleDetector, NLLDetector, NotFittedError
+from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.ood import Detector, MultiscaleDetector, NLLDetector, NotFittedError, register_detector
 from cdm_ood.ood.detectors import DETECTORS, applicable, required_features
 from cdm_ood.ood.features import (
     class_log_likelihoods,
@@ -277,3 +278,35 @@ def test_drift_sees_a_smooth_intensity_shift_that_the_per_pixel_errors_miss():
 
     assert auroc("drift") > 0.9
     assert auroc("drift") > auroc("map") + 0.15
+
+
+class LevelGapDetector(Detector):
+    """A detector defined outside the package: the largest jump of log p_t(x) between neighbouring noise levels."""
+
+    name = "test-level-gap"
+    needs = ("profile",)
+
+    def score(self, features):
+        profile = features["profile"].double()
+        return (profile[:, 1:] - profile[:, :-1]).abs().amax(1)
+
+
+@pytest.fixture
+def registered():
+    yield register_detector(LevelGapDetector)
+    DETECTORS.pop(LevelGapDetector.name)
+
+
+def test_a_registered_detector_is_calibrated_and_scores_like_the_built_in_ones(registered, checkpoint):
+    from cdm_ood.errors import UsageError
+    from cdm_ood.ood import OODDetector
+
+    with pytest.raises(UsageError, match="'nll' is already registered"):
+        register_detector(type("Other", (NLLDetector,), {}))
+    images = phantom_volume(np.random.default_rng(3), size=16, slices=12)
+    fitted = OODDetector.from_checkpoint(checkpoint).fit(images)
+    assert "test-level-gap" in fitted.model.calibration.detectors
+    mine = OODDetector(fitted.model, "test-level-gap")
+    expected = LevelGapDetector(mine.num_dims).score(mine.features(mine.prepare(images), ("profile",)))
+    np.testing.assert_allclose(mine.score(images), expected.numpy(), rtol=1e-6)
+    assert np.isfinite(mine.threshold) and mine.fpr == 0.05

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import CdmOodError
+from ..errors import CdmOodError, UsageError
 from ..likelihood import bits_per_dim
 from .features import class_posterior, feature_cost, select_rows
 
@@ -413,6 +413,17 @@ _ALL = (
     CombinedDriftDetector,
 )
 DETECTORS: dict[str, type[Detector]] = {d.name: d for d in _ALL}
+
+
+def register_detector(detector: type[Detector]) -> type[Detector]:
+    """Class decorator that makes a `Detector` subclass (a `name`, the `needs` it reads of `features.FEATURES`,
+    `fit`, `score` and, when it learns parameters, `state`/`load`) one of `DETECTORS`: calibration fits it from
+    then on, and `--detector NAME` / `OODDetector(model, NAME)` score with it. A new detector is one file that
+    defines and registers it, imported before calibration and scoring. Refuses a name already taken."""
+    if detector.name in DETECTORS and DETECTORS[detector.name] is not detector:
+        raise UsageError(f"a detector named {detector.name!r} is already registered ({DETECTORS[detector.name]})")
+    DETECTORS[detector.name] = detector
+    return detector
 
 
 def applicable(num_classes: Optional[int]) -> list[str]:
