@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 ON_ERROR = ("row", "skip", "raise")  # what `score_frame` does with a file that cannot be read
-Source = Optional[SliceSource]
 log = logging.getLogger("cdm_ood.api")
 
 
