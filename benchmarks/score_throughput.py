@@ -47,7 +47,9 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 def score_folder(detector: OODDetector, folder: Path, report: Path, workers: int) -> list[dict]:
     """What `cdm-ood score` does with a folder: discover, score every source, write the report; its rows."""
     errors: list = []
-    rows = score_sources(detector, discover(folder, on_error=errors.append), errors, workers=workers)
+    rows = score_sources(
+        detector, detector.thresholds, discover(folder, on_error=errors.append), errors, workers=workers
+    )
     write_report(report, rows, {})
     return rows
 

@@ -45,7 +45,11 @@ from cdm_ood.ood.volume_checks import check_statistics
 def scored(detector: OODDetector, paths: list[Path]) -> list[dict]:
     """The report's slice rows of the files `paths`."""
     errors: list = []
-    return [r for r in score_sources(detector, discover(paths, errors.append), errors) if r["level"] == "slice"]
+    return [
+        r
+        for r in score_sources(detector, detector.thresholds, discover(paths, errors.append), errors)
+        if r["level"] == "slice"
+    ]
 
 
 def volume_statistics(detector: OODDetector, slices: list[dict]) -> dict[str, np.ndarray]:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import DataFrame
 
-    from .ood.api import OODDetector
+    from .ood.scoring import ImageScorer
+    from .ood.thresholds import Thresholds
 
 _TYPES = {"slice": "bigint", "time_point": "bigint"} | dict.fromkeys(FLOAT_COLUMNS, "double")
 SCHEMA = ", ".join(f"{column} {_TYPES.get(column, 'string')}" for column in COLUMNS)
@@ -102,15 +103,17 @@ def _require_pyspark() -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _scorer(job: _Job) -> OODDetector:
-    """The detector of `job`, loaded once per process, its threshold resolved (an uncalibrated checkpoint stops)."""
+def _scorer(job: _Job) -> tuple[ImageScorer, Thresholds]:
+    """The scorer of `job` and its thresholds, loaded and resolved once per process (an uncalibrated checkpoint
+    stops)."""
+    from .checkpoint import load_model
     from .distributed import resolve_device
-    from .ood.api import OODDetector
+    from .ood.scoring import ImageScorer
+    from .ood.thresholds import Thresholds
 
-    device = job.device or resolve_device()
-    scorer = OODDetector.from_checkpoint(job.checkpoint, job.detector, device, batch_size=job.batch_size)
-    scorer.set_threshold(job.threshold)
-    return scorer
+    model = load_model(job.checkpoint, job.device or resolve_device())
+    scorer = ImageScorer(model, job.detector, batch_size=job.batch_size)
+    return scorer, Thresholds.resolve(scorer, job.threshold)
 
 
 def _volume_key(path: str, local: Path, max_voxels: int) -> str:
@@ -163,6 +166,6 @@ def _score_partition(batches: Iterator[pd.DataFrame], job: _Job) -> Iterator[pd.
             return
         errors: list[DataError] = []
         sources = discover(paths, errors.append, job.max_voxels) if paths else []
-        scored = score_sources(_scorer(job), sources, errors, job.per_volume, ignored=ignored)
+        scored = score_sources(*_scorer(job), sources, errors, job.per_volume, ignored=ignored)
         rows = [staged.restore(row) for row in scored]
     yield pd.DataFrame(rows, columns=list(COLUMNS)).astype({"slice": "Int64", "time_point": "Int64"})

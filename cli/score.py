@@ -61,24 +61,23 @@ workers_option = click.option(
 )  # fmt: skip
 
 
-def _detector(
+def _scorer(
     checkpoint: Path, detector: Optional[str], batch_size: int, threshold: str | float = "auto", device: str = "cpu",
     precision: Optional[str] = None, volume_checks: Optional[Sequence[str]] = None,
 ):  # fmt: skip
-    """The checkpoint's detector with its threshold resolved now: an uncalibrated checkpoint (e.g. a
+    """The checkpoint's scorer and its thresholds, resolved once, now: an uncalibrated checkpoint (e.g. a
     `checkpoints/step_N.pt`) or an impossible threshold stops the command (exit 2) before any file is read."""
     from cdm_ood.errors import CdmOodError
-    from cdm_ood.ood import OODDetector
+    from cdm_ood.ood.scoring import ImageScorer
+    from cdm_ood.ood.thresholds import Thresholds
 
     model = open_checkpoint(checkpoint, device)
     try:
         checks = {} if volume_checks is None else {"volume_checks": volume_checks}
-        scorer = OODDetector(model, detector, threshold=threshold, batch_size=batch_size, precision=precision,
-                             **checks)  # fmt: skip
-        scorer.set_threshold(threshold)
+        scorer = ImageScorer(model, detector, batch_size, precision=precision, **checks)
+        return scorer, Thresholds.resolve(scorer, threshold)
     except CdmOodError as err:
         raise type(err)(f"{checkpoint}: {err}") from None
-    return scorer
 
 
 def _require_maps(scorer, checkpoint: Path) -> None:
@@ -228,8 +227,8 @@ def score_command(
         "local": no_local,
         "foreign": no_local,
     }
-    scorer = _detector(checkpoint, detector, batch_size, threshold, device, precision,
-                       [name for name, skip in off.items() if not skip])  # fmt: skip
+    scorer, thresholds = _scorer(checkpoint, detector, batch_size, threshold, device, precision,
+                                 [name for name, skip in off.items() if not skip])  # fmt: skip
     workers = auto_workers(scorer.device) if workers == "auto" else workers
     if maps is not None:
         _require_maps(scorer, checkpoint)
@@ -237,7 +236,7 @@ def score_command(
         dist.init_process_group("gloo")  # only for the barriers; the scoring itself needs no communication
     with ExitStack() as bars:
         result = run_gate(
-            scorer, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
+            scorer, thresholds, paths, out, per_volume, workers, max_voxels or MAX_VOXELS, resume,
             ignore=ignore_globs(exclude, no_default_ignore),
             progress=late_progress(bars, scorer.name) if ddp.main else None,
             info={"checkpoint": str(checkpoint), "precision": scorer.precision}, maps=maps,

@@ -20,12 +20,14 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cdm_ood.checkpoint import load_model
 from cdm_ood.cli.common import report_failure, stop_on_signals
 from cdm_ood.errors import CdmOodError
 from cdm_ood.io import spreadsheet_value
-from cdm_ood.ood import OODDetector
 from cdm_ood.ood.gate import run_gate
 from cdm_ood.ood.report import AGGREGATES, IGNORED, IN
+from cdm_ood.ood.scoring import ImageScorer
+from cdm_ood.ood.thresholds import Thresholds
 
 
 def already_reported(reports: Path) -> set[str]:
@@ -47,15 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-volume", default="mean", choices=tuple(AGGREGATES))
     args = parser.parse_args(argv)
     try:
-        detector = OODDetector.from_checkpoint(args.checkpoint, threshold=args.threshold)
-        detector.set_threshold(args.threshold)
+        scorer = ImageScorer(load_model(args.checkpoint))
+        thresholds = Thresholds.resolve(scorer, args.threshold)
     except CdmOodError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.reports.mkdir(parents=True, exist_ok=True)
     seen = already_reported(args.reports)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = run_gate(detector, [args.incoming], args.reports / f"qa-{stamp}.csv", args.per_volume,
+    result = run_gate(scorer, thresholds, [args.incoming], args.reports / f"qa-{stamp}.csv", args.per_volume,
                       exclude=lambda path: str(path) in seen, nothing_new_ok=True)  # fmt: skip
     if result is None:
         print("nothing new")

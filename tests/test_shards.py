@@ -104,9 +104,9 @@ def interrupted(checkpoint, tmp_path) -> tuple[Path, Path]:
         write_raw_nifti(phantom_volume(rng, size=16, slices=4), folder / study / "scan.nii")
     detector = OODDetector.from_checkpoint(checkpoint)
     parts = tmp_path / ".report.csv.parts"
-    start_parts(parts, run_identity(detector, MAX_VOXELS, None), resume=False)
+    start_parts(parts, run_identity(detector, detector.thresholds, MAX_VOXELS, None), resume=False)
     plan = plan_shard([folder], parts, 0, 1, resume=False)
-    score_into_parts(detector, plan.todo, plan.failed, parts, 0)
+    score_into_parts(detector, detector.thresholds, plan.todo, plan.failed, parts, 0)
     return folder, report
 
 

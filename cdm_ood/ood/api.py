@@ -25,14 +25,13 @@ from .calibration import (
     calibrate_images,
     calibration_features,
     load_detector,
-    load_volume_checks,
-    resolve_threshold,
 )
 from .detectors import NotFittedError
 from .inputs import Inputs, is_path
 from .report import COLUMNS, FLOAT_COLUMNS, IN, UNREADABLE, aggregate, judge, volume_rows
 from .scoring import ImageScorer, network_precision
-from .volume_checks import CHECKS, STATISTICS
+from .thresholds import Thresholds, configured_report_only
+from .volume_checks import CHECKS, STATISTICS, VolumeCheck, check_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,14 +77,9 @@ class OODDetector(ImageScorer):
         volume_checks: Sequence[str] = tuple(CHECKS),
         report_only: Optional[Sequence[str]] = None,
     ) -> None:
-        super().__init__(model, detector, batch_size, image_key, precision)
-        if report_only is None:
-            report_only = model.config.get("gate", {}).get("report_only", ())
-        unknown = sorted(set(volume_checks).union(report_only) - set(CHECKS))
-        if unknown:
-            raise UsageError(f"unknown volume check(s) {', '.join(unknown)}; expected some of {', '.join(CHECKS)}")
-        self.use_checks, self.report_only = tuple(volume_checks), tuple(report_only)
-        self._threshold: Optional[float] = None
+        super().__init__(model, detector, batch_size, image_key, precision, volume_checks)
+        self.report_only = configured_report_only(model) if report_only is None else check_names(report_only)
+        self.thresholds: Optional[Thresholds] = None
         if self.id_scores is not None or threshold != "auto":
             self.set_threshold(threshold)
 
@@ -98,20 +92,26 @@ class OODDetector(ImageScorer):
 
     @property
     def threshold(self) -> float:
-        if self._threshold is None:
+        return self._thresholds().score
+
+    @property
+    def checks(self) -> tuple[VolumeCheck, ...]:
+        """The volume checks that apply, with their thresholds (none before a threshold is set)."""
+        return () if self.thresholds is None else self.thresholds.checks
+
+    def _thresholds(self) -> Thresholds:
+        if self.thresholds is None:
             raise NotFittedError("no threshold: calibrate the model (`cdm-ood calibrate`) or give a number")
-        return self._threshold
+        return self.thresholds
 
     def set_threshold(self, spec: str | float) -> float:
-        """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units; the volume checks (those
-        calibrated and on) share the same false-positive rate (the calibrated one for a number), each at its 1/k."""
-        self._threshold = resolve_threshold(spec, self.id_scores, self.fpr)
-        names = self.use_checks if self.unit == "slice" else ()
-        self.checks = load_volume_checks(self.model.calibration, spec, names, self.report_only)
-        return self._threshold
+        """`auto` (the calibrated false-positive rate), `fpr:<x>` or a number in score units: this detector's
+        `Thresholds` from now on (`Thresholds.resolve`: the volume checks share the same false-positive rate)."""
+        self.thresholds = Thresholds.resolve(self, spec, self.report_only)
+        return self.thresholds.score
 
     def __repr__(self) -> str:
-        spec, threshold = self.model.spec, self._threshold
+        spec, threshold = self.model.spec, None if self.thresholds is None else self.thresholds.score
         shape = "x".join(str(n) for n in (spec.channels, *spec.size))
         return (f"OODDetector(detector={self.name!r}, threshold={None if threshold is None else f'{threshold:.6g}'}, "
                 f"fpr={self.fpr}, model=CDM {shape} {spec.preset.name} T={spec.schedule.T} "
@@ -171,7 +171,7 @@ class OODDetector(ImageScorer):
         ignored: list[IgnoredFile] = []
         handler = None if on_error == "raise" else errors.append
         sources = discover(paths, handler, on_ignored=ignored.append) if paths else []
-        rows = score_sources(self, sources, errors, per_volume, ignored=ignored) if paths else []
+        rows = score_sources(self, self._thresholds(), sources, errors, per_volume, ignored=ignored) if paths else []
         unreadable = [r for r in rows if r["verdict"] == UNREADABLE]
         if unreadable and on_error == "raise":
             raise UnreadableFileError(unreadable[0]["path"], unreadable[0]["reason"])

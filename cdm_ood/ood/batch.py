@@ -27,8 +27,8 @@ from ..data.volumes import read_volume, volume_groups
 from ..data.walk import IgnoredFile
 from .map_outputs import MapWriter
 from .report import error_row, flag_noted, ignored_row, map_failure_row, volume_rows
-from .scoring import GateScorer
-from .volume_checks import VolumeCheck
+from .scoring import ImageScorer
+from .thresholds import Thresholds
 
 # The model-space images of one item (None for flagged ones) with the images read (when kept, for maps), the
 # errors of its files, its files.
@@ -112,7 +112,8 @@ def auto_workers(device: torch.device) -> int:
 
 
 def score_sources(
-    detector: GateScorer,
+    scorer: ImageScorer,
+    thresholds: Thresholds,
     sources: Sequence[SourceFile],
     errors: Sequence[DataError],
     per_volume: str = "mean",
@@ -126,19 +127,20 @@ def score_sources(
     `progress(n)` is called with the number of files just handled. A 3D model gives one row per volume instead of
     slice rows (`per_volume` does not apply).
     """
-    rows = [row for group in iter_scored(detector, sources, errors, workers, progress) for row in group]
-    return report_rows([*rows, *map(ignored_row, ignored)], detector.threshold, per_volume, detector.checks)
+    rows = [row for group in iter_scored(scorer, thresholds, sources, errors, workers, progress) for row in group]
+    return report_rows([*rows, *map(ignored_row, ignored)], thresholds, per_volume)
 
 
-def report_rows(rows: list[dict], threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = ()) -> list[dict]:
+def report_rows(rows: list[dict], thresholds: Thresholds, per_volume: str) -> list[dict]:
     """File and slice rows in a fixed order (path, time point, slice), then one row per volume (with the volume
-    `checks`); a volume with a map that could not be written is `flagged` (`report.flag_noted`)."""
+    checks of `thresholds`); a volume with a map that could not be written is `flagged` (`report.flag_noted`)."""
     rows = sorted(rows, key=lambda r: (r["path"], r["time_point"] or 0, r["slice"] or 0))
-    return flag_noted(rows + volume_rows(rows, threshold, per_volume, checks))
+    return flag_noted(rows + volume_rows(rows, thresholds.score, per_volume, thresholds.checks))
 
 
 def iter_scored(
-    detector: GateScorer,
+    scorer: ImageScorer,
+    thresholds: Thresholds,
     sources: Sequence[SourceFile],
     errors: Sequence[DataError],
     workers: int = 0,
@@ -147,14 +149,14 @@ def iter_scored(
 ) -> Iterator[list[dict]]:
     """Rows of whole files, one group per scored batch (the files in `errors` first), so that a caller can
     save each group as soon as it is complete. With `maps`, the anomaly map of every scored image is written
-    (`GateScorer.scored_prepared`: the features are computed once for both); each map that could not be written
+    (`ImageScorer.scored_prepared`: the features are computed once for both); each map that could not be written
     adds a `flagged` file row of its volume to the group (`report.map_failure_row`)."""
-    threshold = detector.threshold
+    threshold = thresholds.score
     if errors:
         yield [error_row(err) for err in errors]
-    volumes = detector.unit == "volume"
-    prepared = PreparedFiles(sources, detector.transform, volumes, keep_images=maps is not None)
-    pin = workers > 0 and detector.device.type == "cuda"  # pinned pages: the copies to the GPU overlap reading
+    volumes = scorer.unit == "volume"
+    prepared = PreparedFiles(sources, scorer.transform, volumes, keep_images=maps is not None)
+    pin = workers > 0 and scorer.device.type == "cuda"  # pinned pages: the copies to the GPU overlap reading
     loader = DataLoader(prepared, batch_size=None, num_workers=workers, collate_fn=_as_is, pin_memory=pin,
                         worker_init_fn=_quiet_reader)  # fmt: skip
     rows: list[dict] = []
@@ -163,10 +165,10 @@ def iter_scored(
     def flush() -> None:
         if pending:
             x = torch.stack([p[1] for p in pending])
-            scores, statistics, amaps = detector.scored_prepared(x, maps is not None)
+            scores, statistics, amaps = scorer.scored_prepared(x, maps is not None)
             for i, (index, *_) in enumerate(pending):
                 stats = {c: float(v[i]) for c, v in statistics.items()}
-                rows[index] = detector.report_row(rows[index]["source"], float(scores[i]), threshold, (), stats)
+                rows[index] = scorer.report_row(rows[index]["source"], float(scores[i]), threshold, (), stats)
             if maps is not None and amaps is not None:
                 for (_, _, image, files), amap in zip(pending, amaps, strict=True):
                     if volumes:
@@ -179,12 +181,12 @@ def iter_scored(
     for items, errs, files in _handed_over(loader):
         rows += [error_row(err) for err in errs]
         for source, flags, x, image in items:
-            rows.append(detector.report_row(source, None, threshold, flags) if flags else {"source": source})
+            rows.append(scorer.report_row(source, None, threshold, flags) if flags else {"source": source})
             if x is not None:
                 pending.append((len(rows) - 1, x, image, files))
         if progress is not None:
             progress(len(files))
-        if len(pending) >= detector.batch_size:
+        if len(pending) >= scorer.batch_size:
             flush()
             yield rows
             rows = []

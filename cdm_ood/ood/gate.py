@@ -22,8 +22,9 @@ from ..progress import ProgressFactory
 from .map_outputs import SCORE_DISPLAY, MapWriter
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, ignored_row, summary, write_report
-from .scoring import GateScorer
+from .scoring import ImageScorer
 from .shards import clear, merge, plan_shard, score_into_parts, start_parts
+from .thresholds import Thresholds
 
 log = logging.getLogger("cdm_ood.gate")
 
@@ -43,18 +44,19 @@ class GateResult:
         return bool(self.summary["passed"])
 
 
-def run_identity(detector: GateScorer, max_voxels: int, maps: Optional[Path]) -> dict[str, Any]:
+def run_identity(scorer: ImageScorer, thresholds: Thresholds, max_voxels: int, maps: Optional[Path]) -> dict[str, Any]:
     """What makes the rows of two runs comparable (`shards.start_parts`: a resume must match): the checkpoint's
     digest, the detector, its threshold and precision, the volume checks' thresholds, the voxel budget and the
     maps folder."""
-    checks = {check.name: check.threshold for check in detector.checks}
-    return {"checkpoint_digest": detector.model.digest, "detector": detector.name, "threshold": detector.threshold,
-            "precision": detector.precision, "volume_check_thresholds": checks, "max_voxels": max_voxels,
+    checks = {check.name: check.threshold for check in thresholds.checks}
+    return {"checkpoint_digest": scorer.model.digest, "detector": scorer.name, "threshold": thresholds.score,
+            "precision": scorer.precision, "volume_check_thresholds": checks, "max_voxels": max_voxels,
             "maps": None if maps is None else str(maps)}  # fmt: skip
 
 
 def run_gate(
-    detector: GateScorer,
+    scorer: ImageScorer,
+    thresholds: Thresholds,
     paths: Sequence[str | Path],
     report: str | Path,
     per_volume: str = "mean",
@@ -103,7 +105,7 @@ def run_gate(
         return files.owns(path) or in_maps or (exclude is not None and exclude(path))
 
     with ExitStack() as claim:
-        identity = run_identity(detector, max_voxels, maps)
+        identity = run_identity(scorer, thresholds, max_voxels, maps)
         problem = None
         if ddp.main:
             try:
@@ -127,18 +129,18 @@ def run_gate(
                 return None
         update = progress(len(plan.todo), "scoring") if progress is not None and ddp.main else None
         writer = None if maps is None else MapWriter(maps, SCORE_DISPLAY, plan.found)
-        score_into_parts(detector, plan.todo, failed, files.parts, ddp.rank, workers, update, writer)
+        score_into_parts(scorer, thresholds, plan.todo, failed, files.parts, ddp.rank, workers, update, writer)
         ddp.barrier()
         if not ddp.main:
             return None
         ignored = [ignored_row(item) for item in plan.ignored]
-        rows = merge(files.parts, detector.threshold, per_volume, detector.checks, plan.current, ignored)
+        rows = merge(files.parts, thresholds, per_volume, plan.current, ignored)
         meta = {**(info or {}), **identity, "per_volume": per_volume, "processes": ddp.world}
         write_report(files.report, rows, meta)
         clear(files.parts)
-        scored = [r for r in rows if r["level"] == detector.unit and r["score"] is not None]
+        scored = [r for r in rows if r["level"] == scorer.unit and r["score"] is not None]
         histogram = plot_histogram(
             {v: [r["score"] for r in scored if r["verdict"] == v] for v in (IN, OOD)},
-            files.histogram, detector.threshold, f"{detector.name} score ({detector.unit}s)",
+            files.histogram, thresholds.score, f"{scorer.name} score ({scorer.unit}s)",
         )  # fmt: skip
     return GateResult(rows, summary(rows), files.report, histogram, meta)

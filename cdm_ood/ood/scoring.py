@@ -5,8 +5,8 @@ and reads no files; `OODDetector` (the Python API) adds those."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, Optional, Protocol, cast
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Optional, cast
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .detectors import Features, MapDetector
 from .features import batched_features, concat_features, empty_features
 from .inputs import Inputs, Item, chunks, iter_images
 from .report import slice_row, volume_row
-from .volume_checks import Slot, VolumeCheck, image_statistics
+from .volume_checks import CHECKS, Slot, check_names, image_statistics
 
 Source = Optional[SliceSource]
 log = logging.getLogger("cdm_ood.api")  # the Python API's log, as users filter it
@@ -34,7 +34,8 @@ class ImageScorer:
     out-of-distribution. Images are given in their own units and mapped with the model's stored preset and size
     (`transform`), exactly as in training; an image with NaN/inf or constant pixels, or read from a file whose
     header disagrees with itself, is not scored (NaN). `precision` (default: the calibration's) is the network's;
-    `checks` are the volume checks whose features every pass computes too."""
+    of the `volume_checks` named, those calibrated (on a 2D model's slices) are `self.volume_checks`, whose features
+    every pass computes too (their thresholds are `thresholds.Thresholds`)."""
 
     def __init__(
         self,
@@ -43,6 +44,7 @@ class ImageScorer:
         batch_size: int = 64,
         image_key: str = "image",
         precision: Optional[str] = None,
+        volume_checks: Sequence[str] = tuple(CHECKS),
     ) -> None:
         self.model, self.batch_size, self.image_key = model, batch_size, image_key
         self.precision = network_precision(precision, model.calibration)
@@ -55,11 +57,18 @@ class ImageScorer:
         )
         self.transform = model.spec.input_transform()
         self._maps: Optional[MapDetector] = None
-        self.checks: tuple[VolumeCheck, ...] = ()
+        self.use_checks = check_names(volume_checks)
 
     @property
     def name(self) -> str:
         return self.detector.name
+
+    @property
+    def volume_checks(self) -> tuple[str, ...]:
+        """The volume checks asked for (`use_checks`) that the calibration holds (a 2D model's only)."""
+        calibration = self.model.calibration
+        calibrated = calibration.volume_checks if calibration is not None and self.unit == "slice" else {}
+        return tuple(name for name in self.use_checks if name in calibrated)
 
     def prepare(self, inputs: Inputs) -> Tensor:
         """Model-space batch (B, C, H, W), or (B, C, D, H, W) for a 3D model, from any supported input."""
@@ -81,7 +90,8 @@ class ImageScorer:
         """`needs`, or this detector's features and those the volume checks that are on read."""
         if needs is not None:
             return tuple(needs)
-        return tuple(dict.fromkeys((*self.detector.required(), *(k for check in self.checks for k in check.needs))))
+        checks = (k for name in self.volume_checks for k in CHECKS[name].needs)
+        return tuple(dict.fromkeys((*self.detector.required(), *checks)))
 
     def _images(self, inputs: Inputs) -> Iterator[Item]:
         return iter_images(inputs, self.model.spec.channels, self.image_key, self.model.spec.spatial_dims)
@@ -185,33 +195,6 @@ class ImageScorer:
             parts.append(features)
         features = concat_features(parts) if parts else empty_features(needs, 0, self.model.spec, self.model.schedule)
         return features, volumes, slots
-
-
-class GateScorer(Protocol):
-    """What scoring files (`batch`, `shards`, `gate`, which never import the Python API) asks of a detector;
-    `OODDetector` is one. A calibrated detector with its threshold resolved: what one image is (`unit`, `slice`
-    or `volume`), how a file's image becomes the model's input (`transform`), how a scored image becomes a report
-    row (`report_row`: `report.slice_row` or `report.volume_row`), and the scores, statistics and maps of a
-    model-space batch (`scored_prepared`)."""
-
-    name: str
-    unit: str
-    model: LoadedModel
-    precision: str
-    batch_size: int
-    checks: Sequence[VolumeCheck]
-    transform: Callable[[Any], torch.Tensor]
-    report_row: Callable[..., dict]
-
-    @property
-    def threshold(self) -> float: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def scored_prepared(
-        self, x: torch.Tensor, maps: bool = False
-    ) -> tuple[np.ndarray, dict[str, np.ndarray], Optional[np.ndarray]]: ...
 
 
 def network_precision(precision: Optional[str], calibration: Optional[Calibration]) -> str:

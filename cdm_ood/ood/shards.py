@@ -34,8 +34,8 @@ from ..progress import ProgressFactory
 from .batch import iter_scored, report_rows
 from .map_outputs import MapWriter
 from .report import COLUMNS, FLOAT_COLUMNS, UNREADABLE
-from .scoring import GateScorer
-from .volume_checks import VolumeCheck
+from .scoring import ImageScorer
+from .thresholds import Thresholds
 
 PART_COLUMNS = (*COLUMNS, "file_key")
 _INTS = ("slice", "time_point")
@@ -142,7 +142,8 @@ def plan_shard(
 
 
 def score_into_parts(
-    detector: GateScorer,
+    scorer: ImageScorer,
+    thresholds: Thresholds,
     sources: Sequence[SourceFile],
     errors: Sequence[DataError],
     parts: Path,
@@ -154,7 +155,7 @@ def score_into_parts(
     """Score files and save each completed batch of whole files as one partial report (and with `maps`, their
     anomaly maps)."""
     parts.mkdir(parents=True, exist_ok=True)
-    for group in iter_scored(detector, sources, errors, workers, progress, maps):
+    for group in iter_scored(scorer, thresholds, sources, errors, workers, progress, maps):
         write_part(parts, rank, group)
 
 
@@ -196,8 +197,8 @@ def read_parts(parts: Path) -> list[dict]:
 
 
 def merge(
-    parts: Path, threshold: float, per_volume: str, checks: Sequence[VolumeCheck] = (),
-    current: Optional[set[str]] = None, extra: Sequence[dict] = (),
+    parts: Path, thresholds: Thresholds, per_volume: str, current: Optional[set[str]] = None,
+    extra: Sequence[dict] = (),
 ) -> list[dict]:  # fmt: skip
     """The full report from the partial ones and the `extra` rows (e.g. ignored files): each file once (the newest
     rows of a file scored twice win), only the files in `current` when given (a file gone since it was scored is
@@ -216,7 +217,7 @@ def merge(
     for r in rows:  # the rows as read, less their key: no second copy of an archive's rows
         del r["file_key"]
     unique = {(r["level"], r["path"], r["slice"], r["time_point"], r["volume"]): r for r in [*rows, *extra]}
-    return report_rows(list(unique.values()), threshold, per_volume, checks)
+    return report_rows(list(unique.values()), thresholds, per_volume)
 
 
 def clear(parts: Path) -> None:

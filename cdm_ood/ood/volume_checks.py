@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from ..likelihood import bits_per_dim
 from .anatomy_check import FOREGROUND_COLUMNS, AnatomyCheck
 from .detectors import MapDetector
@@ -48,6 +49,15 @@ VolumeCheck = Union[SliceOrderCheck, SliceDirectionCheck, OrientationCheck, Anat
 CHECKS: dict[str, type[VolumeCheck]] = {
     c.name: c for c in (SliceOrderCheck, SliceDirectionCheck, OrientationCheck, AnatomyCheck, LocalCheck, ForeignCheck)
 }
+
+
+def check_names(names: Sequence[str]) -> tuple[str, ...]:
+    """`names` as a tuple, each one of `CHECKS` (a `UsageError` names those that are not)."""
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        raise UsageError(f"unknown volume check(s) {', '.join(unknown)}; expected some of {', '.join(CHECKS)}")
+    return tuple(names)
+
 
 Slot = Optional[tuple[Hashable, int]]
 """Where an image sits: (the sequence it belongs to, e.g. a volume and time point; its slice index), or None."""
