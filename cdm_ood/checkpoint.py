@@ -180,7 +180,8 @@ class TrainingState:
     """Where a training run stands: the entries of a full checkpoint (`checkpoints/step_*.pt`) that resuming
     restores, typed. `step` is the number of optimizer steps done; `model`, `ema`, `optimizer` and `scheduler`
     are state dicts; `generator` is the state of the generator of every step's draws, so a resumed run continues
-    exactly."""
+    exactly; `run_id` is the MLflow run the training logged to (continued on resume), which the tracking callback
+    writes into each checkpoint (`RUN_ID`), so it is not among `entries`."""
 
     step: int
     model: dict[str, torch.Tensor]
@@ -188,6 +189,7 @@ class TrainingState:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     generator: torch.Tensor
+    run_id: Optional[str] = None
 
     def entries(self) -> dict[str, Any]:
         """The checkpoint entries that hold this state (`from_checkpoint` reads them back)."""
@@ -202,7 +204,7 @@ class TrainingState:
             raise CheckpointError(f"{path}: not a full training checkpoint (no {', '.join(missing)}): resume from a "
                                   "run folder or one of its checkpoints/step_*.pt")  # fmt: skip
         return cls(payload["step"], payload["model"], payload["ema"], payload["optimizer"], payload["scheduler"],
-                   payload["rng"]["generator"])  # fmt: skip
+                   payload["rng"]["generator"], training_run_id(path, payload))  # fmt: skip
 
 
 def ema_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -1,15 +1,18 @@
-"""The one root of the errors a user fixes by changing an option, a config or a checkpoint.
+"""The one root of the errors a user can cause: `CdmOodError`.
 
-The command line maps every `CdmOodError` to one line on stderr and exit code 2 (usage error or unusable
-checkpoint), in one place (`cdm_ood.cli.main`); exit 1 stays reserved for the gate's "OOD found" decision.
-Per-file input problems are not among them: they are `cdm_ood.data.errors.DataError`s, reported per file.
+Its branches: `UsageError` (an option, argument or config that cannot work; `cdm_ood.config.ConfigError`),
+`cdm_ood.checkpoint.CheckpointError` (an unsafe, broken or implausible checkpoint), `MissingExtraError`, the
+per-file input errors `cdm_ood.data.errors.DataError` and the per-case `cdm_ood.ranking_cases.CaseError`. Batch jobs
+report a file's or a case's error in its row and go on; one that reaches the command line (a command that cannot go
+on without that input) is, like every other `CdmOodError`, one line on stderr and exit code 2, mapped in one place
+(`cdm_ood.cli.main`; the codes are `cdm_ood.cli.common.ExitCode`).
 """
 
 from __future__ import annotations
 
 
 class CdmOodError(Exception):
-    """Base of the errors that make a command unusable as asked (exit 2)."""
+    """Base of every error a user can cause and fix (exit 2 where one stops a command)."""
 
 
 class UsageError(CdmOodError, ValueError):

@@ -17,7 +17,7 @@ from .data import image_transform, read_file
 from .data.discovery import detect_format
 from .data.errors import DataError
 from .data.records import FLAG_NONFINITE, describe_flags
-from .errors import UsageError
+from .errors import CdmOodError, UsageError
 from .figures import save_png, to_uint8
 from .io import atomic_path
 from .posterior import Operator, posterior_mean, posterior_samples
@@ -30,7 +30,7 @@ COLUMNS = ("case", "rank", "candidate", "criterion", "prior_weight", "score", "l
            "posterior_weight", *QUALITY, "error")  # fmt: skip
 
 
-class CaseError(Exception):
+class CaseError(CdmOodError):
     """A case that cannot be ranked (unreadable file, shape or preset mismatch), with the files named."""
 
 

@@ -134,7 +134,8 @@ def serve(
     model_uri: str, host: str, port: int, workers: int, max_request_mb: float, timeout_s: int, shutdown_s: int
 ) -> None:
     """Serve the model at `model_uri` (models:/..., runs:/..., a folder) until SIGTERM or Ctrl-C: it is downloaded
-    once, then every uvicorn worker loads it (`create_app`). A URI that names no MLflow model is a `UsageError`."""
+    once, then every uvicorn worker loads it (`create_app`). A URI that names no MLflow model is a `UsageError`; a
+    server that cannot start (a port in use) raises `RuntimeError`."""
     import mlflow
     import uvicorn
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
@@ -148,5 +149,9 @@ def serve(
     os.environ[MODEL_PATH] = folder
     os.environ[MAX_REQUEST_MB] = str(max_request_mb)
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(timeout_s)
-    uvicorn.run("cdm_ood.rest:create_app", factory=True, host=host, port=port, workers=workers,
-                timeout_graceful_shutdown=shutdown_s)  # fmt: skip
+    try:
+        uvicorn.run("cdm_ood.rest:create_app", factory=True, host=host, port=port, workers=workers,
+                    timeout_graceful_shutdown=shutdown_s)  # fmt: skip
+    except SystemExit as stop:  # uvicorn's own exit when it cannot start (e.g. the port is taken): the command failed
+        if stop.code:
+            raise RuntimeError(f"the server could not start on {host}:{port} (its log above says why)") from None

@@ -11,7 +11,7 @@ import click
 from cdm_ood import __version__
 from cdm_ood.errors import CdmOodError
 
-from .common import EXIT_USAGE, report_failure
+from .common import ExitCode, report_failure
 
 
 class _Commands(click.Group):
@@ -25,7 +25,7 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except CdmOodError as err:
             click.echo(f"error: {err}", err=True)
-            ctx.exit(EXIT_USAGE)
+            ctx.exit(ExitCode.USAGE)
         except (click.ClickException, click.exceptions.Exit):
             raise
         except (Exception, KeyboardInterrupt) as err:

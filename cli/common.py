@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,8 +19,19 @@ import click
 from cdm_ood.precision import PRECISIONS
 from cdm_ood.progress import ProgressFactory
 
-EXIT_USAGE = 2  # usage errors and unusable checkpoints (every `cdm_ood.errors.CdmOodError`)
-EXIT_FAILURE = 3  # the command could not finish (interrupted, disk full, a crashed process): nothing was decided
+
+class ExitCode(IntEnum):
+    """The exit status of every command, stated once (README.md, "Usage"; `tests/test_cli.py` walks every command)."""
+
+    PASSED = 0  # done: every input passed (`score`), every case ranked, every file written
+    FOUND = 1  # done, and something is not fine: an input OOD, flagged or unreadable; a case or file that failed
+    USAGE = 2  # a user's mistake, stopped before deciding anything: every `cdm_ood.errors.CdmOodError`
+    FAILURE = 3  # the command could not finish (interrupted, disk full, a crashed process): nothing was decided
+
+
+def exit_code(found: bool) -> ExitCode:
+    """`FOUND` when a finished command found something not fine, else `PASSED`."""
+    return ExitCode.FOUND if found else ExitCode.PASSED
 
 
 class Stopped(KeyboardInterrupt):
@@ -66,18 +78,18 @@ def raise_if_stopped() -> None:
 
 def report_failure(err: BaseException) -> int:
     """Say in one `error:` line on stderr why a command could not finish (with the traceback where
-    $CDM_OOD_TRACEBACK is set) and return `EXIT_FAILURE`."""
+    $CDM_OOD_TRACEBACK is set) and return `ExitCode.FAILURE`."""
     # torch's DataLoader raises from its SIGCHLD handler when a reader process dies: once the command has failed,
     # that would only replace this error line with a traceback
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     if os.environ.get("CDM_OOD_TRACEBACK"):
         traceback.print_exception(err)
     click.echo(f"error: {failure_reason(err)}", err=True)
-    return EXIT_FAILURE
+    return ExitCode.FAILURE
 
 
 def failure_reason(err: BaseException) -> str:
-    """One line saying why a command could not finish (`EXIT_FAILURE`): the signal, the file system's error with
+    """One line saying why a command could not finish (`ExitCode.FAILURE`): the signal, the file system's error with
     its path, or the exception's type and first line (library text with quoted values redacted)."""
     from cdm_ood.data.guards import redact
 

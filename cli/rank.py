@@ -11,7 +11,7 @@ import click
 
 from cdm_ood.errors import UsageError
 
-from .common import checkpoint_option, device_option, open_checkpoint, setup_logging
+from .common import checkpoint_option, device_option, exit_code, open_checkpoint, setup_logging
 
 
 @click.command("rank-restorations")
@@ -88,4 +88,4 @@ def rank_restorations_command(
         else:
             click.echo(f"{r['case']} #{r['rank']} {r['score']:.2f} {r['candidate']}")
     click.echo(f"ranking: {out}")
-    sys.exit(1 if failed else 0)
+    sys.exit(exit_code(bool(failed)))

@@ -12,6 +12,7 @@ import click
 from .common import (
     checkpoint_option,
     device_option,
+    exit_code,
     late_progress,
     open_checkpoint,
     progress,
@@ -87,4 +88,4 @@ def denoise_command(
     for err in errors:
         click.echo(f"skipped {err.path}: {err.reason}", err=True)
     click.echo(f"denoised {written} slices into {out}")
-    sys.exit(1 if errors else 0)
+    sys.exit(exit_code(bool(errors)))

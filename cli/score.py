@@ -16,6 +16,7 @@ from cdm_ood.errors import UsageError
 from .common import (
     checkpoint_option,
     device_option,
+    exit_code,
     ignore_globs,
     ignore_options,
     late_progress,
@@ -252,7 +253,7 @@ def score_command(
         gallery = sorted(maps.glob("*_map.png"))[:MLFLOW_GALLERY] if maps is not None else []
         log_job_run("score", result.info, {**result.summary, "threshold": result.info["threshold"]},
                     [result.report, result.histogram, *gallery], tracking_uri, scorer.model)  # fmt: skip
-    sys.exit(0 if result.passed or no_fail else 1)
+    sys.exit(exit_code(not (result.passed or no_fail)))
 
 
 @click.command("evaluate")

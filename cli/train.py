@@ -42,7 +42,7 @@ def train_command(
     With no arguments, trains the embedded default (bundled MNIST digits, a small MONAI UNet) on the CPU in
     a few minutes. Multi-GPU or multi-node: `torchrun --nproc_per_node=N -m cdm_ood.cli train ...`.
     """
-    from cdm_ood.checkpoint import TrainingState, load_checkpoint, training_run_id
+    from cdm_ood.checkpoint import TrainingState, load_checkpoint
     from cdm_ood.config import ConfigError, bundled_config, load_config
     from cdm_ood.distributed import Distributed
     from cdm_ood.ood.validation import calibrate_on_validation
@@ -52,12 +52,11 @@ def train_command(
     rank = Distributed.from_env().rank
     setup_logging(rank)
     try:
-        base, checkpoint, run_id, state = None, None, None, None
+        base, checkpoint, state = None, None, None
         if resume is not None:
             checkpoint = latest_checkpoint(resume)
             stored = load_checkpoint(checkpoint)
-            base, run_id = stored["config"], training_run_id(checkpoint, stored)
-            state = TrainingState.from_checkpoint(checkpoint, stored)
+            base, state = stored["config"], TrainingState.from_checkpoint(checkpoint, stored)
             if config_path is not None:
                 raise ConfigError("--resume continues the stored config; change it with --set, not --config")
         config = load_config(bundled_config(config_path) if config_path else None, list(overrides), base=base)
@@ -75,7 +74,7 @@ def train_command(
     callbacks = [RunFolderCallback(out)]
     if config.tracking.enabled and mlflow:
         callbacks.append(MlflowCallback(tracking_uri or config.tracking.uri, config.tracking.experiment,
-                                        config.tracking.run_name, run_id))  # fmt: skip
+                                        config.tracking.run_name, state and state.run_id))  # fmt: skip
     signal.signal(signal.SIGTERM, _exit_on_signal)
     model_path = train(config, out, resume=state, callbacks=callbacks, finish=[calibrate_on_validation])
     if rank == 0:

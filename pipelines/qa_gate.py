@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cdm_ood.checkpoint import load_model
-from cdm_ood.cli.common import report_failure, stop_on_signals
+from cdm_ood.cli.common import ExitCode, exit_code, report_failure, stop_on_signals
 from cdm_ood.errors import CdmOodError
 from cdm_ood.io import spreadsheet_value
 from cdm_ood.ood.gate import run_gate
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         thresholds = Thresholds.resolve(scorer, args.threshold)
     except CdmOodError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     args.reports.mkdir(parents=True, exist_ok=True)
     seen = already_reported(args.reports)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                       exclude=lambda path: str(path) in seen, nothing_new_ok=True)  # fmt: skip
     if result is None:
         print("nothing new")
-        return 0
+        return ExitCode.PASSED
     for row in result.rows:
         if row["level"] in ("volume", "file") and row["verdict"] not in (IN, IGNORED):
             print(f"{row['verdict'].upper():<10} {row['path']}  {row['reason']}")
     print(f"report: {result.report}  passed: {result.passed}")
-    return 0 if result.passed else 1
+    return exit_code(not result.passed)
 
 
 def run(argv: list[str] | None = None) -> int:

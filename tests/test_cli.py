@@ -1,3 +1,4 @@
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from processes import cdm
 
 import cdm_ood
 from cdm_ood.cli import main
+from cdm_ood.cli.common import ExitCode
 
 SCRIPT = Path(sys.executable).with_name("cdm-ood")
 
@@ -149,3 +151,58 @@ def test_every_command_answers_a_users_mistake_with_exit_2_and_one_error_line(ch
         out = CliRunner().invoke(main, [command, *map(str, args)])
         errors = [line for line in out.stderr.splitlines() if line.lower().startswith("error")]
         assert out.exit_code == 2 and len(errors) == 1 and "Traceback" not in out.stderr, (command, out.stderr)
+
+
+def finished_runs(checkpoint: Path, scans: Path, tmp: Path) -> dict[str, list[object]]:
+    """One run per command that finishes (exit 0 or 1) on the shared fixtures, and writes files as it goes."""
+    copy = tmp / "model.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    scan, series = scans / "clean.nii.gz", sorted((scans / "study" / "series1").iterdir())
+    return {
+        "make-phantoms": ["--out-dir", tmp / "p", "--n", 1, "--format", "nifti"],
+        "train": ["--config", "phantoms-ct", "--out-dir", tmp / "run", "--set", f"data.root={scans}", "--set",
+                  "data.phantoms=null", "--set", "tracking.enabled=false", "--set", "train.steps=1"],
+        "calibrate": [scans, "--checkpoint", copy],
+        "score": [scan, "--checkpoint", checkpoint, "--out", tmp / "r.csv"],
+        "evaluate": [scan, "--checkpoint", checkpoint, "--ood", f"x={scan}", "--out-dir", tmp / "ev", "--no-mlflow"],
+        "rank-restorations": [*series[:2], "--checkpoint", checkpoint, "--observed", series[0], "--sigma", 0.1,
+                              "--out", tmp / "k.csv"],
+        "sample": ["--checkpoint", checkpoint, "--steps", 2, "--out", tmp / "s.png"],
+        "denoise": [scan, "--checkpoint", checkpoint, "--sigma", 0.1, "--out-dir", tmp / "dn"],
+        "log-model": ["--checkpoint", checkpoint, "--tracking-uri", f"sqlite:///{tmp / 'm.db'}"],
+        "serve": [logged_model(checkpoint, tmp)],
+    }  # fmt: skip
+
+
+def logged_model(checkpoint: Path, tmp: Path) -> Path:
+    """The folder of the MLflow model `cdm-ood log-model` logs from `checkpoint`."""
+    out = cdm("log-model", "--checkpoint", checkpoint, "--tracking-uri", f"sqlite:///{tmp / 'served.db'}", cwd=tmp)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (model,) = (tmp / "mlruns").glob("*/models/*/artifacts/MLmodel")
+    return model.parent
+
+
+def no_file_writes() -> None:
+    """In the child: every write to a file fails (EFBIG), as on a full disk; Python ignores SIGXFSZ."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+
+def test_every_command_that_cannot_finish_exits_3_with_one_error_line(checkpoint, scans, tmp_path):
+    """The exit codes of every command (`cli.common.ExitCode`): a run that cannot finish (here: no file can be
+    written, as on a full disk; `serve`: its port is taken) is `FAILURE` (3), one `error:` line, never a decision
+    (0 or 1) or a usage error (2)."""
+    runs = finished_runs(checkpoint, scans, tmp_path)
+    assert set(runs) == set(main.commands), "a new command needs its run here"
+    wrong = {}
+    taken = socket.create_server(("127.0.0.1", 0))
+    runs["serve"] += ["--port", taken.getsockname()[1]]
+    for command, args in runs.items():
+        limit = {} if command == "serve" else {"preexec_fn": no_file_writes}
+        out = cdm(command, *args, cwd=tmp_path, timeout=300, **limit)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+        if out.returncode != ExitCode.FAILURE or len(errors) != 1:
+            wrong[command] = (out.returncode, out.stderr[-1500:])
+    taken.close()
+    assert not wrong, wrong

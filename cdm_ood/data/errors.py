@@ -6,8 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+from ..errors import CdmOodError
 
-class DataError(Exception):
+
+class DataError(CdmOodError):
     """Base class: a file that cannot be turned into image slices. `path` and `reason` are kept separately."""
 
     kind = "unreadable"
