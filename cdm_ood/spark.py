@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from .data.discovery import discover
 from .data.errors import DataError
+from .data.formats import reader_of
 from .data.guards import MAX_VOXELS
 from .data.walk import DEFAULT_IGNORE, IgnoredFile, ignore_match
 from .errors import MissingExtraError
@@ -125,7 +126,7 @@ def _volume_key(path: str, local: Path, max_voxels: int) -> str:
         found = discover(local, max_voxels=max_voxels)
     except DataError:
         return path
-    return found[0].volume_id if len(found) == 1 and found[0].format == "dicom" else path
+    return found[0].volume_id if len(found) == 1 and reader_of(found[0].format).series else path
 
 
 def _with_volume_keys(

@@ -1,8 +1,10 @@
-"""Data layer: readers for DICOM / NIfTI / PNG, intensity presets and transforms, datasets and phantoms."""
+"""Data layer: readers for DICOM / NIfTI / NRRD / MetaImage / PNG (a registry: `register_reader`), intensity
+presets and transforms, datasets and phantoms."""
 
 from .artifacts import ARTIFACTS
 from .discovery import SourceFile, detect_format, discover
 from .errors import DataError, NotAnImageError, UnreadableFileError, UnsupportedFormatError
+from .formats import READERS, FormatReader, register_reader
 from .medical import medical_dataset, split_volumes
 from .natural import NATURAL_DATASETS, load_natural
 from .phantom_sets import make_phantoms
@@ -18,7 +20,9 @@ __all__ = [
     "FLAG_NONFINITE",
     "NATURAL_DATASETS",
     "PRESETS",
+    "READERS",
     "DataError",
+    "FormatReader",
     "ImageTransformd",
     "IntensityPreset",
     "NotAnImageError",
@@ -42,5 +46,6 @@ __all__ = [
     "medical_dataset",
     "read_file",
     "read_source",
+    "register_reader",
     "split_volumes",
 ]

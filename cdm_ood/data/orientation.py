@@ -10,7 +10,6 @@ volume back in that orientation with its affine (whatever `Orientation` did) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,9 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from torch import Tensor
 
-from .discovery import detect_format
+from .discovery import detect_reader
 from .errors import DataError
 
-CANONICAL_FORMATS = ("nifti", "itk")  # formats whose slices are those of the closest canonical (RAS) volume
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -42,26 +40,11 @@ def reader_slices(image: Any) -> np.ndarray:
         raise ValueError(f"expected a channel-first 2D or 3D image, got shape {tuple(array.shape)}")
     array = array if array.ndim == 4 else array[..., None]
     affine, original = (_ras_affine(image.meta, key) for key in ("affine", "original_affine"))
-    canonical = _format(image.meta["filename_or_obj"]) in CANONICAL_FORMATS
+    canonical = _canonical(image.meta["filename_or_obj"])
     target = axcodes2ornt("RAS") if canonical else io_orientation(original)  # the readers' orientation
     spatial = np.moveaxis(array, 0, -1)  # (x, y, z, C): nibabel reorients the leading axes
     spatial = apply_orientation(spatial, ornt_transform(io_orientation(affine), target))
     return np.ascontiguousarray(spatial.transpose(2, 3, 1, 0))  # slice k = data[:, :, k].T, channels first
-
-
-def series_affine(
-    orientation: Sequence[float], first: Sequence[float], spacing: Sequence[float], step: Sequence[float]
-) -> np.ndarray:
-    """The RAS affine of a DICOM series' voxels `data[col, row, k]` (slice k's pixel array transposed, the layout
-    of `volume_files.write_nifti`), from its ImageOrientationPatient (row, then column direction cosines), the first
-    slice's ImagePositionPatient, PixelSpacing (between rows, between columns) and the step from one slice's
-    position to the next, all in the patient's LPS millimetres."""
-    affine = np.eye(4)
-    affine[:3, 0] = np.asarray(orientation[:3], dtype=np.float64) * float(spacing[1])
-    affine[:3, 1] = np.asarray(orientation[3:6], dtype=np.float64) * float(spacing[0])
-    affine[:3, 2] = np.asarray(step, dtype=np.float64)
-    affine[:3, 3] = np.asarray(first, dtype=np.float64)
-    return _LPS_TO_RAS @ affine
 
 
 def _ras_affine(meta: dict, key: str) -> np.ndarray:
@@ -74,12 +57,13 @@ def _ras_affine(meta: dict, key: str) -> np.ndarray:
     return _LPS_TO_RAS @ affine if space.endswith("LPS") else affine
 
 
-def _format(filename: Any) -> str:
-    """cdm-ood's format of the loaded file (a folder is a DICOM series); 'dicom' when it cannot be told."""
+def _canonical(filename: Any) -> bool:
+    """Whether cdm-ood's reader of the loaded file gives the slices of its closest canonical (RAS) volume
+    (`FormatReader.canonical`); not for a folder (a DICOM series) or a file whose format cannot be told."""
     path = Path(str(filename[0] if isinstance(filename, (list, tuple)) else filename))
     if path.is_dir():
-        return "dicom"
+        return False
     try:
-        return detect_format(path)
+        return detect_reader(path).canonical
     except DataError:
-        return "dicom"
+        return False

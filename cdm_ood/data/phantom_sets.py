@@ -22,9 +22,9 @@ from ..io import write_csv_atomic
 from .anatomy import brain_affine, brain_volume, template_folder
 from .artifacts import ARTIFACTS, REJECT, check_modality, corrupt_volume
 from .defects import DEFECTS, draw_defect
+from .formats.dicom import series_affine
 from .geometry import COVERAGE, ORIENTATIONS, cover, misorient
 from .manifest import MANIFEST_COLUMNS, MASK_COLUMN
-from .orientation import series_affine
 from .phantoms import phantom_volume
 from .volume_files import write_dicom_series, write_nifti
 from .wrong_modality import wrong_modality_files

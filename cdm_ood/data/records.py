@@ -1,5 +1,5 @@
-"""What the readers yield: 2D slices, and whole volumes stacked from them, with their provenance (never patient
-identifiers)."""
+"""What discovery finds (files) and the readers yield (2D slices, and whole volumes stacked from them), with their
+provenance (never patient identifiers)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,25 @@ import numpy as np
 FLAG_NONFINITE = "nan-or-inf"
 FLAG_CONSTANT = "constant"
 PIXEL_FLAGS = (FLAG_NONFINITE, FLAG_CONSTANT)  # any other flag is a header problem, a sentence naming its field
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One readable input file, found by `discover`: its format (the name of its reader, `formats.READERS`) and
+    the volume it belongs to.
+
+    `index` is the slice's rank in its DICOM series (None for files holding whole volumes); `companions` are
+    files read together with this one (the .img of a NIfTI .hdr/.img pair); `flags` are its header's problems
+    (`headers`), which every slice read from it carries.
+    """
+
+    path: str
+    format: str
+    volume_id: str
+    index: Optional[int] = None
+    sop_instance_uid: Optional[str] = None
+    companions: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..data.discovery import SourceFile, detect_format
+from ..data.discovery import SourceFile, detect_reader
+from ..data.formats import FormatReader, reader_of
 from ..data.guards import redact
 from ..data.records import Slice, SliceSource, Volume
 from ..data.transforms import LUMA
@@ -48,7 +49,6 @@ ALPHA = 0.6  # opacity of the map's colour where it reaches the top of its displ
 SCORE_DISPLAY = (1.0, 5.0)
 MIN_PNG_SIDE = 256  # a smaller slice is enlarged by an integer factor (nearest neighbour) in its PNG
 STEM_SUFFIXES = (*IMAGE_SUFFIXES, ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".img")
-_SERIES = "dicom-series"
 
 
 def to_native(amap: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -96,12 +96,12 @@ class MapFailure:
 
 @dataclass
 class _Volume:
-    """The map files written for one input volume (a file, or a DICOM series): its stem, kind (`nifti`, a DICOM
-    series or None: no volume file), volume id, and for each slice key (time point, index) its .npy map and input
-    file."""
+    """The map files written for one input volume (a file, or a DICOM series): its stem, the reader that writes
+    its volume file (`FormatReader.write_map`; None: no volume file, a multi-frame DICOM file), volume id, and for
+    each slice key (time point, index) its .npy map and input file."""
 
     stem: str
-    kind: Optional[str]
+    writer: Optional[FormatReader]
     volume_id: str
     slices: dict[tuple[Optional[int], int], tuple[Path, str]] = field(default_factory=dict)
     pending: bool = False
@@ -121,7 +121,7 @@ class MapWriter:
         self.out = Path(out)
         self.display = display
         self._stems = map_stems(sources)
-        self._depths = Counter(f.volume_id for f in sources if f.format == "dicom" and f.index is not None)
+        self._depths = Counter(f.volume_id for f in sources if f.index is not None)
         self._volumes: dict[str, _Volume] = {}
         self._current: Optional[str] = None
         self._written: dict[str, Path] = {}
@@ -149,7 +149,7 @@ class MapWriter:
         with atomic_write(npy, "wb") as f:
             np.save(f, native)
         _save_png(overlay(s.image, native, self.display), png)
-        if volume.kind is not None:
+        if volume.writer is not None:
             volume.slices[(t, index)] = (npy, s.source.path)
             volume.pending = True
         return [npy, png]
@@ -185,9 +185,7 @@ class MapWriter:
                 volume.pending = False
                 path = self.out / f"{volume.stem}_map.nii.gz"
                 try:
-                    if volume.kind == "nifti":
-                        _write_nifti_map(volume, path)
-                    elif not _write_series_map(volume, path, self._depths[key]):
+                    if not volume.writer.write_map(volume.slices, path, self._depths[key]):
                         continue
                 except Exception as err:  # this volume's failure, never the run's
                     where = volume_path([file for _, file in volume.slices.values()])
@@ -197,11 +195,11 @@ class MapWriter:
                 self._written[key] = path
 
     def _new_volume(self, key: str, source: SliceSource) -> _Volume:
-        fmt = detect_format(source.path)
-        series = fmt == "dicom" and source.frame is None
+        reader = detect_reader(source.path)
+        series = reader.series and source.frame is None
         taken = {v.stem for v in self._volumes.values()} | set(self._stems.values())
         stem = self._stems.get(key) or _free_stem(_base_stem(source.path, series), taken)
-        volume = _Volume(stem, _SERIES if series else "nifti" if fmt == "nifti" else None, source.volume_id)
+        volume = _Volume(stem, reader if series or not reader.series else None, source.volume_id)
         self._volumes[key] = volume
         return volume
 
@@ -211,8 +209,8 @@ def map_stems(sources: Sequence[SourceFile]) -> dict[str, str]:
     DICOM series: its folder's name), `-2`, `-3`... for a stem already taken."""
     stems: dict[str, str] = {}
     for f in sources:
-        series = f.format == "dicom" and f.index is not None
-        key = f.volume_id if f.format != "dicom" or series else f.path
+        series = f.index is not None
+        key = f.volume_id if series or not reader_of(f.format).series else f.path
         if key not in stems:
             stems[key] = _free_stem(_base_stem(f.path, series), set(stems.values()))
     return stems
@@ -235,7 +233,7 @@ def _volume_slices(volume: Volume, files: Sequence[SourceFile]) -> list[Slice]:
         sources = [SliceSource(f.path, f.index, f.volume_id, f.sop_instance_uid) for f in ordered]
     else:
         (f,) = files
-        frames = f.format == "dicom"
+        frames = reader_of(f.format).series
         sources = [SliceSource(f.path, k, f.volume_id, f.sop_instance_uid, k if frames else None, t)
                    for k in range(image.shape[1])]  # fmt: skip
     return [Slice(image[:, k], source) for k, source in enumerate(sources)]
@@ -272,48 +270,3 @@ def _save_png(picture: np.ndarray, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(picture).save(tmp, format="PNG")
-
-
-def _write_nifti_map(volume: _Volume, path: Path) -> None:
-    """The slice maps of a NIfTI input in its shape, voxel order and affine (NaN where no slice has a map)."""
-    from ..data.writers import write_nifti_like
-
-    ((_, source), *_) = volume.slices.values()
-    maps = {key: np.load(npy)[None] for key, (npy, _) in volume.slices.items()}
-    write_nifti_like(source, maps, path, background=np.nan)
-
-
-def _write_series_map(volume: _Volume, path: Path, depth: int) -> bool:
-    """The slice maps of a DICOM series of `depth` slices (0: up to its last slice with a map) stacked in series
-    order under the affine of its geometry, NaN where a slice has no map; a series without the geometry tags gets
-    no volume file (logged, False); slice maps of different sizes raise ValueError."""
-    import pydicom
-
-    from ..data.orientation import series_affine
-    from ..data.volume_files import write_nifti
-
-    indices = sorted(index for _, index in volume.slices)
-    tags = ["ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness"]
-    ends = [pydicom.dcmread(volume.slices[(None, k)][1], stop_before_pixels=True, force=True, specific_tags=tags)
-            for k in (indices[0], indices[-1])]  # fmt: skip
-    try:
-        orientation, spacing = [float(v) for v in ends[0].ImageOrientationPatient], ends[0].PixelSpacing
-        first, last = (np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in ends)
-    except (AttributeError, TypeError, ValueError):
-        log.warning("%s: no slice geometry (orientation, position, spacing); no volume map written",
-                    volume.slices[(None, indices[0])][1])  # fmt: skip
-        return False
-    if len(indices) > 1:
-        step = (last - first) / (indices[-1] - indices[0])
-    else:
-        step = np.cross(orientation[:3], orientation[3:]) * float(ends[0].get("SliceThickness") or 1.0)
-    maps = {index: np.load(npy) for (_, index), (npy, _) in volume.slices.items()}
-    shapes = sorted({m.shape for m in maps.values()})
-    if len(shapes) > 1:
-        raise ValueError(f"its slices differ in size ({', '.join('x'.join(map(str, s)) for s in shapes)})")
-    stack = np.full((max(depth, indices[-1] + 1), *shapes[0]), np.nan, np.float32)
-    for index, amap in maps.items():
-        stack[index] = amap
-    affine = series_affine(orientation, first - indices[0] * step, spacing, step)
-    write_nifti(stack, path, affine=affine)
-    return True

@@ -12,17 +12,14 @@ from monai.transforms import MapTransform
 
 from ..data.discovery import discover
 from ..data.errors import DataError
-from ..data.guards import quiet_libraries
+from ..data.formats import reader_of
+from ..data.formats.dicom import MONOCHROME1_LOADED  # noqa: F401  (the reason `loaded_slices` gives MONOCHROME1)
 from ..data.orientation import is_loaded_image, reader_slices
 from ..data.records import Slice, SliceSource, Volume
 from ..errors import UsageError
 from .api import OODDetector
 from .report import FLAGGED, IN, aggregate, volume_rows
 from .volume_checks import STATISTICS
-
-# MONAI's readers disagree on MONOCHROME1: ITKReader inverts it (as cdm-ood's readers do), PydicomReader does not.
-MONOCHROME1_LOADED = ("PhotometricInterpretation MONOCHROME1: MONAI's readers disagree on inverting it (ITKReader "
-                      "does, PydicomReader does not); score the file by path")  # fmt: skip
 
 
 class ScoreOODd(MapTransform):
@@ -95,16 +92,7 @@ def loaded_slices(image: Any) -> list[Slice]:
     names = [str(n) for n in name] if isinstance(name, (list, tuple)) else [str(name)]
     errors: list[DataError] = []
     sources = discover(names, errors.append, max_voxels=sys.maxsize)  # loaded already: no budget to keep
-    per_file = [(*s.flags, *((MONOCHROME1_LOADED,) if s.format == "dicom" and _monochrome1(s.path) else ()))
-                for s in sources]  # fmt: skip
+    per_file = [(*s.flags, *reader_of(s.format).loaded_flags(s.path)) for s in sources]
     every = tuple(dict.fromkeys([*(f for flags in per_file for f in flags), *(e.reason for e in errors)]))
     flags = per_file if len(per_file) == len(slices) and not errors else [every] * len(slices)
     return [Slice(s, SliceSource(names[0], k, names[0]), f) for k, (s, f) in enumerate(zip(slices, flags, strict=True))]
-
-
-def _monochrome1(path: str) -> bool:
-    import pydicom
-
-    with quiet_libraries():
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PhotometricInterpretation"])
-        return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
