@@ -21,12 +21,12 @@ import torch
 from tables import emit, markdown
 
 from cdm_ood import bits_per_dim, log_likelihood, sample
-from cdm_ood.checkpoint import load_model
-from cdm_ood.config import bundled_config, load_config
 from cdm_ood.data.natural import bundled_mnist
-from cdm_ood.figures import image_grid, save_png
-from cdm_ood.tracking import MlflowCallback, RunFolderCallback
-from cdm_ood.training import train
+from cdm_ood.integrations.tracking import MlflowCallback, RunFolderCallback
+from cdm_ood.jobs.config import bundled_config, load_config
+from cdm_ood.jobs.training import train
+from cdm_ood.model.checkpoint import load_model
+from cdm_ood.utils.figures import image_grid, save_png
 
 VARIANTS = {  # name: (label, overrides of the config)
     "both": ("both losses (default: {schedule} schedule, ce_weight {ce:g})", []),

@@ -22,9 +22,9 @@ from ood_baselines import Benchmark, add_benchmark_arguments, benchmarks, cdm_sc
 from tables import emit, markdown
 
 from cdm_ood import bits_per_dim, log_likelihood, sample
-from cdm_ood.classifier import ARCHS
-from cdm_ood.figures import image_grid, save_png
-from cdm_ood.tracking import log_job_run
+from cdm_ood.diffusion.classifier import ARCHS
+from cdm_ood.integrations.tracking import log_job_run
+from cdm_ood.utils.figures import image_grid, save_png
 
 DETECTORS = ("nll", "combined")
 

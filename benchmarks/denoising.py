@@ -21,10 +21,10 @@ from quick_train import train_ema
 from tables import emit, markdown
 
 from cdm_ood import diffuse, predict_noise, predict_x0
-from cdm_ood.checkpoint import load_model
 from cdm_ood.data.natural import bundled_mnist
-from cdm_ood.sampling import matching_level
-from cdm_ood.tracking import log_job_run
+from cdm_ood.diffusion.sampling import matching_level
+from cdm_ood.integrations.tracking import log_job_run
+from cdm_ood.model.checkpoint import load_model
 
 RATIOS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)  # sigma_t / alpha_t
 

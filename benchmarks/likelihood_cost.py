@@ -25,10 +25,10 @@ from monai.networks.schedulers import DDPMScheduler
 from tables import emit, markdown
 
 from cdm_ood import CDMClassifier, NoiseSchedule, bits_per_dim, log_likelihood
-from cdm_ood.checkpoint import load_model
-from cdm_ood.classifier import ARCHS
 from cdm_ood.data.natural import bundled_mnist
-from cdm_ood.tracking import log_job_run
+from cdm_ood.diffusion.classifier import ARCHS
+from cdm_ood.integrations.tracking import log_job_run
+from cdm_ood.model.checkpoint import load_model
 
 CHANNELS, ATTENTION = (16, 32, 32), (False, False, True)
 REPEATS = 20  # timings of each CDM likelihood, a few ms each; their median is reported

@@ -32,12 +32,12 @@ from tables import emit
 from cdm_ood.data.defects import DEFECTS, draw_defect
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.presets import ct_preset
-from cdm_ood.figures import save_png
+from cdm_ood.integrations.tracking import log_job_run
 from cdm_ood.ood.detectors import DETECTORS, required_features, smoothed
 from cdm_ood.ood.features import batched_features
 from cdm_ood.ood.map_outputs import overlay
 from cdm_ood.ood.metrics import localization_metrics, ood_metrics
-from cdm_ood.tracking import log_job_run
+from cdm_ood.utils.figures import save_png
 
 DETECTED = ("map", "combined")
 

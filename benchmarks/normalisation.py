@@ -19,7 +19,7 @@ from quick_train import small_classifier, train_cdm
 from tables import emit, markdown
 
 from cdm_ood import NoiseSchedule, bits_per_dim, log_likelihood
-from cdm_ood.tracking import log_job_run
+from cdm_ood.integrations.tracking import log_job_run
 
 WEIGHTS = torch.tensor([0.3, 0.7], dtype=torch.float64)
 STDS = torch.tensor([0.15, 0.25], dtype=torch.float64)

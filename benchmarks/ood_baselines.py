@@ -55,18 +55,18 @@ from quick_train import train_ema
 from tables import emit
 
 from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss
-from cdm_ood.config import ScheduleConfig
 from cdm_ood.data.artifacts import ARTIFACTS, corrupt_volume
 from cdm_ood.data.natural import bundled_mnist, sklearn_digits
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.presets import IntensityPreset, ct_preset, uint8_preset
-from cdm_ood.figures import image_grid, plot_auroc_matrix, save_png
-from cdm_ood.io import atomic_write
+from cdm_ood.diffusion.sampling import ddim_step, strided_levels
+from cdm_ood.integrations.tracking import log_job_run
+from cdm_ood.jobs.config import ScheduleConfig
 from cdm_ood.ood.detectors import DETECTORS, Detector, DriftDetector, applicable, required_features
 from cdm_ood.ood.features import batched_features, class_posterior
 from cdm_ood.ood.metrics import ood_metrics
-from cdm_ood.sampling import ddim_step, strided_levels
-from cdm_ood.tracking import log_job_run
+from cdm_ood.utils.figures import image_grid, plot_auroc_matrix, save_png
+from cdm_ood.utils.io import atomic_write
 
 # A scorer gives one score per image, or, when one computation gives several detectors' scores (the reconstruction
 # errors), a dict of them by detector name; each such detector's cost is that one computation's.

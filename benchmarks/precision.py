@@ -4,7 +4,7 @@ on the same test scans, how far bf16 moves the scores, and how many verdicts cha
     python benchmarks/precision.py --checkpoint runs/<run>/model.pt --calib DIR --test DIR/manifest.csv
 
 `--test` is a `cdm-ood make-phantoms --corrupt` manifest: series with artifact `none` are in distribution, the
-others OOD (slice level). For each precision (`cdm_ood.precision.PRECISIONS`) the checkpoint's model is calibrated
+others OOD (slice level). For each precision (`cdm_ood.utils.precision.PRECISIONS`) the checkpoint's model is calibrated
 on `--calib` in that precision (`OODDetector.fit`, as `cdm-ood calibrate --precision` does) and scores the test
 slices. Prints the table block `score-precision`: per detector the AUROC in each precision, the largest change of a
 slice's score when only the network's precision changes (float32 calibration, in units of the in-distribution test
@@ -28,7 +28,7 @@ from cdm_ood.ood import OODDetector
 from cdm_ood.ood.detectors import required_features
 from cdm_ood.ood.metrics import ood_metrics
 from cdm_ood.ood.report import judge
-from cdm_ood.precision import PRECISIONS
+from cdm_ood.utils.precision import PRECISIONS
 
 
 def main() -> None:

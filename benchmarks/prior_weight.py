@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from ranking import held_out, prior_weight_sweep
 
-from cdm_ood.checkpoint import load_model
-from cdm_ood.ranking import PRIOR_WEIGHT
+from cdm_ood.diffusion.ranking import PRIOR_WEIGHT
+from cdm_ood.model.checkpoint import load_model
 
 
 def choose(worst: dict[float, tuple[float, float]]) -> float:
@@ -58,7 +58,7 @@ def main() -> None:
               f"hallucination below truth {below:.2f}")  # fmt: skip
     chosen = choose(worst)
     agrees = "the same" if chosen == PRIOR_WEIGHT else "different: set it to the choice"
-    print(f"chosen prior weight: {chosen:g} (cdm_ood.ranking.PRIOR_WEIGHT is {PRIOR_WEIGHT:g}, {agrees})")
+    print(f"chosen prior weight: {chosen:g} (cdm_ood.diffusion.ranking.PRIOR_WEIGHT is {PRIOR_WEIGHT:g}, {agrees})")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss
-from cdm_ood.training import fit, lr_factor
+from cdm_ood.jobs.training import fit, lr_factor
 
 
 def small_classifier(schedule: NoiseSchedule, channels=(16, 32), attention=(False, False)) -> CDMClassifier:
@@ -29,7 +29,7 @@ def train_ema(
     seed: int = 0,
 ) -> tuple[torch.nn.Module, float]:
     """Minimise `loss_fn(model, generator)` with Adam and linear warm-up in the project's training loop
-    (`cdm_ood.training.fit`); returns the EMA model and the wall time in seconds."""
+    (`cdm_ood.jobs.training.fit`); returns the EMA model and the wall time in seconds."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))

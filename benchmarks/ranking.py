@@ -34,12 +34,12 @@ from monai.networks.layers import GaussianFilter
 from scipy.stats import kendalltau
 from tables import emit
 
-from cdm_ood.checkpoint import load_model
 from cdm_ood.data import iter_slices
 from cdm_ood.data.natural import bundled_mnist
 from cdm_ood.data.phantom_sets import make_phantoms
-from cdm_ood.ranking import rank_restorations
-from cdm_ood.sampling import denoise
+from cdm_ood.diffusion.ranking import rank_restorations
+from cdm_ood.diffusion.sampling import denoise
+from cdm_ood.model.checkpoint import load_model
 
 CRITERIA = ("auto", "expected-mse", "candidate-posterior", "map", "prior")
 GOAL = 0.85  # issue 17: tau PSNR >= GOAL on every degradation, and no hallucination ranked above the truth

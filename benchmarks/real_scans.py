@@ -31,10 +31,10 @@ import torch
 from ood_baselines import Benchmark, Scorer, atomic_text, by_detector, ddpm_scorers, table
 from tables import emit
 
-from cdm_ood.checkpoint import load_model
 from cdm_ood.data.manifest import is_manifest, manifest_sets
 from cdm_ood.data.readers import iter_slices
 from cdm_ood.data.records import Slice
+from cdm_ood.model.checkpoint import load_model
 from cdm_ood.ood.api import OODDetector
 from cdm_ood.ood.metrics import ood_metrics
 from cdm_ood.ood.report import IN, aggregate, judge

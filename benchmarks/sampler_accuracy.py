@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from exact_mixture import MIXTURE, ROWS, SCHEDULE, Row, draw, mixture_errors
 
 from cdm_ood import predict_noise, predict_x0, sample
-from cdm_ood.checkpoint import load_model
-from cdm_ood.sampling import ddpm_step, strided_levels
-from cdm_ood.tracking import log_job_run
+from cdm_ood.diffusion.sampling import ddpm_step, strided_levels
+from cdm_ood.integrations.tracking import log_job_run
+from cdm_ood.model.checkpoint import load_model
 
 SINGLE_STEP = "single-step-betas"
 STRIDED = next(r for r in ROWS if r.method == "ddpm" and r.steps < SCHEDULE.T)  # its tolerance holds SINGLE_STEP

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tables import emit, markdown
 
-from cdm_ood.checkpoint import load_model
 from cdm_ood.data.phantom_sets import make_phantoms
+from cdm_ood.model.checkpoint import load_model
 
 
 def run(command: list[str], threads: int) -> float:

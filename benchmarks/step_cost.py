@@ -30,9 +30,9 @@ from tables import emit, markdown
 from torch import nn
 
 from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss, diffuse, predict_noise
-from cdm_ood.denoiser import call_classifier, logits_and_noise
-from cdm_ood.schedules import timesteps
-from cdm_ood.training import fit
+from cdm_ood.diffusion.denoiser import call_classifier, logits_and_noise
+from cdm_ood.diffusion.schedules import timesteps
+from cdm_ood.jobs.training import fit
 
 CHANNELS = (32, 64, 64)
 ATTENTION = (False, False, True)

@@ -66,8 +66,8 @@ def main() -> None:
             sys.exit(f"{args.out_dir} exists: give another --out-dir, or --replace to delete it first")
         shutil.rmtree(args.out_dir)
     wall, peak_gib = train(args)
-    from cdm_ood.checkpoint import load_model  # torch: imported once the checks above have passed
-    from cdm_ood.tracking import log_job_run
+    from cdm_ood.integrations.tracking import log_job_run
+    from cdm_ood.model.checkpoint import load_model  # torch: imported once the checks above have passed
 
     records = [json.loads(line) for line in (args.out_dir / "metrics.jsonl").read_text().splitlines()]
     per_step = statistics.median(1 / r["steps_per_s"] for r in records if "steps_per_s" in r)

@@ -15,42 +15,42 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "CDMClassifier": "classifier",
-    "CDMLoss": "losses",
-    "NoiseSchedule": "schedules",
+    "CDMClassifier": "diffusion.classifier",
+    "CDMLoss": "diffusion.losses",
+    "NoiseSchedule": "diffusion.schedules",
     "OODDetector": "ood",
     "ScoreOODd": "ood",
-    "bits_per_dim": "likelihood",
-    "cdm_loss": "losses",
-    "denoise": "sampling",
-    "diffuse": "schedules",
-    "log_likelihood": "likelihood",
-    "log_likelihood_profile": "likelihood",
-    "log_standard_normal": "likelihood",
-    "predict_noise": "denoiser",
-    "predict_x0": "denoiser",
-    "rank_restorations": "ranking",
-    "sample": "sampling",
+    "bits_per_dim": "diffusion.likelihood",
+    "cdm_loss": "diffusion.losses",
+    "denoise": "diffusion.sampling",
+    "diffuse": "diffusion.schedules",
+    "log_likelihood": "diffusion.likelihood",
+    "log_likelihood_profile": "diffusion.likelihood",
+    "log_standard_normal": "diffusion.likelihood",
+    "predict_noise": "diffusion.denoiser",
+    "predict_x0": "diffusion.denoiser",
+    "rank_restorations": "diffusion.ranking",
+    "sample": "diffusion.sampling",
 }
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
-    from .classifier import CDMClassifier as CDMClassifier
-    from .denoiser import predict_noise as predict_noise
-    from .denoiser import predict_x0 as predict_x0
-    from .likelihood import bits_per_dim as bits_per_dim
-    from .likelihood import log_likelihood as log_likelihood
-    from .likelihood import log_likelihood_profile as log_likelihood_profile
-    from .likelihood import log_standard_normal as log_standard_normal
-    from .losses import CDMLoss as CDMLoss
-    from .losses import cdm_loss as cdm_loss
+    from .diffusion.classifier import CDMClassifier as CDMClassifier
+    from .diffusion.denoiser import predict_noise as predict_noise
+    from .diffusion.denoiser import predict_x0 as predict_x0
+    from .diffusion.likelihood import bits_per_dim as bits_per_dim
+    from .diffusion.likelihood import log_likelihood as log_likelihood
+    from .diffusion.likelihood import log_likelihood_profile as log_likelihood_profile
+    from .diffusion.likelihood import log_standard_normal as log_standard_normal
+    from .diffusion.losses import CDMLoss as CDMLoss
+    from .diffusion.losses import cdm_loss as cdm_loss
+    from .diffusion.ranking import rank_restorations as rank_restorations
+    from .diffusion.sampling import denoise as denoise
+    from .diffusion.sampling import sample as sample
+    from .diffusion.schedules import NoiseSchedule as NoiseSchedule
+    from .diffusion.schedules import diffuse as diffuse
     from .ood import OODDetector as OODDetector
     from .ood import ScoreOODd as ScoreOODd
-    from .ranking import rank_restorations as rank_restorations
-    from .sampling import denoise as denoise
-    from .sampling import sample as sample
-    from .schedules import NoiseSchedule as NoiseSchedule
-    from .schedules import diffuse as diffuse
 
 
 def __getattr__(name: str) -> Any:

@@ -1,9 +1,9 @@
 """The one root of the errors a user can cause: `CdmOodError`.
 
-Its branches: `UsageError` (an option, argument or config that cannot work; `cdm_ood.config.ConfigError`),
-`cdm_ood.checkpoint.CheckpointError` (an unsafe, broken or implausible checkpoint), `MissingExtraError`, the
-per-file input errors `cdm_ood.data.errors.DataError` and the per-case `cdm_ood.ranking_cases.CaseError`. Batch jobs
-report a file's or a case's error in its row and go on; one that reaches the command line (a command that cannot go
+Its branches: `UsageError` (an option, argument or config that cannot work; `cdm_ood.model.sections.ConfigError`),
+`cdm_ood.model.checkpoint.CheckpointError` (an unsafe, broken or implausible checkpoint), `MissingExtraError`, the
+per-file input errors `cdm_ood.data.errors.DataError` and the per-case `cdm_ood.jobs.ranking_cases.CaseError`. Batch
+jobs report a file's or a case's error in its row and go on; one that reaches the command line (a command that cannot go
 on without that input) is, like every other `CdmOodError`, one line on stderr and exit code 2, mapped in one place
 (`cdm_ood.cli.main`; the codes are `cdm_ood.cli.common.ExitCode`).
 """

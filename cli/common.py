@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import click
 
-from cdm_ood.precision import PRECISIONS
-from cdm_ood.progress import ProgressFactory
+from cdm_ood.utils.precision import PRECISIONS
+from cdm_ood.utils.progress import ProgressFactory
 
 
 class ExitCode(IntEnum):
@@ -112,15 +112,15 @@ def setup_logging(rank: int = 0) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """`cdm_ood.distributed.resolve_device`, imported when an option is parsed (torch stays unloaded for --help)."""
-    from cdm_ood.distributed import resolve_device
+    """`cdm_ood.utils.distributed.resolve_device`, imported when an option is parsed (no torch for --help)."""
+    from cdm_ood.utils.distributed import resolve_device
 
     return resolve_device(device)
 
 
 def open_checkpoint(path: Path, device: str = "cpu") -> Any:
     """The scoring model of a checkpoint; a `CheckpointError` (unsafe, broken, implausible) becomes exit 2."""
-    from cdm_ood.checkpoint import load_model
+    from cdm_ood.model.checkpoint import load_model
 
     return load_model(path, device)
 
@@ -157,7 +157,7 @@ mlflow_option = click.option(
 )  # fmt: skip
 
 PROGRESS_EVERY_S = float(os.environ.get("CDM_OOD_PROGRESS_EVERY", "30"))
-log = logging.getLogger("cdm_ood.progress")
+log = logging.getLogger("cdm_ood.utils.progress")
 
 
 @contextmanager
@@ -197,7 +197,7 @@ def progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 
 
 def late_progress(stack: ExitStack, detail: str = "") -> ProgressFactory:
-    """For jobs that learn their total late (`cdm_ood.progress`): `factory(total, phase)` ends the previous
+    """For jobs that learn their total late (`cdm_ood.utils.progress`): `factory(total, phase)` ends the previous
     phase's progress and opens `progress(total, "<phase> (<detail>)")`, which `stack` ends at the latest."""
     phases = stack.enter_context(ExitStack())
 

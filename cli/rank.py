@@ -20,10 +20,10 @@ from .common import checkpoint_option, device_option, exit_code, open_checkpoint
 @click.option("--observed", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="The degraded scan.")
 @click.option("--criterion", default="auto", show_default=True,
               help="auto (expected-mse for noise, candidate-posterior for blur, down and mask), expected-mse, "
-              "candidate-posterior, prior, map or noisy-level (`cdm_ood.ranking.CRITERIA`).")  # fmt: skip
+              "candidate-posterior, prior, map or noisy-level (`cdm_ood.diffusion.ranking.CRITERIA`).")  # fmt: skip
 @click.option("--sigma", type=float, help="Noise std (model units, data in [-1, 1]) of the observation "
               "(auto, expected-mse, candidate-posterior, map) or of the candidates (noisy-level).")  # fmt: skip
-@click.option("--prior-weight", type=float, show_default="cdm_ood.ranking.PRIOR_WEIGHT",
+@click.option("--prior-weight", type=float, show_default="cdm_ood.diffusion.ranking.PRIOR_WEIGHT",
               help="beta: map and candidate-posterior weigh log p_0 by it, beta log p_0(c) + log N(y; A c, sigma^2) "
               "(1 = Bayes' rule; below 1 trusts the model's density less than the observation; the default is "
               "chosen on development images by benchmarks/prior_weight.py).")  # fmt: skip
@@ -60,9 +60,9 @@ def rank_restorations_command(
     log p_0 in map and candidate-posterior (a tempered prior; 1 is Bayes' rule).
     Prints and writes the ranking (best first). Exit 1 when a manifest case could not be ranked, 2 on errors.
     """
-    from cdm_ood.io import write_csv_atomic
-    from cdm_ood.ranking import CRITERIA, PRIOR_WEIGHT, check_prior_weight
-    from cdm_ood.ranking_cases import COLUMNS, rank_cases, read_manifest
+    from cdm_ood.diffusion.ranking import CRITERIA, PRIOR_WEIGHT, check_prior_weight
+    from cdm_ood.jobs.ranking_cases import COLUMNS, rank_cases, read_manifest
+    from cdm_ood.utils.io import write_csv_atomic
 
     setup_logging()
     if criterion not in CRITERIA:

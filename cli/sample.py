@@ -24,7 +24,7 @@ from .common import (
 @click.command("sample")
 @checkpoint_option
 @click.option("--n", default=64, show_default=True, help="Number of samples.")
-@click.option("--method", default="ddim", show_default=True, help="A sampler of `cdm_ood.sampling.METHODS`.")
+@click.option("--method", default="ddim", show_default=True, help="A sampler of `cdm_ood.diffusion.sampling.METHODS`.")
 @click.option("--steps", default=50, show_default=True, help="Network evaluations (noise levels visited).")
 @click.option("--label", type=int, help="Class to sample (class-conditional models).")
 @click.option("--guidance", default=0.0, show_default=True, help="Classifier-free guidance weight w.")
@@ -39,14 +39,14 @@ def sample_command(
     npz: Optional[Path], mlflow_run: Optional[str], tracking_uri: Optional[str], device: str,
 ) -> None:  # fmt: skip
     """Draw samples from a trained model and write them as a PNG grid."""
-    from cdm_ood.generation import sample_grid
+    from cdm_ood.jobs.generation import sample_grid
 
     setup_logging()
     model = open_checkpoint(checkpoint, device)
     with progress(steps, f"{method}, {steps} steps") as update:
         sample_grid(model, n, out, method, steps, label, guidance, seed, npz, callback=lambda i, t, x: update(1))
     if mlflow_run is not None:
-        from cdm_ood.tracking import log_artifact_to_run
+        from cdm_ood.integrations.tracking import log_artifact_to_run
 
         log_artifact_to_run(mlflow_run, out, tracking_uri, "samples")
     click.echo(f"samples: {out}")
@@ -59,8 +59,8 @@ def sample_command(
     "--method",
     default="mmse",
     show_default=True,
-    help="mmse: the one-step posterior mean; a sampler of `cdm_ood.sampling.METHODS`: the reverse process from the "
-    "matching noise level.",
+    help="mmse: the one-step posterior mean; a sampler of `cdm_ood.diffusion.sampling.METHODS`: the reverse process "
+    "from the matching noise level.",
 )
 @click.option("--steps", default=50, show_default=True, help="Sampler steps (methods other than mmse).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sampler's noise.")
@@ -77,7 +77,7 @@ def denoise_command(
     volume keeps its affine, a PNG its size; each output sits at its input's path below the input folder (`-2`,
     `-3` added where two would share a name). Inputs are only read.
     """
-    from cdm_ood.generation import denoise_files
+    from cdm_ood.jobs.generation import denoise_files
 
     setup_logging()
     model = open_checkpoint(checkpoint, device)

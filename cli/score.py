@@ -131,7 +131,7 @@ def calibrate_command(
     click.echo(f"calibrated on {n} {scorer.unit}s: {scorer.name} threshold {scorer.threshold:.4g}{checks} (fpr {fpr}) "
                f"stored in {checkpoint}")  # fmt: skip
     if mlflow:
-        from cdm_ood.tracking import log_job_run
+        from cdm_ood.integrations.tracking import log_job_run
 
         info = {"checkpoint": str(checkpoint), "detector": scorer.name, "fpr": fpr, "precision": precision}
         log_job_run("calibrate", info, {"threshold": scorer.threshold, f"{scorer.unit}s": n}, [], tracking_uri)
@@ -213,9 +213,9 @@ def score_command(
     import torch.distributed as dist
 
     from cdm_ood.data.guards import MAX_VOXELS
-    from cdm_ood.distributed import Distributed
     from cdm_ood.ood.batch import auto_workers
     from cdm_ood.ood.gate import run_gate
+    from cdm_ood.utils.distributed import Distributed
 
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
@@ -248,7 +248,7 @@ def score_command(
     click.echo(json.dumps({"report": str(result.report), "histogram": str(result.histogram), **written,
                            **result.summary}))  # fmt: skip
     if mlflow:
-        from cdm_ood.tracking import log_job_run
+        from cdm_ood.integrations.tracking import log_job_run
 
         gallery = sorted(maps.glob("*_map.png"))[:MLFLOW_GALLERY] if maps is not None else []
         log_job_run("score", result.info, {**result.summary, "threshold": result.info["threshold"]},
@@ -290,7 +290,7 @@ def evaluate_command(
     click.echo(format_table(rows))
     click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
     if mlflow:
-        from cdm_ood.tracking import log_job_run
+        from cdm_ood.integrations.tracking import log_job_run
 
         metrics = {f"{r['detector']}.{r['ood_set']}.{k}": r[k] for r in rows for k in ("auroc", "fpr95")}
         log_job_run("evaluate", {"checkpoint": str(checkpoint)}, metrics, sorted(out.glob("*")), tracking_uri, model)

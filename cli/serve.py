@@ -1,5 +1,5 @@
 """`cdm-ood log-model`: a checkpoint as an MLflow pyfunc model; `cdm-ood serve`: that model over REST, with request
-limits (`cdm_ood.rest`)."""
+limits (`cdm_ood.integrations.rest`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import click
 
-from cdm_ood.rest import DEFAULT_MAX_REQUEST_MB, MAX_REQUEST_MB
+from cdm_ood.integrations.rest import DEFAULT_MAX_REQUEST_MB, MAX_REQUEST_MB
 
 from .common import checkpoint_option, device_option, open_checkpoint, setup_logging, tracking_uri_option
 
@@ -27,8 +27,8 @@ def log_model_command(
     """Log the checkpoint (weights, preset, calibrated detector and threshold) as a pyfunc model in a new run
     and print its URI (`models:/NAME/<version>` when registered), e.g. for `cdm-ood serve runs:/<id>/model` or
     `mlflow models serve -m runs:/<id>/model --env-manager local`."""
+    from cdm_ood.integrations.tracking import log_model_run
     from cdm_ood.ood import NotFittedError
-    from cdm_ood.tracking import log_model_run
 
     setup_logging()
     model = open_checkpoint(checkpoint, device)  # refuses unsafe or broken checkpoints with exit 2
@@ -75,8 +75,8 @@ def serve_command(
     server stopping) and a prompt exit on SIGTERM (docs/scaling.md)."""
     import mlflow
 
-    from cdm_ood.rest import serve
-    from cdm_ood.tracking import apply_mlflow_env, default_tracking_uri
+    from cdm_ood.integrations.rest import serve
+    from cdm_ood.integrations.tracking import apply_mlflow_env, default_tracking_uri
 
     setup_logging()
     apply_mlflow_env()

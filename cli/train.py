@@ -42,12 +42,12 @@ def train_command(
     With no arguments, trains the embedded default (bundled MNIST digits, a small MONAI UNet) on the CPU in
     a few minutes. Multi-GPU or multi-node: `torchrun --nproc_per_node=N -m cdm_ood.cli train ...`.
     """
-    from cdm_ood.checkpoint import TrainingState, load_checkpoint
-    from cdm_ood.config import ConfigError, bundled_config, load_config
-    from cdm_ood.distributed import Distributed
-    from cdm_ood.ood.validation import calibrate_on_validation
-    from cdm_ood.tracking import MlflowCallback, RunFolderCallback
-    from cdm_ood.training import latest_checkpoint, train
+    from cdm_ood.integrations.tracking import MlflowCallback, RunFolderCallback
+    from cdm_ood.jobs.config import ConfigError, bundled_config, load_config
+    from cdm_ood.jobs.training import latest_checkpoint, train
+    from cdm_ood.jobs.validation import calibrate_on_validation
+    from cdm_ood.model.checkpoint import TrainingState, load_checkpoint
+    from cdm_ood.utils.distributed import Distributed
 
     rank = Distributed.from_env().rank
     setup_logging(rank)

@@ -20,14 +20,14 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cdm_ood.checkpoint import load_model
 from cdm_ood.cli.common import ExitCode, exit_code, report_failure, stop_on_signals
 from cdm_ood.errors import CdmOodError
-from cdm_ood.io import spreadsheet_value
+from cdm_ood.model.checkpoint import load_model
 from cdm_ood.ood.gate import run_gate
 from cdm_ood.ood.report import AGGREGATES, IGNORED, IN
 from cdm_ood.ood.scoring import ImageScorer
 from cdm_ood.ood.thresholds import Thresholds
+from cdm_ood.utils.io import spreadsheet_value
 
 
 def already_reported(reports: Path) -> set[str]:

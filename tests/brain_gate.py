@@ -16,8 +16,8 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from cdm_ood.data import iter_slices
 from cdm_ood.data.anatomy import brain_affine, brain_volume
 from cdm_ood.data.volume_files import write_nifti
+from cdm_ood.integrations.serving import predict
 from cdm_ood.ood import OODDetector, ScoreOODd
-from cdm_ood.serving import predict
 
 
 class BrainGate:

@@ -19,12 +19,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
-from cdm_ood.ood.validation import calibrate_on_validation
-from cdm_ood.training import train
+from cdm_ood.jobs.config import load_config
+from cdm_ood.jobs.training import train
+from cdm_ood.jobs.validation import calibrate_on_validation
 
 CONFIG = Path(__file__).parent.parent / "configs" / "phantoms-ct.yaml"
 PATIENT = {"PatientName": "DOE^JANE", "PatientID": "MRN-998877", "PatientBirthDate": "19610203"}

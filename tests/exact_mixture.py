@@ -10,7 +10,7 @@ import torch
 from closed_form import GaussianMixture
 
 from cdm_ood import NoiseSchedule
-from cdm_ood.sampling import sample
+from cdm_ood.diffusion.sampling import sample
 
 SCHEDULE = NoiseSchedule.linear(1000)
 WEIGHTS, MEANS, STDS = torch.tensor([0.3, 0.7]), torch.tensor([-0.5, 0.4]), torch.tensor([0.1, 0.15])

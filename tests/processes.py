@@ -26,7 +26,7 @@ from typing import Any, Optional
 # Root reads and writes through any permission bits; without these two capabilities it cannot (util-linux's
 # setpriv drops them for the command it runs), so a mode-000 folder is unreadable to the process, as for a user.
 WITHOUT_ROOT_OVERRIDE = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--") if os.geteuid() == 0 else ()
-WARM = ("torch", "monai", "mlflow", "nibabel", "pydicom", "sklearn.metrics", "cdm_ood.ood.api", "cdm_ood.training")
+WARM = ("torch", "monai", "mlflow", "nibabel", "pydicom", "sklearn.metrics", "cdm_ood.ood.api", "cdm_ood.jobs.training")
 SERVER = multiprocessing.get_context("forkserver")
 SERVER.set_forkserver_preload(list(WARM))
 

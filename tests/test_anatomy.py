@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from processes import cdm, without_modules
 
-from cdm_ood.checkpoint import load_model
-from cdm_ood.config import ConfigError, load_config
 from cdm_ood.data.anatomy import brain_affine, brain_volume, draw_subject, render, tissue_maps
 from cdm_ood.data.manifest import MANIFEST_COLUMNS
 from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.errors import UsageError
-from cdm_ood.training import train
+from cdm_ood.jobs.config import ConfigError, load_config
+from cdm_ood.jobs.training import train
+from cdm_ood.model.checkpoint import load_model
 
 SIZE, SLICES = 32, 12
 

@@ -15,11 +15,11 @@ from brain_gate import BrainGate
 from cdm_ood.data.anatomy import brain_volume, draw_subject, render, tissue_maps
 from cdm_ood.data.geometry import COVERAGE, cover, misorient
 from cdm_ood.data.presets import fit_mr_preset
+from cdm_ood.model.spec import Calibration
 from cdm_ood.ood.anatomy_check import FOREGROUND_COLUMNS, MIN_SCALE, POSITIONS, REACH, AnatomyCheck, coverage_vector
 from cdm_ood.ood.calibration import fit_volume_checks, load_volume_checks
 from cdm_ood.ood.features import FOREGROUND_LEVEL, MAX_SKEWNESS, foreground_statistics
 from cdm_ood.ood.volume_checks import image_statistics
-from cdm_ood.spec import Calibration
 
 pytest.importorskip("nilearn")
 

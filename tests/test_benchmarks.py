@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from cdm_ood.checkpoint import load_checkpoint, load_model
 from cdm_ood.data.artifacts import ARTIFACTS
 from cdm_ood.data.natural import bundled_mnist
 from cdm_ood.data.phantom_sets import make_phantoms
+from cdm_ood.model.checkpoint import load_checkpoint, load_model
 from cdm_ood.ood.batch import auto_workers
 from cdm_ood.ood.detectors import DETECTORS
 
@@ -81,8 +81,8 @@ def test_ablations_then_denoising_print_their_tables(tmp_path):
     import torch
 
     from cdm_ood import bits_per_dim, log_likelihood
-    from cdm_ood.checkpoint import load_model
-    from cdm_ood.sampling import matching_level
+    from cdm_ood.diffusion.sampling import matching_level
+    from cdm_ood.model.checkpoint import load_model
 
     tiny = ["--set", "model.channels=[8, 8]", "--set", "model.attention_levels=[false, false]", "--set",
             "model.num_head_channels=8", "--set", "schedule.T=20", "--set", "train.batch_size=8"]  # fmt: skip

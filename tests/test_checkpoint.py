@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_score import invoke
 
-from cdm_ood.checkpoint import (
+from cdm_ood.model.checkpoint import (
     DIGEST,
     CheckpointError,
     content_digest,
@@ -257,13 +257,13 @@ def test_a_checkpoint_without_a_content_hash_loads_with_a_warning_and_a_stable_d
     assert payload[DIGEST] == torch.load(checkpoint, weights_only=True)[DIGEST] == content_digest(payload)
     legacy = tmp_path / "legacy.pt"
     torch.save({k: v for k, v in payload.items() if k != DIGEST}, legacy)
-    with caplog.at_level(logging.WARNING, logger="cdm_ood.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.model.checkpoint"):
         first, second = load_model(legacy), load_model(legacy)
     assert caplog.text.count(f"{legacy} has no content hash") == 2 and "cannot be verified" in caplog.text
     assert first.digest == second.digest == load_model(checkpoint).digest == payload[DIGEST]
     store_calibration(legacy, dataclasses.replace(first.calibration, fpr=0.1))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cdm_ood.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.model.checkpoint"):
         recalibrated = load_model(legacy)
     assert recalibrated.calibration.fpr == 0.1 and recalibrated.digest != first.digest and not caplog.text
     assert load_model(legacy).digest == recalibrated.digest

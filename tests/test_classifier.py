@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cdm_ood import CDMClassifier, NoiseSchedule, cdm_loss, predict_noise
-from cdm_ood.classifier import ARCHS
+from cdm_ood.diffusion.classifier import ARCHS
 
 T = 10
 SHAPES = {"2d": (2, (1, 16, 16)), "3d": (3, (1, 8, 8, 8))}

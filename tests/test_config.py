@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cdm_ood.config import Config, ConfigError, flatten, load_config
+from cdm_ood.jobs.config import Config, ConfigError, flatten, load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 NEEDS_ROOT = {"cifar10", "cifar10-uniform", "celeba64"}

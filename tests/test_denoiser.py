@@ -3,7 +3,7 @@ import torch
 from closed_form import GaussianMixture, random_mixture
 
 from cdm_ood import NoiseSchedule, predict_noise, predict_x0
-from cdm_ood.schedules import diffuse
+from cdm_ood.diffusion.schedules import diffuse
 
 SHAPES = {"image2d": (1, 6, 6), "volume3d": (1, 3, 3, 3)}
 

@@ -13,10 +13,10 @@ import pytest
 from processes import cdm
 from test_score import invoke
 
-from cdm_ood.checkpoint import load_checkpoint
 from cdm_ood.data import NotAnImageError, discover
 from cdm_ood.data.errors import EmptyFolderError
 from cdm_ood.data.walk import DEFAULT_IGNORE
+from cdm_ood.model.checkpoint import load_checkpoint
 
 # Files that sit beside scans in real archives, none of them an image.
 SIDECARS = {

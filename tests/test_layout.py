@@ -1,6 +1,6 @@
-"""The package's structure, as issue 45 sets it: no import cycle between its modules (imports inside functions
-count; those only for type checkers do not), the training job imports nothing from `ood/`, and no module grows past
-450 lines."""
+"""The package's structure, as issue 45 sets it: the folders are layers that import only the layers below them, no
+import cycle between modules (imports inside functions count; those only for type checkers do not), the training job
+imports nothing from `ood/`, and no module grows past 450 lines (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "cdm_ood"
 MAX_LINES = 450
+# The package's folders, lowest first; `cdm_ood/errors.py` and the package root are shared by all, `cli/` sits on top.
+LAYERS = ("utils", "diffusion", "data", "model", "ood", "jobs", "integrations")
 
 
 def module_name(path: Path) -> str:
@@ -57,13 +59,31 @@ def test_no_module_imports_itself_back():
     assert not cycles, "\n".join(sorted(cycles))
 
 
+def layer(name: str) -> int | None:
+    """The position in `LAYERS` of the folder that holds module `name` (None: the root or `errors`)."""
+    folder = name.split(".")[1] if "." in name else None
+    return LAYERS.index(folder) if folder in LAYERS else None
+
+
+def test_every_module_sits_in_a_layer():
+    folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    loose = set(MODULES) - {"cdm_ood", "cdm_ood.errors"} - {m for m in MODULES if layer(m) is not None}
+    assert folders == set(LAYERS) and not loose, (folders, loose)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    upward = [f"{name} -> {target}" for name in MODULES for target in imports(name)
+              if layer(name) is not None and layer(target) is not None and layer(target) > layer(name)]  # fmt: skip
+    assert not upward, "\n".join(sorted(upward))
+
+
 def test_the_import_graph_sees_imports_inside_functions():
     assert "cdm_ood.ood.batch" in imports("cdm_ood.ood.api"), "api imports batch inside score_frame"
-    assert "cdm_ood.training" not in imports("cdm_ood.ood.validation"), "a TYPE_CHECKING import does not count"
+    assert "cdm_ood.jobs.training" not in imports("cdm_ood.jobs.validation"), "a TYPE_CHECKING import does not count"
 
 
 def test_training_imports_nothing_from_ood():
-    assert not {m for m in imports("cdm_ood.training") if m.startswith("cdm_ood.ood")}
+    assert not {m for m in imports("cdm_ood.jobs.training") if m.startswith("cdm_ood.ood")}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -9,10 +9,11 @@ import pytest
 import torch
 from brain_gate import BrainGate
 
-from cdm_ood.config import ConfigError, bundled_config, load_config
 from cdm_ood.data.anatomy import brain_volume
 from cdm_ood.data.defects import LOCAL_ANOMALIES, draw_local_anomaly
 from cdm_ood.errors import UsageError
+from cdm_ood.jobs.config import ConfigError, bundled_config, load_config
+from cdm_ood.model.spec import Calibration, VolumeCheckFit
 from cdm_ood.ood import OODDetector
 from cdm_ood.ood.calibration import cross_fitted_map_statistics, load_volume_checks
 from cdm_ood.ood.detectors import MapDetector
@@ -20,7 +21,6 @@ from cdm_ood.ood.features import TOP_LEVEL, extreme_pixels
 from cdm_ood.ood.local_check import ForeignCheck, LocalCheck
 from cdm_ood.ood.report import COLUMNS, volume_rows
 from cdm_ood.ood.volume_checks import image_statistics
-from cdm_ood.spec import Calibration, VolumeCheckFit
 
 
 def test_extreme_pixels_are_the_top_of_the_range_and_holes_in_the_body_with_their_neighbours():

@@ -15,14 +15,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from processes import cdm
 
-from cdm_ood.checkpoint import load_checkpoint, store_calibration
 from cdm_ood.cli import main
 from cdm_ood.data.discovery import discover
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.readers import iter_slices, read_file, read_source
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
+from cdm_ood.model.checkpoint import load_checkpoint, store_calibration
+from cdm_ood.model.spec import Calibration
 from cdm_ood.ood.map_outputs import MIN_PNG_SIDE, MapWriter, map_stems, write_maps
-from cdm_ood.spec import Calibration
 
 
 def random_maps(slices, seed: int = 0) -> list[np.ndarray]:

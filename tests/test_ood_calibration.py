@@ -11,14 +11,14 @@ import torch
 from conftest import CONFIG, TINY_CT
 from test_score import invoke
 
-from cdm_ood.checkpoint import load_checkpoint, save_checkpoint, store_calibration
 from cdm_ood.data import iter_slices
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
+from cdm_ood.model.checkpoint import load_checkpoint, save_checkpoint, store_calibration
+from cdm_ood.model.spec import Calibration
 from cdm_ood.ood import NotFittedError, calibrate, resolve_threshold, threshold_at_fpr
 from cdm_ood.ood.calibration import held_out_split
 from cdm_ood.ood.metrics import ood_metrics
-from cdm_ood.spec import Calibration
 
 
 @pytest.mark.parametrize("fpr", [0.01, 0.05, 0.2])

@@ -17,8 +17,8 @@ from test_score import invoke
 
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
-from cdm_ood.io import spreadsheet_value
 from cdm_ood.ood.outputs import ReportBusyError, ReportFiles
+from cdm_ood.utils.io import spreadsheet_value
 
 
 def slice_paths(report: Path) -> set[str]:

@@ -8,7 +8,7 @@ from monai.networks.layers import GaussianFilter
 from test_ranking import F64, MU, SCHEDULE, SHAPE, D, S
 from test_ranking import GAUSSIAN as PRIOR
 
-from cdm_ood.posterior import adjoint, conjugate_gradient, posterior_mean, posterior_samples, step_along
+from cdm_ood.diffusion.posterior import adjoint, conjugate_gradient, posterior_mean, posterior_samples, step_along
 
 
 def blur(x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""bf16 scoring (`cdm_ood.precision`): the backbone under bfloat16 autocast moves every score by a small fraction of
-its in-distribution spread; the calibration records its precision and scoring follows it."""
+"""bf16 scoring (`cdm_ood.utils.precision`): the backbone under bfloat16 autocast moves every score by a small
+fraction of its in-distribution spread; the calibration records its precision and scoring follows it."""
 
 import logging
 
@@ -8,11 +8,11 @@ import torch
 from click.testing import CliRunner
 
 from cdm_ood import OODDetector
-from cdm_ood.checkpoint import load_checkpoint
 from cdm_ood.cli import main
+from cdm_ood.diffusion.likelihood import bits_per_dim
 from cdm_ood.errors import UsageError
-from cdm_ood.likelihood import bits_per_dim
-from cdm_ood.precision import PRECISIONS
+from cdm_ood.model.checkpoint import load_checkpoint
+from cdm_ood.utils.precision import PRECISIONS
 
 
 def test_bf16_runs_the_backbone_in_bfloat16_and_its_features_match_float32(checkpoint, scans):

@@ -7,7 +7,7 @@ import torch
 from closed_form import GaussianMixture
 
 from cdm_ood import NoiseSchedule
-from cdm_ood.ranking import PRIOR_WEIGHT, expected_quality, log_observation_likelihood, rank_restorations
+from cdm_ood.diffusion.ranking import PRIOR_WEIGHT, expected_quality, log_observation_likelihood, rank_restorations
 
 SCHEDULE = NoiseSchedule.linear(500)
 F64 = {"dtype": torch.float64}

@@ -8,7 +8,15 @@ from exact_mixture import MEANS, MIXTURE, ROWS, SCHEDULE, STDS, WEIGHTS, draw, m
 from PIL import Image
 
 from cdm_ood import predict_noise
-from cdm_ood.sampling import ddim_step, denoise, dpm2_step, guided_denoiser, matching_level, sample, strided_levels
+from cdm_ood.diffusion.sampling import (
+    ddim_step,
+    denoise,
+    dpm2_step,
+    guided_denoiser,
+    matching_level,
+    sample,
+    strided_levels,
+)
 
 
 @pytest.mark.parametrize("method, steps, n, tolerance", ROWS)

@@ -4,7 +4,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from cdm_ood import NoiseSchedule, diffuse
-from cdm_ood.config import ScheduleConfig
+from cdm_ood.jobs.config import ScheduleConfig
 
 
 @pytest.mark.parametrize("make", [NoiseSchedule.linear, NoiseSchedule.uniform, NoiseSchedule.cosine])

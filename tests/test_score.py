@@ -15,10 +15,10 @@ from processes import cdm
 from sklearn.metrics import roc_auc_score
 
 from cdm_ood import OODDetector, ScoreOODd
-from cdm_ood.checkpoint import load_checkpoint
 from cdm_ood.cli import main
 from cdm_ood.data import iter_slices
 from cdm_ood.data.artifacts import ARTIFACTS
+from cdm_ood.model.checkpoint import load_checkpoint
 from cdm_ood.ood.calibration import DEFAULT_DETECTOR
 from cdm_ood.ood.detectors import applicable
 
@@ -168,7 +168,7 @@ def test_evaluate_writes_metrics_and_figures(checkpoint, scans, tmp_path):
 
 def doctored(checkpoint: Path, path: Path, change) -> Path:
     """A copy of the checkpoint with `change(payload)` applied, saved by the project's own writer."""
-    from cdm_ood.checkpoint import save_checkpoint
+    from cdm_ood.model.checkpoint import save_checkpoint
 
     payload = load_checkpoint(checkpoint)
     change(payload)

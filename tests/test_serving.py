@@ -25,13 +25,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_score import invoke
 
-from cdm_ood.cancellation import AbandonedRequestError
 from cdm_ood.data import iter_slices
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_nifti
 from cdm_ood.errors import UsageError
+from cdm_ood.integrations.cancellation import AbandonedRequestError
+from cdm_ood.integrations.serving import predict
 from cdm_ood.ood import OODDetector
-from cdm_ood.serving import predict
 
 NAME = "cdm-ood-ct"
 

@@ -16,10 +16,10 @@ import pytest
 from processes import cdm, clean_env
 
 from cdm_ood import OODDetector
-from cdm_ood.checkpoint import load_checkpoint, save_checkpoint
 from cdm_ood.data.guards import MAX_VOXELS
 from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.model.checkpoint import load_checkpoint, save_checkpoint
 from cdm_ood.ood.gate import run_identity
 from cdm_ood.ood.shards import plan_shard, score_into_parts, start_parts
 

@@ -1,4 +1,5 @@
-"""Scoring on Spark (`cdm_ood.spark.score_files`) in a real local Spark session: the rows of `cdm-ood score`."""
+"""Scoring on Spark (`cdm_ood.integrations.spark.score_files`) in a real local Spark session: the rows of
+`cdm-ood score`."""
 
 import json
 import os
@@ -13,8 +14,8 @@ import pytest
 from processes import cdm
 
 from cdm_ood.errors import CdmOodError, MissingExtraError, UsageError
+from cdm_ood.integrations.spark import score_files
 from cdm_ood.ood.report import COLUMNS
-from cdm_ood.spark import score_files
 
 
 def java() -> str | None:

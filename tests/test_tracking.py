@@ -15,12 +15,12 @@ from mlflow.tracking import MlflowClient
 from processes import cdm
 from test_score import invoke
 
-from cdm_ood.checkpoint import RUN_ID, CheckpointError, load_checkpoint, load_model, save_checkpoint
-from cdm_ood.config import load_config
+from cdm_ood.integrations.tracking import TRAINING_RUN_TAG, MlflowCallback, RunFolderCallback
+from cdm_ood.jobs.config import load_config
+from cdm_ood.jobs.training import latest_checkpoint, train
+from cdm_ood.jobs.validation import calibrate_on_validation
+from cdm_ood.model.checkpoint import RUN_ID, CheckpointError, load_checkpoint, load_model, save_checkpoint
 from cdm_ood.ood.calibration import DEFAULT_DETECTOR
-from cdm_ood.ood.validation import calibrate_on_validation
-from cdm_ood.tracking import TRAINING_RUN_TAG, MlflowCallback, RunFolderCallback
-from cdm_ood.training import latest_checkpoint, train
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from processes import cdm, clean_env, warm_run
 
-from cdm_ood.checkpoint import load_checkpoint, load_model
-from cdm_ood.config import load_config
 from cdm_ood.data.natural import sklearn_digits
+from cdm_ood.integrations.serving import score_array
+from cdm_ood.integrations.tracking import RunFolderCallback
+from cdm_ood.jobs.config import load_config
+from cdm_ood.jobs.training import lr_factor, train
+from cdm_ood.model.checkpoint import load_checkpoint, load_model
 from cdm_ood.ood import OODDetector
-from cdm_ood.serving import score_array
-from cdm_ood.tracking import RunFolderCallback
-from cdm_ood.training import lr_factor, train
 
 TINY = [
     "model.channels=[8, 16]",

@@ -18,13 +18,13 @@ from cdm_ood.data.anatomy import brain_affine, brain_volume
 from cdm_ood.data.geometry import misorient
 from cdm_ood.data.volume_files import write_nifti
 from cdm_ood.errors import UsageError
+from cdm_ood.model.spec import Calibration, VolumeCheckFit
 from cdm_ood.ood import OODDetector, ScoreOODd
 from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks
 from cdm_ood.ood.features import compute_features
 from cdm_ood.ood.orientation_check import RATIO_COLUMNS
 from cdm_ood.ood.slice_order import SHIFT, direction_statistic, fit_template, order_statistic, shape
 from cdm_ood.ood.volume_checks import MIN_SLICES, STATISTICS, image_statistics, ordered_sequences
-from cdm_ood.spec import Calibration, VolumeCheckFit
 
 SIZE, SLICES = 16, 12
 SCHEDULE = NoiseSchedule.linear(200)

@@ -13,11 +13,11 @@ from processes import cdm
 from test_score import invoke
 
 from cdm_ood import OODDetector, ScoreOODd
-from cdm_ood.config import load_config
 from cdm_ood.data.artifacts import corrupt_volume
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
-from cdm_ood.training import train
+from cdm_ood.jobs.config import load_config
+from cdm_ood.jobs.training import train
 
 CONFIG = Path(__file__).parent.parent / "configs" / "phantoms-ct-3d.yaml"
 TINY_3D = [

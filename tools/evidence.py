@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from tables import BLOCK, blocks  # noqa: E402
 
-from cdm_ood.io import atomic_write  # noqa: E402
+from cdm_ood.utils.io import atomic_write  # noqa: E402
 
 DOCS = ROOT / "docs"
 WORK = Path("runs/evidence")
@@ -252,7 +252,7 @@ def run_step(step: Step, index: str, where: str) -> dict[str, str]:
 
 def record(step: Step, seconds: float, tables: dict[str, str], log: Path, at: str) -> None:
     """The step as an MLflow run: command and commit, wall time, its log and its blocks (`tables.json`)."""
-    from cdm_ood.tracking import log_job_run
+    from cdm_ood.integrations.tracking import log_job_run
 
     saved = WORK / f"{step.name}.tables.json"
     saved.write_text(json.dumps(tables, indent=1))
@@ -262,7 +262,7 @@ def record(step: Step, seconds: float, tables: dict[str, str], log: Path, at: st
 
 def from_store(names: list[str]) -> dict[str, str]:
     """The blocks of the latest finished run of each step in the MLflow store."""
-    from cdm_ood.tracking import _mlflow
+    from cdm_ood.integrations.tracking import _mlflow
 
     mlflow = _mlflow(None, f"cdm-ood-{EXPERIMENT}")
     tables = {}

@@ -38,7 +38,7 @@ class Mutant(NamedTuple):
 MUTANTS = (
     Mutant(
         "dpm2-slope-over-h",
-        "cdm_ood/sampling.py",
+        "cdm_ood/diffusion/sampling.py",
         "slope = (eps - eps_prev) / (lam_t - math.log(a_p / s_p))",
         "slope = (eps - eps_prev) / h",
         (
@@ -96,14 +96,14 @@ MUTANTS = (
     ),
     Mutant(
         "pyfunc-likelihood-of-t1",
-        "cdm_ood/serving.py",
+        "cdm_ood/integrations/serving.py",
         'll = features["profile"][:, 0].double()',
         'll = features["profile"][:, 1].double()',
         ("tests/test_training.py::test_mlflow_run_in_the_default_sqlite_store_and_model_by_run_id",),
     ),
     Mutant(
         "likelihood-without-gaussian-term",
-        "cdm_ood/likelihood.py",
+        "cdm_ood/diffusion/likelihood.py",
         "return logits - logits[:, -1:] + log_standard_normal(x)[:, None]",
         "return logits - logits[:, -1:]",
         (
@@ -148,7 +148,7 @@ MUTANTS = (
     ),
     Mutant(
         "map-criterion-sign",
-        "cdm_ood/ranking.py",
+        "cdm_ood/diffusion/ranking.py",
         "scores = prior_weight * log_prior + log_obs",
         "scores = prior_weight * log_prior - log_obs",
         (f"{BENCH}test_ranking_measures_every_degradation_family_and_criterion",),

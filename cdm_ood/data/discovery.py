@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
-from ..progress import ProgressFactory, counted
+from ..utils.progress import ProgressFactory, counted
 from .errors import DataError, NotAnImageError, UnreadableFileError, UnsupportedFormatError, report_error
 from .formats import READERS, FormatReader, SeriesSlice
 from .guards import MAX_VOXELS, redact, require_regular_file

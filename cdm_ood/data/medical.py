@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import UsageError
-from ..io import write_csv_atomic
+from ..utils.io import write_csv_atomic
 from .discovery import ErrorHandler, PathLike
 from .errors import DataError
 from .readers import iter_slices

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UsageError
-from ..io import write_csv_atomic
+from ..utils.io import write_csv_atomic
 from .anatomy import brain_affine, brain_volume, template_folder
 from .artifacts import ARTIFACTS, REJECT, check_modality, corrupt_volume
 from .defects import DEFECTS, draw_defect

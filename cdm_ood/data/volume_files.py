@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..io import atomic_path
+from ..utils.io import atomic_path
 from .artifacts import check_modality
 
 

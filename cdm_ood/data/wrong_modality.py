@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path
+from ..utils.io import atomic_path
 from .artifacts import MODALITIES, check_modality
 from .manifest import MANIFEST_COLUMNS
 from .phantoms import phantom_volume
@@ -70,7 +70,7 @@ def wrong_modality_files(
     """Write the wrong-modality files for a `modality` model into the new folder `out` (synthetic ones of `size`
     pixels, the other-modality phantom with `slices` slices); returns their manifest rows
     (`manifest.MANIFEST_COLUMNS`, artifact `wrong-modality`, paths relative to `out`'s parent)."""
-    from ..figures import save_png
+    from ..utils.figures import save_png
 
     check_modality(modality)
     out = Path(out)

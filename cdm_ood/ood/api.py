@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import LoadedModel, load_model, store_calibration
 from ..data.discovery import discover
 from ..data.errors import DataError, UnreadableFileError
 from ..data.records import SliceSource
 from ..data.volumes import iter_inputs
 from ..data.walk import DEFAULT_IGNORE, IgnoredFile
 from ..errors import UsageError
-from ..progress import ProgressFactory, counted
+from ..model.checkpoint import LoadedModel, load_model, store_calibration
+from ..utils.progress import ProgressFactory, counted
 from .calibration import (
     DEFAULT_DETECTOR,
     DEFAULT_FPR,

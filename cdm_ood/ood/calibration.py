@@ -1,6 +1,6 @@
 """Thresholds for a target false-positive rate, fitted on in-distribution validation features.
 
-The calibration of a model is a `cdm_ood.spec.Calibration` (stored in its checkpoint by
+The calibration of a model is a `cdm_ood.model.spec.Calibration` (stored in its checkpoint by
 `checkpoint.store_calibration`): for each detector its fitted state and its scores on held-out in-distribution
 images, from which any threshold `fpr:<x>` is computed; `auto` uses the stored `fpr`. Everything here is pure
 (problems with the data are logged as warnings).
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..data.medical import split_volumes
 from ..errors import UsageError
-from ..spec import Calibration, DetectorFit, ModelSpec, VolumeCheckFit
+from ..model.spec import Calibration, DetectorFit, ModelSpec, VolumeCheckFit
 from .detectors import DETECTORS, Detector, Features, MapDetector, NotFittedError, applicable, required_features
 from .features import finite_rows, select_rows
 from .local_check import MAP_COLUMNS

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..diffusion.likelihood import bits_per_dim
 from ..errors import CdmOodError, UsageError
-from ..likelihood import bits_per_dim
 from .features import class_posterior, feature_cost, select_rows
 
 Features = dict[str, Tensor]

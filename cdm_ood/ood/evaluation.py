@@ -7,14 +7,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from ..checkpoint import LoadedModel
 from ..data.errors import DataError
 from ..data.volumes import iter_inputs
 from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
-from ..figures import plot_histogram, plot_roc
-from ..io import atomic_write, write_csv_atomic
-from ..progress import ProgressFactory
+from ..model.checkpoint import LoadedModel
+from ..utils.figures import plot_histogram, plot_roc
+from ..utils.io import atomic_write, write_csv_atomic
+from ..utils.progress import ProgressFactory
 from .api import Inputs, OODDetector
 from .detectors import Features, required_features
 from .features import concat_features

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
-from ..denoiser import Classifier, logits_and_noise
-from ..likelihood import log_likelihood_profile
-from ..schedules import NoiseSchedule, diffuse
+from ..diffusion.denoiser import Classifier, logits_and_noise
+from ..diffusion.likelihood import log_likelihood_profile
+from ..diffusion.schedules import NoiseSchedule, diffuse
 
 if TYPE_CHECKING:
-    from ..spec import ModelSpec
+    from ..model.spec import ModelSpec
 
 NOISE_SEED = 0  # of the noise draw shared by every image, so a pixel's error is comparable across images
 DENOISE_FRACTIONS = (0.05, 0.1)  # noise levels t / T of the denoiser residuals (chosen on development sets)

@@ -15,10 +15,10 @@ from typing import Any, Optional
 from ..data.errors import EmptyFolderError
 from ..data.guards import MAX_VOXELS
 from ..data.walk import DEFAULT_IGNORE
-from ..distributed import Distributed
 from ..errors import UsageError
-from ..figures import plot_histogram
-from ..progress import ProgressFactory
+from ..utils.distributed import Distributed
+from ..utils.figures import plot_histogram
+from ..utils.progress import ProgressFactory
 from .map_outputs import SCORE_DISPLAY, MapWriter
 from .outputs import ReportFiles
 from .report import IN, OOD, aggregate, ignored_row, summary, write_report

@@ -38,7 +38,7 @@ from ..data.records import Slice, SliceSource, Volume
 from ..data.transforms import LUMA
 from ..data.volumes import volume_path
 from ..data.writers import IMAGE_SUFFIXES
-from ..io import atomic_path, atomic_write
+from ..utils.io import atomic_path, atomic_write
 
 log = logging.getLogger("cdm_ood.ood")
 

@@ -22,7 +22,7 @@ from ..data.records import SliceSource, describe_flags
 from ..data.volumes import volume_path
 from ..data.walk import IgnoredFile
 from ..errors import UsageError
-from ..io import atomic_write, write_csv_atomic
+from ..utils.io import atomic_write, write_csv_atomic
 from .local_check import MAP_COLUMNS
 from .volume_checks import STATISTICS, VolumeCheck, failed_checks
 

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import LoadedModel
 from ..data.records import SliceSource, header_flags, quality_flags
+from ..diffusion.likelihood import log_likelihood_profile_batched
 from ..errors import UsageError
-from ..likelihood import log_likelihood_profile_batched
-from ..precision import PRECISIONS, autocast
-from ..spec import Calibration
+from ..model.checkpoint import LoadedModel
+from ..model.spec import Calibration
+from ..utils.precision import PRECISIONS, autocast
 from .calibration import load_detector
 from .detectors import Features, MapDetector
 from .features import batched_features, concat_features, empty_features

@@ -29,8 +29,8 @@ from ..data.guards import MAX_VOXELS
 from ..data.volumes import volume_groups, volume_path
 from ..data.walk import DEFAULT_IGNORE, IgnoredFile
 from ..errors import UsageError
-from ..io import atomic_write, write_csv_atomic
-from ..progress import ProgressFactory
+from ..utils.io import atomic_write, write_csv_atomic
+from ..utils.progress import ProgressFactory
 from .batch import iter_scored, report_rows
 from .map_outputs import MapWriter
 from .report import COLUMNS, FLOAT_COLUMNS, UNREADABLE

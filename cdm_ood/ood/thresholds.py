@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from ..checkpoint import LoadedModel
+from ..model.checkpoint import LoadedModel
 from .calibration import load_volume_checks, resolve_threshold
 from .scoring import ImageScorer
 from .volume_checks import VolumeCheck, check_names

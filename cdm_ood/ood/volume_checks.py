@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..diffusion.likelihood import bits_per_dim
 from ..errors import UsageError
-from ..likelihood import bits_per_dim
 from .anatomy_check import FOREGROUND_COLUMNS, AnatomyCheck
 from .detectors import MapDetector
 from .local_check import MAP_COLUMNS, ForeignCheck, LocalCheck

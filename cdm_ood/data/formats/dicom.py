@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from ...io import atomic_path
+from ...utils.io import atomic_path
 from ..errors import DataError, NotAnImageError, UnreadableFileError, UnsupportedFormatError
 from ..guards import quiet_libraries, reading, redact, require_budget, require_deflated_budget
 from ..headers import SeriesMember, orientation_of

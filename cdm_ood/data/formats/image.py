@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...io import atomic_path
+from ...utils.io import atomic_path
 from ..errors import TooLargeError, UnreadableFileError
 from ..guards import quiet_libraries, reading, redact, require_budget
 from ..records import Slice, SourceFile

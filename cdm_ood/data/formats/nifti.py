@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from ...io import atomic_path
+from ...utils.io import atomic_path
 from ..errors import UnreadableFileError, UnsupportedFormatError
 from ..guards import reading, require_budget
 from ..headers import nifti_flags

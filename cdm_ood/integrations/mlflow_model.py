@@ -2,6 +2,6 @@
 
 import mlflow
 
-from cdm_ood.serving import CDMPyfuncModel
+from cdm_ood.integrations.serving import CDMPyfuncModel
 
 mlflow.models.set_model(CDMPyfuncModel())

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from ..errors import UsageError
 
 KINDS = ("linear", "uniform", "cosine")
 
@@ -71,7 +71,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: Any) -> NoiseSchedule:
-        """The schedule a `cdm_ood.config.ScheduleConfig` describes (kind, T, and beta_start / beta_end for
+        """The schedule a `cdm_ood.jobs.config.ScheduleConfig` describes (kind, T, and beta_start / beta_end for
         `linear`)."""
         if config.kind not in KINDS:
             raise UsageError(f"unknown noise schedule {config.kind!r}; expected one of {KINDS}")

@@ -15,16 +15,16 @@ import torch
 from monai.transforms import Resize
 from pydicom.uid import generate_uid
 
-from .checkpoint import LoadedModel
-from .data.errors import DataError, UnreadableFileError
-from .data.readers import iter_slices
-from .data.records import Slice, describe_flags
-from .data.writers import IMAGE_SUFFIXES, output_suffix, write_like
-from .errors import UsageError
-from .figures import image_grid, save_png
-from .io import atomic_path
-from .progress import ProgressFactory, counted
-from .sampling import denoise, sample
+from ..data.errors import DataError, UnreadableFileError
+from ..data.readers import iter_slices
+from ..data.records import Slice, describe_flags
+from ..data.writers import IMAGE_SUFFIXES, output_suffix, write_like
+from ..diffusion.sampling import denoise, sample
+from ..errors import UsageError
+from ..model.checkpoint import LoadedModel
+from ..utils.figures import image_grid, save_png
+from ..utils.io import atomic_path
+from ..utils.progress import ProgressFactory, counted
 
 
 def sample_grid(

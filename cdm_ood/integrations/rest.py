@@ -1,10 +1,10 @@
 """The REST server of `cdm-ood serve`: MLflow's own scoring app (`mlflow.pyfunc.scoring_server`: /ping, /health,
 /version, /invocations, the request formats of `mlflow models serve`) behind `RequestLimits`, run by uvicorn.
 
-What it adds to `mlflow models serve`: a 413 for a request body over the size limit, read no further than its
-headers (or than the limit, for a body of unknown length); scoring that stops at its next batch when the client
-disconnects, when MLflow's time limit answers 504, or when the server stops (`cdm_ood.cancellation`); and a short
-grace period on SIGTERM, after which requests still running are abandoned and the server exits.
+What it adds to `mlflow models serve`: a 413 for a request body over the size limit, read no further than its headers
+(or than the limit, for a body of unknown length); scoring that stops at its next batch when the client disconnects,
+when MLflow's time limit answers 504, or when the server stops (`cdm_ood.integrations.cancellation`); and a short grace
+period on SIGTERM, after which requests still running are abandoned and the server exits.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from ..errors import UsageError
 from .cancellation import Request, serving
-from .errors import UsageError
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -150,7 +150,7 @@ def serve(
     os.environ[MAX_REQUEST_MB] = str(max_request_mb)
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(timeout_s)
     try:
-        uvicorn.run("cdm_ood.rest:create_app", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("cdm_ood.integrations.rest:create_app", factory=True, host=host, port=port, workers=workers,
                     timeout_graceful_shutdown=shutdown_s)  # fmt: skip
     except SystemExit as stop:  # uvicorn's own exit when it cannot start (e.g. the port is taken): the command failed
         if stop.code:

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from .config import Config, flatten
-from .io import atomic_write
+from ..jobs.config import Config, flatten
+from ..utils.io import atomic_write
 
 if TYPE_CHECKING:
-    from .checkpoint import LoadedModel
-    from .spec import Calibration
+    from ..model.checkpoint import LoadedModel
+    from ..model.spec import Calibration
 
-log = logging.getLogger("cdm_ood.tracking")
+log = logging.getLogger("cdm_ood.integrations.tracking")
 
 # MLflow defaults that suit a training job: no telemetry, an unreachable server given up on in seconds rather than
 # minutes, MLflow's own INFO lines (database set-up, experiment creation, input-example validation) left out of the
@@ -204,7 +204,7 @@ class MlflowCallback:
 
     def checkpoint_entries(self) -> dict[str, Any]:
         """The run id, so that `cdm-ood train --resume` continues this run and score/evaluate runs link to it."""
-        from .checkpoint import RUN_ID
+        from ..model.checkpoint import RUN_ID
 
         return {RUN_ID: self.run_id} if self.run_id else {}
 
@@ -231,7 +231,7 @@ class MlflowCallback:
     def _end(self, model_path: Path) -> None:
         import mlflow
 
-        from .checkpoint import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
         from .serving import log_pyfunc_model
 
         mlflow.log_artifact(str(model_path), "checkpoints")
@@ -254,7 +254,7 @@ def log_artifact_to_run(run_id: str, path: Path, uri: Optional[str] = None, fold
 def calibration_metrics(calibration: Optional[Calibration]) -> dict[str, float]:
     """The calibrated false-positive rate and each detector's threshold at it (`calibration.<detector>.threshold`,
     the threshold `auto` means); empty for an uncalibrated model."""
-    from .ood.calibration import threshold_at_fpr
+    from ..ood.calibration import threshold_at_fpr
 
     if calibration is None:
         return {}

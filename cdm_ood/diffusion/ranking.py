@@ -36,8 +36,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from .denoiser import Classifier
-from .errors import UsageError
 from .likelihood import log_likelihood_profile_batched
 from .posterior import Operator, posterior_mean, posterior_samples
 from .sampling import matching_level

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from monai.transforms import Compose
 
-from .classifier import CDMClassifier
-from .config import Config, ModelConfig, ScheduleConfig, parse_section, validate_model
-from .data.presets import IntensityPreset
-from .data.transforms import image_transform
-from .precision import PRECISIONS
-from .schedules import NoiseSchedule
+from ..data.presets import IntensityPreset
+from ..data.transforms import image_transform
+from ..diffusion.classifier import CDMClassifier
+from ..diffusion.schedules import NoiseSchedule
+from ..utils.precision import PRECISIONS
+from .sections import ModelConfig, ScheduleConfig, parse_section, validate_model
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,6 @@ class ModelSpec:
     size: tuple[int, ...]
     channels: int
     bit_depth: int
-
-    @classmethod
-    def from_config(cls, config: Config, preset: IntensityPreset) -> ModelSpec:
-        """The spec of the model a run config trains, with the preset fitted on its training data."""
-        d = config.data
-        return cls(config.model, config.schedule, preset, tuple(d.size), d.channels, d.bit_depth)
 
     @property
     def spatial_dims(self) -> int:

@@ -1,9 +1,9 @@
 """The trained detector as an MLflow pyfunc model: raw images in; OOD score, verdict, threshold and
 log-likelihood out; or whole volumes in (a stack of slices, or a NIfTI file's bytes) and the `cdm-ood score`
 report's rows out, volume checks included. Served over REST by `mlflow models serve` (files on Spark:
-`cdm_ood.spark`).
+`cdm_ood.integrations.spark`).
 
-It is logged "from code" (`cdm_ood/mlflow_model.py`), so MLflow pickles nothing: the checkpoint (weights,
+It is logged "from code" (`cdm_ood/integrations/mlflow_model.py`), so MLflow pickles nothing: the checkpoint (weights,
 preset, calibrated detector and threshold) travels as an artifact and is read with `weights_only=True`.
 """
 
@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from ..data.records import Slice, SliceSource, Volume
+from ..errors import UsageError
+from ..ood import OODDetector
+from ..utils.distributed import resolve_device
 from .cancellation import current_request
-from .data.records import Slice, SliceSource, Volume
-from .distributed import resolve_device
-from .errors import UsageError
-from .ood import OODDetector
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 OUTPUT_COLUMNS = ["score", "ood", "verdict", "reason", "threshold", "log_likelihood", "bits_per_dim"]
@@ -68,11 +68,11 @@ def score_array(detector: OODDetector, images: np.ndarray | pd.DataFrame | Seque
     `cdm-ood score`): the detector's score, the verdict and reason (as in the `cdm-ood score` report: NaN/inf or
     constant images are `flagged`, score NaN, `ood` True), log p_0(x) in nats and bits/dim, from one forward pass
     (Theorem 3.2). Served, it scores in batches of the detector's `batch_size` and stops with `AbandonedRequestError`
-    between two when its request was given up (`cdm_ood.cancellation`)."""
-    from .likelihood import bits_per_dim
-    from .ood.features import concat_features
-    from .ood.inputs import iter_images
-    from .ood.report import IN, judge
+    between two when its request was given up (`cdm_ood.integrations.cancellation`)."""
+    from ..diffusion.likelihood import bits_per_dim
+    from ..ood.features import concat_features
+    from ..ood.inputs import iter_images
+    from ..ood.report import IN, judge
 
     needs, spec = ("profile", *detector.detector.required()), detector.model.spec
     one_by_one = [image for image, _, _ in iter_images(model_images(images, spec.spatial_dims), spec.channels,
@@ -108,8 +108,8 @@ def score_volumes(detector: OODDetector, frame: pd.DataFrame) -> pd.DataFrame:
     carries them, or bytes), staged in a temporary folder and scored as `cdm-ood score` scores the file, so a file
     that cannot be read gets its `unreadable` row. Served, it stops with `AbandonedRequestError` between two
     volumes when its request was given up."""
-    from .ood.report import COLUMNS
-    from .ood.staging import StagedFiles
+    from ..ood.report import COLUMNS
+    from ..ood.staging import StagedFiles
 
     request, frames = current_request(), []
     with tempfile.TemporaryDirectory(prefix="cdm-ood-request-") as tmp:

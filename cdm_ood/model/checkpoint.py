@@ -20,10 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-from .classifier import CDMClassifier
-from .errors import CdmOodError
-from .io import atomic_path
-from .schedules import NoiseSchedule
+from ..diffusion.classifier import CDMClassifier
+from ..diffusion.schedules import NoiseSchedule
+from ..errors import CdmOodError
+from ..utils.io import atomic_path
 from .spec import Calibration, ModelSpec
 
 FORMAT = "cdm-ood/2"
@@ -32,7 +32,7 @@ REQUIRED = ("format", "step", "config", "spec", "ema")
 RUN_ID = "mlflow_run_id"  # optional: the MLflow run of the training (continued by `train --resume`)
 DIGEST = "content_sha256"  # the sha256 of everything else in the checkpoint (`content_digest`)
 
-log = logging.getLogger("cdm_ood.checkpoint")
+log = logging.getLogger("cdm_ood.model.checkpoint")
 
 
 class CheckpointError(CdmOodError):
@@ -236,7 +236,7 @@ class LoadedModel:
 def check_spec(path: str | Path, payload: dict[str, Any]) -> ModelSpec:
     """The stored model spec, validated (types, structure, sane bounds) before anything is built: a crafted spec
     cannot make loading allocate gigabytes."""
-    from .config import ConfigError
+    from .sections import ConfigError
 
     try:
         return ModelSpec.from_dict(payload["spec"])

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import UsageError
 from .denoiser import Classifier, predict_noise, predict_x0
-from .errors import UsageError
 from .schedules import NoiseSchedule
 
 METHODS = ("ddpm", "ddim", "dpm2")

@@ -18,21 +18,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
 
-from .data.discovery import discover
-from .data.errors import DataError
-from .data.formats import reader_of
-from .data.guards import MAX_VOXELS
-from .data.walk import DEFAULT_IGNORE, IgnoredFile, ignore_match
-from .errors import MissingExtraError
-from .ood.report import COLUMNS, FLOAT_COLUMNS, aggregate
-from .ood.staging import StagedFiles
+from ..data.discovery import discover
+from ..data.errors import DataError
+from ..data.formats import reader_of
+from ..data.guards import MAX_VOXELS
+from ..data.walk import DEFAULT_IGNORE, IgnoredFile, ignore_match
+from ..errors import MissingExtraError
+from ..ood.report import COLUMNS, FLOAT_COLUMNS, aggregate
+from ..ood.staging import StagedFiles
 
 if TYPE_CHECKING:
     import pandas as pd
     from pyspark.sql import DataFrame
 
-    from .ood.scoring import ImageScorer
-    from .ood.thresholds import Thresholds
+    from ..ood.scoring import ImageScorer
+    from ..ood.thresholds import Thresholds
 
 _TYPES = {"slice": "bigint", "time_point": "bigint"} | dict.fromkeys(FLOAT_COLUMNS, "double")
 SCHEMA = ", ".join(f"{column} {_TYPES.get(column, 'string')}" for column in COLUMNS)
@@ -107,10 +107,10 @@ def _require_pyspark() -> None:
 def _scorer(job: _Job) -> tuple[ImageScorer, Thresholds]:
     """The scorer of `job` and its thresholds, loaded and resolved once per process (an uncalibrated checkpoint
     stops)."""
-    from .checkpoint import load_model
-    from .distributed import resolve_device
-    from .ood.scoring import ImageScorer
-    from .ood.thresholds import Thresholds
+    from ..model.checkpoint import load_model
+    from ..ood.scoring import ImageScorer
+    from ..ood.thresholds import Thresholds
+    from ..utils.distributed import resolve_device
 
     model = load_model(job.checkpoint, job.device or resolve_device())
     scorer = ImageScorer(model, job.detector, batch_size=job.batch_size)
@@ -152,7 +152,7 @@ def _with_volume_keys(
 def _score_partition(batches: Iterator[pd.DataFrame], job: _Job) -> Iterator[pd.DataFrame]:
     import pandas as pd
 
-    from .ood.batch import score_sources
+    from ..ood.batch import score_sources
 
     with tempfile.TemporaryDirectory(prefix="cdm-ood-spark-") as tmp:
         staged = StagedFiles(Path(tmp))

@@ -3,7 +3,7 @@
 All randomness of a step (noise levels t, noise, label drops, flips) is drawn for the *global* batch from one
 generator shared by every rank, and each rank takes its rows; together with `DistributedSampler` this makes N
 processes with batch B compute exactly what one process computes with batch N x B, and makes a resumed run
-continue exactly. Logging, MLflow and file output leave through `callbacks` (see `cdm_ood.tracking`).
+continue exactly. Logging, MLflow and file output leave through `callbacks` (see `cdm_ood.integrations.tracking`).
 """
 
 from __future__ import annotations
@@ -24,23 +24,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from .checkpoint import TrainingState, save_checkpoint
+from ..data.errors import DataError
+from ..data.medical import SPLITS, medical_dataset
+from ..data.natural import load_natural
+from ..data.phantom_sets import make_phantoms
+from ..data.presets import IntensityPreset, ct_preset, make_preset
+from ..data.transforms import ImageTransformd
+from ..diffusion.likelihood import bits_per_dim, log_likelihood_profile
+from ..diffusion.losses import CDMLoss, cdm_loss
+from ..diffusion.schedules import NoiseSchedule
+from ..errors import UsageError
+from ..model.checkpoint import TrainingState, save_checkpoint
+from ..utils.distributed import Distributed
+from ..utils.precision import autocast
 from .config import Config, DataConfig
-from .data.errors import DataError
-from .data.medical import SPLITS, medical_dataset
-from .data.natural import load_natural
-from .data.phantom_sets import make_phantoms
-from .data.presets import IntensityPreset, ct_preset, make_preset
-from .data.transforms import ImageTransformd
-from .distributed import Distributed
-from .errors import UsageError
-from .likelihood import bits_per_dim, log_likelihood_profile
-from .losses import CDMLoss, cdm_loss
-from .precision import autocast
-from .schedules import NoiseSchedule
-from .spec import ModelSpec
 
-log = logging.getLogger("cdm_ood.training")
+log = logging.getLogger("cdm_ood.jobs.training")
 
 
 class Callback(Protocol):
@@ -199,7 +198,7 @@ def train(
     """Train a CDM as configured, from `resume` (a full checkpoint's `TrainingState`) when given; returns the path
     of the final model checkpoint (`out_dir/model.pt`). `finish` callbacks run on the EMA model at the end and add
     their entries to that checkpoint: `cdm-ood train` passes the OOD calibration on the validation split
-    (`ood.validation.calibrate_on_validation`). The steps: start the processes, prepare the data, build the run,
+    (`jobs.validation.calibrate_on_validation`). The steps: start the processes, prepare the data, build the run,
     restore it, run `fit` with logging, validation and checkpoints after each step, finish."""
     ddp = start_processes(config)
     out_dir = Path(out_dir)
@@ -249,7 +248,7 @@ class TrainingRun:
     ) -> None:  # fmt: skip
         self.config, self.data, self.device, self.ddp, self.out_dir = config, data, device, ddp, out_dir
         self.callbacks = callbacks
-        self.spec = ModelSpec.from_config(config, data.preset)
+        self.spec = config.model_spec(data.preset)
         self.schedule = self.spec.noise_schedule()
         self.model = self.spec.build_classifier().to(device)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.optim.ema_decay),

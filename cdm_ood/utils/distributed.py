@@ -47,7 +47,7 @@ def resolve_device(device: str = "auto") -> str:
     torchrun) when CUDA is available, else cpu; any other name is checked to exist here (`UsageError`)."""
     import torch
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if device == "auto":
         return f"cuda:{Distributed.from_env().local_rank}" if torch.cuda.is_available() else "cpu"

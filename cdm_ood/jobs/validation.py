@@ -12,14 +12,13 @@ import torch
 from monai.data import DataLoader
 
 from ..errors import UsageError
-from ..spec import ModelSpec
-from .calibration import MIN_IMAGES, calibrate_images, calibration_features
-from .features import batched_features
+from ..ood.calibration import MIN_IMAGES, calibrate_images, calibration_features
+from ..ood.features import batched_features
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..schedules import NoiseSchedule
-    from ..training import TrainingData
+    from ..diffusion.schedules import NoiseSchedule
+    from .config import Config
+    from .training import TrainingData
 
 log = logging.getLogger("cdm_ood.calibration")
 
@@ -30,7 +29,7 @@ def calibrate_on_validation(
     """The checkpoint entry `calibration` from the validation split's images (their volume ids and slice indices
     from the samples' provenance; natural images each their own volume), features computed in float32; none, with
     a warning, when no calibration can be made from them (too few scorable images)."""
-    spec = ModelSpec.from_config(config, data.preset)
+    spec = config.model_spec(data.preset)
     metas = [sample["meta"] for sample in data.val.data]
     if len(metas) < MIN_IMAGES:
         log.warning("OOD thresholds not calibrated (%d validation images, needs %d): run `cdm-ood calibrate` on "

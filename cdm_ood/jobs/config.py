@@ -7,33 +7,24 @@ logged to MLflow.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
-import math
-import types
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
-from .classifier import ARCHS
-from .configs import bundled_names
-from .data.artifacts import MODALITIES
-from .data.natural import NATURAL_DATASETS
-from .data.phantom_sets import ANATOMIES, FORMATS
-from .data.presets import PRESETS
-from .errors import CdmOodError
-from .precision import PRECISIONS
-from .schedules import KINDS
-
-
-class ConfigError(CdmOodError, ValueError):
-    """A configuration that cannot run, with the offending key in the message."""
+from ..configs import bundled_names
+from ..data.artifacts import MODALITIES
+from ..data.natural import NATURAL_DATASETS
+from ..data.phantom_sets import ANATOMIES, FORMATS
+from ..data.presets import PRESETS, IntensityPreset
+from ..diffusion.classifier import ARCHS
+from ..diffusion.schedules import KINDS
+from ..model.sections import ConfigError, ModelConfig, ScheduleConfig, parse_section, validate_model
+from ..model.spec import ModelSpec
+from ..utils.precision import PRECISIONS
 
 
 @dataclass
@@ -72,34 +63,6 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 0
     phantoms: Optional[PhantomData] = None
-
-
-@dataclass
-class ModelConfig:
-    """`CDMClassifier` arguments (MONAI DiffusionModelUNet backbone, `arch` `unet` or `encoder`: its down path and
-    middle block only); `num_classes` makes it class-conditional."""
-
-    channels: tuple[int, ...] = (16, 32, 32)
-    attention_levels: tuple[bool, ...] = (False, False, True)
-    num_res_blocks: int = 1
-    norm_num_groups: int = 8
-    num_head_channels: int = 16
-    num_classes: Optional[int] = None
-    arch: str = "unet"
-
-
-@dataclass
-class ScheduleConfig:
-    """`NoiseSchedule`: `linear` (beta_start, beta_end), `uniform` or `cosine`, with T noise levels.
-
-    The default is CDM(unif.), the schedule with the better likelihoods (`benchmarks/ablations.py`, docs/evidence.md
-    sections 2 and 6); the paper's linear schedule gives better samples.
-    """
-
-    kind: str = "uniform"
-    T: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
 
 
 @dataclass
@@ -186,6 +149,11 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.dump(_plain(self.to_dict()), Dumper=_Dumper, sort_keys=False)
 
+    def model_spec(self, preset: IntensityPreset) -> ModelSpec:
+        """The spec of the model this run trains, with the preset fitted on its training data."""
+        d = self.data
+        return ModelSpec(self.model, self.schedule, preset, tuple(d.size), d.channels, d.bit_depth)
+
 
 class _Dumper(yaml.SafeDumper):
     """Sections as blocks, lists inline (`size: [28, 28]`)."""
@@ -213,63 +181,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    """`value` checked and converted to the annotated type `hint` (int, float, bool, str, tuples, Optional,
-    nested dataclasses)."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return None if value is None else _convert(value, args[0], key)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
-        return parse_section(hint, value, key)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint} at {key}")
-
-
-def parse_section(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """The config dataclass `cls` from plain data, every key and type checked (`ConfigError` names the key)."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys here: {', '.join(names)}"
-            raise ConfigError(f"unknown key '{dotted}'{hint}")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    return cls(**kwargs)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -347,17 +258,13 @@ def flatten(config: Config) -> dict[str, Any]:
 
 # Sane bounds of a model spec: far above any real model, far below what would exhaust a machine. A config (or a
 # crafted checkpoint) beyond them is refused before anything is allocated.
-LIMITS = {"channels": 4096, "levels": 8, "num_res_blocks": 16, "T": 100_000, "num_classes": 100_000,
-          "input_voxels": 2**26}  # fmt: skip
-
-
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express, and the sane bounds of `LIMITS`."""
     flat = flatten(config)
     for key, allowed in CHOICES.items():
         if key in flat and flat[key] is not None and flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(allowed)}")
-    from .ood.volume_checks import CHECKS
+    from ..ood.volume_checks import CHECKS
 
     unknown = sorted(set(config.gate.report_only) - set(CHECKS))
     if unknown:
@@ -387,46 +294,3 @@ def validate(config: Config) -> None:
         raise ConfigError("optim.ema_decay: must be in (0, 1)")
     if config.loss.ce_weight < 0 or config.loss.mse_weight < 0 or config.loss.ce_weight + config.loss.mse_weight == 0:
         raise ConfigError("loss.ce_weight and loss.mse_weight: non-negative, not both 0")
-
-
-def validate_model(model: ModelConfig, schedule: ScheduleConfig, size: Sequence[int], channels: int) -> None:
-    """The checks of a network and its input that every model spec must pass (a run config's, or one stored in a
-    checkpoint): the sane bounds of `LIMITS`, then the UNet's structural constraints."""
-    _within_limits(model, schedule, size, channels)
-    m = model
-    for key, value in (("schedule.kind", schedule.kind), ("model.arch", m.arch)):
-        if value not in CHOICES[key]:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(CHOICES[key])}")
-    if len(size) not in (2, 3):
-        raise ConfigError(f"data.size: {list(size)} must have 2 values (slices) or 3 (volumes)")
-    multiple = 2 ** (len(m.channels) - 1)
-    if any(s % multiple for s in size):
-        raise ConfigError(f"data.size: {list(size)} must be multiples of {multiple} for {len(m.channels)} UNet levels")
-    if len(m.attention_levels) != len(m.channels):
-        raise ConfigError("model.attention_levels: needs one entry per model.channels level")
-    if any(c % m.norm_num_groups for c in m.channels):
-        raise ConfigError(f"model.channels: each must be a multiple of model.norm_num_groups={m.norm_num_groups}")
-    attended = [c for c, a in zip(m.channels, m.attention_levels, strict=False) if a] + [m.channels[-1]]
-    if any(c % m.num_head_channels for c in attended):
-        raise ConfigError(
-            f"model.num_head_channels: {m.num_head_channels} must divide the channels of every attention level and "
-            f"of the last level (the UNet's middle block attends there): {attended}"
-        )
-    if channels not in (1, 3):
-        raise ConfigError("data.channels: 1 or 3")
-
-
-def _within_limits(m: ModelConfig, schedule: ScheduleConfig, size: Sequence[int], channels: int) -> None:
-    channels_ok = len(m.channels) <= LIMITS["levels"] and all(1 <= c <= LIMITS["channels"] for c in m.channels)
-    checks = {
-        "model.channels": (channels_ok, f"at most {LIMITS['levels']} levels of 1..{LIMITS['channels']} channels"),
-        "model.num_res_blocks": (1 <= m.num_res_blocks <= LIMITS["num_res_blocks"], f"1..{LIMITS['num_res_blocks']}"),
-        "model.num_classes": (m.num_classes is None or 1 <= m.num_classes <= LIMITS["num_classes"],
-                              f"1..{LIMITS['num_classes']}"),
-        "schedule.T": (1 <= schedule.T <= LIMITS["T"], f"1..{LIMITS['T']:,}"),
-        "data.size": (all(s >= 1 for s in size) and math.prod(size) * channels <= LIMITS["input_voxels"],
-                      f"at most {LIMITS['input_voxels']:,} input values per image"),
-    }  # fmt: skip
-    for key, (ok, bound) in checks.items():
-        if not ok:
-            raise ConfigError(f"{key}: outside the sane bounds ({bound})")

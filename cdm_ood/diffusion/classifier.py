@@ -9,7 +9,7 @@ import torch
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 ARCHS = ("unet", "encoder")
 

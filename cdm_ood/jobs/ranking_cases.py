@@ -13,15 +13,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .data import image_transform, read_file
-from .data.discovery import detect_format
-from .data.errors import DataError
-from .data.records import FLAG_NONFINITE, describe_flags
-from .errors import CdmOodError, UsageError
-from .figures import save_png, to_uint8
-from .io import atomic_path
-from .posterior import Operator, posterior_mean, posterior_samples
-from .ranking import PRIOR_WEIGHT, TEMPERED, expected_quality, rank_restorations, resolve_criterion
+from ..data import image_transform, read_file
+from ..data.discovery import detect_format
+from ..data.errors import DataError
+from ..data.records import FLAG_NONFINITE, describe_flags
+from ..diffusion.posterior import Operator, posterior_mean, posterior_samples
+from ..diffusion.ranking import PRIOR_WEIGHT, TEMPERED, expected_quality, rank_restorations, resolve_criterion
+from ..errors import CdmOodError, UsageError
+from ..utils.figures import save_png, to_uint8
+from ..utils.io import atomic_path
 
 Case = tuple[str, Optional[Path], list[Path], str, Optional[float]]  # name, observed, candidates, degradation, sigma
 

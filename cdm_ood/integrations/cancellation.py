@@ -2,8 +2,8 @@
 given up (its client left, its time limit passed, the server is stopping) and stops there, so that no thread keeps
 computing an answer nobody will read.
 
-`cdm-ood serve` (`cdm_ood.rest`) hands each request's `Request` down to the scoring thread in a context variable;
-under `mlflow models serve` the model starts its own, with MLflow's request timeout as its time limit.
+`cdm-ood serve` (`cdm_ood.integrations.rest`) hands each request's `Request` down to the scoring thread in a
+context variable; under `mlflow models serve` the model starts its own, with MLflow's request timeout as its time limit.
 """
 
 from __future__ import annotations

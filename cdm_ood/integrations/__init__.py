@@ -1,0 +1,1 @@
+"""cdm-ood inside other systems: MLflow tracking and the pyfunc model, the REST server, Spark."""

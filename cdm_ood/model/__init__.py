@@ -1,0 +1,1 @@
+"""The model on disk: the model spec and the checkpoint (weights, calibration, training state)."""
