@@ -171,11 +171,10 @@ def volume_rows(
         reported = failed_checks(members, [c for c in checks if not c.stops])
         noted = [f"reported only, not stopping: {r}" for r in reported]
         reason = "; ".join([reason, *failed, *noted])
+        why = _why_flagged(members) if flagged else ""
+        verdict, _ = judge(score, threshold, [why] if flagged else (), failed)
         if flagged:
-            why = _why_flagged(members)
-            verdict, reason = FLAGGED, f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
-        else:
-            verdict, _ = judge(score, threshold, failed=failed)
+            reason = f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
         found = {c: [r[c] for r in members if r.get(c) is not None and math.isfinite(r[c])] for c in STATISTICS}
         out.append(row | {"score": score, "verdict": verdict, "reason": reason} |
                    {c: float((np.max if c in MAP_COLUMNS else np.mean)(v)) if v else None
