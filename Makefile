@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # from pulling a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install test lint demo demo-brain evidence clean
+.PHONY: install test lint demo demo-brain evidence fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# One pytest worker per core (pytest-xdist); each runs torch on one thread (tests/conftest.py).
+# One pytest worker per core (pytest-xdist); each runs torch on one thread (tests/conftest.py). Prints the branch
+# coverage of the package and fails under its floor (pyproject.toml, [tool.coverage.report]).
 test: install lint
-	$(BIN)/python -m pytest -q -n auto --dist worksteal
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --cov --cov-report=term
 
 # The main job on generated CT phantoms: train, calibrate, evaluate per artifact, gate (outputs in demo/).
 demo: install
@@ -37,5 +38,15 @@ demo-brain: install
 evidence: install
 	$(BIN)/python tools/evidence.py
 
+# Coverage-guided fuzzing of the readers behind iter_slices (atheris, the `fuzz` extra) from the seed corpus
+# tests/fuzz/corpus for FUZZ_SECONDS: each input gets 10 s and 2 GiB; new inputs and crashers go to fuzz-findings/
+# (a crasher is copied into tests/fuzz/crashers/ with its fix; tools/fuzz_readers.py).
+FUZZ_SECONDS ?= 600
+fuzz: install
+	$(BIN)/python -m pip install -q -e ".[fuzz]"
+	mkdir -p fuzz-findings/corpus
+	$(BIN)/python tools/fuzz_readers.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+		-artifact_prefix=fuzz-findings/ fuzz-findings/corpus tests/fuzz/corpus
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo demo-brain
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache demo demo-brain fuzz-findings

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG, TINY_CT
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from test_score import invoke
 
 from cdm_ood.data import iter_slices
@@ -35,6 +37,18 @@ def test_threshold_flags_floor_of_fpr_n_when_that_is_not_a_whole_number(n, fpr, 
     scores = np.random.default_rng(n).permutation(np.arange(n, dtype=np.float64))
     threshold = threshold_at_fpr(scores, fpr)
     assert int((scores > threshold).sum()) == k
+
+
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=300, unique=True), st.data())
+def test_threshold_at_fpr_flags_exactly_floor_of_fpr_n_held_out_scores(scores, data):
+    """For any n distinct held-out scores and any rate f in (0, 1): exactly floor(f n) lie above the threshold (f is
+    drawn as (k + u) / n with u in [0, 1), so floor(f n) = k is known without computing it)."""
+    n = len(scores)
+    k = data.draw(st.integers(0, n - 1))
+    u = data.draw(st.floats(0.0, 0.999))
+    fpr = (k + u) / n
+    assume(0.0 < fpr < 1.0)
+    assert int((np.asarray(scores) > threshold_at_fpr(np.asarray(scores), fpr)).sum()) == k
 
 
 def test_threshold_specs():

@@ -2,26 +2,35 @@
 rescores what changed, drops what vanished and refuses another run's parts."""
 
 import csv
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
 from processes import cdm, clean_env
 
 from cdm_ood import OODDetector
 from cdm_ood.data.guards import MAX_VOXELS
 from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.data.phantoms import phantom_volume
+from cdm_ood.data.records import SliceSource
 from cdm_ood.model.checkpoint import load_checkpoint, save_checkpoint
+from cdm_ood.ood.batch import report_rows
 from cdm_ood.ood.gate import run_identity
-from cdm_ood.ood.shards import plan_shard, score_into_parts, start_parts
+from cdm_ood.ood.report import AGGREGATES, slice_row
+from cdm_ood.ood.shards import merge, plan_shard, score_into_parts, start_parts, write_part
+from cdm_ood.ood.thresholds import Thresholds
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +219,71 @@ def test_a_full_disk_exits_3_with_one_error_line(checkpoint, scans, tmp_path):
     assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in out.stderr
     listing = out.stderr.splitlines()[-4:]
     assert "r.previous.csv" in listing and "r.csv" not in listing, listing
+
+
+def content_rows(path: Path, volume: str, thresholds: Thresholds) -> list[dict]:
+    """Stand-in for scoring a file, no model needed: two slice rows whose scores are a hash of the file's content
+    (a file rewritten with other content scores otherwise)."""
+    digest = hashlib.blake2b(path.read_bytes(), digest_size=4).digest()
+    return [slice_row(SliceSource(str(path), k, volume), float(digest[2 * k] * 256 + digest[2 * k + 1]),
+                      thresholds.score) for k in range(2)]  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=3), min_size=1, max_size=8), st.data())
+def test_partial_reports_of_any_sizes_merge_to_the_unsharded_report(contents, data):
+    """However the files are cut into partial reports (any number, any sizes, any ranks, any order), the merged
+    report is the one scoring them all at once gives."""
+    thresholds = Thresholds(32768.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(tmp) / f"f{k}" for k in range(len(contents))]
+        for path, content in zip(files, contents, strict=True):
+            path.write_bytes(content)
+        volumes = data.draw(st.lists(st.sampled_from("abc"), min_size=len(files), max_size=len(files)))
+        rows = {path: content_rows(path, volume, thresholds) for path, volume in zip(files, volumes, strict=True)}
+        part = data.draw(st.lists(st.integers(0, 3), min_size=len(files), max_size=len(files)))
+        parts = Path(tmp) / "parts"
+        parts.mkdir()
+        for p in sorted(set(part)):
+            write_part(parts, data.draw(st.integers(0, 7)), [r for f, k in zip(files, part, strict=True) if k == p
+                                                             for r in rows[f]])  # fmt: skip
+        for how in AGGREGATES:
+            assert merge(parts, thresholds, how) == report_rows([r for f in files for r in rows[f]], thresholds, how)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.data())
+def test_resume_after_any_files_changed_deleted_or_added_equals_a_fresh_run(n, data):
+    """A resumed run plans exactly the files that are new or whose content changed, and its merged report (old
+    parts plus the rows of what it scored) is the report of a fresh run over the files as they are now."""
+    thresholds = Thresholds(32768.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, parts = Path(tmp) / "in", Path(tmp) / "parts"
+        folder.mkdir()
+        png = [folder / f"s{k}.png" for k in range(n)]
+        for k, path in enumerate(png):
+            write_png(path, k)
+        plan = plan_shard([folder], parts, 0, 1, resume=False)
+        write_part(parts, 0, [r for s in plan.todo for r in content_rows(Path(s.path), s.volume_id, thresholds)])
+        changed = data.draw(st.sets(st.sampled_from(png)))
+        deleted = data.draw(st.sets(st.sampled_from(png))) - changed
+        added = [folder / f"new{k}.png" for k in range(data.draw(st.integers(0, 2)))]
+        for k, path in enumerate(sorted(changed)):
+            write_png(path, 100 + k)
+        for path in deleted:
+            path.unlink()
+        for k, path in enumerate(added):
+            write_png(path, 200 + k)
+        plan = plan_shard([folder], parts, 0, 1, resume=True)
+        assert {Path(s.path) for s in plan.todo} == changed | set(added)
+        assert plan.skipped == n - len(changed) - len(deleted)
+        write_part(parts, 0, [r for s in plan.todo for r in content_rows(Path(s.path), s.volume_id, thresholds)])
+        fresh = plan_shard([folder], Path(tmp) / "none", 0, 1, resume=False)
+        expected = [r for s in fresh.todo for r in content_rows(Path(s.path), s.volume_id, thresholds)]
+        assert merge(parts, thresholds, "mean", plan.current) == report_rows(expected, thresholds, "mean")
+
+
+def write_png(path: Path, seed: int) -> None:
+    """A 4 x 4 grey PNG whose pixels (and bytes) differ with `seed`."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (4, 4), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)

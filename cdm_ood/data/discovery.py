@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -132,7 +133,7 @@ def _detect_gzip(path: Path) -> FormatReader:
     try:
         with gzip.open(path, "rb") as f:
             inner = f.read(1024)
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a deflate stream that is not one
         raise UnreadableFileError(path, f"corrupt gzip stream: {redact(err)}") from None
     found = [r for r in READERS.values() if r.detect_gzipped(path, inner)]
     if readable := [r for r in found if r.gzip]:

@@ -180,7 +180,8 @@ def looks_like_bare_dicom(head: bytes) -> bool:
 
 
 def dicom_header(path: Path, strict: bool = True):
-    """The DICOM header without pixel data, read through MONAI's PydicomReader; None if not DICOM (strict=False)."""
+    """The DICOM header without pixel data, read through MONAI's PydicomReader, its `HEADER_TAGS` and file meta
+    elements converted (an unknown value representation fails here); None if not DICOM (strict=False)."""
     from monai.data import PydicomReader
 
     # Large values (the pixel data) are deferred, not loaded: their presence is all the header pass needs.
@@ -188,6 +189,10 @@ def dicom_header(path: Path, strict: bool = True):
     try:
         with quiet_libraries():
             ds = reader.read(str(path))
+            for keyword in HEADER_TAGS:  # pydicom converts values on first access: a bad one fails here, named
+                ds.get(keyword)
+            for _ in getattr(ds, "file_meta", None) or ():  # the file meta elements, likewise (no pixels there)
+                pass
     except Exception as err:  # pydicom raises many types on malformed streams
         if not strict:
             return None
@@ -214,10 +219,10 @@ def header_ints(path: Path, ds, *fields: tuple[str, int]) -> tuple[int, ...]:
 def _position_key(ds) -> tuple[float, float, str]:
     """Sort key of a slice in its series: position along the slice normal, then InstanceNumber."""
     try:
-        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
-        position = np.asarray(ds.ImagePositionPatient, dtype=float)
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float).reshape(6)
+        position = np.asarray(ds.ImagePositionPatient, dtype=float).reshape(3)
         along = float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
-    except (AttributeError, ValueError, TypeError):
+    except (AttributeError, ValueError, TypeError):  # absent, or not 6 and 3 numbers: ordered by InstanceNumber
         along = 0.0
     try:
         number = float(ds.InstanceNumber)
@@ -269,6 +274,8 @@ def _decode(path: Path):
 
     with reading(path, "malformed DICOM"):
         ds = PydicomReader(force=True).read(str(path))
+        for _ in (*ds, *(getattr(ds, "file_meta", None) or ())):  # every value converted here: a bad one is named
+            pass
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     frames, rows, columns, samples = header_ints(
         path, ds, ("NumberOfFrames", 1), ("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1)
@@ -324,10 +331,13 @@ def _inversion(path: Path, ds) -> float:
 
 def _decode_error(path: Path, syntax, err: Exception) -> DataError:
     from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
 
     message = redact(err)
     if syntax is None:
         return UnreadableFileError(path, f"cannot decode pixel data: no transfer syntax in the file meta ({message})")
+    if not isinstance(syntax, UID):  # e.g. several values: no transfer syntax pydicom could have used
+        return UnreadableFileError(path, f"cannot decode pixel data: malformed transfer syntax ({message})")
     name = getattr(syntax, "name", str(syntax))
     try:
         plugins = get_decoder(syntax).available_plugins if syntax.is_compressed else None
