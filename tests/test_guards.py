@@ -7,6 +7,7 @@ import pickle
 import resource
 import socket
 import threading
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -27,7 +28,7 @@ from cdm_ood.data.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
-from cdm_ood.data.guards import MAX_VOXELS
+from cdm_ood.data.guards import BYTES_PER_VOXEL, MAX_VOXELS, require_deflated_budget
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.readers import iter_slices
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
@@ -62,6 +63,21 @@ def test_bombs_are_refused_from_their_headers_and_the_clean_series_beside_them_i
     assert raised == {} and MAX_VOXELS == 512**3  # the default the --max-voxels help text names
     _, small = collect(folder / "ok", max_voxels=100)
     assert all(isinstance(e, TooLargeError) and "(1x16x16x1)" in e.reason for e in small.values())
+
+
+def test_a_deflated_dicom_at_exactly_its_byte_budget_is_read_and_one_voxel_more_is_refused(tmp_path):
+    """The budget is inclusive: a dataset that inflates to exactly max_voxels * BYTES_PER_VOXEL bytes passes."""
+    for cols in range(64, 64 + BYTES_PER_VOXEL):
+        path = deflated_dicom_bomb(tmp_path / f"c{cols}.dcm", 64, cols)
+        data = path.read_bytes()
+        meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")  # the meta group's length element, then it
+        inflated = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[meta_end:]))
+        if inflated % BYTES_PER_VOXEL == 0:
+            break
+    voxels = inflated // BYTES_PER_VOXEL
+    require_deflated_budget(path, voxels)
+    with pytest.raises(TooLargeError, match="inflates beyond"):
+        require_deflated_budget(path, voxels - 1)
 
 
 def test_fifos_devices_and_sockets_are_never_opened(tmp_path):

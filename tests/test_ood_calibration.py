@@ -18,7 +18,7 @@ from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 from cdm_ood.model.checkpoint import load_checkpoint, save_checkpoint, store_calibration
 from cdm_ood.model.spec import Calibration
-from cdm_ood.ood import NotFittedError, calibrate, resolve_threshold, threshold_at_fpr
+from cdm_ood.ood import DETECTORS, NotFittedError, calibrate, resolve_threshold, threshold_at_fpr
 from cdm_ood.ood.calibration import held_out_split
 from cdm_ood.ood.metrics import ood_metrics
 
@@ -123,6 +123,22 @@ def test_held_out_images_are_whole_volumes_read_from_files(tmp_path):
     assert ood.n_fit == held.count(False) and len(ood.detectors["nll"].id_scores) == held.count(True)
     with pytest.raises(ValueError, match="one group"):
         calibrate({"profile": profiles}, 16, 8, groups=groups[1:], detectors=PROFILE_ONLY, default="nll")
+
+
+def test_the_stored_scores_are_the_held_out_images_scored_by_detectors_fitted_without_them():
+    """Out-of-sample, value for value: each detector fitted on the other side of `held_out_split` only (never on
+    the held-out images themselves) scores the held-out ones; those scores are what the calibration stores."""
+    groups = [f"v{k // 3}" for k in range(24)]
+    profiles = torch.randn(24, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) - 50
+    profiles[::5] += 3.0  # some images far from the rest: a detector fitted on them too would score them lower
+    calibration = calibrate({"profile": profiles}, 16, 8, groups=groups, detectors=PROFILE_ONLY, default="nll")
+    held = held_out_split(groups)
+    for name in PROFILE_ONLY:
+        fitted = DETECTORS[name](16, 8).fit({"profile": profiles[~held]})
+        expected = fitted.score({"profile": profiles[held]}).numpy()
+        np.testing.assert_allclose(calibration.detectors[name].id_scores, expected, rtol=1e-12)
+        in_sample = DETECTORS[name](16, 8).fit({"profile": profiles}).score({"profile": profiles[held]}).numpy()
+        assert name == "nll" or not np.allclose(in_sample, expected), f"{name} must depend on what it was fitted on"
 
 
 def test_a_single_volume_is_held_out_slice_by_slice_with_a_warning(caplog):

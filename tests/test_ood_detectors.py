@@ -152,6 +152,24 @@ def test_the_pooled_scale_is_the_deviation_about_each_pixels_mean_over_all_pixel
     assert detector.pooled_scale()[1] > 2 * detector.pooled_scale()[0]
 
 
+def test_the_localisation_map_scales_each_level_by_its_own_pooled_deviation():
+    """Two levels whose in-distribution log errors vary 50-fold (deviation 0.01 and 0.5): a departure of 0.1 at the
+    quiet level (10 of its deviations) outweighs one of 0.5 at the loud level (1 of its own). One scale for all
+    levels would put the peak at the loud level's pixel instead."""
+    g = torch.Generator().manual_seed(2)
+    logs = torch.stack([0.3 + 0.01 * torch.randn(200, 1, 6, 6, generator=g),
+                        3.0 + 0.5 * torch.randn(200, 1, 6, 6, generator=g)], dim=1)  # fmt: skip
+    detector = DETECTORS["map"](36).fit({"residuals": logs.expm1().sqrt()})
+    new = detector.mean.clone()[None]
+    new[0, 0, 0, 1, 1] += 0.1
+    new[0, 1, 0, 4, 4] += 0.5
+    maps = detector.anomaly_maps({"residuals": new.expm1().sqrt()}, 0.0)[0]
+    scale = detector.pooled_scale().flatten()
+    assert divmod(int(maps.argmax()), 6) == (1, 1)
+    assert torch.isclose(maps[1, 1], (0.1 / scale[0]) / 2**0.5, rtol=1e-3)
+    assert torch.isclose(maps[4, 4], (0.5 / scale[1]) / 2**0.5, rtol=1e-3)
+
+
 def test_the_localisation_map_is_not_fooled_by_pixels_whose_error_never_varies():
     """Half of every in-distribution image is like air (log error 0.01, deviation 0.001), half like tissue (0.5,
     deviation 0.2). A new image with a slightly higher error in the air (0.02) and a defect in the tissue (1.5): the
