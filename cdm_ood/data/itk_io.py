@@ -17,6 +17,7 @@ from .guards import reading
 
 EXTRA = "cdm-ood[itk]"
 HEADER_SUFFIXES = (".mhd", ".nhdr")  # headers whose voxels may lie in another file
+MAX_DIMS = 16  # the most axes a MetaImage header may declare (4D with time is the most a scan uses)
 _METAIO_FIELD = re.compile(rb"^[ \t]*(\w+)[ \t]*=[ \t]*([^\r\n]*)", re.M)
 _NRRD_DATA_FILE = re.compile(rb"^data ?file:[ \t]*([^\r\n]*)", re.M)
 
@@ -74,6 +75,8 @@ def header_shape(path: Path, kind: str) -> tuple[int, ...]:
     voxels = data_file(path)
     if voxels is not None and not voxels.exists():
         raise UnreadableFileError(path, f"{kind} header without its voxel file {voxels.name}")
+    if kind == "MetaImage":
+        _require_dimensions(path)
     io = _image_io(path, kind)
     with reading(path, f"malformed {kind} header"):
         io.SetFileName(str(path))
@@ -84,6 +87,18 @@ def header_shape(path: Path, kind: str) -> tuple[int, ...]:
         raise UnsupportedFormatError(path, f"{kind} image with {components} components per voxel (vector or RGB) "
                                      "is not supported")  # fmt: skip
     return shape
+
+
+def _require_dimensions(path: Path) -> None:
+    """Refuse a MetaImage header whose NDims is not a whole number from 1 to `MAX_DIMS` before ITK reads it (ITK
+    spins on a negative one)."""
+    with open(path, "rb") as f:
+        fields = dict(_metaio_fields(f.read(1 << 16)))
+    ndims = fields.get(b"NDims", b"")
+    if not ndims.isdigit() or not 1 <= int(ndims) <= MAX_DIMS:
+        raise UnreadableFileError(
+            path, f"malformed MetaImage header: NDims must be a whole number from 1 to {MAX_DIMS}"
+        )
 
 
 def read_itk(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray]:
