@@ -189,15 +189,26 @@ def dicom_header(path: Path, strict: bool = True):
     try:
         with quiet_libraries():
             ds = reader.read(str(path))
-            for keyword in HEADER_TAGS:  # pydicom converts values on first access: a bad one fails here, named
-                ds.get(keyword)
-            for _ in getattr(ds, "file_meta", None) or ():  # the file meta elements, likewise (no pixels there)
-                pass
+            _convert_values(ds, HEADER_TAGS)  # not the deferred pixel data: the header pass never loads it
     except Exception as err:  # pydicom raises many types on malformed streams
         if not strict:
             return None
         raise UnreadableFileError(path, f"malformed DICOM header: {redact(err)}") from None
     return ds
+
+
+def _convert_values(ds, keywords: Optional[Sequence[str]] = None) -> None:
+    """Convert the values of `keywords` (default: every element) and of the file meta now. pydicom converts a value
+    on its first access, so a malformed one (an unknown value representation) fails inside the caller's guard, which
+    names the file, instead of wherever it is first read."""
+    if keywords is None:
+        for _ in ds:  # iterating a dataset converts each element
+            pass
+    else:
+        for keyword in keywords:
+            ds.get(keyword)
+    for _ in getattr(ds, "file_meta", None) or ():
+        pass
 
 
 def header_ints(path: Path, ds, *fields: tuple[str, int]) -> tuple[int, ...]:
@@ -274,8 +285,7 @@ def _decode(path: Path):
 
     with reading(path, "malformed DICOM"):
         ds = PydicomReader(force=True).read(str(path))
-        for _ in (*ds, *(getattr(ds, "file_meta", None) or ())):  # every value converted here: a bad one is named
-            pass
+        _convert_values(ds)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     frames, rows, columns, samples = header_ints(
         path, ds, ("NumberOfFrames", 1), ("Rows", 0), ("Columns", 0), ("SamplesPerPixel", 1)
