@@ -38,8 +38,13 @@ TINY_CT = [
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny CT-phantom model, trained and calibrated by `train` (as `cdm-ood train` does)."""
-    root = tmp_path_factory.mktemp("ck")
+    """A tiny CT-phantom model, trained and calibrated by `train` (as `cdm-ood train` does). With
+    `CDM_OOD_TEST_CACHE` set (the mutation run, `tools/mutants.py`, starts one pytest session per mutant), it is
+    trained once into that folder and read from there by later sessions."""
+    cache = os.environ.get("CDM_OOD_TEST_CACHE")
+    root = Path(cache) / "ck" if cache else tmp_path_factory.mktemp("ck")
+    if (root / "run" / "model.pt").is_file():
+        return root / "run" / "model.pt"
     config = load_config(CONFIG, [f"data.root={root / 'phantoms'}", *TINY_CT, "train.steps=40", "train.val_every=40",
                                   "train.checkpoint_every=40"])  # fmt: skip
     return train(config, root / "run", finish=[calibrate_on_validation])

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from closed_form import UniformCube, random_mixture
+from closed_form import ConditionalMixture, GaussianMixture, UniformCube, random_mixture
 
 from cdm_ood import NoiseSchedule, bits_per_dim, log_likelihood, log_likelihood_profile
 
@@ -32,6 +32,20 @@ def test_log_likelihood_at_fixed_and_per_sample_t(shape):
     torch.testing.assert_close(log_likelihood(gm, x, schedule, t=500), exact[:, 500], rtol=1e-8, atol=0)
     t = torch.tensor([0, 1, 10, 999, 1000, 1001])
     torch.testing.assert_close(log_likelihood(gm, x, schedule, t=t), exact[torch.arange(6), t], rtol=1e-8, atol=0)
+
+
+def test_a_label_gives_the_density_of_its_class():
+    """Theorem 3.2 for a class-conditional classifier F(x | k): log p_t(x | k), here the density of component k."""
+    schedule = SCHEDULES["linear"]
+    gm = random_mixture(SHAPES["image2d"], schedule, K=2)
+    conditional = ConditionalMixture(gm.log_weights.exp(), gm.means, gm.stds, schedule, null_label=2)
+    components = [GaussianMixture(torch.ones(1), gm.means[k : k + 1], gm.stds[k : k + 1], schedule) for k in (0, 1)]
+    x = gm.sample(6, torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    exact = torch.where(labels[:, None] == 0, components[0].log_density(x), components[1].log_density(x))
+    for t in (0, 300):
+        got = log_likelihood(conditional, x, schedule, t=t, labels=labels)
+        torch.testing.assert_close(got, exact[:, t], rtol=1e-8, atol=0)
 
 
 def test_log_likelihood_is_unchanged_by_a_per_input_constant_in_the_logits():

@@ -160,6 +160,8 @@ def test_noisy_level_is_the_exact_density_of_noisy_candidates():
     candidates, _ = candidates_and_observation(sigma)
     ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, criterion="noisy-level", sigma=sigma)
     torch.testing.assert_close(ranking.scores, gaussian_log_density(candidates, MU, S**2 + sigma**2))
+    one = rank_restorations(GAUSSIAN, SCHEDULE, candidates[:1], criterion="noisy-level", sigma=sigma)
+    torch.testing.assert_close(one.scores, ranking.scores[:1])
 
 
 def test_observation_likelihood_with_a_linear_operator():

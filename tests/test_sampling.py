@@ -126,6 +126,41 @@ def test_posterior_sampling_from_a_noisy_image_stays_near_it():
 CONDITIONAL = ConditionalMixture(WEIGHTS, MEANS.reshape(2, 1, 1, 1), STDS, SCHEDULE, null_label=2)
 
 
+def test_denoise_passes_labels_generator_and_dtype_on():
+    """Given labels, the one-step estimate is the posterior mean of that class's component; posterior sampling
+    follows the labels and the generator and keeps the input's dtype."""
+    t = 300
+    sigma = float(SCHEDULE.sigma[t] / SCHEDULE.sqrt_alpha_bar[t])
+    y = torch.linspace(-0.5, 0.5, 6, dtype=torch.float64).reshape(6, 1, 1, 1)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    mean, var = MEANS.reshape(2).double()[labels].reshape(6, 1, 1, 1), STDS.double()[labels].reshape(6, 1, 1, 1) ** 2
+    expected = mean + var / (var + sigma**2) * (y - mean)
+    torch.testing.assert_close(denoise(CONDITIONAL, y, SCHEDULE, sigma, labels=labels), expected, rtol=1e-6, atol=1e-8)
+
+    def draw(label, seed):
+        y, g = torch.zeros(200, 1, 1, 1, dtype=torch.float64), torch.Generator().manual_seed(seed)
+        return denoise(CONDITIONAL, y, SCHEDULE, 0.05, method="ddpm", steps=20, labels=torch.full((200,), label),
+                       generator=g)  # fmt: skip
+
+    first, again, other = draw(0, 1), draw(0, 1), draw(1, 1)
+    assert first.dtype == torch.float64 and torch.equal(first, again)
+    posterior_means = MEANS * 0.05**2 / (STDS**2 + 0.05**2)  # of each class's component, given y = 0
+    assert abs(first.mean() - posterior_means[0]) < 0.02 and abs(other.mean() - posterior_means[1]) < 0.02
+
+
+def test_denoise_keeps_float32_and_runs_50_steps_by_default():
+    calls = []
+
+    def counted(x):
+        calls.append(x.dtype)
+        return MIXTURE(x)
+
+    y = torch.zeros(3, 1, 1, 1)
+    assert denoise(counted, y, SCHEDULE, 0.5).dtype == torch.float32
+    assert matching_level(SCHEDULE, 0.5) > 50 and denoise(counted, y, SCHEDULE, 0.5, method="ddim").dtype == y.dtype
+    assert len(calls) == 1 + 50 and set(calls) == {torch.float32}
+
+
 def test_guidance_zero_samples_the_conditional_and_guidance_follows_its_formula():
     labels = torch.ones(400, dtype=torch.long)
     x = sample(CONDITIONAL, SCHEDULE, (400, 1, 1, 1), "ddim", 100, labels=labels, guidance=0.0,

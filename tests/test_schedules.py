@@ -51,6 +51,15 @@ def test_config_round_trip(s):
     assert all(isinstance(v, (str, int, float)) for v in s.to_dict().values())
 
 
+def test_defaults_and_the_dictionary_a_checkpoint_stores():
+    assert NoiseSchedule.linear() == NoiseSchedule.linear(1000, 1e-4, 0.02)
+    assert NoiseSchedule.cosine() == NoiseSchedule.cosine(1000, 0.008, 0.999)
+    assert NoiseSchedule.uniform().T == 1000
+    assert NoiseSchedule.linear(50, 2e-4, 0.03).to_dict() == {"kind": "linear", "T": 50, "beta_start": 2e-4,
+                                                               "beta_end": 0.03}  # fmt: skip
+    assert NoiseSchedule.cosine(7).to_dict() == {"kind": "cosine", "T": 7, "s": 0.008, "max_beta": 0.999}
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"kind": "quadratic", "T": 10}, "unknown noise schedule"), ({"kind": "linear", "T": 0}, "positive integer")],

@@ -80,7 +80,7 @@ class NoiseSchedule:
         return cls.uniform(config.T) if config.kind == "uniform" else cls.cosine(config.T)
 
 
-def _linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+def _linear(T: int, beta_start: float, beta_end: float) -> Tensor:
     betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
 
@@ -90,8 +90,8 @@ def _uniform(T: int) -> Tensor:
     return 1.0 - sigma**2
 
 
-def _cosine(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    t = torch.arange(0, T + 1, dtype=torch.float64)
+def _cosine(T: int, s: float, max_beta: float) -> Tensor:
+    t = torch.arange(T + 1, dtype=torch.float64)
     f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
     betas = (1.0 - f[1:] / f[:-1]).clamp(max=max_beta)
     return torch.cumprod(1.0 - betas, dim=0)
