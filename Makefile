@@ -50,7 +50,7 @@ fuzz: install
 
 # Mutation testing (mutmut, the `mutants` extra) of the modules listed in pyproject's [tool.mutmut], one mutant per
 # core at a time (about an hour on 2 cores), then the hand-made mutants mutmut cannot make; writes the table into
-# docs/testing.md and exits 1 on a survivor that is neither killed by a test nor in tools/equivalent_mutants.toml.
+# docs/testing.md and exits 1 on a survivor that is neither killed by a test nor in tools/equivalent_mutants/.
 mutants: install
 	$(BIN)/python -m pip install -q -e ".[mutants]"
 	$(BIN)/python tools/mutants.py

@@ -124,6 +124,7 @@ def dicom_with_raw(path: Path, tag: int, vr: str, value: bytes) -> Path:
     return write(ds, path)
 
 
+@pytest.mark.slow
 def test_reasons_warnings_and_tracking_never_copy_header_text(checkpoint, tmp_path):
     folder = tmp_path / "in"
     dicom_with_raw(folder / "frames.dcm", 0x00280008, "IS", SECRET.encode())  # malformed NumberOfFrames
@@ -140,6 +141,7 @@ def test_reasons_warnings_and_tracking_never_copy_header_text(checkpoint, tmp_pa
         assert SECRET not in text
 
 
+@pytest.mark.slow
 def test_library_logs_and_tracebacks_stay_out_of_the_terminal(checkpoint, tmp_path):
     corpora = [Path(pydicom.__file__).parent / "data" / "test_files", Path(nib.__file__).parent / "tests" / "data"]
     out = cdm("score", *corpora, "--checkpoint", checkpoint, "--out", tmp_path / "r.json", cwd=tmp_path)
@@ -150,6 +152,7 @@ def test_library_logs_and_tracebacks_stay_out_of_the_terminal(checkpoint, tmp_pa
     assert "failed to read the header" in rows["JPEG2000-embedded-sequence-delimiter.dcm"]["reason"]
 
 
+@pytest.mark.slow
 def test_a_file_that_runs_out_of_memory_fails_alone(checkpoint, tmp_path):
     folder = tmp_path / "in"
     write_nifti(phantom_volume(np.random.default_rng(3), size=16, slices=2), folder / "clean.nii.gz")

@@ -47,6 +47,7 @@ def report_rows(report: Path) -> dict[str, dict]:
         return {row["path"]: row for row in csv.DictReader(f) if row["level"] in ("slice", "file")}
 
 
+@pytest.mark.slow
 def test_make_phantoms_output_passes_the_gate(checkpoint, phantoms, tmp_path):
     # what is under test is which files are read: the tiny model's verdicts on new volumes are not (threshold 1e12)
     out = cdm("score", phantoms, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "r.csv",
@@ -99,6 +100,7 @@ def test_exclude_globs_match_names_and_paths_and_never_a_file_named_on_its_own(p
         discover(tmp_path / "only")
 
 
+@pytest.mark.slow
 def test_folders_named_like_ignore_globs_are_scored_and_every_ignored_file_is_a_row(checkpoint, scans, tmp_path):
     spiked = scans / "spiked.nii.gz"
     folder = tmp_path / "incoming"
@@ -126,6 +128,7 @@ def test_folders_named_like_ignore_globs_are_scored_and_every_ignored_file_is_a_
     assert json.loads(out.stdout)["file_ignored"] == 3
 
 
+@pytest.mark.slow
 def test_calibrate_and_evaluate_take_exclude(checkpoint, phantoms, scans, tmp_path):
     def fitted_on(*options) -> int:
         copy = tmp_path / "model.pt"

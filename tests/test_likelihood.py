@@ -89,6 +89,7 @@ def test_uniform_data_has_bit_depth_bits_per_dim(shape, bit_depth):
     torch.testing.assert_close(bpd, torch.full_like(bpd, float(bit_depth)), rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_uniform_cube_classifier_is_a_normalised_density_at_every_t():
     """Sanity of the test oracle itself: its noisy-level densities integrate to 1 in one dimension."""
     schedule = NoiseSchedule.linear(1000)

@@ -163,6 +163,7 @@ def test_a_held_out_set_smaller_than_one_over_fpr_is_warned_about(caplog, fpr, w
     assert not warned or "only 20 held-out in-distribution images for a false-positive rate of 0.01" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_trained_model_holds_the_calibration_cdm_ood_calibrate_makes_on_its_validation_volumes(tmp_path):
     """`cdm-ood train` calibrates at its end exactly as `cdm-ood calibrate` does on the validation volumes: the same
     detectors and held-out scores, the same volume checks, the same precision."""

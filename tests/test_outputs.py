@@ -26,6 +26,7 @@ def slice_paths(report: Path) -> set[str]:
         return {r["path"] for r in csv.DictReader(f) if r["level"] in ("slice", "file")}
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_report_stops_and_the_first_completes(checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     write_nifti(rng.normal(0, 100, (5000, 16, 16)).astype(np.float32), tmp_path / "long.nii.gz")
@@ -64,6 +65,7 @@ def test_the_lock_is_released_and_taken_again(tmp_path):
     assert not files.lock.exists()
 
 
+@pytest.mark.slow
 def test_a_forked_reader_outliving_a_killed_run_does_not_hold_its_report(tmp_path):
     """A run holding the lock forks a child (as DataLoader workers are) and is killed; the child lives on, and a
     new run takes the report at once."""
@@ -98,6 +100,7 @@ def test_a_report_inside_the_scanned_folder_never_scores_its_own_outputs(checkpo
     ], "the first run's outputs moved aside by the second, which scores none of them"  # fmt: skip
 
 
+@pytest.mark.slow
 def test_an_unwritable_report_folder_stops_before_any_scoring(checkpoint, scans, tmp_path):
     locked = tmp_path / "reports"
     locked.mkdir(mode=0o555)
@@ -108,6 +111,7 @@ def test_an_unwritable_report_folder_stops_before_any_scoring(checkpoint, scans,
     assert "scoring" not in out.stderr and list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_read_only_filesystem_stops_before_any_scoring(checkpoint, scans, tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()

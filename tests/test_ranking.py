@@ -61,6 +61,7 @@ def test_expected_mse_ranking_is_the_exact_posterior_expected_error_for_noise():
     torch.testing.assert_close(auto.scores, ranking.scores, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_expected_mse_ranking_under_blur_follows_the_exact_posterior():
     """Blur + noise: E[x | y] from guided posterior samples; the order of candidates whose expected errors differ
     by more than the samples' Monte Carlo error is the exact one, and the expected MSE is the exact one within it."""

@@ -19,8 +19,11 @@ from cdm_ood.diffusion.sampling import (
     strided_levels,
 )
 
+# The long runs (steps x samples of 30,000 or more) are left out of the mutation run (`make mutants`).
+SLOW_ROWS = [pytest.param(*row, marks=pytest.mark.slow) if row.steps * row.samples >= 30_000 else row for row in ROWS]
 
-@pytest.mark.parametrize("method, steps, n, tolerance", ROWS)
+
+@pytest.mark.parametrize("method, steps, n, tolerance", SLOW_ROWS)
 def test_samplers_reproduce_the_mixture(method, steps, n, tolerance):
     x = draw(method, steps, n)
     errors = mixture_errors(x)
@@ -161,6 +164,7 @@ def test_denoise_keeps_float32_and_runs_50_steps_by_default():
     assert len(calls) == 1 + 50 and set(calls) == {torch.float32}
 
 
+@pytest.mark.slow
 def test_guidance_zero_samples_the_conditional_and_guidance_follows_its_formula():
     labels = torch.ones(400, dtype=torch.long)
     x = sample(CONDITIONAL, SCHEDULE, (400, 1, 1, 1), "ddim", 100, labels=labels, guidance=0.0,
@@ -237,6 +241,7 @@ def test_denoised_dicom_keeps_its_geometry_under_a_new_series_and_names_never_co
         assert np.corrcoef(hu.ravel(), pydicom.pixels.apply_modality_lut(old.pixel_array, old).ravel())[0, 1] > 0.5
 
 
+@pytest.mark.slow
 def test_sample_grid_is_logged_to_a_given_mlflow_run(checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient
     from test_score import invoke

@@ -39,6 +39,7 @@ def test_training_leaves_a_calibrated_checkpoint(checkpoint):
     assert detector.name == DEFAULT_DETECTOR and np.isfinite(detector.threshold)
 
 
+@pytest.mark.slow
 def test_score_reports_every_file_and_exits_1_and_leaves_inputs_alone(checkpoint, scans, tmp_path):
     before = digest(scans)
     out = cdm("score", scans, "--checkpoint", checkpoint, "--out", tmp_path / "r.json", "--workers", 2,
@@ -74,6 +75,7 @@ def test_score_reports_every_file_and_exits_1_and_leaves_inputs_alone(checkpoint
             assert value not in text, "no patient identifier in any output"
 
 
+@pytest.mark.slow
 def test_threshold_modes_and_no_fail(checkpoint, scans, tmp_path):
     nifti = scans / "clean.nii.gz"
     ok = invoke("score", nifti, "--checkpoint", checkpoint, "--threshold", "1e12", "--out", tmp_path / "a.csv")
@@ -148,6 +150,7 @@ def test_python_api_on_tensors_arrays_paths_and_monai_dicts(checkpoint, scans):
     assert out["image_ood"] == (from_path[1] > detector.threshold) and out["id"] == "x"
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_and_figures(checkpoint, scans, tmp_path):
     out = invoke("evaluate", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--ood",
                  f"spike={scans / 'spiked.nii.gz'}", "--out-dir", tmp_path / "eval")  # fmt: skip
@@ -240,6 +243,7 @@ def test_an_uncalibrated_checkpoint_stops_score_in_one_line(checkpoint, scans, t
     assert numeric.exit_code == 2 and "error: " in numeric.stderr
 
 
+@pytest.mark.slow
 def test_empty_and_unlistable_folders_fail_the_gate(checkpoint, scans, tmp_path):
     from processes import WITHOUT_ROOT_OVERRIDE
 
@@ -293,6 +297,7 @@ def silent_server():
     return server
 
 
+@pytest.mark.slow
 def test_a_failing_tracking_server_is_a_warning_not_the_gate_decision(checkpoint, scans, tmp_path):
     import socket
 
@@ -317,6 +322,7 @@ def test_a_failing_tracking_server_is_a_warning_not_the_gate_decision(checkpoint
     assert (tmp_path / "eval" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_reads_a_phantom_manifest_and_joins_sets_of_one_name(checkpoint, scans, tmp_path):
     made = invoke("make-phantoms", "--out-dir", tmp_path / "test", "--n", 1, "--format", "nifti", "--size", 16,
                   "--slices", 2, "--corrupt")  # fmt: skip
@@ -335,6 +341,7 @@ def test_evaluate_reads_a_phantom_manifest_and_joins_sets_of_one_name(checkpoint
     assert row["ood_set"] == "bad" and row["n_ood"] == 12 * 2 + 4, "every corrupted volume, the spiked one once"
 
 
+@pytest.mark.slow
 def test_progress_is_logged_as_plain_lines_without_a_terminal(checkpoint, scans, tmp_path):
     out = cdm("score", scans / "clean.nii.gz", scans / "spiked.nii.gz", "--checkpoint", checkpoint, "--threshold",
               "1e12", "--out", tmp_path / "r.csv", cwd=tmp_path, env={"CDM_OOD_PROGRESS_EVERY": "0"})  # fmt: skip
@@ -387,6 +394,7 @@ def test_calibrate_holds_out_whole_volumes_and_warns_when_too_few_for_the_fpr(ch
     assert sum(stored) == len(held_out) and sum(side == {True} for side in sides.values()) == 2
 
 
+@pytest.mark.slow
 def test_device_is_one_shared_option_resolved_before_any_work(checkpoint, scans, tmp_path):
     from cdm_ood.cli.score import calibrate_command, evaluate_command, score_command
 
@@ -423,6 +431,7 @@ def with_slope(path: Path, slope: float) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_headers_that_disagree_with_themselves_flag_their_volume_on_every_path(checkpoint, tmp_path):
     import shutil
 

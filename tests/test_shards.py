@@ -69,6 +69,7 @@ def torchrun(n: int) -> list[str]:
             "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_give_the_single_process_report(checkpoint, archive, tmp_path):
     one = score(archive, "--checkpoint", checkpoint, "--out", tmp_path / "one.csv", "--no-fail", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
@@ -80,6 +81,7 @@ def test_two_torchrun_processes_give_the_single_process_report(checkpoint, archi
     assert not list(tmp_path.glob(".*.parts")), "partial reports are removed after the merge"
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_rescoring_or_duplicates(checkpoint, archive, tmp_path):
     reference = score(archive, "--checkpoint", checkpoint, "--out", tmp_path / "ref.csv", "--batch-size", 1,
                       "--no-fail", cwd=tmp_path)  # fmt: skip
@@ -129,6 +131,7 @@ def volume_verdicts(report: Path) -> dict[str, str]:
     return {Path(r["path"]).parent.name: r["verdict"] for r in rows(report) if r["level"] == "volume"}
 
 
+@pytest.mark.slow
 def test_resume_rescores_a_file_rewritten_with_the_same_size_and_times(checkpoint, interrupted, tmp_path):
     folder, report = interrupted
     scan = folder / "a" / "scan.nii"
@@ -147,6 +150,7 @@ def test_resume_rescores_a_file_rewritten_with_the_same_size_and_times(checkpoin
     assert verdicts["a"] == "flagged" and verdicts["b"] in ("in", "ood")
 
 
+@pytest.mark.slow
 def test_resume_drops_the_rows_of_a_folder_deleted_since(checkpoint, interrupted, tmp_path):
     folder, report = interrupted
     shutil.rmtree(folder / "b")
@@ -166,6 +170,7 @@ def test_resume_refuses_the_parts_of_another_run(checkpoint, interrupted, tmp_pa
     assert not report.exists() and list((tmp_path / ".report.csv.parts").glob("rank*.csv")), "the parts stay"
 
 
+@pytest.mark.slow
 def test_resume_refuses_the_parts_of_another_checkpoint(checkpoint, interrupted, tmp_path):
     folder, report = interrupted
     other = tmp_path / "other.pt"
@@ -181,6 +186,7 @@ def children(pid: int) -> list[int]:
         return [int(child) for child in f.read().split()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "reader killed"])
 def test_a_run_that_cannot_finish_exits_3_with_one_error_line(checkpoint, archive, tmp_path, stop):
     out = tmp_path / "report.csv"
@@ -204,6 +210,7 @@ def test_a_run_that_cannot_finish_exits_3_with_one_error_line(checkpoint, archiv
     assert "an earlier run's row" in (tmp_path / "report.previous.csv").read_text()
 
 
+@pytest.mark.slow
 def test_a_full_disk_exits_3_with_one_error_line(checkpoint, scans, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

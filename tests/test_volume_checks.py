@@ -204,6 +204,7 @@ def _brain(rng: np.random.Generator) -> np.ndarray:
     return brain_volume(rng, SIZE, SLICES)
 
 
+@pytest.mark.slow
 def test_score_stops_interleaved_and_transposed_series_by_the_volume_checks(checkpoint, tmp_path):
     """A model calibrated on 8 brain subjects: a new subject passes the volume checks; the same subject with its
     slices interleaved (0, 2, 4, ..., 1, 3, ...) fails the slice-order check and with its in-plane axes swapped fails

@@ -2,7 +2,7 @@
 
     python tools/mutants.py              # mutmut over [tool.mutmut] (about an hour on 2 cores), the table into docs/
     python tools/mutants.py --report     # the table and the unexplained survivors of the last run (mutants/)
-    python tools/mutants.py --survivors  # every mutant not killed, with its diff (what to review)
+    python tools/mutants.py --survivors [MODULE ...]  # every mutant not killed, with its diff (what to review)
     python tools/mutants.py --again      # check again only the mutants the last run did not kill (after new tests)
     python tools/mutants.py --explain REASON NAME ...  # list survivors as equivalent, with the reason (reviewed)
     python tools/mutants.py --hand [NAME ...]  # only the hand-made mutants (`HAND`), or these of them
@@ -11,10 +11,10 @@ mutmut (pinned in the `mutants` extra) mutates each function of the modules list
 (operators, comparisons, constants, arguments, ...) and runs the tests of `pytest_add_cli_args_test_selection` that
 reach it, fastest first; the session fixture's tiny model is trained once (`CDM_OOD_TEST_CACHE`). A mutant is killed
 when a test fails or it runs past its time limit. Each mutant that survives, or that no selected test reaches, needs
-a test that kills it or an entry in `tools/equivalent_mutants.toml`: the function, the line before and after, and
-the reason it cannot change behaviour (matched by text, so the entries outlive renumbered mutants). The command
-prints the table per module (block `mutants`, spliced into docs/testing.md), then each unexplained survivor with
-its diff and each stale entry, and exits 1 when there is one.
+a test that kills it or an entry in `tools/equivalent_mutants/` (one file per module): the function, the line before
+and after, and the reason it cannot change behaviour (matched by text, so the entries outlive renumbered mutants).
+The command prints the table per module (block `mutants`, spliced into docs/testing.md), then each unexplained
+survivor with its diff and each stale entry, and exits 1 when there is one.
 
 `HAND` holds what mutmut cannot make: a replaced expression (`floor` for `ceil`, a dropped term, another variable)
 or a module outside its list (the MONAI transform, the served model, evaluation, the benchmarks). Each is applied
@@ -43,7 +43,7 @@ import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = "tests/test_benchmarks.py::"
-EQUIVALENT = ROOT / "tools" / "equivalent_mutants.toml"
+EQUIVALENT = ROOT / "tools" / "equivalent_mutants"  # one file per module: cdm_ood.ood.report.toml, ...
 DOC = "testing.md"
 KILLED = ("killed", "timeout")  # a mutant that runs past its time limit is caught too
 
@@ -365,25 +365,30 @@ def survivor(name: str, status: str, path: str) -> Survivor:
                     tuple(line[1:].strip() for line in changed if line[0] == "+"), diff)  # fmt: skip
 
 
-def load_equivalent(path: Path = EQUIVALENT) -> list[dict[str, str]]:
-    """The reviewed equivalent mutants: each a function, the line before (`old`) and after (`new`), and a reason."""
-    entries = tomllib.loads(path.read_text())["equivalent"] if path.exists() else []
+def load_equivalent(folder: Path = EQUIVALENT) -> list[dict[str, str]]:
+    """The reviewed equivalent mutants of every module (one file each in `folder`): each a function, the line
+    before (`old`) and after (`new`), and a reason."""
+    files = sorted(folder.glob("*.toml"))
+    entries = [entry for path in files for entry in tomllib.loads(path.read_text()).get("equivalent", [])]
     for entry in entries:
         if set(entry) != {"function", "old", "new", "reason"} or not entry["reason"].strip():
-            sys.exit(f"{path}: each entry needs function, old, new and a reason: {entry}")
+            sys.exit(f"{folder}: each entry needs function, old, new and a reason: {entry}")
     return entries
 
 
 def explain(names: list[str], reason: str) -> None:
-    """Add a reviewed entry to `EQUIVALENT` for each named survivor of the last run, with `reason`."""
+    """Add a reviewed entry for each named survivor of the last run, with `reason`, to its module's file."""
     import json
 
     by_name = {n: (s, p) for p, by in statuses().items() for n, s in by.items()}
-    with open(EQUIVALENT, "a") as f:
-        for name in names:
-            if name not in by_name or by_name[name][0] in KILLED:
-                sys.exit(f"{name}: not a survivor of the last run")
-            mutant = survivor(name, *by_name[name])
+    for name in names:
+        if name not in by_name or by_name[name][0] in KILLED:
+            sys.exit(f"{name}: not a survivor of the last run")
+        mutant = survivor(name, *by_name[name])
+        path = EQUIVALENT / f"{Path(by_name[name][1]).with_suffix('').as_posix().replace('/', '.')}.toml"
+        if not path.exists():
+            path.write_text(f"# Reviewed equivalent mutants of {by_name[name][1]} (`make mutants`).\n")
+        with open(path, "a") as f:
             f.write(f"\n[[equivalent]]\nfunction = {json.dumps(mutant.function)}\n"
                     f"old = {json.dumps(chr(10).join(mutant.old), ensure_ascii=False)}\n"
                     f"new = {json.dumps(chr(10).join(mutant.new), ensure_ascii=False)}\n"
@@ -492,7 +497,7 @@ def report(seconds: float | None) -> int:
     print(f"<!-- table: mutants -->\n{text}\n<!-- /table -->")
     show(unexplained)
     for entry in stale:
-        print(f"stale entry in {EQUIVALENT.name} (no such survivor): {entry['function']}: {entry['old']!r}")
+        print(f"stale entry in {EQUIVALENT.name}/ (no such survivor): {entry['function']}: {entry['old']!r}")
     print(f"{len(unexplained)} unexplained survivors, {len(stale)} stale entries")
     return 1 if unexplained or stale else 0
 
@@ -506,7 +511,8 @@ def version(package: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="the last run's table and survivors, running nothing")
-    parser.add_argument("--survivors", action="store_true", help="every mutant not killed, with its diff")
+    parser.add_argument("--survivors", nargs="*", metavar="MODULE",
+                        help="every mutant checked and not killed (of these modules), with its diff")  # fmt: skip
     parser.add_argument("--hand", nargs="*", metavar="NAME", help="only the hand-made mutants (or these)")
     parser.add_argument("--again", action="store_true", help="check only the last run's mutants that were not killed")
     parser.add_argument("--explain", nargs="+", metavar=("REASON", "NAME"),
@@ -518,8 +524,9 @@ def main() -> int:
         return 0
     if args.hand is not None:
         return run_hand(args.hand)
-    if args.survivors:
-        show([survivor(n, s, p) for p, by in statuses().items() for n, s in by.items() if s not in KILLED])
+    if args.survivors is not None:
+        show([survivor(n, s, p) for p, by in statuses().items() if not args.survivors or p in args.survivors
+              for n, s in by.items() if s not in (*KILLED, "not checked")])  # fmt: skip
         return 0
     if args.report:
         return report(None)
