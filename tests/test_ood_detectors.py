@@ -1,6 +1,7 @@
 """OOD features and detectors against closed forms: exact Gaussian / Gaussian-mixture classifiers (math sheet)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from closed_form import ConditionalMixture, GaussianMixture
 from cdm_ood import NoiseSchedule, log_likelihood_profile
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.ood import Detector, MultiscaleDetector, NLLDetector, NotFittedError, register_detector
-from cdm_ood.ood.detectors import DETECTORS, applicable, required_features
+from cdm_ood.ood.detectors import DETECTORS, applicable, required_features, smoothed
 from cdm_ood.ood.features import (
     class_log_likelihoods,
     class_posterior,
@@ -328,3 +329,212 @@ def test_a_registered_detector_is_calibrated_and_scores_like_the_built_in_ones(r
     expected = LevelGapDetector(mine.num_dims).score(mine.features(mine.prepare(images), ("profile",)))
     np.testing.assert_allclose(mine.score(images), expected.numpy(), rtol=1e-6)
     assert np.isfinite(mine.threshold) and mine.fpr == 0.05
+
+
+NAMES = ("nll", "multiscale", "denoise", "flip", "classifier", "combined", "map", "classifier-nll", "drift",
+         "combined-drift")  # fmt: skip
+FITTED = ("multiscale", "denoise", "flip", "map", "drift")  # the detectors with parameters of their own
+
+
+def synthetic(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Features of `n` images with small spreads (every deviation below 1): a 6-level profile whose column 2 is the
+    same in every image, two-level residuals (float32, as computed) that are 0 at pixel (0, 0), two flips, three
+    class log-likelihoods."""
+    g = torch.Generator().manual_seed(seed)
+    profile = -40.0 * D + 0.3 * D * torch.randn(n, 6, dtype=torch.float64, generator=g)
+    profile[:, 2] = -2.0 * D
+    residuals = 0.3 * torch.randn(n, 2, 1, 3, 4, generator=g)
+    residuals[..., 0, 0] = 0.0
+    flips = profile[:, :1] - D * (0.05 + 0.1 * torch.rand(n, 2, dtype=torch.float64, generator=g))
+    class_ll = -40.0 * D + 2.0 * torch.randn(n, 3, dtype=torch.float64, generator=g)
+    return {"profile": profile, "residuals": residuals, "flips": flips, "class_ll": class_ll}
+
+
+def reference_smoothing(maps: np.ndarray, width: float) -> np.ndarray:
+    """Maps (B, *spatial) convolved along each spatial axis with the erf-interpolated Gaussian of `width` pixels,
+    0.5 (erf((x + 1/2) / (w sqrt 2)) - erf((x - 1/2) / (w sqrt 2))) for |x| <= round(4 w), edges replicated."""
+    from scipy.special import erf
+
+    tail = int(4 * width + 0.5)
+    x = np.arange(-tail, tail + 1)
+    kernel = 0.5 * (erf((x + 0.5) / (width * 2**0.5)) - erf((x - 0.5) / (width * 2**0.5)))
+    out = maps.astype(np.float64)
+    for axis in range(1, maps.ndim):
+        padded = np.pad(out, [(tail, tail) if a == axis else (0, 0) for a in range(maps.ndim)], mode="edge")
+        out = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="valid"), axis, padded)
+    return out
+
+
+def test_nll_reads_log_p0_in_bits_per_dim_at_the_detectors_bit_depth():
+    profile = torch.tensor([[-300.0, -1.0, 5.0], [-10.0, 2.0, 3.0]], dtype=torch.float64)
+    expected = -profile[:, 0] / (D * math.log(2)) + 10  # 11-bit data: log2(2^11 / 2) = 10 bits of offset
+    assert torch.equal(NLLDetector(D, 11).score({"profile": profile}), expected)
+
+
+def test_every_detector_keeps_its_dims_bit_depth_and_classes_through_its_state():
+    """The state names the detector, its dims, bit depth and classes (and those of a combination's parts); the
+    detector rebuilt from it has them and scores bit for bit the same. Built without them: 8 bits, no classes."""
+    fit, x = synthetic(6, 0), synthetic(5, 1)
+    for name in NAMES:
+        assert (DETECTORS[name](D).bit_depth, DETECTORS[name](D).num_classes) == (8, None), name
+        detector = DETECTORS[name](D, 11, 3).fit(fit)
+        state = detector.state()
+        assert {k: state[k] for k in ("name", "num_dims", "bit_depth", "num_classes")} == {
+            "name": name, "num_dims": D, "bit_depth": 11, "num_classes": 3}, name  # fmt: skip
+        for part, component in zip(state.get("parts", ()), getattr(detector, "components", ()), strict=True):
+            assert (part["name"], part["num_dims"], part["bit_depth"], part["num_classes"]) == (
+                component.name, D, 11, 3)  # fmt: skip
+        restored = Detector.from_state(state)
+        assert (type(restored), restored.num_dims, restored.bit_depth, restored.num_classes) == (
+            type(detector), D, 11, 3)  # fmt: skip
+        assert torch.equal(restored.score(x), detector.score(x)), name
+
+
+def test_which_detectors_apply_with_and_without_classes():
+    assert applicable(None) == ["nll", "multiscale", "denoise", "flip", "combined", "map", "drift", "combined-drift"]
+    assert applicable(2) == list(NAMES)
+    assert required_features(["combined-drift", "classifier-nll"], 2) == ("profile", "residuals", "flips", "class_ll")
+
+
+class ClassAwareDetector(Detector):
+    """Reads the class log-likelihoods only when the model has classes."""
+
+    name = "test-class-aware"
+
+    def required(self):
+        return ("profile", "class_ll") if self.num_classes else ("profile",)
+
+
+def test_required_features_asks_each_detector_built_for_the_models_classes():
+    register_detector(ClassAwareDetector)
+    try:
+        assert required_features(["test-class-aware"], 4) == ("profile", "class_ll")
+        assert required_features(["test-class-aware"], None) == ("profile",)
+    finally:
+        DETECTORS.pop(ClassAwareDetector.name)
+
+
+def test_unknown_unfitted_and_underfed_detectors_say_what_is_wrong():
+    unknown = f"unknown detector 'knn'; expected one of {sorted(NAMES)}"
+    with pytest.raises(ValueError, match=f"^{re.escape(unknown)}$"):
+        Detector.from_state({"name": "knn", "num_dims": D, "bit_depth": 8})
+    one, two = synthetic(1, 0), synthetic(2, 1)
+    for name in FITTED:
+        with pytest.raises(ValueError, match=f"^the {name} detector needs at least 2 in-distribution images, got 1$"):
+            DETECTORS[name](D).fit(one)
+        assert DETECTORS[name](D).fit(two).score(two).shape == (2,), "two images are enough"
+    for name in (*FITTED, "combined", "classifier-nll", "combined-drift"):
+        detector = DETECTORS[name](D)
+        unfitted = f"^the {name} detector is not fitted: "
+        with pytest.raises(NotFittedError, match=unfitted + "calibrate it on in-distribution data$"):
+            detector.score(two)
+        saving = "calibrate it on in-distribution data$" if name in ("multiscale", "denoise") else "nothing to save$"
+        with pytest.raises(NotFittedError, match=unfitted + saving):
+            detector.state()
+        if name in ("map", "drift"):
+            with pytest.raises(NotFittedError, match=unfitted + "calibrate it on in-distribution data$"):
+                detector.maps(two)
+
+
+def mahalanobis(fit: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """z P z^T with z standardised by the fitted mean and deviation (at least 1e-12) and P sklearn's Ledoit-Wolf
+    precision of the fitted z."""
+    from sklearn.covariance import LedoitWolf
+
+    mean, scale = fit.mean(0), np.maximum(fit.std(0, ddof=1), 1e-12)
+    precision = LedoitWolf().fit((fit - mean) / scale).precision_
+    z = (new - mean) / scale
+    return np.einsum("bi,ij,bj->b", z, precision, z)
+
+
+def test_multiscale_and_denoise_are_mahalanobis_distances_of_their_closed_form_vectors():
+    """multiscale: the profile per dimension at `levels` evenly spaced columns (all 6 here), one of them the same in
+    every fitted image (its deviation floored at 1e-12, so a departure of 1e-12 is one deviation); denoise: the log
+    of each level's mean squared residual, floored at 1e-30 (an image denoised perfectly)."""
+    fit, new = synthetic(8, 2), synthetic(3, 3)
+    new["profile"][0, 2] += 1e-12 * D
+    new["residuals"][1] = 0.0
+    expected = mahalanobis(fit["profile"].numpy() / D, new["profile"].numpy() / D)
+    np.testing.assert_allclose(MultiscaleDetector(D).fit(fit).score(new).numpy(), expected, rtol=1e-9)
+
+    def log_errors(f: dict) -> np.ndarray:
+        squares = f["residuals"].double().numpy().reshape(len(f["residuals"]), 2, -1) ** 2
+        return np.log(np.maximum(squares.mean(2), 1e-30))
+
+    denoise = DETECTORS["denoise"](D).fit(fit)
+    np.testing.assert_allclose(denoise.score(new).numpy(), mahalanobis(log_errors(fit), log_errors(new)), rtol=1e-9)
+    assert denoise.state()["mean"] == pytest.approx(log_errors(fit).mean(0).tolist(), rel=1e-12)
+
+
+def test_flip_scores_minus_the_smallest_standardised_mirror_ratio():
+    fit, new = synthetic(7, 4), synthetic(3, 5)
+    ratios = [((f["profile"][:, :1] - f["flips"]) / D).numpy() for f in (fit, new)]
+    mean, scale = ratios[0].mean(0), ratios[0].std(0, ddof=1)
+    flip = DETECTORS["flip"](D).fit(fit)
+    np.testing.assert_allclose(flip.mean.numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(flip.scale.numpy(), scale, rtol=1e-12)
+    np.testing.assert_allclose(flip.score(new).numpy(), -((ratios[1] - mean) / scale).min(1), rtol=1e-12)
+
+
+def test_map_detector_maps_scores_and_localisation_maps_in_closed_form():
+    """The per-pixel statistic log(1 + r^2), standardised by each pixel's fitted mean and deviation (n - 1, floored
+    at 1e-6: pixel (0, 0) never varies); its root mean square over levels and channels is the detection map and
+    the 0.99 quantile of the map the score (an empty batch: no scores); the localisation map divides by the root
+    mean of each level's squared deviations instead and is smoothed (`reference_smoothing`)."""
+    fit, new = synthetic(6, 6), synthetic(3, 7)
+    new["residuals"][:, :, :, 0, 0] = 1e-3
+    stat = [np.log1p(f["residuals"].double().numpy() ** 2) for f in (fit, new)]
+    mean, std = stat[0].mean(0), np.maximum(stat[0].std(0, ddof=1), 1e-6)
+    detector = DETECTORS["map"](D).fit(fit)
+    np.testing.assert_allclose(detector.std.numpy(), std, rtol=1e-4)
+    maps = np.sqrt((((stat[1] - mean) / std) ** 2).mean((1, 2)))
+    np.testing.assert_allclose(detector.maps(new).numpy(), maps, rtol=1e-4)
+    np.testing.assert_allclose(detector.score(new).numpy(), np.quantile(maps.reshape(3, -1), 0.99, axis=1), rtol=1e-4)
+    assert detector.score({"residuals": new["residuals"][:0]}).shape == (0,)
+    pooled = np.sqrt((std**2).mean((2, 3), keepdims=True))
+    local = np.sqrt((((stat[1] - mean) / pooled) ** 2).mean((1, 2)))
+    np.testing.assert_allclose(detector.anomaly_maps(new, 0.0).numpy(), local, rtol=1e-4)
+    np.testing.assert_allclose(detector.anomaly_maps(new).numpy(), reference_smoothing(local, 1.5), rtol=1e-4)
+    np.testing.assert_allclose(detector.anomaly_maps(new, 0.7).numpy(), reference_smoothing(local, 0.7), rtol=1e-4)
+
+
+def test_drift_statistic_is_each_levels_and_channels_residual_smoothed_on_its_own():
+    residuals = torch.randn(3, 2, 2, 9, 7, generator=torch.Generator().manual_seed(8))
+    expected = reference_smoothing(residuals.flatten(0, 2).numpy(), 1.5).reshape(residuals.shape)
+    np.testing.assert_allclose(DETECTORS["drift"](D).statistic({"residuals": residuals}).numpy(), expected, atol=1e-6)
+
+
+def test_smoothing_is_the_erf_gaussian_truncated_at_four_widths():
+    """An impulse becomes the outer product of the kernel, exactly 0 beyond round(4 w) pixels; a constant map stays
+    constant up to the kernel's mass (edges replicated)."""
+    impulse = torch.zeros(1, 21, 21)
+    impulse[0, 10, 10] = 1.0
+    out = smoothed(impulse, 1.5)[0]
+    np.testing.assert_allclose(out.numpy(), reference_smoothing(impulse.numpy(), 1.5)[0], atol=1e-8)
+    assert out[10, 16] > 0 and out[10, 17] == 0 and out[16, 16] > 0 and out[3, 10] == 0
+    flat = smoothed(torch.ones(1, 5, 6), 1.5)
+    np.testing.assert_allclose(flat.numpy(), reference_smoothing(np.ones((1, 5, 6)), 1.5), rtol=1e-6)
+    assert flat.std() < 1e-6
+
+
+@pytest.mark.parametrize(("name", "n"), [("combined", 3), ("combined", 4), ("combined", 5), ("classifier-nll", 6)])
+def test_a_combination_standardises_by_held_out_scores_from_four_images_on(name, n):
+    """From 4 images on, each component's scale is the mean and deviation of its scores on the images of one parity
+    by the component fitted on the others (an odd count too); below 4, of its in-sample scores. The score is the
+    largest standardised component score, the components fitted on all images."""
+    fit, x = synthetic(n, 9), synthetic(4, 10)
+    combination = DETECTORS[name](D).fit(fit)
+    components = [c.name for c in DETECTORS[name].components]
+    even = torch.arange(n) % 2 == 0
+    scores = torch.empty(n, len(components), dtype=torch.float64)
+    for side in (even, ~even) if n >= 4 else ():
+        part, rest = ({k: v[rows] for k, v in fit.items()} for rows in (side, ~side))
+        scores[~side] = torch.stack([DETECTORS[c](D).fit(part).score(rest).double() for c in components], dim=1)
+    if n < 4:
+        scores = torch.stack([DETECTORS[c](D).fit(fit).score(fit).double() for c in components], dim=1)
+    torch.testing.assert_close(combination.mean, scores.mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(combination.scale, scores.std(0), rtol=1e-12, atol=0)
+    assert name != "classifier-nll" or combination.scale[1] < 1, "a probability's deviation: the floor at 1e-12 acts"
+    full = torch.stack([DETECTORS[c](D).fit(fit).score(x).double() for c in components], dim=1)
+    expected = ((full - scores.mean(0)) / scores.std(0)).amax(1)
+    torch.testing.assert_close(combination.score(x), expected, rtol=1e-12, atol=0)
