@@ -466,6 +466,15 @@ def test_multiscale_and_denoise_are_mahalanobis_distances_of_their_closed_form_v
     assert denoise.state()["mean"] == pytest.approx(log_errors(fit).mean(0).tolist(), rel=1e-12)
 
 
+def test_multiscale_reads_16_evenly_spaced_profile_columns_each_once():
+    """round(i (L - 1) / 15) for i = 0..15 of a profile with L = T + 2 columns; every column when L is below 16."""
+    detector = MultiscaleDetector(D)
+    assert detector.columns(202) == [0, 13, 27, 40, 54, 67, 80, 94, 107, 121, 134, 147, 161, 174, 188, 201]
+    assert detector.columns(6) == [0, 1, 2, 3, 4, 5]
+    profile = torch.arange(2 * 202, dtype=torch.float64).reshape(2, 202)
+    assert torch.equal(detector.vector({"profile": profile}), profile[:, detector.columns(202)] / D)
+
+
 def test_flip_scores_minus_the_smallest_standardised_mirror_ratio():
     fit, new = synthetic(7, 4), synthetic(3, 5)
     ratios = [((f["profile"][:, :1] - f["flips"]) / D).numpy() for f in (fit, new)]
