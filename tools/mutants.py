@@ -177,13 +177,6 @@ HAND = (
         (f"{BENCH}test_score_throughput_measures_each_worker_count",),
     ),
     Mutant(
-        "map-criterion-sign",
-        "cdm_ood/diffusion/ranking.py",
-        "scores = prior_weight * log_prior + log_obs",
-        "scores = prior_weight * log_prior - log_obs",
-        (f"{BENCH}test_ranking_measures_every_degradation_family_and_criterion",),
-    ),
-    Mutant(
         "real-scans-sets-swapped",
         "benchmarks/real_scans.py",
         'ood_metrics(found["clean"], v)',
