@@ -440,7 +440,7 @@ def review(found: dict[str, dict[str, str]], entries: list[dict[str, str]]) -> t
         counts = Counter(by_name.values())
         equivalent = 0
         for name, status in by_name.items():
-            if status in KILLED:
+            if status in (*KILLED, "not checked"):
                 continue
             mutant = survivor(name, status, path)
             hits = [i for i, entry in enumerate(entries) if matches(entry, mutant)]
@@ -450,8 +450,9 @@ def review(found: dict[str, dict[str, str]], entries: list[dict[str, str]]) -> t
                 unexplained.append(mutant)
         killed = counts["killed"] + counts["timeout"]
         left = len(by_name) - killed - equivalent
+        left -= counts["not checked"]
         rows.append([path, len(by_name), counts["killed"], counts["timeout"], counts["survived"], counts["no tests"],
-                     equivalent, left, killed, len(by_name) - equivalent])  # fmt: skip
+                     equivalent, left, counts["not checked"], killed, len(by_name) - equivalent])  # fmt: skip
     total = ["all", *(sum(r[i] for r in rows) for i in range(1, len(rows[0])))] if rows else []
     stale = [entry for i, entry in enumerate(entries) if i not in used]
     return [*rows, total], unexplained, stale
@@ -464,8 +465,8 @@ def table(rows: list[list]) -> str:
     from tables import markdown
 
     header = ("module", "mutants", "killed", "timed out", "survived", "no test reaches it", "equivalent (reviewed)",
-              "unexplained", "score")  # fmt: skip
-    return markdown(header, ([f"`{r[0]}`", *r[1:8], f"{r[8] / r[9]:.1%}" if r[9] else "-"] for r in rows))
+              "unexplained", "not run", "score")  # fmt: skip
+    return markdown(header, ([f"`{r[0]}`", *r[1:9], f"{r[9] / r[10]:.1%}" if r[10] else "-"] for r in rows))
 
 
 def show(mutants: list[Survivor]) -> None:
@@ -473,17 +474,21 @@ def show(mutants: list[Survivor]) -> None:
         print(f"\n# {mutant.name}: {mutant.status} ({mutant.function})\n{mutant.diff}")
 
 
-def report(seconds: float | None) -> int:
-    """Print the table (and, after a run, splice it into docs/) and every unexplained survivor and stale entry."""
+def report(seconds: float | None, command: str = "make mutants") -> int:
+    """Print the table (and, after a run, splice it into docs/) and every unexplained survivor and stale entry;
+    1 when there is one, or when mutants were left unchecked (an interrupted run: its stale entries are not
+    judged)."""
     sys.path.insert(0, str(ROOT / "tools"))
     from evidence import commit, machine, write_docs
 
     rows, unexplained, stale = review(statuses(), load_equivalent())
+    unchecked = rows[-1][8] if rows else 0
+    stale = [] if unchecked else stale
     text = table(rows)
     if seconds is not None:
         minutes, secs = divmod(round(seconds), 60)
         when = datetime.date.today().isoformat()
-        text += (f"\n\n*Printed by `make mutants` ({minutes} min {secs} s) on {machine()}, {when}, commit {commit()}; "
+        text += (f"\n\n*Printed by `{command}` ({minutes} min {secs} s) on {machine()}, {when}, commit {commit()}; "
                  f"mutmut {version('mutmut')}.*")  # fmt: skip
         if DOC not in {p.name for p in (ROOT / "docs").glob("*.md")} or "mutants" not in write_docs({"mutants": text}):
             sys.exit(f"docs/{DOC} has no block `mutants` to write the table into")
@@ -491,8 +496,8 @@ def report(seconds: float | None) -> int:
     show(unexplained)
     for entry in stale:
         print(f"stale entry in {EQUIVALENT.name}/ (no such survivor): {entry['function']}: {entry['old']!r}")
-    print(f"{len(unexplained)} unexplained survivors, {len(stale)} stale entries")
-    return 1 if unexplained or stale else 0
+    print(f"{len(unexplained)} unexplained survivors, {len(stale)} stale entries, {unchecked} mutants not run")
+    return 1 if unexplained or stale or unchecked else 0
 
 
 def version(package: str) -> str:
@@ -527,7 +532,7 @@ def main() -> int:
     if args.again:
         print(f"checking again the {forget_survivors()} mutants the last run did not kill", flush=True)
     run_mutmut(args.children, ROOT / "runs" / "mutants.log")
-    code = report(time.monotonic() - start)
+    code = report(time.monotonic() - start, "python tools/mutants.py --again" if args.again else "make mutants")
     return code | run_hand([])
 
 
