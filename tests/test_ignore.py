@@ -202,6 +202,9 @@ def test_each_file_found_gets_its_reader_or_one_exact_reason(tmp_path):
     crc = bytearray((folder / "good.nii.gz").read_bytes())
     crc[-8:-4] = bytes(4)  # a wrong CRC: the header is read, the stream's end is never reached
     (folder / "badcrc.nii.gz").write_bytes(bytes(crc))
+    crc = bytearray(gzip.compress(nib.Nifti1Image(np.zeros((672, 1, 1), np.uint8), np.eye(4)).to_bytes()))
+    crc[-8:-4] = bytes(4)  # 1024 bytes inflated, a wrong CRC: reading one byte more would reach the check
+    (folder / "crc1024.nii.gz").write_bytes(bytes(crc))
     for name, z in (("s_a.dcm", 2.0), ("s_b.dcm", 1.0), ("s_c.dcm", 0.0)):
         slice_file(folder / "series" / name, z, "1.2.3.4", "1.2.9" if name != "s_c.dcm" else "1.2.8")
     errors = []
@@ -241,6 +244,7 @@ def test_each_file_found_gets_its_reader_or_one_exact_reason(tmp_path):
     ]
     assert [(Path(s.path).name, s.format, s.companions) for s in sources if s.format != "dicom"] == [
         ("badcrc.nii.gz", "nifti", ()),
+        ("crc1024.nii.gz", "nifti", ()),
         ("good.nii.gz", "nifti", ()),
         ("pair.hdr", "nifti", (str(folder / "pair.img"),)),
     ]
