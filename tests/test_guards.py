@@ -28,7 +28,14 @@ from cdm_ood.data.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
-from cdm_ood.data.guards import BYTES_PER_VOXEL, MAX_VOXELS, require_deflated_budget
+from cdm_ood.data.guards import (
+    BYTES_PER_VOXEL,
+    MAX_VOXELS,
+    redact,
+    require_budget,
+    require_deflated_budget,
+    require_regular_file,
+)
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.readers import iter_slices
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
@@ -208,3 +215,90 @@ def test_file_errors_cross_process_boundaries(error):
         "cannot open file: denied",
         "/scans/a.dcm: cannot open file: denied",
     )
+
+
+def test_special_files_and_folders_are_named_exactly_and_regular_files_pass(tmp_path):
+    """`require_regular_file` names what the path is (a folder matches no special kind: the fallback name)."""
+    (tmp_path / "scan.dcm").write_bytes(b"data")
+    os.mkfifo(tmp_path / "pipe")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "sock"))
+    refused = {}
+    try:
+        for name in ("pipe", "sock", "folder", "missing"):
+            path = tmp_path / name if name != "folder" else tmp_path
+            with pytest.raises((NotAnImageError, UnreadableFileError)) as caught:
+                require_regular_file(path)
+            assert caught.value.path == str(path)
+            refused[name] = (type(caught.value), caught.value.reason)
+        with pytest.raises(NotAnImageError) as device:
+            require_regular_file(Path("/dev/null"))
+    finally:
+        listener.close()
+    assert require_regular_file(tmp_path / "scan.dcm") is None
+    assert device.value.reason == "a character device, not a regular file: never opened"
+    assert refused == {
+        "pipe": (NotAnImageError, "a FIFO, not a regular file: never opened"),
+        "sock": (NotAnImageError, "a socket, not a regular file: never opened"),
+        "folder": (NotAnImageError, "not a regular file, not a regular file: never opened"),
+        "missing": (UnreadableFileError, "cannot open file: No such file or directory"),
+    }
+
+
+def test_the_voxel_budget_is_inclusive_and_its_reason_names_shape_and_budget(tmp_path):
+    path = tmp_path / "scan.nii"
+    require_budget(path, (1000, 1001), 1_001_000)
+    with pytest.raises(TooLargeError) as caught:
+        require_budget(path, (1000, 1001), 1_000_999)
+    assert (caught.value.path, caught.value.reason) == (
+        str(path),
+        "declares 1,001,000 voxels (1000x1001), above the budget of 1,000,999 (--max-voxels): refused without decoding",
+    )
+
+
+def test_a_deflated_dicom_is_inflated_chunk_by_chunk_to_its_whole_size(tmp_path):
+    """2048 x 2048 8-bit zeros inflate over several 1 MiB steps: the budget counts them all, not the last one."""
+    path = deflated_dicom_bomb(tmp_path / "wide.dcm", 2048, 2048)
+    require_deflated_budget(path, 2048 * 2048 // BYTES_PER_VOXEL + 1024)
+    budget = 2048 * 2048 // BYTES_PER_VOXEL // 2  # half the pixels' bytes: past after the third step
+    with pytest.raises(TooLargeError) as caught:
+        require_deflated_budget(path, budget)
+    assert (caught.value.path, caught.value.reason) == (
+        str(path),
+        "deflated DICOM dataset inflates beyond 2,097,152 bytes (the budget of 524,288 voxels, --max-voxels): "
+        "refused without decoding",
+    )
+
+
+def test_a_corrupt_deflate_stream_is_unreadable_and_other_transfer_syntaxes_are_not_inflated(tmp_path):
+    path = deflated_dicom_bomb(tmp_path / "bad.dcm", 64, 64)
+    data = path.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    path.write_bytes(data[:meta_end] + b"\xff" * 64)  # an invalid deflate block type
+    with pytest.raises(UnreadableFileError) as caught:
+        require_deflated_budget(path, MAX_VOXELS)
+    assert (caught.value.path, caught.value.reason) == (str(path), "corrupt deflated DICOM dataset")
+    plain = write(ct_dataset(np.zeros((64, 64), np.int16)), tmp_path / "plain.dcm")  # Explicit VR Little Endian
+    require_deflated_budget(plain, 1)
+    require_deflated_budget(tmp_path / "missing.dcm", 1)  # no meta header: left to the header pass
+
+
+@pytest.mark.parametrize(
+    ("err", "reason"),
+    [
+        (
+            ValueError("invalid literal for int() with base 10: 'SMITH^JOHN'"),
+            "invalid literal for int() with base 10: '…'",
+        ),
+        (ValueError("cannot convert \"SMITH JOHN\" and 'x'"), "cannot convert '…' and '…'"),
+        (ValueError("two\n  lines\tand tabs "), "two lines and tabs"),
+        (AttributeError("'Dataset' object has no attribute 'Rows'"), "'Dataset' object has no attribute 'Rows'"),
+        (ImportError("no decoder for 'JPEG 2000'"), "no decoder for 'JPEG 2000'"),
+        (NotImplementedError("'RLE' pixel data"), "'RLE' pixel data"),
+        (ValueError(""), "ValueError"),
+        (KeyError(), "KeyError"),
+        (ValueError("x" * 400), "x" * 300),
+    ],
+)
+def test_library_messages_become_one_redacted_line_of_at_most_300_characters(err, reason):
+    assert redact(err) == reason

@@ -69,8 +69,9 @@ def require_deflated_budget(path: Path, max_voxels: int) -> None:
     limit = max_voxels * BYTES_PER_VOXEL
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
     with open(path, "rb") as f:
-        preamble = 132 if f.read(132)[128:] == b"DICM" else 0
-        f.seek(preamble + 12 + group_length)  # past the meta group: its length element (12 bytes) and value
+        # past the preamble and b"DICM" (132 bytes: `read_file_meta_info` refuses a file without them), then the meta
+        # group: its length element (12 bytes) and value
+        f.seek(132 + 12 + group_length)
         while chunk := f.read(1 << 16):
             while chunk:
                 try:
