@@ -270,6 +270,19 @@ def test_a_deflated_dicom_is_inflated_chunk_by_chunk_to_its_whole_size(tmp_path)
     )
 
 
+def test_a_deflated_dicom_without_its_optional_meta_group_length_is_inflated_from_where_its_data_set_starts(tmp_path):
+    """FileMetaInformationGroupLength is optional in practice (pydicom reads such files): the data set starts after
+    the last element of group 0002, found by walking the meta group, not from that length."""
+    path = deflated_dicom_bomb(tmp_path / "nolength.dcm", 64, 64)
+    data = path.read_bytes()
+    assert data[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) UL, 12 bytes
+    path.write_bytes(data[:132] + data[144:])
+    assert pydicom.dcmread(path).Rows == 64
+    require_deflated_budget(path, 64 * 64)
+    with pytest.raises(TooLargeError, match="inflates beyond"):
+        require_deflated_budget(path, 64)
+
+
 def test_a_corrupt_deflate_stream_is_unreadable_and_other_transfer_syntaxes_are_not_inflated(tmp_path):
     path = deflated_dicom_bomb(tmp_path / "bad.dcm", 64, 64)
     data = path.read_bytes()

@@ -20,12 +20,15 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import DataError, NotAnImageError, TooLargeError, UnreadableFileError
 
 MAX_VOXELS = 2**27  # 134,217,728 voxels (512 x 512 x 512) per file: the default of `--max-voxels`
 BYTES_PER_VOXEL = 4  # 32-bit samples (FloatPixelData): the byte budget of a deflated DICOM dataset per voxel
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is one zlib stream
+# Explicit VRs whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2); the others have a 2-byte length.
+LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 LIBRARY_LOGGERS = ("pydicom", "nibabel", "PIL", "monai")
 _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                (stat.S_ISSOCK, "a socket"))  # fmt: skip
@@ -61,7 +64,6 @@ def require_deflated_budget(path: Path, max_voxels: int) -> None:
         with quiet_libraries():
             meta = read_file_meta_info(path)
         syntax = str(meta.get("TransferSyntaxUID", ""))
-        group_length = int(meta.get("FileMetaInformationGroupLength", 0))
     except Exception:  # a malformed meta header is reported by the header pass that follows
         return
     if syntax != DEFLATED:
@@ -69,9 +71,7 @@ def require_deflated_budget(path: Path, max_voxels: int) -> None:
     limit = max_voxels * BYTES_PER_VOXEL
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
     with open(path, "rb") as f:
-        # past the preamble and b"DICM" (132 bytes: `read_file_meta_info` refuses a file without them), then the meta
-        # group: its length element (12 bytes) and value
-        f.seek(132 + 12 + group_length)
+        skip_file_meta(f)
         while chunk := f.read(1 << 16):
             while chunk:
                 try:
@@ -82,6 +82,19 @@ def require_deflated_budget(path: Path, max_voxels: int) -> None:
                     raise TooLargeError(path, f"deflated DICOM dataset inflates beyond {limit:,} bytes (the budget of "
                                         f"{max_voxels:,} voxels, --max-voxels): refused without decoding")  # fmt: skip
                 chunk = inflater.unconsumed_tail
+
+
+def skip_file_meta(f: BinaryIO) -> None:
+    """Move `f` to the start of the data set: past the preamble and b"DICM" (132 bytes: `read_file_meta_info`
+    refuses a file without them) and every element of the file meta group 0002, which is explicit VR little endian
+    (PS3.10 7.1); walked element by element, since its group length element is optional."""
+    f.seek(132)
+    while (head := f.read(8))[:2] == b"\x02\x00" and len(head) == 8:
+        if head[4:6] in LONG_VRS:
+            f.seek(int.from_bytes(f.read(4), "little"), os.SEEK_CUR)  # after 2 reserved bytes: a 4-byte length
+        else:
+            f.seek(int.from_bytes(head[6:8], "little"), os.SEEK_CUR)
+    f.seek(-len(head), os.SEEK_CUR)
 
 
 @functools.lru_cache(maxsize=1)
