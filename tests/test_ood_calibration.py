@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from test_score import invoke
 from cdm_ood.data import iter_slices
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
+from cdm_ood.errors import UsageError
 from cdm_ood.model.checkpoint import load_checkpoint, save_checkpoint, store_calibration
-from cdm_ood.model.spec import Calibration
+from cdm_ood.model.spec import Calibration, VolumeCheckFit
 from cdm_ood.ood import DETECTORS, NotFittedError, calibrate, resolve_threshold, threshold_at_fpr
-from cdm_ood.ood.calibration import held_out_split
+from cdm_ood.ood.calibration import held_out_split, load_volume_checks, warn_if_too_few
 from cdm_ood.ood.metrics import ood_metrics
 
 
@@ -191,3 +193,91 @@ def test_a_trained_model_holds_the_calibration_cdm_ood_calibrate_makes_on_its_va
         np.testing.assert_allclose(fit.id_scores, calibrated.detectors[name].id_scores, rtol=1e-4, atol=1e-6)
     for name, fit in trained.volume_checks.items():
         np.testing.assert_allclose(fit.id_scores, calibrated.volume_checks[name].id_scores, rtol=1e-4, atol=1e-6)
+
+
+def test_the_volume_checks_that_stop_share_the_rate_and_the_report_only_ones_take_the_same_share():
+    """Of 20 stored scores 1..20, the threshold at rate r is the (floor(20 r) + 1)-th largest; the k checks that stop
+    share the rate (r / k), those reported only take that share too and do not stop."""
+    scores = tuple(float(s) for s in range(1, 21))
+    orientation = VolumeCheckFit({"mean": (0.0, 0.0, 0.0), "scale": (1.0, 1.0, 1.0)}, scores)
+    fits = {"local": VolumeCheckFit({}, scores), "orientation": orientation, "foreign": VolumeCheckFit({}, scores)}
+    calibration = Calibration(0.2, "nll", 1, {}, volume_checks=fits)
+
+    def built(spec, names, report_only=()):
+        return [(c.name, c.threshold, c.stops) for c in load_volume_checks(calibration, spec, names, report_only)]
+
+    assert built("auto", ["foreign", "local"]) == [("foreign", 18.0, True), ("local", 18.0, True)]
+    assert built("auto", ["foreign", "local"], ["foreign"]) == [("foreign", 16.0, False), ("local", 16.0, True)]
+    assert built("fpr:0.4", ["local", "anatomy"], ["local"]) == [("local", 12.0, False)], "no check stops: k = 1"
+    assert built(3.0, ["orientation", "local", "foreign"], ["local"]) == [
+        ("orientation", 18.0, True), ("local", 18.0, False), ("foreign", 18.0, True)
+    ]  # fmt: skip
+    (check,) = load_volume_checks(calibration, "auto", ["orientation"])
+    assert check.mean.tolist() == [0.0, 0.0, 0.0] and check.scale.tolist() == [1.0, 1.0, 1.0]
+    assert load_volume_checks(None, "auto", ["local"]) == ()
+
+
+def test_threshold_at_fpr_takes_the_k_th_largest_of_floor_fpr_n_and_refuses_rates_outside_0_1():
+    ids = np.arange(1.0, 101.0)
+    assert threshold_at_fpr(ids, 0.29) == 71.0, "0.29 * 100 is 28.999...: k = 29 all the same"
+    assert threshold_at_fpr(np.array([7.0]), 0.5) == 7.0, "one score is enough"
+    for fpr in (0.0, 1.0, 1.5):
+        with pytest.raises(UsageError, match=re.escape(f"the false-positive rate must be in (0, 1), got {fpr}")):
+            threshold_at_fpr(ids, fpr)
+    with pytest.raises(NotFittedError, match=r"^no in-distribution scores to set a threshold from$"):
+        threshold_at_fpr(np.zeros(0), 0.05)
+
+
+def test_threshold_specs_are_read_stripped_and_their_errors_say_what_is_expected():
+    ids = np.arange(1.0, 101.0)
+    assert resolve_threshold(" auto ", ids, 0.05) == 95.0
+    assert resolve_threshold(" fpr:0.5", ids, 0.05) == 50.0, "the rate given, not the calibrated one"
+    assert resolve_threshold(" 2.5 ", None, None) == 2.5
+    for spec, scores, fpr in (("auto", None, 0.05), ("auto", ids, None), ("fpr:0.1", ids, None)):
+        message = f"threshold {spec!r} needs a calibrated model: run `cdm-ood calibrate` first"
+        with pytest.raises(NotFittedError, match=f"^{re.escape(message)}$"):
+            resolve_threshold(spec, scores, fpr)
+    errors = {
+        "high": "threshold must be 'auto', 'fpr:<x>' or a number, got 'high'",
+        "fpr:five": "'fpr:five': expected a false-positive rate such as fpr:0.05",
+        "nan": "threshold must be a finite number, got nan: a NaN or infinite threshold would pass or fail every image "
+        "without looking at it",
+        "-inf": "threshold must be a finite number, got -inf: a NaN or infinite threshold would pass or fail every "
+        "image without looking at it",
+    }
+    for spec, message in errors.items():
+        with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
+            resolve_threshold(spec, ids, 0.05)
+
+
+def test_the_too_few_held_out_warning_names_the_count_the_rate_and_what_to_calibrate_on(caplog):
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.calibration"):
+        warn_if_too_few(20, 0.05)
+        warn_if_too_few(10, 0.1)
+        assert caplog.messages == [], "1/fpr held out are enough"
+        warn_if_too_few(19, 0.05)
+        warn_if_too_few(9, 0.1)
+        warn_if_too_few(3, 0.25, "volumes for the local check", share=1)
+    assert caplog.messages == [
+        "only 19 held-out in-distribution images for a false-positive rate of 0.05: a threshold at that rate needs at "
+        "least 20 held out (calibrate on about 40); this one is just the largest held-out score",
+        "only 9 held-out in-distribution images for a false-positive rate of 0.1: a threshold at that rate needs at "
+        "least 10 held out (calibrate on about 20); this one is just the largest held-out score",
+        "only 3 held-out in-distribution volumes for the local check for a false-positive rate of 0.25: a threshold "
+        "at that rate needs at least 4 held out (calibrate on about 4); this one is just the largest held-out score",
+    ]
+
+
+def test_the_held_out_split_keeps_volumes_whole_down_to_two_images_a_side(caplog):
+    """Half of the volumes (by the seeded shuffle of `split_volumes`) are held out; where a side would get fewer
+    than two images, every other image instead, with a warning."""
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.calibration"):
+        assert held_out_split(list("aabbccdd")).tolist() == [True, True, False, False, True, True, False, False]
+        assert held_out_split(["w", "x", "y", "z"]).tolist() == [True, False, True, False], "two a side: enough"
+        assert caplog.messages == []
+        assert held_out_split(["x", "x", "y", "z"]).tolist() == [False, True, False, True]
+    assert caplog.messages == [
+        "the 4 calibration images come from 3 volume(s), too few to hold out whole volumes: every other image is "
+        "held out, so held-out images share volumes with the fitted ones and the threshold is not tested on unseen "
+        "scans; calibrate on more volumes"
+    ]
