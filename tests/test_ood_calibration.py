@@ -385,7 +385,7 @@ def test_volume_checks_are_cross_fitted_on_the_split_and_warned_about_at_their_s
     with caplog.at_level(logging.INFO, logger="cdm_ood.calibration"):
         fits = fit_volume_checks(stats, slots, held, 0.3)
     assert list(fits) == ["orientation", "local", "foreign"]
-    with pytest.raises(ValueError, match="longer"):
+    with pytest.raises(ValueError, match="shorter"):
         fit_volume_checks(stats, [*slots, (0, 8)], held, 0.3)  # one slot per image, no more
     assert fits["local"] == VolumeCheckFit({}, (17.0, 37.0, 7.0, 27.0))
     assert fits["foreign"] == VolumeCheckFit({}, (-10.0, -30.0, 0.0, -20.0))
@@ -451,7 +451,7 @@ def test_calibrate_images_leaves_out_the_images_that_are_not_scorable_with_their
     assert list(calibration.volume_checks) == ["slice-order", "slice-direction", "local", "foreign"]
     assert calibration.n_fit == 16 and set(calibration.detectors) == set(applicable(None))
     for extra in (([*volumes, 0], slots), (volumes, [*slots, (0, 99)])):
-        with pytest.raises(UsageError, match="longer"):
+        with pytest.raises(UsageError, match="shorter"):
             calibrate_images(features, *extra, 64, 4, 0.2, "nll")  # one volume and one slot per image, no more
     four = {k: v[2:7] for k, v in features.items()}
     assert calibrate_images(four, volumes[2:7], slots[2:7], 64, 4).n_fit == 2, "4 scorable images suffice"
