@@ -454,7 +454,8 @@ def test_calibrate_images_leaves_out_the_images_that_are_not_scorable_with_their
         with pytest.raises(UsageError, match="shorter"):
             calibrate_images(features, *extra, 64, 4, 0.2, "nll")  # one volume and one slot per image, no more
     four = {k: v[2:7] for k, v in features.items()}
-    assert calibrate_images(four, volumes[2:7], slots[2:7], 64, 4).n_fit == 2, "4 scorable images suffice"
+    least = calibrate_images(four, volumes[2:7], slots[2:7], 64, 4)
+    assert (least.n_fit, least.precision) == (2, "float32"), "4 scorable images suffice"
     errors = [
         (slice(2, 6), "combined", "calibration needs at least 4 scorable in-distribution images, found 3"),
         (slice(0, 8), "classifier", f"default detector 'classifier' is not among {applicable(None)}"),
