@@ -279,11 +279,14 @@ def test_a_colour_dicom_that_cannot_be_written_back_is_reported_and_the_rest_is_
 @pytest.mark.parametrize(("t", "s"), [(800, 700), (500, 499), (300, 10), (50, 1)])
 def test_ddim_with_eta_one_is_the_ddpm_ancestral_step(t, s):
     """DDIM at eta = 1 has DDPM's posterior variance beta~ and the same mean (Song et al., sec. 4.1): for the same
-    eps_hat and the same draw z both steps give the same x_s; at eta = 0.5 its noise is half as large."""
+    eps_hat and the same draw z both steps give the same x_s; at eta = 0.5 its noise is half as large; without a
+    draw (z None) the noise term is left out."""
     gen = torch.Generator().manual_seed(t)
     x, eps, z = (torch.randn(4, 1, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     ddpm = ddpm_step(x, eps, t, s, SCHEDULE, z)
     torch.testing.assert_close(ddim_step(x, eps, t, s, SCHEDULE, z, eta=1.0), ddpm, rtol=1e-9, atol=1e-9)
+    without = ddim_step(x, eps, t, s, SCHEDULE, None, eta=1.0)
+    torch.testing.assert_close(without, ddpm_step(x, eps, t, s, SCHEDULE, torch.zeros_like(z)), rtol=1e-9, atol=1e-9)
     half = ddim_step(x, eps, t, s, SCHEDULE, z, eta=0.5) - ddim_step(x, eps, t, s, SCHEDULE, -z, eta=0.5)
     full = ddim_step(x, eps, t, s, SCHEDULE, z, eta=1.0) - ddim_step(x, eps, t, s, SCHEDULE, -z, eta=1.0)
     torch.testing.assert_close(half, full / 2, rtol=1e-9, atol=1e-9)
