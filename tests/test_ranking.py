@@ -133,6 +133,7 @@ def test_the_prior_weight_tempers_the_exact_prior_in_map_and_candidate_posterior
     tempered = beta * gaussian_log_density(candidates, MU, S**2) + log_obs
     ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", sigma, a, prior_weight=beta)
     torch.testing.assert_close(ranking.scores, tempered, rtol=0, atol=1e-8)
+    torch.testing.assert_close(ranking.log_observation, log_obs, rtol=0, atol=0)
     assert ranking.order == torch.argsort(tempered, descending=True, stable=True).tolist()
     spread = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "candidate-posterior", sigma, a, prior_weight=beta)
     torch.testing.assert_close(spread.weights, torch.softmax(tempered, 0), rtol=0, atol=1e-8)
@@ -173,16 +174,18 @@ def test_expected_ssim_is_at_data_range_2_with_the_largest_odd_window_up_to_7():
 
 
 def test_expected_mse_draws_posterior_samples_when_asked_or_under_an_operator():
-    """No draws by default for noise (Tweedie's mean is exact); `samples` draws with the given generator and 50
-    steps by default, in the candidates' dtype; under an operator at least OPERATOR_SAMPLES are drawn."""
+    """No draws by default for noise (Tweedie's mean is exact), and E[x | y] is (1, C, *spatial) in the candidates'
+    dtype; `samples` draws with the given generator and 50 steps by default, in the candidates' dtype; under an
+    operator at least OPERATOR_SAMPLES are drawn."""
     from test_posterior import blur
 
     t = 200
     sigma = float(SCHEDULE.sigma[t] / SCHEDULE.sqrt_alpha_bar[t])
     candidates, y = candidates_and_observation(sigma)
     y32 = y.float()  # an observation in another dtype than the candidates
-    plain = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y32, "expected-mse", sigma)
-    assert plain.samples is None and plain.quality is None and plain.posterior_mean.dtype == torch.float64
+    plain = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y32[0], "expected-mse", sigma)  # no batch axis
+    assert plain.samples is None and plain.quality is None
+    assert plain.posterior_mean.dtype == torch.float64 and plain.posterior_mean.shape == (1, *SHAPE)
     drawn = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y32, "expected-mse", sigma, samples=2,
                               generator=torch.Generator().manual_seed(0))  # fmt: skip
     expected = posterior_samples(GAUSSIAN, SCHEDULE, y32.double(), sigma, 2, None, SHAPE, 50,
