@@ -320,3 +320,31 @@ def test_ddim_with_eta_one_is_the_ddpm_ancestral_step(t, s):
     half = ddim_step(x, eps, t, s, SCHEDULE, z, eta=0.5) - ddim_step(x, eps, t, s, SCHEDULE, -z, eta=0.5)
     full = ddim_step(x, eps, t, s, SCHEDULE, z, eta=1.0) - ddim_step(x, eps, t, s, SCHEDULE, -z, eta=1.0)
     torch.testing.assert_close(half, full / 2, rtol=1e-9, atol=1e-9)
+
+
+def test_sample_defaults_to_50_deterministic_ddim_steps_and_ddim_eta_one_is_ddpm():
+    """By default `sample` runs 50 DDIM steps with eta = 0 in float32 (the generator draws only the start); DDIM
+    with eta = 1 draws the same noise as DDPM and takes the same steps; x_start is cast to `dtype`."""
+    calls = []
+
+    def counted(x):
+        calls.append(x.dtype)
+        return MIXTURE(x)
+
+    default = sample(counted, SCHEDULE, (2, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    explicit = sample(MIXTURE, SCHEDULE, (2, 1, 1, 1), "ddim", 50, generator=torch.Generator().manual_seed(0))
+    assert default.dtype == torch.float32 and torch.equal(default, explicit)
+    assert calls == [torch.float32] * 50
+    start = torch.linspace(-1, 1, 4).reshape(4, 1, 1, 1)  # float32
+
+    def run(method, seed, **kwargs):
+        return sample(MIXTURE, SCHEDULE, start.shape, method, 10, generator=torch.Generator().manual_seed(seed),
+                      x_start=start, t_start=600, dtype=torch.float64, **kwargs)  # fmt: skip
+
+    ddim = run("ddim", 1)
+    assert ddim.dtype == torch.float64 and torch.equal(ddim, run("ddim", 2))
+    g = torch.Generator().manual_seed(3)
+    sample(MIXTURE, SCHEDULE, start.shape, "ddim", 10, generator=g, x_start=start, t_start=600)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state()), "eta = 0 draws no noise"
+    torch.testing.assert_close(run("ddim", 1, eta=1.0), run("ddpm", 1), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(run("ddim", 1, eta=1.0), ddim)
