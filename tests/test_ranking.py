@@ -7,7 +7,14 @@ import torch
 from closed_form import GaussianMixture
 
 from cdm_ood import NoiseSchedule
-from cdm_ood.diffusion.ranking import PRIOR_WEIGHT, expected_quality, log_observation_likelihood, rank_restorations
+from cdm_ood.diffusion.posterior import posterior_samples
+from cdm_ood.diffusion.ranking import (
+    OPERATOR_SAMPLES,
+    PRIOR_WEIGHT,
+    expected_quality,
+    log_observation_likelihood,
+    rank_restorations,
+)
 
 SCHEDULE = NoiseSchedule.linear(500)
 F64 = {"dtype": torch.float64}
@@ -126,6 +133,7 @@ def test_the_prior_weight_tempers_the_exact_prior_in_map_and_candidate_posterior
     tempered = beta * gaussian_log_density(candidates, MU, S**2) + log_obs
     ranking = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", sigma, a, prior_weight=beta)
     torch.testing.assert_close(ranking.scores, tempered, rtol=0, atol=1e-8)
+    torch.testing.assert_close(ranking.log_observation, log_obs, rtol=0, atol=0)
     assert ranking.order == torch.argsort(tempered, descending=True, stable=True).tolist()
     spread = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "candidate-posterior", sigma, a, prior_weight=beta)
     torch.testing.assert_close(spread.weights, torch.softmax(tempered, 0), rtol=0, atol=1e-8)
@@ -148,11 +156,61 @@ def test_expected_quality_averages_over_the_samples():
     torch.testing.assert_close(weighted["expected_mse"], mse[:, :2].mean(1))
 
 
+def test_expected_ssim_is_at_data_range_2_with_the_largest_odd_window_up_to_7():
+    """Constant images a and b: SSIM = (2ab + C1) / (a^2 + b^2 + C1), C1 = (0.01 L)^2 with L = 2; otherwise
+    MONAI's SSIM with a window of 7, or the largest odd size that fits the smallest side."""
+    from monai.metrics import SSIMMetric
+
+    a, b = torch.full((1, 1, 8, 8), 0.1, **F64), torch.full((1, 1, 8, 8), -0.1, **F64)
+    c1 = (0.01 * 2) ** 2
+    ssim = expected_quality(a, b)["expected_ssim"]
+    torch.testing.assert_close(ssim, torch.tensor([(-0.02 + c1) / (0.02 + c1)], **F64), rtol=0, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    for size, window in [((4, 4), 3), ((4, 8), 3), ((16, 16), 7)]:
+        candidates, draws = (torch.rand(n, 1, *size, generator=g, **F64) * 2 - 1 for n in (2, 3))
+        reference = SSIMMetric(spatial_dims=2, data_range=2.0, win_size=window)
+        expected = torch.stack([reference(c.expand_as(draws).float(), draws.float()).mean() for c in candidates])
+        torch.testing.assert_close(expected_quality(candidates, draws)["expected_ssim"], expected.double())
+
+
+def test_expected_mse_draws_posterior_samples_when_asked_or_under_an_operator():
+    """No draws by default for noise (Tweedie's mean is exact), and E[x | y] is (1, C, *spatial) in the candidates'
+    dtype; `samples` draws with the given generator and 50 steps by default, in the candidates' dtype; under an
+    operator at least OPERATOR_SAMPLES are drawn."""
+    from test_posterior import blur
+
+    t = 200
+    sigma = float(SCHEDULE.sigma[t] / SCHEDULE.sqrt_alpha_bar[t])
+    candidates, y = candidates_and_observation(sigma)
+    y32 = y.float()  # an observation in another dtype than the candidates
+    plain = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y32[0], "expected-mse", sigma)  # no batch axis
+    assert plain.samples is None and plain.quality is None
+    assert plain.posterior_mean.dtype == torch.float64 and plain.posterior_mean.shape == (1, *SHAPE)
+    drawn = rank_restorations(GAUSSIAN, SCHEDULE, candidates, y32, "expected-mse", sigma, samples=2,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    expected = posterior_samples(GAUSSIAN, SCHEDULE, y32.double(), sigma, 2, None, SHAPE, 50,
+                                 torch.Generator().manual_seed(0))  # fmt: skip
+    assert drawn.samples.dtype == torch.float64 and torch.equal(drawn.samples, expected)
+    assert set(drawn.quality) == {"expected_mse", "expected_psnr", "expected_ssim"}
+    blurred = rank_restorations(GAUSSIAN, SCHEDULE, candidates, blur(y), "expected-mse", sigma, blur, steps=2,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert blurred.samples.shape == (OPERATOR_SAMPLES, *SHAPE)
+    torch.testing.assert_close(blurred.posterior_mean, blurred.samples.mean(0, keepdim=True), rtol=0, atol=0)
+
+
 def test_prior_ranking_prefers_over_smoothed_candidates():
     candidates, y = candidates_and_observation(0.2)
     prior = rank_restorations(GAUSSIAN, SCHEDULE, candidates, criterion="prior")
     assert prior.order[0] == 6, "the candidate shrunk hardest towards the mean wins under the prior alone"
     assert rank_restorations(GAUSSIAN, SCHEDULE, candidates, y, "map", 0.2).order[0] != 6
+
+
+def test_tied_scores_keep_the_input_order():
+    """Candidates of equal score stay in their input order (a stable sort), also past 16 candidates."""
+    candidates, _ = candidates_and_observation(0.2)
+    pair = candidates[[0, 6]]  # the shrunk candidate 6 is the more likely under the prior
+    ranking = rank_restorations(GAUSSIAN, SCHEDULE, pair.repeat(10, 1, 1, 1), criterion="prior")
+    assert ranking.order == [*range(1, 20, 2), *range(0, 20, 2)]
 
 
 def test_noisy_level_is_the_exact_density_of_noisy_candidates():
@@ -180,8 +238,11 @@ def test_bad_arguments_are_named():
     for criterion in ("map", "expected-mse", "candidate-posterior"):
         with pytest.raises(ValueError, match="needs the observed"):
             rank_restorations(GAUSSIAN, SCHEDULE, x, criterion=criterion, sigma=0.1)
-    with pytest.raises(ValueError, match="positive noise std"):
-        rank_restorations(GAUSSIAN, SCHEDULE, x, x[0], criterion="map")
+    for sigma in (None, 0.0):
+        with pytest.raises(ValueError, match="criterion 'map' needs a positive noise std sigma"):
+            rank_restorations(GAUSSIAN, SCHEDULE, x, x[0], criterion="map", sigma=sigma)
+    with pytest.raises(ValueError, match="criterion 'noisy-level' needs a positive noise std sigma"):
+        rank_restorations(GAUSSIAN, SCHEDULE, x, criterion="noisy-level", sigma=0.0)
     for beta in (-0.5, float("nan")):
         with pytest.raises(ValueError, match="prior weight must be a finite number >= 0"):
             rank_restorations(GAUSSIAN, SCHEDULE, x, x[0], criterion="map", sigma=0.1, prior_weight=beta)

@@ -1,5 +1,7 @@
 """Samplers against an exact Gaussian-mixture classifier (F_t = log p_t): they must reproduce the mixture."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +36,9 @@ def test_samplers_reproduce_the_mixture(method, steps, n, tolerance):
 def test_dtype_is_kept_and_no_graph_survives_a_step():
     seen = []
     x = sample(MIXTURE, SCHEDULE, (4, 1, 1, 1), "ddim", 5, dtype=torch.float64,
-               callback=lambda i, t, x: seen.append((x.dtype, x.requires_grad, x.grad_fn)))  # fmt: skip
-    assert x.dtype == torch.float64 and seen == [(torch.float64, False, None)] * 5
+               callback=lambda i, t, x: seen.append((i, t, x.dtype, x.requires_grad, x.grad_fn)))  # fmt: skip
+    assert x.dtype == torch.float64
+    assert seen == [(i, t, torch.float64, False, None) for i, t in enumerate(strided_levels(SCHEDULE.T, 5))]
 
 
 def test_reproducible_with_a_generator():
@@ -179,11 +182,38 @@ def test_guidance_zero_samples_the_conditional_and_guidance_follows_its_formula(
     assert not torch.allclose(cond, null)
 
 
+def exactly(message: str) -> str:
+    """A `pytest.raises` pattern matching the whole message, no more."""
+    return f"^{re.escape(message)}$"
+
+
 def test_unknown_method_and_bad_sigma():
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match=exactly("unknown sampler 'euler'; expected one of ('ddpm', 'ddim', 'dpm2')")):
         sample(MIXTURE, SCHEDULE, (1, 1, 1, 1), "euler")
-    with pytest.raises(ValueError, match="positive"):
-        matching_level(SCHEDULE, 0.0)
+    for sigma in (0.0, -0.1):
+        with pytest.raises(ValueError, match=exactly(f"sigma must be positive, got {sigma}")):
+            matching_level(SCHEDULE, sigma)
+    for steps in (0, 11):
+        with pytest.raises(ValueError, match=exactly(f"steps must be in 1..10, got {steps}")):
+            strided_levels(10, steps)
+    assert strided_levels(10, 1) == [10] and strided_levels(10, 10) == list(range(10, 0, -1))
+
+
+def test_guided_denoiser_follows_the_guidance_formula():
+    """eps_w = (1 + w) eps(x | c) - w eps(x | null) with w = `guidance`; w = 0 (the default) is eps(x | c), no
+    labels is the unconditional eps; guidance without the model's null label is refused."""
+    z = torch.randn(6, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lab = torch.tensor([0, 1, 0, 1, 0, 1])
+    cond = predict_noise(CONDITIONAL, z, 400, SCHEDULE, labels=lab)
+    null = predict_noise(CONDITIONAL, z, 400, SCHEDULE, labels=torch.full_like(lab, 2))
+    assert not torch.allclose(cond, null)
+    guided = guided_denoiser(CONDITIONAL, SCHEDULE, lab, guidance=2.0, null_label=2)(z, 400)
+    torch.testing.assert_close(guided, 3.0 * cond - 2.0 * null, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(guided_denoiser(CONDITIONAL, SCHEDULE, lab)(z, 400), cond, rtol=0, atol=0)
+    unconditional = guided_denoiser(CONDITIONAL, SCHEDULE, None, guidance=2.0, null_label=2)(z, 400)
+    torch.testing.assert_close(unconditional, null, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=exactly("classifier-free guidance needs the model's null label")):
+        guided_denoiser(CONDITIONAL, SCHEDULE, lab, guidance=2.0)
 
 
 def test_sample_command_writes_a_grid_and_the_arrays(checkpoint, tmp_path):
@@ -279,11 +309,42 @@ def test_a_colour_dicom_that_cannot_be_written_back_is_reported_and_the_rest_is_
 @pytest.mark.parametrize(("t", "s"), [(800, 700), (500, 499), (300, 10), (50, 1)])
 def test_ddim_with_eta_one_is_the_ddpm_ancestral_step(t, s):
     """DDIM at eta = 1 has DDPM's posterior variance beta~ and the same mean (Song et al., sec. 4.1): for the same
-    eps_hat and the same draw z both steps give the same x_s; at eta = 0.5 its noise is half as large."""
+    eps_hat and the same draw z both steps give the same x_s; at eta = 0.5 its noise is half as large; without a
+    draw (z None) the noise term is left out."""
     gen = torch.Generator().manual_seed(t)
     x, eps, z = (torch.randn(4, 1, 8, 8, generator=gen, dtype=torch.float64) for _ in range(3))
     ddpm = ddpm_step(x, eps, t, s, SCHEDULE, z)
     torch.testing.assert_close(ddim_step(x, eps, t, s, SCHEDULE, z, eta=1.0), ddpm, rtol=1e-9, atol=1e-9)
+    without = ddim_step(x, eps, t, s, SCHEDULE, None, eta=1.0)
+    torch.testing.assert_close(without, ddpm_step(x, eps, t, s, SCHEDULE, torch.zeros_like(z)), rtol=1e-9, atol=1e-9)
     half = ddim_step(x, eps, t, s, SCHEDULE, z, eta=0.5) - ddim_step(x, eps, t, s, SCHEDULE, -z, eta=0.5)
     full = ddim_step(x, eps, t, s, SCHEDULE, z, eta=1.0) - ddim_step(x, eps, t, s, SCHEDULE, -z, eta=1.0)
     torch.testing.assert_close(half, full / 2, rtol=1e-9, atol=1e-9)
+
+
+def test_sample_defaults_to_50_deterministic_ddim_steps_and_ddim_eta_one_is_ddpm():
+    """By default `sample` runs 50 DDIM steps with eta = 0 in float32 (the generator draws only the start); DDIM
+    with eta = 1 draws the same noise as DDPM and takes the same steps; x_start is cast to `dtype`."""
+    calls = []
+
+    def counted(x):
+        calls.append(x.dtype)
+        return MIXTURE(x)
+
+    default = sample(counted, SCHEDULE, (2, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    explicit = sample(MIXTURE, SCHEDULE, (2, 1, 1, 1), "ddim", 50, generator=torch.Generator().manual_seed(0))
+    assert default.dtype == torch.float32 and torch.equal(default, explicit)
+    assert calls == [torch.float32] * 50
+    start = torch.linspace(-1, 1, 4).reshape(4, 1, 1, 1)  # float32
+
+    def run(method, seed, **kwargs):
+        return sample(MIXTURE, SCHEDULE, start.shape, method, 10, generator=torch.Generator().manual_seed(seed),
+                      x_start=start, t_start=600, dtype=torch.float64, **kwargs)  # fmt: skip
+
+    ddim = run("ddim", 1)
+    assert ddim.dtype == torch.float64 and torch.equal(ddim, run("ddim", 2))
+    g = torch.Generator().manual_seed(3)
+    sample(MIXTURE, SCHEDULE, start.shape, "ddim", 10, generator=g, x_start=start, t_start=600)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state()), "eta = 0 draws no noise"
+    torch.testing.assert_close(run("ddim", 1, eta=1.0), run("ddpm", 1), rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(run("ddim", 1, eta=1.0), ddim)

@@ -1,9 +1,12 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
 from cdm_ood import NoiseSchedule, diffuse
+from cdm_ood.diffusion.schedules import at, timesteps
 from cdm_ood.jobs.config import ScheduleConfig
 
 
@@ -79,3 +82,25 @@ def test_diffuse_endpoints_and_scale():
     t = torch.tensor([0, 50, 101])
     x_t = diffuse(x0, t, eps, s)
     torch.testing.assert_close(x_t[1], s.alpha_bar[50].sqrt() * x0[1] + (1 - s.alpha_bar[50]).sqrt() * eps[1])
+
+
+def test_bad_schedules_are_named_exactly():
+    """The schedule itself refuses an unknown kind and a T that is not a positive integer, as from_config does."""
+    unknown = "unknown noise schedule 'quadratic'; expected one of ('linear', 'uniform', 'cosine')"
+    with pytest.raises(ValueError, match=f"^{re.escape(unknown)}$"):
+        NoiseSchedule("quadratic", 10)
+    with pytest.raises(ValueError, match=f"^{re.escape(unknown)}$"):
+        NoiseSchedule.from_config(ScheduleConfig(kind="quadratic", T=10))
+    for T in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"^{re.escape(f'T must be a positive integer, got {T!r}')}$"):
+            NoiseSchedule("linear", T, {"beta_start": 1e-4, "beta_end": 0.02})
+
+
+def test_timesteps_and_per_sample_values_broadcast_against_the_batch():
+    x = torch.zeros(3, 2, 4, 4)
+    assert torch.equal(timesteps(5, x), torch.tensor([5, 5, 5]))
+    assert timesteps(torch.tensor([1, 2, 3], dtype=torch.int32), x).dtype == torch.long
+    values = torch.arange(10, dtype=torch.float64) / 10
+    picked = at(values, torch.tensor([1, 4, 9]), x)
+    assert picked.dtype == torch.float32 and picked.shape == (3, 1, 1, 1)
+    assert torch.equal(picked.flatten(), torch.tensor([0.1, 0.4, 0.9], dtype=torch.float32))
