@@ -16,15 +16,26 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from cdm_ood import NoiseSchedule, bits_per_dim
 from cdm_ood.data.anatomy import brain_affine, brain_volume
 from cdm_ood.data.geometry import misorient
+from cdm_ood.data.records import SliceSource
 from cdm_ood.data.volume_files import write_nifti
 from cdm_ood.errors import UsageError
 from cdm_ood.model.spec import Calibration, VolumeCheckFit
 from cdm_ood.ood import OODDetector, ScoreOODd
 from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks
 from cdm_ood.ood.features import compute_features
-from cdm_ood.ood.orientation_check import RATIO_COLUMNS
+from cdm_ood.ood.local_check import ForeignCheck, LocalCheck
+from cdm_ood.ood.orientation_check import RATIO_COLUMNS, OrientationCheck
+from cdm_ood.ood.report import slice_row, volume_rows
 from cdm_ood.ood.slice_order import SHIFT, direction_statistic, fit_template, order_statistic, shape
-from cdm_ood.ood.volume_checks import MIN_SLICES, STATISTICS, image_statistics, ordered_sequences
+from cdm_ood.ood.volume_checks import (
+    MIN_SLICES,
+    STATISTICS,
+    check_names,
+    check_statistics,
+    failed_checks,
+    image_statistics,
+    ordered_sequences,
+)
 
 SIZE, SLICES = 16, 12
 SCHEDULE = NoiseSchedule.linear(200)
@@ -261,3 +272,56 @@ def test_score_stops_interleaved_and_transposed_series_by_the_volume_checks(chec
         assert chain({"image": str(scans / "interleaved.nii.gz")})["image_ood_verdict"] == ("ood" if check else "in")
     with pytest.raises(UsageError, match=r"unknown volume check.*orientaton"):
         OODDetector.from_checkpoint(model, volume_checks=("orientaton",))
+
+
+def _rows(peaks, time_point=None, ratios=None) -> list[dict]:
+    """Slice rows of volume `v` at one time point, slices in reverse order, with their map peaks (and log-ratios)."""
+    ratios = ratios or [(0.0, 0.0, 0.0)] * len(peaks)
+    rows = [slice_row(SliceSource("v.nii", k, "v", time_point=time_point), 1.0, 2.0, (),
+                      {"map_peak": p, **dict(zip(RATIO_COLUMNS, r, strict=True))})
+            for k, (p, r) in enumerate(zip(peaks, ratios, strict=True))]  # fmt: skip
+    return rows[::-1]
+
+
+def test_each_time_point_of_a_volume_is_checked_on_its_own_and_short_ones_are_not():
+    """Time point None is 0; the orientation statistic is -min((mean log-ratios - mean) / scale), and a slice with a
+    missing log-ratio is left out of it."""
+    ratios = [(1.0, 2.0, 3.0)] * (MIN_SLICES - 1) + [(None, 2.0, 3.0), (9.0, 2.0, 0.0)]
+    members = [*_rows([1.0] * 9, None, ratios), *_rows([5.0] + [2.0] * 8, 1), *_rows([9.0] * (MIN_SLICES - 1), 2)]
+    local, orientation = LocalCheck(4.0), OrientationCheck(np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 1.0]), 1.0)
+    assert check_statistics(members, local) == {0: 1.0, 1: 5.0}
+    assert check_statistics(members, orientation) == {0: -0.5, 1: 1.0}
+    assert failed_checks(members, [local, orientation, LocalCheck(5.0)]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 5 > 4 (time point 1)"
+    ]
+    assert failed_checks(_rows([4.25] * MIN_SLICES, 0), [local, ForeignCheck(1.0)]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 4.25 > 4"
+    ]
+    assert failed_checks(_rows([4.0] * MIN_SLICES), [local]) == [], "at its threshold a volume passes"
+    assert failed_checks(_rows([12345.0] * MIN_SLICES), [local, LocalCheck(0.01234, stops=False)]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 1.23e+04 > 4",
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 1.23e+04 > 0.0123",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("peak", "stops", "verdict", "failed"),
+    [(3.0, True, "in", ""), (5.0, True, "ood", "; {}"), (5.0, False, "in", "; reported only, not stopping: {}")],
+)
+def test_a_volume_over_a_stopping_check_is_ood_and_over_a_reported_one_keeps_its_verdict(peak, stops, verdict, failed):
+    (volume,) = volume_rows(_rows([peak] * MIN_SLICES), 2.0, checks=(LocalCheck(4.0, stops=stops),))
+    why = "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 5 > 4"
+    assert (volume["verdict"], volume["reason"], volume["map_peak"]) == (
+        verdict,
+        f"mean of {MIN_SLICES} slice scores; 0 slices above threshold" + failed.format(why),
+        peak,
+    )
+
+
+def test_volume_check_names_are_known_ones():
+    assert check_names(["local", "orientation"]) == ("local", "orientation")
+    assert check_names(()) == ()
+    with pytest.raises(UsageError) as err:
+        check_names(["local", "shape", "hue"])
+    assert str(err.value) == ("unknown volume check(s) hue, shape; expected some of slice-order, slice-direction, "
+                              "orientation, anatomy, local, foreign")  # fmt: skip
