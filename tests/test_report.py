@@ -261,3 +261,10 @@ def test_the_csv_report_holds_the_rows_only_with_empty_cells_for_missing_values(
         write_report(tmp_path / "r.txt", rows, {})
     assert str(err.value) == f"{tmp_path / 'r.txt'}: the report must be .csv or .json"
     assert not (tmp_path / "r.txt").exists()
+
+
+def test_a_volume_aggregates_single_precision_slice_scores_in_double_precision():
+    """1 + 2^-24 + 2^-24 is 1 in float32 arithmetic: the mean of these three float32 scores is (1 + 2^-23) / 3."""
+    scores = np.array([1.0, 2.0**-24, 2.0**-24], dtype=np.float32)
+    (volume,) = volume_rows([slice_row(SliceSource("v", k, "v"), s, 2.0) for k, s in enumerate(scores)], 2.0)
+    assert volume["score"] == (1 + 2.0**-23) / 3

@@ -4,6 +4,7 @@ interleaved or transposed slices stopped by `cdm-ood score` (and let through wit
 
 import csv
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,17 @@ from cdm_ood.data.geometry import misorient
 from cdm_ood.data.records import SliceSource
 from cdm_ood.data.volume_files import write_nifti
 from cdm_ood.errors import UsageError
+from cdm_ood.model.checkpoint import load_model
 from cdm_ood.model.spec import Calibration, VolumeCheckFit
 from cdm_ood.ood import OODDetector, ScoreOODd
-from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks
+from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks, threshold_at_fpr
 from cdm_ood.ood.features import compute_features
 from cdm_ood.ood.local_check import ForeignCheck, LocalCheck
 from cdm_ood.ood.orientation_check import RATIO_COLUMNS, OrientationCheck
 from cdm_ood.ood.report import slice_row, volume_rows
+from cdm_ood.ood.scoring import ImageScorer
 from cdm_ood.ood.slice_order import SHIFT, direction_statistic, fit_template, order_statistic, shape
+from cdm_ood.ood.thresholds import Thresholds, configured_report_only
 from cdm_ood.ood.volume_checks import (
     MIN_SLICES,
     STATISTICS,
@@ -325,3 +329,25 @@ def test_volume_check_names_are_known_ones():
         check_names(["local", "shape", "hue"])
     assert str(err.value) == ("unknown volume check(s) hue, shape; expected some of slice-order, slice-direction, "
                               "orientation, anatomy, local, foreign")  # fmt: skip
+
+
+def test_a_runs_thresholds_share_the_rate_among_the_stopping_checks_and_report_only_those_configured(checkpoint):
+    """`Thresholds.resolve`: the score threshold at the spec, the calibrated checks at its rate split between the
+    checks that stop (Bonferroni); `report_only` defaults to the configuration's `gate.report_only`."""
+    model = load_model(checkpoint)
+    fits = {"local": VolumeCheckFit({}, tuple(np.arange(1.0, 11.0))), "foreign": VolumeCheckFit({}, (3.0,) * 10)}
+    gated = replace(model, calibration=replace(model.calibration, volume_checks=fits),
+                    config=model.config | {"gate": {"report_only": ["foreign"]}})  # fmt: skip
+    scorer = ImageScorer(gated)
+    auto = Thresholds.resolve(scorer)
+    assert auto == Thresholds(threshold_at_fpr(scorer.id_scores, 0.05), (LocalCheck(10.0), ForeignCheck(3.0, False)))
+    assert Thresholds.resolve(scorer, "fpr:0.5") == Thresholds(
+        threshold_at_fpr(scorer.id_scores, 0.5), (LocalCheck(5.0), ForeignCheck(3.0, False)))  # fmt: skip
+    assert Thresholds.resolve(scorer, "fpr:0.5", ()) == Thresholds(
+        threshold_at_fpr(scorer.id_scores, 0.5), (LocalCheck(8.0), ForeignCheck(3.0)))  # fmt: skip
+    assert Thresholds.resolve(scorer, 1.5, ["local"]) == Thresholds(1.5, (LocalCheck(10.0, False), ForeignCheck(3.0)))
+    with pytest.raises(UsageError, match=r"^unknown volume check\(s\) loc; "):
+        Thresholds.resolve(scorer, "auto", ["loc"])
+    assert configured_report_only(gated) == ("foreign",)
+    assert configured_report_only(replace(model, config=model.config | {"gate": {}})) == ()
+    assert configured_report_only(replace(model, config={k: v for k, v in model.config.items() if k != "gate"})) == ()
