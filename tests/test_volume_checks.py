@@ -24,6 +24,7 @@ from cdm_ood.model.checkpoint import load_model
 from cdm_ood.model.spec import Calibration, VolumeCheckFit
 from cdm_ood.ood import OODDetector, ScoreOODd
 from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks, threshold_at_fpr
+from cdm_ood.ood.detectors import MapDetector
 from cdm_ood.ood.features import compute_features
 from cdm_ood.ood.local_check import ForeignCheck, LocalCheck
 from cdm_ood.ood.orientation_check import RATIO_COLUMNS, OrientationCheck
@@ -351,3 +352,45 @@ def test_a_runs_thresholds_share_the_rate_among_the_stopping_checks_and_report_o
     assert configured_report_only(gated) == ("foreign",)
     assert configured_report_only(replace(model, config=model.config | {"gate": {}})) == ()
     assert configured_report_only(replace(model, config={k: v for k, v in model.config.items() if k != "gate"})) == ()
+
+
+def test_image_statistics_are_the_closed_forms_of_the_features_and_nan_where_they_are_missing():
+    """bits/dim of log p_0 = profile[:, 0], the log-ratios to the flips and transposes (NaN without transposes, none
+    without both flips), the foreground columns, and with a map detector the anomaly map's peaks; in float64."""
+    d, ln2 = 16, np.log(2)
+    log_p0 = torch.tensor([-123.456, -78.9], dtype=torch.float32)
+    flips = torch.tensor([[-130.1, -124.0], [-80.5, -70.25]], dtype=torch.float32)
+    transpose = torch.tensor([[-140.7], [-79.3]], dtype=torch.float32)
+    foreground = torch.tensor([[0.5, 1.25, -0.1], [0.25, 2.5, 0.3]], dtype=torch.float32)
+    profile = torch.stack([log_p0, log_p0 - 1.0], dim=1)
+    lp = log_p0.double().numpy()
+    stats = image_statistics(
+        {"profile": profile, "flips": flips, "transpose": transpose, "foreground": foreground}, d, 6
+    )
+    ratios = (lp[:, None] - torch.cat([flips, transpose], dim=1).double().numpy()) / (d * ln2)
+    expected = {"bits_per_dim": -lp / (d * ln2) + 5, **dict(zip(RATIO_COLUMNS, ratios.T, strict=True)),
+                **dict(zip(STATISTICS[4:7], foreground.double().numpy().T, strict=True)),
+                "map_peak": np.full(2, np.nan), "foreign_peak": np.full(2, np.nan)}  # fmt: skip
+    assert list(stats) == list(STATISTICS)
+    for column in STATISTICS:
+        np.testing.assert_array_equal(stats[column], expected[column], err_msg=column)
+        assert stats[column].dtype == np.float64, column
+    no_transpose = image_statistics({"profile": profile, "flips": flips}, d, 6)
+    np.testing.assert_array_equal(no_transpose["vflip_log_ratio"], expected["vflip_log_ratio"])
+    assert np.isnan(no_transpose["transpose_log_ratio"]).all()
+    one_flip = image_statistics({"profile": profile, "flips": flips[:, :1]}, d, 6)
+    assert all(np.isnan(one_flip[c]).all() for c in RATIO_COLUMNS), "3D images: no in-plane flips"
+    no_profile = image_statistics({"flips": flips, "transpose": transpose}, d, 6)
+    assert all(np.isnan(v).all() and v.shape == (2,) for v in no_profile.values())
+    residuals = torch.randn(3, 2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    maps = MapDetector(64).fit({"residuals": residuals})
+    extremes = torch.zeros(3, 8, 8, dtype=torch.float64)
+    extremes[0, 2, 3] = extremes[1, 6, 6] = 1.0
+    anomaly = maps.anomaly_maps({"residuals": residuals}).double()
+    peaks = image_statistics({"residuals": residuals, "extremes": extremes}, 64, 8, maps)
+    np.testing.assert_array_equal(peaks["map_peak"], anomaly.flatten(1).amax(1).numpy())
+    np.testing.assert_array_equal(peaks["foreign_peak"], [anomaly[0, 2, 3], anomaly[1, 6, 6], 0.0])
+    assert np.isnan(image_statistics({"residuals": residuals}, 64, 8, maps)["foreign_peak"]).all()
+    assert np.isnan(image_statistics({"residuals": residuals}, 64, 8)["map_peak"]).all()
+    empty = image_statistics({"residuals": residuals[:0], "extremes": extremes[:0]}, 64, 8, maps)
+    assert all(v.shape == (0,) for v in empty.values())
