@@ -171,7 +171,7 @@ def volume_rows(
         reported = failed_checks(members, [c for c in checks if not c.stops])
         noted = [f"reported only, not stopping: {r}" for r in reported]
         reason = "; ".join([reason, *failed, *noted])
-        why = _why_flagged(members) if flagged else ""
+        why = _why_flagged(members)  # "" when no slice is flagged
         verdict, _ = judge(score, threshold, [why] if flagged else (), failed)
         if flagged:
             reason = f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
