@@ -250,12 +250,13 @@ def test_the_json_report_holds_the_info_the_summary_and_every_column_with_non_fi
 
 
 def test_the_csv_report_holds_the_rows_only_with_empty_cells_for_missing_values(tmp_path):
-    rows = [volume_row(SOURCE, 1.0, 2.0), ignored_row(IgnoredFile("x.txt", "*.txt"))]
+    """A text cell that a spreadsheet would run as a formula is written with a leading '."""
+    rows = [volume_row(SOURCE, 1.0, 2.0), ignored_row(IgnoredFile("=x.txt", "*.txt"))]
     assert write_report(tmp_path / "r.Csv", rows, {"model": "m"}) == tmp_path / "r.Csv"
     with open(tmp_path / "r.Csv", newline="") as f:
         back = list(csv.reader(f))
     assert back == [list(COLUMNS), [str("" if rows[0][k] is None else rows[0][k]) for k in COLUMNS],
-                    ["file", "x.txt", *[""] * 6, "ignored", "not read: matches the ignore pattern '*.txt'",
+                    ["file", "'=x.txt", *[""] * 6, "ignored", "not read: matches the ignore pattern '*.txt'",
                      *[""] * (len(COLUMNS) - 10)]]  # fmt: skip
     with pytest.raises(UsageError) as err:
         write_report(tmp_path / "r.txt", rows, {})
