@@ -394,3 +394,7 @@ def test_image_statistics_are_the_closed_forms_of_the_features_and_nan_where_the
     assert np.isnan(image_statistics({"residuals": residuals}, 64, 8)["map_peak"]).all()
     empty = image_statistics({"residuals": residuals[:0], "extremes": extremes[:0]}, 64, 8, maps)
     assert all(v.shape == (0,) for v in empty.values())
+    wide = foreground[:, [0, 1, 2, 2]]
+    for wrong in ({"profile": profile, "flips": flips, "transpose": flips}, {"foreground": wide}):
+        with pytest.raises(ValueError, match="zip"):  # features of another width are refused, not cut
+            image_statistics(wrong, d, 6)
