@@ -92,6 +92,11 @@ def test_sequences_are_sorted_by_slice_and_short_or_unplaced_ones_left_out():
     assert list(found) == ["a"] and found["a"][:, 0].tolist() == [0, 10, 20, 30, 40, 50, 60, 70]
     values[1] = float("nan")  # a slice that could not be scored drops out, and "a" is then too short
     assert ordered_sequences(np.array(values)[:, None], slots) == {}
+    ties = ordered_sequences(np.array([[5], [1], *[[k] for k in range(7, 1, -1)]]),
+                             [("c", 0), ("c", 0), *[("c", k) for k in range(6, 0, -1)]])  # fmt: skip
+    assert ties["c"].dtype == np.float64 and ties["c"][:, 0].tolist() == [5, 1, 2, 3, 4, 5, 6, 7], "a stable sort"
+    with pytest.raises(ValueError, match="zip"):
+        ordered_sequences(np.zeros((3, 1)), [("a", 0)] * 2)
 
 
 def _oriented(n: int, seed: int) -> torch.Tensor:
