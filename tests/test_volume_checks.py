@@ -308,6 +308,9 @@ def test_each_time_point_of_a_volume_is_checked_on_its_own_and_short_ones_are_no
         "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 4.25 > 4"
     ]
     assert failed_checks(_rows([4.0] * MIN_SLICES), [local]) == [], "at its threshold a volume passes"
+    assert failed_checks([*_rows([4.5] * MIN_SLICES, 0), *_rows([6.0] * MIN_SLICES, 1)], [local]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 4.5 > 4 (time point 0), "
+        "statistic 6 > 4 (time point 1)"]  # fmt: skip
     assert failed_checks(_rows([12345.0] * MIN_SLICES), [local, LocalCheck(0.01234, stops=False)]) == [
         "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 1.23e+04 > 4",
         "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 1.23e+04 > 0.0123",

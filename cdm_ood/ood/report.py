@@ -209,7 +209,7 @@ def write_report(path: str | Path, rows: Sequence[dict], info: dict[str, Any]) -
         with atomic_write(path) as f:
             json.dump(body, f, indent=1)
     elif path.suffix.lower() == ".csv":
-        rows = [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows]
+        rows = [{k: r[k] for k in COLUMNS} for r in rows]  # csv writes None as an empty cell
         write_csv_atomic(path, COLUMNS, rows, for_people=True)
     else:
         raise UsageError(f"{path}: the report must be .csv or .json")
