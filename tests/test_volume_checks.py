@@ -4,6 +4,7 @@ interleaved or transposed slices stopped by `cdm-ood score` (and let through wit
 
 import csv
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,30 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from cdm_ood import NoiseSchedule, bits_per_dim
 from cdm_ood.data.anatomy import brain_affine, brain_volume
 from cdm_ood.data.geometry import misorient
+from cdm_ood.data.records import SliceSource
 from cdm_ood.data.volume_files import write_nifti
 from cdm_ood.errors import UsageError
+from cdm_ood.model.checkpoint import load_model
 from cdm_ood.model.spec import Calibration, VolumeCheckFit
 from cdm_ood.ood import OODDetector, ScoreOODd
-from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks
+from cdm_ood.ood.calibration import calibrate, fit_volume_checks, load_volume_checks, threshold_at_fpr
+from cdm_ood.ood.detectors import MapDetector
 from cdm_ood.ood.features import compute_features
-from cdm_ood.ood.orientation_check import RATIO_COLUMNS
+from cdm_ood.ood.local_check import ForeignCheck, LocalCheck
+from cdm_ood.ood.orientation_check import RATIO_COLUMNS, OrientationCheck
+from cdm_ood.ood.report import slice_row, volume_rows
+from cdm_ood.ood.scoring import ImageScorer
 from cdm_ood.ood.slice_order import SHIFT, direction_statistic, fit_template, order_statistic, shape
-from cdm_ood.ood.volume_checks import MIN_SLICES, STATISTICS, image_statistics, ordered_sequences
+from cdm_ood.ood.thresholds import Thresholds, configured_report_only
+from cdm_ood.ood.volume_checks import (
+    MIN_SLICES,
+    STATISTICS,
+    check_names,
+    check_statistics,
+    failed_checks,
+    image_statistics,
+    ordered_sequences,
+)
 
 SIZE, SLICES = 16, 12
 SCHEDULE = NoiseSchedule.linear(200)
@@ -76,6 +92,11 @@ def test_sequences_are_sorted_by_slice_and_short_or_unplaced_ones_left_out():
     assert list(found) == ["a"] and found["a"][:, 0].tolist() == [0, 10, 20, 30, 40, 50, 60, 70]
     values[1] = float("nan")  # a slice that could not be scored drops out, and "a" is then too short
     assert ordered_sequences(np.array(values)[:, None], slots) == {}
+    ties = ordered_sequences(np.array([[5], [1], *[[k] for k in range(7, 1, -1)]]),
+                             [("c", 0), ("c", 0), *[("c", k) for k in range(6, 0, -1)]])  # fmt: skip
+    assert ties["c"].dtype == np.float64 and ties["c"][:, 0].tolist() == [5, 1, 2, 3, 4, 5, 6, 7], "a stable sort"
+    with pytest.raises(ValueError, match="zip"):
+        ordered_sequences(np.zeros((3, 1)), [("a", 0)] * 2)
 
 
 def _oriented(n: int, seed: int) -> torch.Tensor:
@@ -261,3 +282,127 @@ def test_score_stops_interleaved_and_transposed_series_by_the_volume_checks(chec
         assert chain({"image": str(scans / "interleaved.nii.gz")})["image_ood_verdict"] == ("ood" if check else "in")
     with pytest.raises(UsageError, match=r"unknown volume check.*orientaton"):
         OODDetector.from_checkpoint(model, volume_checks=("orientaton",))
+
+
+def _rows(peaks, time_point=None, ratios=None) -> list[dict]:
+    """Slice rows of volume `v` at one time point, slices in reverse order, with their map peaks (and log-ratios)."""
+    ratios = ratios or [(0.0, 0.0, 0.0)] * len(peaks)
+    rows = [slice_row(SliceSource("v.nii", k, "v", time_point=time_point), 1.0, 2.0, (),
+                      {"map_peak": p, **dict(zip(RATIO_COLUMNS, r, strict=True))})
+            for k, (p, r) in enumerate(zip(peaks, ratios, strict=True))]  # fmt: skip
+    return rows[::-1]
+
+
+def test_each_time_point_of_a_volume_is_checked_on_its_own_and_short_ones_are_not():
+    """Time point None is 0; the orientation statistic is -min((mean log-ratios - mean) / scale), and a slice with a
+    missing log-ratio is left out of it."""
+    ratios = [(1.0, 2.0, 3.0)] * (MIN_SLICES - 1) + [(None, 2.0, 3.0), (9.0, 2.0, 0.0)]
+    members = [*_rows([1.0] * 9, None, ratios), *_rows([5.0] + [2.0] * 8, 1), *_rows([9.0] * (MIN_SLICES - 1), 2)]
+    local, orientation = LocalCheck(4.0), OrientationCheck(np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 1.0]), 1.0)
+    assert check_statistics(members, local) == {0: 1.0, 1: 5.0}
+    assert check_statistics(members, orientation) == {0: -0.5, 1: 1.0}
+    assert failed_checks(members, [local, orientation, LocalCheck(5.0)]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 5 > 4 (time point 1)"
+    ]
+    assert failed_checks(_rows([4.25] * MIN_SLICES, 0), [local, ForeignCheck(1.0)]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 4.25 > 4"
+    ]
+    assert failed_checks(_rows([4.0] * MIN_SLICES), [local]) == [], "at its threshold a volume passes"
+    assert failed_checks([*_rows([4.5] * MIN_SLICES, 0), *_rows([6.0] * MIN_SLICES, 1)], [local]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 4.5 > 4 (time point 0), "
+        "statistic 6 > 4 (time point 1)"]  # fmt: skip
+    assert failed_checks(_rows([12345.0] * MIN_SLICES), [local, LocalCheck(0.01234, stops=False)]) == [
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 1.23e+04 > 4",
+        "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 1.23e+04 > 0.0123",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("peak", "stops", "verdict", "failed"),
+    [(3.0, True, "in", ""), (5.0, True, "ood", "; {}"), (5.0, False, "in", "; reported only, not stopping: {}")],
+)
+def test_a_volume_over_a_stopping_check_is_ood_and_over_a_reported_one_keeps_its_verdict(peak, stops, verdict, failed):
+    (volume,) = volume_rows(_rows([peak] * MIN_SLICES), 2.0, checks=(LocalCheck(4.0, stops=stops),))
+    why = "a local anomaly unlike the calibration volumes (the anomaly map's peak): statistic 5 > 4"
+    assert (volume["verdict"], volume["reason"], volume["map_peak"]) == (
+        verdict,
+        f"mean of {MIN_SLICES} slice scores; 0 slices above threshold" + failed.format(why),
+        peak,
+    )
+
+
+def test_volume_check_names_are_known_ones():
+    assert check_names(["local", "orientation"]) == ("local", "orientation")
+    assert check_names(()) == ()
+    with pytest.raises(UsageError) as err:
+        check_names(["local", "shape", "hue"])
+    assert str(err.value) == ("unknown volume check(s) hue, shape; expected some of slice-order, slice-direction, "
+                              "orientation, anatomy, local, foreign")  # fmt: skip
+
+
+def test_a_runs_thresholds_share_the_rate_among_the_stopping_checks_and_report_only_those_configured(checkpoint):
+    """`Thresholds.resolve`: the score threshold at the spec, the calibrated checks at its rate split between the
+    checks that stop (Bonferroni); `report_only` defaults to the configuration's `gate.report_only`."""
+    model = load_model(checkpoint)
+    fits = {"local": VolumeCheckFit({}, tuple(np.arange(1.0, 11.0))), "foreign": VolumeCheckFit({}, (3.0,) * 10)}
+    gated = replace(model, calibration=replace(model.calibration, volume_checks=fits),
+                    config=model.config | {"gate": {"report_only": ["foreign"]}})  # fmt: skip
+    scorer = ImageScorer(gated)
+    auto = Thresholds.resolve(scorer)
+    assert auto == Thresholds(threshold_at_fpr(scorer.id_scores, 0.05), (LocalCheck(10.0), ForeignCheck(3.0, False)))
+    assert Thresholds.resolve(scorer, "fpr:0.5") == Thresholds(
+        threshold_at_fpr(scorer.id_scores, 0.5), (LocalCheck(5.0), ForeignCheck(3.0, False)))  # fmt: skip
+    assert Thresholds.resolve(scorer, "fpr:0.5", ()) == Thresholds(
+        threshold_at_fpr(scorer.id_scores, 0.5), (LocalCheck(8.0), ForeignCheck(3.0)))  # fmt: skip
+    assert Thresholds.resolve(scorer, 1.5, ["local"]) == Thresholds(1.5, (LocalCheck(10.0, False), ForeignCheck(3.0)))
+    with pytest.raises(UsageError, match=r"^unknown volume check\(s\) loc; "):
+        Thresholds.resolve(scorer, "auto", ["loc"])
+    assert configured_report_only(gated) == ("foreign",)
+    assert configured_report_only(replace(model, config=model.config | {"gate": {}})) == ()
+    assert configured_report_only(replace(model, config={k: v for k, v in model.config.items() if k != "gate"})) == ()
+
+
+def test_image_statistics_are_the_closed_forms_of_the_features_and_nan_where_they_are_missing():
+    """bits/dim of log p_0 = profile[:, 0], the log-ratios to the flips and transposes (NaN without transposes, none
+    without both flips), the foreground columns, and with a map detector the anomaly map's peaks; in float64."""
+    d, ln2 = 16, np.log(2)
+    log_p0 = torch.tensor([-123.456, -78.9], dtype=torch.float32)
+    flips = torch.tensor([[-130.1, -124.0], [-80.5, -70.25]], dtype=torch.float32)
+    transpose = torch.tensor([[-140.7], [-79.3]], dtype=torch.float32)
+    foreground = torch.tensor([[0.5, 1.25, -0.1], [0.25, 2.5, 0.3]], dtype=torch.float32)
+    profile = torch.stack([log_p0, log_p0 - 1.0], dim=1)
+    lp = log_p0.double().numpy()
+    stats = image_statistics(
+        {"profile": profile, "flips": flips, "transpose": transpose, "foreground": foreground}, d, 6
+    )
+    ratios = (lp[:, None] - torch.cat([flips, transpose], dim=1).double().numpy()) / (d * ln2)
+    expected = {"bits_per_dim": -lp / (d * ln2) + 5, **dict(zip(RATIO_COLUMNS, ratios.T, strict=True)),
+                **dict(zip(STATISTICS[4:7], foreground.double().numpy().T, strict=True)),
+                "map_peak": np.full(2, np.nan), "foreign_peak": np.full(2, np.nan)}  # fmt: skip
+    assert list(stats) == list(STATISTICS)
+    for column in STATISTICS:
+        np.testing.assert_array_equal(stats[column], expected[column], err_msg=column)
+        assert stats[column].dtype == np.float64, column
+    no_transpose = image_statistics({"profile": profile, "flips": flips}, d, 6)
+    np.testing.assert_array_equal(no_transpose["vflip_log_ratio"], expected["vflip_log_ratio"])
+    assert np.isnan(no_transpose["transpose_log_ratio"]).all()
+    one_flip = image_statistics({"profile": profile, "flips": flips[:, :1]}, d, 6)
+    assert all(np.isnan(one_flip[c]).all() for c in RATIO_COLUMNS), "3D images: no in-plane flips"
+    no_profile = image_statistics({"flips": flips, "transpose": transpose}, d, 6)
+    assert all(np.isnan(v).all() and v.shape == (2,) for v in no_profile.values())
+    residuals = torch.randn(3, 2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    maps = MapDetector(64).fit({"residuals": residuals})
+    extremes = torch.zeros(3, 8, 8, dtype=torch.float64)
+    extremes[0, 2, 3] = extremes[1, 6, 6] = 1.0
+    anomaly = maps.anomaly_maps({"residuals": residuals}).double()
+    peaks = image_statistics({"residuals": residuals, "extremes": extremes}, 64, 8, maps)
+    np.testing.assert_array_equal(peaks["map_peak"], anomaly.flatten(1).amax(1).numpy())
+    np.testing.assert_array_equal(peaks["foreign_peak"], [anomaly[0, 2, 3], anomaly[1, 6, 6], 0.0])
+    assert np.isnan(image_statistics({"residuals": residuals}, 64, 8, maps)["foreign_peak"]).all()
+    assert np.isnan(image_statistics({"residuals": residuals}, 64, 8)["map_peak"]).all()
+    empty = image_statistics({"residuals": residuals[:0], "extremes": extremes[:0]}, 64, 8, maps)
+    assert all(v.shape == (0,) for v in empty.values())
+    wide = foreground[:, [0, 1, 2, 2]]
+    for wrong in ({"profile": profile, "flips": flips, "transpose": flips}, {"foreground": wide}):
+        with pytest.raises(ValueError, match="zip"):  # features of another width are refused, not cut
+            image_statistics(wrong, d, 6)

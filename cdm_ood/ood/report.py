@@ -171,7 +171,7 @@ def volume_rows(
         reported = failed_checks(members, [c for c in checks if not c.stops])
         noted = [f"reported only, not stopping: {r}" for r in reported]
         reason = "; ".join([reason, *failed, *noted])
-        why = _why_flagged(members) if flagged else ""
+        why = _why_flagged(members)  # "" when no slice is flagged
         verdict, _ = judge(score, threshold, [why] if flagged else (), failed)
         if flagged:
             reason = f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
@@ -209,7 +209,7 @@ def write_report(path: str | Path, rows: Sequence[dict], info: dict[str, Any]) -
         with atomic_write(path) as f:
             json.dump(body, f, indent=1)
     elif path.suffix.lower() == ".csv":
-        rows = [{k: "" if r[k] is None else r[k] for k in COLUMNS} for r in rows]
+        rows = [{k: r[k] for k in COLUMNS} for r in rows]  # csv writes None as an empty cell
         write_csv_atomic(path, COLUMNS, rows, for_people=True)
     else:
         raise UsageError(f"{path}: the report must be .csv or .json")

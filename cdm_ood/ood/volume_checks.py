@@ -105,8 +105,8 @@ def check_statistics(members: Sequence[dict], check: VolumeCheck) -> dict[int, f
     """The check's statistic of each sequence (time point) of a volume's slice rows; sequences too short to check
     (`MIN_SLICES`) are left out."""
     slots = [((r["time_point"] or 0), r["slice"]) for r in members]
-    values = [[np.nan if r.get(c) is None else r[c] for c in check.columns] for r in members]
-    found = ordered_sequences(np.asarray(values, dtype=np.float64).reshape(len(members), -1), slots)
+    values = [[r.get(c) for c in check.columns] for r in members]  # None: NaN (`ordered_sequences` reads float64)
+    found = ordered_sequences(values, slots)
     return {t: check.statistic(seq) for t, seq in sorted(found.items())}
 
 
