@@ -30,6 +30,7 @@ import argparse
 import ast
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ BENCH = "tests/test_benchmarks.py::"
 EQUIVALENT = ROOT / "tools" / "equivalent_mutants"  # one file per module: cdm_ood.ood.report.toml, ...
 DOC = "testing.md"
 KILLED = ("killed", "timeout")  # a mutant that runs past its time limit is caught too
+SPINNER = re.compile("[\u2800-\u28ff]")  # the braille frames of mutmut's progress spinner
 
 
 class Survivor(NamedTuple):
@@ -298,11 +300,17 @@ def run_mutmut(children: int, log: Path) -> None:
         command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(children)]
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as plain, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE) as proc:
+            pending, last = "", ""
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
-                plain.write(chunk.decode(errors="replace").replace("\r", "\n"))
-                plain.flush()
+                *lines, pending = re.split(r"[\r\n]", pending + chunk.decode(errors="replace"))
+                for line in lines:  # the spinner's frames left out: one line per change of the counts
+                    text = SPINNER.sub("", line).strip()
+                    if text and text != last:
+                        plain.write(f"{datetime.datetime.now():%H:%M:%S} {text}\n")
+                        plain.flush()
+                        last = text
         if proc.returncode != 0:
             sys.exit(f"mutmut run failed (exit {proc.returncode}); its output is in {log}")
 
