@@ -17,8 +17,9 @@ from test_score import invoke
 
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
+from cdm_ood.ood import outputs
 from cdm_ood.ood.outputs import ReportBusyError, ReportFiles
-from cdm_ood.utils.io import spreadsheet_value
+from cdm_ood.utils.io import spreadsheet_safe, spreadsheet_value
 
 
 def slice_paths(report: Path) -> set[str]:
@@ -155,3 +156,34 @@ def test_header_text_that_a_spreadsheet_would_run_is_neutralised_in_the_csv(chec
     assert {row["volume"] for row in rows} == {"'+1.2.3"}
     assert float(rows[0]["threshold"]) == -1e12, "numbers stay numbers"
     assert {spreadsheet_value(row["volume"]) for row in rows} == {"+1.2.3"}
+
+
+def test_a_forked_child_closes_the_inherited_lock_descriptor(tmp_path):
+    """In a child forked while the report is claimed (a DataLoader worker), the lock's descriptor is closed at once
+    and the child holds no lock of its own."""
+    with ReportFiles(tmp_path / "r.csv").claimed():
+        (fd,) = outputs._HELD
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only when the descriptor is closed and no lock is listed as held
+            try:
+                os.fstat(fd)
+            except OSError:
+                os._exit(1 if outputs._HELD else 0)
+            os._exit(2)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        os.fstat(fd)  # the parent's descriptor stays open
+
+
+@pytest.mark.parametrize(
+    "value, cell",
+    [("=1+1", "'=1+1"), ("+1.2.3", "'+1.2.3"), ("-x", "'-x"), ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"),
+     ("\rx", "'\rx"), ("plain", "plain"), ("'quoted", "'quoted"), ("", ""), ("a=b", "a=b")],
+)  # fmt: skip
+def test_spreadsheet_safe_prefixes_formula_text_and_spreadsheet_value_undoes_exactly_that(value, cell):
+    assert spreadsheet_safe(value) == cell
+    assert spreadsheet_value(cell) == value
+
+
+@pytest.mark.parametrize("value", [-1.5, 0, None, 3])
+def test_spreadsheet_safe_leaves_numbers_and_empty_cells_alone(value):
+    assert spreadsheet_safe(value) is value

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -492,3 +493,56 @@ def test_headers_that_disagree_with_themselves_flag_their_volume_on_every_path(c
         assert (d["image_ood_verdict"], d["image_ood_reason"]) == volumes[name], name
     d = chain({"image": str(scans / "cr.dcm")})
     assert d["image_ood_verdict"] == "flagged" and MONOCHROME1_LOADED in d["image_ood_reason"]
+
+
+def test_score_sources_gives_error_ignored_slice_and_mean_volume_rows_read_in_this_process(checkpoint, scans):
+    """The rows of `score_sources` in report order: failed and ignored files as given, a slice row per slice (the
+    scores of `score`), then the volume row with the default aggregate, the mean; files are read by the calling
+    process itself (no DataLoader worker by default), and progress counts the files handled."""
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.errors import UnreadableFileError
+    from cdm_ood.data.walk import IgnoredFile
+    from cdm_ood.ood.batch import score_sources
+
+    detector = OODDetector.from_checkpoint(checkpoint)
+    path = str(scans / "clean.nii.gz")
+    sources = discover([scans / "clean.nii.gz"])
+    readers, transform = [], detector.transform
+    detector.transform = lambda image: readers.append(os.getpid()) or transform(image)
+    handled: list[int] = []
+    rows = score_sources(detector, detector.thresholds, sources, [UnreadableFileError("/gone.dcm", "truncated")],
+                         progress=handled.append, ignored=[IgnoredFile("/notes.txt", "*.txt")])  # fmt: skip
+    assert readers == [os.getpid()] * 4 and handled == [1]
+    assert [(r["level"], r["path"], r["slice"], r["verdict"], r["reason"]) for r in rows[:2]] == [
+        ("file", "/gone.dcm", None, "unreadable", "UnreadableFileError: truncated"),
+        ("file", "/notes.txt", None, "ignored", "not read: matches the ignore pattern '*.txt'"),
+    ]
+    slices, (volume,) = rows[2:6], rows[6:]
+    assert [(r["level"], r["path"], r["slice"], r["volume"]) for r in slices] == [("slice", path, k, path)
+                                                                                  for k in range(4)]  # fmt: skip
+    expected = detector.score(scans / "clean.nii.gz")
+    assert [r["score"] for r in slices] == pytest.approx(expected.tolist(), rel=1e-5)
+    threshold = detector.thresholds.score
+    assert all(r["threshold"] == threshold and r["verdict"] == ("ood" if r["score"] > threshold else "in")
+               for r in rows[2:])  # fmt: skip
+    assert (volume["level"], volume["path"], volume["score"]) == ("volume", path, pytest.approx(expected.mean()))
+    assert volume["reason"].startswith("mean of 4 slice scores")
+
+
+def test_a_reader_process_prints_no_traceback_for_a_hung_up_scoring_process_only(monkeypatch):
+    """`_quiet_reader` (each DataLoader worker's start): EOFError and ConnectionError (the scoring process hung up)
+    go unprinted; any other error reaches the hook that was there before, with its arguments as given."""
+    from cdm_ood.ood.batch import _quiet_reader
+
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: printed.append((kind, value, tb)))
+    _quiet_reader(0)
+    for err in (EOFError(), ConnectionResetError(), BrokenPipeError()):
+        sys.excepthook(type(err), err, None)
+    assert printed == []
+    try:
+        raise ValueError("bad")
+    except ValueError as raised:
+        err, tb = raised, raised.__traceback__
+    sys.excepthook(ValueError, err, tb)
+    assert printed == [(ValueError, err, tb)]
