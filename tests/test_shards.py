@@ -4,6 +4,7 @@ rescores what changed, drops what vanished and refuses another run's parts."""
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from processes import cdm, clean_env
+from test_outputs import c_locale
 
 from cdm_ood import OODDetector
 from cdm_ood.data.errors import UnreadableFileError
@@ -28,6 +30,7 @@ from cdm_ood.data.guards import MAX_VOXELS
 from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.records import SliceSource
+from cdm_ood.data.walk import IgnoredFile
 from cdm_ood.errors import UsageError
 from cdm_ood.model.checkpoint import load_checkpoint, save_checkpoint
 from cdm_ood.ood.batch import report_rows
@@ -35,6 +38,7 @@ from cdm_ood.ood.gate import run_identity
 from cdm_ood.ood.report import AGGREGATES, COLUMNS, error_row, slice_row
 from cdm_ood.ood.shards import (
     PART_COLUMNS,
+    clear,
     file_key,
     merge,
     plan_shard,
@@ -376,7 +380,76 @@ def test_write_part_keys_every_row_and_read_parts_reads_them_back_typed_oldest_f
             *[""] * (len(COLUMNS) - 10), blake(b"image")]]  # fmt: skip
     late.rename(parts / "rank0000-100.csv")
     write_part(parts, 1, [broken]).rename(parts / "rank0001-99.csv")
-    read = read_parts(parts)
+    with c_locale():
+        read = read_parts(parts)
     assert read == [broken | {"file_key": stat_key(junk)}, scored | {"file_key": blake(b"image")}]
     assert [type(read[1][k]) for k in ("slice", "time_point", "score", "threshold")] == [int, type(None), float,
                                                                                          float]  # fmt: skip
+
+
+def test_plan_shard_deals_volumes_and_failures_to_ranks_and_a_resume_skips_only_what_is_done(tmp_path):
+    """Rank r of w plans every w-th volume and every w-th failed file; `current` holds every input; only a resume
+    (not a fresh run beside old parts) leaves out the files (good or unreadable) whose keys are in the parts."""
+    folder, parts = tmp_path / "in", tmp_path / "parts"
+    folder.mkdir()
+    png = [folder / f"{name}.png" for name in "abc"]
+    for k, path in enumerate(png):
+        write_png(path, k)
+    junk = [folder / "junk1.bin", folder / "junk2.bin"]
+    for path in junk:
+        path.write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("notes")
+    (folder / "mine.png").write_bytes(b"skipped by exclude")
+    phases = []
+
+    def plan(rank: int, world: int, resume: bool):
+        return plan_shard([folder], parts, rank, world, resume, exclude=lambda p: p.name == "mine.png",
+                          progress=lambda total, phase: phases.append((total, phase)))  # fmt: skip
+
+    plans = [plan(0, 2, True), plan(1, 2, True)]
+    assert [[s.path for s in p.todo] for p in plans] == [[str(png[0]), str(png[2])], [str(png[1])]]
+    assert [[e.path for e in p.failed] for p in plans] == [[str(junk[0])], [str(junk[1])]]
+    assert [p.skipped for p in plans] == [0, 0] and phases == [(5, "reading headers")] * 2
+    assert plans[0].ignored == [IgnoredFile(str(folder / "notes.txt"), "*.txt")]
+    assert plans[0].current == {str(p) for p in png + junk} and [s.path for s in plans[1].found] == list(map(str, png))
+    thresholds = Thresholds(32768.0)
+    write_part(parts, 0, [*content_rows(png[0], str(png[0]), thresholds), error_row(plans[0].failed[0])])
+    fresh = plan(0, 1, False)
+    assert (len(fresh.todo), len(fresh.failed), fresh.skipped) == (3, 2, 0), "a fresh run plans everything"
+    resumed = plan(0, 1, True)
+    assert [s.path for s in resumed.todo] == [str(png[1]), str(png[2])]
+    assert [e.path for e in resumed.failed] == [str(junk[1])] and resumed.skipped == 2
+
+
+def test_plan_shard_passes_the_voxel_limit_and_the_ignore_globs_to_discovery(tmp_path):
+    write_png(tmp_path / "a.png", 0)
+    (tmp_path / "b.bin").write_bytes(b"not an image")
+    (tmp_path / "c.txt").write_text("text")
+    small = plan_shard([tmp_path], tmp_path / "parts", 0, 1, resume=False, max_voxels=15, ignore=("*.bin",))
+    assert [e.path for e in small.failed] == [str(tmp_path / "a.png"), str(tmp_path / "c.txt")] and not small.todo
+    assert small.ignored == [IgnoredFile(str(tmp_path / "b.bin"), "*.bin")]
+    assert [s.path for s in plan_shard([tmp_path], tmp_path / "parts", 0, 1, resume=False, max_voxels=16).todo] == [
+        str(tmp_path / "a.png")]  # fmt: skip
+
+
+def test_merge_drops_and_logs_the_rows_of_a_file_no_longer_among_the_inputs(tmp_path, caplog):
+    thresholds = Thresholds(32768.0)
+    kept, gone = tmp_path / "kept.png", tmp_path / "gone.png"
+    write_png(kept, 0)
+    write_png(gone, 1)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_part(parts, 0, [*content_rows(gone, "g", thresholds), *content_rows(kept, "k", thresholds)])
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.shards"):
+        rows = merge(parts, thresholds, "max", {str(kept)})
+    assert rows == report_rows(content_rows(kept, "k", thresholds), thresholds, "max")
+    assert caplog.messages == [f"1 files of the partial reports are no longer among the inputs; their rows are "
+                               f"dropped (e.g. {gone})"]  # fmt: skip
+
+
+def test_clear_removes_the_parts_and_takes_a_missing_folder_in_stride(tmp_path):
+    (tmp_path / "parts" / "sub").mkdir(parents=True)
+    (tmp_path / "parts" / "sub" / "rank0000-1.csv").write_text("x")
+    clear(tmp_path / "parts")
+    clear(tmp_path / "parts")
+    assert list(tmp_path.iterdir()) == []
