@@ -546,3 +546,34 @@ def test_a_reader_process_prints_no_traceback_for_a_hung_up_scoring_process_only
         err, tb = raised, raised.__traceback__
     sys.excepthook(ValueError, err, tb)
     assert printed == [(ValueError, err, tb)]
+
+
+def test_prepared_files_gives_each_slice_or_the_whole_volume_and_every_failed_file_of_a_volume(tmp_path):
+    """`PreparedFiles` item i: the model-space slices of file i, or with `volumes` the stacked volume of the i-th
+    volume's files; a volume with files that cannot be read gives no image and the error of each such file."""
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.readers import read_source
+    from cdm_ood.data.volume_files import write_dicom_series
+    from cdm_ood.data.volumes import read_volume
+    from cdm_ood.ood.batch import PreparedFiles
+
+    write_dicom_series(phantom_volume(np.random.default_rng(0), size=16, slices=3), tmp_path / "s", modality="ct",
+                       volume_index=0)  # fmt: skip
+    sources = discover([tmp_path / "s"])
+    slices = PreparedFiles(sources, torch.as_tensor)
+    assert len(slices) == 3
+    for i, source in enumerate(sources):
+        ((read, flags, x, kept),), errors, files = slices[i]
+        (expected,) = read_source(source)
+        assert (read, flags, kept, errors, files) == (expected.source, (), None, [], [source])
+        assert torch.equal(x, torch.as_tensor(expected.image))
+    whole = PreparedFiles(sources, torch.as_tensor, volumes=True)
+    ((read, flags, x, kept),), errors, files = whole[0]
+    (expected,) = read_volume(sources)
+    assert len(whole) == 1 and (read, flags, kept, errors, files) == (expected.source, (), None, [], sources)
+    assert torch.equal(x, torch.as_tensor(expected.image))
+    for source in sources[:2]:
+        Path(source.path).write_bytes(b"truncated")
+    items, errors, files = whole[0]
+    assert (items, files) == ([], sources) and [e.path for e in errors] == [s.path for s in sources[:2]]
