@@ -2,11 +2,14 @@
 
 import csv
 import json
+import locale
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,10 @@ from test_score import invoke
 
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series, write_nifti
+from cdm_ood.errors import UsageError
+from cdm_ood.ood import outputs
 from cdm_ood.ood.outputs import ReportBusyError, ReportFiles
-from cdm_ood.utils.io import spreadsheet_value
+from cdm_ood.utils.io import spreadsheet_safe, spreadsheet_value, write_csv_atomic
 
 
 def slice_paths(report: Path) -> set[str]:
@@ -155,3 +160,103 @@ def test_header_text_that_a_spreadsheet_would_run_is_neutralised_in_the_csv(chec
     assert {row["volume"] for row in rows} == {"'+1.2.3"}
     assert float(rows[0]["threshold"]) == -1e12, "numbers stay numbers"
     assert {spreadsheet_value(row["volume"]) for row in rows} == {"+1.2.3"}
+
+
+def test_a_forked_child_closes_the_inherited_lock_descriptor(tmp_path):
+    """In a child forked while the report is claimed (a DataLoader worker), the lock's descriptor is closed at once
+    and the child holds no lock of its own."""
+    with ReportFiles(tmp_path / "r.csv").claimed():
+        (fd,) = outputs._HELD
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only when the descriptor is closed and no lock is listed as held
+            try:
+                os.fstat(fd)
+            except OSError:
+                os._exit(1 if outputs._HELD else 0)
+            os._exit(2)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        os.fstat(fd)  # the parent's descriptor stays open
+
+
+@pytest.mark.parametrize(
+    "value, cell",
+    [("=1+1", "'=1+1"), ("+1.2.3", "'+1.2.3"), ("-x", "'-x"), ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"),
+     ("\rx", "'\rx"), ("plain", "plain"), ("'quoted", "'quoted"), ("", ""), ("a=b", "a=b")],
+)  # fmt: skip
+def test_spreadsheet_safe_prefixes_formula_text_and_spreadsheet_value_undoes_exactly_that(value, cell):
+    assert spreadsheet_safe(value) == cell
+    assert spreadsheet_value(cell) == value
+
+
+@pytest.mark.parametrize("value", [-1.5, 0, None, 3])
+def test_spreadsheet_safe_leaves_numbers_and_empty_cells_alone(value):
+    assert spreadsheet_safe(value) is value
+
+
+def test_a_run_owns_its_report_files_in_the_report_folder_only(tmp_path):
+    files = ReportFiles(tmp_path / "r.csv")
+    owned = ["r.csv", "r_hist.png", "r.previous.csv", "r_hist.previous.png", ".r.csv.lock", ".r.csv.parts",
+             ".r.csv.123.abcd.tmp", ".r_hist.png.9.tmp", ".r.previous.csv.1.tmp"]  # fmt: skip
+    others = ["s.csv", "r.csv.bak", "xr.csv", ".r.csvx", "r_hist.jpg", "r.previous", ".r.csv", "r.json"]
+    assert [n for n in owned + others if files.owns(tmp_path / n)] == owned
+    (tmp_path / "sub").mkdir()
+    assert not files.owns(tmp_path / "sub" / "r.csv") and files.owns(tmp_path / "sub" / ".." / "r.csv")
+    assert (files.histogram, files.parts, files.lock) == (tmp_path / "r_hist.png", tmp_path / ".r.csv.parts",
+                                                           tmp_path / ".r.csv.lock")  # fmt: skip
+
+
+def test_move_aside_renames_what_an_earlier_run_left_and_says_what_it_cannot(tmp_path):
+    files = ReportFiles(tmp_path / "r.csv")
+    assert files.move_aside() == []
+    (tmp_path / "r_hist.png").write_bytes(b"old histogram")  # the report itself is gone: the histogram still moves
+    assert files.move_aside() == [tmp_path / "r_hist.previous.png"]
+    assert (tmp_path / "r_hist.previous.png").read_bytes() == b"old histogram"
+    (tmp_path / "r.csv").write_text("old report")
+    (tmp_path / "r_hist.png").write_bytes(b"newer histogram")
+    assert files.move_aside() == [tmp_path / "r.previous.csv", tmp_path / "r_hist.previous.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.previous.csv", "r_hist.previous.png"]
+    (tmp_path / "r.csv").write_text("report")
+    (tmp_path / "r.previous.csv").unlink()
+    (tmp_path / "r.previous.csv").mkdir()
+    (tmp_path / "r.previous.csv" / "x").write_text("a folder in the way")
+    with pytest.raises(UsageError) as err:
+        files.move_aside()
+    assert str(err.value) == (f"--out {tmp_path / 'r.csv'}: cannot move the previous run's r.csv aside (Is a "
+                              "directory); nothing was scored")  # fmt: skip
+
+
+def test_the_lock_file_is_created_rw_r_r_and_a_busy_report_names_it(tmp_path):
+    files = ReportFiles(tmp_path / "r.csv")
+    umask = os.umask(0o022)
+    try:
+        with files.claimed():
+            assert files.lock.stat().st_mode & 0o777 == 0o644
+            with pytest.raises(ReportBusyError) as err:
+                ReportFiles(tmp_path / "r.csv")._lock()
+    finally:
+        os.umask(umask)
+    assert str(err.value) == (f"--out {files.report}: another cdm-ood run is writing this report (lock {files.lock}); "
+                              "wait for it to finish or choose another --out")  # fmt: skip
+
+
+@contextmanager
+def c_locale() -> Iterator[None]:
+    """The C locale (ASCII) for text files opened without an encoding, as on a bare server."""
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+
+
+def test_write_csv_atomic_writes_utf8_with_exact_name_bytes_and_neutralises_formulas_only_for_people(tmp_path):
+    """UTF-8 whatever the locale, a non-UTF-8 name's own bytes, CSV line ends; `for_people` only adds the quote."""
+    rows = [{"name": "caf\udce9=\u00e9", "value": "=1+1"}, {"name": "a\nb", "value": -2.5}]
+    with c_locale():
+        write_csv_atomic(tmp_path / "raw.csv", ["name", "value"], rows)
+        write_csv_atomic(tmp_path / "people.csv", ("name", "value"), rows, for_people=True)
+    head = b"name,value\r\ncaf\xe9=\xc3\xa9,"
+    assert (tmp_path / "raw.csv").read_bytes() == head + b'=1+1\r\n"a\nb",-2.5\r\n'
+    assert (tmp_path / "people.csv").read_bytes() == head + b'\'=1+1\r\n"a\nb",-2.5\r\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["people.csv", "raw.csv"], "no temporary file left"

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -492,3 +493,87 @@ def test_headers_that_disagree_with_themselves_flag_their_volume_on_every_path(c
         assert (d["image_ood_verdict"], d["image_ood_reason"]) == volumes[name], name
     d = chain({"image": str(scans / "cr.dcm")})
     assert d["image_ood_verdict"] == "flagged" and MONOCHROME1_LOADED in d["image_ood_reason"]
+
+
+def test_score_sources_gives_error_ignored_slice_and_mean_volume_rows_read_in_this_process(checkpoint, scans):
+    """The rows of `score_sources` in report order: failed and ignored files as given, a slice row per slice (the
+    scores of `score`), then the volume row with the default aggregate, the mean; files are read by the calling
+    process itself (no DataLoader worker by default), and progress counts the files handled."""
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.errors import UnreadableFileError
+    from cdm_ood.data.walk import IgnoredFile
+    from cdm_ood.ood.batch import score_sources
+
+    detector = OODDetector.from_checkpoint(checkpoint)
+    path = str(scans / "clean.nii.gz")
+    sources = discover([scans / "clean.nii.gz"])
+    readers, transform = [], detector.transform
+    detector.transform = lambda image: readers.append(os.getpid()) or transform(image)
+    handled: list[int] = []
+    rows = score_sources(detector, detector.thresholds, sources, [UnreadableFileError("/gone.dcm", "truncated")],
+                         progress=handled.append, ignored=[IgnoredFile("/notes.txt", "*.txt")])  # fmt: skip
+    assert readers == [os.getpid()] * 4 and handled == [1]
+    assert [(r["level"], r["path"], r["slice"], r["verdict"], r["reason"]) for r in rows[:2]] == [
+        ("file", "/gone.dcm", None, "unreadable", "UnreadableFileError: truncated"),
+        ("file", "/notes.txt", None, "ignored", "not read: matches the ignore pattern '*.txt'"),
+    ]
+    slices, (volume,) = rows[2:6], rows[6:]
+    assert [(r["level"], r["path"], r["slice"], r["volume"]) for r in slices] == [("slice", path, k, path)
+                                                                                  for k in range(4)]  # fmt: skip
+    expected = detector.score(scans / "clean.nii.gz")
+    assert [r["score"] for r in slices] == pytest.approx(expected.tolist(), rel=1e-5)
+    threshold = detector.thresholds.score
+    assert all(r["threshold"] == threshold and r["verdict"] == ("ood" if r["score"] > threshold else "in")
+               for r in rows[2:])  # fmt: skip
+    assert (volume["level"], volume["path"], volume["score"]) == ("volume", path, pytest.approx(expected.mean()))
+    assert volume["reason"].startswith("mean of 4 slice scores")
+
+
+def test_a_reader_process_prints_no_traceback_for_a_hung_up_scoring_process_only(monkeypatch):
+    """`_quiet_reader` (each DataLoader worker's start): EOFError and ConnectionError (the scoring process hung up)
+    go unprinted; any other error reaches the hook that was there before, with its arguments as given."""
+    from cdm_ood.ood.batch import _quiet_reader
+
+    printed = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: printed.append((kind, value, tb)))
+    _quiet_reader(0)
+    for err in (EOFError(), ConnectionResetError(), BrokenPipeError()):
+        sys.excepthook(type(err), err, None)
+    assert printed == []
+    try:
+        raise ValueError("bad")
+    except ValueError as raised:
+        err, tb = raised, raised.__traceback__
+    sys.excepthook(ValueError, err, tb)
+    assert printed == [(ValueError, err, tb)]
+
+
+def test_prepared_files_gives_each_slice_or_the_whole_volume_and_every_failed_file_of_a_volume(tmp_path):
+    """`PreparedFiles` item i: the model-space slices of file i, or with `volumes` the stacked volume of the i-th
+    volume's files; a volume with files that cannot be read gives no image and the error of each such file."""
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.readers import read_source
+    from cdm_ood.data.volume_files import write_dicom_series
+    from cdm_ood.data.volumes import read_volume
+    from cdm_ood.ood.batch import PreparedFiles
+
+    write_dicom_series(phantom_volume(np.random.default_rng(0), size=16, slices=3), tmp_path / "s", modality="ct",
+                       volume_index=0)  # fmt: skip
+    sources = discover([tmp_path / "s"])
+    slices = PreparedFiles(sources, torch.as_tensor)
+    assert len(slices) == 3
+    for i, source in enumerate(sources):
+        ((read, flags, x, kept),), errors, files = slices[i]
+        (expected,) = read_source(source)
+        assert (read, flags, kept, errors, files) == (expected.source, (), None, [], [source])
+        assert torch.equal(x, torch.as_tensor(expected.image))
+    whole = PreparedFiles(sources, torch.as_tensor, volumes=True)
+    ((read, flags, x, kept),), errors, files = whole[0]
+    (expected,) = read_volume(sources)
+    assert len(whole) == 1 and (read, flags, kept, errors, files) == (expected.source, (), None, [], sources)
+    assert torch.equal(x, torch.as_tensor(expected.image))
+    for source in sources[:2]:
+        Path(source.path).write_bytes(b"truncated")
+    items, errors, files = whole[0]
+    assert (items, files) == ([], sources) and [e.path for e in errors] == [s.path for s in sources[:2]]

@@ -3,7 +3,10 @@ rescores what changed, drops what vanished and refuses another run's parts."""
 
 import csv
 import hashlib
+import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,17 +22,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from processes import cdm, clean_env
+from test_outputs import c_locale
 
 from cdm_ood import OODDetector
+from cdm_ood.data.errors import UnreadableFileError
 from cdm_ood.data.guards import MAX_VOXELS
 from cdm_ood.data.phantom_sets import make_phantoms
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.records import SliceSource
+from cdm_ood.data.walk import IgnoredFile
+from cdm_ood.errors import UsageError
 from cdm_ood.model.checkpoint import load_checkpoint, save_checkpoint
 from cdm_ood.ood.batch import report_rows
 from cdm_ood.ood.gate import run_identity
-from cdm_ood.ood.report import AGGREGATES, slice_row
-from cdm_ood.ood.shards import merge, plan_shard, score_into_parts, start_parts, write_part
+from cdm_ood.ood.report import AGGREGATES, COLUMNS, error_row, slice_row
+from cdm_ood.ood.shards import (
+    PART_COLUMNS,
+    clear,
+    file_key,
+    merge,
+    plan_shard,
+    read_parts,
+    score_into_parts,
+    start_parts,
+    write_part,
+)
 from cdm_ood.ood.thresholds import Thresholds
 
 
@@ -294,3 +311,145 @@ def write_png(path: Path, seed: int) -> None:
     """A 4 x 4 grey PNG whose pixels (and bytes) differ with `seed`."""
     pixels = np.random.default_rng(seed).integers(0, 255, (4, 4), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
+
+
+def blake(*contents: bytes) -> str:
+    return hashlib.blake2b(b"".join(contents), digest_size=16).hexdigest()
+
+
+def stat_key(path: Path) -> str:
+    st = os.stat(path)
+    return f"stat:{st.st_mode:o}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def test_file_key_hashes_a_file_with_its_voxel_file_and_stats_what_it_may_not_read(tmp_path):
+    """The key of a regular file is the BLAKE2b-128 of its bytes (and its .img's, or the errno of an .img that
+    cannot be opened); a file read as unreadable, a folder and a missing path get their stat or errno."""
+    (tmp_path / "a.png").write_bytes(b"png bytes")
+    (tmp_path / "v.hdr").write_bytes(b"header")
+    (tmp_path / "v.img").write_bytes(b"voxels")
+    (tmp_path / "lone.hdr").write_bytes(b"header")
+    (tmp_path / "folder").mkdir()
+    assert file_key(tmp_path / "a.png") == file_key(str(tmp_path / "a.png")) == blake(b"png bytes")
+    assert file_key(tmp_path / "v.hdr") == blake(b"header", b"voxels")
+    assert file_key(tmp_path / "lone.hdr") == blake(b"header", b"unreadable:2")
+    assert file_key(tmp_path / "a.png", content=False) == stat_key(tmp_path / "a.png")
+    assert file_key(tmp_path / "folder") == stat_key(tmp_path / "folder")
+    assert file_key(tmp_path / "gone.png") == "missing:2"
+
+
+def test_start_parts_clears_a_fresh_run_and_resumes_only_the_same_identity(tmp_path):
+    parts = tmp_path / "out" / ".r.csv.parts"
+    identity = {"checkpoint": "abc", "threshold": 1.5}
+    start_parts(parts, identity, resume=True)  # nothing to resume: a fresh folder, below folders not there yet
+    assert (parts / "run.json").read_text() == '{\n "checkpoint": "abc",\n "threshold": 1.5\n}'
+    (parts / "rank0000-1.csv").write_text("x")
+    start_parts(parts, identity, resume=True)
+    assert sorted(p.name for p in parts.iterdir()) == ["rank0000-1.csv", "run.json"], "the same run's parts kept"
+    with pytest.raises(UsageError) as err:
+        start_parts(parts, {"checkpoint": "abd", "threshold": 2.0}, resume=True)
+    assert str(err.value) == (f"--resume: the partial reports in {parts} were made by another run (checkpoint, "
+                              "threshold differ); run again without --resume to score everything anew")  # fmt: skip
+    with pytest.raises(UsageError, match=r"another run \(threshold differ\)"):
+        start_parts(parts, {"checkpoint": "abc", "threshold": 2.0}, resume=True)
+    (parts / "run.json").unlink()
+    with pytest.raises(UsageError, match=r"another run \(they record no run identity\); run again"):
+        start_parts(parts, identity, resume=True)
+    start_parts(parts, {"checkpoint": "new"}, resume=False)
+    assert sorted(p.name for p in parts.iterdir()) == ["run.json"], "a fresh run clears another run's parts"
+    assert json.loads((parts / "run.json").read_text()) == {"checkpoint": "new"}
+
+
+def test_write_part_keys_every_row_and_read_parts_reads_them_back_typed_oldest_first(tmp_path):
+    """A part holds `PART_COLUMNS`, empty cells for None and each file's key (a stat key for an unreadable file);
+    `read_parts` gives the rows as written (types, None, non-UTF-8 names, line breaks in a reason) part by part in
+    the order of their write times, whatever their ranks."""
+    name = tmp_path / "caf\udce9.png"  # a name that is not UTF-8
+    name.write_bytes(b"image")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"junk")
+    scored = slice_row(SliceSource(str(name), 2, "v\u00e9"), 1.25, 2.0)
+    broken = error_row(UnreadableFileError(junk, "a\r\nb"))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    late = write_part(parts, 3, [scored])
+    assert re.fullmatch(r"rank0003-\d+\.csv", late.name)
+    with open(late, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        assert list(csv.reader(f)) == [list(PART_COLUMNS), [
+            "slice", str(name), "2", "", "v\u00e9", "", "1.25", "2.0", "in", "",
+            *[""] * (len(COLUMNS) - 10), blake(b"image")]]  # fmt: skip
+    late.rename(parts / "rank0000-100.csv")
+    write_part(parts, 1, [broken]).rename(parts / "rank0001-99.csv")
+    with c_locale():
+        read = read_parts(parts)
+    assert read == [broken | {"file_key": stat_key(junk)}, scored | {"file_key": blake(b"image")}]
+    assert [type(read[1][k]) for k in ("slice", "time_point", "score", "threshold")] == [int, type(None), float,
+                                                                                         float]  # fmt: skip
+
+
+def test_plan_shard_deals_volumes_and_failures_to_ranks_and_a_resume_skips_only_what_is_done(tmp_path):
+    """Rank r of w plans every w-th volume and every w-th failed file; `current` holds every input; only a resume
+    (not a fresh run beside old parts) leaves out the files (good or unreadable) whose keys are in the parts."""
+    folder, parts = tmp_path / "in", tmp_path / "parts"
+    folder.mkdir()
+    png = [folder / f"{name}.png" for name in "abc"]
+    for k, path in enumerate(png):
+        write_png(path, k)
+    junk = [folder / "junk1.bin", folder / "junk2.bin"]
+    for path in junk:
+        path.write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("notes")
+    (folder / "mine.png").write_bytes(b"skipped by exclude")
+    phases = []
+
+    def plan(rank: int, world: int, resume: bool):
+        return plan_shard([folder], parts, rank, world, resume, exclude=lambda p: p.name == "mine.png",
+                          progress=lambda total, phase: phases.append((total, phase)))  # fmt: skip
+
+    plans = [plan(0, 2, True), plan(1, 2, True)]
+    assert [[s.path for s in p.todo] for p in plans] == [[str(png[0]), str(png[2])], [str(png[1])]]
+    assert [[e.path for e in p.failed] for p in plans] == [[str(junk[0])], [str(junk[1])]]
+    assert [p.skipped for p in plans] == [0, 0] and phases == [(5, "reading headers")] * 2
+    assert plans[0].ignored == [IgnoredFile(str(folder / "notes.txt"), "*.txt")]
+    assert plans[0].current == {str(p) for p in png + junk} and [s.path for s in plans[1].found] == list(map(str, png))
+    thresholds = Thresholds(32768.0)
+    write_part(parts, 0, [*content_rows(png[0], str(png[0]), thresholds), error_row(plans[0].failed[0])])
+    fresh = plan(0, 1, False)
+    assert (len(fresh.todo), len(fresh.failed), fresh.skipped) == (3, 2, 0), "a fresh run plans everything"
+    resumed = plan(0, 1, True)
+    assert [s.path for s in resumed.todo] == [str(png[1]), str(png[2])]
+    assert [e.path for e in resumed.failed] == [str(junk[1])] and resumed.skipped == 2
+
+
+def test_plan_shard_passes_the_voxel_limit_and_the_ignore_globs_to_discovery(tmp_path):
+    write_png(tmp_path / "a.png", 0)
+    (tmp_path / "b.bin").write_bytes(b"not an image")
+    (tmp_path / "c.txt").write_text("text")
+    small = plan_shard([tmp_path], tmp_path / "parts", 0, 1, resume=False, max_voxels=15, ignore=("*.bin",))
+    assert [e.path for e in small.failed] == [str(tmp_path / "a.png"), str(tmp_path / "c.txt")] and not small.todo
+    assert small.ignored == [IgnoredFile(str(tmp_path / "b.bin"), "*.bin")]
+    assert [s.path for s in plan_shard([tmp_path], tmp_path / "parts", 0, 1, resume=False, max_voxels=16).todo] == [
+        str(tmp_path / "a.png")]  # fmt: skip
+
+
+def test_merge_drops_and_logs_the_rows_of_a_file_no_longer_among_the_inputs(tmp_path, caplog):
+    thresholds = Thresholds(32768.0)
+    kept, gone = tmp_path / "kept.png", tmp_path / "gone.png"
+    write_png(kept, 0)
+    write_png(gone, 1)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_part(parts, 0, [*content_rows(gone, "g", thresholds), *content_rows(kept, "k", thresholds)])
+    with caplog.at_level(logging.WARNING, logger="cdm_ood.shards"):
+        rows = merge(parts, thresholds, "max", {str(kept)})
+    assert rows == report_rows(content_rows(kept, "k", thresholds), thresholds, "max")
+    assert caplog.messages == [f"1 files of the partial reports are no longer among the inputs; their rows are "
+                               f"dropped (e.g. {gone})"]  # fmt: skip
+
+
+def test_clear_removes_the_parts_and_takes_a_missing_folder_in_stride(tmp_path):
+    (tmp_path / "parts" / "sub").mkdir(parents=True)
+    (tmp_path / "parts" / "sub" / "rank0000-1.csv").write_text("x")
+    clear(tmp_path / "parts")
+    clear(tmp_path / "parts")
+    assert list(tmp_path.iterdir()) == []
