@@ -181,7 +181,8 @@ def test_a_forked_child_closes_the_inherited_lock_descriptor(tmp_path):
 @pytest.mark.parametrize(
     "value, cell",
     [("=1+1", "'=1+1"), ("+1.2.3", "'+1.2.3"), ("-x", "'-x"), ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"),
-     ("\rx", "'\rx"), ("plain", "plain"), ("'quoted", "'quoted"), ("", ""), ("a=b", "a=b")],
+     ("\rx", "'\rx"), ("plain", "plain"), ("'quoted", "'quoted"), ("", ""), ("a=b", "a=b"), ("'=x", "''=x"),
+     ("''+y", "'''+y"), ("'", "'")],
 )  # fmt: skip
 def test_spreadsheet_safe_prefixes_formula_text_and_spreadsheet_value_undoes_exactly_that(value, cell):
     assert spreadsheet_safe(value) == cell

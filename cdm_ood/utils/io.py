@@ -36,15 +36,21 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Ite
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _formula_like(text: str) -> bool:
+    """A formula start after any number of `'` (text that already looks escaped is escaped again)."""
+    return text.lstrip("'").startswith(FORMULA_STARTS)
+
+
 def spreadsheet_safe(value: Any) -> Any:
     """A text cell that a spreadsheet would run as a formula, prefixed with `'` (OWASP's advice), so that it shows
-    as text; numbers and other text stay as they are (`spreadsheet_value` undoes it)."""
-    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+    as text; numbers and other text stay as they are (`spreadsheet_value` undoes it, also for text that begins
+    with `'` and a formula start)."""
+    return f"'{value}" if isinstance(value, str) and _formula_like(value) else value
 
 
 def spreadsheet_value(cell: str) -> str:
     """The text that `spreadsheet_safe` wrote as `cell`."""
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+    return cell[1:] if cell.startswith("'") and _formula_like(cell[1:]) else cell
 
 
 def write_csv_atomic(
