@@ -539,6 +539,8 @@ def main() -> int:
     start = time.monotonic()
     if args.again:
         print(f"checking again the {forget_survivors()} mutants the last run did not kill", flush=True)
+    else:  # from scratch: mutmut maps a test to the functions it reaches only when the test is new to it
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     run_mutmut(args.children, ROOT / "runs" / "mutants.log")
     code = report(time.monotonic() - start, "python tools/mutants.py --again" if args.again else "make mutants")
     return code | run_hand([])
