@@ -37,8 +37,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import tomllib
 
@@ -316,18 +317,23 @@ def run_mutmut(children: int, log: Path) -> None:
             sys.exit(f"mutmut run failed (exit {proc.returncode}); its output is in {log}")
 
 
-def statuses() -> dict[str, dict[str, str]]:
-    """Each listed module's mutants and their status (mutmut's words: killed, survived, no tests, timeout, ...),
-    read from the last run's results under mutants/."""
+def results() -> Iterator[tuple[str, Any]]:
+    """Each listed module's path and mutmut's results for it (`SourceFileMutationData`, read from mutants/)."""
     from mutmut.mutation.data import SourceFileMutationData
-    from mutmut.stats import status_by_exit_code
 
-    found = {}
     for path in mutated_files():
         data = SourceFileMutationData(path=path)
         data.load()
-        found[path] = {name: status_by_exit_code[code] for name, code in data.exit_code_by_key.items()}
-    return found
+        yield path, data
+
+
+def statuses() -> dict[str, dict[str, str]]:
+    """Each listed module's mutants and their status (mutmut's words: killed, survived, no tests, timeout, ...),
+    read from the last run's results under mutants/."""
+    from mutmut.stats import status_by_exit_code
+
+    return {path: {name: status_by_exit_code[code] for name, code in data.exit_code_by_key.items()}
+            for path, data in results()}  # fmt: skip
 
 
 def function_of(name: str) -> str:
@@ -342,13 +348,10 @@ def forget_survivors() -> int:
     """Mark every mutant of the last run that was not killed as unchecked, so that the next `mutmut run` checks it
     against the tests as they are now; the number marked. Killed mutants keep their result (a test added cannot
     revive one, and mutmut itself re-runs every function whose source changed)."""
-    from mutmut.mutation.data import SourceFileMutationData
     from mutmut.stats import status_by_exit_code
 
     marked = 0
-    for path in mutated_files():
-        data = SourceFileMutationData(path=path)
-        data.load()
+    for _, data in results():
         for name, code in data.exit_code_by_key.items():
             if status_by_exit_code[code] not in KILLED:
                 data.exit_code_by_key[name] = None
