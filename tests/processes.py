@@ -93,8 +93,12 @@ def _text(path: Path) -> str:
 
 def clean_env(env: Optional[dict[str, str]] = None) -> dict[str, str]:
     """This process's environment without MLflow settings (an earlier test's `mlflow.set_tracking_uri` leaves
-    MLFLOW_TRACKING_URI here), plus `env`."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | (env or {})
+    MLFLOW_TRACKING_URI here), plus `env`. Under `make mutants` a child runs the mutant under test, but not mutmut's
+    call recording (`MUTANT_UNDER_TEST=stats`): what a child records never reaches the run, and mutmut looks for its
+    settings in the child's working folder."""
+    stats = os.environ.get("MUTANT_UNDER_TEST") == "stats"
+    dropped = ("MLFLOW_", "MUTANT_UNDER_TEST") if stats else ("MLFLOW_",)
+    return {k: v for k, v in os.environ.items() if not k.startswith(dropped)} | (env or {})
 
 
 def cdm(*args: Any, cwd: Path, prefix: Sequence[str] = (), env: dict[str, str] | None = None, fresh: bool = False,
