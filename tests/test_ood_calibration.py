@@ -464,3 +464,36 @@ def test_calibrate_images_leaves_out_the_images_that_are_not_scorable_with_their
         subset = {k: v[rows] for k, v in features.items()}
         with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
             calibrate_images(subset, volumes[rows], slots[rows], 64, 4, default=default)
+
+
+class _ClassAwareFeatures(DETECTORS["nll"]):
+    """Reads the transposes only for a class-conditional model (no built-in 3D detector reads them)."""
+
+    name = "test-class-aware-calibration"
+
+    def required(self):
+        return ("profile", "transpose") if self.num_classes else ("profile",)
+
+
+def test_a_class_conditional_model_is_calibrated_for_every_detector_of_its_classes_built_with_them():
+    """`calibrate` and `calibrate_images` default to the detectors a model with classes allows (the classifier's
+    among them), each fitted and stored with the model's number of classes; its features are those each detector
+    asks for when built for those classes."""
+    features = _residual_features(32)
+    features["flips"] = features["profile"][:, :2] - 0.5
+    features["class_ll"] = torch.randn(32, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) - 50
+    volumes = [v for v in range(4) for _ in range(8)]
+    for calibration in (
+        calibrate(features, 64, 4, 0.2, default="nll", groups=volumes, num_classes=3),
+        calibrate_images(features, volumes, [None] * 32, 64, 4, 0.2, "nll", num_classes=3),
+    ):
+        assert set(calibration.detectors) == set(applicable(3)) > set(applicable(None)) | {"classifier"}
+        assert {fit.state["num_classes"] for fit in calibration.detectors.values()} == {3}
+    from cdm_ood.ood.detectors import register_detector
+
+    register_detector(_ClassAwareFeatures)
+    try:
+        assert "transpose" in calibration_features(_spec((8, 8, 8)), 3)
+        assert "transpose" not in calibration_features(_spec((8, 8, 8)), None)
+    finally:
+        DETECTORS.pop(_ClassAwareFeatures.name)

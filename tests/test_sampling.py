@@ -1,6 +1,8 @@
 """Samplers against an exact Gaussian-mixture classifier (F_t = log p_t): they must reproduce the mixture."""
 
+import math
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -46,6 +48,16 @@ def test_reproducible_with_a_generator():
         return sample(MIXTURE, SCHEDULE, (8, 1, 1, 1), "ddpm", 20, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+
+
+def test_timesteps_are_the_strided_levels_rounded_half_up_exactly():
+    """top - i (top - 1) / (steps - 1), rounded half up in exact arithmetic: float64 gives 25 at (50, 23, 11)."""
+    for top in range(1, 61):
+        for steps in range(1, top + 1):
+            gaps = max(steps - 1, 1)
+            exact = [math.floor(top - Fraction((top - 1) * i, gaps) + Fraction(1, 2)) for i in range(steps)]
+            assert strided_levels(top, steps) == exact, (top, steps)
+    assert strided_levels(50, 23)[11] == 26
 
 
 def test_timesteps_are_distinct_and_strided():

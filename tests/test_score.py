@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -577,3 +579,235 @@ def test_prepared_files_gives_each_slice_or_the_whole_volume_and_every_failed_fi
         Path(source.path).write_bytes(b"truncated")
     items, errors, files = whole[0]
     assert (items, files) == ([], sources) and [e.path for e in errors] == [s.path for s in sources[:2]]
+
+
+def test_prepared_files_keeps_images_when_asked_skips_flagged_slices_and_names_what_cannot_be_mapped(tmp_path):
+    """With `keep_images` an item holds each image read; a flagged slice is never transformed; a file that cannot
+    be read gives its one error; a transform that fails names the file and the redacted reason (out of memory in
+    words)."""
+    from dataclasses import replace
+
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.errors import UnreadableFileError
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.readers import read_source
+    from cdm_ood.data.volume_files import write_dicom_series
+    from cdm_ood.ood.batch import PreparedFiles
+
+    write_dicom_series(phantom_volume(np.random.default_rng(0), size=16, slices=2), tmp_path / "s", modality="ct",
+                       volume_index=0)  # fmt: skip
+    sources = discover([tmp_path / "s"])
+    ((read, _, _, kept),), _, _ = PreparedFiles(sources, torch.as_tensor, keep_images=True)[0]
+    (expected,) = read_source(sources[0])
+    assert kept.source == read == expected.source and np.array_equal(kept.image, expected.image)
+
+    def refuse(image):
+        raise AssertionError("a flagged slice was transformed")
+
+    flagged = replace(sources[0], flags=("ImageOrientationPatient differs",))
+    ((_, flags, x, _),), errors, _ = PreparedFiles([flagged], refuse)[0]
+    assert (flags, x, errors) == (("ImageOrientationPatient differs",), None, [])
+
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00")
+    items, errors, files = PreparedFiles([replace(sources[0], path=str(broken))], torch.as_tensor)[0]
+    assert (items, files) == ([], [replace(sources[0], path=str(broken))])
+    assert [(type(e), e.path) for e in errors] == [(UnreadableFileError, str(broken))] and errors[0].reason
+
+    for raised, reason in ((ValueError("size 'Jane Doe' does not fit"), "size '…' does not fit"),
+                           (MemoryError(), "out of memory")):  # fmt: skip
+
+        def fail(image, raised=raised):
+            raise raised
+
+        items, errors, files = PreparedFiles(sources, fail)[1]
+        assert (items, files) == ([], [sources[1]])
+        assert [(type(e), e.path, e.reason) for e in errors] == [
+            (UnreadableFileError, sources[1].path, f"cannot be mapped to the model's input: {reason}")
+        ]
+
+
+def test_auto_workers_take_half_the_cores_on_a_gpu_and_those_torch_leaves_free_on_cpu(monkeypatch):
+    """At most 8 reader processes beside a GPU (half the cores), at most 4 on CPU (the cores torch's threads leave)."""
+    from cdm_ood.ood import batch
+
+    cases = [("cuda", 2, 1, 1), ("cuda", 7, 1, 3), ("cuda", 32, 1, 8), ("cpu", 2, 2, 0), ("cpu", 2, 1, 1),
+             ("cpu", 1, 4, 0), ("cpu", 6, 3, 3), ("cpu", 16, 8, 4)]  # fmt: skip
+    for device, cores, threads, expected in cases:
+        monkeypatch.setattr(batch.os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        monkeypatch.setattr(batch.torch, "get_num_threads", lambda threads=threads: threads)
+        assert batch.auto_workers(torch.device(device)) == expected, (device, cores, threads)
+
+
+def test_report_rows_are_ordered_by_path_time_point_and_slice_then_volumes_with_their_checks():
+    """A file row (no time point, no slice) sorts first among its path's rows and flags its volume; the volume rows
+    apply the volume checks of the thresholds (to volumes of at least `MIN_SLICES` slices)."""
+    from cdm_ood.data.records import SliceSource
+    from cdm_ood.ood.batch import report_rows
+    from cdm_ood.ood.local_check import LocalCheck
+    from cdm_ood.ood.report import COLUMNS, slice_row
+    from cdm_ood.ood.thresholds import Thresholds
+    from cdm_ood.ood.volume_checks import MIN_SLICES
+
+    def row(path, index, time_point=None, peak=1.0):
+        return slice_row(SliceSource(path, index, path, time_point=time_point), 1.0, 5.0, statistics={"map_peak": peak})
+
+    file_row = dict.fromkeys(COLUMNS) | {"level": "file", "path": "a.nii", "volume": "a.nii", "verdict": "flagged",
+                                         "reason": "map not written"}  # fmt: skip
+    rows = [row("a.nii", 0, 1), row("a.nii", 1, 0), file_row, row("a.nii", 0, 0)]
+    rows += [row("c.nii", k, peak=20.0) for k in reversed(range(MIN_SLICES))] + [row("b.nii", 0, peak=20.0)]
+    out = report_rows(rows, Thresholds(5.0, (LocalCheck(10.0),)), "mean")
+    assert [(r["level"], r["path"], r["time_point"], r["slice"]) for r in out[:4]] == [
+        ("file", "a.nii", None, None),
+        ("slice", "a.nii", 0, 0),
+        ("slice", "a.nii", 0, 1),
+        ("slice", "a.nii", 1, 0),
+    ]
+    assert [r["slice"] for r in out if r["path"] == "c.nii" and r["level"] == "slice"] == list(range(MIN_SLICES))
+    volumes = {r["volume"]: r for r in out if r["level"] == "volume"}
+    assert volumes["a.nii"]["verdict"] == "flagged" and volumes["a.nii"]["reason"].startswith("map not written; ")
+    assert volumes["b.nii"]["verdict"] == "in", "too few slices for the volume checks"
+    assert volumes["c.nii"]["verdict"] == "ood" and LocalCheck.unlike in volumes["c.nii"]["reason"]
+
+
+def test_a_reader_process_that_dies_while_handing_over_is_named():
+    from cdm_ood.ood.batch import _handed_over
+
+    def loader():
+        yield ([], [], [])
+        raise ConnectionResetError("connection reset by peer")
+
+    items = _handed_over(loader())
+    assert next(items) == ([], [], [])
+    message = "a DataLoader worker (reader process) died while handing over a batch (connection reset by peer)"
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+        next(items)
+
+
+def test_maps_and_statistics_of_a_slice_model_are_written_while_scoring(checkpoint, tmp_path):
+    """`iter_scored` with a map writer: each scored slice's map files and its row's statistics (bits/dim, the map's
+    peaks) from the same pass."""
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.volume_files import write_dicom_series
+    from cdm_ood.ood.batch import iter_scored
+    from cdm_ood.ood.map_outputs import MapWriter
+
+    write_dicom_series(phantom_volume(np.random.default_rng(0), size=16, slices=2), tmp_path / "s", modality="ct",
+                       volume_index=0)  # fmt: skip
+    sources = discover([tmp_path / "s"])
+    detector = OODDetector.from_checkpoint(checkpoint)
+    writer = MapWriter(tmp_path / "maps", sources=sources)
+    rows = [r for group in iter_scored(detector, detector.thresholds, sources, [], maps=writer) for r in group]
+    assert [(r["level"], r["slice"]) for r in rows] == [("slice", 0), ("slice", 1)]
+    assert all(math.isfinite(r[c]) for r in rows for c in ("bits_per_dim", "map_peak")), rows
+    assert len(list((tmp_path / "maps").rglob("*.npy"))) >= 2 and len(list((tmp_path / "maps").rglob("*.png"))) >= 2
+
+
+def test_a_volume_model_scores_and_maps_each_volume_and_each_series_as_one_image(tmp_path):
+    """`iter_scored` with a model whose unit is the volume (untrained, calibrated on four volumes: the rows and
+    files, not the scores, are tested): one volume row for a NIfTI file and one for a DICOM series of files, none
+    per slice, and with a map writer the map of every slice of each volume."""
+    from dataclasses import replace
+
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.presets import IntensityPreset
+    from cdm_ood.data.volume_files import write_dicom_series, write_nifti
+    from cdm_ood.model.checkpoint import LoadedModel
+    from cdm_ood.model.sections import ModelConfig, ScheduleConfig
+    from cdm_ood.model.spec import ModelSpec
+    from cdm_ood.ood import calibrate
+    from cdm_ood.ood.batch import PreparedFiles, iter_scored
+    from cdm_ood.ood.map_outputs import MapWriter
+    from cdm_ood.ood.scoring import ImageScorer
+    from cdm_ood.ood.thresholds import Thresholds
+
+    config = ModelConfig(channels=(8, 16), attention_levels=(False, False), num_head_channels=8)
+    spec = ModelSpec(config, ScheduleConfig(T=10), IntensityPreset("minmax"), (8, 16, 16), 1, 8)
+    torch.manual_seed(0)
+    model = LoadedModel(spec.build_classifier().eval(), spec.noise_schedule(), spec, {}, 0, "")
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        write_nifti(phantom_volume(rng, size=16, slices=8), tmp_path / "fit" / f"v{k}.nii.gz")
+    scorer = ImageScorer(model, "nll")
+    fit = PreparedFiles(discover([tmp_path / "fit"]), scorer.transform, volumes=True)
+    x = torch.stack([fit[k][0][0][2] for k in range(len(fit))])
+    calibration = calibrate(scorer.features(x, ("profile", "residuals")), scorer.num_dims, 8, 0.25, ["nll", "map"],
+                            "nll")  # fmt: skip
+    write_nifti(phantom_volume(rng, size=16, slices=8), tmp_path / "in" / "v.nii.gz")
+    write_dicom_series(phantom_volume(rng, size=16, slices=8), tmp_path / "in" / "s", modality="ct",
+                       volume_index=0)  # fmt: skip
+    sources = discover([tmp_path / "in"])
+    scorer = ImageScorer(replace(model, calibration=calibration), "nll")
+    for writer in (None, MapWriter(tmp_path / "maps", sources=sources)):
+        rows = [row for group in iter_scored(scorer, Thresholds(1e12), sources, [], maps=writer) for row in group]
+        assert sorted((r["level"], r["verdict"], Path(r["path"]).name) for r in rows) == [
+            ("volume", "in", "s"), ("volume", "in", "v.nii.gz")]  # fmt: skip
+    assert all(math.isfinite(r["map_peak"]) for r in rows)
+    assert len(list((tmp_path / "maps").rglob("*.npy"))) >= 16
+
+
+def test_every_reader_process_starts_with_the_quiet_excepthook(checkpoint, tmp_path):
+    """`iter_scored` with reader processes: each runs `_quiet_reader` first (seen here from inside the reader, in
+    the reason of a transform that fails there)."""
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.volume_files import write_dicom_series
+    from cdm_ood.ood.batch import iter_scored
+
+    write_dicom_series(phantom_volume(np.random.default_rng(0), size=16, slices=1), tmp_path / "s", modality="ct",
+                       volume_index=0)  # fmt: skip
+    detector = OODDetector.from_checkpoint(checkpoint)
+
+    def probe(image):
+        raise ValueError(f"excepthook {sys.excepthook.__name__} in process {os.getpid()}")
+
+    detector.transform = probe
+    (row,) = [r for group in iter_scored(detector, detector.thresholds, discover([tmp_path]), [], 1) for r in group]
+    assert "excepthook hook in process" in row["reason"], "the default is named excepthook"
+    assert f"in process {os.getpid()}" not in row["reason"]
+
+
+def test_iter_scored_yields_each_batch_with_its_errors_flagged_slices_and_maps_not_written(checkpoint, tmp_path):
+    """One group per batch of `batch_size` scored images: a file that cannot be read is an `unreadable` row, a
+    flagged slice a `flagged` row against the threshold, and a map that cannot be written a `flagged` file row of
+    its slice (in its batch) or of its volume (in the last group, for the volume file written at the end)."""
+    from dataclasses import replace
+
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.data.phantoms import phantom_volume
+    from cdm_ood.data.volume_files import write_dicom_series
+    from cdm_ood.ood.batch import iter_scored
+    from cdm_ood.ood.map_outputs import MapWriter
+
+    rng = np.random.default_rng(0)
+    for k, (name, slices) in enumerate((("s", 2), ("t", 1), ("u", 1))):
+        write_dicom_series(phantom_volume(rng, size=16, slices=slices), tmp_path / name, modality="ct",
+                           volume_index=k)  # fmt: skip
+    sources = discover([tmp_path / name for name in "stu"])
+    broken = Path(sources[2].path)
+    broken.write_bytes(broken.read_bytes()[:300])
+    sources[1] = replace(sources[1], flags=("ImageOrientationPatient differs",))
+    detector = OODDetector.from_checkpoint(checkpoint)
+    detector.batch_size = 1
+    for taken in ("s_s0000_map.npy", "u_map.nii.gz"):  # folders where the maps of s's slice 0 and of u would go
+        (tmp_path / "maps" / taken).mkdir(parents=True)
+    writer = MapWriter(tmp_path / "maps", sources=sources)
+    groups = list(iter_scored(detector, detector.thresholds, sources, [], maps=writer))
+
+    def seen(row):
+        verdict = "scored" if row["verdict"] in ("in", "ood") else row["verdict"]
+        return row["level"], Path(row["path"]).name, row["slice"], verdict, row["threshold"]
+
+    threshold = detector.thresholds.score
+    assert [[seen(r) for r in group] for group in groups] == [
+        [("slice", "slice_000.dcm", 0, "scored", threshold), ("file", "slice_000.dcm", 0, "flagged", None)],
+        [("slice", "slice_001.dcm", 1, "flagged", threshold), ("file", "slice_000.dcm", None, "unreadable", None),
+         ("slice", "slice_000.dcm", 0, "scored", threshold)],
+        [("file", "slice_000.dcm", None, "flagged", None)],
+    ]  # fmt: skip
+    assert groups[1][1]["path"] == str(broken) and groups[1][1]["reason"].startswith("UnreadableFileError: ")
+    for row, volume, reason in ((groups[0][1], 0, "IsADirectoryError"), (groups[2][0], 3, "u_map.nii.gz: ")):
+        assert (row["path"], row["volume"]) == (sources[volume].path, sources[volume].volume_id)
+        assert row["reason"].startswith(f"map not written: {reason}"), row["reason"]

@@ -453,3 +453,25 @@ def test_clear_removes_the_parts_and_takes_a_missing_folder_in_stride(tmp_path):
     clear(tmp_path / "parts")
     clear(tmp_path / "parts")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_score_into_parts_saves_the_errors_calls_progress_and_writes_maps_into_a_new_folder(checkpoint, tmp_path):
+    """The partial reports go into a folder made with its parents; they hold the files that failed before scoring
+    as well as the scored ones; `progress` counts the files and `maps` gets each scored slice's map."""
+    from cdm_ood.data.discovery import discover
+    from cdm_ood.ood.map_outputs import MapWriter
+
+    detector = OODDetector.from_checkpoint(checkpoint)
+    write_raw_nifti(phantom_volume(np.random.default_rng(5), size=16, slices=2), tmp_path / "in" / "scan.nii")
+    sources = discover([tmp_path / "in"])
+    failed = UnreadableFileError(tmp_path / "in" / "gone.dcm", "truncated")
+    handled: list[int] = []
+    parts = tmp_path / "new" / "parts"
+    writer = MapWriter(tmp_path / "maps", sources=sources)
+    score_into_parts(detector, detector.thresholds, sources, [failed], parts, 0, progress=handled.append, maps=writer)
+    found = sorted(
+        (r["level"], Path(r["path"]).name, r["slice"], r["verdict"] == "unreadable") for r in read_parts(parts)
+    )
+    assert found == [("file", "gone.dcm", None, True), ("slice", "scan.nii", 0, False), ("slice", "scan.nii", 1, False)]
+    assert sum(handled) == 1
+    assert sorted(p.suffix for p in (tmp_path / "maps").rglob("*.*"))

@@ -52,10 +52,14 @@ def guided_denoiser(
 
 
 def strided_levels(top: int, steps: int) -> list[int]:
-    """`steps` distinct noise levels from `top` down to 1, evenly strided (every level when steps == top)."""
+    """`steps` distinct noise levels from `top` down to 1, evenly strided: top - i (top - 1) / (steps - 1) rounded
+    half up, in integers (floats round 25.5 either way); every level when steps == top."""
     if not 1 <= steps <= top:
         raise UsageError(f"steps must be in 1..{top}, got {steps}")
-    return [math.floor(v + 0.5) for v in torch.linspace(top, 1, steps, dtype=torch.float64).tolist()]
+    if steps == 1:
+        return [top]
+    gaps = steps - 1
+    return [(2 * top * gaps - 2 * (top - 1) * i + gaps) // (2 * gaps) for i in range(steps)]
 
 
 def _scalars(schedule: NoiseSchedule, t: int) -> tuple[float, float]:

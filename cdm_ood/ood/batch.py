@@ -168,7 +168,7 @@ def iter_scored(
             scores, statistics, amaps = scorer.scored_prepared(x, maps is not None)
             for i, (index, *_) in enumerate(pending):
                 stats = {c: float(v[i]) for c, v in statistics.items()}
-                rows[index] = scorer.report_row(rows[index]["source"], float(scores[i]), threshold, (), stats)
+                rows[index] = scorer.report_row(rows[index]["source"], float(scores[i]), threshold, statistics=stats)
             if maps is not None and amaps is not None:
                 for (_, _, image, files), amap in zip(pending, amaps, strict=True):
                     if volumes:

@@ -135,7 +135,7 @@ def cross_fitted_map_statistics(
     """The anomaly-map peaks (`local_check.MAP_COLUMNS`) of every calibration image from a map detector fitted
     without it: the held-out images' from the one fitted on the others (the calibrated map), the others' from one
     fitted on the held-out images, so that the local checks' thresholds are set on out-of-sample peaks."""
-    out = {column: np.full(len(held), np.nan) for column in MAP_COLUMNS}
+    out = {column: np.empty(len(held)) for column in MAP_COLUMNS}  # both sides together fill every row
     for side in (held, ~held):
         maps = MapDetector(num_dims, bit_depth, num_classes).fit(select_rows(features, ~side))
         found = image_statistics(select_rows(features, side), num_dims, bit_depth, maps)

@@ -174,7 +174,7 @@ def write_part(parts: Path, rank: int, rows: Iterable[dict]) -> Path:
     keys = {path: file_key(path, path not in unread) for path in {r["path"] for r in rows}}
     keyed = [dict(r, file_key=keys[r["path"]]) for r in rows]
     path = parts / f"rank{rank:04d}-{time.time_ns()}.csv"
-    write_csv_atomic(path, PART_COLUMNS, [{k: "" if v is None else v for k, v in r.items()} for r in keyed])
+    write_csv_atomic(path, PART_COLUMNS, keyed)  # None is written as an empty cell
     return path
 
 
