@@ -225,6 +225,7 @@ def test_the_volume_checks_that_stop_share_the_rate_and_the_report_only_ones_tak
     assert built("auto", ["foreign", "local"]) == [("foreign", 18.0, True), ("local", 18.0, True)]
     assert built("auto", ["foreign", "local"], ["foreign"]) == [("foreign", 16.0, False), ("local", 16.0, True)]
     assert built("fpr:0.4", ["local", "anatomy"], ["local"]) == [("local", 12.0, False)], "no check stops: k = 1"
+    assert built(" fpr:4e-1", ["local"]) == [("local", 12.0, True)], "the whole rate after 'fpr:'"
     assert built(3.0, ["orientation", "local", "foreign"], ["local"]) == [
         ("orientation", 18.0, True), ("local", 18.0, False), ("foreign", 18.0, True)
     ]  # fmt: skip

@@ -33,7 +33,7 @@ class NoiseSchedule:
         if not isinstance(self.T, int) or self.T < 1:
             raise UsageError(f"T must be a positive integer, got {self.T!r}")
         inner = _INNER[self.kind](self.T, **self.params)
-        alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), inner, torch.zeros(1, dtype=torch.float64)])
+        alpha_bar = torch.cat([inner.new_ones(1), inner, inner.new_zeros(1)])
         object.__setattr__(self, "alpha_bar", alpha_bar)
 
     @classmethod
@@ -101,9 +101,8 @@ _INNER = {"linear": _linear, "uniform": _uniform, "cosine": _cosine}
 
 
 def timesteps(t: int | Tensor, x: Tensor) -> Tensor:
-    """Noise levels as a (B,) long tensor on x's device; an int applies to every sample of the batch x."""
-    t = torch.as_tensor(t, dtype=torch.long, device=x.device)
-    return t.expand(x.shape[0]) if t.ndim == 0 else t
+    """Noise levels as a (B,) long tensor on x's device; an int (or one level) applies to every sample of x."""
+    return torch.as_tensor(t, dtype=torch.long, device=x.device).expand(x.shape[0])
 
 
 def at(values: Tensor, t: Tensor, x: Tensor) -> Tensor:

@@ -59,7 +59,7 @@ def write_csv_atomic(
     """Write dict rows with a header line to `path`, atomically, in UTF-8; a file name that is not UTF-8 keeps its
     exact bytes (surrogate escapes), so every name the filesystem allows reaches the file. A CSV `for_people`
     (reports opened in spreadsheets) has its text cells made `spreadsheet_safe`."""
-    with atomic_write(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with atomic_write(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows([{k: spreadsheet_safe(v) for k, v in row.items()} for row in rows] if for_people else rows)
