@@ -772,7 +772,8 @@ def test_every_reader_process_starts_with_the_quiet_excepthook(checkpoint, tmp_p
 def test_iter_scored_yields_each_batch_with_its_errors_flagged_slices_and_maps_not_written(checkpoint, tmp_path):
     """One group per batch of `batch_size` scored images: a file that cannot be read is an `unreadable` row, a
     flagged slice a `flagged` row against the threshold, and a map that cannot be written a `flagged` file row of
-    its slice (in its batch) or of its volume (in the last group, for the volume file written at the end)."""
+    its volume, in the batch whose slices made the volume file due (another volume's slice came) or in the last group
+    (the volume files written at the end)."""
     from dataclasses import replace
 
     from cdm_ood.data.discovery import discover
@@ -791,7 +792,7 @@ def test_iter_scored_yields_each_batch_with_its_errors_flagged_slices_and_maps_n
     sources[1] = replace(sources[1], flags=("ImageOrientationPatient differs",))
     detector = OODDetector.from_checkpoint(checkpoint)
     detector.batch_size = 1
-    for taken in ("s_s0000_map.npy", "u_map.nii.gz"):  # folders where the maps of s's slice 0 and of u would go
+    for taken in ("s_map.nii.gz", "u_map.nii.gz"):  # folders where the volume maps of s and u would go
         (tmp_path / "maps" / taken).mkdir(parents=True)
     writer = MapWriter(tmp_path / "maps", sources=sources)
     groups = list(iter_scored(detector, detector.thresholds, sources, [], maps=writer))
@@ -802,12 +803,12 @@ def test_iter_scored_yields_each_batch_with_its_errors_flagged_slices_and_maps_n
 
     threshold = detector.thresholds.score
     assert [[seen(r) for r in group] for group in groups] == [
-        [("slice", "slice_000.dcm", 0, "scored", threshold), ("file", "slice_000.dcm", 0, "flagged", None)],
+        [("slice", "slice_000.dcm", 0, "scored", threshold)],
         [("slice", "slice_001.dcm", 1, "flagged", threshold), ("file", "slice_000.dcm", None, "unreadable", None),
-         ("slice", "slice_000.dcm", 0, "scored", threshold)],
+         ("slice", "slice_000.dcm", 0, "scored", threshold), ("file", "slice_000.dcm", None, "flagged", None)],
         [("file", "slice_000.dcm", None, "flagged", None)],
     ]  # fmt: skip
     assert groups[1][1]["path"] == str(broken) and groups[1][1]["reason"].startswith("UnreadableFileError: ")
-    for row, volume, reason in ((groups[0][1], 0, "IsADirectoryError"), (groups[2][0], 3, "u_map.nii.gz: ")):
-        assert (row["path"], row["volume"]) == (sources[volume].path, sources[volume].volume_id)
-        assert row["reason"].startswith(f"map not written: {reason}"), row["reason"]
+    for row, volume, name in ((groups[1][3], 0, "s"), (groups[2][0], 3, "u")):
+        assert row["volume"] == sources[volume].volume_id
+        assert row["reason"].startswith(f"map not written: {name}_map.nii.gz: "), row["reason"]

@@ -419,6 +419,7 @@ def test_plan_shard_deals_volumes_and_failures_to_ranks_and_a_resume_skips_only_
     resumed = plan(0, 1, True)
     assert [s.path for s in resumed.todo] == [str(png[1]), str(png[2])]
     assert [e.path for e in resumed.failed] == [str(junk[1])] and resumed.skipped == 2
+    assert ([s.path for s in resumed.found], resumed.ignored) == (list(map(str, png)), plans[0].ignored)
 
 
 def test_plan_shard_passes_the_voxel_limit_and_the_ignore_globs_to_discovery(tmp_path):

@@ -345,19 +345,17 @@ def function_of(name: str) -> str:
 
 
 def forget_survivors() -> int:
-    """Mark every mutant of the last run that was not killed as unchecked, so that the next `mutmut run` checks it
-    against the tests as they are now; the number marked. Killed mutants keep their result (a test added cannot
-    revive one, and mutmut itself re-runs every function whose source changed)."""
-    from mutmut.stats import status_by_exit_code
-
-    marked = 0
+    """Mark every mutant of the last run that was not killed and that no reviewed entry explains as unchecked, so
+    that the next `mutmut run` checks it against the tests as they are now; the number marked. Killed and reviewed
+    mutants keep their result (a test added cannot revive one, and mutmut itself re-runs every function whose
+    source changed)."""
+    _, unexplained, _ = review(statuses(), load_equivalent())
+    names = {m.name for m in unexplained}
     for _, data in results():
-        for name, code in data.exit_code_by_key.items():
-            if status_by_exit_code[code] not in KILLED:
-                data.exit_code_by_key[name] = None
-                marked += 1
+        for name in names & set(data.exit_code_by_key):
+            data.exit_code_by_key[name] = None
         data.save()
-    return marked
+    return len(names)
 
 
 def survivor(name: str, status: str, path: str) -> Survivor:
@@ -527,7 +525,8 @@ def main() -> int:
     parser.add_argument("--survivors", nargs="*", metavar="MODULE",
                         help="every mutant checked and not killed (of these modules), with its diff")  # fmt: skip
     parser.add_argument("--hand", nargs="*", metavar="NAME", help="only the hand-made mutants (or these)")
-    parser.add_argument("--again", action="store_true", help="check only the last run's mutants that were not killed")
+    parser.add_argument("--again", action="store_true",
+                        help="check only the last run's mutants neither killed nor explained")  # fmt: skip
     parser.add_argument("--explain", nargs="+", metavar=("REASON", "NAME"),
                         help="list these survivors as equivalent mutants, with the reason")  # fmt: skip
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="mutants run at once")
@@ -545,7 +544,7 @@ def main() -> int:
         return report(None)
     start = time.monotonic()
     if args.again:
-        print(f"checking again the {forget_survivors()} mutants the last run did not kill", flush=True)
+        print(f"checking again the {forget_survivors()} mutants the last run did not kill or explain", flush=True)
     else:  # from scratch: mutmut maps a test to the functions it reaches only when the test is new to it
         shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     run_mutmut(args.children, ROOT / "runs" / "mutants.log")
