@@ -3,7 +3,7 @@
     python tools/mutants.py              # mutmut over [tool.mutmut] (about an hour on 2 cores), the table into docs/
     python tools/mutants.py --report     # the table and the unexplained survivors of the last run (mutants/)
     python tools/mutants.py --survivors [MODULE ...]  # every mutant not killed, with its diff (what to review)
-    python tools/mutants.py --again      # check again only the mutants the last run did not kill (after new tests)
+    python tools/mutants.py --again      # check again the mutants the last run neither killed nor explained
     python tools/mutants.py --explain REASON NAME ...  # list survivors as equivalent, with the reason (reviewed)
     python tools/mutants.py --hand [NAME ...]  # only the hand-made mutants (`HAND`), or these of them
 
