@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = "tests/test_benchmarks.py::"
 EQUIVALENT = ROOT / "tools" / "equivalent_mutants"  # one file per module: cdm_ood.ood.report.toml, ...
 DOC = "testing.md"
-PLACE = "<!-- mutants: `make mutants` writes its table here; no complete run has yet -->"
 KILLED = ("killed", "timeout")  # a mutant that runs past its time limit is caught too
 SPINNER = re.compile("[\u2800-\u28ff]")  # the braille frames of mutmut's progress spinner
 
@@ -500,11 +499,8 @@ def report(seconds: float | None, command: str = "make mutants") -> int:
         when = datetime.date.today().isoformat()
         text += (f"\n\n*Printed by `{command}` ({minutes} min {secs} s) on {machine()}, {when}, commit {commit()}; "
                  f"mutmut {version('mutmut')}.*")  # fmt: skip
-        doc = ROOT / "docs" / DOC
-        if PLACE in doc.read_text():  # the first table: it takes the place marked for it
-            doc.write_text(doc.read_text().replace(PLACE, "<!-- table: mutants -->\n<!-- /table -->"))
         if "mutants" not in write_docs({"mutants": text}):
-            sys.exit(f"docs/{DOC} has no block `mutants` (nor the line {PLACE!r}) to write the table into")
+            sys.exit(f"docs/{DOC} has no block `mutants` to write the table into")
     print(f"<!-- table: mutants -->\n{text}\n<!-- /table -->")
     show(unexplained)
     for entry in stale:
