@@ -175,6 +175,12 @@ def calibrate_command(
               help="Keep the partial reports of an interrupted run and skip their files whose content is unchanged; "
                    "refused (exit 2) when the checkpoint, detector, threshold or options differ from that "
                    "run's.")  # fmt: skip
+@click.option(
+    "--series-context",
+    is_flag=True,
+    help="Add each volume's StudyInstanceUID, SeriesInstanceUID, Modality, SeriesNumber and "
+    "SeriesDescription to the report (DICOM; off by default: descriptions can hold identifying text).",
+)
 @click.option("--maps", type=click.Path(file_okay=False, path_type=Path),
               help="Also write each scored image's anomaly map into this folder: .npy on the image's grid, a PNG "
                    "overlay, and for NIfTI / DICOM series a _map.nii.gz with the input's geometry (docs/data.md). "
@@ -189,8 +195,8 @@ def calibrate_command(
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
     no_slice_order: bool, no_orientation: bool, no_anatomy: bool, no_local: bool, no_fail: bool, max_voxels: int,
-    resume: bool, maps: Optional[Path], device: str, precision: Optional[str], batch_size: int, workers: int | str,
-    exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
+    resume: bool, series_context: bool, maps: Optional[Path], device: str, precision: Optional[str], batch_size: int,
+    workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
 
@@ -241,6 +247,7 @@ def score_command(
             ignore=ignore_globs(exclude, no_default_ignore),
             progress=late_progress(bars, scorer.name) if ddp.main else None,
             info={"checkpoint": str(checkpoint), "precision": scorer.precision}, maps=maps,
+            series_context=series_context,
         )  # fmt: skip
     if result is None:  # another rank of a torchrun job: rank 0 reports
         return

@@ -4,6 +4,7 @@ names, grids, and the input's geometry; and `cdm-ood score --maps` writing them 
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -191,19 +192,20 @@ def test_score_maps_never_scans_its_own_folder_and_refuses_an_input(checkpoint, 
 
 
 def mixed_series(folder: Path, rng: np.random.Generator) -> None:
-    """A 3-slice 16x16 CT series whose middle slice is 32x32 (Rows, Columns and pixels replaced)."""
+    """A 3-slice 16x16 CT series whose middle slice is constant (flagged, never scored)."""
     write_dicom_series(phantom_volume(rng, size=16, slices=3), folder, modality="ct", volume_index=1)
     ds = pydicom.dcmread(folder / "slice_001.dcm")
-    ds.Rows = ds.Columns = 32
-    ds.PixelData = phantom_volume(rng, size=32, slices=1)[0].astype(np.int16).tobytes()
+    ds.PixelData = np.full((16, 16), 40, np.int16).tobytes()
     ds.save_as(folder / "slice_001.dcm")
 
 
 def test_a_map_that_cannot_be_written_is_its_images_failure_never_an_exception(tmp_path):
-    mixed_series(tmp_path / "in" / "mixed", np.random.default_rng(2))
+    write_dicom_series(phantom_volume(np.random.default_rng(2), size=16, slices=3), tmp_path / "in" / "mixed",
+                       modality="ct", volume_index=1)  # fmt: skip
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "in" / "xray.png")
     (tmp_path / "maps" / "xray_s0000_map.npy").mkdir(parents=True)  # a folder where the map file must go
     slices = list(iter_slices(tmp_path / "in"))
+    slices[1] = replace(slices[1], image=np.ones((1, 32, 32), np.float32))  # a slice of another size in its volume
     writer = MapWriter(tmp_path / "maps")
     written = [p for s in slices for p in writer.write(np.ones((16, 16), np.float32), s)] + writer.finish()
     assert sorted(p.name for p in written) == [f"mixed_s000{k}_map.{ext}" for k in range(3) for ext in ("npy", "png")]
@@ -235,7 +237,7 @@ def test_score_maps_runs_past_a_mixed_series_and_a_map_it_cannot_write_and_resum
             ("volume", "body.nii.gz", ""): "flagged",
             ("file", "body.nii.gz", "1"): "flagged",
         }
-        odd = "Rows x Columns 32x32 differ from the 16x16 of 2 of the series' 3 slices"
+        odd = "constant pixels"
         assert rows["slice", "slice_001.dcm", "1"]["reason"] == f"not scored: {odd}"
         assert rows["volume", "mixed", ""]["reason"].startswith(f"1 of 3 slices flagged (not scored: {odd}); ")
         lost = rows["file", "body.nii.gz", "1"]["reason"]

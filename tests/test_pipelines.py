@@ -24,7 +24,7 @@ def test_qa_gate_reports_new_studies_once_and_gates_on_them(checkpoint, scans, t
     (report,) = tmp_path.glob("qa-*.csv")
     text = report.read_text()
     assert "broken.dcm" in text and "junk.bin" in text and "clean.nii.gz" in text
-    assert f"file,{scans / 'notes.txt'},,,,,,,ignored," in text, "the ignored sidecar is a row, not judged"
+    assert f"file,{scans / 'notes.txt'},,,,,,,,ignored," in text, "the ignored sidecar is a row, not judged"
     out = capsys.readouterr().out
     assert "UNREADABLE" in out and "passed: False" in out and "notes.txt" not in out
     assert gate.main(args) == 0 and "nothing new" in capsys.readouterr().out

@@ -150,15 +150,17 @@ def write_series(folder: Path, n: int, size: int = 4) -> list[pydicom.Dataset]:
     return datasets
 
 
-def test_a_series_slice_of_another_size_is_flagged_naming_rows_and_columns(tmp_path):
-    odd = write_series(tmp_path / "series", 4)[2]
+def test_a_series_slice_of_another_size_is_a_volume_of_its_own(tmp_path):
+    uid = write_series(tmp_path / "series", 4)[0].SeriesInstanceUID
+    odd = pydicom.dcmread(tmp_path / "series" / "s2.dcm")
     odd.Rows = odd.Columns = 8
     odd.PixelData = RNG.integers(0, 100, (8, 8)).astype(np.int16).tobytes()
     write(odd, tmp_path / "series" / "s2.dcm")
     slices, errors = collect(tmp_path)
-    assert errors == [] and [s.image.shape[-1] for s in slices] == [4, 4, 8, 4]
-    reason = "Rows x Columns 8x8 differ from the 4x4 of 3 of the series' 4 slices"
-    assert [s.flags for s in slices] == [(), (), (reason,), ()]
+    assert errors == [] and all(s.flags == () for s in slices)
+    volumes = {(Path(s.source.path).name, s.source.volume_id, s.source.index, s.image.shape[-1]) for s in slices}
+    assert volumes == {("s0.dcm", f"{uid}[4x4]", 0, 4), ("s1.dcm", f"{uid}[4x4]", 1, 4),
+                       ("s3.dcm", f"{uid}[4x4]", 2, 4), ("s2.dcm", f"{uid}[8x8]", 0, 8)}  # fmt: skip
 
 
 def test_duplicate_sop_instance_uids_flag_every_copy_naming_the_field(tmp_path):
@@ -172,16 +174,22 @@ def test_duplicate_sop_instance_uids_flag_every_copy_naming_the_field(tmp_path):
         assert identifier not in reason[0]
 
 
-def test_a_slice_of_another_orientation_is_flagged_naming_image_orientation_patient(tmp_path):
+def test_a_slice_of_another_orientation_is_a_volume_of_its_own(tmp_path):
     datasets = write_series(tmp_path / "series", 4)
     datasets[1].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal slice in an axial series
     datasets[3].ImageOrientationPatient = [1, 0, 0, 0, 0.99999, 0.0001]  # within the tolerance: the same plane
     for k in (1, 3):
         write(datasets[k], tmp_path / "series" / f"s{k}.dcm")
     slices, _ = collect(tmp_path)
-    flagged = {Path(s.source.path).name: s.flags for s in slices if s.flags}
-    assert flagged == {"s1.dcm": ("ImageOrientationPatient sagittal (0, 1, 0, 0, 0, -1) differs from the axial "
-                                  "(1, 0, 0, 0, 1, 0) of 3 of the series' 4 slices",)}  # fmt: skip
+    uid = datasets[0].SeriesInstanceUID
+    assert all(s.flags == () for s in slices)
+    assert {Path(s.source.path).name: s.source.volume_id for s in slices} == {
+        "s0.dcm": f"{uid}[axial1]", "s1.dcm": f"{uid}[sagittal2]", "s2.dcm": f"{uid}[axial1]",
+        "s3.dcm": f"{uid}[axial1]",
+    }  # fmt: skip
+    (sagittal,) = [s for s in slices if s.source.path.endswith("s1.dcm")]
+    assert sagittal.source.part == ("series split by orientation into 2 volumes: part 2, ImageOrientationPatient "
+                                    "sagittal (0, 1, 0, 0, 0, -1)")  # fmt: skip
 
 
 def test_monochrome1_is_inverted_over_the_stored_range_as_a_viewer_shows_it(tmp_path):

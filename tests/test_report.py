@@ -256,8 +256,8 @@ def test_the_csv_report_holds_the_rows_only_with_empty_cells_for_missing_values(
     with open(tmp_path / "r.Csv", newline="") as f:
         back = list(csv.reader(f))
     assert back == [list(COLUMNS), [str("" if rows[0][k] is None else rows[0][k]) for k in COLUMNS],
-                    ["file", "'=x.txt", *[""] * 6, "ignored", "not read: matches the ignore pattern '*.txt'",
-                     *[""] * (len(COLUMNS) - 10)]]  # fmt: skip
+                    ["file", "'=x.txt", *[""] * 7, "ignored", "not read: matches the ignore pattern '*.txt'",
+                     *[""] * (len(COLUMNS) - 11)]]  # fmt: skip
     with pytest.raises(UsageError) as err:
         write_report(tmp_path / "r.txt", rows, {})
     assert str(err.value) == f"{tmp_path / 'r.txt'}: the report must be .csv or .json"

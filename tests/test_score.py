@@ -452,7 +452,7 @@ def test_headers_that_disagree_with_themselves_flag_their_volume_on_every_path(c
     shutil.copy(scans / "dup" / "slice_001.dcm", scans / "dup" / "slice_001_again.dcm")  # 4 files, 3 instances
     write_dicom_series(phantom_volume(rng, size=16, slices=3), scans / "sag", modality="ct", volume_index=1)
     ds = pydicom.dcmread(scans / "sag" / "slice_002.dcm")
-    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # one sagittal slice in an axial series
+    del ds.ImageOrientationPatient  # one slice without orientation in an axial series: a volume of its own, flagged
     ds.save_as(scans / "sag" / "slice_002.dcm")
     volume = phantom_volume(rng, size=16, slices=2)
     write_nifti(volume, scans / "clean.nii.gz")
@@ -470,14 +470,18 @@ def test_headers_that_disagree_with_themselves_flag_their_volume_on_every_path(c
     report = pd.read_csv(tmp_path / "r.csv", keep_default_na=False)
     volumes = {Path(r.path).name: (r.verdict, r.reason) for r in report[report.level == "volume"].itertuples()}
     assert {name: verdict for name, (verdict, _) in volumes.items()} == {
-        "clean.nii.gz": "in", "cr.dcm": "in", "dup": "flagged", "sag": "flagged", "qsform.nii": "flagged",
+        "clean.nii.gz": "in", "cr.dcm": "in", "dup": "flagged", "sag": "in", "slice_002.dcm": "flagged",
+        "qsform.nii": "flagged",
         "slope_zero.nii": "flagged", "slope_nan.nii": "flagged", "slope_inf.nii": "flagged",
     }  # fmt: skip
     assert volumes["dup"][1].startswith("2 of 4 slices flagged (not scored: duplicate SOPInstanceUID: 4 files of the "
                                         "series hold 3 SOPInstanceUIDs); mean of 2 slice scores")  # fmt: skip
-    assert volumes["sag"][1].startswith("1 of 3 slices flagged (not scored: ImageOrientationPatient sagittal (0, 1, 0, "
-                                        "0, 0, -1) differs from the axial (1, 0, 0, 0, 1, 0) of 2 of the series' 3 "
-                                        "slices); mean of 2 slice scores")  # fmt: skip
+    assert volumes["slice_002.dcm"][1] == (
+        "series split by orientation into 2 volumes: part 1, ImageOrientationPatient absent or malformed; no slice "
+        "could be scored (1 flagged: ImageOrientationPatient absent or malformed, where 2 of the series' 3 slices have "
+        "one)")  # fmt: skip
+    assert volumes["sag"][1].startswith("series split by orientation into 2 volumes: part 2, ImageOrientationPatient "
+                                        "axial (1, 0, 0, 0, 1, 0); mean of 2 slice scores")  # fmt: skip
     assert volumes["qsform.nii"][1] == ("no slice could be scored (2 flagged: NIfTI qform (code 1) and sform (code 1) "
                                         "disagree: voxels up to 3 mm apart (tolerance 0.01 mm))")  # fmt: skip
     for name in ("zero", "nan", "inf"):

@@ -376,8 +376,8 @@ def test_write_part_keys_every_row_and_read_parts_reads_them_back_typed_oldest_f
     assert re.fullmatch(r"rank0003-\d+\.csv", late.name)
     with open(late, newline="", encoding="utf-8", errors="surrogateescape") as f:
         assert list(csv.reader(f)) == [list(PART_COLUMNS), [
-            "slice", str(name), "2", "", "v\u00e9", "", "1.25", "2.0", "in", "",
-            *[""] * (len(COLUMNS) - 10), blake(b"image")]]  # fmt: skip
+            "slice", str(name), "2", "", "v\u00e9", "", "", "1.25", "2.0", "in", "",
+            *[""] * (len(COLUMNS) - 11), blake(b"image")]]  # fmt: skip
     late.rename(parts / "rank0000-100.csv")
     write_part(parts, 1, [broken]).rename(parts / "rank0001-99.csv")
     with c_locale():

@@ -157,27 +157,32 @@ def test_score_maps_of_a_3d_model_are_written_per_volume(model3d, volumes, tmp_p
     assert np.allclose(nib.load(maps / "series_map.nii.gz").affine, np.diag([-1.0, -1.0, 1.0, 1.0]))
 
 
-def test_a_series_with_a_slice_of_another_size_is_one_flagged_volume_naming_the_field(model3d, tmp_path):
+def test_a_series_with_slices_of_two_sizes_is_two_volumes_each_named_by_its_size(model3d, tmp_path):
     import pydicom
 
-    from cdm_ood.data import iter_slices
-    from cdm_ood.data.volumes import stack_volumes
+    from cdm_ood.data.volumes import iter_volumes
 
     rng = np.random.default_rng(8)
-    write_dicom_series(phantom_volume(rng, size=16, slices=8), tmp_path / "mixed", modality="ct", volume_index=0)
-    ds = pydicom.dcmread(tmp_path / "mixed" / "slice_005.dcm")
-    ds.Rows = ds.Columns = 32
-    ds.PixelData = phantom_volume(rng, size=32, slices=1)[0].astype(np.int16).tobytes()
-    ds.save_as(tmp_path / "mixed" / "slice_005.dcm")
-    odd = "Rows x Columns 32x32 differ from the 16x16 of 7 of the series' 8 slices"
-    (volume,) = stack_volumes(list(iter_slices(tmp_path / "mixed")))
-    assert volume.flags == (odd,) and volume.image.shape == (1, 7, 16, 16), "stacked from its other slices"
+    uid = write_dicom_series(phantom_volume(rng, size=16, slices=8), tmp_path / "mixed", modality="ct",
+                             volume_index=0)  # fmt: skip
+    for k in (5, 6):
+        ds = pydicom.dcmread(tmp_path / "mixed" / f"slice_00{k}.dcm")
+        ds.Rows = ds.Columns = 32
+        ds.PixelData = phantom_volume(rng, size=32, slices=1)[0].astype(np.int16).tobytes()
+        ds.save_as(tmp_path / "mixed" / f"slice_00{k}.dcm")
+    volumes = list(iter_volumes(tmp_path / "mixed"))
+    assert sorted((v.source.volume_id, v.image.shape, v.flags) for v in volumes) == [
+        (f"{uid}[16x16]", (1, 6, 16, 16), ()), (f"{uid}[32x32]", (1, 2, 32, 32), ())]  # fmt: skip
     out = invoke("score", tmp_path / "mixed", "--checkpoint", model3d[0], "--threshold", "1e12", "--out",
                  tmp_path / "r.json")  # fmt: skip
-    assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
-    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
-    assert (row["level"], row["verdict"], row["reason"], row["score"]) == ("volume", "flagged", f"not scored: {odd}",
-                                                                           None)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["level"], r["volume"], r["verdict"]) for r in rows] == [
+        ("volume", f"{uid}[16x16]", "in"), ("volume", f"{uid}[32x32]", "in")]  # fmt: skip
+    for k, r in enumerate(rows, 1):
+        size = r["volume"][-6:-1]
+        assert r["series_part"] == f"series split by slice size into 2 volumes: part {k}, Rows x Columns {size}"
+        assert r["reason"] == r["series_part"], "a 3D model's volume row names the split as its reason"
 
 
 def test_defects_are_localized_by_a_3d_model(model3d, tmp_path):

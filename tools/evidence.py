@@ -89,7 +89,7 @@ def _ct_scans(out: Path, n: int, *extra: str, seed: int) -> tuple[str, ...]:
 
 # fmt: off
 STEPS: tuple[Step, ...] = (
-    Step("parameters", _py("tools/doc_tables.py"), ("artifact-strengths", "detector-costs")),
+    Step("parameters", _py("tools/doc_tables.py"), ("artifact-strengths", "detector-costs", "corpus-series")),
     Step("train-time", _py("benchmarks/train_time.py", "--out-dir", MNIST, "--replace"), ("train-time",),
          str(MNIST / "model.pt")),
     Step("sampler-accuracy", _py("benchmarks/sampler_accuracy.py", "--checkpoint", MNIST / "model.pt"),

@@ -22,6 +22,7 @@ from .guards import MAX_VOXELS, redact, require_regular_file
 from .headers import series_flags
 from .itk_io import data_file
 from .records import SourceFile
+from .series import part_volume_id, split_series
 from .walk import DEFAULT_IGNORE, IgnoredFile, walk_files
 
 PathLike = str | os.PathLike
@@ -157,9 +158,10 @@ def discover(
     """Every readable file below `paths` (files or folders, recursively), its header read by its reader
     (`formats.FormatReader.source`), slices of multi-file series (DICOM) grouped into series.
 
-    Single-frame DICOM files that share a SeriesInstanceUID form one volume, ranked by position along the
-    slice normal (then InstanceNumber); files of a series that share a SOPInstanceUID or differ from it in
-    Rows/Columns or ImageOrientationPatient, and NIfTI files with disagreeing qform/sform or undefined scaling, get
+    Single-frame DICOM files that share a SeriesInstanceUID form one volume, or one per part when they are not one
+    acquisition (`series.split_series`: localizer, echo, time point, orientation, size, spacing), each ranked by
+    position along the slice normal (then InstanceNumber); files of a series that share a SOPInstanceUID or lack the
+    ImageOrientationPatient others have, and NIfTI files with disagreeing qform/sform or undefined scaling, get
     `flags` (`headers`). A file that cannot be read, is not a regular file or declares more than `max_voxels`
     voxels is passed to `on_error`, or raised when `on_error` is None. Files that a folder walk finds are left out
     when `exclude(path)` is true (e.g. a report being written into the scanned folder) or an `ignore` glob matches
@@ -195,11 +197,12 @@ def discover(
             sources.append(entry)
     for (name, series_uid), members in series.items():
         members.sort(key=lambda m: m.key)
-        flags = series_flags([m.member for m in members])
-        sources.extend(
-            SourceFile(str(m.path), name, series_uid, rank, m.member.uid, flags=flagged)
-            for rank, (m, flagged) in enumerate(zip(members, flags, strict=True))
-        )
+        headers = [m.member for m in members]
+        flags = series_flags(headers)
+        for part, indices in split_series(headers):
+            volume, reason = part_volume_id(series_uid, part), part.reason if part else ""
+            sources.extend(SourceFile(str(members[i].path), name, volume, rank, headers[i].uid, flags=flags[i],
+                                      part=reason) for rank, i in enumerate(indices))  # fmt: skip
     return sources
 
 

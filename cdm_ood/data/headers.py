@@ -1,11 +1,11 @@
 """Headers that disagree with themselves, found by discovery's header pass before any pixel is decoded: a DICOM
-series whose slices differ in Rows/Columns or ImageOrientationPatient or share a SOPInstanceUID; a NIfTI file
+series whose files share a SOPInstanceUID, or some of whose slices have no ImageOrientationPatient; a NIfTI file
 whose qform and sform disagree or whose scaling (scl_slope, scl_inter) is undefined.
 
 Each problem is a flag, a sentence naming the field (never header text that could identify a patient), carried by
 the slices it concerns (`records.Slice.flags`): a flagged slice is never scored, so its volume is `flagged` and never
-passes the gate. A series is judged as stored: it is not split into stacks of one geometry (as a DICOM router would),
-because a consumer that stacks the SeriesInstanceUID gets the disagreeing slices too.
+passes the gate. Slices of one series that differ in image type, echo, time point, orientation, size or spacing are
+not a problem of the header: `series` splits them into volumes, as a DICOM router does.
 """
 
 from __future__ import annotations
@@ -30,12 +30,22 @@ _PLANES = ("sagittal", "coronal", "axial")  # the plane whose normal is the pati
 
 @dataclass(frozen=True)
 class SeriesMember:
-    """What the series checks read of one single-frame DICOM file: its SOPInstanceUID, (Rows, Columns) and
-    ImageOrientationPatient (None when absent or not six numbers)."""
+    """What series assembly (`series`) and the series checks read of one single-frame DICOM file: its
+    SOPInstanceUID, (Rows, Columns), ImageOrientationPatient (None when absent or not six numbers), and the fields a
+    series is split by, as header text made canonical (`dicom.header_text`; None when absent): ImageType's values,
+    EchoNumbers, EchoTime, TemporalPositionIdentifier, AcquisitionNumber, PixelSpacing, and the slice's position
+    along its normal (None without orientation and position)."""
 
     uid: Optional[str]
     size: tuple[int, int]
     orientation: Optional[tuple[float, ...]]
+    image_type: tuple[str, ...] = ()
+    echo_number: Optional[str] = None
+    echo_time: Optional[str] = None
+    temporal_position: Optional[str] = None
+    acquisition: Optional[str] = None
+    spacing: Optional[str] = None
+    along: Optional[float] = None
 
 
 def orientation_of(ds: Any) -> Optional[tuple[float, ...]]:
@@ -49,31 +59,22 @@ def orientation_of(ds: Any) -> Optional[tuple[float, ...]]:
 
 def series_flags(members: Sequence[SeriesMember]) -> list[tuple[str, ...]]:
     """The header flags of each file of one series (in series order): a SOPInstanceUID that more than one file
-    holds (every such file); Rows/Columns or an ImageOrientationPatient (beyond `IOP_TOLERANCE`) other than those of
-    the series' largest group of one geometry (ties: the group of the earliest slice)."""
+    holds (every such file); no ImageOrientationPatient where other slices of the series have one."""
     uids = Counter(m.uid for m in members if m.uid)
     duplicate = (f"duplicate SOPInstanceUID: {sum(uids.values())} files of the series hold {len(uids)} "
                  "SOPInstanceUIDs")  # fmt: skip
-    planes = _orientation_groups([m.orientation for m in members])
-    geometry = Counter(zip((m.size for m in members), planes, strict=True))
-    (size, plane), count = geometry.most_common(1)[0]
-    usual = next(m.orientation for m, p in zip(members, planes, strict=True) if p == plane)
-    usual_of = f"of {count} of the series' {len(members)} slices"
-    flags = []
-    for m, p in zip(members, planes, strict=True):
-        found = [duplicate] if m.uid and uids[m.uid] > 1 else []
-        if m.size != size:
-            found.append(f"Rows x Columns {_size(m.size)} differ from the {_size(size)} {usual_of}")
-        if p != plane:
-            found.append(f"ImageOrientationPatient {_orientation(m.orientation)} differs from the "
-                         f"{_orientation(usual)} {usual_of}")  # fmt: skip
-        flags.append(tuple(found))
-    return flags
+    oriented = sum(m.orientation is not None for m in members)
+    absent = (f"ImageOrientationPatient absent or malformed, where {oriented} of the series' {len(members)} slices "
+              "have one")  # fmt: skip
+    return [
+        (*([duplicate] if m.uid and uids[m.uid] > 1 else []), *([absent] if m.orientation is None and oriented else []))
+        for m in members
+    ]
 
 
-def _orientation_groups(orientations: Sequence[Optional[tuple[float, ...]]]) -> list[int]:
-    """A group number per orientation: equal within `IOP_TOLERANCE` of the group's first one (None: a group of
-    its own)."""
+def orientation_groups(orientations: Sequence[Optional[tuple[float, ...]]]) -> list[int]:
+    """A group number per orientation, in order of first appearance: equal within `IOP_TOLERANCE` of the group's
+    first one (None: a group of its own)."""
     firsts: list[Optional[tuple[float, ...]]] = []
     groups = []
     for o in orientations:
@@ -89,17 +90,20 @@ def _close(a: Sequence[float], b: Optional[Sequence[float]]) -> bool:
     return b is not None and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= IOP_TOLERANCE
 
 
-def _size(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
+def plane(o: Optional[tuple[float, ...]]) -> str:
+    """The plane nearest a slice of ImageOrientationPatient `o`: axial, coronal, sagittal, or oblique beyond about
+    37 degrees from each ('none' when absent or malformed)."""
+    if o is None:
+        return "none"
+    normal = np.abs(np.cross(o[:3], o[3:]))
+    return _PLANES[int(np.argmax(normal))] if normal.max() >= 0.8 else "oblique"
 
 
-def _orientation(o: Optional[tuple[float, ...]]) -> str:
-    """'axial (1, 0, 0, 0, 1, 0)': the plane nearest the slice (oblique beyond about 37 degrees) and the cosines."""
+def describe_orientation(o: Optional[tuple[float, ...]]) -> str:
+    """'axial (1, 0, 0, 0, 1, 0)': the plane nearest the slice and the cosines."""
     if o is None:
         return "absent or malformed"
-    normal = np.abs(np.cross(o[:3], o[3:]))
-    plane = _PLANES[int(np.argmax(normal))] if normal.max() >= 0.8 else "oblique"
-    return f"{plane} ({', '.join(f'{round(v, 3) + 0.0:g}' for v in o)})"
+    return f"{plane(o)} ({', '.join(f'{round(v, 3) + 0.0:g}' for v in o)})"
 
 
 def nifti_flags(path: Path, header_class: type) -> tuple[str, ...]:

@@ -21,7 +21,8 @@ class SourceFile:
 
     `index` is the slice's rank in its DICOM series (None for files holding whole volumes); `companions` are
     files read together with this one (the .img of a NIfTI .hdr/.img pair); `flags` are its header's problems
-    (`headers`), which every slice read from it carries.
+    (`headers`), which every slice read from it carries; `part` says how its DICOM series was split into volumes
+    (`series`; "" when it was not).
     """
 
     path: str
@@ -31,6 +32,7 @@ class SourceFile:
     sop_instance_uid: Optional[str] = None
     companions: tuple[str, ...] = ()
     flags: tuple[str, ...] = ()
+    part: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,11 +43,12 @@ class SliceSource:
         path: the file the pixels were read from.
         index: position of the slice in its volume or series (0-based, sorted by patient position for DICOM
             series, by the third voxel axis for NIfTI volumes, the frame number for multi-frame DICOM).
-        volume_id: SeriesInstanceUID for DICOM, the file path for NIfTI and 2D images. Splits and per-volume
-            verdicts group by it.
+        volume_id: SeriesInstanceUID for DICOM (with the part's label when the series was split: `series`), the
+            file path for NIfTI and 2D images. Splits and per-volume verdicts group by it.
         sop_instance_uid: the DICOM SOPInstanceUID where present.
         frame: the frame of a multi-frame DICOM file, else None.
         time_point: the volume of a 4D NIfTI file, else None.
+        part: how its DICOM series was split into volumes ("" when it was not).
     """
 
     path: str
@@ -54,6 +57,7 @@ class SliceSource:
     sop_instance_uid: Optional[str] = None
     frame: Optional[int] = None
     time_point: Optional[int] = None
+    part: str = ""
 
 
 @dataclass

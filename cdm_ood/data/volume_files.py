@@ -5,8 +5,9 @@ each file written atomically. pydicom and nibabel are imported inside the functi
 from __future__ import annotations
 
 import gzip
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -32,12 +33,17 @@ def write_dicom_series(
     study_uid: Optional[str] = None,
     series_number: int = 1,
     description: str = "cdm-ood phantom",
+    series_uid: Optional[str] = None,
+    fields: Optional[Mapping[str, Any]] = None,
+    stem: str = "slice",
 ) -> str:
     """Write `volume` as a series of single-frame DICOM files `folder/slice_000.dcm`, ...; returns its
     SeriesInstanceUID.
 
     CT is stored as signed int16 HU (slope 1, intercept 0), MR as uint16. Pass the same `study_uid` to put
-    several series in one study (one is generated otherwise). The patient is the fake "PHANTOM^<volume_index>".
+    several series in one study (one is generated otherwise), the same `series_uid` to add files to a series (e.g.
+    its second echo: `fields={"EchoNumbers": 2}`, set on every file after the defaults, and another file `stem`).
+    The patient is the fake "PHANTOM^<volume_index>".
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
@@ -54,7 +60,7 @@ def write_dicom_series(
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()
     frame_uid = generate_uid(entropy_srcs=[study_uid, "frame-of-reference"])  # shared by the study's series
-    series_uid = generate_uid()
+    series_uid = series_uid or generate_uid()
     sop_class = CTImageStorage if modality == "ct" else MRImageStorage
     width = max(3, len(str(len(pixels) - 1)))
     for k, image in enumerate(pixels):
@@ -101,7 +107,9 @@ def write_dicom_series(
             ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "RM", "NONE", "2D"
             ds.ScanOptions = ds.EchoTime = ds.EchoTrainLength = ""
         ds.PixelData = image.tobytes()
-        with atomic_path(folder / f"slice_{k:0{width}d}.dcm") as tmp:
+        for keyword, value in (fields or {}).items():
+            setattr(ds, keyword, value)
+        with atomic_path(folder / f"{stem}_{k:0{width}d}.dcm") as tmp:
             ds.save_as(tmp, enforce_file_format=True)
     return series_uid
 

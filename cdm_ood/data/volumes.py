@@ -12,6 +12,7 @@ import numpy as np
 
 from .discovery import ErrorHandler, PathLike, SourceFile, discover, report_error
 from .errors import DataError, UnreadableFileError
+from .formats import reader_of
 from .guards import MAX_VOXELS
 from .readers import iter_slices, read_source
 from .records import Slice, SliceSource, Volume, header_flags, quality_flags
@@ -32,11 +33,22 @@ def volume_groups(sources: Sequence[SourceFile]) -> list[list[SourceFile]]:
     return list(groups.values())
 
 
+def volume_context(sources: Sequence[SourceFile]) -> dict[str, dict[str, Optional[str]]]:
+    """The study and series context of each volume of `sources` (`FormatReader.context` of its first file; none
+    where that file cannot be read now)."""
+    context: dict[str, dict[str, Optional[str]]] = {}
+    for files in volume_groups(sources):
+        try:
+            context[files[0].volume_id] = reader_of(files[0].format).context(files[0].path)
+        except DataError:
+            context[files[0].volume_id] = {}
+    return context
+
+
 def stack_volumes(slices: Sequence[Slice]) -> list[Volume]:
     """One `Volume` per time point of the slices of one volume id, slices in index order, with its slices' header
     flags (a volume with a flagged slice is never scored). Slices of different sizes raise `UnreadableFileError`
-    naming the volume, unless those of the odd sizes are flagged (a DICOM series' Rows/Columns disagree, `headers`):
-    the volume is then stacked from its unflagged slices, for its flags only."""
+    naming the volume (a DICOM series is split by size before: `series`)."""
     by_time: dict[Optional[int], list[Slice]] = defaultdict(list)
     for s in slices:
         by_time[s.source.time_point].append(s)
@@ -45,12 +57,11 @@ def stack_volumes(slices: Sequence[Slice]) -> list[Volume]:
         stack.sort(key=lambda s: s.source.index)
         first, path = stack[0].source, volume_path([s.source.path for s in stack])
         flags = tuple(dict.fromkeys(f for s in stack for f in header_flags(s.flags)))
-        kept = [s for s in stack if not header_flags(s.flags)] or stack
-        shapes = sorted({s.image.shape for s in kept})
+        shapes = sorted({s.image.shape for s in stack})
         if len(shapes) > 1:
             raise UnreadableFileError(path, f"its slices differ in size ({', '.join(map(str, shapes))}): not a volume")
-        image = np.stack([s.image for s in kept], axis=1)
-        where = SliceSource(path, 0, first.volume_id, time_point=time_point)
+        image = np.stack([s.image for s in stack], axis=1)
+        where = SliceSource(path, 0, first.volume_id, time_point=time_point, part=first.part)
         volumes.append(Volume(image, where, (*flags, *quality_flags(image))))
     return volumes
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..data.errors import EmptyFolderError
+from ..data.formats import CONTEXT_COLUMNS
 from ..data.guards import MAX_VOXELS
+from ..data.volumes import volume_context
 from ..data.walk import DEFAULT_IGNORE
 from ..errors import UsageError
 from ..utils.distributed import Distributed
@@ -21,7 +23,7 @@ from ..utils.figures import plot_histogram
 from ..utils.progress import ProgressFactory
 from .map_outputs import SCORE_DISPLAY, MapWriter
 from .outputs import ReportFiles
-from .report import IN, OOD, aggregate, ignored_row, summary, write_report
+from .report import COLUMNS, IN, OOD, aggregate, ignored_row, summary, with_context, write_report
 from .scoring import ImageScorer
 from .shards import clear, merge, plan_shard, score_into_parts, start_parts
 from .thresholds import Thresholds
@@ -69,6 +71,7 @@ def run_gate(
     progress: Optional[ProgressFactory] = None,
     info: Optional[dict[str, Any]] = None,
     maps: Optional[str | Path] = None,
+    series_context: bool = False,
 ) -> Optional[GateResult]:
     """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
 
@@ -83,7 +86,8 @@ def run_gate(
     None is returned. `progress(total, phase)` is called for the phases "reading headers" and "scoring" once
     their number of files is known; its result with each number of files handled (a progress bar's update).
     With `maps`, each scored image's anomaly map goes into that folder (`map_outputs`; never scored itself, and
-    not one of the inputs).
+    not one of the inputs). With `series_context`, the report has the study and series columns of each volume
+    (`data.formats.CONTEXT_COLUMNS`, read from one file of it).
     Under torchrun every rank calls this; rank 0 merges and returns the result, the other ranks return None.
     """
     report = Path(report)
@@ -136,7 +140,9 @@ def run_gate(
         ignored = [ignored_row(item) for item in plan.ignored]
         rows = merge(files.parts, thresholds, per_volume, plan.current, ignored)
         meta = {**(info or {}), **identity, "per_volume": per_volume, "processes": ddp.world}
-        write_report(files.report, rows, meta)
+        if series_context:
+            rows = with_context(rows, volume_context(plan.found))
+        write_report(files.report, rows, meta, (*COLUMNS, *CONTEXT_COLUMNS) if series_context else COLUMNS)
         clear(files.parts)
         scored = [r for r in rows if r["level"] == scorer.unit and r["score"] is not None]
         histogram = plot_histogram(

@@ -2,8 +2,9 @@
 model scores whole volumes: its report has volume and file rows, no slice rows. A map that `score --maps` could not
 write is a `flagged` file row of its volume (`map_failure_row`), and flags that volume.
 
-Rows identify images by path, slice index, volume (SeriesInstanceUID or file) and SOPInstanceUID only:
-no patient identifier is ever read into a row.
+Rows identify images by path, slice index, volume (SeriesInstanceUID or file; a part of a split series,
+`data.series`, with its label and `series_part` saying why) and SOPInstanceUID only: no patient identifier is ever
+read into a row. `with_context` adds the study and series context, on request only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..data.errors import DataError
+from ..data.formats import CONTEXT_COLUMNS
 from ..data.records import SliceSource, describe_flags
 from ..data.volumes import volume_path
 from ..data.walk import IgnoredFile
@@ -26,8 +28,9 @@ from ..utils.io import atomic_write, write_csv_atomic
 from .local_check import MAP_COLUMNS
 from .volume_checks import STATISTICS, VolumeCheck, failed_checks
 
-COLUMNS = ("level", "path", "slice", "time_point", "volume", "sop_instance_uid", "score", "threshold", "verdict",
-           "reason", *STATISTICS)  # fmt: skip
+COLUMNS = ("level", "path", "slice", "time_point", "volume", "series_part", "sop_instance_uid", "score", "threshold",
+           "verdict", "reason", *STATISTICS)  # fmt: skip
+
 FLOAT_COLUMNS = ("score", "threshold", *STATISTICS)
 IN, OOD, UNREADABLE, FLAGGED, IGNORED = "in", "ood", "unreadable", "flagged", "ignored"
 FAILING = (OOD, UNREADABLE, FLAGGED)
@@ -69,7 +72,8 @@ def slice_row(
             else float(statistics[c]) for c in STATISTICS}  # fmt: skip
     return {
         "level": "slice", "path": source.path, "slice": source.index, "time_point": source.time_point,
-        "volume": source.volume_id, "sop_instance_uid": source.sop_instance_uid, "score": score,
+        "volume": source.volume_id, "series_part": source.part or None, "sop_instance_uid": source.sop_instance_uid,
+        "score": score,
         "threshold": threshold, "verdict": verdict, "reason": reason, **kept,
     }  # fmt: skip
 
@@ -78,9 +82,15 @@ def volume_row(
     source: SliceSource, score: Optional[float], threshold: float, flags: Sequence[str] = (),
     statistics: Optional[Mapping[str, float]] = None,
 ) -> dict:  # fmt: skip
-    """A whole volume scored by a 3D model (`in`/`ood`), or `flagged` (see `judge`; its score is left empty)."""
+    """A whole volume scored by a 3D model (`in`/`ood`), or `flagged` (see `judge`; its score is left empty); the
+    part of a split series says so first in its reason."""
     row = slice_row(source, score, threshold, flags, statistics)
-    return row | {"level": "volume", "slice": None, "sop_instance_uid": None}
+    return _part_first(row | {"level": "volume", "slice": None, "sop_instance_uid": None})
+
+
+def _part_first(row: dict) -> dict:
+    """A volume row whose reason begins with how its series was split, when it was."""
+    return row | {"reason": "; ".join(filter(None, [row["series_part"], row["reason"]]))}
 
 
 def error_row(err: DataError) -> dict:
@@ -146,7 +156,7 @@ def volume_rows(
     orientation, anatomy, local anomalies; per time point; volumes of fewer than `volume_checks.MIN_SLICES` slices
     are not checked) is `ood` too, with the check in its reason; one over a check that is reported only
     (`stops` False) keeps its verdict, the check in its reason. A volume's statistics are the means of its slices',
-    the map peaks their largest."""
+    the map peaks their largest. The reason of a part of a split series begins with the split (`series_part`)."""
     combine = aggregate(how)
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -156,13 +166,13 @@ def volume_rows(
     for volume, members in groups.items():
         scores = np.array([r["score"] for r in members if r["score"] is not None], dtype=np.float64)
         row = dict.fromkeys(COLUMNS) | {"level": "volume", "volume": volume, "threshold": threshold}
-        row["path"] = volume_path([r["path"] for r in members])
+        row["path"], row["series_part"] = volume_path([r["path"] for r in members]), members[0].get("series_part")
         flagged = len(members) - len(scores)
         if len(scores) == 0:
             why = _why_flagged(members)
-            out.append(
+            out.append(_part_first(
                 row | {"verdict": FLAGGED, "reason": f"no slice could be scored ({len(members)} flagged: {why})"}
-            )
+            ))  # fmt: skip
             continue
         score = combine(scores)
         n_ood = sum(r["verdict"] == OOD for r in members)
@@ -176,9 +186,9 @@ def volume_rows(
         if flagged:
             reason = f"{flagged} of {len(members)} slices flagged ({NOT_SCORED}{why}); {reason}"
         found = {c: [r[c] for r in members if r.get(c) is not None and math.isfinite(r[c])] for c in STATISTICS}
-        out.append(row | {"score": score, "verdict": verdict, "reason": reason} |
-                   {c: float((np.max if c in MAP_COLUMNS else np.mean)(v)) if v else None
-                    for c, v in found.items()})  # fmt: skip
+        out.append(_part_first(row | {"score": score, "verdict": verdict, "reason": reason} |
+                               {c: float((np.max if c in MAP_COLUMNS else np.mean)(v)) if v else None
+                                for c, v in found.items()}))  # fmt: skip
     return out
 
 
@@ -201,16 +211,26 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def write_report(path: str | Path, rows: Sequence[dict], info: dict[str, Any]) -> Path:
-    """CSV (rows only) or JSON (`info`, summary and rows), chosen by the suffix, written atomically."""
+def with_context(rows: Sequence[dict], context: Mapping[str, Mapping[str, Optional[str]]]) -> list[dict]:
+    """`rows` with the study and series context of their volume (`data.formats.CONTEXT_COLUMNS`; `context`: volume
+    id -> column -> value; empty for a file that could not be read or a volume without them). SeriesDescription can
+    hold identifying text: this is on request only (`score --series-context`)."""
+    return [row | {c: context.get(row["volume"], {}).get(c) for c in CONTEXT_COLUMNS} for row in rows]
+
+
+def write_report(
+    path: str | Path, rows: Sequence[dict], info: dict[str, Any], columns: Sequence[str] = COLUMNS
+) -> Path:
+    """CSV (rows only) or JSON (`info`, summary and rows), chosen by the suffix, written atomically; each row's
+    `columns`."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        body = {**info, "summary": summary(rows), "rows": [{k: _clean(r[k]) for k in COLUMNS} for r in rows]}
+        body = {**info, "summary": summary(rows), "rows": [{k: _clean(r[k]) for k in columns} for r in rows]}
         with atomic_write(path) as f:
             json.dump(body, f, indent=1)
     elif path.suffix.lower() == ".csv":
-        rows = [{k: r[k] for k in COLUMNS} for r in rows]  # csv writes None as an empty cell
-        write_csv_atomic(path, COLUMNS, rows, for_people=True)
+        rows = [{k: r[k] for k in columns} for r in rows]  # csv writes None as an empty cell
+        write_csv_atomic(path, columns, rows, for_people=True)
     else:
         raise UsageError(f"{path}: the report must be .csv or .json")
     return path

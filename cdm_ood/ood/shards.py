@@ -39,7 +39,7 @@ from .thresholds import Thresholds
 
 PART_COLUMNS = (*COLUMNS, "file_key")
 _INTS = ("slice", "time_point")
-_OPTIONAL = (*_INTS, *FLOAT_COLUMNS, "volume", "sop_instance_uid")
+_OPTIONAL = (*_INTS, *FLOAT_COLUMNS, "volume", "series_part", "sop_instance_uid")
 RUN_FILE = "run.json"
 _CHUNK = 1 << 20
 log = logging.getLogger("cdm_ood.shards")

@@ -82,17 +82,25 @@ class ScoreOODd(MapTransform):
         return {**volume, "score": float("nan") if volume["score"] is None else volume["score"]}
 
 
+PARTS_LOADED = ("LoadImage stacked a DICOM series that is {n} volumes (its slices differ in image type, echo, time "
+                "point, orientation, size or spacing) as one image; score its files by path")  # fmt: skip
+
+
 def loaded_slices(image: Any) -> list[Slice]:
     """The slices (`reader_slices`) of a MONAI-loaded image with the flags `cdm-ood score` gives them: the header
     flags of the file(s) LoadImage names (discovery's header pass; a DICOM series slice by slice, in the readers'
-    order, else the file's flags on every slice; a file that fails it flags every slice with its reason), and
-    `MONOCHROME1_LOADED` for MONOCHROME1 DICOM."""
+    order, else the file's flags on every slice; a file that fails it flags every slice with its reason),
+    `MONOCHROME1_LOADED` for MONOCHROME1 DICOM, and `PARTS_LOADED` on every slice of a series that `cdm-ood score`
+    splits into volumes (`data.series`): LoadImage stacked them as one."""
     slices = reader_slices(image)
     name = image.meta["filename_or_obj"]
     names = [str(n) for n in name] if isinstance(name, (list, tuple)) else [str(name)]
     errors: list[DataError] = []
     sources = discover(names, errors.append, max_voxels=sys.maxsize)  # loaded already: no budget to keep
     per_file = [(*s.flags, *reader_of(s.format).loaded_flags(s.path)) for s in sources]
+    parts = {s.volume_id for s in sources if s.part}
+    if parts:
+        per_file = [(*flags, PARTS_LOADED.format(n=len(parts))) for flags in per_file]
     every = tuple(dict.fromkeys([*(f for flags in per_file for f in flags), *(e.reason for e in errors)]))
-    flags = per_file if len(per_file) == len(slices) and not errors else [every] * len(slices)
+    flags = per_file if len(per_file) == len(slices) and not errors and not parts else [every] * len(slices)
     return [Slice(s, SliceSource(names[0], k, names[0]), f) for k, (s, f) in enumerate(zip(slices, flags, strict=True))]

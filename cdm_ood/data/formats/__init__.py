@@ -6,6 +6,6 @@ NRRD/MetaImage (`itk`), PNG/JPEG (`image`). A new format is one module like thes
 from . import dicom, nifti, itk, image  # noqa: F401  (registers the built-in readers, in the order they are asked)
 
 # isort: on
-from .base import READERS, FormatReader, SeriesSlice, SliceKey, reader_of, register_reader
+from .base import CONTEXT_COLUMNS, READERS, FormatReader, SeriesSlice, SliceKey, reader_of, register_reader
 
-__all__ = ["READERS", "FormatReader", "SeriesSlice", "SliceKey", "reader_of", "register_reader"]
+__all__ = ["CONTEXT_COLUMNS", "READERS", "FormatReader", "SeriesSlice", "SliceKey", "reader_of", "register_reader"]

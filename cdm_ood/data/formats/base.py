@@ -19,6 +19,8 @@ from ..errors import UnsupportedFormatError
 from ..headers import SeriesMember
 from ..records import Slice, SliceSource, SourceFile, quality_flags
 
+# The study and series context a reader may give (`FormatReader.context`, `score --series-context`).
+CONTEXT_COLUMNS = ("study_instance_uid", "series_instance_uid", "modality", "series_number", "series_description")
 SliceKey = tuple[Optional[int], int]  # (time point of a 4D volume or None, slice or frame index)
 
 
@@ -74,6 +76,11 @@ class FormatReader(ABC):
     def slices(self, source: SourceFile) -> list[Slice]:
         """The decoded slices of `source`, rows first as displayed (`slice_of`)."""
 
+    def context(self, path: str) -> dict[str, Optional[str]]:
+        """The study and series context of the file at `path` (a value, or None, for some of `CONTEXT_COLUMNS`);
+        none for formats without it."""
+        return {}
+
     def loaded_flags(self, path: str) -> tuple[str, ...]:
         """Flags of the file at `path` when MONAI's `LoadImage` decoded it instead (where the two may differ)."""
         return ()
@@ -114,7 +121,7 @@ def reader_of(name: str) -> FormatReader:
 def slice_of(image: np.ndarray, source: SourceFile, index: int, **extra) -> Slice:
     """A slice of `source` with its file's header flags and its pixels' quality flags."""
     image = np.ascontiguousarray(image, dtype=np.float32)
-    where = SliceSource(source.path, index, source.volume_id, source.sop_instance_uid, **extra)
+    where = SliceSource(source.path, index, source.volume_id, source.sop_instance_uid, part=source.part, **extra)
     return Slice(image, where, (*source.flags, *quality_flags(image)))
 
 

@@ -20,7 +20,7 @@ from ..errors import DataError, NotAnImageError, UnreadableFileError, Unsupporte
 from ..guards import quiet_libraries, reading, redact, require_budget, require_deflated_budget
 from ..headers import SeriesMember, orientation_of
 from ..records import Slice, SourceFile
-from .base import FormatReader, SeriesSlice, SliceKey, register_reader, slice_of
+from .base import CONTEXT_COLUMNS, FormatReader, SeriesSlice, SliceKey, register_reader, slice_of
 
 log = logging.getLogger("cdm_ood.ood")
 
@@ -41,10 +41,16 @@ DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # presentation state, structured report, encapsulated document, waveform, parametric map, registration, ...).
 IMAGE_STORAGE = "Image Storage"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# The fields a series is split by (`data.series`).
+SPLIT_TAGS = ("ImageType", "EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "AcquisitionNumber", "PixelSpacing")
 HEADER_TAGS = (
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
-    "ImageOrientationPatient", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel",
+    "ImageOrientationPatient", "NumberOfFrames", "Rows", "Columns", "SamplesPerPixel", *SPLIT_TAGS,
 )  # fmt: skip
+# The fields of a report's study and series context (`score --series-context`), keyword -> report column.
+CONTEXT_TAGS = dict(zip(("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription"),
+                        CONTEXT_COLUMNS, strict=True))  # fmt: skip
+MALFORMED = "malformed"  # a split field's value that is not a number: its text is never copied
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -76,7 +82,7 @@ class DicomReader(FormatReader):
         if frames > 1:
             return SourceFile(str(path), self.name, series_uid, None, _uid(ds))
         with quiet_libraries():  # keep the sort key and what the series checks need, not the header: memory stays flat
-            member = SeriesMember(_uid(ds), (rows, columns), orientation_of(ds))
+            member = _member(ds, (rows, columns))
         return SeriesSlice(path, series_uid, _position_key(ds), member)
 
     def slices(self, source: SourceFile) -> list[Slice]:
@@ -85,6 +91,14 @@ class DicomReader(FormatReader):
             index = source.index if source.index is not None else 0
             return [slice_of(np.moveaxis(pixels[0], -1, 0), source, index)]
         return [slice_of(np.moveaxis(frame, -1, 0), source, k, frame=k) for k, frame in enumerate(pixels)]
+
+    def context(self, path: str) -> dict[str, Optional[str]]:
+        """The `CONTEXT_TAGS` of the file (None where absent), as its header holds them."""
+        import pydicom
+
+        with quiet_libraries(), reading(Path(path), "malformed DICOM header"):
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=list(CONTEXT_TAGS))
+            return {column: None if ds.get(k) in (None, "") else str(ds.get(k)) for k, column in CONTEXT_TAGS.items()}
 
     def loaded_flags(self, path: str) -> tuple[str, ...]:
         import pydicom
@@ -227,14 +241,52 @@ def header_ints(path: Path, ds, *fields: tuple[str, int]) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _position_key(ds) -> tuple[float, float, str]:
-    """Sort key of a slice in its series: position along the slice normal, then InstanceNumber."""
+def _member(ds, size: tuple[int, int]) -> SeriesMember:
+    """What series assembly and the series checks need of a slice's header (`headers.SeriesMember`)."""
+    image_type = ds.get("ImageType") or ()
+    return SeriesMember(
+        _uid(ds), size, orientation_of(ds),
+        image_type=tuple(str(v).strip().upper() for v in (image_type if _multiple(image_type) else [image_type])),
+        echo_number=_numbers(ds, "EchoNumbers"), echo_time=_numbers(ds, "EchoTime"),
+        temporal_position=_numbers(ds, "TemporalPositionIdentifier"), acquisition=_numbers(ds, "AcquisitionNumber"),
+        spacing=_numbers(ds, "PixelSpacing", digits=3), along=_along(ds),
+    )  # fmt: skip
+
+
+def _multiple(value) -> bool:
+    from pydicom.multival import MultiValue
+
+    return isinstance(value, (list, tuple, MultiValue))
+
+
+def _numbers(ds, keyword: str, digits: Optional[int] = None) -> Optional[str]:
+    """A numeric header field as canonical text ('2', '0.5x0.5'; rounded to `digits` decimals), None when absent
+    or empty, `MALFORMED` when a value is not a number."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        numbers = [float(v) for v in (value if _multiple(value) else [value])]
+    except (TypeError, ValueError):
+        return MALFORMED
+    return "x".join(f"{round(x, digits) if digits is not None else x:g}" for x in numbers) or None
+
+
+def _along(ds) -> Optional[float]:
+    """The slice's position along its normal (mm), None when its orientation or position is absent or malformed."""
     try:
         orientation = np.asarray(ds.ImageOrientationPatient, dtype=float).reshape(6)
         position = np.asarray(ds.ImagePositionPatient, dtype=float).reshape(3)
-        along = float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
-    except (AttributeError, ValueError, TypeError):  # absent, or not 6 and 3 numbers: ordered by InstanceNumber
-        along = 0.0
+        return float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
+    except (AttributeError, ValueError, TypeError):
+        return None
+
+
+def _position_key(ds) -> tuple[float, float, str]:
+    """Sort key of a slice in its series: position along the slice normal (0 when unknown: ordered by
+    InstanceNumber), then InstanceNumber."""
+    along = _along(ds)
+    along = 0.0 if along is None else along
     try:
         number = float(ds.InstanceNumber)
     except (AttributeError, ValueError, TypeError):
