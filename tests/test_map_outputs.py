@@ -143,7 +143,9 @@ def test_score_maps_writes_maps_for_dicom_nifti_and_png_inputs(checkpoint, tmp_p
     assert sorted(p.name for p in scans.rglob("*")) == before  # inputs untouched, nothing written beside them
     slices = [f"{stem}_s{k:04d}_map" for stem in ("body", "series") for k in range(3)] + ["slice_s0000_map"]
     assert sorted(p.name for p in maps.iterdir()) == sorted(
-        [f"{name}{ext}" for name in slices for ext in (".npy", ".png")] + ["body_map.nii.gz", "series_map.nii.gz"]
+        [f"{name}{ext}" for name in slices for ext in (".npy", ".png")]
+        + ["body_map.nii.gz", "series_map.nii.gz"]
+        + ["series_map.dcm", "series_sr.dcm"]  # the DICOM series' Parametric Map and SR (test_dicom_results.py)
     )
     for name in slices:
         amap = np.load(maps / f"{name}.npy")
@@ -248,5 +250,6 @@ def test_score_maps_runs_past_a_mixed_series_and_a_map_it_cannot_write_and_resum
     assert names == sorted([*(f"good_s000{k}_map.{ext}" for k in range(3) for ext in ("npy", "png")), "good_map.nii.gz",
                             *(f"mixed_s000{k}_map.{ext}" for k in (0, 2) for ext in ("npy", "png")), "mixed_map.nii.gz",
                             "body_s0000_map.npy", "body_s0000_map.png", "body_s0001_map.npy",
-                            "body_map.nii.gz"])  # fmt: skip
+                            "body_map.nii.gz", "good_map.dcm", "good_sr.dcm", "mixed_map.dcm",
+                            "mixed_sr.dcm"])  # fmt: skip
     assert maps.joinpath("body_s0001_map.npy").is_dir()

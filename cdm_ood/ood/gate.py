@@ -21,9 +21,21 @@ from ..errors import UsageError
 from ..utils.distributed import Distributed
 from ..utils.figures import plot_histogram
 from ..utils.progress import ProgressFactory
-from .map_outputs import SCORE_DISPLAY, MapWriter
+from .dicom_results import write_parametric_maps, write_verdict_srs
+from .map_outputs import SCORE_DISPLAY, MapFailure, MapWriter
 from .outputs import ReportFiles
-from .report import COLUMNS, IN, OOD, aggregate, ignored_row, summary, with_context, write_report
+from .report import (
+    COLUMNS,
+    IN,
+    OOD,
+    aggregate,
+    flag_noted,
+    ignored_row,
+    map_failure_row,
+    summary,
+    with_context,
+    write_report,
+)
 from .scoring import ImageScorer
 from .shards import clear, merge, plan_shard, score_into_parts, start_parts
 from .thresholds import Thresholds
@@ -44,6 +56,14 @@ class GateResult:
     @property
     def passed(self) -> bool:
         return bool(self.summary["passed"])
+
+
+def _noted(rows: list[dict], failures: Sequence[MapFailure]) -> list[dict]:
+    """The report's rows with a `flagged` file row for each result file not written, before the volume rows, and
+    those volumes `flagged` (`report.flag_noted`, on these failures only: earlier ones are in the reasons already)."""
+    extra = [map_failure_row(f.source, f.reason, f.whole) for f in failures]
+    return [*(r for r in rows if r["level"] != "volume"),
+            *flag_noted([*extra, *(r for r in rows if r["level"] == "volume")])]  # fmt: skip
 
 
 def run_identity(scorer: ImageScorer, thresholds: Thresholds, max_voxels: int, maps: Optional[Path]) -> dict[str, Any]:
@@ -86,8 +106,9 @@ def run_gate(
     None is returned. `progress(total, phase)` is called for the phases "reading headers" and "scoring" once
     their number of files is known; its result with each number of files handled (a progress bar's update).
     With `maps`, each scored image's anomaly map goes into that folder (`map_outputs`; never scored itself, and
-    not one of the inputs). With `series_context`, the report has the study and series columns of each volume
-    (`data.formats.CONTEXT_COLUMNS`, read from one file of it).
+    not one of the inputs), and each DICOM volume's Parametric Map and verdict SR (`dicom_results`). With
+    `series_context`, the report has the study and series columns of each volume (`data.formats.CONTEXT_COLUMNS`,
+    read from one file of it).
     Under torchrun every rank calls this; rank 0 merges and returns the result, the other ranks return None.
     """
     report = Path(report)
@@ -140,6 +161,9 @@ def run_gate(
         ignored = [ignored_row(item) for item in plan.ignored]
         rows = merge(files.parts, thresholds, per_volume, plan.current, ignored)
         meta = {**(info or {}), **identity, "per_volume": per_volume, "processes": ddp.world}
+        if maps is not None:  # the DICOM objects after the volumes' verdicts: a map not written flags its volume
+            rows = _noted(rows, write_parametric_maps(rows, plan.found, maps)[1])
+            rows = _noted(rows, write_verdict_srs(rows, plan.found, maps, meta)[1])
         if series_context:
             rows = with_context(rows, volume_context(plan.found))
         write_report(files.report, rows, meta, (*COLUMNS, *CONTEXT_COLUMNS) if series_context else COLUMNS)

@@ -50,6 +50,7 @@ class FormatReader(ABC):
     series: ClassVar[bool] = False  # a file holds a slice of a multi-file series, or frames: never a volume
     gzip: ClassVar[bool] = False  # whether it reads gzip-compressed files (else `detect_gzipped` refuses them)
     suffix: ClassVar[Optional[str]] = None  # of a derived file written like the input (`write_like`); None: never
+    instances: ClassVar[bool] = False  # its files are DICOM instances: results can be DICOM objects referencing them
 
     def detect(self, path: Path, head: bytes) -> bool:
         """Whether `head` (the file's first 1024 bytes) starts with this format's binary signature."""

@@ -62,6 +62,7 @@ class DicomReader(FormatReader):
     title = "DICOM"
     series = True
     suffix = ".dcm"
+    instances = True
 
     def detect(self, path: Path, head: bytes) -> bool:
         return head[128:132] == b"DICM"
