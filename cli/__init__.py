@@ -38,6 +38,7 @@ def main() -> None:
     """Out-of-distribution detection for medical images with Classification Diffusion Models."""
 
 
+from .listen import listen_command  # noqa: E402
 from .phantoms import make_phantoms_command  # noqa: E402
 from .rank import rank_restorations_command  # noqa: E402
 from .sample import denoise_command, sample_command  # noqa: E402
@@ -47,7 +48,7 @@ from .train import train_command  # noqa: E402
 
 for command in (make_phantoms_command, train_command, calibrate_command, score_command, evaluate_command,
                 rank_restorations_command, sample_command, denoise_command, log_model_command,
-                serve_command):  # fmt: skip
+                serve_command, listen_command):  # fmt: skip
     main.add_command(command)
 
 __all__ = ["main"]

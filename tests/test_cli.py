@@ -140,6 +140,7 @@ def user_mistakes(checkpoint: Path, scans: Path, tmp: Path) -> dict[str, list[ob
         "denoise": [scan, "--checkpoint", checkpoint, "--sigma", -1, "--out-dir", tmp / "dn"],
         "log-model": ["--checkpoint", tmp / "bad.pt", "--tracking-uri", f"sqlite:///{tmp / 'm.db'}"],
         "serve": [tmp / "bad.pt"],
+        "listen": ["--checkpoint", checkpoint, "--spool", tmp / "spool", "--forward", "PACS-without-an-address"],
     }  # fmt: skip
 
 
@@ -171,6 +172,7 @@ def finished_runs(checkpoint: Path, scans: Path, tmp: Path) -> dict[str, list[ob
         "denoise": [scan, "--checkpoint", checkpoint, "--sigma", 0.1, "--out-dir", tmp / "dn"],
         "log-model": ["--checkpoint", checkpoint, "--tracking-uri", f"sqlite:///{tmp / 'm.db'}"],
         "serve": [logged_model(checkpoint, tmp)],
+        "listen": ["--checkpoint", checkpoint, "--spool", tmp / "spool", "--host", "127.0.0.1"],
     }  # fmt: skip
 
 
@@ -191,20 +193,21 @@ def no_file_writes() -> None:
 
 def test_every_command_that_cannot_finish_exits_3_with_one_error_line(checkpoint, scans, tmp_path):
     """The exit codes of every command (`cli.common.ExitCode`): a run that cannot finish (here: no file can be
-    written, as on a full disk; `serve`: its port is taken) is `FAILURE` (3), one `error:` line, never a decision
-    (0 or 1) or a usage error (2)."""
+    written, as on a full disk; `serve` and `listen`: their port is taken) is `FAILURE` (3), one `error:` line,
+    never a decision (0 or 1) or a usage error (2)."""
     runs = finished_runs(checkpoint, scans, tmp_path)
     assert set(runs) == set(main.commands), "a new command needs its run here"
     wrong = {}
     taken = socket.create_server(("127.0.0.1", 0))
-    runs["serve"] += ["--port", taken.getsockname()[1]]
+    for server in ("serve", "listen"):  # servers run until stopped: they fail to start instead
+        runs[server] += ["--port", taken.getsockname()[1]]
     for command, args in runs.items():
-        limit = {} if command == "serve" else {"preexec_fn": no_file_writes}
+        limit = {} if command in ("serve", "listen") else {"preexec_fn": no_file_writes}
         out = cdm(command, *args, cwd=tmp_path, timeout=300, **limit)
         errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
         # serve names the failure; a full disk reaches the others through their libraries' words (EFBIG, SQLite's
         # "disk is full", torch's writer), so only the code and the single line are checked there
-        named = command != "serve" or "could not start" in "".join(errors)
+        named = command not in ("serve", "listen") or "could not start" in "".join(errors)
         if out.returncode != ExitCode.FAILURE or len(errors) != 1 or not named:
             wrong[command] = (out.returncode, out.stderr[-1500:])
     taken.close()

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "cdm_ood"
 MAX_LINES = 450
 # The package's folders, lowest first; `cdm_ood/errors.py` and the package root are shared by all, `cli/` sits on top.
-LAYERS = ("utils", "diffusion", "data", "model", "ood", "jobs", "integrations")
+LAYERS = ("utils", "diffusion", "data", "model", "ood", "jobs", "node", "integrations")
 
 
 def module_name(path: Path) -> str:

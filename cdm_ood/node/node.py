@@ -1,0 +1,145 @@
+"""The DICOM node's work: a series that has gone quiet is gated with exactly the rules of `cdm-ood score`
+(`ood.gate.run_gate`: the same report rows, volume checks, fail-closed verdicts, maps and DICOM results), then
+forwarded to the destination when every volume of it passed, or held in quarantine with its report, SR and map.
+Every decision and every forwarding attempt is a line of `decisions.jsonl` (`spool`); a destination that is down
+delays forwarding (`forward.Backoff`), never drops a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..data.guards import redact
+from ..ood.gate import run_gate
+from ..ood.report import FAILING
+from ..ood.scoring import ImageScorer
+from ..ood.thresholds import Thresholds
+from .forward import Backoff, Destination, ForwardError, send
+from .spool import Spool
+
+log = logging.getLogger("cdm_ood.node")
+
+FORWARD, HOLD = "forward", "hold"
+
+
+@dataclass
+class NodeSettings:
+    """What the node does with a series: the quiet period after its last instance (seconds; `by_study`: after its
+    study's last instance), where passed series go (None: nowhere, they wait in `outbox/`), whether held series
+    are forwarded too (with their SR and map, for a person to decide), and the per-volume aggregate."""
+
+    quiet: float = 30.0
+    by_study: bool = False
+    destination: Optional[Destination] = None
+    forward_held: bool = False
+    per_volume: str = "mean"
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+class Node:
+    """Gates and routes the spool's series (see the module); `step` does what is due now, `run` loops it."""
+
+    def __init__(self, spool: Spool, scorer: ImageScorer, thresholds: Thresholds, settings: NodeSettings) -> None:
+        self.spool, self.scorer, self.thresholds, self.settings = spool, scorer, thresholds, settings
+        self._next_try = 0.0
+
+    def run(self, stopped: Callable[[], bool], poll: float = 0.5) -> None:
+        """`step` every `poll` seconds until `stopped()`."""
+        found = self.spool.recover()
+        log.info("spool %s: %d series waiting, %d batches to gate again, %d to forward", self.spool.root,
+                 found["waiting"], found["work"], found["outbox"])  # fmt: skip
+        while not stopped():
+            self.step()
+            time.sleep(poll)
+
+    def step(self) -> None:
+        """Gate the batches whose gating a stop interrupted and the series gone quiet, then forward what is due."""
+        decided = self.spool.decisions()
+        for batch in self.spool.batches("work"):
+            if batch.name in decided:  # decided before a stop, not yet moved on
+                self._route(batch, decided[batch.name]["decision"])
+            else:
+                self.gate(batch)
+        for key in self.spool.quiet(self.settings.quiet, self.settings.by_study):
+            self.gate(self.spool.claim(key))
+        self.forward_due()
+
+    def gate(self, batch: Path) -> str:
+        """Gate one batch (`run_gate`, report and DICOM results inside the batch folder), record the decision, and
+        route it; returns the decision. A gate that fails for another reason holds the batch (fail closed)."""
+        instances = sorted((batch / "instances").glob("*.dcm"))
+        entry: dict[str, Any] = {
+            "event": "decided",
+            "batch": batch.name,
+            "study_instance_uid": _study(batch),
+            "series_instance_uid": batch.name.rsplit(".", 1)[0],
+            "instances": len(instances),
+        }
+        try:
+            result = run_gate(self.scorer, self.thresholds, [batch / "instances"], batch / "report.csv",
+                              self.settings.per_volume, maps=batch / "results")  # fmt: skip
+        except Exception as err:  # the node keeps running: this batch is held with the reason
+            entry |= {"decision": HOLD, "reason": f"the gate failed: {type(err).__name__}: {redact(err)}"}
+        else:
+            rows = [r for r in result.rows if r["level"] in ("volume", "file") and r["verdict"] != "ignored"]
+            entry |= {"decision": FORWARD if result.passed else HOLD,
+                      "volumes": [{k: r[k] for k in ("volume", "verdict", "score", "reason")}
+                                  for r in rows if r["level"] == "volume"],
+                      "files": [{"path": Path(r["path"]).name, "verdict": r["verdict"], "reason": r["reason"]}
+                                for r in rows if r["level"] == "file" and r["verdict"] in FAILING]}  # fmt: skip
+        self.spool.record(entry)
+        log.info("series %s (%d instances): %s", batch.name, len(instances), entry["decision"])
+        self._route(batch, entry["decision"])
+        return entry["decision"]
+
+    def _route(self, batch: Path, decision: str) -> None:
+        held = decision != FORWARD
+        if held and not self.settings.forward_held:
+            self.spool.move(batch, "quarantine")
+        else:
+            self.spool.move(batch, "outbox")
+
+    def forward_due(self) -> None:
+        """Send every batch of `outbox/` to the destination, unless it failed recently (`Backoff`)."""
+        destination = self.settings.destination
+        if destination is None or time.monotonic() < self._next_try:
+            return
+        decided = self.spool.decisions()
+        for batch in self.spool.batches("outbox"):
+            decision = decided.get(batch.name, {}).get("decision", HOLD)
+            files = forwarded_files(batch, decision)
+            try:
+                send(files, destination)
+            except (ForwardError, OSError) as err:
+                wait = self.settings.backoff.failed()
+                self._next_try = time.monotonic() + wait
+                self.spool.record({"event": "forward-failed", "batch": batch.name, "to": str(destination),
+                                   "error": str(err), "retry_in_s": wait})  # fmt: skip
+                log.warning("series %s not forwarded to %s (%s); next try in %g s", batch.name, destination, err, wait)
+                return
+            self.settings.backoff.succeeded()
+            self.spool.record({"event": "forwarded", "batch": batch.name, "to": str(destination),
+                               "files": len(files), "decision": decision})  # fmt: skip
+            log.info("series %s forwarded to %s (%d files)", batch.name, destination, len(files))
+            if decision == FORWARD:
+                self.spool.move(batch, "sent")
+            else:  # held, forwarded for a person to decide: kept in quarantine
+                self.spool.move(batch, "quarantine")
+
+
+def forwarded_files(batch: Path, decision: str) -> list[Path]:
+    """What a batch sends: its instances and its verdict SRs; a held batch also its anomaly maps."""
+    results = sorted((batch / "results").glob("*_sr.dcm"))
+    if decision != FORWARD:
+        results += sorted((batch / "results").glob("*_map.dcm"))
+    return sorted((batch / "instances").glob("*.dcm")) + results
+
+
+def _study(batch: Path) -> Optional[str]:
+    marker = batch / "study"
+    return marker.read_text().strip() if marker.is_file() else None
