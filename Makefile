@@ -12,7 +12,7 @@ TORCH := torch==2.13.0
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,codecs,itk,spark,anatomy]"
+	$(BIN)/python -m pip install -q -e ".[dev,codecs,itk,spark,anatomy,dicomweb]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,7 +7,15 @@ from typing import Optional
 
 import click
 
-from .common import checkpoint_option, device_option, precision_option, setup_logging, stop_on_signals
+from .common import (
+    checkpoint_option,
+    device_option,
+    mlflow_option,
+    precision_option,
+    setup_logging,
+    stop_on_signals,
+    tracking_uri_option,
+)
 from .score import _require_maps, _scorer, batch_option, detector_option
 
 
@@ -33,6 +41,16 @@ from .score import _require_maps, _scorer, batch_option, detector_option
 @click.option("--forward-held", is_flag=True,
               help="Forward held series too, with their SR and map, for a person to decide (they stay in the "
                    "quarantine).")  # fmt: skip
+@click.option("--watch", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder to take DICOM files from (a file share; repeat it): each file is copied into the spool "
+                   "once it held still for a poll; the folder is only read.")  # fmt: skip
+@click.option("--dicomweb", metavar="URL",
+              help="A DICOMweb service root to poll (QIDO-RS) and fetch new series from (WADO-RS); each decided "
+                   "series' SR (and a held one's map) goes back to it (STOW-RS). Needs cdm-ood[dicomweb].")  # fmt: skip
+@click.option("--dicomweb-filter", "dicomweb_filters", multiple=True, metavar="KEY=VALUE",
+              help="A QIDO-RS query key for the series to fetch, e.g. Modality=CT (repeat it).")  # fmt: skip
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds between two polls of --watch folders and --dicomweb.")  # fmt: skip
 @click.option(
     "--threshold",
     default="auto",
@@ -44,20 +62,26 @@ from .score import _require_maps, _scorer, batch_option, detector_option
 @device_option
 @precision_option(None, " [default: the precision of the checkpoint's calibration]")
 @batch_option
+@mlflow_option
+@tracking_uri_option
 def listen_command(
     checkpoint: Path, spool: Path, ae_title: str, port: int, host: str, allowed: tuple[str, ...],
     tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str], quiet_s: float, by_study: bool,
-    destination: Optional[str], forward_held: bool, threshold: str, detector: Optional[str], per_volume: str,
-    device: str, precision: Optional[str], batch_size: int,
+    destination: Optional[str], forward_held: bool, watch: tuple[Path, ...], dicomweb: Optional[str],
+    dicomweb_filters: tuple[str, ...], poll_s: float, threshold: str, detector: Optional[str], per_volume: str,
+    device: str, precision: Optional[str], batch_size: int, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
-    """Receive DICOM (C-STORE), gate each series once it has been quiet for --quiet seconds with the rules of
-    `cdm-ood score`, and forward it (--forward) when every volume of it passed, or hold it in the spool's
-    quarantine with its report, SR and anomaly map. Every instance is on disk before its C-STORE is acknowledged;
-    a node stopped at any moment (even killed) resumes from its spool. Runs until SIGTERM or Ctrl-C (exit 0)."""
+    """Receive DICOM (C-STORE; files dropped in --watch folders; series of a --dicomweb server), gate each series
+    once it has been quiet for --quiet seconds with the rules of `cdm-ood score`, and forward it (--forward) when
+    every volume of it passed, or hold it in the spool's quarantine with its report, SR and anomaly map. Every
+    instance is on disk before its C-STORE is acknowledged; a node stopped at any moment (even killed) resumes from
+    its spool. Runs until SIGTERM or Ctrl-C (exit 0)."""
+    from cdm_ood.node.dicomweb import DicomWebSource
     from cdm_ood.node.forward import Destination
     from cdm_ood.node.node import Node, NodeSettings
     from cdm_ood.node.receive import ScpSettings, start_scp
     from cdm_ood.node.spool import Spool
+    from cdm_ood.node.watch import FolderSource
     from cdm_ood.ood.report import aggregate
 
     from .common import Stopped
@@ -69,11 +93,33 @@ def listen_command(
     scorer, thresholds = _scorer(checkpoint, detector, batch_size, threshold, device, precision)
     _require_maps(scorer, checkpoint)
     settings = NodeSettings(quiet_s, by_study, target, forward_held, per_volume)
-    node = Node(Spool(spool), scorer, thresholds, settings)
+    filters = dict(_key_value(f) for f in dicomweb_filters)
+    spooled = Spool(spool)
+    web = DicomWebSource(dicomweb, spooled, filters) if dicomweb else None
+    sources = [*([FolderSource(watch, spooled)] if watch else []), *([web] if web else [])]
+    node = Node(spooled, scorer, thresholds, settings, sources, web, poll_s)
     server = start_scp(node.spool, ScpSettings(ae_title, port, host, allowed, tls_cert, tls_key, tls_ca))
+    tracker = None
+    if mlflow:
+        from cdm_ood.integrations.tracking import NodeRun
+
+        tracker = NodeRun({"checkpoint": str(checkpoint), "detector": scorer.name, "threshold": thresholds.score,
+                           "ae_title": ae_title, "quiet_s": quiet_s, "forward": str(target), "dicomweb": dicomweb},
+                          tracking_uri, scorer.model)  # fmt: skip
+        spooled.listeners.append(tracker)
     try:
         node.run(lambda: False)
     except Stopped as stop:
         click.echo(f"stopped ({stop}): the spool keeps what was not decided or sent", err=True)
     finally:
         server.shutdown()
+        if tracker is not None:
+            tracker.close(spooled.log_path)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise click.BadParameter(f"{text!r}: expected KEY=VALUE (a QIDO-RS query key, e.g. Modality=CT)",
+                                 param_hint="--dicomweb-filter")  # fmt: skip
+    return key.strip(), value.strip()

@@ -10,6 +10,10 @@ Each run writes `<reports>/qa-<UTC time>.csv` atomically; inputs are only read. 
 earlier report of the same folder are skipped, so the job can run every minute; an empty incoming folder is
 "nothing new" (exit 0), where `cdm-ood score` on an empty folder fails. Files the ignore list leaves out are
 `ignored` rows of each report that scores something.
+
+For DICOM, the package's node does this job continuously and knows when a series has finished arriving:
+`cdm-ood listen --watch /data/incoming` (a file share) or a storage SCP (docs/node.md). This script stays for
+mixed folders (NIfTI, NRRD, PNG) gated by cron.
 """
 
 from __future__ import annotations

@@ -294,6 +294,21 @@ def test_score_memory_runs_the_real_command_per_folder_size(checkpoint):
     assert 0.1 < number(first) < 4, "a child process with torch loaded: GiB, not bytes or kilobytes"
 
 
+def test_node_receive_counts_what_the_node_stored_and_times_a_verdict(checkpoint):
+    out = run("node_receive.py", "--checkpoint", checkpoint, "--instances", 20, "--size", 16, "--per-series", 10,
+              "--quiet", 1, "--latency-slices", 4, "--associations", 1, 3)  # fmt: skip
+    rows = table(out, "node-receive")
+    runs, marks = rows[:2], [r for r in rows[2:] if r[0] != "instances received"]
+    assert [(r[0], r[1]) for r in runs] == [("1", "20"), ("3", "20")]
+    for r in runs:
+        assert float(r[3]) == pytest.approx(20 / float(r[2]), rel=0.05, abs=1)
+        assert number(r[6]) >= number(r[5]) > 50, "a child process with torch loaded: MiB"
+    counts = [int(m[0]) for m in marks]
+    assert counts == sorted(counts) and counts[-1] == 20, "the memory as the instances arrive, the last at the end"
+    ((quiet, n, waited, decision),) = table(out, "node-latency")
+    assert (quiet, n) == ("1 s", "4") and decision in ("forward", "hold") and number(waited) >= 1, "quiet waited"
+
+
 def test_auto_workers_leave_the_network_its_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
     threads = torch.get_num_threads()

@@ -16,14 +16,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from mlflow.tracking import MlflowClient
 
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series
-from cdm_ood.errors import UsageError
+from cdm_ood.errors import MissingExtraError, UsageError
+from cdm_ood.integrations.tracking import NodeRun
+from cdm_ood.node.dicomweb import PENDING, DicomWebSource
 from cdm_ood.node.forward import Backoff, Destination, ForwardError, send
-from cdm_ood.node.node import Node, NodeSettings, forwarded_files
+from cdm_ood.node.node import Node, NodeSettings, forwarded_files, result_files
 from cdm_ood.node.receive import ScpSettings, series_of, start_scp
-from cdm_ood.node.spool import Spool
+from cdm_ood.node.spool import SeriesKey, Spool
+from cdm_ood.node.watch import FolderSource
 
 SENDER = "MODALITY"
 
@@ -305,6 +309,9 @@ def test_the_node_gates_routes_and_retries_a_destination_in_process(checkpoint, 
     port = free_port()
     settings = NodeSettings(quiet=0.0, destination=Destination("PACS", "127.0.0.1", port), backoff=Backoff(first=0.01))
     node = Node(spool, scorer, thresholds, settings)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = NodeRun({"detector": scorer.name}, store, scorer.model)
+    spool.listeners.append(tracker)
     node.step()  # the destination is down: both gated, the passed one waits
     events = [(e["event"], e.get("decision")) for e in spool.entries()]
     assert sorted(events) == [("decided", "forward"), ("decided", "hold"), ("forward-failed", None)]
@@ -331,6 +338,16 @@ def test_the_node_gates_routes_and_retries_a_destination_in_process(checkpoint, 
     assert set(pacs.received()) == uids(studies["clean"]) | srs and len(srs) == 1, "a passed series with its SR"
     assert forwarded_files(sent, "forward") == [*sorted((sent / "instances").glob("*.dcm")),
                                                 *sorted((sent / "results").glob("*_sr.dcm"))]  # fmt: skip
+    tracker.close(spool.log_path)
+    client = MlflowClient(store)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["detector"] == "denoise"
+    counts = {k: run.data.metrics[k] for k in ("series_forward", "series_hold", "instances_gated", "forwarded")}
+    assert counts == {"series_forward": 1, "series_hold": 1, "instances_gated": 8, "forwarded": 1}
+    assert run.data.metrics["forward_failed"] == 2, "the destination down, then a gate that refuses SRs"
+    history = client.get_metric_history(tracker.run_id, "forwarded")
+    assert [m.value for m in history][-1] == 1 and history[-1].step == len(list(spool.entries()))
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["decisions.jsonl"]
     (held,) = spool.batches("quarantine")
     assert {p.name.rsplit("_", 1)[1] for p in forwarded_files(held, "hold") if p.parent.name == "results"} == {
         "sr.dcm", "map.dcm"}  # fmt: skip
@@ -378,28 +395,126 @@ class Orthanc:
         self.process.wait(timeout=30)
 
 
-def test_orthanc_as_the_pacs_stores_forwarded_series_their_srs_and_maps(checkpoint, studies, tmp_path):
+def test_three_studies_from_storescu_clean_to_orthanc_with_its_sr_ood_held_echoes_gated_each(
+    checkpoint, studies, tmp_path
+):  # fmt: skip
+    """The issue's acceptance run: dcmtk's storescu sends a clean, an OOD and a two-echo study to the node, which
+    forwards what passed to a real Orthanc and holds the rest."""
     orthanc = Orthanc(tmp_path / "orthanc")
-    node = Listener(checkpoint, tmp_path / "spool", tmp_path / "node.log", "--quiet", "1", "--forward-held",
-                    "--forward", f"ORTHANC@127.0.0.1:{orthanc.dicom}")  # fmt: skip
+    node = Listener(checkpoint, tmp_path / "spool", tmp_path / "node.log", "--quiet", "1", "--forward",
+                    f"ORTHANC@127.0.0.1:{orthanc.dicom}")  # fmt: skip
     try:
-        for name in ("clean", "ood"):
+        for name in ("clean", "ood", "echoes"):
             assert node.send(studies[name]).returncode == 0
         wait_for(lambda: len([e for e in Spool(tmp_path / "spool").entries() if e.get("event") == "forwarded"]) == 2,
                  "two forwards", process=node.process)  # fmt: skip
         stored = orthanc.stored()
-        series = orthanc.get("/series")
-        web = orthanc.get(f"/dicom-web/studies/{pydicom.dcmread(next(studies['clean'].glob('*.dcm'))).StudyInstanceUID}"
-                          "/series")  # fmt: skip
+        study = pydicom.dcmread(next(studies["clean"].glob("*.dcm"))).StudyInstanceUID
+        web = orthanc.get(f"/dicom-web/studies/{study}/series")
     finally:
         node.stop()
         orthanc.stop()
+    passed = uids(studies["clean"]) | uids(studies["echoes"])
+    assert passed <= set(stored) and not uids(studies["ood"]) & set(stored), "what passed, and nothing held"
+    kinds = sorted(pydicom.uid.UID(c).name for u, c in stored.items() if u not in passed)
+    assert kinds == ["Comprehensive SR Storage"] * 3, "an SR per volume: the clean series and each echo"
+    assert sorted(s["00080060"]["Value"][0] for s in web) == ["CT", "SR"], "DICOMweb lists the series and its SR"
+    echoes = [e for e in decided(tmp_path / "spool") if len(e["volumes"]) == 2]
+    assert [sorted(v["verdict"] for v in e["volumes"]) for e in echoes] == [["in", "in"]], "gated per echo"
+    (held,) = (tmp_path / "spool" / "quarantine").iterdir()
+    assert uids(held / "instances") == uids(studies["ood"]) and (held / "report.csv").is_file()
+    assert [len(list((held / "results").glob(f"*_{kind}.dcm"))) for kind in ("sr", "map")] == [1, 1]
+
+
+def test_a_dicomweb_pacs_is_polled_fetched_gated_and_given_its_results_back(checkpoint, studies, tmp_path):
+    from cdm_ood.cli.score import _scorer
+
+    orthanc = Orthanc(tmp_path / "orthanc")
+    try:
+        for name in ("clean", "ood"):  # the PACS holds two series
+            sent = subprocess.run([tool("storescu"), "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom), "+sd",
+                                   str(studies[name])], capture_output=True, text=True)  # fmt: skip
+            assert sent.returncode == 0, sent.stderr
+        url = f"http://127.0.0.1:{orthanc.http}/dicom-web"
+        spool = Spool(tmp_path / "spool")
+        scorer, thresholds = _scorer(checkpoint, "denoise", 8)
+        web = DicomWebSource(url, spool)
+        node = Node(spool, scorer, thresholds, NodeSettings(quiet=0.0), [web], web, poll=0.0)
+        node.step()
+        events = [e["event"] for e in spool.entries()]
+        assert sorted(events) == ["decided", "decided", "fetched", "fetched", "returned", "returned"], events
+        stored = orthanc.stored()
+        node.step()  # the node's own results are not fetched back; nothing new to gate
+        assert [e["event"] for e in spool.entries()] == events and orthanc.stored() == stored
+        dead = DicomWebSource(f"http://127.0.0.1:{free_port()}/dicom-web", spool)
+        (held,) = spool.batches("quarantine")
+        assert not dead.give_back(held, result_files(held, "hold"))
+        assert (held / PENDING).is_file() and spool.entries() and [*spool.entries()][-1]["event"] == "return-failed"
+        node.step()  # retried at the next poll
+        assert not (held / PENDING).exists() and [*spool.entries()][-1]["event"] == "returned"
+    finally:
+        orthanc.stop()
     images = uids(studies["clean"]) | uids(studies["ood"])
-    assert images <= set(stored)
     kinds = sorted(pydicom.uid.UID(c).name for u, c in stored.items() if u not in images)
     assert kinds == ["Comprehensive SR Storage", "Comprehensive SR Storage", "Parametric Map Storage"], kinds
-    assert len(series) == 5, "the two series, their SRs and the held one's map"
-    modalities = sorted(s["00080060"]["Value"][0] for s in web)
-    assert modalities == ["CT", "SR"], "DICOMweb (QIDO-RS) lists the series and its SR in the study"
-    (held,) = (tmp_path / "spool" / "quarantine").iterdir()
-    assert uids(held / "instances") == uids(studies["ood"]), "a held series forwarded for review stays in quarantine"
+    decisions = {e["series_instance_uid"]: e["decision"] for e in spool.entries() if e["event"] == "decided"}
+    series = {name: pydicom.dcmread(next(studies[name].glob("*.dcm"))).SeriesInstanceUID for name in studies}
+    assert decisions == {series["clean"]: "forward", series["ood"]: "hold"}
+
+
+def test_the_dicomweb_source_names_its_extra_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dicomweb_client", None)  # as if cdm-ood[dicomweb] were not installed
+    monkeypatch.setitem(sys.modules, "dicomweb_client.api", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'cdm-ood\[dicomweb\]'"):
+        DicomWebSource("http://127.0.0.1:1/dicom-web", Spool(tmp_path))
+
+
+def test_watched_folders_are_read_only_and_each_file_is_taken_once_it_held_still(studies, tmp_path):
+    share = tmp_path / "share"
+    shutil.copytree(studies["clean"], share / "clean")
+    (share / "notes.txt").write_text("not DICOM")
+    before = {p: p.read_bytes() for p in share.rglob("*") if p.is_file()}
+    spool = Spool(tmp_path / "spool")
+    source = FolderSource([share], spool)
+    assert source.poll() == 0, "a file is taken only once it held still for a poll"
+    shutil.copy(next(studies["echoes"].glob("*.dcm")), share / "late.dcm")  # arrives between two polls
+    assert source.poll() == 4 and source.poll() == 1
+    assert {p: p.read_bytes() for p in share.rglob("*") if p.is_file() and p.name != "late.dcm"} == before
+    late = pydicom.dcmread(share / "late.dcm").SOPInstanceUID
+    assert uids(spool.root / "incoming") == uids(studies["clean"]) | {late}
+    refused = [e for e in spool.entries() if e["event"] == "refused"]
+    assert [Path(e["path"]).name for e in refused] == ["notes.txt"] and "not a DICOM instance" in refused[0]["reason"]
+    assert FolderSource([share], spool).poll() == 0, "a restart takes no file twice"
+    (share / "clean" / next(iter(sorted(p.name for p in (share / "clean").iterdir())))).write_bytes(
+        next(studies["ood"].glob("*.dcm")).read_bytes())  # rewritten with other content  # fmt: skip
+    again = FolderSource([share], spool)
+    assert again.poll() == 0 and again.poll() == 1
+
+
+def test_listen_watch_gates_a_series_dropped_into_a_share(checkpoint, studies, tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    node = Listener(checkpoint, tmp_path / "spool", tmp_path / "node.log", "--quiet", "1", "--poll", "0.5",
+                    "--watch", str(share))  # fmt: skip
+    try:
+        shutil.copytree(studies["clean"], share / "study")
+        (entry,) = wait_for(lambda: decided(tmp_path / "spool"), "a decision", process=node.process)
+    finally:
+        node.stop()
+    assert entry["instances"] == 4 and entry["decision"] == "forward"
+    assert uids(share) == uids(studies["clean"]), "the share is left as it was"
+
+
+def test_by_study_a_series_waits_for_its_whole_study_to_be_quiet(studies, tmp_path):
+    spool = Spool(tmp_path / "spool")
+    first = next(studies["echoes"].glob("*.dcm")).read_bytes()
+    key, sop = series_of(first)
+    spool.store(first, key, sop)
+    time.sleep(0.3)
+    other = SeriesKey(key.study, "1.2.3.4")  # another series of the same study, just arrived
+    spool.store(first, other, "1.2.3.4.5")
+    assert spool.quiet(0.2) == [key] and spool.quiet(0.2, by_study=True) == []
+    time.sleep(0.3)
+    assert sorted(spool.quiet(0.2, by_study=True), key=lambda k: k.series) == sorted(
+        [key, other], key=lambda k: k.series
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -294,6 +295,67 @@ def log_job_run(
         return None
     log.info("MLflow %s run %s in %s", kind, run.info.run_id, mlflow.get_tracking_uri())
     return run.info.run_id
+
+
+class NodeRun:
+    """The MLflow run of a `cdm-ood listen` node (experiment `cdm-ood-listen`): its parameters when it starts, then,
+    at each line of its `decisions.jsonl` (a `Spool` listener), its running counts as metrics with the number of
+    lines so far as their step: `series_forward`, `series_hold`, `instances_gated`, `forwarded`, `forward_failed`,
+    `fetched`, `returned`, `return_failed`. A failing store is a warning, then the node goes on untracked."""
+
+    def __init__(self, params: dict[str, Any], uri: Optional[str] = None, model: Optional[LoadedModel] = None):
+        self.counts: dict[str, float] = dict.fromkeys(("series_forward", "series_hold", "instances_gated",
+                                                       "forwarded", "forward_failed", "fetched", "returned",
+                                                       "return_failed"), 0.0)  # fmt: skip
+        self.step, self.run_id, self._client = 0, None, None
+        try:
+            mlflow = _mlflow(uri, "cdm-ood-listen")
+            client = mlflow.MlflowClient()
+            experiment = mlflow.get_experiment_by_name("cdm-ood-listen").experiment_id
+            self.run_id = client.create_run(experiment, tags=lineage_tags(model)).info.run_id
+            self._client = client
+            for key, value in params.items():
+                client.log_param(self.run_id, key, value)
+            for key, value in (calibration_metrics(model.calibration) if model is not None else {}).items():
+                client.log_metric(self.run_id, key, value)
+        except Exception as err:  # any store failure: the node runs untracked
+            log.warning("MLflow tracking at %s failed (%s); the node runs untracked", uri or default_tracking_uri(),
+                        type(err).__name__)  # fmt: skip
+            self._client = None
+            return
+        log.info("MLflow listen run %s in %s", self.run_id, mlflow.get_tracking_uri())
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        """Count one line of `decisions.jsonl` and log the counts."""
+        event = entry.get("event")
+        if event == "decided":
+            self.counts[f"series_{entry['decision']}"] += 1
+            self.counts["instances_gated"] += entry.get("instances", 0)
+        elif event is not None and event.replace("-", "_") in self.counts:
+            self.counts[event.replace("-", "_")] += 1
+        self.step += 1
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        try:
+            timestamp = int(time.time() * 1000)
+            metrics = [Metric(k, v, timestamp, self.step) for k, v in self.counts.items()]
+            self._client.log_batch(self.run_id, metrics=metrics)
+        except Exception as err:  # the store went away: untracked from now on
+            log.warning("MLflow tracking failed (%s); the node goes on untracked", type(err).__name__)
+            self._client = None
+
+    def close(self, decisions: Optional[Path] = None) -> None:
+        """End the run, with the node's `decisions.jsonl` as an artifact."""
+        if self._client is None:
+            return
+        try:
+            if decisions is not None and decisions.is_file():
+                self._client.log_artifact(self.run_id, str(decisions))
+            self._client.set_terminated(self.run_id)
+        except Exception as err:
+            log.warning("MLflow tracking failed (%s) when the node stopped", type(err).__name__)
 
 
 def lineage_tags(model: Optional[LoadedModel]) -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""The DICOM node's work: a series that has gone quiet is gated with exactly the rules of `cdm-ood score`
-(`ood.gate.run_gate`: the same report rows, volume checks, fail-closed verdicts, maps and DICOM results), then
-forwarded to the destination when every volume of it passed, or held in quarantine with its report, SR and map.
+"""The DICOM node's work: a series that has gone quiet (received by C-STORE, or fetched from a DICOMweb server) is
+gated with exactly the rules of `cdm-ood score` (`ood.gate.run_gate`: the same report rows, volume checks,
+fail-closed verdicts, maps and DICOM results), then forwarded to the destination when every volume of it passed, or
+held in quarantine with its report, SR and map.
 Every decision and every forwarding attempt is a line of `decisions.jsonl` (`spool`); a destination that is down
 delays forwarding (`forward.Backoff`), never drops a batch.
 """
@@ -9,22 +10,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from ..data.guards import redact
 from ..ood.gate import run_gate
 from ..ood.report import FAILING
 from ..ood.scoring import ImageScorer
 from ..ood.thresholds import Thresholds
+from .dicomweb import DicomWebSource
 from .forward import Backoff, Destination, ForwardError, send
 from .spool import Spool
 
 log = logging.getLogger("cdm_ood.node")
 
 FORWARD, HOLD = "forward", "hold"
+
+
+class Source(Protocol):
+    """Where the node finds series besides C-STORE: `poll` puts what is new into the spool."""
+
+    name: str
+
+    def poll(self) -> int: ...
 
 
 @dataclass
@@ -42,11 +52,17 @@ class NodeSettings:
 
 
 class Node:
-    """Gates and routes the spool's series (see the module); `step` does what is due now, `run` loops it."""
+    """Gates and routes the spool's series (see the module); `step` does what is due now, `run` loops it. Every
+    `poll` seconds it also polls its `sources` (`watch.FolderSource`, `dicomweb.DicomWebSource`: each puts what is
+    new into the spool), and each decided batch's results go back to `results_to` (a DICOMweb server)."""
 
-    def __init__(self, spool: Spool, scorer: ImageScorer, thresholds: Thresholds, settings: NodeSettings) -> None:
+    def __init__(
+        self, spool: Spool, scorer: ImageScorer, thresholds: Thresholds, settings: NodeSettings,
+        sources: Sequence[Source] = (), results_to: Optional[DicomWebSource] = None, poll: float = 30.0,
+    ) -> None:  # fmt: skip
         self.spool, self.scorer, self.thresholds, self.settings = spool, scorer, thresholds, settings
-        self._next_try = 0.0
+        self.sources, self.results_to, self.poll = list(sources), results_to, poll
+        self._next_try = self._next_poll = 0.0
 
     def run(self, stopped: Callable[[], bool], poll: float = 0.5) -> None:
         """`step` every `poll` seconds until `stopped()`."""
@@ -59,6 +75,16 @@ class Node:
 
     def step(self) -> None:
         """Gate the batches whose gating a stop interrupted and the series gone quiet, then forward what is due."""
+        if time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.poll
+            calls = [(source.name, source.poll) for source in self.sources]
+            if self.results_to is not None:
+                calls.insert(0, (self.results_to.name, self.results_to.retry))
+            for name, call in calls:
+                try:
+                    call()
+                except Exception as err:  # a server down, a share gone: polled again later
+                    log.warning("%s not polled: %s: %s", name, type(err).__name__, redact(err))
         decided = self.spool.decisions()
         for batch in self.spool.batches("work"):
             if batch.name in decided:  # decided before a stop, not yet moved on
@@ -94,15 +120,14 @@ class Node:
                                 for r in rows if r["level"] == "file" and r["verdict"] in FAILING]}  # fmt: skip
         self.spool.record(entry)
         log.info("series %s (%d instances): %s", batch.name, len(instances), entry["decision"])
-        self._route(batch, entry["decision"])
+        routed = self._route(batch, entry["decision"])
+        if self.results_to is not None:
+            self.results_to.give_back(routed, result_files(routed, entry["decision"]))
         return entry["decision"]
 
-    def _route(self, batch: Path, decision: str) -> None:
+    def _route(self, batch: Path, decision: str) -> Path:
         held = decision != FORWARD
-        if held and not self.settings.forward_held:
-            self.spool.move(batch, "quarantine")
-        else:
-            self.spool.move(batch, "outbox")
+        return self.spool.move(batch, "quarantine" if held and not self.settings.forward_held else "outbox")
 
     def forward_due(self) -> None:
         """Send every batch of `outbox/` to the destination, unless it failed recently (`Backoff`)."""
@@ -132,12 +157,15 @@ class Node:
                 self.spool.move(batch, "quarantine")
 
 
-def forwarded_files(batch: Path, decision: str) -> list[Path]:
-    """What a batch sends: its instances and its verdict SRs; a held batch also its anomaly maps."""
+def result_files(batch: Path, decision: str) -> list[Path]:
+    """A decided batch's DICOM results that travel: its verdict SRs, and a held batch's anomaly maps too."""
     results = sorted((batch / "results").glob("*_sr.dcm"))
-    if decision != FORWARD:
-        results += sorted((batch / "results").glob("*_map.dcm"))
-    return sorted((batch / "instances").glob("*.dcm")) + results
+    return results + (sorted((batch / "results").glob("*_map.dcm")) if decision != FORWARD else [])
+
+
+def forwarded_files(batch: Path, decision: str) -> list[Path]:
+    """What a batch sends: its instances and its `result_files`."""
+    return sorted((batch / "instances").glob("*.dcm")) + result_files(batch, decision)
 
 
 def _study(batch: Path) -> Optional[str]:

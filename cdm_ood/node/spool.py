@@ -26,7 +26,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -72,6 +72,7 @@ class Spool:
         self.log_path = self.root / "decisions.jsonl"
         self._lock = threading.Lock()
         self._arrivals: dict[SeriesKey, float] = {}
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # told of each line `record` writes
 
     def recover(self) -> dict[str, Any]:
         """After a start: empty `.partial/`, and have every series in `incoming/` wait a new quiet period; returns
@@ -151,12 +152,14 @@ class Spool:
         return target
 
     def record(self, entry: Mapping[str, Any]) -> None:
-        """Append one line to `decisions.jsonl` (with its time), durably."""
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}, sort_keys=False)
+        """Append one line to `decisions.jsonl` (with its time), durably, then tell the `listeners`."""
+        stamped = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}
         with self._lock, open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(stamped) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        for listener in self.listeners:
+            listener(stamped)
 
     def decisions(self) -> dict[str, dict[str, Any]]:
         """The decision recorded for each batch (`event` "decided"), by batch name."""
