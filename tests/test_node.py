@@ -241,7 +241,10 @@ def test_the_spool_writes_before_acknowledging_and_claims_a_quiet_series_whole(t
     spool.record({"event": "decided", "batch": batch.name, "decision": "hold"})
     with open(spool.log_path, "a") as f:
         f.write('{"event": "decided", "batch": "torn')  # a kill mid-write
-    assert list(spool.decisions()) == [batch.name]
+    restarted = Spool(spool.root)
+    assert list(spool.decisions()) == [batch.name] == list(restarted.decisions()), "read again at a start"
+    restarted.record({"event": "decided", "batch": "after", "decision": "hold"})
+    assert list(Spool(spool.root).decisions()) == [batch.name, "after"], "the torn line does not swallow the next"
     spool.store(next(studies["clean"].glob("*.dcm")).read_bytes(), key, "1.2.3")
     assert spool.claim(key).name == f"{key.series}.2", "a late instance is a batch of its own"
 

@@ -73,6 +73,19 @@ class Spool:
         self._lock = threading.Lock()
         self._arrivals: dict[SeriesKey, float] = {}
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # told of each line `record` writes
+        self._end_torn_line()
+        # The decisions of `decisions.jsonl`, read once here and kept up to date by `record` (the node asks every step)
+        self._decided = {e["batch"]: e for e in self.entries() if e.get("event") == "decided"}
+
+    def _end_torn_line(self) -> None:
+        """End a line that a kill cut short (no newline at the end of the log), so the next line stands alone."""
+        if self.log_path.exists() and self.log_path.stat().st_size:
+            with open(self.log_path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
 
     def recover(self) -> dict[str, Any]:
         """After a start: empty `.partial/`, and have every series in `incoming/` wait a new quiet period; returns
@@ -158,12 +171,14 @@ class Spool:
             f.write(json.dumps(stamped) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            if stamped.get("event") == "decided":
+                self._decided[stamped["batch"]] = stamped
         for listener in self.listeners:
             listener(stamped)
 
     def decisions(self) -> dict[str, dict[str, Any]]:
         """The decision recorded for each batch (`event` "decided"), by batch name."""
-        return {entry["batch"]: entry for entry in self.entries() if entry.get("event") == "decided"}
+        return dict(self._decided)
 
     def entries(self) -> Iterator[dict[str, Any]]:
         """Every line of `decisions.jsonl` (a torn last line, from a kill mid-write, is skipped)."""
