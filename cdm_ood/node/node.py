@@ -1,9 +1,8 @@
 """The DICOM node's work: a series that has gone quiet (received by C-STORE, or fetched from a DICOMweb server) is
 gated with exactly the rules of `cdm-ood score` (`ood.gate.run_gate`: the same report rows, volume checks,
 fail-closed verdicts, maps and DICOM results), then forwarded to the destination when every volume of it passed, or
-held in quarantine with its report, SR and map.
-Every decision and every forwarding attempt is a line of `decisions.jsonl` (`spool`); a destination that is down
-delays forwarding (`forward.Backoff`), never drops a batch.
+held in quarantine with its report, SR and map. Every decision and every forwarding attempt is a line of
+`decisions.jsonl` (`spool`); a destination that is down delays forwarding (`forward.Backoff`), never drops a batch.
 """
 
 from __future__ import annotations
@@ -64,17 +63,18 @@ class Node:
         self.sources, self.results_to, self.poll = list(sources), results_to, poll
         self._next_try = self._next_poll = 0.0
 
-    def run(self, stopped: Callable[[], bool], poll: float = 0.5) -> None:
-        """`step` every `poll` seconds until `stopped()`."""
+    def run(self, stopped: Callable[[], bool], every: float = 0.5) -> None:
+        """`step` every `every` seconds until `stopped()`."""
         found = self.spool.recover()
         log.info("spool %s: %d series waiting, %d batches to gate again, %d to forward", self.spool.root,
                  found["waiting"], found["work"], found["outbox"])  # fmt: skip
         while not stopped():
             self.step()
-            time.sleep(poll)
+            time.sleep(every)
 
     def step(self) -> None:
-        """Gate the batches whose gating a stop interrupted and the series gone quiet, then forward what is due."""
+        """Poll the sources when due, gate the batches whose gating a stop interrupted and the series gone quiet,
+        then forward what is due."""
         if time.monotonic() >= self._next_poll:
             self._next_poll = time.monotonic() + self.poll
             calls = [(source.name, source.poll) for source in self.sources]
