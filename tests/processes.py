@@ -15,6 +15,8 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -119,3 +121,22 @@ def without_modules(folder: Path, *modules: str) -> dict[str, str]:
         (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
     return {"PYTHONPATH": str(folder)}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def system_tool(name: str, package: str = "dcmtk") -> str:
+    """The path of a system program a test runs (dcmtk, dicom3tools, Orthanc); the test is skipped, naming the Debian
+    package, where it is not installed."""
+    import pytest
+
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (Debian package {package}; `make test` installs it with apt where the "
+                    "system allows)")  # fmt: skip
+    return found

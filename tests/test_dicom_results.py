@@ -1,5 +1,4 @@
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pandas as pd
 import pydicom
 import pytest
 from click.testing import CliRunner
+from processes import system_tool
 
 from cdm_ood.cli import main
 from cdm_ood.data.phantoms import phantom_volume
@@ -16,15 +16,6 @@ from cdm_ood.data.volume_files import write_dicom_series, write_nifti
 from cdm_ood.ood.dicom_results import SCHEME
 
 PATIENT = "DOE^JANE"
-
-
-def tool(name: str, package: str) -> str:
-    """The path of a system tool the test runs; skipped, naming the Debian package, where it is not installed."""
-    found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (Debian package {package}; `make test` installs it with apt where the "
-                    "system allows)")  # fmt: skip
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +109,7 @@ def test_no_identifier_reaches_the_report_or_the_log(gated):
 
 def test_the_dicom_results_pass_dcmtk_and_dicom3tools_validation(gated):
     _, maps, _, _ = gated
-    dciodvfy, dsrdump = tool("dciodvfy", "dicom3tools"), tool("dsrdump", "dcmtk")
+    dciodvfy, dsrdump = system_tool("dciodvfy", "dicom3tools"), system_tool("dsrdump", "dcmtk")
     for path in sorted(maps.glob("*.dcm")):
         out = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
         errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]

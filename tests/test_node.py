@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from mlflow.tracking import MlflowClient
+from processes import free_port, system_tool
 
 from cdm_ood.data.phantoms import phantom_volume
 from cdm_ood.data.volume_files import write_dicom_series
@@ -30,20 +30,6 @@ from cdm_ood.node.spool import SeriesKey, Spool
 from cdm_ood.node.watch import FolderSource
 
 SENDER = "MODALITY"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tool(name: str, package: str = "dcmtk") -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (Debian package {package}; `make test` installs it with apt where the "
-                    "system allows)")  # fmt: skip
-    return found
 
 
 def wait_for(test, what: str, timeout: float = 120.0, process=None):
@@ -67,11 +53,11 @@ class Listener:
         with log.open("a") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)  # fmt: skip
-        echo = [tool("echoscu"), "-aet", SENDER, "-aec", "CDMOOD", "127.0.0.1", str(self.port)]
+        echo = [system_tool("echoscu"), "-aet", SENDER, "-aec", "CDMOOD", "127.0.0.1", str(self.port)]
         wait_for(lambda: subprocess.run(echo, capture_output=True).returncode == 0, "C-ECHO", process=self.process)
 
     def send(self, folder: Path, aet: str = SENDER) -> subprocess.CompletedProcess:
-        command = [tool("storescu"), "-aet", aet, "-aec", "CDMOOD", "+sd", "+r", "127.0.0.1", str(self.port),
+        command = [system_tool("storescu"), "-aet", aet, "-aec", "CDMOOD", "+sd", "+r", "127.0.0.1", str(self.port),
                    str(folder)]  # fmt: skip
         return subprocess.run(command, capture_output=True, text=True)
 
@@ -88,7 +74,7 @@ class Pacs:
         self.port, self.folder = port or free_port(), folder
         folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [tool("storescp"), "-aet", "PACS", "-od", str(folder), str(self.port)],
+            [system_tool("storescp"), "-aet", "PACS", "-od", str(folder), str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -291,8 +277,8 @@ def test_the_node_scp_speaks_tls_when_given_a_certificate(studies, tmp_path):
     assert made.returncode == 0, made.stderr
     server, port = scp(tmp_path / "spool", tls_cert=str(cert), tls_key=str(key))
     try:
-        plain = subprocess.run([tool("echoscu"), "-to", "5", "127.0.0.1", str(port)], capture_output=True)
-        secure = subprocess.run([tool("echoscu"), "+tls", key, cert, "+cf", cert, "127.0.0.1", str(port)],
+        plain = subprocess.run([system_tool("echoscu"), "-to", "5", "127.0.0.1", str(port)], capture_output=True)
+        secure = subprocess.run([system_tool("echoscu"), "+tls", key, cert, "+cf", cert, "127.0.0.1", str(port)],
                                 capture_output=True, text=True)  # fmt: skip
     finally:
         server.shutdown()
@@ -365,7 +351,7 @@ class Orthanc:
     PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
     def __init__(self, folder: Path) -> None:
-        binary = tool("Orthanc", "orthanc")
+        binary = system_tool("Orthanc", "orthanc")
         self.http, self.dicom = free_port(), free_port()
         config = {"Name": "cdm-ood-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
                   "HttpPort": self.http, "DicomPort": self.dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
@@ -435,7 +421,7 @@ def test_a_dicomweb_pacs_is_polled_fetched_gated_and_given_its_results_back(chec
     orthanc = Orthanc(tmp_path / "orthanc")
     try:
         for name in ("clean", "ood"):  # the PACS holds two series
-            sent = subprocess.run([tool("storescu"), "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom), "+sd",
+            sent = subprocess.run([system_tool("storescu"), "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom), "+sd",
                                    str(studies[name])], capture_output=True, text=True)  # fmt: skip
             assert sent.returncode == 0, sent.stderr
         url = f"http://127.0.0.1:{orthanc.http}/dicom-web"

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from processes import free_port
 from test_score import invoke
 
 from cdm_ood.data import iter_slices
@@ -124,12 +125,6 @@ def test_logged_requirements_install_elsewhere(model_uri):
     assert {"torch", "monai", "numpy", "pandas", "mlflow"} <= set(pins)
     assert not [line for line in lines if "+" in line], "no local version label such as +cpu"
     assert pins["torch"] == torch.__version__.split("+")[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

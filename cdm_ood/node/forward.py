@@ -57,14 +57,9 @@ def _contexts(paths: Sequence[Path]) -> list[tuple[str, str]]:
     return list(pairs)
 
 
-def _name(uid: str) -> str:
-    from pydicom.uid import UID
-
-    return UID(uid).name
-
-
 def send(paths: Sequence[Path], destination: Destination, timeout: float = 30.0) -> int:
     """C-STORE every file of `paths` to `destination` in one association; returns how many were stored."""
+    from pydicom.uid import UID
     from pynetdicom import AE
 
     ae = AE(ae_title=destination.calling)
@@ -79,7 +74,7 @@ def send(paths: Sequence[Path], destination: Destination, timeout: float = 30.0)
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         for sop_class, syntax in contexts:
             if (sop_class, syntax) not in accepted:
-                raise ForwardError(f"{destination} does not accept {_name(sop_class)} in {_name(syntax)}")
+                raise ForwardError(f"{destination} does not accept {UID(sop_class).name} in {UID(syntax).name}")
         for path in paths:
             status = assoc.send_c_store(path)
             code = getattr(status, "Status", None)

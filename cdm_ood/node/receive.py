@@ -55,15 +55,12 @@ class ScpSettings:
 
 def image_storage_classes() -> list[str]:
     """The UIDs of every image storage SOP class pynetdicom knows (`formats.dicom.IMAGE_STORAGE` in the name)."""
+    from pydicom.uid import UID
     from pynetdicom import AllStoragePresentationContexts
 
-    return [cx.abstract_syntax for cx in AllStoragePresentationContexts if IMAGE_STORAGE in _name(cx.abstract_syntax)]
-
-
-def _name(uid: str) -> str:
-    from pydicom.uid import UID
-
-    return UID(uid).name
+    return [
+        cx.abstract_syntax for cx in AllStoragePresentationContexts if IMAGE_STORAGE in UID(cx.abstract_syntax).name
+    ]
 
 
 def tls_context(settings: ScpSettings) -> Optional[ssl.SSLContext]:

@@ -84,7 +84,7 @@ class DicomReader(FormatReader):
             return SourceFile(str(path), self.name, series_uid, None, _uid(ds))
         with quiet_libraries():  # keep the sort key and what the series checks need, not the header: memory stays flat
             member = _member(ds, (rows, columns))
-        return SeriesSlice(path, series_uid, _position_key(ds), member)
+        return SeriesSlice(path, series_uid, _position_key(ds, member.along), member)
 
     def slices(self, source: SourceFile) -> list[Slice]:
         pixels = _decode(Path(source.path))
@@ -283,10 +283,9 @@ def _along(ds) -> Optional[float]:
         return None
 
 
-def _position_key(ds) -> tuple[float, float, str]:
-    """Sort key of a slice in its series: position along the slice normal (0 when unknown: ordered by
-    InstanceNumber), then InstanceNumber."""
-    along = _along(ds)
+def _position_key(ds, along: Optional[float]) -> tuple[float, float, str]:
+    """Sort key of a slice in its series: its position `along` the slice normal (`_along`; 0 when unknown: ordered
+    by InstanceNumber), then InstanceNumber."""
     along = 0.0 if along is None else along
     try:
         number = float(ds.InstanceNumber)
