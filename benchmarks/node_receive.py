@@ -7,7 +7,7 @@ Receiving: the real node (a child process, `--quiet` longer than the run, so not
 processes at once (as a PACS pushes; on the same cores), a run per number in `--associations`. Prints the table
 block `node-receive`: per run the instances, seconds, instances per second, MB per second, the node's memory before
 and its peak (VmHWM), and for the last run the node's resident memory (VmRSS from /proc) as each tenth of the
-instances arrived.
+instances arrived; each memory figure is the sum over the node's process and its receiver processes.
 
 Latency: a fresh node with `--quiet` Q is sent one series of `--latency-slices` instances; the time from the last
 C-STORE response to its decision in `decisions.jsonl` is the quiet period plus the gating time. Prints the table
@@ -41,10 +41,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def processes(pid: int) -> list[int]:
+    """A process and its children, grandchildren... (the node and its receiver processes)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [pid, *(p for child in children for p in processes(child))]
+
+
 def memory(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, in MiB."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+    """(VmRSS, VmHWM) of a process and its children together, in MiB."""
+    total = np.zeros(2)
+    for member in processes(pid):
+        lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        total += [int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")]
+    return tuple(total)
 
 
 class Node:
@@ -105,7 +115,7 @@ def finish(senders: list[subprocess.Popen]) -> None:
 
 
 def stored(spool: Path) -> int:
-    return sum(len(os.listdir(series)) for study in os.scandir(spool / "incoming") if study.name != ".partial"
+    return sum(len(os.listdir(series)) for study in os.scandir(spool / "incoming") if not study.name.startswith(".")
                for series in os.scandir(study))  # fmt: skip
 
 

@@ -33,6 +33,9 @@ from .score import _require_maps, _scorer, batch_option, detector_option
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="TLS: its private key (PEM).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
               help="TLS: accept only senders with a certificate this CA signed.")  # fmt: skip
+@click.option("--receivers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Processes that receive C-STORE on the port (each stores into the spool; the node's own process "
+                   "gates).")  # fmt: skip
 @click.option("--quiet", "quiet_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds without a new instance after which a series is complete and gated.")  # fmt: skip
 @click.option("--by-study", is_flag=True, help="Wait for the whole study to be quiet before gating its series.")
@@ -66,8 +69,8 @@ from .score import _require_maps, _scorer, batch_option, detector_option
 @tracking_uri_option
 def listen_command(
     checkpoint: Path, spool: Path, ae_title: str, port: int, host: str, allowed: tuple[str, ...],
-    tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str], quiet_s: float, by_study: bool,
-    destination: Optional[str], forward_held: bool, watch: tuple[Path, ...], dicomweb: Optional[str],
+    tls_cert: Optional[str], tls_key: Optional[str], tls_ca: Optional[str], receivers: int, quiet_s: float,
+    by_study: bool, destination: Optional[str], forward_held: bool, watch: tuple[Path, ...], dicomweb: Optional[str],
     dicomweb_filters: tuple[str, ...], poll_s: float, threshold: str, detector: Optional[str], per_volume: str,
     device: str, precision: Optional[str], batch_size: int, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
@@ -79,7 +82,7 @@ def listen_command(
     from cdm_ood.node.dicomweb import DicomWebSource
     from cdm_ood.node.forward import Destination
     from cdm_ood.node.node import Node, NodeSettings
-    from cdm_ood.node.receive import ScpSettings, start_scp
+    from cdm_ood.node.receive import Receivers, ScpSettings
     from cdm_ood.node.spool import Spool
     from cdm_ood.node.watch import FolderSource
     from cdm_ood.ood.report import aggregate
@@ -98,7 +101,6 @@ def listen_command(
     web = DicomWebSource(dicomweb, spooled, filters) if dicomweb else None
     sources = [*([FolderSource(watch, spooled)] if watch else []), *([web] if web else [])]
     node = Node(spooled, scorer, thresholds, settings, sources, web, poll_s)
-    server = start_scp(node.spool, ScpSettings(ae_title, port, host, allowed, tls_cert, tls_key, tls_ca))
     tracker = None
     if mlflow:
         from cdm_ood.integrations.tracking import NodeRun
@@ -107,8 +109,10 @@ def listen_command(
                            "ae_title": ae_title, "quiet_s": quiet_s, "forward": str(target), "dicomweb": dicomweb},
                           tracking_uri, scorer.model)  # fmt: skip
         spooled.listeners.append(tracker)
+    node.recover()
+    server = Receivers(spooled, ScpSettings(ae_title, port, host, allowed, tls_cert, tls_key, tls_ca), receivers)
     try:
-        node.run(lambda: False)
+        node.run(server.check)
     except Stopped as stop:
         click.echo(f"stopped ({stop}): the spool keeps what was not decided or sent", err=True)
     finally:

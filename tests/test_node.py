@@ -5,8 +5,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from io import BytesIO
@@ -25,7 +27,7 @@ from cdm_ood.integrations.tracking import NodeRun
 from cdm_ood.node.dicomweb import PENDING, DicomWebSource
 from cdm_ood.node.forward import Backoff, Destination, ForwardError, send
 from cdm_ood.node.node import Node, NodeSettings, forwarded_files, result_files
-from cdm_ood.node.receive import ScpSettings, series_of, start_scp
+from cdm_ood.node.receive import Receivers, ScpSettings, series_of
 from cdm_ood.node.spool import SeriesKey, Spool
 from cdm_ood.node.watch import FolderSource
 
@@ -182,6 +184,34 @@ def test_a_killed_node_loses_no_acknowledged_instance_and_decides_each_series_on
     assert len(decided(spool)) == 1, "a decided batch is never gated again"
 
 
+def receiver_processes(pid: int) -> list[int]:
+    """The node's receiver processes (spawned by multiprocessing; its resource tracker is not one)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def gone(pids: list[int]) -> bool:
+    return not any(Path(f"/proc/{pid}").exists() and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                   for pid in pids)  # fmt: skip
+
+
+def test_receiver_processes_end_with_the_node_and_a_dead_one_stops_it(checkpoint, tmp_path):
+    node = Listener(checkpoint, tmp_path / "spool", tmp_path / "node.log", "--receivers", "2")
+    receivers = receiver_processes(node.process.pid)
+    assert len(receivers) == 2
+    os.kill(receivers[0], signal.SIGKILL)
+    assert node.process.wait(timeout=60) == 3, "a node that cannot receive any more stops with a failure"
+    assert "a receiver process exited" in (tmp_path / "node.log").read_text()
+    wait_for(lambda: gone(receivers), "the other receiver to stop")
+    node = Listener(checkpoint, tmp_path / "spool", tmp_path / "node.log", port=node.port)
+    receivers = receiver_processes(node.process.pid)
+    os.kill(node.process.pid, signal.SIGKILL)  # the node alone, as `kill -9 <pid>` would
+    node.process.wait(timeout=30)
+    wait_for(lambda: gone(receivers), "the receivers of a killed node to exit")
+    with socket.create_server(("127.0.0.1", node.port)):
+        pass  # the port is free for the node's restart
+
+
 def test_a_destination_that_is_down_gets_every_passed_series_once_it_is_up(checkpoint, studies, tmp_path):
     port = free_port()
     node = Listener(checkpoint, tmp_path / "spool", tmp_path / "node.log", "--quiet", "1", "--forward",
@@ -235,6 +265,27 @@ def test_the_spool_writes_before_acknowledging_and_claims_a_quiet_series_whole(t
     assert spool.claim(key).name == f"{key.series}.2", "a late instance is a batch of its own"
 
 
+def test_a_series_moves_to_work_only_between_two_stores_and_waits_a_quiet_period_after_a_start(tmp_path, studies):
+    spool, (first, second, *_) = Spool(tmp_path / "spool"), sorted(studies["clean"].glob("*.dcm"))
+    key, sop = series_of(first.read_bytes())
+    folder = spool.store(first.read_bytes(), key, sop).parent
+    os.utime(folder, (time.time() - 60, time.time() - 60))  # its last instance arrived a minute ago
+    restarted = Spool(tmp_path / "spool")
+    restarted.recover()
+    assert spool.quiet(30) == [key] and restarted.quiet(30) == [], "quiet counted from a restart"
+    claimed = []
+    with spool.incoming.locked(exclusive=False):  # a receiver process between its mkdir and its rename
+        mover = threading.Thread(target=lambda: claimed.append(spool.claim(key)))
+        mover.start()
+        mover.join(0.5)
+        assert mover.is_alive() and (spool.incoming.folder / key.study / key.series / f"{sop}.dcm").exists()
+    mover.join(10)
+    late, late_sop = series_of(second.read_bytes())
+    spool.store(second.read_bytes(), late, late_sop)
+    assert [p.name for p in (claimed[0] / "instances").iterdir()] == [f"{sop}.dcm"]
+    assert spool.quiet(0) == [key], "an instance after the claim starts the series' next batch"
+
+
 def test_invalid_uids_destinations_and_the_backoff(studies):
     ds = pydicom.dcmread(next(studies["clean"].glob("*.dcm")))
     ds.SeriesInstanceUID = "../../etc"  # never a folder name
@@ -253,9 +304,9 @@ def test_invalid_uids_destinations_and_the_backoff(studies):
 
 
 def scp(spool: Path, **settings) -> tuple[object, int]:
-    """A node's storage SCP in this process on a free local port, spooling into `spool`."""
+    """A node's storage SCP (one receiver process) on a free local port, spooling into `spool`."""
     port = free_port()
-    return start_scp(Spool(spool), ScpSettings(port=port, host="127.0.0.1", **settings)), port
+    return Receivers(Spool(spool), ScpSettings(port=port, host="127.0.0.1", **settings), 1), port
 
 
 def test_forwarding_to_a_storage_scp_stores_every_instance_and_a_refused_caller_is_named(studies, tmp_path):
@@ -305,9 +356,9 @@ def test_the_node_gates_routes_and_retries_a_destination_in_process(checkpoint, 
     events = [(e["event"], e.get("decision")) for e in spool.entries()]
     assert sorted(events) == [("decided", "forward"), ("decided", "hold"), ("forward-failed", None)]
     assert len(spool.batches("outbox")) == 1 and len(spool.batches("quarantine")) == 1
-    server, _ = scp(tmp_path / "gate", ae_title="FAR")  # another gate accepts images only: refused, and said
+    server, port = scp(tmp_path / "gate", ae_title="FAR")  # another gate accepts images only: refused, and said
     try:
-        node.settings.destination = Destination("FAR", "127.0.0.1", server.server_address[1])
+        node.settings.destination = Destination("FAR", "127.0.0.1", port)
         time.sleep(0.05)
         node.step()
     finally:

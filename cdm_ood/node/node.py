@@ -63,11 +63,14 @@ class Node:
         self.sources, self.results_to, self.poll = list(sources), results_to, poll
         self._next_try = self._next_poll = 0.0
 
-    def run(self, stopped: Callable[[], bool], every: float = 0.5) -> None:
-        """`step` every `every` seconds until `stopped()`."""
+    def recover(self) -> None:
+        """`Spool.recover`, before anything is received: say what the spool held."""
         found = self.spool.recover()
         log.info("spool %s: %d series waiting, %d batches to gate again, %d to forward", self.spool.root,
                  found["waiting"], found["work"], found["outbox"])  # fmt: skip
+
+    def run(self, stopped: Callable[[], bool], every: float = 0.5) -> None:
+        """`step` every `every` seconds until `stopped()` (after `recover`)."""
         while not stopped():
             self.step()
             time.sleep(every)

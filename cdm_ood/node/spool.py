@@ -16,10 +16,15 @@ had arrived when the series went quiet; an instance that arrives later starts an
 is appended to `decisions.jsonl` (fsync) before its folder moves out of `work/`: on restart, a batch in `work/`
 with a decision is moved on, one without is gated again (its scoring never finished), `.partial/` (never
 acknowledged) is emptied, and every series in `incoming/` waits for a new quiet period.
+
+Instances are received by several processes at once (`receive.Receivers`): when a series went quiet is read from its
+folder's modification time (a rename into it sets it), and `incoming/.lock` (flock: shared to store, exclusive to
+claim) keeps an instance from landing in a series folder while that folder moves to `work/`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -27,6 +32,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -60,18 +66,74 @@ class SeriesKey:
     series: str
 
 
+class Incoming:
+    """`incoming/`: the received instances by study and series folder, written safely by any number of threads and
+    processes (a receiver process makes its own `Incoming` of the same folder)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.partial = self.folder / ".partial"
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self.lock_path = self.folder / ".lock"
+        self.lock_path.touch()
+
+    @contextmanager
+    def locked(self, exclusive: bool) -> Iterator[None]:
+        """Hold `.lock`: shared while an instance is renamed into a series folder, exclusive while one moves."""
+        with open(self.lock_path, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+
+    def store(self, encoded: bytes, key: SeriesKey, sop_instance_uid: str) -> Path:
+        """Write one instance (its file bytes, with preamble and file meta) durably into its series folder: a partial
+        file, fsync, rename, fsync of the folder (by a handle taken before the rename, so it counts even if the folder
+        has moved to `work/` since). Returns its path; only then may its C-STORE be acknowledged."""
+        folder = self.folder / key.study / key.series
+        tmp = self.partial / f"{sop_instance_uid}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}"
+        with open(tmp, "wb") as f:
+            f.write(encoded)
+            f.flush()
+            os.fsync(f.fileno())
+        with self.locked(exclusive=False):
+            new = not folder.is_dir()
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = os.open(folder, os.O_RDONLY)
+            path = folder / f"{sop_instance_uid}.dcm"
+            os.replace(tmp, path)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+        if new:
+            fsync_folder(folder.parent)
+            fsync_folder(folder.parent.parent)
+        return path
+
+    def series(self) -> dict[SeriesKey, float]:
+        """Each series folder that holds an instance, and when one last arrived in it (its modification time)."""
+        found = {}
+        for study in os.scandir(self.folder):
+            if study.name.startswith(".") or not study.is_dir():
+                continue
+            for series in os.scandir(study.path):
+                with os.scandir(series.path) as entries:
+                    if any(entry.name.endswith(".dcm") for entry in entries):
+                        found[SeriesKey(study.name, series.name)] = series.stat().st_mtime
+        return found
+
+
 class Spool:
-    """The node's folders (see the module); `store` is safe to call from several receiving threads."""
+    """The node's folders (see the module)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         for stage in STAGES:
             (self.root / stage).mkdir(parents=True, exist_ok=True)
-        self.partial = self.root / "incoming" / ".partial"
-        self.partial.mkdir(exist_ok=True)
+        self.incoming = Incoming(self.root / "incoming")
+        self.partial = self.incoming.partial
         self.log_path = self.root / "decisions.jsonl"
         self._lock = threading.Lock()
-        self._arrivals: dict[SeriesKey, float] = {}
+        self._started = 0.0  # `recover` sets it: no series is quiet before the node has been up a quiet period
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # told of each line `record` writes
         self._end_torn_line()
         # The decisions of `decisions.jsonl`, read once here and kept up to date by `record` (the node asks every step)
@@ -88,63 +150,38 @@ class Spool:
                     os.fsync(f.fileno())
 
     def recover(self) -> dict[str, Any]:
-        """After a start: empty `.partial/`, and have every series in `incoming/` wait a new quiet period; returns
-        what was found (series waiting, batches in work, batches to forward)."""
+        """After a start: empty `.partial/`, and have every series in `incoming/` wait a new quiet period (counted
+        from now); returns what was found (series waiting, batches in work, batches to forward)."""
         for leftover in self.partial.iterdir():
             leftover.unlink()
-        now = time.monotonic()
-        for study in (self.root / "incoming").iterdir():
-            if study == self.partial or not study.is_dir():
-                continue
-            for series in study.iterdir():
-                if any(series.glob("*.dcm")):
-                    self._arrivals[SeriesKey(study.name, series.name)] = now
-        return {"waiting": len(self._arrivals), "work": len(self.batches("work")),
+        self._started = time.time()
+        return {"waiting": len(self.incoming.series()), "work": len(self.batches("work")),
                 "outbox": len(self.batches("outbox"))}  # fmt: skip
 
     def store(self, encoded: bytes, key: SeriesKey, sop_instance_uid: str) -> Path:
-        """Write one instance (its file bytes, with preamble and file meta) durably into `incoming/`: a partial file,
-        fsync, rename, fsync of the folder. Returns its path; only then may its C-STORE be acknowledged."""
-        folder = self.root / "incoming" / key.study / key.series
-        tmp = self.partial / f"{sop_instance_uid}.{threading.get_ident()}.{time.monotonic_ns()}"
-        with open(tmp, "wb") as f:
-            f.write(encoded)
-            f.flush()
-            os.fsync(f.fileno())
-        with self._lock:
-            new = not folder.is_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{sop_instance_uid}.dcm"
-            os.replace(tmp, path)
-            self._arrivals[key] = time.monotonic()
-        fsync_folder(folder)
-        if new:
-            fsync_folder(folder.parent)
-            fsync_folder(folder.parent.parent)
-        return path
+        """`Incoming.store`: one instance, durably, before its C-STORE is acknowledged."""
+        return self.incoming.store(encoded, key, sop_instance_uid)
 
     def quiet(self, seconds: float, by_study: bool = False) -> list[SeriesKey]:
         """The series whose last instance arrived more than `seconds` ago (with `by_study`: whose study's last
-        instance did)."""
-        now = time.monotonic()
-        with self._lock:
-            last: dict[str, float] = {}
-            for key, t in self._arrivals.items():
-                last[key.study] = max(last.get(key.study, t), t)
-            return [key for key, t in self._arrivals.items()
-                    if now - (last[key.study] if by_study else t) > seconds]  # fmt: skip
+        instance did), and not before the node has been up that long (`recover`)."""
+        now = time.time()
+        arrivals = {key: max(t, self._started) for key, t in self.incoming.series().items()}
+        last: dict[str, float] = {}
+        for key, t in arrivals.items():
+            last[key.study] = max(last.get(key.study, t), t)
+        return [key for key, t in arrivals.items() if now - (last[key.study] if by_study else t) > seconds]
 
     def claim(self, key: SeriesKey) -> Path:
-        """Move a quiet series' instances from `incoming/` into a new batch in `work/` (one rename); an instance
-        that arrives from now on starts a new series folder. Returns the batch folder."""
-        with self._lock:
-            self._arrivals.pop(key, None)
-            source = self.root / "incoming" / key.study / key.series
-            n = 1 + sum(1 for stage in STAGES[1:] for _ in (self.root / stage).glob(f"{key.series}.*"))
-            batch = self.root / "work" / f"{key.series}.{n}"
-            batch.mkdir()
+        """Move a quiet series' instances from `incoming/` into a new batch in `work/` (one rename, under the exclusive
+        lock); an instance that arrives from now on starts a new series folder. Returns the batch folder."""
+        source = self.incoming.folder / key.study / key.series
+        n = 1 + sum(1 for stage in STAGES[1:] for _ in (self.root / stage).glob(f"{key.series}.*"))
+        batch = self.root / "work" / f"{key.series}.{n}"
+        batch.mkdir()
+        with self.incoming.locked(exclusive=True):
             os.replace(source, batch / "instances")
-            (batch / "study").write_text(key.study)
+        (batch / "study").write_text(key.study)
         fsync_folder(batch)
         fsync_folder(batch.parent)
         fsync_folder(source.parent)
