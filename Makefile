@@ -21,10 +21,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The real DICOM tools the tests run against (dcmtk: dsrdump, storescu...; dicom3tools: dciodvfy; Orthanc and its
-# DICOMweb plugin as the PACS), installed with apt where the system allows it (root, apt-get). Where they cannot be,
-# the tests that need them are skipped, each named with its reason at the end of `make test` (pytest -rs).
-SYSTEM_TOOLS := dcmtk dicom3tools orthanc orthanc-dicomweb
+# The real tools the tests run against (dcmtk: dsrdump, storescu...; dicom3tools: dciodvfy; Orthanc and its DICOMweb
+# plugin as the PACS; Chromium for the QA page's browser test), installed with apt where the system allows it (root,
+# apt-get). Where they cannot be, the tests that need them are skipped, each named with its reason at the end of
+# `make test` (pytest -rs).
+SYSTEM_TOOLS := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
 system-tools:
 	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  export DEBIAN_FRONTEND=noninteractive; \

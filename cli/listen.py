@@ -16,7 +16,7 @@ from .common import (
     stop_on_signals,
     tracking_uri_option,
 )
-from .score import _require_maps, _scorer, batch_option, detector_option
+from .score import _require_maps, _scorer, _threshold_source, batch_option, detector_option
 
 
 @click.command("listen")
@@ -95,7 +95,9 @@ def listen_command(
     target = Destination.parse(destination, ae_title) if destination else None
     scorer, thresholds = _scorer(checkpoint, detector, batch_size, threshold, device, precision)
     _require_maps(scorer, checkpoint)
-    settings = NodeSettings(quiet_s, by_study, target, forward_held, per_volume)
+    settings = NodeSettings(
+        quiet_s, by_study, target, forward_held, per_volume, threshold_source=_threshold_source(threshold, scorer.fpr)
+    )
     filters = dict(_key_value(f) for f in dicomweb_filters)
     spooled = Spool(spool)
     web = DicomWebSource(dicomweb, spooled, filters) if dicomweb else None

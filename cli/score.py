@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import click
 
@@ -185,6 +186,13 @@ def calibrate_command(
               help="Also write each scored image's anomaly map into this folder: .npy on the image's grid, a PNG "
                    "overlay, and for NIfTI / DICOM series a _map.nii.gz with the input's geometry (docs/data.md). "
                    "Needs the calibrated map detector.")  # fmt: skip
+@click.option("--html", "html", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the run's QA page, one self-contained HTML file (summary, histogram, volumes worst "
+                   "first, montages and score profiles of the volumes that did not pass, unreadable files; "
+                   "docs/ood.md) [default with --maps: beside the report, <report>.html].")  # fmt: skip
+@click.option("--pseudonym-key", type=click.File("rb"),
+              help="A file of secret bytes: the QA page names files and volumes by their keyed hash (HMAC-SHA256) "
+                   "instead of their paths, for sharing.")  # fmt: skip
 @device_option
 @precision_option(None, " [default: the precision of the checkpoint's calibration]")
 @batch_option
@@ -195,7 +203,8 @@ def calibrate_command(
 def score_command(
     paths: tuple[Path, ...], checkpoint: Path, threshold: str, detector: Optional[str], out: Path, per_volume: str,
     no_slice_order: bool, no_orientation: bool, no_anatomy: bool, no_local: bool, no_fail: bool, max_voxels: int,
-    resume: bool, series_context: bool, maps: Optional[Path], device: str, precision: Optional[str], batch_size: int,
+    resume: bool, series_context: bool, maps: Optional[Path], html: Optional[Path], pseudonym_key: Optional[BinaryIO],
+    device: str, precision: Optional[str], batch_size: int,
     workers: int | str, exclude: tuple[str, ...], no_default_ignore: bool, mlflow: bool, tracking_uri: Optional[str],
 ) -> None:  # fmt: skip
     """Score DICOM / NIfTI / NRRD / MetaImage / PNG scans (files or folders, recursively) and write a report.
@@ -220,11 +229,14 @@ def score_command(
 
     from cdm_ood.data.guards import MAX_VOXELS
     from cdm_ood.ood.batch import auto_workers
-    from cdm_ood.ood.gate import run_gate
+    from cdm_ood.ood.gate import run_gate, write_gate_page
     from cdm_ood.utils.distributed import Distributed
 
+    started = time.perf_counter()
     ddp = Distributed.from_env()
     setup_logging(ddp.rank)
+    key = _pseudonym_key(pseudonym_key)
+    html = html or (out.with_suffix(".html") if maps is not None else None)
     stop_on_signals()
     off = {
         "slice-order": no_slice_order,
@@ -247,11 +259,15 @@ def score_command(
             ignore=ignore_globs(exclude, no_default_ignore),
             progress=late_progress(bars, scorer.name) if ddp.main else None,
             info={"checkpoint": str(checkpoint), "precision": scorer.precision}, maps=maps,
-            series_context=series_context,
+            series_context=series_context, page=html,
         )  # fmt: skip
     if result is None:  # another rank of a torchrun job: rank 0 reports
         return
-    written = {"maps": str(maps)} if maps is not None else {}
+    code = exit_code(not (result.passed or no_fail))
+    if html is not None:
+        write_gate_page(result, html, scorer, _threshold_source(threshold, scorer.fpr), int(code),
+                        time.perf_counter() - started, pseudonym_key=key)  # fmt: skip
+    written = {**({"maps": str(maps)} if maps is not None else {}), **({"html": str(html)} if html else {})}
     click.echo(json.dumps({"report": str(result.report), "histogram": str(result.histogram), **written,
                            **result.summary}))  # fmt: skip
     if mlflow:
@@ -259,8 +275,29 @@ def score_command(
 
         gallery = sorted(maps.glob("*_map.png"))[:MLFLOW_GALLERY] if maps is not None else []
         log_job_run("score", result.info, {**result.summary, "threshold": result.info["threshold"]},
-                    [result.report, result.histogram, *gallery], tracking_uri, scorer.model)  # fmt: skip
-    sys.exit(exit_code(not (result.passed or no_fail)))
+                    [result.report, result.histogram, *([html] if html else []), *gallery], tracking_uri,
+                    scorer.model)  # fmt: skip
+    sys.exit(code)
+
+
+def _pseudonym_key(source: Optional[BinaryIO]) -> Optional[bytes]:
+    """The bytes of --pseudonym-key (at least 16 of them: a short key is a guessable one)."""
+    if source is None:
+        return None
+    key = source.read()
+    if len(key) < 16:
+        raise click.BadParameter(f"{source.name}: a key of at least 16 bytes is needed, it has {len(key)}",
+                                 param_hint="--pseudonym-key")  # fmt: skip
+    return key
+
+
+def _threshold_source(spec: str, fpr: Optional[float]) -> str:
+    """How the threshold was set, in words: `--threshold auto`, `fpr:<x>` or a number."""
+    if spec == "auto":
+        return f"calibrated: false-positive rate {fpr:g} on held-out in-distribution images"
+    if spec.startswith("fpr:"):
+        return f"false-positive rate {spec[4:]} on the calibration's held-out in-distribution images"
+    return "given as a number"
 
 
 @click.command("evaluate")
@@ -270,7 +307,8 @@ def score_command(
               help="An OOD set (repeatable; a NAME given twice is the union of its paths). A `make-phantoms` "
                    "manifest.csv: one set per artifact and strength (with NAME=, one set of them all).")  # fmt: skip
 @click.option("--out-dir", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("ood-eval"),
-              show_default=True, help="Folder for metrics.csv, metrics.json, roc_*.png and hist_*.png.")  # fmt: skip
+              show_default=True,
+              help="Folder for metrics.csv, metrics.json, roc_*.png, hist_*.png and report.html.")  # fmt: skip
 @batch_option
 @device_option
 @ignore_options
@@ -287,6 +325,7 @@ def evaluate_command(
     volumes).
     """
     from cdm_ood.ood.evaluation import evaluate_paths, format_table
+    from cdm_ood.ood.qa_page import evaluation_page, write_page
 
     setup_logging()
     model = open_checkpoint(checkpoint, device)
@@ -294,8 +333,12 @@ def evaluate_command(
         rows = evaluate_paths(model, _id_paths(id_paths), _ood_sets(ood_sets), out, batch_size, on_error=_skipped,
                               progress=late_progress(bars),
                               ignore=ignore_globs(exclude, no_default_ignore))  # fmt: skip
+    figures = sorted(out.glob("roc_*.png")) + sorted(out.glob("hist_*.png"))
+    meta = {"checkpoint": str(checkpoint), "model": model.digest, "training run": model.training_run_id,
+            "in-distribution": ", ".join(map(str, id_paths)), "OOD sets": ", ".join(ood_sets)}  # fmt: skip
+    write_page(out / "report.html", evaluation_page("cdm-ood evaluate", meta, rows, figures))
     click.echo(format_table(rows))
-    click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png")
+    click.echo(f"written: {out}/metrics.csv, metrics.json, roc_*.png, hist_*.png, report.html")
     if mlflow:
         from cdm_ood.integrations.tracking import log_job_run
 

@@ -64,7 +64,8 @@ def main() -> None:
     manifest = out / "data" / "test" / "manifest.csv"
     run("evaluate", str(manifest), "--checkpoint", str(checkpoint), "--ood", str(manifest), "--out-dir", "eval",
         cwd=out)  # fmt: skip
-    gate = run("score", "data/test", "--checkpoint", str(checkpoint), "--out", "report.csv", cwd=out, ok=(0, 1))
+    gate = run("score", "data/test", "--checkpoint", str(checkpoint), "--out", "report.csv", "--maps", "maps",
+               cwd=out, ok=(0, 1))  # fmt: skip
     with open(manifest, newline="") as f:
         kind = {(manifest.parent / r["path"]).resolve(): r["artifact"] for r in csv.DictReader(f)}
     with open(out / "report.csv", newline="") as f:
@@ -73,7 +74,8 @@ def main() -> None:
     print("\ngate verdicts per volume or unread file, by set (`none`: clean):", dict(sorted(verdicts.items())),
           f"exit code {gate.returncode}")  # fmt: skip
     print(f"\ndemo done in {time.perf_counter() - start:.0f} s; outputs in {out}: run/model.pt, eval/ (metrics, ROC "
-          f"and histogram PNGs), report.csv, report_hist.png, mlflow.db (`mlflow ui --backend-store-uri "
+          f"and histogram PNGs), report.csv, report_hist.png, report.html (the QA page: open it in a browser), "
+          f"maps/, mlflow.db (`mlflow ui --backend-store-uri "
           f"sqlite:///{out}/mlflow.db`)")  # fmt: skip
 
 

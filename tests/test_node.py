@@ -155,6 +155,7 @@ def test_the_node_forwards_clean_series_holds_ood_ones_and_gates_each_echo(check
     (held,) = (tmp_path / "spool" / "quarantine").iterdir()
     assert uids(held / "instances") == uids(studies["ood"])
     assert (held / "report.csv").is_file() and len(list((held / "results").glob("*_sr.dcm"))) == 1
+    assert 'data-count="ood">1<' in (held / "report.html").read_text(), "each batch has its QA page"
     assert len(list((held / "results").glob("*_map.dcm"))) == 1
     log = (tmp_path / "node.log").read_text() + (tmp_path / "spool" / "decisions.jsonl").read_text()
     assert "PHANTOM" not in log, "no patient identifier in the node's log or decisions"

@@ -170,6 +170,9 @@ def test_evaluate_writes_metrics_and_figures(checkpoint, scans, tmp_path):
     assert all((tmp_path / "eval" / f"{k}_{d}.png").stat().st_size > 1000 for k in ("roc", "hist")
                for d in applicable(None))  # fmt: skip
     assert "auroc" in out.stdout and "spike" in out.stdout
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert page.count("<tr><td>") == len(rows) and page.count("data:image/png;base64,") == 2 * len(rows)
+    assert f"{rows[0]['auroc']:.4g}" in page and 'src="http' not in page
 
 
 def doctored(checkpoint: Path, path: Path, change) -> Path:

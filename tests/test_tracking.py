@@ -118,15 +118,17 @@ def test_score_and_evaluate_runs_link_to_the_training_run_and_log_thresholds(tra
     checkpoint, store, training_run = tracked
     client = MlflowClient(store)
     out = invoke("score", scans / "clean.nii.gz", scans / "spiked.nii.gz", "--checkpoint", checkpoint, "--out",
-                 tmp_path / "r.json", "--no-fail", "--mlflow", "--tracking-uri", store)  # fmt: skip
+                 tmp_path / "r.json", "--no-fail", "--mlflow", "--tracking-uri", store, "--html",
+                 tmp_path / "page.html")  # fmt: skip
     assert out.exit_code == 0, out.output
+    assert training_run in (tmp_path / "page.html").read_text(), "the page names the model's training run"
     threshold = json.loads((tmp_path / "r.json").read_text())["threshold"]
     scored = only_run(store, "cdm-ood-score")
     assert scored.data.tags[TRAINING_RUN_TAG] == training_run
     assert scored.data.metrics["threshold"] == pytest.approx(threshold)
     assert scored.data.metrics[f"calibration.{DEFAULT_DETECTOR}.threshold"] == pytest.approx(threshold), "auto"
     assert scored.data.metrics["calibration.fpr"] == pytest.approx(0.05)
-    assert {a.path for a in client.list_artifacts(scored.info.run_id)} == {"r.json", "r_hist.png"}
+    assert {a.path for a in client.list_artifacts(scored.info.run_id)} == {"r.json", "r_hist.png", "page.html"}
 
     out = invoke("evaluate", scans / "clean.nii.gz", "--checkpoint", checkpoint, "--ood",
                  f"spike={scans / 'spiked.nii.gz'}", "--out-dir", tmp_path / "eval", "--mlflow", "--tracking-uri",
@@ -138,7 +140,9 @@ def test_score_and_evaluate_runs_link_to_the_training_run_and_log_thresholds(tra
     assert {"nll.spike.auroc", "multiscale.spike.fpr95", "calibration.multiscale.threshold"} <= set(metrics)
     assert metrics[f"calibration.{DEFAULT_DETECTOR}.threshold"] == pytest.approx(threshold)
     artifacts = {a.path for a in client.list_artifacts(evaluated.info.run_id)}
-    assert {"metrics.csv", "metrics.json", "roc_nll.png", "hist_nll.png", "hist_multiscale.png"} <= artifacts
+    assert {"metrics.csv", "metrics.json", "roc_nll.png", "hist_nll.png", "hist_multiscale.png", "report.html"} <= (
+        artifacts
+    )
 
 
 def test_the_run_id_is_an_optional_checkpoint_entry(checkpoint, tracked, tmp_path):

@@ -116,6 +116,8 @@ STEPS: tuple[Step, ...] = (
     Step("bombs", _py("benchmarks/bombs.py", "--checkpoint", DEMO / "run" / "model.pt"), ("bombs",), needs=("demo",)),
     Step("node-receive", _py("benchmarks/node_receive.py", "--checkpoint", DEMO / "run" / "model.pt"),
          ("node-receive", "node-latency"), needs=("demo",)),
+    Step("qa-page", _py("benchmarks/qa_page.py", "--checkpoint", DEMO / "run" / "model.pt", "--scans",
+                        DEMO / "data" / "test"), ("qa-page-demo", "qa-page-size"), needs=("demo",)),
     Step("score-memory", _py("benchmarks/score_memory.py", "--checkpoint", DEMO / "run" / "model.pt"),
          ("score-memory",), needs=("demo",)),
     Step("many-files", _py("benchmarks/many_files.py", "--checkpoint", DEMO / "run" / "model.pt"), ("many-files",),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from ..data.guards import redact
-from ..ood.gate import run_gate
+from ..ood.gate import run_gate, write_gate_page
 from ..ood.report import FAILING
 from ..ood.scoring import ImageScorer
 from ..ood.thresholds import Thresholds
@@ -40,7 +40,8 @@ class Source(Protocol):
 class NodeSettings:
     """What the node does with a series: the quiet period after its last instance (seconds; `by_study`: after its
     study's last instance), where passed series go (None: nowhere, they wait in `outbox/`), whether held series
-    are forwarded too (with their SR and map, for a person to decide), and the per-volume aggregate."""
+    are forwarded too (with their SR and map, for a person to decide), the per-volume aggregate, and how the
+    threshold was set, in words (for each batch's QA page)."""
 
     quiet: float = 30.0
     by_study: bool = False
@@ -48,6 +49,7 @@ class NodeSettings:
     forward_held: bool = False
     per_volume: str = "mean"
     backoff: Backoff = field(default_factory=Backoff)
+    threshold_source: str = "calibrated"
 
 
 class Node:
@@ -110,8 +112,17 @@ class Node:
             "instances": len(instances),
         }
         try:
+            start = time.perf_counter()
             result = run_gate(self.scorer, self.thresholds, [batch / "instances"], batch / "report.csv",
-                              self.settings.per_volume, maps=batch / "results")  # fmt: skip
+                              self.settings.per_volume, maps=batch / "results", page=batch / "report.html")  # fmt: skip
+            write_gate_page(
+                result,
+                batch / "report.html",
+                self.scorer,
+                self.settings.threshold_source,
+                seconds=time.perf_counter() - start,
+                title=f"cdm-ood listen: series batch {batch.name}",
+            )
         except Exception as err:  # the node keeps running: this batch is held with the reason
             entry |= {"decision": HOLD, "reason": f"the gate failed: {type(err).__name__}: {redact(err)}"}
         else:

@@ -22,8 +22,9 @@ from ..utils.distributed import Distributed
 from ..utils.figures import plot_histogram
 from ..utils.progress import ProgressFactory
 from .dicom_results import write_parametric_maps, write_verdict_srs
-from .map_outputs import SCORE_DISPLAY, MapFailure, MapWriter
+from .map_outputs import SCORE_DISPLAY, MapFailure, MapWriter, map_stems, overlay_index
 from .outputs import ReportFiles
+from .qa_page import RunPage, write_page
 from .report import (
     COLUMNS,
     IN,
@@ -45,13 +46,15 @@ log = logging.getLogger("cdm_ood.gate")
 
 @dataclass
 class GateResult:
-    """The report's rows, their summary (with `passed`) and the files written."""
+    """The report's rows, their summary (with `passed`), the files written, and with maps each volume's slice
+    overlays (`map_outputs.overlay_index`)."""
 
     rows: list[dict]
     summary: dict[str, Any]
     report: Path
     histogram: Path
     info: dict[str, Any]
+    overlays: dict[str, list[tuple[int, Path]]]
 
     @property
     def passed(self) -> bool:
@@ -92,6 +95,7 @@ def run_gate(
     info: Optional[dict[str, Any]] = None,
     maps: Optional[str | Path] = None,
     series_context: bool = False,
+    page: Optional[str | Path] = None,
 ) -> Optional[GateResult]:
     """Score the files below `paths` into `report` (.csv or .json, with `info` in a JSON report) and decide.
 
@@ -108,7 +112,8 @@ def run_gate(
     With `maps`, each scored image's anomaly map goes into that folder (`map_outputs`; never scored itself, and
     not one of the inputs), and each DICOM volume's Parametric Map and verdict SR (`dicom_results`). With
     `series_context`, the report has the study and series columns of each volume (`data.formats.CONTEXT_COLUMNS`,
-    read from one file of it).
+    read from one file of it). `page` is where the caller will write the run's QA page (`write_gate_page`): it is
+    claimed, moved aside and never scored like the report.
     Under torchrun every rank calls this; rank 0 merges and returns the result, the other ranks return None.
     """
     report = Path(report)
@@ -123,7 +128,7 @@ def run_gate(
     aggregate(per_volume)
     if nothing_new_ok and ddp.world > 1:
         raise UsageError("nothing_new_ok is for a single process")
-    files = ReportFiles(report)
+    files = ReportFiles(report, None if page is None else Path(page))
 
     def skip(path: Path) -> bool:
         in_maps = maps is not None and (path.resolve() == maps or maps in path.resolve().parents)
@@ -173,4 +178,17 @@ def run_gate(
             {v: [r["score"] for r in scored if r["verdict"] == v] for v in (IN, OOD)},
             files.histogram, thresholds.score, f"{scorer.name} score ({scorer.unit}s)",
         )  # fmt: skip
-    return GateResult(rows, summary(rows), files.report, histogram, meta)
+    overlays = {} if maps is None else overlay_index(maps, map_stems(plan.found))
+    return GateResult(rows, summary(rows), files.report, histogram, meta, overlays)
+
+
+def write_gate_page(
+    result: GateResult, path: str | Path, scorer: ImageScorer, threshold_source: str, exit_code: Optional[int] = None,
+    seconds: Optional[float] = None, title: str = "cdm-ood score", pseudonym_key: Optional[bytes] = None,
+) -> Path:  # fmt: skip
+    """The run's QA page (`qa_page`): its rows, how the threshold was set, the detector's calibration scores and
+    the overlays of `result`."""
+    meta = {**result.info, "threshold_source": threshold_source, "training_run": scorer.model.training_run_id}
+    page = RunPage(title, result.rows, meta, exit_code, seconds, scorer.id_scores, result.overlays,
+                   pseudonym_key=pseudonym_key)  # fmt: skip
+    return write_page(path, page)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -214,6 +215,19 @@ def map_stems(sources: Sequence[SourceFile]) -> dict[str, str]:
         if key not in stems:
             stems[key] = _free_stem(_base_stem(f.path, series), set(stems.values()))
     return stems
+
+
+def overlay_index(out: str | Path, stems: Mapping[str, str]) -> dict[str, list[tuple[int, Path]]]:
+    """The slice overlays (`*_s<slice>_map.png`) in the maps folder `out`, by volume id (`stems`: volume id ->
+    stem, `map_outputs.map_stems`), listing the folder once."""
+    volume_of = {stem: volume for volume, stem in stems.items()}
+    pattern = re.compile(r"^(?P<stem>.+?)(?:_t\d+)?_s(?P<slice>\d{4,})_map\.png$")
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for entry in Path(out).iterdir():
+        match = pattern.match(entry.name)
+        if match and match["stem"] in volume_of:
+            found.setdefault(volume_of[match["stem"]], []).append((int(match["slice"]), entry))
+    return found
 
 
 def write_maps(out: str | Path, maps: Iterable[tuple[np.ndarray, Slice]], **kwargs) -> list[Path]:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ..errors import UsageError
 
@@ -44,6 +45,7 @@ class ReportFiles:
     """The outputs of a run that writes `report`."""
 
     report: Path
+    page: Optional[Path] = None  # the run's QA page (`qa_page`), when it writes one
 
     @property
     def histogram(self) -> Path:
@@ -64,10 +66,10 @@ class ReportFiles:
         return path.with_name(f"{path.stem}.previous{path.suffix}")
 
     def move_aside(self) -> list[Path]:
-        """Rename the report and histogram of an earlier run to their `previous` names (replacing older ones);
-        returns the paths they now have."""
+        """Rename the report, histogram and page of an earlier run to their `previous` names (replacing older
+        ones); returns the paths they now have."""
         moved = []
-        for path in (self.report, self.histogram):
+        for path in self.outputs:
             try:
                 os.replace(path, self.previous(path))
             except FileNotFoundError:
@@ -78,14 +80,21 @@ class ReportFiles:
             moved.append(self.previous(path))
         return moved
 
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """The files a run writes: report, histogram and page."""
+        return (self.report, self.histogram, *([] if self.page is None else [self.page]))
+
     def owns(self, path: Path) -> bool:
-        """Whether `path` is one of this run's outputs (report, histogram, parts folder, lock, temporary files, the
-        previous report and histogram)."""
-        names = (self.report.name, self.histogram.name, self.previous(self.report).name,
-                 self.previous(self.histogram).name)  # fmt: skip
-        if path.name not in names and not any(path.name.startswith(f".{name}.") for name in names):
-            return False  # the cheap test first: this runs for every file discovery walks
-        return os.path.realpath(path.parent) == os.path.realpath(self.report.parent)
+        """Whether `path` is one of this run's outputs (report, histogram, page, parts folder, lock, temporary
+        files, the previous report, histogram and page)."""
+        for output in self.outputs:
+            names = (output.name, self.previous(output).name)
+            if path.name not in names and not any(path.name.startswith(f".{name}.") for name in names):
+                continue  # the cheap test first: this runs for every file discovery walks
+            if os.path.realpath(path.parent) == os.path.realpath(output.parent):
+                return True
+        return False
 
     @contextmanager
     def claimed(self) -> Iterator[None]:
