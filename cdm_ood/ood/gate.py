@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -188,7 +189,12 @@ def write_gate_page(
 ) -> Path:  # fmt: skip
     """The run's QA page (`qa_page`): its rows, how the threshold was set, the detector's calibration scores and
     the overlays of `result`."""
-    meta = {**result.info, "threshold_source": threshold_source, "training_run": scorer.model.training_run_id}
+    meta = {
+        **result.info,
+        "threshold_source": threshold_source,
+        "training_run": scorer.model.training_run_id,
+        "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
     page = RunPage(title, result.rows, meta, exit_code, seconds, scorer.id_scores, result.overlays,
                    pseudonym_key=pseudonym_key)  # fmt: skip
     return write_page(path, page)

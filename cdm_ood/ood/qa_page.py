@@ -184,7 +184,7 @@ def _summary(page: RunPage, volumes: Sequence[dict], files: Sequence[dict]) -> s
         ("training run", meta.get("training_run")),
         ("exit code", page.exit_code),
         ("time", None if page.seconds is None else f"{page.seconds:.1f} s"),
-        ("started", meta.get("started")),
+        ("finished", meta.get("finished")),
     ]
     rows = _facts(facts)
     return f'<section class="summary"><div class="cards">{cards}</div><table class="facts">{rows}</table></section>'
@@ -201,7 +201,8 @@ def _histogram(page: RunPage, volumes: Sequence[dict], slices: Mapping[str, list
     values = [s for v in sets.values() for s in v if math.isfinite(s)]
     if not values:
         return "<p>No score to plot.</p>"
-    lo, hi = min([*values, threshold or values[0]]), max([*values, threshold or values[0]])
+    marked = isinstance(threshold, float) and math.isfinite(threshold)
+    lo, hi = min([*values, *([threshold] if marked else [])]), max([*values, *([threshold] if marked else [])])
     edges = np.linspace(lo, hi + 1e-9 * max(1.0, abs(hi)), 41)
     width, height, pad = 640, 220, 30
     x = _scale(lo, edges[-1], pad, width - 10)
@@ -218,7 +219,7 @@ def _histogram(page: RunPage, volumes: Sequence[dict], slices: Mapping[str, list
         style = "fill:none;stroke-dasharray:4 3" if name == "calibration" else "fill-opacity:0.25"
         parts.append(f'<polyline points="{x(edges[0]):.1f},{height - pad} {points} {x(edges[-1]):.1f},'
                      f'{height - pad}" style="stroke:{_COLOURS[name]};fill:{_COLOURS[name]};{style}"/>')  # fmt: skip
-    if isinstance(threshold, float) and math.isfinite(threshold):
+    if marked:
         parts.append(f'<line x1="{x(threshold):.1f}" x2="{x(threshold):.1f}" y1="10" y2="{height - pad}" '
                      'stroke="black" stroke-dasharray="6 3"/>')  # fmt: skip
     legend = " ".join(f'<span style="color:{_COLOURS[n]}">&#9632; {n} ({len(s)})</span>' for n, s in sets.items())
@@ -247,9 +248,10 @@ def _volume_table(volumes: Sequence[dict], name: Callable[[Optional[str]], str])
     """Every volume in the page's data (JSON, for the script's sorting and filtering), the worst `TABLE_ROWS` also
     as table rows, so the page opens fast and reads without a script."""
     buttons = "".join(f'<button data-filter="{v}">{v}</button>' for v in ("all", IN, OOD, FLAGGED))
-    head = "".join(f"<th>{c}</th>" for c in ("verdict", "volume", "part", "score", "threshold", "reason"))
-    cells = [[_cell(c) for c in (v["verdict"], name(v["volume"]), v.get("series_part"), v.get("score"),
-                                 v.get("threshold"), v.get("reason"))] for v in volumes]  # fmt: skip
+    head = "".join(f"<th>{c}</th>" for c in ("verdict", "volume", "path", "part", "score", "threshold", "reason"))
+    cells = [[_cell(c) for c in (v["verdict"], name(v["volume"]), "" if v["path"] == v["volume"] else name(v["path"]),
+                                 v.get("series_part"), v.get("score"), v.get("threshold"), v.get("reason"))]
+             for v in volumes]  # fmt: skip
     body = "".join(f'<tr class="{_e(row[0])}">' + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>"
                    for row in cells[:TABLE_ROWS])  # fmt: skip
     data = json.dumps(cells).replace("<", "\\u003c")
@@ -375,7 +377,10 @@ _STYLE = """body{font:14px system-ui,sans-serif;margin:2em;color:#222}h1{font-si
 .card b{font-size:1.6em;display:block}.card.in b{color:#2e7d32}.card.ood b{color:#c62828}
 .card.flagged b{color:#ef6c00}.card.unreadable b{color:#6a1b9a}table{border-collapse:collapse;margin:.5em 0}
 td,th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-#volumes th{cursor:pointer;background:#eee}tr.ood td:first-child{color:#c62828}
+#volumes th{cursor:pointer;background:#eee}#volumes{width:100%}
+#volumes td:nth-child(2),#volumes td:nth-child(3){word-break:break-all;min-width:16em;max-width:26em}
+#volumes td:last-child{min-width:20em}
+tr.ood td:first-child{color:#c62828}
 tr.flagged td:first-child{color:#ef6c00}tr.in td:first-child{color:#2e7d32}.filters button{margin-right:.4em}
 section.volume{border-left:4px solid #ccc;padding-left:1em;margin:1.5em 0}section.volume.ood{border-color:#c62828}
 section.volume.flagged{border-color:#ef6c00}section.volume.in{border-color:#2e7d32}.note{color:#666}
