@@ -156,7 +156,8 @@ def _band(calibration: Optional[np.ndarray]) -> Optional[tuple[float, float]]:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else _e(value)
+    """`_cell`, escaped for HTML."""
+    return _e(_cell(value))
 
 
 def _summary(page: RunPage, volumes: Sequence[dict], files: Sequence[dict]) -> str:
